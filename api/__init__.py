@@ -1,0 +1,1 @@
+"""The HTTP edge of Crucible: app factory, routes, problem bodies, CLI, dashboard."""

@@ -1,0 +1,395 @@
+"""The `crucible` command: serve the stack, submit and watch jobs, fetch results, run reproductions."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from workers.settings import Settings
+
+console = Console()
+err = Console(stderr=True)
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class Api:
+    """A thin HTTP client that turns problem bodies into readable CLI errors."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+    def __call__(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.ConnectError:
+            err.print(f"[red]cannot reach the Crucible API at {self.url}[/]; start it with `make up` "
+                      "or set CRUCIBLE_API_URL")
+            sys.exit(2)
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                err.print(f"[red]{body.get('title', 'error')}[/] ({r.status_code}): {body.get('detail', '')}")
+            except ValueError:
+                err.print(f"[red]HTTP {r.status_code}[/]: {r.text[:500]}")
+            sys.exit(1)
+        return r.json() if r.headers.get("content-type", "").startswith(("application/json", "application/problem"))\
+            else r
+
+
+def _api() -> Api:
+    return Api(Settings().api_url)
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r}: write params as key=value", param_hint="-p")
+        key, raw = pair.split("=", 1)
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+@click.group()
+def main() -> None:
+    """Crucible: run recent ML research methods as tracked, resumable jobs."""
+
+
+# -- serving -------------------------------------------------------------------
+@main.command()
+@click.option("--host", default=None, help="bind address (default 127.0.0.1)")
+@click.option("--port", default=None, type=int, help="port (default 8000)")
+@click.option("--demo/--no-demo", default=None, help="queue a demo job when the database has none")
+def up(host: str | None, port: int | None, demo: bool | None) -> None:
+    """Apply migrations and serve the API, the local executor and the dashboard."""
+    import uvicorn
+
+    from api.app import create_app
+    from workers.db import upgrade
+
+    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = Settings(**overrides)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    if demo if demo is not None else settings.demo_job:
+        _queue_demo(settings)
+    console.print(f"[bold]Crucible[/] on [link=http://{settings.host}:{settings.port}]http://{settings.host}:{settings.port}[/]"
+                  f"  (state in {settings.home})")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def _queue_demo(settings: Settings) -> None:
+    """On a fresh state folder, queue the service's main job so the dashboard shows something real."""
+    from sqlalchemy import func, select
+
+    from api.jobs import submit
+    from api.schemas import JobCreate
+    from workers.db import session_scope
+    from workers.tables import Job
+
+    with session_scope(settings.database_url) as s:
+        if s.scalar(select(func.count()).select_from(Job)):
+            return
+        job, _ = submit(s, settings, JobCreate(method="ldr", dataset="digits", params={"noise_rate": 0.4},
+                                               tags={"demo": "true"}), None)
+        console.print(f"queued demo job [cyan]{job.id}[/] (ldr on digits with 40% label noise)")
+
+
+@main.group()
+def db() -> None:
+    """Database migrations."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    from workers.db import upgrade
+
+    settings = Settings()
+    upgrade(settings.database_url, revision)
+    console.print(f"database at {revision}: {settings.database_url}")
+
+
+@db.command("downgrade")
+@click.argument("revision", default="base")
+def db_downgrade(revision: str) -> None:
+    from workers.db import downgrade
+
+    downgrade(Settings().database_url, revision)
+
+
+# -- catalogue -----------------------------------------------------------------
+@main.command()
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True)
+def methods(pattern: str, as_json: bool) -> None:
+    """List registered methods (shell-style PATTERN, e.g. 'llm-*')."""
+    from models.registry import list_methods
+
+    items = [m.describe() for m in list_methods(pattern)]
+    if as_json:
+        return _emit(items)
+    table = Table("id", "family", "task", "datasets", "repro", "paper")
+    for m in items:
+        table.add_row(m["id"], m["family"], m["task"], ", ".join(m["datasets"]), "✓" if m["reproduction"] else "",
+                      m["paper"][:70])
+    console.print(table)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def datasets(ctx: click.Context, as_json: bool) -> None:
+    """List datasets (built-in and uploaded) with their kind."""
+    if ctx.invoked_subcommand:
+        return
+    items = _api()("GET", "/api/v1/datasets")["items"]
+    if as_json:
+        return _emit(items)
+    table = Table("name", "kind", "source", "description")
+    for d in items:
+        table.add_row(d["name"], d["kind"], d["source"], d["description"])
+    console.print(table)
+
+
+@datasets.command("upload")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--kind", required=True, help="image-class, tabular, text-corpus, …")
+@click.option("--description", default="")
+def datasets_upload(name: str, file: Path, kind: str, description: str) -> None:
+    """Upload an .npz or .jsonl file as dataset NAME (validated against KIND)."""
+    with open(file, "rb") as f:
+        out = _api()("POST", "/api/v1/datasets", data={"name": name, "kind": kind, "description": description},
+                     files={"file": (file.name, f)})
+    console.print(f"stored dataset [cyan]{out['name']}[/] ({out['kind']}): {out['meta']}")
+
+
+# -- jobs ----------------------------------------------------------------------
+@main.command()
+@click.argument("method")
+@click.option("-d", "--dataset", default=None, help="dataset name")
+@click.option("-p", "--param", "params", multiple=True, help="key=value (value parsed as JSON when it can be)")
+@click.option("--seed", default=0, type=int)
+@click.option("--priority", default=0, type=int)
+@click.option("--gpus", default=0.0, type=float)
+@click.option("--reproduce", is_flag=True, help="run the method's paper-claim reproduction as the job")
+@click.option("--idempotency-key", default=None)
+@click.option("--follow", "-f", is_flag=True, help="show a live progress bar until the job ends")
+@click.option("--json", "as_json", is_flag=True)
+def submit(method: str, dataset: str | None, params: tuple[str, ...], seed: int, priority: int, gpus: float,
+           reproduce: bool, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+    """Queue METHOD on a dataset."""
+    api = _api()
+    body = {"method": method, "dataset": dataset, "params": _parse_params(params), "seed": seed,
+            "priority": priority, "mode": "reproduce" if reproduce else "run", "resources": {"gpus": gpus}}
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    job = api("POST", "/api/v1/jobs", json=body, headers=headers)
+    if not follow:
+        return _emit(job) if as_json else console.print(f"queued [cyan]{job['id']}[/] ({job['method']})")
+    final = _follow(api, job["id"], quiet=as_json)
+    if as_json:
+        _emit(final)
+    sys.exit(0 if final["status"] == "succeeded" else 1)
+
+
+def _follow(api: Api, job_id: str, quiet: bool = False) -> dict[str, Any]:
+    """Poll the job until it ends, drawing a progress bar with its latest metrics."""
+    columns = [TextColumn("[bold]{task.fields[status]:>10}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+               TimeElapsedColumn(), TextColumn("{task.description}")]
+    with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
+        task = bar.add_task("", total=None, status="queued")
+        while True:
+            job = api("GET", f"/api/v1/jobs/{job_id}")
+            latest = _latest_metrics(api, job_id) if job["status"] in ("running", "cancelling") else {}
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in list(latest.items())[:4])
+            p = job["progress"]
+            bar.update(task, completed=p["done"], total=p["total"] or None, status=job["status"],
+                       description=(p["message"] + "  " + shown).strip())
+            if job["status"] in TERMINAL:
+                break
+            time.sleep(0.5)
+    if not quiet:
+        _print_summary(api, job)
+    return job
+
+
+def _latest_metrics(api: Api, job_id: str) -> dict[str, float]:
+    points = api("GET", f"/api/v1/jobs/{job_id}/metrics", params={"max_points": 10})["items"]
+    latest: dict[str, tuple[int, float]] = {}
+    for p in points:
+        if p["name"] not in latest or p["step"] >= latest[p["name"]][0]:
+            latest[p["name"]] = (p["step"], p["value"])
+    return {k: v for k, (_, v) in latest.items()}
+
+
+def _print_summary(api: Api, job: dict[str, Any]) -> None:
+    colour = {"succeeded": "green", "failed": "red"}.get(job["status"], "yellow")
+    console.print(f"job [cyan]{job['id']}[/] [{colour}]{job['status']}[/] (attempt {job['attempt']})")
+    if job.get("failure") and job["failure"].get("message"):
+        console.print(job["failure"]["message"][-2000:])
+    metrics = (job.get("result") or {}).get("metrics") or {}
+    if metrics:
+        table = Table("metric", "final value")
+        for k, v in sorted(metrics.items()):
+            table.add_row(k, f"{v:.6g}")
+        console.print(table)
+    arts = api("GET", f"/api/v1/jobs/{job['id']}/artifacts")["items"]
+    if arts:
+        console.print("artifacts: " + ", ".join(a["name"] for a in arts))
+
+
+@main.command()
+@click.option("--status", default=None, help="comma-separated statuses")
+@click.option("--method", default=None)
+@click.option("--limit", default=50, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def jobs(status: str | None, method: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    params = {k: v for k, v in (("status", status), ("method", method), ("limit", limit)) if v}
+    page = _api()("GET", "/api/v1/jobs", params=params)
+    if as_json:
+        return _emit(page["items"])
+    table = Table("id", "method", "dataset", "status", "progress", "created")
+    for j in page["items"]:
+        p = j["progress"]
+        table.add_row(j["id"], j["method"], j["dataset"] or "", j["status"],
+                      f"{p['done']}/{p['total']}" if p["total"] else "", j["created_at"][:19])
+    console.print(table)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def show(job_id: str, as_json: bool) -> None:
+    """Show one job."""
+    api = _api()
+    job = api("GET", f"/api/v1/jobs/{job_id}")
+    if as_json:
+        return _emit(job)
+    _print_summary(api, job)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
+@click.option("--json", "as_json", is_flag=True)
+def logs(job_id: str, follow: bool, as_json: bool) -> None:
+    """Print a job's log."""
+    api, offset = _api(), 0
+    while True:
+        chunk = api("GET", f"/api/v1/jobs/{job_id}/logs", params={"offset": offset})
+        if as_json:
+            return _emit(chunk)
+        click.echo(chunk["text"], nl=False)
+        offset = chunk["next_offset"]
+        if chunk["eof"] or not follow:
+            return
+        if not chunk["text"]:
+            time.sleep(1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def cancel(job_id: str, as_json: bool) -> None:
+    """Cancel a job (any non-terminal state)."""
+    out = _api()("POST", f"/api/v1/jobs/{job_id}/cancel")
+    _emit(out) if as_json else console.print(f"job {job_id}: {out['status']}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--download", "dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="save every artifact under this folder")
+@click.option("--json", "as_json", is_flag=True)
+def artifacts(job_id: str, dest: Path | None, as_json: bool) -> None:
+    """List (or download) a job's artifacts."""
+    api = _api()
+    items = api("GET", f"/api/v1/jobs/{job_id}/artifacts")["items"]
+    if dest:
+        for a in items:
+            target = dest / a["name"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with api.http.stream("GET", a["url"]) as r:
+                with open(target, "wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+    if as_json:
+        return _emit(items)
+    table = Table("name", "kind", "size", "sha256")
+    for a in items:
+        table.add_row(a["name"], a["kind"], str(a["size"]), a["sha256"][:12])
+    console.print(table)
+
+
+# -- reproductions ---------------------------------------------------------------
+@main.command()
+@click.argument("method_id")
+@click.option("--seed", default=0, type=int)
+@click.option("--smoke", is_flag=True, help="the seconds-long CI configuration")
+@click.option("--submit", "as_job", is_flag=True, help="run it as a job on the server instead of in this process")
+@click.option("--json", "as_json", is_flag=True)
+def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: bool) -> None:
+    """Run METHOD_ID's reproduction of its paper's claim and print the record."""
+    if as_job:
+        api = _api()
+        job = api("POST", "/api/v1/jobs", json={"method": method_id, "mode": "reproduce", "seed": seed,
+                                                 "params": {"smoke": smoke}})
+        final = _follow(api, job["id"], quiet=as_json)
+        record = (final.get("result") or {}).get("reproduction")
+    else:
+        from models.context import InMemoryRunContext
+        from models.registry import get_reproduction
+        from models.reproduction import run_reproduction
+
+        spec = get_reproduction(method_id)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      console=err, disable=as_json, transient=True) as bar:
+            task = bar.add_task(method_id, total=None)
+            ctx = InMemoryRunContext(seed=seed, on_progress=lambda d, t, m: bar.update(
+                task, completed=d, total=t or None, description=f"{method_id} {m}"))
+            record = run_reproduction(spec, ctx, seed=seed, smoke=smoke)
+    if as_json:
+        return _emit(record)
+    if record is None:
+        sys.exit(1)
+    verdict = "[green]holds[/]" if record["holds"] else "[red]does not hold[/]"
+    console.print(f"{record['method']}: {record['claim']} — {verdict}")
+    console.print(f"  {record['metric']}: ours {record['ours']:.4g} vs {record['baseline_name']} "
+                  f"{record['baseline']:.4g} ({record['direction']} is better; {record['seeds']} seed(s), "
+                  f"{record['seconds']:.1f}s)")
+    if record.get("note"):
+        console.print(f"  note: {record['note']}")
+
+
+@main.command()
+@click.option("--only", default="*", help="shell-style pattern of method ids")
+@click.option("--smoke", is_flag=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/results.md"))
+def results(only: str, smoke: bool, out: Path) -> None:
+    """Re-run every reproduction (each in its own process) and regenerate docs/results.md."""
+    from api.results import regenerate
+
+    regenerate(out, pattern=only, smoke=smoke, console=console)
+
+
+if __name__ == "__main__":
+    main()

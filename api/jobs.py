@@ -1,0 +1,190 @@
+"""Job business rules, as plain functions of a session: testable without HTTP, called by thin routes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.problems import Problem, field_problem, validation_problem
+from api.schemas import JobCreate
+from models.datasets import UnknownDatasetError
+from models.registry import UnknownMethodError, get_method, get_reproduction
+from workers import lifecycle
+from workers.datasets import find_info
+from workers.settings import Settings
+from workers.storage import ObjectStore
+from workers.tables import TERMINAL, Artifact, Job, LogChunk, Metric
+
+
+def request_hash(spec: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def validate_spec(session: Session, spec: JobCreate) -> dict[str, Any]:
+    """Check method, dataset kind and params; return the params with defaults filled in."""
+    try:
+        method = get_method(spec.method)
+    except UnknownMethodError as exc:
+        raise field_problem("/method", f"{exc.args[0]}; list methods at /api/v1/methods",
+                            slug="unknown-method", title="Unknown method") from None
+    if spec.mode == "reproduce":
+        try:
+            get_reproduction(method.id)
+        except UnknownMethodError:
+            raise field_problem("/mode", f"method {method.id} declares no reproduction; use mode 'run'") from None
+        smoke = spec.params.get("smoke", False)
+        if set(spec.params) - {"smoke"} or not isinstance(smoke, bool):
+            raise field_problem("/params", "a reproduction takes only {\"smoke\": true|false}")
+        return {"smoke": smoke}
+    if spec.dataset is None:
+        if method.datasets:
+            raise field_problem("/dataset", f"method {method.id} needs a dataset of kind "
+                                f"{' or '.join(method.datasets)}; see /api/v1/datasets", slug="missing-dataset")
+    else:
+        try:
+            info = find_info(session, spec.dataset)
+        except UnknownDatasetError as exc:
+            raise field_problem("/dataset", f"no dataset named {spec.dataset!r}; known: {', '.join(exc.known)}",
+                                slug="unknown-dataset", title="Unknown dataset") from None
+        if method.datasets and info.kind not in method.datasets:
+            raise field_problem("/dataset", f"dataset {info.name} is of kind {info.kind}, but {method.id} takes "
+                                f"{' or '.join(method.datasets)}; pick a dataset of that kind",
+                                slug="wrong-dataset-kind", title="Dataset of the wrong kind")
+    try:
+        params = method.params.model_validate(spec.params)
+    except ValidationError as exc:
+        raise validation_problem(exc.errors(), prefix="/params") from None
+    return params.model_dump(mode="json")
+
+
+def submit(session: Session, settings: Settings, spec: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Queue a job; with an Idempotency-Key, a repeat of the same request returns the first job."""
+    digest = request_hash(spec)
+    if idempotency_key:
+        if len(idempotency_key) > 128:
+            raise field_problem("/headers/Idempotency-Key", "at most 128 characters", status=400)
+        existing = session.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).first()
+        if existing is not None:
+            return _replay(existing, digest), False
+    params = validate_spec(session, spec)
+    if spec.resume_from and session.get(Job, spec.resume_from) is None:
+        raise field_problem("/resume_from", f"no job {spec.resume_from} to resume from")
+    job = Job(method=get_method(spec.method).id, dataset=spec.dataset, mode=spec.mode, params=params,
+              resources=spec.resources.model_dump(exclude_none=True), tags=spec.tags, seed=spec.seed,
+              priority=spec.priority, max_attempts=spec.max_attempts or settings.max_attempts,
+              idempotency_key=idempotency_key, request_hash=digest, parent_id=spec.resume_from)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent request with the same key won the insert
+        session.rollback()
+        existing = session.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).first()
+        if existing is None:
+            raise
+        return _replay(existing, digest), False
+    return job, True
+
+
+def _replay(existing: Job, digest: str) -> Job:
+    if existing.request_hash != digest:
+        raise Problem(422, "idempotency-key-reused", "Idempotency-Key reused with a different request",
+                      f"key already names job {existing.id} with another body; use a new key for a new job",
+                      extra={"job_id": existing.id})
+    return existing
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise lifecycle.JobNotFound(job_id)
+    return job
+
+
+def list_jobs(session: Session, *, status: str | None, method: str | None, limit: int, cursor: str | None
+              ) -> tuple[list[Job], str | None]:
+    q = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    if status:
+        q = q.where(Job.status.in_(status.split(",")))
+    if method:
+        q = q.where(Job.method == method)
+    if cursor:
+        q = q.where(Job.id < cursor)
+    rows = list(session.scalars(q))
+    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+
+
+def metric_points(session: Session, job_id: str, names: list[str] | None, max_points: int
+                  ) -> tuple[list[Metric], list[str], bool]:
+    """Points of each series, downsampled to about max_points per series keeping each bucket's min and max."""
+    get_job(session, job_id)
+    q = select(Metric).where(Metric.job_id == job_id).order_by(Metric.name, Metric.step)
+    if names:
+        q = q.where(Metric.name.in_(names))
+    series: dict[str, list[Metric]] = {}
+    for m in session.scalars(q):
+        series.setdefault(m.name, []).append(m)
+    out, downsampled = [], False
+    for points in series.values():
+        if len(points) <= max_points:
+            out.extend(points)
+            continue
+        downsampled = True
+        per = max(1, (2 * len(points)) // max_points)
+        for i in range(0, len(points), per):
+            bucket = points[i : i + per]
+            keep = {id(min(bucket, key=lambda p: p.value)), id(max(bucket, key=lambda p: p.value))}
+            out.extend(p for p in bucket if id(p) in keep)
+        if out[-1] is not points[-1]:
+            out.append(points[-1])
+    return out, sorted(series), downsampled
+
+
+def read_log(session: Session, job_id: str, offset: int, limit: int) -> tuple[str, int, bool]:
+    """Bytes [offset, offset+limit) of the job's log as text, the next offset, and whether that is the end."""
+    job = get_job(session, job_id)
+    chunks = session.scalars(select(LogChunk).where(LogChunk.job_id == job_id, LogChunk.offset < offset + limit)
+                             .order_by(LogChunk.offset)).all()
+    data = bytearray()
+    for c in chunks:
+        raw = c.text.encode("utf-8")
+        if c.offset + len(raw) <= offset:
+            continue
+        data += raw[max(0, offset - c.offset):]
+    data = data[:limit]
+    text = bytes(data).decode("utf-8", errors="ignore")
+    next_offset = offset + len(text.encode("utf-8"))
+    return text, next_offset, job.status in TERMINAL and next_offset >= job.log_bytes
+
+
+def cancel(session: Session, job_id: str) -> str:
+    return lifecycle.request_cancel(session, job_id)
+
+
+def delete_job(session: Session, store: ObjectStore, job_id: str) -> None:
+    """Terminal jobs only (as Ray's DELETE): rows first, then the objects."""
+    job = get_job(session, job_id)
+    if job.status not in TERMINAL:
+        raise lifecycle.JobStateConflict(job_id, job.status, "deleted (cancel it first)")
+    for table in (Metric, LogChunk, Artifact):
+        session.execute(delete(table).where(table.job_id == job_id))
+    session.delete(job)
+    session.flush()
+    store.delete_prefix(f"jobs/{job_id}/")
+
+
+def retry(session: Session, settings: Settings, job_id: str) -> Job:
+    """A new job with the same spec that starts from the old one's last checkpoint."""
+    old = get_job(session, job_id)
+    if old.status not in TERMINAL:
+        raise lifecycle.JobStateConflict(job_id, old.status, "retried (wait for it to finish)")
+    job = Job(method=old.method, dataset=old.dataset, mode=old.mode, params=old.params, resources=old.resources,
+              tags=old.tags, seed=old.seed, priority=old.priority, max_attempts=old.max_attempts, parent_id=old.id)
+    session.add(job)
+    session.flush()
+    return job

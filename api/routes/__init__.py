@@ -1,0 +1,1 @@
+"""Thin HTTP routes: validate, call a plain function, shape the response."""

@@ -1,0 +1,56 @@
+"""Datasets: built-ins and uploads (validated against their kind before anything is stored)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, File, Form, UploadFile, status
+
+from api.deps import SessionDep, SettingsDep, StoreDep
+from api.problems import Problem, field_problem
+from models.datasets import KINDS
+from workers.datasets import NAME_RULE, Upload, all_infos, find_info, store_upload
+
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+
+
+@router.get("")
+def datasets(session: SessionDep, kind: str | None = None) -> dict[str, Any]:
+    items = [i.describe() for i in all_infos(session) if kind is None or i.kind == kind]
+    return {"items": items, "kinds": {k: {"description": v.description, "formats": list(v.formats)}
+                                      for k, v in KINDS.items()}}
+
+
+@router.get("/{name}")
+def dataset(session: SessionDep, name: str) -> dict[str, Any]:
+    return find_info(session, name).describe()
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def upload(session: SessionDep, store: StoreDep, settings: SettingsDep,
+                 name: str = Form(..., description="lowercase letters, digits, . _ -"),
+                 kind: str = Form(..., description="a dataset kind, e.g. image-class"),
+                 file: UploadFile = File(..., description=".npz (numeric kinds) or .jsonl (text kinds)"),
+                 description: str = Form("")) -> dict[str, Any]:
+    if not re.match(NAME_RULE, name):
+        raise field_problem("/name", "use 2-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if kind not in KINDS:
+        raise field_problem("/kind", f"unknown kind {kind!r}; use one of {sorted(KINDS)}")
+    fmt = (file.filename or "").rsplit(".", 1)[-1].lower()
+    if fmt not in ("npz", "jsonl"):
+        raise Problem(415, "unsupported-format", "Unsupported file format",
+                      f"file {file.filename!r}: upload a .npz or .jsonl file", errors=[{"pointer": "/file", "message": "use .npz or .jsonl"}])
+    blob = bytearray()
+    while chunk := await file.read(1024 * 1024):
+        blob += chunk
+        if len(blob) > settings.max_upload_bytes:
+            raise Problem(413, "upload-too-large", "Upload too large",
+                          f"the file is over {settings.max_upload_bytes} bytes; split it or raise CRUCIBLE_MAX_UPLOAD_BYTES",
+                          errors=[{"pointer": "/file", "message": "too large"}])
+    try:
+        row = store_upload(session, store, Upload(name, kind, fmt, bytes(blob), description))
+    except FileExistsError:
+        raise field_problem("/name", f"a dataset named {name!r} exists; choose another name", status=409,
+                            slug="dataset-exists", title="Dataset exists") from None
+    return find_info(session, row.name).describe()

@@ -1,0 +1,161 @@
+"""Request and response bodies of the HTTP API (pydantic). Shapes are a contract: extend, don't rename."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from workers.tables import Artifact, Job, RegisteredModel
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cpus: float = Field(1, gt=0, le=256, description="CPU cores the job needs")
+    gpus: float = Field(0, ge=0, le=16, description="GPUs; the job runs on cuda when > 0 and one is present")
+    memory_gb: float | None = Field(None, gt=0, le=4096)
+
+
+class JobCreate(BaseModel):
+    """A job spec: which method, on which dataset, with which params."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"method": "ldr", "dataset": "digits", "params": {"noise_rate": 0.4}}]})
+
+    method: str = Field(..., min_length=1, max_length=64, description="a method id from /api/v1/methods")
+    dataset: str | None = Field(None, max_length=128, description="a dataset name from /api/v1/datasets")
+    params: dict[str, Any] = Field(default_factory=dict, description="validated against the method's params schema")
+    mode: Literal["run", "reproduce"] = Field("run", description="'reproduce' runs the method's paper-claim experiment")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    priority: int = Field(0, ge=0, le=9, description="higher runs first")
+    max_attempts: int | None = Field(None, ge=1, le=20)
+    resources: Resources = Field(default_factory=Resources)
+    tags: dict[str, str] = Field(default_factory=dict)
+    resume_from: str | None = Field(None, max_length=26, description="a job id whose last checkpoint this job starts from")
+
+    @field_validator("tags")
+    @classmethod
+    def _few_tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        if len(tags) > 32 or any(len(k) > 64 or len(v) > 256 for k, v in tags.items()):
+            raise ValueError("at most 32 tags, keys ≤ 64 and values ≤ 256 characters")
+        return tags
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+    fraction: float | None
+    message: str
+
+
+class Failure(BaseModel):
+    code: str | None
+    message: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    method: str
+    dataset: str | None
+    mode: str
+    params: dict[str, Any]
+    status: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    seed: int
+    resources: dict[str, Any]
+    tags: dict[str, Any]
+    progress: Progress
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    failure: Failure | None
+    result: dict[str, Any] | None
+    parent_id: str | None
+    links: dict[str, str]
+
+    @classmethod
+    def of(cls, job: Job) -> "JobOut":
+        base = f"/api/v1/jobs/{job.id}"
+        total = job.progress_total or 0
+        return cls(
+            id=job.id, method=job.method, dataset=job.dataset, mode=job.mode, params=job.params or {},
+            status=job.status, attempt=job.attempt, max_attempts=job.max_attempts, priority=job.priority,
+            seed=job.seed, resources=job.resources or {}, tags=job.tags or {},
+            progress=Progress(done=job.progress_done, total=total, message=job.progress_message or "",
+                              fraction=(job.progress_done / total) if total else None),
+            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+            heartbeat_at=job.heartbeat_at,
+            failure=Failure(code=job.failure_code, message=job.error) if (job.error or job.failure_code) else None,
+            result=job.result, parent_id=job.parent_id,
+            links={"self": base, "metrics": f"{base}/metrics", "logs": f"{base}/logs",
+                   "artifacts": f"{base}/artifacts", "cancel": f"{base}/cancel"},
+        )
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class MetricPointOut(BaseModel):
+    name: str
+    step: int
+    value: float
+    time: float
+
+
+class MetricsOut(BaseModel):
+    items: list[MetricPointOut]
+    names: list[str]
+    downsampled: bool
+
+
+class LogsOut(BaseModel):
+    offset: int
+    next_offset: int
+    text: str
+    eof: bool = Field(description="true once the job is finished and every byte was returned")
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    kind: str
+    size: int
+    sha256: str
+    content_type: str
+    step: int | None
+    created_at: datetime
+    url: str
+
+    @classmethod
+    def of(cls, a: Artifact) -> "ArtifactOut":
+        return cls(name=a.name, kind=a.kind, size=a.size, sha256=a.sha256, content_type=a.content_type, step=a.step,
+                   created_at=a.created_at, url=f"/api/v1/jobs/{a.job_id}/artifacts/{a.name}")
+
+
+class ArtifactPage(BaseModel):
+    items: list[ArtifactOut]
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: int
+    ref: str
+    source_job_id: str | None
+    config: dict[str, Any]
+    files: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: RegisteredModel) -> "ModelOut":
+        return cls(name=m.name, version=m.version, ref=f"{m.name}@{m.version}", source_job_id=m.source_job_id,
+                   config=m.config or {}, files=m.files or {}, created_at=m.created_at)
+
+
+class CancelOut(BaseModel):
+    id: str
+    status: str

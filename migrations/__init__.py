@@ -1,0 +1,1 @@
+"""Alembic migrations; every schema change is a revision here, tested up and down."""

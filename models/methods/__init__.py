@@ -1,0 +1,1 @@
+"""Method implementations, one module per paper, grouped by family; discovered by the registry."""

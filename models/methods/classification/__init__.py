@@ -1,0 +1,1 @@
+"""Classification-family methods (notes: shared/methods/classification.md)."""

@@ -1,0 +1,1 @@
+"""Shared neural-network building blocks (backbones) used across method families."""

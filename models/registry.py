@@ -1,0 +1,173 @@
+"""The method registry: a plain decorator over flat dictionaries, as timm's `register_model`.
+
+A method id is declared once, in the module that implements it (`@method("ldr", ...)`); ids come
+from `shared/methods/INDEX.md`. The registry never imports method modules by name: `discover()`
+walks the `models.methods` package, so adding a method touches one new file and there is no
+import cycle.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import pkgutil
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from models.context import RunContext
+    from models.reproduction import ReproductionSpec
+
+Task = Literal["train", "compress", "evaluate", "sample", "select", "analyze"]
+TASKS: tuple[str, ...] = ("train", "compress", "evaluate", "sample", "select", "analyze")
+
+
+class MethodParams(BaseModel):
+    """Base for every method's params: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UnknownMethodError(KeyError):
+    """Raised when an id names no registered method (nor a deprecated alias)."""
+
+    def __init__(self, method_id: str, known: list[str]):
+        self.method_id = method_id
+        self.known = known
+        close = [k for k in known if k.startswith(method_id[:2])][:5]
+        hint = f"; did you mean one of {close}?" if close else ""
+        super().__init__(f"no method named {method_id!r}{hint}")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the service needs to know about one method."""
+
+    id: str
+    family: str
+    task: str
+    paper: str
+    datasets: tuple[str, ...]
+    params: type[MethodParams]
+    run: Callable[["RunContext", Any], None]
+    module: str
+    summary: str = ""
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def params_schema(self) -> dict[str, Any]:
+        return self.params.model_json_schema()
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON shape of `crucible methods --json` and `GET /api/v1/methods`."""
+        return {
+            "id": self.id,
+            "family": self.family,
+            "task": self.task,
+            "paper": self.paper,
+            "summary": self.summary,
+            "params": self.params_schema(),
+            "datasets": list(self.datasets),
+            "resources": dict(self.resources),
+            "reproduction": self.id in _REPRODUCTIONS,
+        }
+
+
+_METHODS: dict[str, MethodSpec] = {}
+_ALIASES: dict[str, str] = {}
+_REPRODUCTIONS: dict[str, "ReproductionSpec"] = {}
+_discovered = False
+
+
+def method(
+    id: str,
+    *,
+    family: str,
+    task: Task,
+    paper: str,
+    datasets: tuple[str, ...],
+    params: type[MethodParams],
+    resources: dict[str, float] | None = None,
+) -> Callable[[Callable[["RunContext", Any], None]], Callable[["RunContext", Any], None]]:
+    """Register `fn(ctx, params)` as method `id`."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+    def register(fn: Callable[["RunContext", Any], None]) -> Callable[["RunContext", Any], None]:
+        existing = _METHODS.get(id)
+        if existing is not None and existing.module != fn.__module__:
+            raise ValueError(f"method {id!r} registered twice ({existing.module}, {fn.__module__})")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _METHODS[id] = MethodSpec(
+            id=id,
+            family=family,
+            task=task,
+            paper=paper,
+            datasets=tuple(datasets),
+            params=params,
+            run=fn,
+            module=fn.__module__,
+            summary=doc[0] if doc else "",
+            resources=dict(resources or {"cpus": 1}),
+        )
+        return fn
+
+    return register
+
+
+def register_reproduction(spec: "ReproductionSpec") -> None:
+    _REPRODUCTIONS[spec.method_id] = spec
+
+
+def deprecated_alias(old: str, new: str) -> None:
+    """Keep a renamed id working; using it warns."""
+    _ALIASES[old] = new
+
+
+def discover() -> None:
+    """Import every module under `models.methods` once so their decorators run."""
+    global _discovered
+    if _discovered:
+        return
+    import models.methods as pkg
+
+    for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
+        importlib.import_module(info.name)
+    _discovered = True
+
+
+def get_method(method_id: str) -> MethodSpec:
+    discover()
+    if method_id in _ALIASES:
+        new = _ALIASES[method_id]
+        warnings.warn(f"method id {method_id!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=2)
+        method_id = new
+    try:
+        return _METHODS[method_id]
+    except KeyError:
+        raise UnknownMethodError(method_id, sorted(_METHODS)) from None
+
+
+def list_methods(pattern: str = "*", family: str | None = None) -> list[MethodSpec]:
+    """Registered methods whose id matches a shell-style wildcard, sorted by id."""
+    discover()
+    return [
+        spec
+        for mid, spec in sorted(_METHODS.items())
+        if fnmatch.fnmatchcase(mid, pattern) and (family is None or spec.family == family)
+    ]
+
+
+def get_reproduction(method_id: str) -> "ReproductionSpec":
+    spec = get_method(method_id)
+    try:
+        return _REPRODUCTIONS[spec.id]
+    except KeyError:
+        raise UnknownMethodError(f"{method_id} (reproduction)", sorted(_REPRODUCTIONS)) from None
+
+
+def list_reproductions(pattern: str = "*") -> list["ReproductionSpec"]:
+    discover()
+    return [r for mid, r in sorted(_REPRODUCTIONS.items()) if fnmatch.fnmatchcase(mid, pattern)]

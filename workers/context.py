@@ -1,0 +1,300 @@
+"""`JobRunContext`: the RunContext a job gets on a worker, backed by the database and object store.
+
+The method's thread only appends to in-memory buffers; a reporter thread heart-beats the lease,
+learns about cancellation and flushes metrics, logs and progress in batches (one fenced
+transaction per flush), which is what makes logging cheap. Checkpoints flush first, upload, then
+publish a row, so a resume never sees a partial file and never lacks the metrics logged before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mimetypes
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
+from models.context import ARTIFACT_KINDS, artifact_bytes, check_artifact_name, clean_metrics
+from models.datasets import Dataset
+from workers import lifecycle
+from workers.db import session_scope
+from workers.settings import Settings
+from workers.storage import ObjectStore
+from workers.tables import Artifact, Job, LogChunk, Metric, RegisteredModel
+
+
+def upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert points; a replayed (job, name, step) overwrites instead of duplicating."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
+    for start in range(0, len(rows), 500):
+        stmt = insert(Metric).values(rows[start : start + 500])
+        stmt = stmt.on_conflict_do_update(index_elements=["job_id", "name", "step"],
+                                          set_={"value": stmt.excluded.value, "time": stmt.excluded.time,
+                                                "attempt": stmt.excluded.attempt})
+        session.execute(stmt)
+
+
+def append_log(session: Session, job_id: str, attempt: int, text: str) -> None:
+    job = session.get(Job, job_id)
+    assert job is not None
+    session.add(LogChunk(job_id=job_id, offset=job.log_bytes, text=text, attempt=attempt))
+    job.log_bytes = job.log_bytes + len(text.encode("utf-8"))
+
+
+@dataclass
+class _Buffers:
+    metrics: list[dict[str, Any]]
+    logs: list[str]
+    progress: tuple[int, int, str] | None
+
+
+class JobRunContext:
+    """RunContext for one attempt of one job."""
+
+    def __init__(self, job: Job, dataset: Dataset | None, settings: Settings, store: ObjectStore, device: str):
+        self.job_id = job.id
+        self.attempt = job.attempt
+        self.parent_id = job.parent_id
+        self.dataset = dataset
+        self.seed = job.seed
+        self.device = device
+        self.resources: Mapping[str, float] = dict(job.resources or {})
+        self.settings = settings
+        self.store = store
+        self._db = settings.database_url
+        self._lock = threading.Lock()  # guards the buffers
+        self._io_lock = threading.Lock()  # one flush at a time
+        self._buf = _Buffers([], [], None)
+        self._cancel = threading.Event()
+        self._lost = threading.Event()  # this attempt was fenced off
+        self.cancel_observed = False
+        self._stop = threading.Event()
+        self._last_flush = time.monotonic()
+        self._reporter = threading.Thread(target=self._report_loop, name=f"reporter-{job.id}", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        self._reporter.start()
+
+    def close(self) -> None:
+        """Stop the reporter and flush everything (also on failure)."""
+        self._stop.set()
+        if self._reporter.is_alive():
+            self._reporter.join(timeout=10)
+        self.flush()
+
+    def _report_loop(self) -> None:
+        next_beat = 0.0
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            try:
+                if now >= next_beat:
+                    next_beat = now + self.settings.heartbeat_s
+                    with session_scope(self._db) as s:
+                        status = lifecycle.heartbeat(s, self.job_id, self.attempt, self.settings.lease_s)
+                    if status is None:
+                        self._lost.set()
+                        self._cancel.set()
+                    elif status == "cancelling":
+                        self._cancel.set()
+                if now - self._last_flush >= self.settings.metric_flush_s:
+                    self.flush()
+            except lifecycle.StaleAttempt:
+                self._lost.set()
+                self._cancel.set()
+            except Exception as exc:  # a DB hiccup must not kill the job; the next beat retries
+                print(f"[crucible] reporter: {type(exc).__name__}: {exc}", flush=True)
+
+    # -- metrics, logs, progress ---------------------------------------------
+    def log(self, step: int, **metrics: float) -> None:
+        now = time.time()
+        rows = [{"job_id": self.job_id, "name": n, "step": s, "value": v, "time": now, "attempt": self.attempt}
+                for n, s, v in clean_metrics(step, metrics)]
+        with self._lock:
+            self._buf.metrics.extend(rows)
+            full = len(self._buf.metrics) >= self.settings.metric_flush_points
+        if full:
+            self.flush()
+
+    def write_log(self, text: str) -> None:
+        with self._lock:
+            self._buf.logs.append(text)
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        with self._lock:
+            self._buf.progress = (int(done), int(total), str(message))
+
+    def flush(self) -> None:
+        """Write buffered metrics, log text and progress in one fenced transaction."""
+        with self._io_lock:
+            with self._lock:
+                buf, self._buf = self._buf, _Buffers([], [], None)
+            self._last_flush = time.monotonic()
+            if not (buf.metrics or buf.logs or buf.progress) or self._lost.is_set():
+                return
+            try:
+                with session_scope(self._db) as s:
+                    lifecycle.fence(s, self.job_id, self.attempt)
+                    upsert_metrics(s, buf.metrics)
+                    if buf.logs:
+                        append_log(s, self.job_id, self.attempt, "".join(buf.logs))
+                    if buf.progress:
+                        lifecycle.set_progress(s, self.job_id, self.attempt, *buf.progress)
+            except lifecycle.StaleAttempt:
+                self._lost.set()
+                self._cancel.set()
+            except Exception:
+                with self._lock:  # keep the points for the next try rather than lose them
+                    self._buf.metrics[:0] = buf.metrics
+                    self._buf.logs[:0] = buf.logs
+                    self._buf.progress = self._buf.progress or buf.progress
+                raise
+
+    # -- checkpoints ----------------------------------------------------------
+    def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
+        self.flush()
+        blob = encode_checkpoint(state, step)
+        name = f"checkpoints/step-{int(step):09d}-a{self.attempt}.safetensors"
+        stored = self.store.put_bytes(f"jobs/{self.job_id}/{name}", blob)
+        with session_scope(self._db) as s:
+            lifecycle.fence(s, self.job_id, self.attempt)
+            s.execute(delete(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name))
+            s.add(Artifact(job_id=self.job_id, name=name, kind="checkpoint", key=stored.key, size=stored.size,
+                           sha256=stored.sha256, content_type="application/x-safetensors", step=int(step),
+                           attempt=self.attempt))
+            old = s.scalars(select(Artifact).where(Artifact.job_id == self.job_id, Artifact.kind == "checkpoint")
+                            .order_by(Artifact.step.desc(), Artifact.id.desc())
+                            .offset(self.settings.keep_checkpoints)).all()
+            stale_keys = [a.key for a in old]
+            for a in old:
+                s.delete(a)
+        for key in stale_keys:  # rows are gone first, so no reader can pick a deleted object
+            self.store.delete(key)
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        for job_id in (self.job_id, self.parent_id):
+            if not job_id:
+                continue
+            with session_scope(self._db) as s:
+                row = s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
+                                .order_by(Artifact.step.desc(), Artifact.id.desc()).limit(1)).first()
+            if row is not None:
+                blob = self.store.get_bytes(row.key)
+                if hashlib.sha256(blob).hexdigest() != row.sha256:
+                    raise ValueError(f"checkpoint {row.name} does not match its recorded sha256")
+                return decode_checkpoint(blob)
+        return None
+
+    # -- artifacts ------------------------------------------------------------
+    def save_artifact(self, name: str, data: Any, kind: str = "file") -> str:
+        name = check_artifact_name(name)
+        if kind not in ARTIFACT_KINDS:
+            raise ValueError(f"artifact kind must be one of {ARTIFACT_KINDS}, got {kind!r}")
+        payload = artifact_bytes(data)
+        if isinstance(payload, Path) and payload.is_dir():
+            for f in sorted(p for p in payload.rglob("*") if p.is_file()):
+                self._publish_artifact(f"{name}/{f.relative_to(payload).as_posix()}", f, kind)
+        else:
+            self._publish_artifact(name, payload, kind)
+        return name
+
+    def _publish_artifact(self, name: str, payload: bytes | Path, kind: str) -> None:
+        check_artifact_name(name)
+        key = f"jobs/{self.job_id}/artifacts/{name}"
+        stored = self.store.put_file(key, payload) if isinstance(payload, Path) else self.store.put_bytes(key, payload)
+        ctype = mimetypes.guess_type(name)[0] or ("application/json" if kind in ("json", "table") else
+                                                  "text/plain" if kind == "text" else "application/octet-stream")
+        with session_scope(self._db) as s:
+            lifecycle.fence(s, self.job_id, self.attempt)
+            s.execute(delete(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name))
+            s.add(Artifact(job_id=self.job_id, name=name, kind=kind, key=stored.key, size=stored.size,
+                           sha256=stored.sha256, content_type=ctype, attempt=self.attempt))
+
+    # -- models ---------------------------------------------------------------
+    def register_model(self, name: str, path: Path, config: Mapping[str, Any] | None = None) -> str:
+        check_artifact_name(name)
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for _ in range(5):  # a concurrent registration may take our version number; then take the next
+            with session_scope(self._db) as s:
+                version = (s.scalar(select(func.max(RegisteredModel.version)).where(RegisteredModel.name == name)) or 0) + 1
+            prefix = f"models/{name}/{version}"
+            manifest = {}
+            for f in files:
+                rel = f.name if path.is_file() else f.relative_to(path).as_posix()
+                stored = self.store.put_file(f"{prefix}/{rel}", f)
+                manifest[rel] = {"size": stored.size, "sha256": stored.sha256}
+            try:
+                with session_scope(self._db) as s:
+                    lifecycle.fence(s, self.job_id, self.attempt)
+                    s.add(RegisteredModel(name=name, version=version, source_job_id=self.job_id, key=prefix,
+                                          config=json.loads(json.dumps(dict(config or {}), default=str)),
+                                          files=manifest))
+                return f"{name}@{version}"
+            except IntegrityError:
+                self.store.delete_prefix(prefix + "/")
+        raise RuntimeError(f"could not allocate a version for model {name!r}")
+
+    def load_model(self, ref: str) -> Path:
+        return resolve_model(ref, self.settings, self.store)
+
+    # -- cancellation ---------------------------------------------------------
+    def request_cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def cancelled(self) -> bool:
+        if self._cancel.is_set():
+            self.cancel_observed = True
+            return True
+        return False
+
+
+def resolve_model(ref: str, settings: Settings, store: ObjectStore) -> Path:
+    """`name`, `name@latest` or `name@N` from the registry (cached locally, checked by sha256),
+    or a local folder under one of the allowed import roots."""
+    local = Path(ref)
+    if local.is_absolute():
+        roots = [Path(r).resolve() for r in settings.import_roots.split(":") if r] or [settings.home / "imports"]
+        target = local.resolve()
+        if not any(target.is_relative_to(r) for r in roots) or not target.is_dir():
+            raise PermissionError(f"{ref} is not a folder under an allowed import root ({', '.join(map(str, roots))})")
+        return target
+    name, _, version = ref.partition("@")
+    with session_scope(settings.database_url) as s:
+        q = select(RegisteredModel).where(RegisteredModel.name == name)
+        q = q.order_by(RegisteredModel.version.desc()) if version in ("", "latest") else \
+            q.where(RegisteredModel.version == int(version))
+        row = s.scalars(q.limit(1)).first()
+    if row is None:
+        raise KeyError(f"no registered model {ref!r}")
+    dest = settings.cache_dir / "models" / name / str(row.version)
+    marker = dest / ".complete"
+    if not marker.exists():
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, info in row.files.items():
+            target = tmp / rel
+            store.download(f"{row.key}/{rel}", target)
+            if hashlib.sha256(target.read_bytes()).hexdigest() != info["sha256"]:
+                raise ValueError(f"model file {rel} of {name}@{row.version} fails its sha256 check")
+        (tmp / ".complete").write_text("ok")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest

@@ -1,0 +1,133 @@
+"""Job state transitions, each one compare-and-set UPDATE.
+
+queued → starting → running → succeeded | failed | cancelled, with cancelling between an active
+state and cancelled. Every transition names the state(s) it leaves and, for worker-side writes,
+the attempt that makes it; a row that has moved on makes the UPDATE match nothing, so two workers
+can never both run a job, and a stale attempt cannot overwrite a newer one. Terminal states are
+absorbing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from workers.tables import ACTIVE, TERMINAL, Job, utcnow
+
+
+class JobNotFound(KeyError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r}")
+
+
+class JobStateConflict(Exception):
+    """The job's state does not allow the request (e.g. cancelling a finished job)."""
+
+    def __init__(self, job_id: str, status: str, action: str):
+        self.job_id, self.status, self.action = job_id, status, action
+        super().__init__(f"job {job_id} is {status}; it cannot be {action}")
+
+
+class StaleAttempt(Exception):
+    """A write from an attempt that no longer owns the job (fencing)."""
+
+
+def _cas(session: Session, job_id: str, *, from_status: tuple[str, ...], at_attempt: int | None = None,
+         **values: Any) -> bool:
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(from_status))
+    if at_attempt is not None:
+        stmt = stmt.where(Job.attempt == at_attempt)
+    result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
+    return result.rowcount == 1
+
+
+def claim(session: Session, job_id: str, attempt: int, owner: str, lease_s: float) -> bool:
+    """queued → starting for exactly one claimant."""
+    now = utcnow()
+    return _cas(session, job_id, from_status=("queued",), at_attempt=attempt, status="starting", lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now,
+                started_at=now, error=None, failure_code=None)
+
+
+def mark_running(session: Session, job_id: str, attempt: int) -> bool:
+    return _cas(session, job_id, from_status=("starting",), at_attempt=attempt, status="running")
+
+
+def heartbeat(session: Session, job_id: str, attempt: int, lease_s: float) -> str | None:
+    """Extend the lease; returns the job's status, or None when this attempt no longer owns it."""
+    now = utcnow()
+    if not _cas(session, job_id, from_status=ACTIVE, at_attempt=attempt, heartbeat_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_s)):
+        return None
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def fence(session: Session, job_id: str, attempt: int) -> None:
+    """Take the job row's write lock for this attempt, or raise StaleAttempt.
+
+    Called at the start of a transaction that writes metrics, logs or artifacts: the UPDATE
+    serialises with the reaper's requeue, so a write either lands before the attempt is fenced off
+    or not at all.
+    """
+    if not _cas(session, job_id, from_status=ACTIVE, at_attempt=attempt, heartbeat_at=utcnow()):
+        raise StaleAttempt(f"job {job_id} attempt {attempt} no longer owns the job")
+
+
+def set_progress(session: Session, job_id: str, attempt: int, done: int, total: int, message: str) -> bool:
+    return _cas(session, job_id, from_status=ACTIVE, at_attempt=attempt, progress_done=done,
+                progress_total=total, progress_message=message[:256])
+
+
+def finish(session: Session, job_id: str, attempt: int, status: str, *, error: str | None = None,
+           failure_code: str | None = None, result: dict[str, Any] | None = None) -> bool:
+    if status not in TERMINAL:
+        raise ValueError(f"not a terminal status: {status}")
+    return _cas(session, job_id, from_status=ACTIVE, at_attempt=attempt, status=status, finished_at=utcnow(),
+                error=error, failure_code=failure_code, result=result, lease_owner=None, lease_expires_at=None)
+
+
+def request_cancel(session: Session, job_id: str) -> str:
+    """Cancel in any non-terminal state: queued jobs end at once, active ones go to cancelling."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    if job.status == "queued" and _cas(session, job_id, from_status=("queued",), status="cancelled",
+                                       finished_at=utcnow(), failure_code="cancelled"):
+        return "cancelled"
+    if job.status in ("starting", "running") and _cas(session, job_id, from_status=("starting", "running"),
+                                                      status="cancelling"):
+        return "cancelling"
+    session.refresh(job)
+    if job.status == "cancelling":
+        return "cancelling"
+    if job.status in TERMINAL:
+        raise JobStateConflict(job_id, job.status, "cancelled")
+    return request_cancel(session, job_id)  # lost a race with a transition; try again on the new state
+
+
+def release_lost(session: Session, job: Job, reason: str) -> str:
+    """A job whose worker is gone: cancel it if cancelling, re-queue it while attempts remain, else fail it."""
+    if job.status == "cancelling":
+        _cas(session, job.id, from_status=("cancelling",), at_attempt=job.attempt, status="cancelled",
+             finished_at=utcnow(), error=reason, failure_code="cancelled", lease_owner=None)
+        return "cancelled"
+    if job.attempt < job.max_attempts and _cas(
+        session, job.id, from_status=("starting", "running"), at_attempt=job.attempt, status="queued",
+        attempt=Job.attempt + 1, lease_owner=None, lease_expires_at=None, error=reason, failure_code="worker_lost",
+    ):
+        return "queued"
+    _cas(session, job.id, from_status=("starting", "running"), at_attempt=job.attempt, status="failed",
+         finished_at=utcnow(), error=f"{reason}; retry budget of {job.max_attempts} attempts spent",
+         failure_code="worker_lost", lease_owner=None)
+    return "failed"
+
+
+def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
+    """Release every active job whose lease expired (worker stopped heart-beating)."""
+    now = now or utcnow()
+    expired = session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)).all()
+    return [(job.id, release_lost(session, job, "worker stopped heart-beating (lease expired)")) for job in expired]

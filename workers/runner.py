@@ -1,0 +1,147 @@
+"""`run_job(job_id)`: the one function that does a job's work, wherever an executor runs it.
+
+It claims the job (or takes over a claim its executor made), resolves method, params and dataset,
+runs the method against a `JobRunContext`, and publishes the final state with the attempt as a
+fencing token. A crash anywhere leaves the row active; the executor or the reaper then decides
+(re-queue from the last checkpoint, or fail with the reason).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Any, TextIO
+
+from models.registry import get_method, get_reproduction
+from models.reproduction import run_reproduction
+from workers import lifecycle
+from workers.context import JobRunContext
+from workers.datasets import load_dataset
+from workers.db import session_scope
+from workers.settings import Settings, load_plugins
+from workers.storage import open_store
+from workers.tables import Job
+
+
+def worker_identity(executor: str) -> str:
+    return f"{executor}:{socket.gethostname()}:{os.getpid()}"
+
+
+class _Tee:
+    """Copies what the method prints into the job's log while still writing to the real stream."""
+
+    def __init__(self, stream: TextIO, ctx: JobRunContext):
+        self.stream, self.ctx = stream, ctx
+
+    def write(self, text: str) -> int:
+        self.ctx.write_log(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def pick_device(resources: dict[str, Any]) -> str:
+    import torch
+
+    return "cuda" if float(resources.get("gpus", 0) or 0) > 0 and torch.cuda.is_available() else "cpu"
+
+
+def summarize(ctx: JobRunContext, settings: Settings) -> dict[str, Any]:
+    """The last value of every metric, for job listings and the CLI's closing summary."""
+    from sqlalchemy import func, select
+
+    from workers.tables import Metric
+
+    with session_scope(settings.database_url) as s:
+        last = (select(Metric.name, func.max(Metric.step).label("step")).where(Metric.job_id == ctx.job_id)
+                .group_by(Metric.name).subquery())
+        rows = s.execute(select(Metric.name, Metric.value).join(
+            last, (Metric.name == last.c.name) & (Metric.step == last.c.step)).where(Metric.job_id == ctx.job_id))
+        return {name: value for name, value in rows}
+
+
+def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, claimed_by: str | None = None,
+            executor: str = "local") -> str:
+    """Run one attempt of a job; returns the final status it published (or 'skipped')."""
+    load_plugins(settings)
+    owner = claimed_by or worker_identity(executor)
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return "skipped"
+        attempt = attempt or job.attempt
+        if claimed_by is None and not lifecycle.claim(s, job_id, attempt, owner, settings.lease_s):
+            return "skipped"  # someone else has it, or it was cancelled first
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.attempt != attempt or job.status not in lifecycle.ACTIVE or job.lease_owner != owner:
+            return "skipped"
+        s.expunge(job)
+
+    store = open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)
+    try:
+        with session_scope(settings.database_url) as s:
+            dataset = load_dataset(s, store, job.dataset) if job.dataset else None
+        ctx = JobRunContext(job, dataset, settings, store, pick_device(job.resources or {}))
+    except Exception as exc:
+        with session_scope(settings.database_url) as s:
+            lifecycle.finish(s, job_id, attempt, "failed", error=f"could not prepare the job: {exc}",
+                             failure_code="setup_error")
+        return "failed"
+
+    ctx.start()
+    previous = signal.getsignal(signal.SIGTERM)
+    if hasattr(signal, "SIGTERM") and threading_main():
+        signal.signal(signal.SIGTERM, lambda *_: ctx.request_cancel())
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, ctx), _Tee(err, ctx)  # type: ignore[assignment]
+    status, error, code, record = "succeeded", None, None, None
+    try:
+        with session_scope(settings.database_url) as s:
+            lifecycle.mark_running(s, job_id, attempt)
+        if attempt > 1:
+            print(f"--- attempt {attempt} (resuming from the last checkpoint if there is one) ---")
+        if job.mode == "reproduce":
+            spec = get_reproduction(job.method)
+            record = run_reproduction(spec, ctx, seed=job.seed, smoke=bool(job.params.get("smoke", False)))
+            ctx.save_artifact("reproduction.json", record, kind="json")
+        else:
+            spec_m = get_method(job.method)
+            spec_m.run(ctx, spec_m.params.model_validate(job.params))
+        if ctx.cancel_observed:
+            status, code = "cancelled", "cancelled"
+    except lifecycle.StaleAttempt:
+        status = "lost"
+    except BaseException as exc:  # noqa: BLE001 - the job's failure is recorded, never raised further
+        status, code = "failed", "exception"
+        error = "".join(traceback.format_exception(exc))[-8000:]
+        print(error, file=sys.stderr)
+    finally:
+        sys.stdout, sys.stderr = out, err
+        if threading_main():
+            signal.signal(signal.SIGTERM, previous)
+        try:
+            ctx.close()
+        except lifecycle.StaleAttempt:
+            status = "lost"
+    if status == "lost" or ctx.lost:
+        return "lost"
+    result: dict[str, Any] = {"metrics": summarize(ctx, settings)}
+    if record is not None:
+        result["reproduction"] = record
+    with session_scope(settings.database_url) as s:
+        lifecycle.finish(s, job_id, attempt, status, error=error, failure_code=code, result=result)
+    return status
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,84 @@
+"""All configuration, in one pydantic-settings class read from `CRUCIBLE_*` environment variables.
+
+It lives in `workers` (not `api`) because the job runner in a worker process needs the same
+database and store settings as the API, and dependencies point api → workers → models.
+Configuration flows one way: settings → app factory / runner → dependencies; no other module
+reads the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_", extra="ignore")
+
+    home: Path = Field(Path(".crucible"), description="state folder: SQLite file, local objects, logs")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite under home")
+    storage_url: str = Field("", description="file://folder or s3://bucket; default home/objects")
+    s3_endpoint: str | None = None
+    s3_region: str = "us-east-1"
+    executor: Literal["local", "celery", "ray"] = "local"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ray_address: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_url: str = Field("", description="where the CLI finds the API; default http://host:port")
+    api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth on loopback")
+
+    max_concurrent_jobs: int = Field(2, ge=1, le=64)
+    heartbeat_s: float = Field(5.0, gt=0)
+    lease_s: float = Field(30.0, gt=0)
+    cancel_grace_s: float = Field(10.0, ge=0)
+    metric_flush_s: float = Field(2.0, gt=0)
+    metric_flush_points: int = Field(1000, ge=1)
+    max_attempts: int = Field(3, ge=1, le=20)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_json_bytes: int = Field(1024 * 1024, ge=1024)
+    plugins: str = Field("", description="comma-separated modules that register extra methods (imported by API and workers)")
+    import_roots: str = Field("", description="colon-separated folders jobs may load local models from; default home/imports")
+    demo_job: bool = Field(True, description="`crucible up` queues one demo job on an empty database")
+
+    @model_validator(mode="after")
+    def _defaults_under_home(self) -> "Settings":
+        self.home = self.home.expanduser().absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'crucible.db'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{self.home / 'objects'}"
+        if not self.api_url:
+            self.api_url = f"http://{self.host}:{self.port}"
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as CRUCIBLE_* variables, so a job process sees exactly what its executor saw."""
+        return {f"CRUCIBLE_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None}
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+def load_plugins(settings: Settings) -> None:
+    """Import plugin modules so their `@method` decorators register (like timm's entry points)."""
+    import importlib
+
+    for name in filter(None, (m.strip() for m in settings.plugins.split(","))):
+        importlib.import_module(name)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
