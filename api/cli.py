@@ -11,7 +11,7 @@ from typing import Any
 import click
 import httpx
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from workers.settings import Settings
@@ -212,8 +212,7 @@ def submit(method: str, dataset: str | None, params: tuple[str, ...], seed: int,
 
 def _follow(api: Api, job_id: str, quiet: bool = False) -> dict[str, Any]:
     """Poll the job until it ends, drawing a progress bar with its latest metrics."""
-    columns = [TextColumn("[bold]{task.fields[status]:>10}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
-               TimeElapsedColumn(), TextColumn("{task.description}")]
+    columns = [TextColumn("[bold]{task.fields[status]:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
     with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
         task = bar.add_task("", total=None, status="queued")
         while True:
@@ -361,8 +360,7 @@ def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: boo
         from models.reproduction import run_reproduction
 
         spec = get_reproduction(method_id)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      console=err, disable=as_json, transient=True) as bar:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, disable=as_json, transient=True) as bar:
             task = bar.add_task(method_id, total=None)
             ctx = InMemoryRunContext(seed=seed, on_progress=lambda d, t, m: bar.update(
                 task, completed=d, total=t or None, description=f"{method_id} {m}"))

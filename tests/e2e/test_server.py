@@ -171,3 +171,15 @@ def test_a_restarted_server_requeues_and_finishes_a_job_left_running(server: Ser
     assert job["status"] == "succeeded" and job["attempt"] >= 2
     result = server.http.get(f"/api/v1/jobs/{job_id}/artifacts/result.json").json()
     assert result["resumed_from"] >= 10 and result["total"] == 40 * 41 / 2
+
+
+def test_cli_submit_follow_shows_progress_and_summary(server: Server):
+    env = {**os.environ, "CRUCIBLE_API_URL": server.url, "COLUMNS": "120"}
+    out = subprocess.run([sys.executable, "-m", "api.cli", "submit", "test-counter", "-p", "steps=8",
+                          "-p", "step_seconds=0.1", "--follow"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "succeeded" in out.stdout and "value" in out.stdout and "result.json" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "api.cli", "submit", "test-counter", "-p", "steps=0"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "/params/steps" in bad.stderr
