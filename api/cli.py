@@ -92,7 +92,8 @@ def up(host: str | None, port: int | None, demo: bool | None) -> None:
         _queue_demo(settings)
     console.print(f"[bold]Crucible[/] on [link=http://{settings.host}:{settings.port}]http://{settings.host}:{settings.port}[/]"
                   f"  (state in {settings.home})")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                access_log=False)  # the dashboard polls every 2 s; access lines would drown the log
 
 
 def _queue_demo(settings: Settings) -> None:

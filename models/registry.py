@@ -8,11 +8,15 @@ import cycle.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import importlib
+import importlib.util
 import pkgutil
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -126,11 +130,47 @@ def deprecated_alias(old: str, new: str) -> None:
     _ALIASES[old] = new
 
 
-def discover() -> None:
-    """Import every module under `models.methods` once so their decorators run."""
+def _declared_ids(path: str) -> list[str]:
+    """Method ids a module declares, read from its source (`@method("id", ...)`) without importing it."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return []
+    ids = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for dec in node.decorator_list:
+                if (isinstance(dec, ast.Call) and getattr(dec.func, "id", getattr(dec.func, "attr", None)) == "method"
+                        and dec.args and isinstance(dec.args[0], ast.Constant) and isinstance(dec.args[0].value, str)):
+                    ids.append(dec.args[0].value)
+    return ids
+
+
+@lru_cache(maxsize=1)
+def _module_index() -> dict[str, str]:
+    """id → module name for every method module, so running one job imports one method module
+    (and its heavy libraries), not all of them."""
+    import models.methods as pkg
+
+    index: dict[str, str] = {}
+    for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
+        spec = importlib.util.find_spec(info.name)
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            for mid in _declared_ids(spec.origin):
+                index[mid] = info.name
+    return index
+
+
+def discover(method_id: str | None = None) -> None:
+    """Import method modules so their decorators run: only the one declaring `method_id` when given."""
     global _discovered
     if _discovered:
         return
+    if method_id is not None:
+        module = _module_index().get(_ALIASES.get(method_id, method_id))
+        if module is not None:
+            importlib.import_module(module)
+            return
     import models.methods as pkg
 
     for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
@@ -139,7 +179,8 @@ def discover() -> None:
 
 
 def get_method(method_id: str) -> MethodSpec:
-    discover()
+    if method_id not in _METHODS:
+        discover(method_id)
     if method_id in _ALIASES:
         new = _ALIASES[method_id]
         warnings.warn(f"method id {method_id!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=2)
@@ -147,6 +188,9 @@ def get_method(method_id: str) -> MethodSpec:
     try:
         return _METHODS[method_id]
     except KeyError:
+        discover()
+        if method_id in _METHODS:
+            return _METHODS[method_id]
         raise UnknownMethodError(method_id, sorted(_METHODS)) from None
 
 
@@ -161,7 +205,7 @@ def list_methods(pattern: str = "*", family: str | None = None) -> list[MethodSp
 
 
 def get_reproduction(method_id: str) -> "ReproductionSpec":
-    spec = get_method(method_id)
+    spec = get_method(method_id)  # imports the module that declares both
     try:
         return _REPRODUCTIONS[spec.id]
     except KeyError:
