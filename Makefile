@@ -19,7 +19,7 @@ up: $(STAMP)
 	$(BIN)/crucible up --port $(PORT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	bash scripts/test.sh
 
 results: $(STAMP)
 	$(BIN)/crucible results
