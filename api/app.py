@@ -6,10 +6,12 @@ import logging
 import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from api import problems
 from api.routes import datasets, health, jobs, methods, models
@@ -69,4 +71,21 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
     def dashboard() -> str:
         return resources.files("api").joinpath("dashboard/index.html").read_text(encoding="utf-8")
 
+    @app.api_route("/vendor/plotly.min.js", methods=["GET", "HEAD"], include_in_schema=False)
+    def plotly_js() -> Response:
+        return FileResponse(plotly_bundle(), media_type="text/javascript",
+                            headers={"Cache-Control": "public, max-age=86400"})
+
+    app.mount("/dashboard", StaticFiles(directory=str(resources.files("api").joinpath("dashboard"))),
+              name="dashboard")
     return app
+
+
+def plotly_bundle() -> Path:
+    """plotly.js as shipped inside the `plotly` wheel: the dashboard's charts, served locally (no CDN)."""
+    try:
+        import plotly
+    except ImportError:
+        raise problems.Problem(404, "plotly-missing", "Charting library not installed",
+                               "install the `plotly` package (pip install plotly) to draw charts") from None
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -106,26 +106,39 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, *, status: str | None, method: str | None, limit: int, cursor: str | None
+def list_jobs(session: Session, *, status: str | None, method: str | None, limit: int, cursor: str | None,
+              dataset: str | None = None, mode: str | None = None, search: str | None = None
               ) -> tuple[list[Job], str | None]:
     q = select(Job).order_by(Job.id.desc()).limit(limit + 1)
     if status:
         q = q.where(Job.status.in_(status.split(",")))
     if method:
         q = q.where(Job.method == method)
+    if dataset:
+        q = q.where(Job.dataset == dataset)
+    if mode:
+        q = q.where(Job.mode == mode)
+    if search:  # a job id (or its tail, as the dashboard shows it), a method or a dataset
+        like = f"%{search.strip()}%"
+        q = q.where(or_(Job.id.ilike(like), Job.method.ilike(like), Job.dataset.ilike(like)))
     if cursor:
         q = q.where(Job.id < cursor)
     rows = list(session.scalars(q))
     return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
 
 
-def metric_points(session: Session, job_id: str, names: list[str] | None, max_points: int
-                  ) -> tuple[list[Metric], list[str], bool]:
-    """Points of each series, downsampled to about max_points per series keeping each bucket's min and max."""
+def metric_points(session: Session, job_id: str, names: list[str] | None, max_points: int,
+                  since_step: int | None = None) -> tuple[list[Metric], list[str], bool]:
+    """Points of each series, downsampled to about max_points per series keeping each bucket's min and max.
+
+    With since_step, only points at a later step: a poller fetches what is new since its last look.
+    """
     get_job(session, job_id)
     q = select(Metric).where(Metric.job_id == job_id).order_by(Metric.name, Metric.step)
     if names:
         q = q.where(Metric.name.in_(names))
+    if since_step is not None:
+        q = q.where(Metric.step > since_step)
     series: dict[str, list[Metric]] = {}
     for m in session.scalars(q):
         series.setdefault(m.name, []).append(m)

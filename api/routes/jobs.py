@@ -35,8 +35,12 @@ def submit(spec: JobCreate, session: SessionDep, settings: SettingsDep, request:
 
 @router.get("", response_model=JobPage)
 def list_jobs(session: SessionDep, status_: Annotated[str | None, Query(alias="status")] = None,
-              method: str | None = None, limit: int = Query(50, ge=1, le=500), cursor: str | None = None) -> JobPage:
-    rows, next_cursor = service.list_jobs(session, status=status_, method=method, limit=limit, cursor=cursor)
+              method: str | None = None, limit: int = Query(50, ge=1, le=500), cursor: str | None = None,
+              dataset: str | None = None, mode: Annotated[str | None, Query(pattern="^(run|reproduce)$")] = None,
+              q: Annotated[str | None, Query(max_length=64, description="search in id, method and dataset")] = None
+              ) -> JobPage:
+    rows, next_cursor = service.list_jobs(session, status=status_, method=method, limit=limit, cursor=cursor,
+                                          dataset=dataset, mode=mode, search=q)
     return JobPage(items=[JobOut.of(j) for j in rows], next_cursor=next_cursor)
 
 
@@ -74,8 +78,10 @@ def delete(job_id: str, session: SessionDep, store: StoreDep) -> Response:
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
 def metrics(job_id: str, session: SessionDep, name: Annotated[list[str] | None, Query()] = None,
-            max_points: int = Query(2000, ge=10, le=100_000)) -> MetricsOut:
-    points, names, downsampled = service.metric_points(session, job_id, name, max_points)
+            max_points: int = Query(2000, ge=10, le=100_000),
+            since_step: Annotated[int | None, Query(ge=-1, description="only points at a later step")] = None
+            ) -> MetricsOut:
+    points, names, downsampled = service.metric_points(session, job_id, name, max_points, since_step)
     return MetricsOut(items=[MetricPointOut(name=p.name, step=p.step, value=p.value, time=p.time) for p in points],
                       names=names, downsampled=downsampled)
 

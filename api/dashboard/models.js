@@ -1,0 +1,54 @@
+// Registered models with their lineage: dataset → job (method) → model version. Deployments and
+// their playgrounds join this page when the deployments API exists on the server.
+import { ApiError, api } from "./api.js";
+import { bytes, html, shortId, statusBadge, timeTag } from "./ui.js";
+
+export async function mount(el) {
+  const items = (await api("/api/v1/models")).items;
+  const jobIds = [...new Set(items.map((m) => m.source_job_id).filter(Boolean))];
+  const jobs = new Map();
+  await Promise.all(jobIds.slice(0, 200).map((id) => api(`/api/v1/jobs/${id}`).then((j) => jobs.set(id, j)).catch(() => {})));
+  const byName = {};
+  for (const m of items) (byName[m.name] ||= []).push(m);
+
+  el.innerHTML = html`<h1 tabindex="-1">Models</h1>
+    ${items.length ? "" : html`<p class="panel empty">No registered models yet. A job registers one with <code>ctx.register_model(name, path)</code>.</p>`}
+    ${Object.entries(byName).map(([name, versions]) => html`<section class="panel" aria-labelledby="mdl-${name}">
+      <h2 id="mdl-${name}" class="mono">${name} <span class="muted small">${versions.length} version${versions.length > 1 ? "s" : ""}</span></h2>
+      <div class="table-wrap"><table><thead><tr><th scope="col">Version</th><th scope="col">Lineage</th>
+        <th scope="col" class="wide-only">Files</th><th scope="col" class="wide-only">Config</th><th scope="col" class="wide-only">Registered</th></tr></thead>
+        <tbody>${versions.map((m) => row(m, jobs.get(m.source_job_id)))}</tbody></table></div></section>`)}
+    <section class="panel" aria-labelledby="h-deploy"><h2 id="h-deploy">Deployments</h2><div id="deployments" class="muted">Checking…</div></section>`.s;
+  deployments(el.querySelector("#deployments"));
+}
+
+function row(m, j) {
+  const files = Object.values(m.files || {});
+  const size = files.reduce((s, f) => s + (f.size || 0), 0);
+  return html`<tr><td class="mono">${m.ref}</td>
+    <td><div class="lineage">
+      ${j ? html`<span class="node">${j.dataset ? html`dataset <strong>${j.dataset}</strong>` : "no dataset"}</span><span class="arrow" aria-hidden="true">→</span>
+        <span class="node">job <a href="#/jobs/${j.id}">${j.method} · ${shortId(j.id)}</a> ${statusBadge(j.status)}</span>
+        ${j.parent_id ? html`<span class="muted small">(resumed from <a href="#/jobs/${j.parent_id}">${shortId(j.parent_id)}</a>)</span>` : ""}
+        <span class="arrow" aria-hidden="true">→</span>`
+      : m.source_job_id ? html`<span class="node">job <span class="mono">${shortId(m.source_job_id)}</span> (deleted)</span><span class="arrow" aria-hidden="true">→</span>`
+      : html`<span class="node">imported</span><span class="arrow" aria-hidden="true">→</span>`}
+      <span class="node"><strong>${m.ref}</strong></span></div></td>
+    <td class="wide-only">${files.length} file${files.length === 1 ? "" : "s"} · ${bytes(size)}</td>
+    <td class="wide-only mono small">${JSON.stringify(m.config).slice(0, 120)}</td>
+    <td class="wide-only">${timeTag(m.created_at)}</td></tr>`;
+}
+
+async function deployments(box) {
+  try {
+    const d = await api("/api/v1/deployments");
+    const list = d.items || [];
+    box.classList.remove("muted");
+    box.innerHTML = list.length ? html`<ul>${list.map((x) => html`<li class="mono">${x.name || JSON.stringify(x)}</li>`)}</ul>`.s
+      : html`<p class="muted">No deployments.</p>`.s;
+  } catch (err) {
+    box.textContent = err instanceof ApiError && err.status === 404
+      ? "This server has no deployments API yet; deploying models, the LLM chat and the diffusion playgrounds appear here once it does."
+      : `Could not load deployments: ${err.message}`;
+  }
+}
