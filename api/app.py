@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.executor = None
-        if run_executor and settings.executor == "local":
+        if run_executor:
             executor = make_executor(settings)
             try:
                 executor.start()

@@ -96,6 +96,20 @@ def up(host: str | None, port: int | None, demo: bool | None) -> None:
                 access_log=False)  # the dashboard polls every 2 s; access lines would drown the log
 
 
+@main.command()
+@click.option("--queues", "-Q", default=None, help="comma-separated resource classes (default cpu, plus gpu with CUDA)")
+@click.option("--concurrency", "-c", default=None, type=int, help="jobs at once (default CRUCIBLE_MAX_CONCURRENT_JOBS)")
+@click.option("--name", "-n", default=None, help="Celery node name (default crucible-HOST-PID@HOST)")
+@click.option("--loglevel", default="INFO")
+def worker(queues: str | None, concurrency: int | None, name: str | None, loglevel: str) -> None:
+    """Join the stack as a Celery worker (CRUCIBLE_DATABASE_URL, _REDIS_URL, _STORAGE_URL point at it)."""
+    from workers.executors.celery import default_queues, run_worker
+
+    settings = Settings()
+    run_worker(settings, queues.split(",") if queues else default_queues(),
+               concurrency or settings.max_concurrent_jobs, name=name, loglevel=loglevel)
+
+
 def _queue_demo(settings: Settings) -> None:
     """On a fresh state folder, queue the service's main job so the dashboard shows something real."""
     from sqlalchemy import func, select

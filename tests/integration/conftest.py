@@ -8,9 +8,12 @@ fails the run (CI is root and must exercise the real stack).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -120,3 +123,55 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+class CeleryWorker:
+    """A real `crucible worker` process (its own process group, so a test can kill it whole)."""
+
+    def __init__(self, settings: Settings, name: str, log_dir: Path, concurrency: int = 1):
+        self.name = f"{name}@test"
+        self.log = open(log_dir / f"worker-{name}.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "worker", "-Q", "cpu", "-c", str(concurrency), "-n", self.name,
+             "--loglevel", "WARNING"],
+            cwd=REPO, env=settings_env(settings), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """As a crashed machine: SIGKILL to the worker (its pool children and job processes die with it)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.alive():
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def job_processes(job_id: str) -> list[int]:
+    from tests.e2e.test_server import job_processes as find
+
+    return find(job_id)
+
+
+@pytest.fixture
+def workers(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., CeleryWorker]]:
+    """Start Celery workers on the stack; all are stopped at the end of the test."""
+    started: list[CeleryWorker] = []
+
+    def start(name: str, concurrency: int = 1) -> CeleryWorker:
+        w = CeleryWorker(stack_settings, name, tmp_path, concurrency)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop(signal.SIGKILL if not w.alive() else signal.SIGTERM)

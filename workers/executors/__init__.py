@@ -20,4 +20,12 @@ def make_executor(settings: Settings) -> Executor:
         from workers.executors.local import LocalExecutor
 
         return LocalExecutor(settings)
-    raise ValueError(f"CRUCIBLE_EXECUTOR={settings.executor!r} is not available in this build; use 'local'")
+    if settings.executor == "celery":
+        from workers.executors.celery import CeleryExecutor
+
+        return CeleryExecutor(settings)
+    if settings.executor == "ray":
+        from workers.executors.ray import RayExecutor
+
+        return RayExecutor(settings)
+    raise ValueError(f"CRUCIBLE_EXECUTOR={settings.executor!r}: use 'local', 'celery' or 'ray'")

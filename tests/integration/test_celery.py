@@ -1,0 +1,110 @@
+"""The Celery executor on real Redis, Postgres and SeaweedFS: `crucible up` dispatches, `crucible worker` runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.conftest import wait_for
+from tests.e2e.test_server import Server
+from tests.integration.conftest import job_processes
+from workers.db import session_scope
+from workers.settings import Settings
+from workers.tables import Job, RegisteredModel
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture
+def server(stack_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """The real API process with CRUCIBLE_EXECUTOR=celery on the same stack as the workers."""
+    for key, value in stack_settings.to_env().items():
+        if key.split("_", 1)[1] in ("DATABASE_URL", "REDIS_URL", "STORAGE_URL", "S3_ENDPOINT"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CRUCIBLE_EXECUTOR", "celery")
+    srv = Server(tmp_path / "api-home")
+    srv.home.mkdir()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def owner_of(settings: Settings, job_id: str) -> str | None:
+    with session_scope(settings.database_url) as s:
+        return s.scalar(select(Job.lease_owner).where(Job.id == job_id))
+
+
+def completions(settings: Settings, job_id: str) -> int:
+    """How many times the job ran to its end (test-counter registers a model version each time)."""
+    with session_scope(settings.database_url) as s:
+        return s.scalar(select(func.count()).select_from(RegisteredModel).where(RegisteredModel.source_job_id == job_id))
+
+
+def assert_complete_series(server: Server, job_id: str, steps: int) -> None:
+    series = server.metrics(job_id, "value")
+    assert [s for s, _ in series] == list(range(1, steps + 1))  # no gap, no duplicate step
+    assert all(v == s * (s + 1) / 2 for s, v in series)
+
+
+def test_a_job_runs_on_a_celery_worker_with_state_in_postgres_and_objects_in_s3(server, workers, stack_settings):
+    workers("w1")
+    assert server.http.get("/api/v1/health").json()["executor"] == "celery"
+    job_id = server.submit(method="test-counter", params={"steps": 12, "checkpoint_every": 4})
+    job = server.wait_status(job_id, TERMINAL, timeout=90)
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job["failure"]
+    assert_complete_series(server, job_id, 12)
+    result = server.http.get(f"/api/v1/jobs/{job_id}/artifacts/result.json").json()
+    assert result == {"total": 78.0, "resumed_from": 0}
+    ckpts = [a for a in server.http.get(f"/api/v1/jobs/{job_id}/artifacts").json()["items"] if a["kind"] == "checkpoint"]
+    assert ckpts and all(len(server.http.get(a["url"]).content) == a["size"] for a in ckpts)
+
+
+def test_kill_9_of_a_worker_mid_job_resumes_on_a_new_worker_from_its_checkpoint(server, workers, stack_settings):
+    first = workers("doomed")
+    job_id = server.submit(method="test-counter", params={"steps": 50, "step_seconds": 0.1, "checkpoint_every": 10})
+    wait_for(lambda: any(s >= 25 for s, _ in server.metrics(job_id, "value")), timeout=90)
+    assert (owner_of(stack_settings, job_id) or "").startswith(f"celery:{first.name}:")
+    first.kill9()
+    assert wait_for(lambda: not job_processes(job_id), timeout=10)  # the job process died with its worker
+    workers("rescuer")
+    job = server.wait_status(job_id, TERMINAL, timeout=120)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job["failure"]
+    result = server.http.get(f"/api/v1/jobs/{job_id}/artifacts/result.json").json()
+    assert result["resumed_from"] >= 20 and result["total"] == 50 * 51 / 2
+    assert_complete_series(server, job_id, 50)
+    assert completions(stack_settings, job_id) == 1
+
+
+def test_sigterm_requeues_running_jobs_and_they_resume_elsewhere(server, workers, stack_settings):
+    first = workers("leaving")
+    job_id = server.submit(method="test-counter", params={"steps": 40, "step_seconds": 0.1, "checkpoint_every": 5})
+    wait_for(lambda: any(s >= 12 for s, _ in server.metrics(job_id, "value")), timeout=90)
+    first.proc.send_signal(signal.SIGTERM)
+    requeued = server.wait_status(job_id, ("queued",), timeout=15)
+    assert requeued["attempt"] == 2 and requeued["failure"]["code"] == "preempted"
+    first.proc.wait(timeout=30)  # warm shutdown ends once its job process stopped
+    assert not job_processes(job_id)
+    workers("next")
+    job = server.wait_status(job_id, TERMINAL, timeout=120)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    assert server.http.get(f"/api/v1/jobs/{job_id}/artifacts/result.json").json()["resumed_from"] >= 10
+    assert_complete_series(server, job_id, 40)
+
+
+def test_cancel_stops_a_job_on_a_worker_and_frees_it(server, workers, stack_settings):
+    workers("w1")
+    polite = server.submit(method="test-counter", params={"steps": 10_000, "step_seconds": 0.05})
+    server.wait_status(polite, ("running",), timeout=60)
+    assert server.http.post(f"/api/v1/jobs/{polite}/cancel").json()["status"] == "cancelling"
+    assert server.wait_status(polite, TERMINAL, timeout=30)["status"] == "cancelled"
+    stubborn = server.submit(method="test-counter", params={"steps": 10_000, "step_seconds": 0.05, "ignore_cancel": True})
+    server.wait_status(stubborn, ("running",), timeout=60)  # the worker (concurrency 1) was freed
+    server.http.post(f"/api/v1/jobs/{stubborn}/cancel")
+    assert server.wait_status(stubborn, TERMINAL, timeout=60)["status"] == "cancelled"
+    assert wait_for(lambda: not job_processes(stubborn), timeout=20)
