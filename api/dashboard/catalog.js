@@ -61,6 +61,6 @@ function card(m, j) {
       : m.reproduction ? html`<div class="verdict small muted">Not reproduced on this server yet.</div>` : ""}
     <div class="actions"><a class="button primary" href="#/submit?method=${encodeURIComponent(m.id)}">Run…</a>
       ${m.reproduction ? html`<button data-reproduce="${m.id}">Reproduce claim</button>` : ""}
-      <a class="button" href="#/jobs?method=${encodeURIComponent(m.id)}">Jobs</a></div>
+      <a class="small" href="#/jobs?method=${encodeURIComponent(m.id)}">its jobs</a></div>
   </article>`;
 }

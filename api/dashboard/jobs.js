@@ -99,7 +99,7 @@ export async function mount(el, { query: q }) {
 
   poller.onError = (err) => { $("#jobs-count").textContent = `Could not load jobs: ${err.message}`; };
   poller.start();
-  return () => poller.stop();
+  return () => { clearTimeout(typing); poller.stop(); };
 }
 
 async function fillSelect(select, namesPromise, current) {

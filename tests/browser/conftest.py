@@ -97,6 +97,12 @@ def shots() -> Path:
 
 
 def screenshot(pg: "Page", shots: Path, name: str, **kw: Any) -> Path:
+    """A PNG of the page, reduced to a 256-colour palette (a third of the bytes; UI colours survive)."""
+    from PIL import Image
+
     path = shots / f"{name}.png"
     pg.screenshot(path=str(path), **kw)
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
     return path

@@ -16,7 +16,6 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from tests.browser.conftest import PHONE, screenshot
-from tests.conftest import wait_for
 from tests.e2e.test_server import Server
 
 pytest.importorskip("playwright", reason="the Python playwright package is missing (pip install -e '.[test]')")
@@ -89,8 +88,13 @@ def test_open_an_image_artifact(page: Page, dash_server: Server, image_job: str,
 
 def test_cancel_a_running_job(page: Page, dash_server: Server):
     job_id = dash_server.submit(method="test-counter", params={"steps": 5000, "step_seconds": 0.05})
+    metric_requests: list[str] = []
+    page.on("request", lambda r: metric_requests.append(r.url) if "/metrics" in r.url else None)
     page.goto(f"/#/jobs/{job_id}")
     expect(page.locator("h1 .status")).to_have_text("running", timeout=120_000)
+    expect(page.locator(f'.chart[data-metric="value"] {LINE}')).to_have_count(1)  # a live chart while it runs
+    if not any("since_step=" in u for u in metric_requests):  # later polls fetch only the new points
+        page.wait_for_event("request", lambda r: "/metrics" in r.url and "since_step=" in r.url, timeout=30_000)
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("h1 .status")).to_have_text("cancelled", timeout=60_000)
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
@@ -183,11 +187,12 @@ def test_jobs_list_pages_through_10000_jobs(page: Page, dash_server: Server, sho
         r = dash_server.http.get("/api/v1/jobs", params={"limit": 50, "cursor": first})
         assert r.status_code == 200 and len(r.json()["items"]) == 50
         first = r.json()["items"][-1]["id"]
-    page.set_viewport_size(PHONE)
-    page.goto("/#/jobs?q=bulk")
-    expect(rows).to_have_count(50)
-    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
-    screenshot(page, shots, "jobs-phone")
+    phone = page.context.new_page()
+    phone.set_viewport_size(PHONE)
+    phone.goto("/#/jobs")
+    expect(phone.locator("#rows tr[data-id]")).to_have_count(50)
+    assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    screenshot(phone, shots, "jobs-phone")
 
 
 def jobs_count(server: Server) -> int:
