@@ -1,0 +1,198 @@
+"""The classification family's shared training loop: tensors from a dataset, SGD epochs, accuracy.
+
+One loop serves every loss (pytorch-metric-learning's lesson): a loss is an `nn.Module` called as
+`loss_fn(logits, target, index)` where `index` holds each example's position in the training
+split, so a stateful loss (ALDR-KL's per-sample λ table) can key its state by sample. A loss keeps
+its state in buffers, which therefore travel in `loss_fn.state_dict()` and in checkpoints.
+
+`fit_classifier` does what every method in the family needs from the run context: metrics and
+progress once per epoch, cancellation checked every batch, a checkpoint every `checkpoint_every`
+epochs holding everything that decides the rest of the run (weights, optimizer moments, loss
+state, the batch-order generator, the epoch history), and resumption from the last checkpoint, so
+that a resumed run ends bit-identical to an uninterrupted one with the same seed (and the same
+thread count, which `cpu_threads` pins to the job's CPUs: float reductions depend on it).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from models.context import RunContext
+from models.datasets import Dataset
+
+EpochMetrics = Callable[[], dict[str, float]]
+
+
+@contextmanager
+def cpu_threads(resources: Mapping[str, float]) -> Iterator[int]:
+    """Run torch and BLAS on the job's CPUs only (`resources["cpus"]`, default 1), then restore.
+
+    Small models gain nothing from more threads, and on a shared machine a thread per core makes
+    every job slower (several-fold for sklearn's lbfgs and for batch-64 MLPs).
+    """
+    n = max(1, int(resources.get("cpus", 1)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield n
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class ClassificationData:
+    """A classification dataset as float32/int64 tensors: train (possibly relabelled), val, test."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.x_train.shape[1:])
+
+    def to(self, device: str) -> "ClassificationData":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return ClassificationData(**moved)
+
+
+def classification_data(ds: Dataset, train_labels: np.ndarray | None = None) -> ClassificationData:
+    """Tensors from an `image-class` or `tabular` dataset.
+
+    Tables are standardised with the train split's mean and standard deviation (uploads come in
+    any units); images stay in [0, 1]. `train_labels` replaces the train labels (e.g. noisy ones).
+    """
+    xs = {s: np.asarray(ds.splits[s]["x"], dtype=np.float32) for s in ("train", "val", "test")}
+    if ds.kind == "tabular":
+        mean, std = xs["train"].mean(0), xs["train"].std(0) + 1e-6
+        xs = {s: (x - mean) / std for s, x in xs.items()}
+    ys = {s: np.asarray(ds.splits[s]["y"], dtype=np.int64) for s in ("train", "val", "test")}
+    if train_labels is not None:
+        ys["train"] = np.asarray(train_labels, dtype=np.int64)
+    num_classes = int(ds.meta.get("num_classes") or 1 + max(int(y.max()) for y in ys.values() if y.size))
+    tensors = (torch.from_numpy(np.ascontiguousarray(a)) for s in ("train", "val", "test") for a in (xs[s], ys[s]))
+    return ClassificationData(*tensors, num_classes=num_classes)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0)
+    model.train(was_training)
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in [0, 1] (NaN for an empty split)."""
+    if len(y) == 0:
+        return float("nan")
+    return (predict_logits(model, x).argmax(1) == y).float().mean().item()
+
+
+@dataclass(frozen=True)
+class SGDSchedule:
+    """SGD with momentum and step decay (÷10 at fractions of the run, the LDR paper's 50/75 of 100)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: Sequence[float] = (0.5, 0.75)
+    checkpoint_every: int = 0
+
+    def lr_at(self, epoch: int) -> float:
+        return self.lr * 0.1 ** sum(epoch >= int(round(m * self.epochs)) for m in self.milestones)
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, epoch: int) -> float:
+        lr = self.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def optimizer(self, model: nn.Module) -> torch.optim.SGD:
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+
+
+def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                y: torch.Tensor, batch_size: int, generator: torch.Generator,
+                should_stop: Callable[[], bool] = lambda: False) -> float | None:
+    """One pass in a random order drawn from `generator`; the mean training loss, or None if stopped."""
+    model.train()
+    loss_fn.train()
+    order = torch.randperm(len(y), generator=generator).to(y.device)
+    total = 0.0
+    for start in range(0, len(y), batch_size):
+        if should_stop():
+            return None
+        index = order[start : start + batch_size]
+        loss = loss_fn(model(x[index]), y[index], index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(index)
+    return total / max(len(y), 1)
+
+
+def _training_state(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, epoch: int, history: list[dict[str, float]]) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": loss_fn.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+            "history": history}
+
+
+def _restore(state: dict[str, Any], model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator) -> tuple[int, list[dict[str, float]]]:
+    model.load_state_dict(state["model"])
+    loss_fn.load_state_dict(state["loss"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def fit_classifier(ctx: RunContext, model: nn.Module, loss_fn: nn.Module, data: ClassificationData,
+                   schedule: SGDSchedule, epoch_metrics: EpochMetrics | None = None
+                   ) -> list[dict[str, float]] | None:
+    """Train `model` on `data.train` with `loss_fn`; the per-epoch history, or None when cancelled.
+
+    Resumes from `ctx.load_checkpoint()` when there is one. Logs `train_loss`, `val_acc`, `lr`
+    (and whatever `epoch_metrics` returns) at step = epoch number.
+    """
+    optimizer = schedule.optimizer(model)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    start, history = 0, []
+    checkpoint = ctx.load_checkpoint()
+    if checkpoint is not None:
+        start, history = _restore(checkpoint.state, model, loss_fn, optimizer, generator)
+        ctx.progress(start, schedule.epochs, f"resumed from the checkpoint at epoch {start}")
+    for epoch in range(start, schedule.epochs):
+        lr = schedule.set_lr(optimizer, epoch)
+        train_loss = train_epoch(model, loss_fn, optimizer, data.x_train, data.y_train, schedule.batch_size,
+                                 generator, ctx.cancelled)
+        if train_loss is None:
+            return None
+        row = {"train_loss": train_loss, "val_acc": accuracy(model, data.x_val, data.y_val), "lr": lr,
+               **(epoch_metrics() if epoch_metrics else {})}
+        history.append(row)
+        ctx.log(epoch + 1, **row)
+        ctx.progress(epoch + 1, schedule.epochs,
+                     f"epoch {epoch + 1}: loss {train_loss:.4f}, val acc {row['val_acc']:.3f}")
+        every = schedule.checkpoint_every
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == schedule.epochs):
+            ctx.save_checkpoint(_training_state(model, loss_fn, optimizer, generator, epoch + 1, history), epoch + 1)
+    return history
