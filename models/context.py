@@ -81,6 +81,7 @@ class RunContext(Protocol):
     device: str
     seed: int
     resources: Mapping[str, float]
+    workdir: Path  # a private scratch folder for this run (model folders before register_model, …)
 
     def log(self, step: int, **metrics: float) -> None: ...
 

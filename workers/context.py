@@ -12,6 +12,7 @@ import hashlib
 import json
 import mimetypes
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -87,6 +88,8 @@ class JobRunContext:
         self._stop = threading.Event()
         self._flush_now = threading.Event()  # wakes the reporter when a batch is full
         self._last_flush = time.monotonic()
+        self._workdir = tempfile.TemporaryDirectory(prefix=f"crucible-{job.id}-")  # 0700, removed at close
+        self.workdir = Path(self._workdir.name)
         self._reporter = threading.Thread(target=self._report_loop, name=f"reporter-{job.id}", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------
@@ -99,7 +102,10 @@ class JobRunContext:
         self._flush_now.set()
         if self._reporter.is_alive():
             self._reporter.join(timeout=10)
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._workdir.cleanup()
 
     def _report_loop(self) -> None:
         next_beat = 0.0

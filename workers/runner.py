@@ -48,8 +48,11 @@ class _Tee:
 
 
 def pick_device(resources: dict[str, Any]) -> str:
+    """cuda when the job asked for GPUs and this worker has one; also pins torch's CPU threads to the
+    job's `cpus`, since default threading oversubscribes a shared machine (and changes results)."""
     import torch
 
+    torch.set_num_threads(max(1, int(float(resources.get("cpus", 1) or 1))))
     return "cuda" if float(resources.get("gpus", 0) or 0) > 0 and torch.cuda.is_available() else "cpu"
 
 
