@@ -19,7 +19,7 @@ export function renderArtifacts(el, items) {
     <div id="previews">${previews.map((a, i) => html`<details class="preview" ${i < 3 ? "open" : ""} data-url="${a.url}" data-type="${a.content_type}">
       <summary>${a.name} <span class="muted small">${a.kind} · ${bytes(a.size)}</span></summary><div class="body muted small">Loading…</div></details>`)}</div>
     ${rest.length ? html`<div class="table-wrap"><table><caption>All files</caption>
-      <thead><tr><th scope="col">Name</th><th scope="col">Kind</th><th scope="col" class="num">Size</th><th scope="col"><span style="position:absolute;left:-9999px">Download</span></th></tr></thead>
+      <thead><tr><th scope="col">Name</th><th scope="col">Kind</th><th scope="col" class="num">Size</th><th scope="col"><span class="visually-hidden">Download</span></th></tr></thead>
       <tbody>${rest.map((a) => html`<tr><td class="mono">${a.name}</td><td>${a.kind}</td><td class="num">${bytes(a.size)}</td>
         <td><a href="${a.url}" download aria-label="Download ${a.name}">Download</a></td></tr>`)}</tbody></table></div>` : ""}`.s;
   el.querySelectorAll("button.thumb").forEach((b) => b.addEventListener("click", () => openImage(b.dataset.src, b.dataset.name)));
@@ -43,6 +43,9 @@ async function fillPreview(d) {
       let data;
       try { data = JSON.parse(text); } catch { body.innerHTML = html`<pre>${text}</pre>`.s; return; }
       body.innerHTML = jsonView(data).s;
+    } else if (d.dataset.type.startsWith("text/csv")) {
+      const [head, ...rows] = parseCsv(text);
+      body.innerHTML = head ? table(head, rows.slice(0, 500).map((r) => r.map(numeric))).s : "";
     } else {
       body.innerHTML = html`<pre>${text.slice(0, 100000)}</pre>`.s;
     }
@@ -71,6 +74,27 @@ export function jsonView(data) {
   }
   return html`<pre>${JSON.stringify(data, null, 2).slice(0, 100000)}</pre>`;
 }
+
+/** RFC 4180 CSV: quoted fields may hold commas, quotes ("") and newlines. */
+export function parseCsv(text) {
+  const rows = [];
+  let row = [], field = "", quoted = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quoted) {
+      if (c === '"' && text[i + 1] === '"') { field += '"'; i++; } else if (c === '"') quoted = false; else field += c;
+    } else if (c === '"') quoted = true;
+    else if (c === ",") { row.push(field); field = ""; }
+    else if (c === "\n" || c === "\r") {
+      if (c === "\r" && text[i + 1] === "\n") i++;
+      row.push(field); rows.push(row); row = []; field = "";
+    } else field += c;
+  }
+  if (field || row.length) { row.push(field); rows.push(row); }
+  return rows;
+}
+
+const numeric = (v) => (v !== "" && !isNaN(Number(v)) ? Number(v) : v);
 
 function table(cols, rows) {
   return html`<div class="table-wrap"><table><thead><tr>${cols.map((c) => html`<th scope="col">${c}</th>`)}</tr></thead>

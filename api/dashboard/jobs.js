@@ -23,14 +23,13 @@ export async function mount(el, { query: q }) {
     </form>
     <div class="panel" style="padding:0">
       <div class="table-wrap"><table aria-describedby="jobs-count">
-        <thead><tr><th scope="col"><span class="sr">Select</span></th><th scope="col">Job</th>
+        <thead><tr><th scope="col"><span class="visually-hidden">Select</span></th><th scope="col">Job</th>
           <th scope="col" class="wide-only">Dataset</th><th scope="col">Status</th><th scope="col">Progress</th>
           <th scope="col" class="wide-only num">Duration</th><th scope="col" class="wide-only">Created</th></tr></thead>
         <tbody id="rows"><tr><td colspan="7" class="muted">Loading…</td></tr></tbody></table></div>
     </div>
     <div class="pager"><span id="jobs-count" class="muted small" role="status"></span>
       <div class="actions"><button id="newer" disabled>← Newer</button><button id="older" disabled>Older →</button></div></div>`.s;
-  el.querySelector(".sr").style.cssText = "position:absolute;left:-9999px";
 
   const $ = (s) => el.querySelector(s);
   fillSelect($("#f-method"), methods().then((ms) => ms.map((m) => m.id).sort()), state.method);
@@ -48,6 +47,9 @@ export async function mount(el, { query: q }) {
 
   function render(page) {
     const rows = $("#rows");
+    const focused = rows.contains(document.activeElement) ? document.activeElement : null;  // kept across refreshes
+    const refocus = focused && (focused.type === "checkbox" ? `input[value="${focused.value}"]`
+      : focused.getAttribute("href") ? `a[href="${focused.getAttribute("href")}"]` : null);
     const filtered = state.q || state.status || state.method || state.dataset;
     if (!page.items.length) {
       rows.innerHTML = html`<tr><td colspan="7" class="empty">${filtered ? "No job matches these filters."
@@ -64,6 +66,7 @@ export async function mount(el, { query: q }) {
         <td class="wide-only num">${seconds(jobDuration(j))}</td>
         <td class="wide-only">${timeTag(j.created_at)}</td></tr>`).join("");
     }
+    if (refocus) rows.querySelector(refocus)?.focus();
     const first = state.cursors.length * PAGE;
     $("#jobs-count").textContent = page.items.length
       ? `Jobs ${first + 1}–${first + page.items.length}${page.next_cursor ? "" : " (end)"}` : "";

@@ -85,7 +85,12 @@ export class Poller {
     document.addEventListener("visibilitychange", this.onVisible);
   }
   start() { this.run(); return this; }
-  kick() { clearTimeout(this.timer); this.delay = this.min; this.run(); }
+  /** Run now (after the one in flight, if any) and poll quickly again: something just changed. */
+  kick() {
+    clearTimeout(this.timer);
+    this.delay = this.min;
+    if (this.running) this.pending = true; else this.run();
+  }
   async run() {
     if (this.stopped || this.running) return;
     this.running = true;
@@ -102,6 +107,7 @@ export class Poller {
     } finally {
       this.running = false;
     }
+    if (this.pending && again) { this.pending = false; return this.run(); }
     if (again && !this.stopped && !document.hidden) this.timer = setTimeout(() => this.run(), this.delay);
   }
   stop() { this.stopped = true; clearTimeout(this.timer); document.removeEventListener("visibilitychange", this.onVisible); }
