@@ -34,10 +34,12 @@ export async function mount(el, { query }) {
       </div>
       <fieldset id="params" data-pointer="/params" style="margin-top:16px"><legend>Parameters</legend><div class="form-grid" id="param-fields"></div>
         <p class="error" id="err-params" hidden></p></fieldset>
-      <details><summary>Advanced: seed, priority, retries</summary><div class="form-grid" style="margin-top:10px">
+      <details><summary>Advanced: seed, priority, retries, resources</summary><div class="form-grid" style="margin-top:10px">
         ${numberField("seed", "Seed", from?.seed ?? 0, "random seed of the run", { min: 0 })}
         ${numberField("priority", "Priority", from?.priority ?? 0, "0–9, higher runs first", { min: 0, max: 9 })}
         ${numberField("max_attempts", "Max attempts", "", "retry budget; empty = server default", { min: 1, max: 20 })}
+        ${numberField("resources/cpus", "CPUs", from?.resources?.cpus ?? 1, "CPU cores the job needs", { min: 0, step: "any" })}
+        ${numberField("resources/gpus", "GPUs", from?.resources?.gpus ?? 0, "runs on CUDA when > 0 and a GPU is present", { min: 0, step: "any" })}
       </div></details>
       <div class="actions" style="margin-top:16px"><button class="primary" type="submit" id="submit-btn">Submit job</button>
         <span id="form-note" class="muted small">The server checks every value; problems appear next to the field.</span></div>
@@ -203,11 +205,13 @@ function paramField(name, p, required, value) {
     <p class="hint" id="hint-${id}">${p.description ? `${p.description}. ` : ""}<span class="small">${facts}</span></p></div>`.s;
 }
 
-function numberField(name, label, value, hint, { min, max } = {}) {
-  return html`<div class="field" data-pointer="/${name}"><label for="f-${name}">${label}</label>
-    <input type="number" id="f-${name}" name="${name}" step="1" ${raw(min !== undefined ? `min="${min}"` : "")} ${raw(max !== undefined ? `max="${max}"` : "")}
-      value="${value}" aria-describedby="hint-${name} err-${name}">
-    <p class="error" id="err-${name}" hidden></p><p class="hint" id="hint-${name}">${hint}</p></div>`;
+/** A top-level number of the spec; `path` is its JSON pointer without the leading slash. */
+function numberField(path, label, value, hint, { min, max, step = 1 } = {}) {
+  const id = path.replace("/", "-");
+  return html`<div class="field" data-pointer="/${path}"><label for="f-${id}">${label}</label>
+    <input type="number" id="f-${id}" name="${path}" data-spec="${path}" step="${step}" ${raw(min !== undefined ? `min="${min}"` : "")} ${raw(max !== undefined ? `max="${max}"` : "")}
+      value="${value}" aria-describedby="hint-${id} err-${id}">
+    <p class="error" id="err-${id}" hidden></p><p class="hint" id="hint-${id}">${hint}</p></div>`;
 }
 
 /** The job spec from the form; values the browser cannot even parse are reported here, the rest by the API. */
@@ -216,10 +220,11 @@ function collect(form, method) {
   const spec = { method: method.id, mode: form.elements.mode.value, params: {} };
   const ds = form.elements.dataset.value;
   if (ds) spec.dataset = ds;
-  for (const name of ["seed", "priority", "max_attempts"]) {
-    const input = form.elements[name];
-    if (input.validity.badInput) errors.push({ pointer: `/${name}`, message: "enter a whole number" });
-    else if (input.value !== "") spec[name] = Number(input.value);
+  for (const input of form.querySelectorAll("[data-spec]")) {
+    const [key, sub] = input.dataset.spec.split("/");
+    if (input.validity.badInput) errors.push({ pointer: `/${input.dataset.spec}`, message: "enter a number" });
+    else if (input.value !== "" && sub) (spec[key] ||= {})[sub] = Number(input.value);
+    else if (input.value !== "") spec[key] = Number(input.value);
   }
   if (spec.mode === "reproduce") return { spec, errors };
   for (const field of form.querySelectorAll("[data-param]")) {

@@ -101,6 +101,11 @@ def test_cancel_a_running_job(page: Page, dash_server: Server):
     expect(page.get_by_role("button", name="Re-run")).to_be_visible()
     assert dash_server.job(job_id)["status"] == "cancelled"
 
+    page.get_by_role("link", name="Edit & run again").click()  # the form, filled with this job's spec
+    expect(page.get_by_label("Method", exact=True)).to_have_value("test-counter")
+    expect(page.get_by_label("Steps", exact=True)).to_have_value("5000")
+    expect(page.get_by_label("Step Seconds", exact=True)).to_have_value("0.05")
+
 
 def test_validation_error_is_shown_next_to_its_field(page: Page, dash_server: Server, shots: Path):
     before = jobs_count(dash_server)
