@@ -121,10 +121,11 @@ export async function mount(el, { args: [id] }) {
         <div class="actions">
           ${live ? html`<button class="danger" id="cancel" ${j.status === "cancelling" ? "disabled" : ""}>${j.status === "cancelling" ? "Cancelling…" : "Cancel"}</button>` : ""}
           ${!live ? html`<button id="rerun" title="A new job with the same spec, starting from this job's last checkpoint">Re-run</button>` : ""}
+          ${!live ? html`<button class="danger" id="delete" title="Delete the job with its metrics, log and artifacts">Delete</button>` : ""}
           <a class="button" href="#/submit?from=${j.id}">Edit &amp; run again</a>
           <a class="button" href="#/compare?jobs=${j.id}">Compare…</a></div></div>
       <div class="panel">
-        <div class="progress-line">${progressBar(j.progress, "job progress")}
+        <div class="progress-line">${progressBar(j.progress, "job progress", j.status)}
           <span>${j.progress.total ? `${j.progress.done} / ${j.progress.total}` : ""} ${j.progress.message}</span></div>
         <dl class="summary" style="margin-top:12px">
           <div><dt>Job id</dt><dd class="mono">${j.id}</dd></div>
@@ -140,6 +141,7 @@ export async function mount(el, { args: [id] }) {
       </div>`.s;
     $("#cancel")?.addEventListener("click", cancel);
     $("#rerun")?.addEventListener("click", rerun);
+    $("#delete")?.addEventListener("click", remove);
     const rows = Object.entries(j.params || {});
     $("#spec").innerHTML = html`<dl class="summary">
       ${rows.map(([k, v]) => html`<div><dt>${k}</dt><dd class="mono">${fmt(v)}</dd></div>`)}
@@ -172,6 +174,15 @@ export async function mount(el, { args: [id] }) {
     try {
       const j = await api(`${base}/retry`, { method: "POST" });
       location.hash = `#/jobs/${j.id}`;
+    } catch (err) { banner(err.message); e.target.disabled = false; }
+  }
+
+  async function remove(e) {
+    if (!confirm(`Delete job ${shortId(id)} with its metrics, log and artifacts? Registered models stay.`)) return;
+    e.target.disabled = true;
+    try {
+      await api(base, { method: "DELETE" });
+      location.hash = "#/jobs";
     } catch (err) { banner(err.message); e.target.disabled = false; }
   }
 

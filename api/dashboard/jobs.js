@@ -61,7 +61,7 @@ export async function mount(el, { query: q }) {
           <div class="id">${shortId(j.id)}${j.dataset ? html`<span class="narrow-only"> · ${j.dataset}</span>` : ""}</div></td>
         <td class="wide-only">${j.dataset || html`<span class="muted">—</span>`}</td>
         <td>${statusBadge(j.status)}</td>
-        <td><div class="progress-cell">${progressBar(j.progress, `progress of job ${shortId(j.id)}`)}
+        <td><div class="progress-cell">${progressBar(j.progress, `progress of job ${shortId(j.id)}`, j.status)}
           <span>${j.progress.total ? `${j.progress.done}/${j.progress.total}` : j.progress.message || ""}</span></div></td>
         <td class="wide-only num">${seconds(jobDuration(j))}</td>
         <td class="wide-only">${timeTag(j.created_at)}</td></tr>`).join("");

@@ -25,11 +25,11 @@ export const shortId = (id) => (id || "").slice(-8).toLowerCase();
 
 export const statusBadge = (s) => html`<span class="status s-${s}">${s}</span>`;
 
-export function progressBar(p, label) {
+export function progressBar(p, label, status = "") {
   const known = p && p.fraction !== null && p.fraction !== undefined;
   const pct = known ? Math.round(100 * p.fraction) : 0;
   const text = known ? `${pct}%` : "unknown";
-  return html`<div class="bar ${known ? "" : "indeterminate"}" role="progressbar" aria-label="${label || "progress"}"
+  return html`<div class="bar ${known ? "" : "indeterminate"} ${status ? `st-${status}` : ""}" role="progressbar" aria-label="${label || "progress"}"
     aria-valuemin="0" aria-valuemax="100" ${raw(known ? `aria-valuenow="${pct}"` : "")} aria-valuetext="${text}">
     <span style="width:${pct}%"></span></div>`;
 }

@@ -107,6 +107,17 @@ def test_cancel_a_running_job(page: Page, dash_server: Server):
     expect(page.get_by_label("Step Seconds", exact=True)).to_have_value("0.05")
 
 
+def test_delete_a_finished_job(page: Page, dash_server: Server):
+    job_id = dash_server.submit(method="test-counter", params={"steps": 2})
+    dash_server.wait_status(job_id, ("succeeded",), timeout=120)
+    page.goto(f"/#/jobs/{job_id}")
+    page.once("dialog", lambda dialog: dialog.accept())  # "Delete job …?"
+    page.get_by_role("button", name="Delete").click()
+    page.wait_for_url(re.compile(r"#/jobs$"))
+    assert dash_server.http.get(f"/api/v1/jobs/{job_id}").status_code == 404
+    expect(page.locator(f'#rows tr[data-id="{job_id}"]')).to_have_count(0)
+
+
 def test_validation_error_is_shown_next_to_its_field(page: Page, dash_server: Server, shots: Path):
     before = jobs_count(dash_server)
     page.goto("/#/submit?method=test-counter")
