@@ -56,6 +56,7 @@ class LocalExecutor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock_file: IO[str] | None = None
+        self._next_beat = 0.0
 
     # -- start / stop ---------------------------------------------------------
     def start(self) -> None:
@@ -148,6 +149,16 @@ class LocalExecutor:
         with session_scope(self.settings.database_url) as s:
             rows = dict(s.execute(select(Job.id, Job.status).where(Job.id.in_(list(self.children)))).all())
         now = time.monotonic()
+        alive = [c for c in self.children.values() if c.proc.poll() is None]
+        if now < self._next_beat:
+            alive = []
+        else:
+            self._next_beat = now + self.settings.heartbeat_s
+        with session_scope(self.settings.database_url) as s:
+            # A live child process is the best liveness signal there is: keep its lease while it
+            # imports and loads data, before its own reporter thread starts heart-beating.
+            for child in alive:
+                lifecycle.heartbeat(s, child.job_id, child.attempt, self.settings.lease_s)
         for child in list(self.children.values()):
             if child.proc.poll() is not None:
                 self._reap_child(child)
