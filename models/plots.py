@@ -8,9 +8,12 @@ stores the PNG.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from models.metrics import ReliabilityBins
 
 # A series is (x, y) or (x, y, error) — the error is drawn as a shaded band of ± error.
 Series = tuple[Sequence[float], Sequence[float]] | tuple[Sequence[float], Sequence[float], Sequence[float]]
@@ -39,6 +42,28 @@ def curves_figure(panels: Mapping[str, Mapping[str, Series]], xlabel: str, *, lo
             ax.legend(fontsize=8)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def reliability_figure(diagrams: Mapping[str, "ReliabilityBins"], title: str = "") -> Figure:
+    """Reliability diagrams side by side: accuracy per confidence bin against the diagonal, with the
+    gap to confidence shaded, and the ECE in each panel's title (one panel per model)."""
+    fig = Figure(figsize=(3.6 * len(diagrams), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(diagrams), squeeze=False).ravel()
+    for ax, (name, bins) in zip(axes, diagrams.items()):
+        width = bins.edges[1] - bins.edges[0]
+        left = bins.edges[:-1]
+        shown = [c > 0 for c in bins.count]
+        acc = [a if s else 0.0 for a, s in zip(bins.accuracy, shown)]
+        conf = [p if s else 0.0 for p, s in zip(bins.confidence, shown)]
+        ax.bar(left, acc, width=width, align="edge", edgecolor="black", linewidth=0.5, label="accuracy")
+        ax.bar(left, [p - a for a, p in zip(acc, conf)], bottom=acc, width=width, align="edge", color="tab:red",
+               alpha=0.3, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{name}: ECE {bins.ece:.3f}")
+        ax.legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title)
     return fig

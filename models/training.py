@@ -1,7 +1,8 @@
 """The classification family's shared training loop: tensors from a dataset, SGD epochs, accuracy.
 
 One loop serves every loss (pytorch-metric-learning's lesson): a loss is an `nn.Module` called as
-`loss_fn(logits, target, index)` where `index` holds each example's position in the training
+`loss_fn(logits, target, index)` (or, for a `BatchLoss` that needs more than the clean logits,
+`loss_fn(model, x, target, index)`) where `index` holds each example's position in the training
 split, so a stateful loss (ALDR-KL's per-sample λ table) can key its state by sample. A loss keeps
 its state in buffers, which therefore travel in `loss_fn.state_dict()` and in checkpoints.
 
@@ -17,15 +18,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 from threadpoolctl import threadpool_limits
 from torch import nn
 
 from models.context import RunContext
 from models.datasets import Dataset
+from models.nn.backbones import Classifier, build_backbone
+from models.nn.losses import BatchLoss
+from models.registry import MethodParams
 
 EpochMetrics = Callable[[], dict[str, float]]
 
@@ -128,6 +133,28 @@ class SGDSchedule:
                                weight_decay=self.weight_decay)
 
 
+class ClassifierTrainingParams(MethodParams):
+    """The backbone and SGD schedule fields every classification method shares (a method subclasses it,
+    overriding a default where its paper differs, e.g. LDR's weight decay)."""
+
+    backbone: Literal["mlp", "cnn"] = Field("mlp", description="MLP on flattened inputs, or a Conv-4 CNN (images)")
+    hidden: int = Field(128, ge=8, le=4096, description="MLP width, or CNN channels")
+    depth: int = Field(2, ge=1, le=8, description="number of hidden layers of the MLP")
+    epochs: int = Field(30, ge=1, le=1000, description="training epochs; the learning rate drops ÷10 at 50% and 75%")
+    batch_size: int = Field(64, ge=1, le=8192, description="mini-batch size")
+    lr: float = Field(0.05, gt=0.0, le=10.0, description="initial SGD learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="SGD weight decay")
+    checkpoint_every: int = Field(10, ge=0, le=1000, description="save a checkpoint every N epochs (0: never)")
+
+    def schedule(self) -> SGDSchedule:
+        return SGDSchedule(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay,
+                           checkpoint_every=self.checkpoint_every)
+
+    def backbone_for(self, data: ClassificationData) -> Classifier:
+        return build_backbone(self.backbone, data.input_shape, data.num_classes, self.hidden, self.depth)
+
+
 def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                 y: torch.Tensor, batch_size: int, generator: torch.Generator,
                 should_stop: Callable[[], bool] = lambda: False) -> float | None:
@@ -140,7 +167,10 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
         if should_stop():
             return None
         index = order[start : start + batch_size]
-        loss = loss_fn(model(x[index]), y[index], index)
+        if isinstance(loss_fn, BatchLoss):  # it runs the model itself (mixup, adversarial examples, ...)
+            loss = loss_fn(model, x[index], y[index], index)
+        else:
+            loss = loss_fn(model(x[index]), y[index], index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

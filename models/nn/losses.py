@@ -2,6 +2,9 @@
 
 `index` is each example's position in the training split; only stateful losses use it, the
 others accept and ignore it so that one training loop (`models.training`) drives them all.
+A loss that needs more than the clean logits (mixup pairs, adversarial examples, a second view)
+subclasses `BatchLoss`: the loop then calls it as `loss(model, x, target, index)` and the loss
+makes what it needs from the batch itself, still one class and no new loop.
 These are the baselines of the noisy-label literature, as in the LDR paper's comparison:
 
 - cross-entropy;
@@ -18,6 +21,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class BatchLoss(nn.Module):
+    """A loss that runs the model itself: `forward(model, x, target, index)` → scalar.
+
+    `needs` names what it builds from the batch (e.g. {"mixup"}, {"adversarial"}), for readers and
+    for the trainer's log; the trainer's only rule is to hand it the model and the raw inputs.
+    """
+
+    needs: frozenset[str] = frozenset()
+
+    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class CrossEntropy(nn.Module):

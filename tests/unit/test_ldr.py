@@ -16,6 +16,7 @@ from models.datasets import load_builtin
 from models.label_noise import inject_label_noise
 from models.methods.classification.ldr import (ALDRKL, LDRKL, LDRParams, aldr_lambda, kl_to_uniform, ldr_kl,
                                                margin_gaps, run)
+from tests.unit.resumption import interrupted_and_resumed
 
 torch.set_num_threads(1)
 K = 7
@@ -141,22 +142,9 @@ def test_cnn_backbone_trains_on_images_and_is_refused_for_tables():
 
 
 def test_resumed_run_ends_identical_to_an_uninterrupted_one():
-    ds = load_builtin("digits")
     params = fast_params(noise_rate=0.4, noise_type="class-dependent")
-    whole = InMemoryRunContext(dataset=ds, seed=5)
-    run(whole, params)
-
-    def stop_after_epoch_3(done: int, total: int, message: str) -> None:
-        if done == 3:
-            crashed.cancel()
-
-    crashed = InMemoryRunContext(dataset=ds, seed=5, on_progress=stop_after_epoch_3)
-    run(crashed, params)
+    whole, crashed, resumed = interrupted_and_resumed(run, load_builtin("digits"), params, seed=5, stop_after=3)
     assert crashed.latest("test_acc") is None and crashed.load_checkpoint().step == 2
-
-    resumed = InMemoryRunContext(dataset=ds, seed=5)
-    resumed.checkpoints = list(crashed.checkpoints)  # what a re-queued attempt finds in storage
-    run(resumed, params)
     assert [s for s, _ in resumed.history("train_loss")] == [3, 4, 5, 6]
     assert resumed.history("train_loss") == whole.history("train_loss")[2:]
     assert resumed.history("lambda_mean") == whole.history("lambda_mean")[2:]

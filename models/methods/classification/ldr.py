@@ -52,12 +52,11 @@ from torch import nn
 from models.context import InMemoryRunContext, RunContext
 from models.datasets import load_builtin
 from models.label_noise import inject_label_noise
-from models.nn.backbones import build_backbone
 from models.nn.losses import CrossEntropy, GeneralizedCrossEntropy, MeanAbsoluteError
 from models.plots import curves_figure
-from models.registry import MethodParams, method
+from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import SGDSchedule, accuracy, classification_data, cpu_threads, fit_classifier
+from models.training import ClassifierTrainingParams, accuracy, classification_data, cpu_threads, fit_classifier
 
 LogitNorm = Literal["none", "softplus-mean", "l1"]
 LossName = Literal["aldr-kl", "ldr-kl", "ce", "gce", "mae"]
@@ -136,7 +135,7 @@ class ALDRKL(nn.Module):
         return (ldr_kl(gaps, lam) - penalty).mean()
 
 
-class LDRParams(MethodParams):
+class LDRParams(ClassifierTrainingParams):
     loss: LossName = Field("aldr-kl", description="training loss: the paper's ALDR-KL or LDR-KL, or a baseline "
                                                   "(cross-entropy, generalised CE, MAE)")
     noise_rate: float = Field(0.0, ge=0.0, le=0.9, description="fraction ρ of training labels corrupted "
@@ -147,15 +146,7 @@ class LDRParams(MethodParams):
     lam: float = Field(10.0, gt=0.0, le=1000.0, description="λ of LDR-KL, or λ₀ (the largest λ_i) of ALDR-KL")
     alpha: float = Field(2.0, gt=1.0, le=1000.0, description="ALDR-KL pull to λ₀; λ_i ∈ [λ₀(1−1/α), λ₀]")
     gce_q: float = Field(0.7, gt=0.0, le=1.0, description="q of generalised cross-entropy (loss='gce')")
-    backbone: Literal["mlp", "cnn"] = Field("mlp", description="MLP on flattened inputs, or a Conv-4 CNN (images)")
-    hidden: int = Field(128, ge=8, le=4096, description="MLP width, or CNN channels")
-    depth: int = Field(2, ge=1, le=8, description="number of hidden layers of the MLP")
-    epochs: int = Field(30, ge=1, le=1000, description="training epochs; the learning rate drops ÷10 at 50% and 75%")
-    batch_size: int = Field(64, ge=1, le=8192, description="mini-batch size")
-    lr: float = Field(0.05, gt=0.0, le=10.0, description="initial SGD learning rate")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float = Field(5e-3, ge=0.0, le=1.0, description="SGD weight decay (the paper's 5e-3)")
-    checkpoint_every: int = Field(10, ge=0, le=1000, description="save a checkpoint every N epochs (0: never)")
 
 
 def make_loss(params: LDRParams, num_samples: int) -> nn.Module:
@@ -184,8 +175,7 @@ def train_ldr(ctx: RunContext, params: LDRParams) -> LDRResult | None:
     noisy = inject_label_noise(clean, num_classes, params.noise_rate, params.noise_type, ctx.seed)
     data = classification_data(ds, noisy).to(ctx.device)
     torch.manual_seed(ctx.seed)
-    model = build_backbone(params.backbone, data.input_shape, data.num_classes, params.hidden, params.depth)
-    model = model.to(ctx.device)
+    model = params.backbone_for(data).to(ctx.device)
     loss_fn = make_loss(params, len(noisy)).to(ctx.device)
     flipped = torch.from_numpy(noisy != clean).to(ctx.device)
 
@@ -198,9 +188,7 @@ def train_ldr(ctx: RunContext, params: LDRParams) -> LDRResult | None:
             out |= {"lambda_noisy": lam[flipped].mean().item(), "lambda_clean": lam[~flipped].mean().item()}
         return out
 
-    schedule = SGDSchedule(params.epochs, params.batch_size, params.lr, params.momentum, params.weight_decay,
-                           checkpoint_every=params.checkpoint_every)
-    history = fit_classifier(ctx, model, loss_fn, data, schedule, lambda_metrics)
+    history = fit_classifier(ctx, model, loss_fn, data, params.schedule(), lambda_metrics)
     if history is None:
         return None
     test_acc = accuracy(model, data.x_test, data.y_test)

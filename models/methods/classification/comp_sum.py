@@ -1,0 +1,290 @@
+"""Comp-sum losses and smooth adversarial comp-sum losses (Mao, Mohri & Zhong, "Cross-Entropy Loss
+Functions: Theoretical Analysis and Applications", ICML 2023).
+
+A comp-sum loss composes a function Φ with the sum of exponentiated logit gaps,
+
+    u(z, y) = Σ_{y'≠y} exp(z_{y'} − z_y) = 1/p_y − 1,          L_τ(z, y) = Φ^τ(u),
+
+    Φ^τ(u) = log(1 + u)                         (τ = 1: cross-entropy / logistic loss)
+    Φ^τ(u) = ((1 + u)^{1−τ} − 1)/(1 − τ)       (τ ≠ 1),
+
+so that L_τ = (1 − p_y^{τ−1})/(τ − 1): τ = 0 is the sum-exponential loss (1 − p_y)/p_y, τ ∈ (1, 2)
+generalised cross-entropy with q = τ − 1, τ = 2 the mean absolute error 1 − p_y (half of
+‖e_y − p‖₁). The paper proves H-consistency bounds for the whole family, tighter (smaller Γ_τ)
+for larger τ but with minimizability gaps that grow with τ, which is why τ near 1 does best in
+practice and τ = 2 underfits as the number of classes grows.
+
+Smooth adversarial comp-sum losses add a smooth, label-free term measuring how far the score
+vector moves inside the ℓ∞ ball of radius γ:
+
+    L̃_τ(h, x, y) = L_τ(h(x), y) + ν · sup_{‖x'−x‖_∞ ≤ γ} ‖h(x') − h(x)‖₂,
+
+minimised with weight decay (the "regularized smooth adversarial comp-sum loss" of the abstract),
+the inner sup taken by PGD. The exact form of the smooth term and the values of ν used in the
+paper could not be checked (only the abstract was retrievable; no public code): this module
+implements the reading above, which is the TRADES template (Zhang et al., ICML 2019: CE +
+β·KL(p(x) ‖ p(x'))) with the KL between probabilities replaced by the ℓ2 distance between score
+vectors, and it is the form whose ν = 0 case is plainly L_τ. The baselines are PGD adversarial
+training (Madry et al.: CE at the PGD point) and TRADES, both from `models.adversarial`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from models.adversarial import pgd_cross_entropy, pgd_linf, robust_accuracy
+from models.context import InMemoryRunContext, RunContext
+from models.datasets import load_builtin
+from models.metrics import classification_metrics, reliability_bins
+from models.nn.losses import BatchLoss
+from models.plots import curves_figure, reliability_figure
+from models.registry import method
+from models.reproduction import Outcome, reproduction
+from models.training import (ClassificationData, ClassifierTrainingParams, classification_data, cpu_threads,
+                             fit_classifier, predict_logits)
+
+LossName = Literal["comp-sum", "smooth-adv-comp-sum", "trades", "pgd-at"]
+
+
+def comp_sum_loss(logits: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-example L_τ = (1 − p_y^{τ−1})/(τ − 1), and −log p_y at τ = 1, from log p_y (stable for any logits)."""
+    log_p_y = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+    if tau == 1.0:
+        return -log_p_y
+    a = tau - 1.0
+    return -torch.expm1(a * log_p_y) / a  # (1 − exp(a·log p_y))/a, accurate as τ → 1
+
+
+class CompSum(nn.Module):
+    """The comp-sum loss L_τ averaged over the batch."""
+
+    def __init__(self, tau: float = 1.0):
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tau == 1.0:
+            return F.cross_entropy(logits, target)
+        return comp_sum_loss(logits, target, self.tau).mean()
+
+
+@dataclass(frozen=True)
+class Attack:
+    """The inner maximisation's PGD: ℓ∞ radius γ, step size, number of steps (inputs clipped to [0, 1] if set)."""
+
+    eps: float = 0.1
+    step_size: float = 0.025
+    steps: int = 10
+    clip: tuple[float, float] | None = (0.0, 1.0)
+
+
+class SmoothAdvCompSum(BatchLoss):
+    """L_τ(h(x), y) + ν·sup_{‖x'−x‖∞≤γ} ‖h(x') − h(x)‖₂, the sup by PGD from x + 0.001·N(0, 1)."""
+
+    needs = frozenset({"adversarial"})
+
+    def __init__(self, tau: float = 1.0, nu: float = 1.0, attack: Attack = Attack()):
+        super().__init__()
+        self.comp_sum, self.nu, self.attack = CompSum(tau), nu, attack
+
+    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        logits = model(x)
+        if self.nu == 0.0:
+            return self.comp_sum(logits, target)
+        with torch.no_grad():
+            anchor = predict_logits(model, x)  # the attack's reference, computed in eval mode like the attack
+        a = self.attack
+        x_adv = pgd_linf(model, x, lambda xa: (model(xa) - anchor).norm(dim=1), a.eps, a.step_size, a.steps,
+                         random_start=1e-3, clip=a.clip)
+        smooth = (model(x_adv) - logits).norm(dim=1).mean()
+        return self.comp_sum(logits, target) + self.nu * smooth
+
+
+class TRADES(BatchLoss):
+    """TRADES (Zhang et al. 2019): CE(h(x), y) + β·KL(p(x) ‖ p(x')), x' maximising that KL by PGD."""
+
+    needs = frozenset({"adversarial"})
+
+    def __init__(self, beta: float = 6.0, attack: Attack = Attack()):
+        super().__init__()
+        self.beta, self.attack = beta, attack
+
+    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            p_clean = F.softmax(predict_logits(model, x), dim=1)
+        a = self.attack
+        x_adv = pgd_linf(model, x, lambda xa: _kl(p_clean, model(xa)), a.eps, a.step_size, a.steps,
+                         random_start=1e-3, clip=a.clip)
+        logits = model(x)
+        return F.cross_entropy(logits, target) + self.beta * _kl(F.softmax(logits, dim=1), model(x_adv)).mean()
+
+
+def _kl(p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ softmax(logits_q)) per example."""
+    return F.kl_div(F.log_softmax(logits_q, dim=1), p, reduction="none").sum(dim=1)
+
+
+class PGDAdversarialTraining(BatchLoss):
+    """Madry et al. (2018): cross-entropy at the PGD point (uniform random start in the ball)."""
+
+    needs = frozenset({"adversarial"})
+
+    def __init__(self, attack: Attack = Attack()):
+        super().__init__()
+        self.attack = attack
+
+    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attack
+        x_adv = pgd_cross_entropy(model, x, target, a.eps, a.step_size, a.steps, a.clip)
+        return F.cross_entropy(model(x_adv), target)
+
+
+class CompSumParams(ClassifierTrainingParams):
+    loss: LossName = Field("comp-sum", description="comp-sum L_τ (standard training), its smooth adversarial "
+                                                   "version, or an adversarial baseline (TRADES, PGD-AT)")
+    tau: float = Field(1.0, ge=0.0, le=10.0, description="τ of the comp-sum family: 0 sum-exponential, 1 cross-"
+                                                        "entropy, (1,2) generalised CE, 2 MAE")
+    nu: float = Field(0.3, ge=0.0, le=100.0, description="weight ν of the smooth adversarial term (0: plain L_τ)")
+    beta: float = Field(6.0, ge=0.0, le=100.0, description="TRADES β")
+    eps: float = Field(0.1, ge=0.0, le=1.0, description="ℓ∞ radius γ for training attacks and robust accuracy")
+    attack_steps: int = Field(10, ge=1, le=100, description="PGD steps inside training (step 2.5·γ/steps)")
+    eval_steps: int = Field(20, ge=1, le=200, description="PGD steps of the robust-accuracy attack (0 radius: skipped)")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="SGD weight decay (the 'regularized' of the paper)")
+
+
+def make_loss(params: CompSumParams, clip: tuple[float, float] | None) -> nn.Module:
+    attack = Attack(params.eps, 2.5 * params.eps / params.attack_steps, params.attack_steps, clip)
+    if params.loss == "comp-sum":
+        return CompSum(params.tau)
+    if params.loss == "smooth-adv-comp-sum":
+        return SmoothAdvCompSum(params.tau, params.nu, attack)
+    if params.loss == "trades":
+        return TRADES(params.beta, attack)
+    return PGDAdversarialTraining(attack)
+
+
+@dataclass
+class CompSumResult:
+    test: dict[str, float]  # acc, ece, mce, nll, robust_acc (when eps > 0)
+    val: dict[str, float]
+    history: list[dict[str, float]]
+    model: nn.Module
+    data: ClassificationData
+
+
+def train_comp_sum(ctx: RunContext, params: CompSumParams) -> CompSumResult | None:
+    """Train with the chosen loss; clean metrics (accuracy, ECE, NLL) and PGD robust accuracy on val and test."""
+    ds = ctx.dataset
+    if ds is None or ds.kind not in ("image-class", "tabular"):
+        raise ValueError("comp-sum needs an 'image-class' or 'tabular' classification dataset")
+    data = classification_data(ds).to(ctx.device)
+    clip = (0.0, 1.0) if ds.kind == "image-class" else None  # images live in [0, 1]; standardised tables do not
+    torch.manual_seed(ctx.seed)
+    model = params.backbone_for(data).to(ctx.device)
+    loss_fn = make_loss(params, clip).to(ctx.device)
+
+    def val_calibration() -> dict[str, float]:
+        m = classification_metrics(predict_logits(model, data.x_val), data.y_val)
+        return {"val_ece": m["ece"], "val_nll": m["nll"]}
+
+    history = fit_classifier(ctx, model, loss_fn, data, params.schedule(), val_calibration)
+    if history is None:
+        return None
+    splits = {}
+    for split, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
+        scores = classification_metrics(predict_logits(model, x), y)
+        if params.eps > 0:
+            scores["robust_acc"] = robust_accuracy(model, x, y, params.eps, params.eval_steps, clip=clip)
+        splits[split] = scores
+    ctx.log(params.epochs, **{f"test_{k}": v for k, v in splits["test"].items()})
+    return CompSumResult(splits["test"], splits["val"], history, model, data)
+
+
+@method("comp-sum", family="classification", task="train", datasets=("image-class", "tabular"),
+        params=CompSumParams, paper="Cross-Entropy Loss Functions: Theoretical Analysis and Applications")
+def run(ctx: RunContext, params: CompSumParams) -> None:
+    """Train with a comp-sum loss L_τ, its smooth adversarial version, TRADES or PGD-AT; report clean
+    accuracy, calibration and PGD robust accuracy, with learning curves and a reliability diagram."""
+    with cpu_threads(ctx.resources):
+        result = train_comp_sum(ctx, params)
+    if result is None:
+        return
+    name = params.loss if params.loss in ("trades", "pgd-at") else f"{params.loss} τ={params.tau:g}"
+    epochs = list(range(1, len(result.history) + 1))
+    panels = {k: {name: (epochs, [row[k] for row in result.history])} for k in ("train_loss", "val_acc", "val_ece")}
+    ctx.save_artifact("curves.png", curves_figure(panels, "epoch", title=name), kind="plot")
+    bins = reliability_bins(predict_logits(result.model, result.data.x_test), result.data.y_test)
+    ctx.save_artifact("reliability.png", reliability_figure({name: bins}), kind="plot")
+
+
+# -- reproduction -------------------------------------------------------------------------------
+
+TAUS = (0.0, 0.5, 1.0, 1.5, 2.0)
+# The notes' ν ∈ {1, 3, 6} was a guess: with the unsquared logit distance, ν = 3 already collapses the digits MLP to
+# constant logits (10% accuracy), so the grid is shifted down; TRADES keeps the β = 6 of its paper.
+NUS = (0.3, 1.0)
+BETA = 6.0
+
+
+@reproduction("comp-sum", claim="the smooth adversarial comp-sum algorithm (τ = 1) matches TRADES' PGD-20 robust "
+                                "accuracy (within 1 point) with higher clean accuracy on digits, ℓ∞ γ = 0.1",
+              metric="PGD-20 robust test accuracy", direction="higher", baseline="TRADES")
+def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
+    """Digits MLP, PGD-10 inside training, PGD-20 at test, test scores averaged over seeds. ν is chosen on
+    the validation split by the claim's own rule (the best clean accuracy among the ν whose robust accuracy
+    is within 1 point of TRADES', else the most robust ν); PGD-AT and the clean comp-sum sweep over τ
+    (standard training) are reported alongside."""
+    ds = load_builtin("digits")
+    seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
+    budget = {"epochs": 2, "attack_steps": 2, "eval_steps": 3} if smoke else {}
+    variants: dict[str, dict] = {f"τ={t:g}": {"loss": "comp-sum", "tau": t, "eps": 0.0}
+                                 for t in ((1.0, 2.0) if smoke else TAUS)}
+    variants |= {f"smooth-adv ν={n:g}": {"loss": "smooth-adv-comp-sum", "nu": n} for n in (NUS[:1] if smoke else NUS)}
+    variants |= {"TRADES": {"loss": "trades", "beta": BETA}, "PGD-AT": {"loss": "pgd-at"}}
+    val: dict[str, list[dict[str, float]]] = {}
+    test: dict[str, list[dict[str, float]]] = {}
+    with cpu_threads(ctx.resources):
+        for i, (name, overrides) in enumerate(variants.items()):
+            if ctx.cancelled():
+                raise InterruptedError("reproduction cancelled")
+            params = CompSumParams(checkpoint_every=0, **overrides, **budget)
+            for s in seeds:
+                result = train_comp_sum(InMemoryRunContext(dataset=ds, seed=s), params)
+                val.setdefault(name, []).append(result.val)
+                test.setdefault(name, []).append(result.test)
+            ctx.progress(i + 1, len(variants), name)
+    mean = {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for name, rows in test.items()}
+    val_mean = {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for name, rows in val.items()}
+    base = "TRADES"
+    candidates = [n for n in variants if n.startswith("smooth-adv")]
+    close = [n for n in candidates if val_mean[n]["robust_acc"] >= val_mean[base]["robust_acc"] - 0.01]
+    ours = (max(close, key=lambda n: val_mean[n]["acc"]) if close
+            else max(candidates, key=lambda n: val_mean[n]["robust_acc"]))
+    ctx.save_artifact("comp_sum_accuracy.png", _summary_figure(mean), kind="plot")
+    robust_ok = mean[ours]["robust_acc"] >= mean[base]["robust_acc"] - 0.01
+    clean_ok = mean[ours]["acc"] > mean[base]["acc"]
+    best_tau = max((n for n in mean if n.startswith("τ")), key=lambda n: mean[n]["acc"])
+    note = (f"{ours} (chosen on val) vs {base}: robust {mean[ours]['robust_acc']:.3f} vs {mean[base]['robust_acc']:.3f}, "
+            f"clean {mean[ours]['acc']:.3f} vs {mean[base]['acc']:.3f}; PGD-AT robust "
+            f"{mean['PGD-AT']['robust_acc']:.3f}, clean {mean['PGD-AT']['acc']:.3f}; best clean comp-sum {best_tau} "
+            f"({mean[best_tau]['acc']:.3f}); {len(seeds)} seed(s)")
+    return Outcome(ours=mean[ours]["robust_acc"], baseline=mean[base]["robust_acc"], seeds=len(seeds),
+                   holds=robust_ok and clean_ok, note=note,
+                   details={"test": mean, "val": val_mean, "chosen_nu": ours})
+
+
+def _summary_figure(mean: dict[str, dict[str, float]]):
+    """Clean and robust test accuracy and ECE per variant (x = variant index, legend = name)."""
+    panels = {metric: {name: ([i], [row[metric]]) for i, (name, row) in enumerate(mean.items()) if metric in row}
+              for metric in ("acc", "robust_acc", "ece")}
+    return curves_figure(panels, "variant", title="comp-sum family and adversarial training on digits (γ = 0.1)")
