@@ -1,0 +1,1 @@
+"""Representation-family methods (notes: shared/methods/representation-and-structured.md)."""

@@ -1,0 +1,84 @@
+"""One self-supervised training loop for the representation family (SimCLR and its variants).
+
+A method supplies an `objective(model, view1, view2) -> loss` (everything it learns — heads,
+temperature networks, gates — lives in `model`); the loop draws two views per image with one
+seeded generator, steps Adam, and does the RunContext chores: metrics and progress per epoch,
+cancellation checked every batch, checkpoints every `checkpoint_every` epochs holding all that
+decides the rest of the run (weights, optimizer moments, the generator, the history), and
+resumption from the last one, so a resumed run ends identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from models.context import RunContext
+from models.representation.augment import ViewRecipe, random_view
+from models.representation.losses import nt_xent
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ContrastiveSchedule:
+    epochs: int
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    checkpoint_every: int = 0
+
+
+def simclr_objective(temperature: float) -> Objective:
+    """SimCLR: NT-Xent on the first projection head's outputs of the two views."""
+    return lambda model, v1, v2: nt_xent(model(v1)[0], model(v2)[0], temperature)
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
+           history: list[dict[str, float]]) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "epoch": epoch, "history": history}
+
+
+def fit_contrastive(ctx: RunContext, model: nn.Module, objective: Objective, x: torch.Tensor, recipe: ViewRecipe,
+                    schedule: ContrastiveSchedule, epoch_metrics: Callable[[], dict[str, float]] | None = None
+                    ) -> list[dict[str, float]] | None:
+    """Train on the images `x` ([N, C, H, W]); the per-epoch history, or None when cancelled."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    start, history = 0, []
+    checkpoint = ctx.load_checkpoint()
+    if checkpoint is not None:
+        state = checkpoint.state
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start, history = int(state["epoch"]), list(state["history"])
+        ctx.progress(start, schedule.epochs, f"resumed from the checkpoint at epoch {start}")
+    model.train()
+    for epoch in range(start, schedule.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        total, seen = 0.0, 0
+        for begin in range(0, len(x) - 1, schedule.batch_size):  # a batch of 1 has no negatives
+            if ctx.cancelled():
+                return None
+            batch = x[order[begin:begin + schedule.batch_size]]
+            if len(batch) < 2:
+                continue
+            v1, v2 = (random_view(batch, recipe, generator).to(ctx.device) for _ in range(2))
+            loss = objective(model, v1, v2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, seen = total + loss.item() * len(batch), seen + len(batch)
+        row = {"train_loss": total / max(seen, 1), **(epoch_metrics() if epoch_metrics else {})}
+        history.append(row)
+        ctx.log(epoch + 1, **row)
+        ctx.progress(epoch + 1, schedule.epochs, f"epoch {epoch + 1}: loss {row['train_loss']:.4f}")
+        every = schedule.checkpoint_every
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == schedule.epochs):
+            ctx.save_checkpoint(_state(model, optimizer, generator, epoch + 1, history), epoch + 1)
+    return history
