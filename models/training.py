@@ -28,8 +28,10 @@ from torch import nn
 
 from models.context import RunContext
 from models.datasets import Dataset
+from models.metrics import classification_metrics, reliability_bins
 from models.nn.backbones import Classifier, build_backbone
 from models.nn.losses import BatchLoss
+from models.plots import curves_figure, reliability_figure
 from models.registry import MethodParams
 
 EpochMetrics = Callable[[], dict[str, float]]
@@ -226,3 +228,39 @@ def fit_classifier(ctx: RunContext, model: nn.Module, loss_fn: nn.Module, data: 
         if every and ((epoch + 1) % every == 0 or epoch + 1 == schedule.epochs):
             ctx.save_checkpoint(_training_state(model, loss_fn, optimizer, generator, epoch + 1, history), epoch + 1)
     return history
+
+
+@dataclass
+class TrainedClassifier:
+    model: nn.Module
+    data: ClassificationData
+    history: list[dict[str, float]]
+
+
+def fit_calibrated(ctx: RunContext, params: ClassifierTrainingParams,
+                   make_loss: Callable[[ClassificationData], nn.Module], method_id: str) -> TrainedClassifier | None:
+    """The family's usual run: tensors from `ctx.dataset`, the params' backbone seeded by `ctx.seed`, the
+    loss `make_loss(data)`, `fit_classifier` logging validation ECE and NLL each epoch (None if cancelled)."""
+    ds = ctx.dataset
+    if ds is None or ds.kind not in ("image-class", "tabular"):
+        raise ValueError(f"{method_id} needs an 'image-class' or 'tabular' classification dataset")
+    data = classification_data(ds).to(ctx.device)
+    torch.manual_seed(ctx.seed)
+    model = params.backbone_for(data).to(ctx.device)
+    loss_fn = make_loss(data).to(ctx.device)
+
+    def val_calibration() -> dict[str, float]:
+        m = classification_metrics(predict_logits(model, data.x_val), data.y_val)
+        return {"val_ece": m["ece"], "val_nll": m["nll"]}
+
+    history = fit_classifier(ctx, model, loss_fn, data, params.schedule(), val_calibration)
+    return None if history is None else TrainedClassifier(model, data, history)
+
+
+def save_training_plots(ctx: RunContext, name: str, trained: TrainedClassifier) -> None:
+    """`curves.png` (train loss, val accuracy, val ECE per epoch) and `reliability.png` (test split)."""
+    epochs = list(range(1, len(trained.history) + 1))
+    panels = {k: {name: (epochs, [row[k] for row in trained.history])} for k in ("train_loss", "val_acc", "val_ece")}
+    ctx.save_artifact("curves.png", curves_figure(panels, "epoch", title=name), kind="plot")
+    bins = reliability_bins(predict_logits(trained.model, trained.data.x_test), trained.data.y_test)
+    ctx.save_artifact("reliability.png", reliability_figure({name: bins}), kind="plot")

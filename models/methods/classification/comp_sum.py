@@ -42,13 +42,13 @@ from torch import nn
 from models.adversarial import pgd_cross_entropy, pgd_linf, robust_accuracy
 from models.context import InMemoryRunContext, RunContext
 from models.datasets import load_builtin
-from models.metrics import classification_metrics, reliability_bins
+from models.metrics import classification_metrics
 from models.nn.losses import BatchLoss
-from models.plots import curves_figure, reliability_figure
+from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import (ClassificationData, ClassifierTrainingParams, classification_data, cpu_threads,
-                             fit_classifier, predict_logits)
+from models.training import (ClassifierTrainingParams, TrainedClassifier, cpu_threads, fit_calibrated,
+                             predict_logits, save_training_plots)
 
 LossName = Literal["comp-sum", "smooth-adv-comp-sum", "trades", "pgd-at"]
 
@@ -177,29 +177,16 @@ def make_loss(params: CompSumParams, clip: tuple[float, float] | None) -> nn.Mod
 class CompSumResult:
     test: dict[str, float]  # acc, ece, mce, nll, robust_acc (when eps > 0)
     val: dict[str, float]
-    history: list[dict[str, float]]
-    model: nn.Module
-    data: ClassificationData
+    trained: TrainedClassifier
 
 
 def train_comp_sum(ctx: RunContext, params: CompSumParams) -> CompSumResult | None:
     """Train with the chosen loss; clean metrics (accuracy, ECE, NLL) and PGD robust accuracy on val and test."""
-    ds = ctx.dataset
-    if ds is None or ds.kind not in ("image-class", "tabular"):
-        raise ValueError("comp-sum needs an 'image-class' or 'tabular' classification dataset")
-    data = classification_data(ds).to(ctx.device)
-    clip = (0.0, 1.0) if ds.kind == "image-class" else None  # images live in [0, 1]; standardised tables do not
-    torch.manual_seed(ctx.seed)
-    model = params.backbone_for(data).to(ctx.device)
-    loss_fn = make_loss(params, clip).to(ctx.device)
-
-    def val_calibration() -> dict[str, float]:
-        m = classification_metrics(predict_logits(model, data.x_val), data.y_val)
-        return {"val_ece": m["ece"], "val_nll": m["nll"]}
-
-    history = fit_classifier(ctx, model, loss_fn, data, params.schedule(), val_calibration)
-    if history is None:
+    clip = (0.0, 1.0) if ctx.dataset is not None and ctx.dataset.kind == "image-class" else None  # images in [0, 1]
+    trained = fit_calibrated(ctx, params, lambda data: make_loss(params, clip), "comp-sum")
+    if trained is None:
         return None
+    model, data = trained.model, trained.data
     splits = {}
     for split, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
         scores = classification_metrics(predict_logits(model, x), y)
@@ -207,7 +194,7 @@ def train_comp_sum(ctx: RunContext, params: CompSumParams) -> CompSumResult | No
             scores["robust_acc"] = robust_accuracy(model, x, y, params.eps, params.eval_steps, clip=clip)
         splits[split] = scores
     ctx.log(params.epochs, **{f"test_{k}": v for k, v in splits["test"].items()})
-    return CompSumResult(splits["test"], splits["val"], history, model, data)
+    return CompSumResult(splits["test"], splits["val"], trained)
 
 
 @method("comp-sum", family="classification", task="train", datasets=("image-class", "tabular"),
@@ -217,14 +204,9 @@ def run(ctx: RunContext, params: CompSumParams) -> None:
     accuracy, calibration and PGD robust accuracy, with learning curves and a reliability diagram."""
     with cpu_threads(ctx.resources):
         result = train_comp_sum(ctx, params)
-    if result is None:
-        return
-    name = params.loss if params.loss in ("trades", "pgd-at") else f"{params.loss} τ={params.tau:g}"
-    epochs = list(range(1, len(result.history) + 1))
-    panels = {k: {name: (epochs, [row[k] for row in result.history])} for k in ("train_loss", "val_acc", "val_ece")}
-    ctx.save_artifact("curves.png", curves_figure(panels, "epoch", title=name), kind="plot")
-    bins = reliability_bins(predict_logits(result.model, result.data.x_test), result.data.y_test)
-    ctx.save_artifact("reliability.png", reliability_figure({name: bins}), kind="plot")
+    if result is not None:
+        name = params.loss if params.loss in ("trades", "pgd-at") else f"{params.loss} τ={params.tau:g}"
+        save_training_plots(ctx, name, result.trained)
 
 
 # -- reproduction -------------------------------------------------------------------------------
@@ -234,6 +216,10 @@ TAUS = (0.0, 0.5, 1.0, 1.5, 2.0)
 # constant logits (10% accuracy), so the grid is shifted down; TRADES keeps the β = 6 of its paper.
 NUS = (0.3, 1.0)
 BETA = 6.0
+# The gradient of L_τ in the logits scales like p_y^{τ−1}: at a shared learning rate τ < 1 diverges (τ = 0 at
+# lr 0.05 ends at chance with NaN loss) and τ = 2 barely moves, so each τ gets its learning rate from this grid,
+# chosen on the first seed's validation accuracy.
+TAU_LRS = (0.05, 0.01, 0.002)
 
 
 @reproduction("comp-sum", claim="the smooth adversarial comp-sum algorithm (τ = 1) matches TRADES' PGD-20 robust "
@@ -243,7 +229,7 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """Digits MLP, PGD-10 inside training, PGD-20 at test, test scores averaged over seeds. ν is chosen on
     the validation split by the claim's own rule (the best clean accuracy among the ν whose robust accuracy
     is within 1 point of TRADES', else the most robust ν); PGD-AT and the clean comp-sum sweep over τ
-    (standard training) are reported alongside."""
+    (standard training, learning rate per τ chosen on validation) are reported alongside."""
     ds = load_builtin("digits")
     seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
     budget = {"epochs": 2, "attack_steps": 2, "eval_steps": 3} if smoke else {}
@@ -253,12 +239,21 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     variants |= {"TRADES": {"loss": "trades", "beta": BETA}, "PGD-AT": {"loss": "pgd-at"}}
     val: dict[str, list[dict[str, float]]] = {}
     test: dict[str, list[dict[str, float]]] = {}
+    chosen_lr: dict[str, float] = {}
     with cpu_threads(ctx.resources):
         for i, (name, overrides) in enumerate(variants.items()):
             if ctx.cancelled():
                 raise InterruptedError("reproduction cancelled")
             params = CompSumParams(checkpoint_every=0, **overrides, **budget)
-            for s in seeds:
+            todo = seeds
+            if name.startswith("τ") and not smoke:  # learning rate per τ, on the first seed's validation split
+                tried = {lr: train_comp_sum(InMemoryRunContext(dataset=ds, seed=seed), params.model_copy(update={"lr": lr}))
+                         for lr in TAU_LRS}
+                lr = max(tried, key=lambda lr: tried[lr].val["acc"])
+                params, todo = params.model_copy(update={"lr": lr}), seeds[1:]
+                chosen_lr[name] = lr
+                val[name], test[name] = [tried[lr].val], [tried[lr].test]
+            for s in todo:
                 result = train_comp_sum(InMemoryRunContext(dataset=ds, seed=s), params)
                 val.setdefault(name, []).append(result.val)
                 test.setdefault(name, []).append(result.test)
@@ -278,9 +273,11 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             f"clean {mean[ours]['acc']:.3f} vs {mean[base]['acc']:.3f}; PGD-AT robust "
             f"{mean['PGD-AT']['robust_acc']:.3f}, clean {mean['PGD-AT']['acc']:.3f}; best clean comp-sum {best_tau} "
             f"({mean[best_tau]['acc']:.3f}); {len(seeds)} seed(s)")
+    taus = ", ".join(f"{n}: {mean[n]['acc']:.3f} (lr {chosen_lr.get(n, CompSumParams().lr):g})" for n in mean if n.startswith("τ"))
+    note += f"; clean comp-sum accuracy {taus}"
     return Outcome(ours=mean[ours]["robust_acc"], baseline=mean[base]["robust_acc"], seeds=len(seeds),
                    holds=robust_ok and clean_ok, note=note,
-                   details={"test": mean, "val": val_mean, "chosen_nu": ours})
+                   details={"test": mean, "val": val_mean, "chosen_nu": ours, "tau_lr": chosen_lr})
 
 
 def _summary_figure(mean: dict[str, dict[str, float]]):
