@@ -1,0 +1,205 @@
+"""Dispatch benchmark: Crucible's Celery and Ray executors against a bare Celery task and a bare Ray
+task doing the same work (about one second), all measured in this one run on this machine.
+
+    bash scripts/setup/services.sh && .venv/bin/python bench/dispatch.py [--jobs 3] [--submissions 200]
+
+Needs the servers that scripts/setup/services.sh starts (Postgres, Redis, SeaweedFS).
+
+1. End-to-end time of a ~1 s job, queued to finished, median of --jobs sequential jobs after one
+   discarded warm-up: Crucible (`test-counter`, 10 steps of 0.1 s, through the dispatcher, the broker
+   or cluster, a claim, a job process, metrics, a checkpoint and a result artifact in S3) against a
+   bare `time.sleep(1)` task sent to a Celery worker on the same Redis, and a bare Ray task.
+2. Submissions/s through `POST /api/v1/jobs` of one API process (in-process ASGI client, Postgres).
+
+Ratios are Crucible ÷ bare; the issue's goals are < 1.2 for a 1 s job and ≥ 20 submissions/s.
+Results go to bench/results/dispatch.json. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.integration.conftest import SERVICES  # noqa: E402  (the servers' addresses)
+
+WORK_S = 1.0
+CELERY_BARE_TASK = "bench.sleep"
+
+
+def bare_celery_app(broker: str):  # type: ignore[no-untyped-def]
+    from celery import Celery
+
+    app = Celery("bench", broker=broker, backend=broker.rsplit("/", 1)[0] + "/3", set_as_current=False)
+    app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, worker_hijack_root_logger=False)
+
+    @app.task(name=CELERY_BARE_TASK)
+    def sleep(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    return app
+
+
+def timed(run_one: Callable[[], None], n: int) -> float:
+    run_one()  # warm-up: worker start, imports, first connections
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        run_one()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def make_settings(tmp: Path, executor: str):  # type: ignore[no-untyped-def]
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import make_settings as base
+    from workers.db import upgrade
+
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(SERVICES["CRUCIBLE_TEST_PG_ADMIN_URL"], isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name} OWNER crucible"))
+    url = SERVICES["CRUCIBLE_TEST_DATABASE_URL"].rsplit("/", 1)[0] + f"/{name}"
+    settings = base(tmp / executor, database_url=url, executor=executor,
+                    redis_url=SERVICES["CRUCIBLE_TEST_REDIS_URL"] + "/4",
+                    storage_url=f"s3://{SERVICES['CRUCIBLE_TEST_S3_BUCKET']}/bench-{name}",
+                    s3_endpoint=SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"], heartbeat_s=1.0, lease_s=30.0)
+    upgrade(url)
+    return settings
+
+
+def crucible_job(settings: Any) -> Callable[[], None]:
+    from api.jobs import submit
+    from api.schemas import JobCreate
+    from workers.db import session_scope
+    from workers.tables import Job
+
+    def run_one() -> None:
+        with session_scope(settings.database_url) as s:
+            job, _ = submit(s, settings, JobCreate(method="test-counter",
+                                                   params={"steps": 10, "step_seconds": WORK_S / 10}), None)
+            job_id = job.id
+        while True:
+            with session_scope(settings.database_url) as s:
+                status = s.get(Job, job_id).status
+            if status in ("succeeded", "failed", "cancelled"):
+                assert status == "succeeded", status
+                return
+            time.sleep(0.02)
+
+    return run_one
+
+
+def bench_celery(tmp: Path, n: int) -> dict[str, float]:
+    import redis
+
+    from workers.executors.celery import CeleryExecutor
+    from workers.settings import load_plugins
+
+    settings = make_settings(tmp, "celery")
+    load_plugins(settings)
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp / "celery-worker.log", "ab")
+    worker = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", "-Q", "cpu", "-c", "1", "-n", "bench@crucible",
+                               "--loglevel", "WARNING"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    bare_worker = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, '.'); from bench.dispatch import bare_celery_app; "
+        f"bare_celery_app({settings.redis_url!r}).worker_main(['worker', '-c', '1', '--loglevel', 'WARNING', "
+        "'-n', 'bench@bare', '--without-gossip', '--without-mingle'])")], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    executor = CeleryExecutor(settings)
+    executor.start()
+    try:
+        app = bare_celery_app(settings.redis_url)
+        bare = timed(lambda: app.send_task(CELERY_BARE_TASK, args=[WORK_S]).get(timeout=120), n)
+        ours = timed(crucible_job(settings), n)
+    finally:
+        executor.stop()
+        for p in (worker, bare_worker):
+            p.terminate()
+            p.wait(timeout=60)
+    return {"bare_s": bare, "crucible_s": ours, "ratio": ours / bare}
+
+
+def bench_ray(tmp: Path, n: int) -> dict[str, float]:
+    import ray
+
+    from workers.executors.ray import RayExecutor
+    from workers.settings import load_plugins
+
+    settings = make_settings(tmp, "ray")
+    load_plugins(settings)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+    @ray.remote(num_cpus=1)
+    def sleep(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    executor = RayExecutor(settings)
+    executor.start()
+    try:
+        bare = timed(lambda: ray.get(sleep.remote(WORK_S)), n)
+        ours = timed(crucible_job(settings), n)
+    finally:
+        executor.stop()
+        ray.shutdown()
+    return {"bare_s": bare, "crucible_s": ours, "ratio": ours / bare}
+
+
+def bench_submissions(tmp: Path, n: int) -> dict[str, float]:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    settings = make_settings(tmp, "local")
+    with TestClient(create_app(settings, run_executor=False)) as client:
+        body = {"method": "test-counter", "params": {"steps": 1}}
+        client.post("/api/v1/jobs", json=body)
+        t = time.perf_counter()
+        for _ in range(n):
+            assert client.post("/api/v1/jobs", json=body).status_code == 201
+        took = time.perf_counter() - t
+    return {"submissions": n, "per_s": n / took}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=3, help="timed jobs per variant (after one warm-up)")
+    parser.add_argument("--submissions", type=int, default=200)
+    args = parser.parse_args()
+    if SERVICES.get("CRUCIBLE_SERVICES_MISSING"):
+        sys.exit(f"services unavailable: {SERVICES['CRUCIBLE_SERVICES_MISSING']} (run scripts/setup/services.sh)")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", SERVICES["AWS_ACCESS_KEY_ID"])
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SERVICES["AWS_SECRET_ACCESS_KEY"])
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        results = {"celery": bench_celery(tmp, args.jobs), "ray": bench_ray(tmp, args.jobs),
+                   "api": bench_submissions(tmp, args.submissions)}
+    print(f"{'1 s job, queued → finished':32} {'bare':>8} {'Crucible':>9} {'ratio':>7}")
+    for name in ("celery", "ray"):
+        r = results[name]
+        print(f"{name:32} {r['bare_s']:7.2f}s {r['crucible_s']:8.2f}s {r['ratio']:6.2f}×")
+    print(f"{'submissions/s, one API process':32} {results['api']['per_s']:8.1f}")
+    out = REPO / "bench" / "results" / "dispatch.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "jobs": args.jobs,
+                               "work_s": WORK_S, **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
