@@ -238,15 +238,17 @@ class TrainedClassifier:
 
 
 def fit_calibrated(ctx: RunContext, params: ClassifierTrainingParams,
-                   make_loss: Callable[[ClassificationData], nn.Module], method_id: str) -> TrainedClassifier | None:
-    """The family's usual run: tensors from `ctx.dataset`, the params' backbone seeded by `ctx.seed`, the
-    loss `make_loss(data)`, `fit_classifier` logging validation ECE and NLL each epoch (None if cancelled)."""
+                   make_loss: Callable[[ClassificationData], nn.Module], method_id: str,
+                   make_model: Callable[[ClassificationData], nn.Module] | None = None) -> TrainedClassifier | None:
+    """The family's usual run: tensors from `ctx.dataset`, the params' backbone (or `make_model(data)`) seeded
+    by `ctx.seed`, the loss `make_loss(data)`, `fit_classifier` logging validation ECE and NLL each epoch
+    (None if cancelled)."""
     ds = ctx.dataset
     if ds is None or ds.kind not in ("image-class", "tabular"):
         raise ValueError(f"{method_id} needs an 'image-class' or 'tabular' classification dataset")
     data = classification_data(ds).to(ctx.device)
     torch.manual_seed(ctx.seed)
-    model = params.backbone_for(data).to(ctx.device)
+    model = (make_model(data) if make_model else params.backbone_for(data)).to(ctx.device)
     loss_fn = make_loss(data).to(ctx.device)
 
     def val_calibration() -> dict[str, float]:
