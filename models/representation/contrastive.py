@@ -37,10 +37,24 @@ def simclr_objective(temperature: float) -> Objective:
     return lambda model, v1, v2: nt_xent(model(v1)[0], model(v2)[0], temperature)
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
-           history: list[dict[str, float]]) -> dict[str, Any]:
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,
+                   history: list[dict[str, float]]) -> dict[str, Any]:
+    """Everything that decides the rest of a run: weights, optimizer moments, the generator, the history."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "epoch": epoch, "history": history}
+            "step": step, "history": history}
+
+
+def resume(ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+           ) -> tuple[int, list[dict[str, float]]]:
+    """Load the last checkpoint into the training objects; (step reached, history), or (0, []) if none."""
+    checkpoint = ctx.load_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    state = checkpoint.state
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return int(state["step"]), list(state["history"])
 
 
 def fit_contrastive(ctx: RunContext, model: nn.Module, objective: Objective, x: torch.Tensor, recipe: ViewRecipe,
@@ -49,14 +63,8 @@ def fit_contrastive(ctx: RunContext, model: nn.Module, objective: Objective, x: 
     """Train on the images `x` ([N, C, H, W]); the per-epoch history, or None when cancelled."""
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     generator = torch.Generator().manual_seed(ctx.seed)
-    start, history = 0, []
-    checkpoint = ctx.load_checkpoint()
-    if checkpoint is not None:
-        state = checkpoint.state
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start, history = int(state["epoch"]), list(state["history"])
+    start, history = resume(ctx, model, optimizer, generator)
+    if start:
         ctx.progress(start, schedule.epochs, f"resumed from the checkpoint at epoch {start}")
     model.train()
     for epoch in range(start, schedule.epochs):
@@ -80,5 +88,5 @@ def fit_contrastive(ctx: RunContext, model: nn.Module, objective: Objective, x: 
         ctx.progress(epoch + 1, schedule.epochs, f"epoch {epoch + 1}: loss {row['train_loss']:.4f}")
         every = schedule.checkpoint_every
         if every and ((epoch + 1) % every == 0 or epoch + 1 == schedule.epochs):
-            ctx.save_checkpoint(_state(model, optimizer, generator, epoch + 1, history), epoch + 1)
+            ctx.save_checkpoint(training_state(model, optimizer, generator, epoch + 1, history), epoch + 1)
     return history

@@ -167,6 +167,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     note = (f"{len(runs)} runs; RankMe picks proj {picked['proj_dim']}, τ {picked['temperature']} with probe "
             f"{picked['probe_acc']:.3f} vs best {probe.max():.3f} (gap {gap:.3f}); probe spread "
             f"{probe.min():.3f}–{probe.max():.3f}")
+    if rho_loss > rho:
+        note += (f"; here −loss tracks the probe better (ρ {rho_loss:.2f}): the sweep is narrow (all runs within "
+                 f"{100 * (probe.max() - probe.min()):.1f} pts) and the final losses happen to order the runs")
     return Outcome(ours=np.nan_to_num(rho), baseline=np.nan_to_num(rho_loss), seeds=1,
                    holds=bool(rho >= 0.6 and gap <= 0.02), note=note, details={"runs": runs, "selection_gap": gap})
 
