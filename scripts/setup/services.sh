@@ -19,6 +19,7 @@ WEED_MASTER_PORT=39333
 WEED_VOLUME_PORT=38080
 WEED_FILER_PORT=38888
 BUCKET=crucible-test
+PG_DATA="$ROOT/pg"
 mkdir -p "$ROOT"
 missing=()
 
@@ -47,13 +48,24 @@ install_packages() {
 }
 
 start_postgres() {
-  local bin data="$ROOT/pg" as=()
+  local bin data="$PG_DATA" as=()
   bin=$(pg_bin) || { missing+=("postgres: not installed"); return; }
-  if "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; then note "postgres already on $PG_PORT"; return; fi
+  if "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; then
+    PG_DATA=$("$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atc "SHOW data_directory" 2>/dev/null || echo "$PG_DATA")
+    note "postgres already on $PG_PORT"; return
+  fi
   if [ "$(id -u)" = 0 ]; then
     id postgres >/dev/null 2>&1 || { missing+=("postgres: no postgres user to run the server as"); return; }
     as=(runuser -u postgres --)
     mkdir -p "$data" && chown postgres "$data" && chmod 700 "$data"
+    if ! runuser -u postgres -- test -w "$data"; then
+      # the checkout is not reachable by the postgres user (e.g. a 0700 parent folder): keep the
+      # cluster in a folder of its own, named after this checkout
+      rmdir "$data" 2>/dev/null
+      data="/var/tmp/crucible-test-pg-$(echo "$PWD" | md5sum | cut -c1-8)"
+      mkdir -p "$data" && chown postgres "$data" && chmod 700 "$data"
+    fi
+    PG_DATA="$data"
   else
     mkdir -p "$data" && chmod 700 "$data"
   fi
@@ -140,7 +152,7 @@ s3_up && make_bucket
   echo "# written by scripts/setup/services.sh; read by tests/integration/conftest.py"
   echo "CRUCIBLE_TEST_DATABASE_URL=postgresql+psycopg://crucible:crucible@127.0.0.1:$PG_PORT/crucible"
   echo "CRUCIBLE_TEST_PG_ADMIN_URL=postgresql+psycopg://postgres@127.0.0.1:$PG_PORT/postgres"
-  echo "CRUCIBLE_TEST_PG_DATA=$ROOT/pg"
+  echo "CRUCIBLE_TEST_PG_DATA=$PG_DATA"
   echo "CRUCIBLE_TEST_PG_BIN=$(pg_bin)"
   echo "CRUCIBLE_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
   echo "CRUCIBLE_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT"

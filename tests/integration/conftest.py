@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -68,36 +69,34 @@ def _aws_credentials() -> Iterator[None]:
             os.environ[key] = value
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty Postgres database for one test (dropped afterwards)."""
-    require("postgres")
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty Postgres database, dropped afterwards."""
     from sqlalchemy import create_engine, text
+
+    from workers.db import get_engine
 
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_engine(SERVICES["CRUCIBLE_TEST_PG_ADMIN_URL"], isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name} OWNER crucible"))
     url = SERVICES["CRUCIBLE_TEST_DATABASE_URL"].rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    from workers.db import get_engine
-
-    get_engine(url).dispose()
-    admin.dispose()  # a test may have restarted Postgres under the pooled connection
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        admin.dispose()  # a test may have restarted Postgres under the pooled connection
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
 
 
 @pytest.fixture
-def redis_url() -> str:
-    """Redis database 1, emptied for this test."""
-    require("redis")
-    import redis
-
-    url = SERVICES["CRUCIBLE_TEST_REDIS_URL"] + "/1"
-    redis.Redis.from_url(url).flushdb()
-    return url
+def pg_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for one test."""
+    require("postgres")
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -107,16 +106,24 @@ def s3_url() -> str:
     return f"s3://{SERVICES['CRUCIBLE_TEST_S3_BUCKET']}/t-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def stack_settings(tmp_path: Path, pg_url: str, redis_url: str, s3_url: str) -> Settings:
-    """Settings for the full stack: Postgres state, Redis broker, S3 objects, migrated."""
+@pytest.fixture(scope="module")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings for the full stack, shared by a test module (its tests each watch their own jobs):
+    a migrated Postgres database, Redis database 1 (emptied), an S3 prefix of its own."""
+    require("postgres", "redis", "s3")
+    import redis
+
     from workers.db import upgrade
 
-    s = make_settings(tmp_path / "home", database_url=pg_url, redis_url=redis_url, storage_url=s3_url,
-                      s3_endpoint=SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"])
-    upgrade(s.database_url)
-    load_plugins(s)
-    return s
+    redis_url = SERVICES["CRUCIBLE_TEST_REDIS_URL"] + "/1"
+    redis.Redis.from_url(redis_url).flushdb()
+    with fresh_database() as url:
+        s = make_settings(tmp_path_factory.mktemp("stack") / "home", database_url=url, redis_url=redis_url,
+                          storage_url=f"s3://{SERVICES['CRUCIBLE_TEST_S3_BUCKET']}/t-{uuid.uuid4().hex[:12]}",
+                          s3_endpoint=SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"])
+        upgrade(s.database_url)
+        load_plugins(s)
+        yield s
 
 
 def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:

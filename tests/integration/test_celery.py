@@ -21,16 +21,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-@pytest.fixture
-def server(stack_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+@pytest.fixture(scope="module")
+def server(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real API process with CRUCIBLE_EXECUTOR=celery on the same stack as the workers."""
-    for key, value in stack_settings.to_env().items():
-        if key.split("_", 1)[1] in ("DATABASE_URL", "REDIS_URL", "STORAGE_URL", "S3_ENDPOINT"):
-            monkeypatch.setenv(key, value)
-    monkeypatch.setenv("CRUCIBLE_EXECUTOR", "celery")
-    srv = Server(tmp_path / "api-home")
-    srv.home.mkdir()
-    srv.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in stack_settings.to_env().items():
+            if key.split("_", 1)[1] in ("DATABASE_URL", "REDIS_URL", "STORAGE_URL", "S3_ENDPOINT"):
+                mp.setenv(key, value)
+        mp.setenv("CRUCIBLE_EXECUTOR", "celery")
+        srv = Server(tmp_path_factory.mktemp("api") / "home")
+        srv.home.mkdir()
+        srv.start()
     yield srv
     srv.stop()
 
