@@ -1,8 +1,9 @@
 """One self-supervised training loop for the representation family (SimCLR and its variants).
 
-A method supplies an `objective(model, view1, view2) -> loss` (everything it learns — heads,
-temperature networks, gates — lives in `model`); the loop draws two views per image with one
-seeded generator, steps Adam, and does the RunContext chores: metrics and progress per epoch,
+A method supplies an `objective(model, view1, view2, labels, generator) -> loss` (everything it
+learns — heads, temperature networks, gates — lives in `model`; `labels` are the batch's labels
+when the method is given any, for supervised variants; `generator` is the run's one seeded
+generator, for any sampling the objective does); the loop draws two views per image with it, steps Adam, and does the RunContext chores: metrics and progress per epoch,
 cancellation checked every batch, checkpoints every `checkpoint_every` epochs holding all that
 decides the rest of the run (weights, optimizer moments, the generator, the history), and
 resumption from the last one, so a resumed run ends identical to an uninterrupted one.
@@ -20,7 +21,7 @@ from models.context import RunContext
 from models.representation.augment import ViewRecipe, random_view
 from models.representation.losses import nt_xent
 
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ContrastiveSchedule:
 
 def simclr_objective(temperature: float) -> Objective:
     """SimCLR: NT-Xent on the first projection head's outputs of the two views."""
-    return lambda model, v1, v2: nt_xent(model(v1)[0], model(v2)[0], temperature)
+    return lambda model, v1, v2, labels, generator: nt_xent(model(v1)[0], model(v2)[0], temperature)
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,
@@ -58,8 +59,8 @@ def resume(ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def fit_contrastive(ctx: RunContext, model: nn.Module, objective: Objective, x: torch.Tensor, recipe: ViewRecipe,
-                    schedule: ContrastiveSchedule, epoch_metrics: Callable[[], dict[str, float]] | None = None
-                    ) -> list[dict[str, float]] | None:
+                    schedule: ContrastiveSchedule, epoch_metrics: Callable[[], dict[str, float]] | None = None,
+                    labels: torch.Tensor | None = None) -> list[dict[str, float]] | None:
     """Train on the images `x` ([N, C, H, W]); the per-epoch history, or None when cancelled."""
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -73,15 +74,16 @@ def fit_contrastive(ctx: RunContext, model: nn.Module, objective: Objective, x: 
         for begin in range(0, len(x) - 1, schedule.batch_size):  # a batch of 1 has no negatives
             if ctx.cancelled():
                 return None
-            batch = x[order[begin:begin + schedule.batch_size]]
-            if len(batch) < 2:
+            index = order[begin:begin + schedule.batch_size]
+            if len(index) < 2:
                 continue
-            v1, v2 = (random_view(batch, recipe, generator).to(ctx.device) for _ in range(2))
-            loss = objective(model, v1, v2)
+            v1, v2 = (random_view(x[index], recipe, generator).to(ctx.device) for _ in range(2))
+            y = None if labels is None else labels[index].to(ctx.device)
+            loss = objective(model, v1, v2, y, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, seen = total + loss.item() * len(batch), seen + len(batch)
+            total, seen = total + loss.item() * len(index), seen + len(index)
         row = {"train_loss": total / max(seen, 1), **(epoch_metrics() if epoch_metrics else {})}
         history.append(row)
         ctx.log(epoch + 1, **row)
