@@ -161,18 +161,26 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     seeds = [seed] if smoke else [seed, seed + 1]
     budget = {"epochs": 1 if smoke else 10, "checkpoint_every": 0}
     acc: dict[str, list[float]] = {"amcl": [], "simclr": []}
+    tau_mean: list[float] = []
     with cpu_threads(ctx.resources):
         for i, s in enumerate(seeds):
             for name, baseline in (("amcl", False), ("simclr", True)):
                 if ctx.cancelled():
                     raise InterruptedError("reproduction cancelled")
-                model, splits, _ = train_amcl(InMemoryRunContext(dataset=ds, seed=s),
-                                              AMCLParams(baseline=baseline, **budget))
+                model, splits, history = train_amcl(InMemoryRunContext(dataset=ds, seed=s),
+                                                    AMCLParams(baseline=baseline, **budget))
+                if not baseline:
+                    tau_mean.append(history[-1]["tau_mean"])
                 (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
                 acc[name].append(evaluate_embeddings(embed(model.body, x_tr), y_tr.numpy(), embed(model.body, x_te),
                                                      y_te.numpy()).linear_probe_acc)
             ctx.progress(i + 1, len(seeds), f"seed {s}")
     ours, base = float(np.mean(acc["amcl"])), float(np.mean(acc["simclr"]))
-    note = f"probe AMCL {ours:.3f} vs SimCLR {base:.3f} over {len(seeds)} seed(s); loss reconstructed (see module)"
+    note = (f"probe AMCL {ours:.3f} vs SimCLR {base:.3f} over {len(seeds)} seed(s); mean learnt pair temperature "
+            f"{np.mean(tau_mean):.3f} (Ω's minimum 2/D = {2 / AMCLParams().proj_dim:.3f}); loss reconstructed")
+    if ours < base + 0.01:
+        note += ("; not evidence against the paper: the loss here is our reconstruction of equations we could not "
+                 "read, and at 10 epochs on 1,078 digits the adaptive temperatures have not shown an edge over a "
+                 "single fixed τ = 0.2")
     return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=ours >= base + 0.01, note=note,
-                   details={"probe": acc})
+                   details={"probe": acc, "tau_mean": tau_mean})

@@ -214,7 +214,7 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     holds = ours >= single + 0.02 and ours >= softmax
     note = "; ".join(f"{k}: mAP {v:.3f}" for k, v in scores.items()) + f"; {len(seeds)} seed(s)"
     if ours < single + 0.02:
-        note += (f"; l = 3 leads l = 1 by {100 * (ours - single):.1f} pts, short of the 2-pt bar: a mosaic holds "
-                 "exactly two digits and PCA-64 pixel clusters mix layout with identity, so extra nearest "
-                 "centres add labels that are partly about position rather than digit")
+        note += (f"; l = 3 leads l = 1 by {100 * (ours - single):.1f} pts, short of the 2-pt bar, likely "
+                 "because a mosaic holds exactly two digits and PCA-64 pixel clusters mix layout with identity, "
+                 "so extra nearest centres add labels that are partly about position rather than digit")
     return Outcome(ours=ours, baseline=single, seeds=len(seeds), holds=bool(holds), note=note, details={"map": scores})
