@@ -248,7 +248,7 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             f"{noisy_precision:.2f}; faulty pairs flagged per run {faulty_flagged}")
     if ours < base + 0.01:
         note += ("; the noisy pairs are found but down-weighting them leaves the clean-series probe unchanged: "
-                 "at this scale they act as extra (easy) negatives rather than pulling the features off, and "
+                 "at this scale they likely act as extra (easy) negatives rather than pulling the features off, and "
                  "the faulty pairs' loss stays within μ + 3σ, so few or none are re-weighted")
     return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=bool(holds), note=note,
                    details={"probe": acc, "noisy_precision": precision})
