@@ -85,17 +85,14 @@ class Server:
         return [(p["step"], p["value"]) for p in items["items"]]
 
 
-def job_processes(job_id: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"workers.run_job" in cmd and job_id.encode() in cmd:
-                pids.append(int(entry.name))
-    return pids
+def job_processes(home: Path, job_id: str) -> list[int]:
+    """The live process of a job, from the pid file its executor writes under home/run."""
+    try:
+        pid = int((home / "run" / f"{job_id}.pid").read_text())
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError):
+        return []
+    return [] if state in ("Z", "X") else [pid]
 
 
 @pytest.fixture
@@ -132,7 +129,7 @@ def test_cancel_stops_a_running_job_within_seconds(server: Server):
     assert server.http.post(f"/api/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
     job = server.wait_status(job_id, TERMINAL, timeout=30)
     assert job["status"] == "cancelled"
-    assert wait_for(lambda: not job_processes(job_id), timeout=15)
+    assert wait_for(lambda: not job_processes(server.home, job_id), timeout=15)
     assert len(server.metrics(job_id, "value")) < 10_000
 
 
@@ -147,7 +144,7 @@ def test_a_job_that_ignores_cancel_is_killed_after_the_grace_period(server: Serv
 def test_kill_9_of_a_job_process_resumes_from_its_checkpoint(server: Server):
     job_id = server.submit(method="test-counter", params={"steps": 60, "step_seconds": 0.05, "checkpoint_every": 10})
     wait_for(lambda: any(s >= 25 for s, _ in server.metrics(job_id, "value")))
-    for pid in job_processes(job_id):
+    for pid in job_processes(server.home, job_id):
         os.kill(pid, signal.SIGKILL)
     job = server.wait_status(job_id, TERMINAL, timeout=120)
     assert job["status"] == "succeeded" and job["attempt"] == 2
@@ -164,7 +161,7 @@ def test_a_restarted_server_requeues_and_finishes_a_job_left_running(server: Ser
     job_id = server.submit(method="test-counter", params={"steps": 40, "step_seconds": 0.1, "checkpoint_every": 5})
     wait_for(lambda: any(s >= 12 for s, _ in server.metrics(job_id, "value")))
     server.kill()  # as a machine crash would: the server and its job processes die together
-    for pid in job_processes(job_id):
+    for pid in job_processes(server.home, job_id):
         os.kill(pid, signal.SIGKILL)
     server.start()
     job = server.wait_status(job_id, TERMINAL, timeout=120)

@@ -165,9 +165,17 @@ class CeleryWorker:
 
 
 def job_processes(job_id: str) -> list[int]:
-    from tests.e2e.test_server import job_processes as find
-
-    return find(job_id)
+    """`python -m workers.run_job` processes of a job (the Celery and Ray paths start job processes so)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"workers.run_job" in cmd and job_id.encode() in cmd:
+                pids.append(int(entry.name))
+    return pids
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The local executor: one subprocess per job on this machine, the embedded default.
+"""The local executor: one process per job on this machine (forked from a pre-imported server), the embedded default.
 
 A dispatcher thread claims queued jobs (compare-and-set, so a second executor on the same
 database cannot take the same job), starts `python -m workers.run_job` for each up to a
@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from workers import lifecycle
 from workers.db import session_scope
+from workers.job_start import ForkedJob, start_job_process, warm_up
 from workers.runner import worker_identity
 from workers.settings import Settings
 from workers.tables import ACTIVE, Job
@@ -35,11 +36,22 @@ KILL_AFTER_TERM_S = 5.0
 class _Child:
     job_id: str
     attempt: int
-    proc: subprocess.Popen[bytes]
-    log: IO[bytes]
+    proc: ForkedJob
     cancel_seen_at: float | None = None
     term_sent_at: float | None = None
     started: float = field(default_factory=time.monotonic)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the job's whole process group (it is a session leader); the process alone if it has not
+    become one yet."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 class ExecutorLockedError(RuntimeError):
@@ -72,6 +84,7 @@ class LocalExecutor:
         lock.flush()
         self._lock_file = lock
         self.recover()
+        warm_up()
         self._thread = threading.Thread(target=self._loop, name="local-executor", daemon=True)
         self._thread.start()
 
@@ -134,13 +147,9 @@ class LocalExecutor:
             if not lifecycle.claim(s, job_id, attempt, self.owner, self.settings.lease_s):
                 return True  # lost the race; look again
         log_path = self.settings.log_dir / f"{job_id}.a{attempt}.log"
-        log = open(log_path, "ab")
-        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.run_job", job_id, "--attempt", str(attempt), "--claimed-by", self.owner],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-        )
-        self.children[job_id] = _Child(job_id, attempt, proc, log)
+        proc = start_job_process(job_id, attempt, self.owner, {**self.settings.to_env(), "PYTHONUNBUFFERED": "1"},
+                                 log_path, self.settings.home / "run")
+        self.children[job_id] = _Child(job_id, attempt, proc)
         return True
 
     def _watch_children(self) -> None:
@@ -167,15 +176,14 @@ class LocalExecutor:
                 continue
             child.cancel_seen_at = child.cancel_seen_at or now
             if child.term_sent_at is None and now - child.cancel_seen_at >= self.settings.cancel_grace_s:
-                os.killpg(child.proc.pid, signal.SIGTERM)
+                _signal_group(child.proc.pid, signal.SIGTERM)
                 child.term_sent_at = now
             elif child.term_sent_at is not None and now - child.term_sent_at >= KILL_AFTER_TERM_S:
-                os.killpg(child.proc.pid, signal.SIGKILL)
+                _signal_group(child.proc.pid, signal.SIGKILL)
 
     def _reap_child(self, child: _Child) -> None:
         """The process is gone: if it did not publish a final state, decide one for it."""
         code = child.proc.poll()
-        child.log.close()
         self.children.pop(child.job_id, None)
         with session_scope(self.settings.database_url) as s:
             job = s.get(Job, child.job_id)
