@@ -7,7 +7,7 @@ from typing import Annotated, Iterator
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from workers.db import get_sessionmaker
+from workers.db import session_scope
 from workers.settings import Settings
 from workers.storage import ObjectStore
 
@@ -21,15 +21,9 @@ def get_store(request: Request) -> ObjectStore:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    session = get_sessionmaker(request.app.state.settings.database_url)()
-    try:
+    """One transaction per request: committed when the route returns, rolled back on any error."""
+    with session_scope(request.app.state.settings.database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def notify_executor(request: Request) -> None:
