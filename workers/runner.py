@@ -101,7 +101,7 @@ def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, clai
 
     ctx.start()
     previous = signal.getsignal(signal.SIGTERM)
-    if hasattr(signal, "SIGTERM") and threading_main():
+    if threading_main():
         signal.signal(signal.SIGTERM, lambda *_: ctx.request_cancel())
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, ctx), _Tee(err, ctx)  # type: ignore[assignment]
