@@ -1,0 +1,1 @@
+"""Baseline language-model jobs that several LLM families build on (not papers): `lm-pretrain`."""
