@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
-from models.optim.moments import adam_direction, decay_weights
+from models.optim.moments import adam_direction, decay_weights, evaluate_closure
 
 Projection = Literal["svd", "block", "columns", "rows", "randk"]
 StateFreeRule = Literal["sign_sgd", "sgd", "none"]
@@ -204,10 +204,7 @@ class FRUGAL(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             projected = group["is_proj_params"]
             if projected and group["step"] % group["update_gap"] == 0:

@@ -9,6 +9,7 @@ correction), so "full density equals AdamW" holds to float32 rounding.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -33,3 +34,11 @@ def decay_weights(p: torch.Tensor, lr: float, weight_decay: float) -> None:
     """Decoupled weight decay (Loshchilov & Hutter), applied before the update as AdamW does."""
     if weight_decay:
         p.mul_(1.0 - lr * weight_decay)
+
+
+def evaluate_closure(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """The `step(closure)` protocol: re-evaluate the loss with gradients on (steps run under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

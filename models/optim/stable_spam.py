@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from models.optim.moments import adam_direction, decay_weights
+from models.optim.moments import adam_direction, decay_weights, evaluate_closure
 
 
 def ada_clip(grad: torch.Tensor, max_avg: torch.Tensor, theta: float, total_step: int) -> torch.Tensor:
@@ -85,10 +85,7 @@ class StableSPAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             group["total_step"] += 1
             total = group["total_step"]
