@@ -1,0 +1,76 @@
+"""The shape every compression job shares: load a parent, compress, evaluate, register with lineage.
+
+`load_parent` takes the `model` param (a registered `name@version` or an imported folder; empty means
+the cached base model) and refuses architectures without a Llama-layout decoder stack with a
+specific error. `register_compressed` saves the HF folder and registers it with its lineage —
+parent ref, producing method and job, params — and its metrics (perplexity, packed bytes), so a
+deployment or a later job (SquareHead after pruning, EoRA after SquareHead) can follow the chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from pydantic import Field
+
+from models.context import RunContext
+from models.datasets import load_builtin
+from models.llm.base import base_model, base_model_name
+from models.llm.data import split_windows
+from models.llm.folder import CausalLM, decoder_layers, load_folder, save_folder
+from models.registry import MethodParams
+
+
+class CompressionParams(MethodParams):
+    """Fields every compression job has; a method subclasses it."""
+
+    model: str = Field("", description="parent model: a registered name[@version] or an imported folder "
+                                       "(empty: the cached tiny base model)")
+    calibration_windows: int = Field(32, ge=1, le=4096, description="calibration windows from the train split")
+    seq_len: int = Field(256, ge=8, le=8192, description="tokens per calibration and evaluation window")
+    eval_windows: int = Field(32, ge=1, le=4096, description="held-out windows from the val split for perplexity")
+    output_name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})?$",
+                             description="name to register the result under (empty: <parent>-<method>)")
+
+
+@dataclass
+class Parent:
+    lm: CausalLM
+    ref: str
+
+
+@dataclass
+class TokenSets:
+    calibration: torch.Tensor  # [N, L] windows from the train split
+    evaluation: torch.Tensor  # [N, L] windows from the val split
+
+
+def load_parent(ctx: RunContext, ref: str, smoke: bool = False) -> Parent:
+    """The model to compress, checked to have a decoder stack (UnsupportedArchitectureError otherwise)."""
+    if ref:
+        lm = load_folder(ctx.load_model(ref))
+    else:
+        lm, ref = load_folder(base_model(ctx, smoke)), base_model_name(smoke)
+    decoder_layers(lm.model)
+    return Parent(lm, ref)
+
+
+def token_sets(ctx: RunContext, lm: CausalLM, params: CompressionParams) -> TokenSets:
+    """Calibration windows (train split) and evaluation windows (val split) of `ctx.dataset`, or of stdlib-code."""
+    ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
+    limit = getattr(lm.model.config, "max_position_embeddings", params.seq_len)
+    seq_len = min(params.seq_len, limit)
+    return TokenSets(split_windows(lm.tokenizer, ds.train["text"], seq_len, params.calibration_windows),
+                     split_windows(lm.tokenizer, ds.val["text"], seq_len, params.eval_windows))
+
+
+def register_compressed(ctx: RunContext, lm: CausalLM, parent_ref: str, method_id: str, params: MethodParams,
+                        metrics: Mapping[str, float], name: str = "", extra: Mapping[str, Any] | None = None) -> str:
+    """Save `lm` as an HF folder and register it; the lineage names parent, method, job, params and metrics."""
+    name = name or f"{parent_ref.partition('@')[0]}-{method_id}"[:100]
+    lineage = {"parent": parent_ref, "method": method_id, "job_id": ctx.job_id, "seed": ctx.seed,
+               "params": params.model_dump(), "metrics": dict(metrics), **dict(extra or {})}
+    folder = save_folder(lm.model, lm.tokenizer, ctx.workdir / "registered" / name, lineage)
+    return ctx.register_model(name, folder, lineage)
