@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from models.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
 from models.context import InMemoryRunContext, RunContext
 from models.datasets import load_builtin
 from models.llm.folder import save_folder
@@ -38,7 +39,7 @@ BASE_SEED = 0
 # Smoke: a `micro` model on 20 documents, seconds, for CI.
 RECIPES: dict[bool, PretrainParams] = {
     False: PretrainParams(size="tiny", vocab_size=4096, steps=400, batch_size=8, seq_len=256, lr=3e-3,
-                          warmup_steps=20, eval_every=100, eval_windows=16, checkpoint_every=0,
+                          warmup_steps=20, eval_every=100, eval_windows=16, checkpoint_every=50,
                           model_name="llm-base-tiny"),
     True: PretrainParams(size="micro", vocab_size=512, steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=3,
                          eval_every=30, eval_windows=4, checkpoint_every=0, max_documents=20,
@@ -74,13 +75,33 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class _FileCheckpointContext(InMemoryRunContext):
+    """A private context whose checkpoints live in one file of the cache, so a killed training resumes."""
+
+    def __init__(self, checkpoint_file: Path, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.checkpoint_file = checkpoint_file
+
+    def save_checkpoint(self, state: Any, step: int) -> None:
+        tmp = self.checkpoint_file.with_suffix(".tmp")
+        tmp.write_bytes(encode_checkpoint(state, step))
+        tmp.replace(self.checkpoint_file)
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        return decode_checkpoint(self.checkpoint_file.read_bytes()) if self.checkpoint_file.exists() else None
+
+
 def _train_into(folder: Path, params: PretrainParams, ctx: RunContext) -> dict[str, Any]:
-    """Run the lm-pretrain loop in a private context (its progress forwarded) and write the HF folder."""
-    inner = InMemoryRunContext(dataset=load_builtin(BASE_DATASET), seed=BASE_SEED, resources=ctx.resources,
-                               on_progress=lambda d, t, m: ctx.progress(d, t, f"base model: {m}"))
+    """Run the lm-pretrain loop in a private context (its progress forwarded, its checkpoints in the cache,
+    so an interrupted training resumes) and write the HF folder."""
+    checkpoint_file = folder.with_name(folder.name + ".checkpoint.safetensors")
+    inner = _FileCheckpointContext(checkpoint_file, dataset=load_builtin(BASE_DATASET), seed=BASE_SEED,
+                                   resources=ctx.resources,
+                                   on_progress=lambda d, t, m: ctx.progress(d, t, f"base model: {m}"))
     with cpu_threads(ctx.resources):
         result = pretrain(inner, params)
     assert result is not None  # the private context is never cancelled
+    checkpoint_file.unlink(missing_ok=True)
     lineage = {"method": "lm-pretrain", "job_id": ctx.job_id, "parent": None, "dataset": BASE_DATASET,
                "seed": BASE_SEED, "params": params.model_dump(), "val_loss": result.val_loss,
                "val_ppl": result.val_ppl, "recipe_key": recipe_key(params)}

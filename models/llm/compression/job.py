@@ -10,7 +10,8 @@ deployment or a later job (SquareHead after pruning, EoRA after SquareHead) can 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 from pydantic import Field
@@ -66,11 +67,20 @@ def token_sets(ctx: RunContext, lm: CausalLM, params: CompressionParams) -> Toke
                      split_windows(lm.tokenizer, ds.val["text"], seq_len, params.eval_windows))
 
 
+def model_stem(ref: str) -> str:
+    """A registry-safe stem for names derived from a parent: `name@3` → `name`, `/x/y/folder` → `folder`."""
+    return Path(ref.partition("@")[0]).name[:80] or "model"
+
+
 def register_compressed(ctx: RunContext, lm: CausalLM, parent_ref: str, method_id: str, params: MethodParams,
-                        metrics: Mapping[str, float], name: str = "", extra: Mapping[str, Any] | None = None) -> str:
-    """Save `lm` as an HF folder and register it; the lineage names parent, method, job, params and metrics."""
-    name = name or f"{parent_ref.partition('@')[0]}-{method_id}"[:100]
+                        metrics: Mapping[str, float], name: str = "", extra: Mapping[str, Any] | None = None,
+                        subfolders: Mapping[str, Callable[[Path], Any]] | None = None) -> str:
+    """Save `lm` as an HF folder and register it; the lineage names parent, method, job, params and metrics.
+    `subfolders` writes extra parts (e.g. a peft adapter) into named subfolders before registration."""
+    name = name or f"{model_stem(parent_ref)}-{method_id}"
     lineage = {"parent": parent_ref, "method": method_id, "job_id": ctx.job_id, "seed": ctx.seed,
                "params": params.model_dump(), "metrics": dict(metrics), **dict(extra or {})}
     folder = save_folder(lm.model, lm.tokenizer, ctx.workdir / "registered" / name, lineage)
+    for sub, write in (subfolders or {}).items():
+        write(folder / sub)
     return ctx.register_model(name, folder, lineage)
