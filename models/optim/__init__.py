@@ -11,6 +11,9 @@ memory-efficient optimizers are about.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
 from typing import Any, Iterable, Literal, get_args
 
 import torch
@@ -62,12 +65,21 @@ def _badam(target: nn.Module | Iterable[Any], lr: float, weight_decay: float, up
     embedding and the head/norms are blocks too, as needed when training from scratch."""
     from badam import BlockOptimizer
 
+    class QuietBlockOptimizer(BlockOptimizer):
+        """BAdam prints every block switch to stdout, which would corrupt a job's JSON output."""
+
+        def step(self, *args: Any, **kwargs: Any) -> None:
+            with contextlib.redirect_stdout(io.StringIO()):
+                super().step(*args, **kwargs)
+
     if not isinstance(target, nn.Module):
         raise TypeError("badam needs the model (it switches blocks by parameter name)")
     named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
     base = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay, **kw)
-    return BlockOptimizer(base, named, switch_block_every=update_gap, switch_mode=block_order,
-                          include_embedding=True, include_lm_head=True, verbose=0)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "expects fp16/bf16 weights": we train in fp32 on CPU on purpose
+        return QuietBlockOptimizer(base, named, switch_block_every=update_gap, switch_mode=block_order,
+                                   include_embedding=True, include_lm_head=True, verbose=0)
 
 
 def build_optimizer(name: str, target: nn.Module | Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0,

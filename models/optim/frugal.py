@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
-from models.optim.moments import adam_direction, decay_weights, evaluate_closure
+from models.optim.moments import SubspaceOptimizer, adam_direction, decay_weights, evaluate_closure
 
 Projection = Literal["svd", "block", "columns", "rows", "randk"]
 StateFreeRule = Literal["sign_sgd", "sgd", "none"]
@@ -110,7 +110,7 @@ def projectable_param_groups(model: nn.Module, exclude: tuple[str, ...] = ("lm_h
             if g["params"]]
 
 
-class FRUGAL(torch.optim.Optimizer):
+class FRUGAL(SubspaceOptimizer):
     """FRUGAL over param groups flagged `is_proj_params` (see `projectable_param_groups`); a flat list of
     tensors treats every 2-D tensor as projectable."""
 
@@ -134,11 +134,9 @@ class FRUGAL(torch.optim.Optimizer):
                         update_gap=update_gap, projection=projection, state_free=state_free,
                         proj_lr_scale=proj_lr_scale, free_lr_scale=free_lr_scale, block_order=block_order,
                         is_proj_params=False)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, seed)
         for group in self.param_groups:
-            group.setdefault("step", 0)
             group.setdefault("next_block", -1)
-        self._generator = torch.Generator().manual_seed(seed)
 
     # -- subspace selection (Algorithm 1, every T = update_gap steps) -------------------------------
     def _choose_subspaces(self, group: dict[str, Any]) -> None:
@@ -170,14 +168,6 @@ class FRUGAL(torch.optim.Optimizer):
         return [i in chosen for i in range(n)]
 
     # -- updates --------------------------------------------------------------------------------
-    def _regular_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        state = self.state[p]
-        if not state:
-            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        state["step"] += 1
-        return adam_direction(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["betas"],
-                              group["eps"])
-
     def _projected_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         state, grad = self.state[p], p.grad
         if state["side"] == BLOCK:
@@ -215,23 +205,10 @@ class FRUGAL(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("FRUGAL does not support sparse gradients")
-                update = self._projected_update(p, group) if projected else self._regular_update(p, group)
+                if not projected:
+                    self.adamw_update(p, group)
+                    continue
+                update = self._projected_update(p, group)
                 decay_weights(p, group["lr"], group["weight_decay"])
                 p.add_(update, alpha=-group["lr"])
         return loss
-
-    # -- the generator travels with the state, so a resumed run picks the same subspaces ------------
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generator"] = self._generator.get_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        generator = state_dict.pop("generator", None)
-        super().load_state_dict(state_dict)
-        for state in self.state.values():  # torch casts every non-"step" tensor to the parameter's dtype
-            if "indices" in state:
-                state["indices"] = state["indices"].long()
-        if generator is not None:
-            self._generator.set_state(generator.to(torch.uint8))

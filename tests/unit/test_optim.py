@@ -119,13 +119,14 @@ def test_frugal_state_bytes_grow_with_density(projection):
     assert optimizer_state_bytes(adamw) > sizes[1]
 
 
-def checkpoint_round_trip(make_opt, steps_before: int = 5, steps_after: int = 7) -> None:
-    """Resuming from a safetensors checkpoint ends exactly where an uninterrupted run ends."""
+def checkpoint_round_trip(make_opt, steps_before: int = 5, steps_after: int = 7, prepare=lambda m: m) -> None:
+    """Resuming from a safetensors checkpoint ends exactly where an uninterrupted run ends (`prepare` turns
+    the fresh model into the trained architecture, e.g. SST's factorised layers)."""
     data = batches(steps_before + steps_after, seed=3)
-    straight, resumed = twin_models(seed=1)
+    straight, resumed = (prepare(m) for m in twin_models(seed=1))
     opt = make_opt(straight)
     train(straight, opt, data)
-    partial, _ = twin_models(seed=1)
+    partial = prepare(twin_models(seed=1)[0])
     opt_partial = make_opt(partial)
     train(partial, opt_partial, data[:steps_before])
     blob = encode_checkpoint({"model": partial.state_dict(), "optimizer": opt_partial.state_dict()}, steps_before)

@@ -1,0 +1,1 @@
+"""LLM training methods: memory-efficient and low-bit-stable optimizers, spectral training, FIM planning."""
