@@ -32,6 +32,7 @@ from models.llm.data import fixed_windows, random_windows, token_stream
 from models.llm.evaluation import mean_nll
 from models.llm.folder import save_folder
 from models.llm.model import SizeName, build_model, llama_config
+from models.llm.pretraining import lr_at
 from models.llm.tokenizer import train_tokenizer
 from models.optim import optimizer_state_bytes
 from models.plots import curves_figure
@@ -120,11 +121,8 @@ def fresh_llama(corpus: CodeCorpus, params: LMTrainingParams, seed: int) -> Llam
 
 
 def lr_factor(step: int, params: LMTrainingParams) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.1 at the last step."""
-    if step < params.warmup_steps:
-        return (step + 1) / params.warmup_steps
-    progress = (step - params.warmup_steps) / max(1, params.steps - params.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    """lm-pretrain's schedule as a multiplier: linear warm-up to 1, then cosine decay to 0.1 at the last step."""
+    return lr_at(step, params) / params.lr  # lr_at reads only lr, warmup_steps and steps
 
 
 def global_grad_norm(model: nn.Module) -> float:
