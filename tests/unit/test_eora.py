@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from models.context import InMemoryRunContext
-from models.datasets import Dataset, Split, load_builtin
-from models.llm.base import base_model
 from models.llm.folder import load_folder
 from models.methods.llm_compression.eora import (EoRAParams, activation_error, compensate, eigen_scaling,
                                                  eora_factors, peft_adapter, run, svd_factors)
+from tests.unit.llm_fixtures import small_corpus, smoke_base  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 
@@ -66,14 +65,6 @@ def test_isotropic_inputs_make_eora_plain_svd(delta):
         torch.testing.assert_close(eora_b @ eora_a, svd_b @ svd_a, rtol=0, atol=1e-10)
 
 
-@pytest.fixture(scope="module")
-def smoke_base(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CRUCIBLE_HOME", str(home))
-        yield load_folder(base_model(InMemoryRunContext(), smoke=True))
-
-
 def test_compensated_model_at_full_rank_equals_the_dense_model_and_peft_adapter_matches(smoke_base):
     dense = smoke_base.model
     compressed = copy.deepcopy(dense)
@@ -98,10 +89,7 @@ def test_compensated_model_at_full_rank_equals_the_dense_model_and_peft_adapter_
 
 def test_run_registers_the_compensated_model_with_its_adapter_and_lineage(smoke_base, tmp_path, monkeypatch):
     monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path))
-    texts = load_builtin("stdlib-code")
-    corpus = Dataset("c", "text-corpus", {s: Split({"text": list(texts.splits[s]["text"][:4])})
-                                          for s in ("train", "val", "test")})
-    ctx = InMemoryRunContext(dataset=corpus)
+    ctx = InMemoryRunContext(dataset=small_corpus())
     params = EoRAParams(model=str(smoke_base.path), calibration_windows=2, seq_len=32, eval_windows=2, rank=4,
                         compression="wanda", sparsity="2:4")
     run(ctx, params)
