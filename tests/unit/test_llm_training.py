@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from models.context import InMemoryRunContext
 from models.datasets import load_builtin
@@ -59,3 +60,69 @@ def test_lora_model_starts_equal_to_the_base_model():
     ids = corpus.val_windows[:1]
     base = fresh_llama(corpus, params, seed=0)(input_ids=ids).logits
     torch.testing.assert_close(lora_llama(corpus, params, seed=0, rank=2)(input_ids=ids).logits, base)
+
+
+# -- HLP -------------------------------------------------------------------------------------------------
+
+def test_horizon_targets_strictly_decrease_to_zero_at_end_of_infill():
+    from models.methods.llm_training.hlp import horizon_targets
+
+    for m in (1, 2, 7):
+        y = horizon_targets(m)
+        assert len(y) == m + 1 and y[0] == 1.0 and y[-1] == 0.0 and (y[1:] < y[:-1]).all()
+
+
+def _micro_fim_setup(seq_len: int = 48):
+    import random
+
+    from models.llm.model import build_model, llama_config
+    from models.llm.tokenizer import train_tokenizer
+    from models.methods.llm_training.hlp import FIM_TOKENS, FimFormat, FimSampler, add_fim_tokens
+
+    texts = [t for t in load_builtin("stdlib-code").splits["train"]["text"][:6]]
+    tokenizer = train_tokenizer(texts, 300)
+    model = build_model(llama_config("micro", len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id), seed=0)
+    ids = add_fim_tokens(model, tokenizer)
+    fmt = FimFormat(*(ids[t] for t in FIM_TOKENS), tokenizer.eos_token_id)
+    random.seed(0)
+    return model, tokenizer, fmt, lambda: FimSampler(tokenizer, fmt, texts, seq_len, 1.0, seed=0)
+
+
+def test_fim_batches_mark_the_middle_from_mid_sentinel_to_end_of_infill():
+    model, tokenizer, fmt, sampler = _micro_fim_setup()
+    batch = sampler().batch(4)
+    for ids, mask, target in zip(batch.input_ids, batch.horizon_mask, batch.horizon_target):
+        positions = mask.nonzero().squeeze(1)
+        assert ids[positions[0]] == fmt.mid and ids[positions[-1] + 1] == fmt.eoi  # t=1 at <mid>, t=M+1 predicts <eoi>
+        assert target[positions[0]] == 1.0 and target[positions[-1]] == 0.0
+
+
+def test_hlp_weight_zero_trains_bit_identically_to_fim_next_token_prediction():
+    import copy
+
+    from models.methods.llm_training.hlp import HLPParams, train_fim
+
+    model, tokenizer, fmt, sampler = _micro_fim_setup()
+    twin = copy.deepcopy(model)
+    params = HLPParams(steps=3, batch_size=2, seq_len=48, hlp_weight=0.0)
+    train_fim(model, nn.Linear(model.config.hidden_size, 1), sampler(), params)
+    train_fim(twin, None, sampler(), params)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_hlp_loss_trains_the_head_and_changes_the_model():
+    import copy
+
+    from models.methods.llm_training.hlp import HLPParams, fim_losses, train_fim
+
+    model, tokenizer, fmt, sampler = _micro_fim_setup()
+    twin = copy.deepcopy(model)
+    head = nn.Linear(model.config.hidden_size, 1)
+    batch = sampler().batch(2)
+    _, before = fim_losses(model, head, batch)
+    train_fim(model, head, sampler(), HLPParams(steps=8, batch_size=2, seq_len=48, hlp_weight=1.0, lr=1e-2))
+    _, after = fim_losses(model, head, batch)
+    assert after < before
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
