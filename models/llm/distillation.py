@@ -16,7 +16,7 @@ re-applied"), and checkpoints through the run context so a re-queued job resumes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +53,12 @@ def squarehead_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequ
     return torch.stack(terms).sum()
 
 
-def distillation_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, weights: LossWeights
+def distillation_loss(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, weights: LossWeights
                       ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted objective on one batch, and its parts (for logging)."""
     need_teacher = weights.kl > 0 or weights.sq > 0
+    if need_teacher and teacher is None:
+        raise ValueError("KL and SquareHead terms need a teacher")
     out = student(input_ids=ids, labels=ids if weights.ce > 0 else None, output_hidden_states=weights.sq > 0)
     total = torch.zeros((), device=ids.device)
     parts: dict[str, float] = {}
@@ -93,13 +95,15 @@ class FinetuneSchedule:
         return self.lr * max(0.0, (self.steps - step) / max(1, self.steps - self.warmup_steps))
 
 
-def finetune(ctx: RunContext, student: nn.Module, teacher: nn.Module, stream: torch.Tensor, weights: LossWeights,
-             masks: dict[str, torch.Tensor], schedule: FinetuneSchedule, progress_offset: int = 0,
-             progress_total: int | None = None) -> list[dict[str, float]] | None:
-    """Fine-tune `student` (masks kept) against frozen `teacher`; the per-step log, or None when cancelled."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+def finetune(ctx: RunContext, student: nn.Module, teacher: nn.Module | None, stream: torch.Tensor,
+             weights: LossWeights, masks: dict[str, torch.Tensor], schedule: FinetuneSchedule,
+             before_step: Callable[[int], None] | None = None) -> list[dict[str, float]] | None:
+    """Fine-tune `student` (masks kept) against frozen `teacher` (None: CE only); the per-step log, or None when
+    cancelled. `before_step(step)` runs before each step's forward (e.g. to move a sparsity schedule)."""
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     for p in student.parameters():  # a student deep-copied from a frozen teacher inherits requires_grad=False
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -111,13 +115,14 @@ def finetune(ctx: RunContext, student: nn.Module, teacher: nn.Module, stream: to
         optimizer.load_state_dict(checkpoint.state["optimizer"])
         generator.set_state(checkpoint.state["generator"])
         start, history = int(checkpoint.state["step"]), list(checkpoint.state["history"])
-    total = progress_total or schedule.steps
     student.train()
     for step in range(start, schedule.steps):
         if ctx.cancelled():
             return None
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step)
+        if before_step is not None:
+            before_step(step)
         ids = random_windows(stream, schedule.batch_size, schedule.seq_len, generator).to(ctx.device)
         loss, parts = distillation_loss(student, teacher, ids, weights)
         optimizer.zero_grad(set_to_none=True)
@@ -128,7 +133,7 @@ def finetune(ctx: RunContext, student: nn.Module, teacher: nn.Module, stream: to
         row = {"loss": loss.item(), **parts}
         history.append(row)
         ctx.log(step + 1, **{f"train_{k}": v for k, v in row.items()})
-        ctx.progress(progress_offset + step + 1, total, f"step {step + 1}: loss {row['loss']:.4f}")
+        ctx.progress(step + 1, schedule.steps, f"step {step + 1}: loss {row['loss']:.4f}")
         if schedule.checkpoint_every and (step + 1) % schedule.checkpoint_every == 0:
             ctx.save_checkpoint(_state(student, optimizer, generator, step + 1, history), step + 1)
     student.eval()

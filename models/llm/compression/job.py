@@ -72,12 +72,12 @@ def model_stem(ref: str) -> str:
     return Path(ref.partition("@")[0]).name[:80] or "model"
 
 
-def register_compressed(ctx: RunContext, lm: CausalLM, parent_ref: str, method_id: str, params: MethodParams,
+def register_compressed(ctx: RunContext, lm: CausalLM, parent_ref: str | None, method_id: str, params: MethodParams,
                         metrics: Mapping[str, float], name: str = "", extra: Mapping[str, Any] | None = None,
                         subfolders: Mapping[str, Callable[[Path], Any]] | None = None) -> str:
     """Save `lm` as an HF folder and register it; the lineage names parent, method, job, params and metrics.
     `subfolders` writes extra parts (e.g. a peft adapter) into named subfolders before registration."""
-    name = name or f"{model_stem(parent_ref)}-{method_id}"
+    name = name or f"{model_stem(parent_ref or method_id)}-{method_id}"
     lineage = {"parent": parent_ref, "method": method_id, "job_id": ctx.job_id, "seed": ctx.seed,
                "params": params.model_dump(), "metrics": dict(metrics), **dict(extra or {})}
     folder = save_folder(lm.model, lm.tokenizer, ctx.workdir / "registered" / name, lineage)
