@@ -31,6 +31,7 @@ from models.datasets import Dataset
 from models.metrics import classification_metrics, reliability_bins
 from models.nn.backbones import Classifier, build_backbone
 from models.nn.losses import BatchLoss
+from models.optim import OptimizerName, build_optimizer
 from models.plots import curves_figure, reliability_figure
 from models.registry import MethodParams
 
@@ -120,6 +121,7 @@ class SGDSchedule:
     weight_decay: float = 0.0
     milestones: Sequence[float] = (0.5, 0.75)
     checkpoint_every: int = 0
+    optimizer_name: str = "sgd"  # any name of `models.optim.OPTIMIZERS`; the step decay applies to all
 
     def lr_at(self, epoch: int) -> float:
         return self.lr * 0.1 ** sum(epoch >= int(round(m * self.epochs)) for m in self.milestones)
@@ -130,7 +132,9 @@ class SGDSchedule:
             group["lr"] = lr
         return lr
 
-    def optimizer(self, model: nn.Module) -> torch.optim.SGD:
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self.optimizer_name != "sgd":
+            return build_optimizer(self.optimizer_name, model, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
                                weight_decay=self.weight_decay)
 
@@ -148,10 +152,12 @@ class ClassifierTrainingParams(MethodParams):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="SGD weight decay")
     checkpoint_every: int = Field(10, ge=0, le=1000, description="save a checkpoint every N epochs (0: never)")
+    optimizer: OptimizerName = Field("sgd", description="optimizer (models/optim): sgd with momentum, or e.g. adamw, "
+                                                        "frugal, stable-spam with their defaults and this lr")
 
     def schedule(self) -> SGDSchedule:
         return SGDSchedule(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay,
-                           checkpoint_every=self.checkpoint_every)
+                           checkpoint_every=self.checkpoint_every, optimizer_name=self.optimizer)
 
     def backbone_for(self, data: ClassificationData) -> Classifier:
         return build_backbone(self.backbone, data.input_shape, data.num_classes, self.hidden, self.depth)

@@ -283,3 +283,17 @@ def test_adamw_state_bytes_are_two_moments_per_parameter():
 def test_unknown_optimizer_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer("adamw2", Stack())
+
+
+def test_a_digits_classifier_trains_with_frugal_through_the_shared_trainer():
+    from models.context import InMemoryRunContext
+    from models.datasets import load_builtin
+    from models.nn.losses import CrossEntropy
+    from models.training import ClassifierTrainingParams, classification_data, fit_classifier
+
+    data = classification_data(load_builtin("digits"))
+    params = ClassifierTrainingParams(epochs=2, lr=1e-2, optimizer="frugal", checkpoint_every=0)
+    torch.manual_seed(0)
+    model = params.backbone_for(data)
+    history = fit_classifier(InMemoryRunContext(), model, CrossEntropy(), data, params.schedule())
+    assert history[-1]["val_acc"] > 0.5
