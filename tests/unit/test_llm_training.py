@@ -126,3 +126,67 @@ def test_hlp_loss_trains_the_head_and_changes_the_model():
     _, after = fim_losses(model, head, batch)
     assert after < before
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+# -- SeND ------------------------------------------------------------------------------------------------
+
+def _fact_model():
+    from models.llm.model import build_model, llama_config
+    from models.llm.tokenizer import train_tokenizer
+    from models.methods.llm_training.send import fictional_facts
+
+    facts = fictional_facts(16)
+    tokenizer = train_tokenizer([f.text for f in facts], 300)
+    model = build_model(llama_config("micro", len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id), seed=0)
+    return model, tokenizer, facts
+
+
+def test_dropped_units_output_zero_and_receive_zero_gradient():
+    from models.methods.llm_training.send import UnitMask
+
+    model, tokenizer, facts = _fact_model()
+    mask = UnitMask(model)
+    dropped = torch.tensor([0, 5, 9])
+    mask.drop([dropped] * len(mask.layers))
+    mask.recording = True
+    ids = torch.tensor([tokenizer.encode(facts[0].text)])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all((r[0][:, dropped] == 0).all() for r in mask.recorded)
+    for layer in mask.layers:
+        assert not layer.mlp.gate_proj.weight.grad[dropped].any() and not layer.mlp.up_proj.weight.grad[dropped].any()
+        assert not layer.mlp.down_proj.weight.grad[:, dropped].any()
+        assert layer.mlp.gate_proj.weight.grad.any()
+
+
+def test_sensitivity_is_the_summed_swing_times_the_variance_over_checkpoints():
+    from models.methods.llm_training.send import most_sensitive, sensitivity
+
+    history = torch.tensor([[[0.0, 1.0, 2.0]], [[0.0, 3.0, 2.5]], [[0.0, 1.0, 2.0]]])  # [T=3, examples=1, units=3]
+    s = sensitivity(history)
+    var1 = torch.tensor([1.0, 3.0, 1.0]).var(unbiased=False)
+    var2 = torch.tensor([2.0, 2.5, 2.0]).var(unbiased=False)
+    torch.testing.assert_close(s, torch.stack([torch.tensor(0.0), 4.0 * var1, 1.0 * var2]))
+    assert most_sensitive(history, 1 / 3).tolist() == [1]
+
+
+def test_send_with_no_dropout_trains_exactly_like_normal_training():
+    import copy
+    import random
+
+    from models.methods.llm_training.send import SeNDParams, fact_batches, train_facts
+
+    model, tokenizer, facts = _fact_model()
+    twin = copy.deepcopy(model)
+    params = SeNDParams(epochs=3, drop_fraction=0.0)
+    train_facts(model, tokenizer, facts, facts[:4], params, seed=0)
+    plain = torch.optim.AdamW(twin.parameters(), lr=params.lr, weight_decay=0.0)
+    rng = random.Random(0)
+    for _ in range(3):
+        for tokens, labels in fact_batches(tokenizer, facts, params.batch_size, rng):
+            loss = twin(input_ids=tokens, labels=labels).loss
+            plain.zero_grad(set_to_none=True)
+            loss.backward()
+            plain.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
