@@ -9,12 +9,13 @@ from importlib import resources
 from pathlib import Path
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi import Depends, FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from api import problems
-from api.routes import datasets, health, jobs, methods, models
+from api.auth import SESSION_COOKIE, RateLimiter, authenticate, lookup_key
+from api.routes import access, datasets, health, jobs, methods, models
 from workers.executors import make_executor
 from workers.executors.local import ExecutorLockedError
 from workers.settings import Settings, load_plugins
@@ -22,7 +23,7 @@ from workers.storage import open_store
 
 log = logging.getLogger("crucible.api")
 VERSION = "0.1.0"
-UPLOAD_PATHS = ("/api/v1/datasets",)
+UPLOAD_PATHS = ("/api/v1/datasets", "/api/v1/models")
 
 
 def create_app(settings: Settings | None = None, *, run_executor: bool = True) -> FastAPI:
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
                   description="Submit ML research methods as jobs; track metrics, checkpoints and artifacts.")
     app.state.settings = settings
     app.state.store = open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)
+    app.state.rate_limiter = RateLimiter()
     problems.install(app)
 
     @app.middleware("http")
@@ -64,12 +66,38 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
         response.headers["X-Request-ID"] = request.state.request_id
         return response
 
-    for module in (health, methods, datasets, jobs, models):
-        app.include_router(module.router)
+    app.include_router(health.router)  # liveness stays open; /metrics authenticates itself
+    for module in (methods, datasets, jobs, models, access):
+        app.include_router(module.router, dependencies=[Depends(authenticate)])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def dashboard() -> str:
-        return resources.files("api").joinpath("dashboard/index.html").read_text(encoding="utf-8")
+    def dashboard(request: Request, token: str | None = None) -> Response:
+        """The dashboard. `/?token=<key>` (the link `crucible up` prints) logs the browser in once: the key
+        moves into an HttpOnly, SameSite=Strict cookie and the redirect takes it out of the address bar."""
+        if token is not None:
+            return _login(request, token)
+        return HTMLResponse(resources.files("api").joinpath("dashboard/index.html").read_text(encoding="utf-8"))
+
+    @app.post("/login", include_in_schema=False)
+    def login_form(request: Request, key: str = Form(...)) -> Response:
+        return _login(request, key)
+
+    @app.post("/logout", include_in_schema=False)
+    def logout() -> Response:
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    def _login(request: Request, key: str) -> Response:
+        from workers.db import session_scope
+
+        with session_scope(settings.database_url) as s:
+            valid = lookup_key(s, key.strip()) is not None
+        response = RedirectResponse("/" if valid else "/?login=failed", status_code=303)
+        if valid:
+            response.set_cookie(SESSION_COOKIE, key.strip(), httponly=True, samesite="strict", path="/",
+                                secure=request.url.scheme == "https", max_age=30 * 24 * 3600)
+        return response
 
     @app.api_route("/vendor/plotly.min.js", methods=["GET", "HEAD"], include_in_schema=False)
     def plotly_js() -> Response:

@@ -24,9 +24,10 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class Api:
     """A thin HTTP client that turns problem bodies into readable CLI errors."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, key: str = ""):
         self.url = url
-        self.http = httpx.Client(base_url=url, timeout=30)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=url, timeout=30, headers=headers)
 
     def __call__(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -47,7 +48,8 @@ class Api:
 
 
 def _api() -> Api:
-    return Api(Settings().api_url)
+    settings = Settings()
+    return Api(settings.api_url, settings.cli_key())
 
 
 def _emit(obj: Any) -> None:
@@ -82,16 +84,20 @@ def up(host: str | None, port: int | None, demo: bool | None) -> None:
     import uvicorn
 
     from api.app import create_app
+    from api.auth import bootstrap_admin_key
     from workers.db import upgrade
 
     overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = Settings(**overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
+    key = bootstrap_admin_key(settings)
     if demo if demo is not None else settings.demo_job:
         _queue_demo(settings)
-    console.print(f"[bold]Crucible[/] on [link=http://{settings.host}:{settings.port}]http://{settings.host}:{settings.port}[/]"
-                  f"  (state in {settings.home})")
+    base = f"http://{settings.host}:{settings.port}"
+    console.print(f"[bold]Crucible[/] on {base}  (state in {settings.home})")
+    console.print(f"  log the browser in once with [link={base}/?token={key}]{base}/?token={key}[/]")
+    console.print(f"  the CLI uses the admin key in {settings.admin_key_file} (or CRUCIBLE_API_KEY)")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
                 access_log=False)  # the dashboard polls every 2 s; access lines would drown the log
 
@@ -148,6 +154,58 @@ def db_downgrade(revision: str) -> None:
     from workers.db import downgrade
 
     downgrade(Settings().database_url, revision)
+
+
+# -- access ----------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def whoami(as_json: bool) -> None:
+    """The project and role of the key the CLI uses, and the project's limits."""
+    me = _api()("GET", "/api/v1/whoami")
+    if as_json:
+        return _emit(me)
+    console.print(f"project [cyan]{me['project']}[/] as [bold]{me['role']}[/] (key {me['key_name'] or me['key_id']})")
+    for k, v in me["limits"].items():
+        console.print(f"  {k}: {v}")
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def keys(ctx: click.Context) -> None:
+    """API keys of your project (admins): list, create, revoke."""
+    if ctx.invoked_subcommand is None:
+        table = Table("id", "prefix", "role", "name", "created", "last used", "revoked")
+        for k in _api()("GET", "/api/v1/keys")["items"]:
+            table.add_row(k["id"], k["prefix"] + "…", k["role"], k["name"], k["created_at"][:19],
+                          (k["last_used_at"] or "")[:19], (k["revoked_at"] or "")[:19])
+        console.print(table)
+
+
+@keys.command("create")
+@click.option("--role", type=click.Choice(["viewer", "member", "admin"]), default="member")
+@click.option("--name", default="", help="what the key is for")
+def keys_create(role: str, name: str) -> None:
+    """Make a key; its secret is printed once and cannot be shown again."""
+    k = _api()("POST", "/api/v1/keys", json={"role": role, "name": name})
+    console.print(f"{k['role']} key {k['id']} of project {k['project']} (store it now; it is not shown again):")
+    click.echo(k["key"])
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    k = _api()("DELETE", f"/api/v1/keys/{key_id}")
+    console.print(f"revoked {k['id']} ({k['prefix']}…)")
+
+
+@main.command("project-create")
+@click.argument("name")
+@click.option("--description", default="")
+def project_create(name: str, description: str) -> None:
+    """A new project (admins); prints its first admin key once."""
+    p = _api()("POST", "/api/v1/projects", json={"name": name, "description": description})
+    console.print(f"project [cyan]{p['name']}[/] created; its admin key (store it now):")
+    click.echo(p["admin_key"]["key"])
 
 
 # -- catalogue -----------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,14 +19,14 @@ from workers import lifecycle
 from workers.datasets import find_info
 from workers.settings import Settings
 from workers.storage import ObjectStore
-from workers.tables import TERMINAL, Artifact, Job, LogChunk, Metric
+from workers.tables import ACTIVE, DEFAULT_PROJECT, TERMINAL, Artifact, Job, LogChunk, Metric
 
 
 def request_hash(spec: JobCreate) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def validate_spec(session: Session, spec: JobCreate) -> dict[str, Any]:
+def validate_spec(session: Session, spec: JobCreate, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
     """Check method, dataset kind and params; return the params with defaults filled in."""
     try:
         method = get_method(spec.method)
@@ -48,7 +48,7 @@ def validate_spec(session: Session, spec: JobCreate) -> dict[str, Any]:
                                 f"{' or '.join(method.datasets)}; see /api/v1/datasets", slug="missing-dataset")
     else:
         try:
-            info = find_info(session, spec.dataset)
+            info = find_info(session, spec.dataset, project)
         except UnknownDatasetError as exc:
             raise field_problem("/dataset", f"no dataset named {spec.dataset!r}; known: {', '.join(exc.known)}",
                                 slug="unknown-dataset", title="Unknown dataset") from None
@@ -63,32 +63,56 @@ def validate_spec(session: Session, spec: JobCreate) -> dict[str, Any]:
     return params.model_dump(mode="json")
 
 
-def submit(session: Session, settings: Settings, spec: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
+def idempotency_token(project: str, key: str) -> str:
+    """Keys are the client's names, unique per project: stored hashed with the project, so two projects
+    may both use `run-1` and neither learns of the other's."""
+    return hashlib.sha256(f"{project}\0{key}".encode()).hexdigest()
+
+
+def submit(session: Session, settings: Settings, spec: JobCreate, idempotency_key: str | None,
+           project: str = DEFAULT_PROJECT) -> tuple[Job, bool]:
     """Queue a job; with an Idempotency-Key, a repeat of the same request returns the first job."""
     digest = request_hash(spec)
+    token = None
     if idempotency_key:
         if len(idempotency_key) > 128:
             raise field_problem("/headers/Idempotency-Key", "at most 128 characters", status=400)
-        existing = session.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).first()
+        token = idempotency_token(project, idempotency_key)
+        existing = session.scalars(select(Job).where(Job.idempotency_key == token)).first()
         if existing is not None:
             return _replay(existing, digest), False
-    params = validate_spec(session, spec)
-    if spec.resume_from and session.get(Job, spec.resume_from) is None:
-        raise field_problem("/resume_from", f"no job {spec.resume_from} to resume from")
+    params = validate_spec(session, spec, project)
+    if spec.resume_from:
+        parent = session.get(Job, spec.resume_from)
+        if parent is None or parent.project != project:
+            raise field_problem("/resume_from", f"no job {spec.resume_from} to resume from")
+    check_job_quota(session, settings, project)
     job = Job(method=get_method(spec.method).id, dataset=spec.dataset, mode=spec.mode, params=params,
               resources=spec.resources.model_dump(exclude_none=True), tags=spec.tags, seed=spec.seed,
               priority=spec.priority, max_attempts=spec.max_attempts or settings.max_attempts,
-              idempotency_key=idempotency_key, request_hash=digest, parent_id=spec.resume_from)
+              idempotency_key=token, request_hash=digest, parent_id=spec.resume_from, project=project)
     session.add(job)
     try:
         session.flush()
     except IntegrityError:  # a concurrent request with the same key won the insert
         session.rollback()
-        existing = session.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).first()
+        existing = session.scalars(select(Job).where(Job.idempotency_key == token)).first()
         if existing is None:
             raise
         return _replay(existing, digest), False
     return job, True
+
+
+def check_job_quota(session: Session, settings: Settings, project: str) -> None:
+    from api.auth import project_limits
+
+    limit, _ = project_limits(session, settings, project)
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.project == project, Job.status.in_(("queued", *ACTIVE)))) or 0
+    if active >= limit:
+        raise Problem(429, "job-quota", "Too many active jobs",
+                      f"project {project} has {active} queued or running jobs, its limit; wait for some to "
+                      "finish or cancel them (CRUCIBLE_MAX_ACTIVE_JOBS_PER_PROJECT)", extra={"limit": limit})
 
 
 def _replay(existing: Job, digest: str) -> Job:
@@ -99,17 +123,18 @@ def _replay(existing: Job, digest: str) -> Job:
     return existing
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, job_id: str, project: str = DEFAULT_PROJECT) -> Job:
+    """The job if it is this project's; another project's job is as missing as a job that never was."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.project != project:
         raise lifecycle.JobNotFound(job_id)
     return job
 
 
 def list_jobs(session: Session, *, status: str | None, method: str | None, limit: int, cursor: str | None,
-              dataset: str | None = None, mode: str | None = None, search: str | None = None
-              ) -> tuple[list[Job], str | None]:
-    q = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+              dataset: str | None = None, mode: str | None = None, search: str | None = None,
+              project: str = DEFAULT_PROJECT) -> tuple[list[Job], str | None]:
+    q = select(Job).where(Job.project == project).order_by(Job.id.desc()).limit(limit + 1)
     if status:
         q = q.where(Job.status.in_(status.split(",")))
     if method:
@@ -128,12 +153,13 @@ def list_jobs(session: Session, *, status: str | None, method: str | None, limit
 
 
 def metric_points(session: Session, job_id: str, names: list[str] | None, max_points: int,
-                  since_step: int | None = None) -> tuple[list[Metric], list[str], bool]:
+                  since_step: int | None = None, project: str = DEFAULT_PROJECT
+                  ) -> tuple[list[Metric], list[str], bool]:
     """Points of each series, downsampled to about max_points per series keeping each bucket's min and max.
 
     With since_step, only points at a later step: a poller fetches what is new since its last look.
     """
-    get_job(session, job_id)
+    get_job(session, job_id, project)
     q = select(Metric).where(Metric.job_id == job_id).order_by(Metric.name, Metric.step)
     if names:
         q = q.where(Metric.name.in_(names))
@@ -158,9 +184,10 @@ def metric_points(session: Session, job_id: str, names: list[str] | None, max_po
     return out, sorted(series), downsampled
 
 
-def read_log(session: Session, job_id: str, offset: int, limit: int) -> tuple[str, int, bool]:
+def read_log(session: Session, job_id: str, offset: int, limit: int,
+             project: str = DEFAULT_PROJECT) -> tuple[str, int, bool]:
     """Bytes [offset, offset+limit) of the job's log as text, the next offset, and whether that is the end."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, project)
     chunks = session.scalars(select(LogChunk).where(LogChunk.job_id == job_id, LogChunk.offset < offset + limit)
                              .order_by(LogChunk.offset)).all()
     data = bytearray()
@@ -175,13 +202,14 @@ def read_log(session: Session, job_id: str, offset: int, limit: int) -> tuple[st
     return text, next_offset, job.status in TERMINAL and next_offset >= job.log_bytes
 
 
-def cancel(session: Session, job_id: str) -> str:
+def cancel(session: Session, job_id: str, project: str = DEFAULT_PROJECT) -> str:
+    get_job(session, job_id, project)
     return lifecycle.request_cancel(session, job_id)
 
 
-def delete_job(session: Session, store: ObjectStore, job_id: str) -> None:
+def delete_job(session: Session, store: ObjectStore, job_id: str, project: str = DEFAULT_PROJECT) -> None:
     """Terminal jobs only (as Ray's DELETE): rows first, then the objects."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, project)
     if job.status not in TERMINAL:
         raise lifecycle.JobStateConflict(job_id, job.status, "deleted (cancel it first)")
     for table in (Metric, LogChunk, Artifact):
@@ -191,13 +219,15 @@ def delete_job(session: Session, store: ObjectStore, job_id: str) -> None:
     store.delete_prefix(f"jobs/{job_id}/")
 
 
-def retry(session: Session, settings: Settings, job_id: str) -> Job:
+def retry(session: Session, settings: Settings, job_id: str, project: str = DEFAULT_PROJECT) -> Job:
     """A new job with the same spec that starts from the old one's last checkpoint."""
-    old = get_job(session, job_id)
+    old = get_job(session, job_id, project)
     if old.status not in TERMINAL:
         raise lifecycle.JobStateConflict(job_id, old.status, "retried (wait for it to finish)")
+    check_job_quota(session, settings, project)
     job = Job(method=old.method, dataset=old.dataset, mode=old.mode, params=old.params, resources=old.resources,
-              tags=old.tags, seed=old.seed, priority=old.priority, max_attempts=old.max_attempts, parent_id=old.id)
+              tags=old.tags, seed=old.seed, priority=old.priority, max_attempts=old.max_attempts, parent_id=old.id,
+              project=project)
     session.add(job)
     session.flush()
     return job

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workers.tables import Artifact, Job, RegisteredModel
+from workers.tables import ApiKey, Artifact, AuditEvent, Job, RegisteredModel
 
 
 class Resources(BaseModel):
@@ -159,3 +159,61 @@ class ModelOut(BaseModel):
 class CancelOut(BaseModel):
     id: str
     status: str
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["viewer", "member", "admin"] = "member"
+    name: str = Field("", max_length=128, description="what the key is for, e.g. 'ci' or 'alice laptop'")
+
+
+class KeyOut(BaseModel):
+    id: str
+    project: str
+    role: str
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    key: str | None = Field(None, description="the secret; present only in the response that created the key")
+
+    @classmethod
+    def of(cls, k: ApiKey, secret: str | None = None) -> "KeyOut":
+        return cls(id=k.id, project=k.project, role=k.role, name=k.name, prefix=k.prefix, created_at=k.created_at,
+                   last_used_at=k.last_used_at, revoked_at=k.revoked_at, key=secret)
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=2, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{1,63}$")
+    description: str = Field("", max_length=2000)
+    max_active_jobs: int | None = Field(None, ge=1, le=100_000)
+    max_stored_bytes: int | None = Field(None, ge=1024)
+
+
+class ProjectOut(BaseModel):
+    name: str
+    description: str
+    max_active_jobs: int | None
+    max_stored_bytes: int | None
+    created_at: datetime
+    admin_key: KeyOut | None = Field(None, description="the new project's first admin key (shown once)")
+
+
+class AuditOut(BaseModel):
+    id: int
+    time: datetime
+    key_id: str | None
+    action: str
+    target: str
+    detail: dict[str, Any]
+    request_id: str | None
+    client: str | None
+
+    @classmethod
+    def of(cls, e: AuditEvent) -> "AuditOut":
+        return cls(id=e.id, time=e.time, key_id=e.key_id, action=e.action, target=e.target, detail=e.detail or {},
+                   request_id=e.request_id, client=e.client)

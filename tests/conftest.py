@@ -41,14 +41,30 @@ def store(settings: Settings) -> LocalStore:
     return LocalStore(settings.home / "objects")
 
 
+def make_key(settings: Settings, project: str = "default", role: str = "admin") -> str:
+    """A fresh API key (creating the project if needed), as an admin would hand one out."""
+    from api.auth import create_key
+    from workers.db import session_scope
+    from workers.tables import Project
+
+    with session_scope(settings.database_url) as s:
+        if s.get(Project, project) is None:
+            s.add(Project(name=project))
+            s.flush()
+        _, secret = create_key(s, project, role, name=f"test {role}")
+    return secret
+
+
 @pytest.fixture
 def api(settings: Settings) -> Iterator[Any]:
-    """The API in-process without an executor (jobs stay queued unless a test runs them)."""
+    """The API in-process without an executor (jobs stay queued unless a test runs them), as an admin
+    of the default project."""
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
     with TestClient(create_app(settings, run_executor=False)) as client:
+        client.headers["Authorization"] = f"Bearer {make_key(settings)}"
         yield client
 
 

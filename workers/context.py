@@ -31,7 +31,7 @@ from workers import lifecycle
 from workers.db import session_scope
 from workers.settings import Settings
 from workers.storage import ObjectStore
-from workers.tables import Artifact, Job, LogChunk, Metric, RegisteredModel
+from workers.tables import DEFAULT_PROJECT, Artifact, Job, LogChunk, Metric, RegisteredModel
 
 
 def upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -70,6 +70,7 @@ class JobRunContext:
 
     def __init__(self, job: Job, dataset: Dataset | None, settings: Settings, store: ObjectStore, device: str):
         self.job_id = job.id
+        self.project = job.project
         self.attempt = job.attempt
         self.parent_id = job.parent_id
         self.dataset = dataset
@@ -245,8 +246,9 @@ class JobRunContext:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for _ in range(5):  # a concurrent registration may take our version number; then take the next
             with session_scope(self._db) as s:
-                version = (s.scalar(select(func.max(RegisteredModel.version)).where(RegisteredModel.name == name)) or 0) + 1
-            prefix = f"models/{name}/{version}"
+                version = (s.scalar(select(func.max(RegisteredModel.version)).where(
+                    RegisteredModel.project == self.project, RegisteredModel.name == name)) or 0) + 1
+            prefix = f"models/{self.project}/{name}/{version}"
             manifest = {}
             for f in files:
                 rel = f.name if path.is_file() else f.relative_to(path).as_posix()
@@ -255,7 +257,7 @@ class JobRunContext:
             try:
                 with session_scope(self._db) as s:
                     lifecycle.fence(s, self.job_id, self.attempt)
-                    s.add(RegisteredModel(name=name, version=version, source_job_id=self.job_id, key=prefix,
+                    s.add(RegisteredModel(project=self.project, name=name, version=version, source_job_id=self.job_id, key=prefix,
                                           config=json.loads(json.dumps(dict(config or {}), default=str)),
                                           files=manifest))
                 return f"{name}@{version}"
@@ -264,7 +266,7 @@ class JobRunContext:
         raise RuntimeError(f"could not allocate a version for model {name!r}")
 
     def load_model(self, ref: str) -> Path:
-        return resolve_model(ref, self.settings, self.store)
+        return resolve_model(ref, self.settings, self.store, self.project)
 
     # -- cancellation ---------------------------------------------------------
     def request_cancel(self) -> None:
@@ -281,8 +283,8 @@ class JobRunContext:
         return False
 
 
-def resolve_model(ref: str, settings: Settings, store: ObjectStore) -> Path:
-    """`name`, `name@latest` or `name@N` from the registry (cached locally, checked by sha256),
+def resolve_model(ref: str, settings: Settings, store: ObjectStore, project: str = DEFAULT_PROJECT) -> Path:
+    """`name`, `name@latest` or `name@N` of the project's registry (cached locally, checked by sha256),
     or a local folder under one of the allowed import roots."""
     local = Path(ref)
     if local.is_absolute():
@@ -293,13 +295,13 @@ def resolve_model(ref: str, settings: Settings, store: ObjectStore) -> Path:
         return target
     name, _, version = ref.partition("@")
     with session_scope(settings.database_url) as s:
-        q = select(RegisteredModel).where(RegisteredModel.name == name)
+        q = select(RegisteredModel).where(RegisteredModel.project == project, RegisteredModel.name == name)
         q = q.order_by(RegisteredModel.version.desc()) if version in ("", "latest") else \
             q.where(RegisteredModel.version == int(version))
         row = s.scalars(q.limit(1)).first()
     if row is None:
         raise KeyError(f"no registered model {ref!r}")
-    dest = settings.cache_dir / "models" / name / str(row.version)
+    dest = settings.cache_dir / "models" / project / name / str(row.version)
     marker = dest / ".complete"
     if not marker.exists():
         tmp = dest.with_name(dest.name + ".partial")

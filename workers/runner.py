@@ -91,7 +91,7 @@ def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, clai
     store = open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)
     try:
         with session_scope(settings.database_url) as s:
-            dataset = load_dataset(s, store, job.dataset) if job.dataset else None
+            dataset = load_dataset(s, store, job.dataset, job.project) if job.dataset else None
         ctx = JobRunContext(job, dataset, settings, store, pick_device(job.resources or {}))
     except Exception as exc:
         with session_scope(settings.database_url) as s:

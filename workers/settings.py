@@ -31,7 +31,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     api_url: str = Field("", description="where the CLI finds the API; default http://host:port")
-    api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth on loopback")
+    api_key: str = Field("", description="the key the CLI sends; default: the admin key `up` wrote to home/admin-key")
+
+    rate_limit_submit_per_minute: int = Field(120, ge=1, description="job submissions per key per minute")
+    rate_limit_inference_per_minute: int = Field(600, ge=1, description="inference requests per key per minute")
+    max_active_jobs_per_project: int = Field(100, ge=1, description="queued + running jobs a project may have")
+    max_stored_bytes_per_project: int = Field(50 * 1024**3, ge=1024, description="artifact + dataset bytes per project")
+    max_archive_files: int = Field(2000, ge=1, description="files an uploaded archive may hold")
 
     max_concurrent_jobs: int = Field(2, ge=1, le=64)
     heartbeat_s: float = Field(5.0, gt=0)
@@ -65,6 +71,19 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.home / "admin-key"
+
+    def cli_key(self) -> str:
+        """The CLI's bearer key: CRUCIBLE_API_KEY, else the admin key `crucible up` left in home."""
+        if self.api_key:
+            return self.api_key
+        try:
+            return self.admin_key_file.read_text().strip()
+        except OSError:
+            return ""
 
     @property
     def cache_dir(self) -> Path:

@@ -19,6 +19,9 @@ STATUSES = ("queued", "starting", "running", "cancelling", "succeeded", "failed"
 ACTIVE = ("starting", "running", "cancelling")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
+ROLES = ("viewer", "member", "admin")  # each role can do everything the ones before it can
+DEFAULT_PROJECT = "default"
+
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -53,10 +56,56 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime()}
 
 
+class Project(Base):
+    """The unit of isolation: every job, dataset, model and deployment belongs to one."""
+
+    __tablename__ = "projects"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)  # None = the service-wide default
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A bearer key of one project. Only its sha256 is stored; the key itself is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(128), default="")
+    prefix: Mapped[str] = mapped_column(String(16))  # the first characters, so a person can tell keys apart
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str | None] = mapped_column(String(26))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """Who did what to which thing, and when: submit, cancel, delete, upload, deploy, key changes."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(26))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    client: Mapped[str | None] = mapped_column(String(64))
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name"), default=DEFAULT_PROJECT, index=True)
     method: Mapped[str] = mapped_column(String(64), index=True)
     dataset: Mapped[str | None] = mapped_column(String(128))
     mode: Mapped[str] = mapped_column(String(16), default="run")  # run | reproduce
@@ -142,6 +191,7 @@ class RegisteredModel(Base):
     __tablename__ = "models"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name"), default=DEFAULT_PROJECT, index=True)
     name: Mapped[str] = mapped_column(String(128))
     version: Mapped[int] = mapped_column(Integer)
     source_job_id: Mapped[str | None] = mapped_column(String(26))
@@ -150,7 +200,7 @@ class RegisteredModel(Base):
     files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # relative path -> {size, sha256}
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_version"),)
+    __table_args__ = (UniqueConstraint("project", "name", "version", name="uq_model_version"),)
 
 
 class DatasetRow(Base):
@@ -159,7 +209,8 @@ class DatasetRow(Base):
     __tablename__ = "datasets"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name"), default=DEFAULT_PROJECT, index=True)
+    name: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(32))
     format: Mapped[str] = mapped_column(String(16))
     key: Mapped[str] = mapped_column(String(1024))
@@ -168,3 +219,28 @@ class DatasetRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("project", "name", name="uq_dataset_name"),)
+
+
+class Deployment(Base):
+    """A registered model served warm behind an inference endpoint (LLM chat/completions or images).
+
+    `engine` holds the deployment's engine options (KV cache, attention, decoding; sampler defaults),
+    validated when the deployment is created so a bad combination fails then, not mid-generation.
+    """
+
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name"), default=DEFAULT_PROJECT, index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(160))  # the registered model as `name@version`
+    kind: Mapped[str] = mapped_column(String(16))  # llm | diffusion
+    engine: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="ready")  # ready | failed | deleted
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(26))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("project", "name", name="uq_deployment_name"),)

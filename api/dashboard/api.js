@@ -10,7 +10,10 @@ export class ApiError extends Error {
 }
 
 export async function api(path, { method = "GET", body, headers = {} } = {}) {
-  const init = { method, headers: { accept: "application/json", ...headers }, cache: "no-store" };
+  // The header tells the server this write comes from the dashboard itself (its CSRF check for the
+  // cookie the login link set); scripts authenticate with `Authorization: Bearer` instead.
+  const init = { method, headers: { accept: "application/json", "X-Crucible-Client": "dashboard", ...headers },
+                 cache: "no-store" };
   if (body !== undefined) {
     init.headers["content-type"] = "application/json";
     init.body = JSON.stringify(body);

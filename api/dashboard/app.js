@@ -1,6 +1,6 @@
 // The dashboard: a hash router over views. Each view module exports mount(el, ctx) and may return
 // a cleanup function that stops its pollers when the view is left.
-import { api } from "./api.js";
+import { ApiError, api } from "./api.js";
 import { html, parseHash } from "./ui.js";
 import * as jobs from "./jobs.js";
 import * as jobPage from "./job.js";
@@ -59,7 +59,35 @@ async function health() {
   }
 }
 
-window.addEventListener("hashchange", route);
-route();
-health();
-setInterval(health, 30000);
+// Not logged in: a key pasted here (or the link `crucible up` prints) sets the dashboard's cookie.
+function showLogin(failed) {
+  document.querySelector("nav").hidden = true;
+  view.innerHTML = html`<h1>Log in</h1>
+    <p>Open the link <code>crucible up</code> printed, or paste an API key
+       (the local admin key is in <code>$CRUCIBLE_HOME/admin-key</code>).</p>
+    ${failed ? html`<p class="failure" role="alert">That key is unknown or revoked.</p>` : ""}
+    <form method="post" action="/login" class="login">
+      <label>API key <input name="key" type="password" autocomplete="off" required></label>
+      <button>Log in</button>
+    </form>`.s;
+}
+
+async function start() {
+  try {
+    const me = await api("/api/v1/whoami");
+    const who = document.getElementById("who");
+    who.textContent = `${me.project} · ${me.role}`;
+    who.title = `key ${me.key_name || me.key_id}`;
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) {
+      showLogin(new URLSearchParams(location.search).get("login") === "failed");
+      return;
+    }
+  }
+  window.addEventListener("hashchange", route);
+  route();
+  health();
+  setInterval(health, 30000);
+}
+
+start();

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import APIRouter, File, Form, UploadFile, status
+from fastapi import APIRouter, File, Form, Request, UploadFile, status
 
+from api.auth import PrincipalDep, audit, check_storage_quota
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.problems import Problem, field_problem
 from models.datasets import KINDS
@@ -16,19 +17,19 @@ router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
 
 @router.get("")
-def datasets(session: SessionDep, kind: str | None = None) -> dict[str, Any]:
-    items = [i.describe() for i in all_infos(session) if kind is None or i.kind == kind]
+def datasets(session: SessionDep, who: PrincipalDep, kind: str | None = None) -> dict[str, Any]:
+    items = [i.describe() for i in all_infos(session, who.project) if kind is None or i.kind == kind]
     return {"items": items, "kinds": {k: {"description": v.description, "formats": list(v.formats)}
                                       for k, v in KINDS.items()}}
 
 
 @router.get("/{name}")
-def dataset(session: SessionDep, name: str) -> dict[str, Any]:
-    return find_info(session, name).describe()
+def dataset(session: SessionDep, who: PrincipalDep, name: str) -> dict[str, Any]:
+    return find_info(session, name, who.project).describe()
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-async def upload(session: SessionDep, store: StoreDep, settings: SettingsDep,
+async def upload(session: SessionDep, store: StoreDep, settings: SettingsDep, who: PrincipalDep, request: Request,
                  name: str = Form(..., description="lowercase letters, digits, . _ -"),
                  kind: str = Form(..., description="a dataset kind, e.g. image-class"),
                  file: UploadFile = File(..., description=".npz (numeric kinds) or .jsonl (text kinds)"),
@@ -48,9 +49,11 @@ async def upload(session: SessionDep, store: StoreDep, settings: SettingsDep,
             raise Problem(413, "upload-too-large", "Upload too large",
                           f"the file is over {settings.max_upload_bytes} bytes; split it or raise CRUCIBLE_MAX_UPLOAD_BYTES",
                           errors=[{"pointer": "/file", "message": "too large"}])
+    check_storage_quota(session, settings, who.project, len(blob))
     try:
-        row = store_upload(session, store, Upload(name, kind, fmt, bytes(blob), description))
+        row = store_upload(session, store, Upload(name, kind, fmt, bytes(blob), description), who.project)
     except FileExistsError:
         raise field_problem("/name", f"a dataset named {name!r} exists; choose another name", status=409,
                             slug="dataset-exists", title="Dataset exists") from None
-    return find_info(session, row.name).describe()
+    audit(session, request, who, "dataset.upload", name, kind=kind, size=len(blob))
+    return find_info(session, row.name, who.project).describe()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select, text
 
+from api.auth import require_admin
 from api.deps import SessionDep, SettingsDep
 from workers.tables import STATUSES, Job
 
@@ -21,7 +22,7 @@ def health(session: SessionDep, settings: SettingsDep, request: Request) -> dict
             "storage": settings.storage_url.split("://", 1)[0]}
 
 
-@router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
+@router.get("/metrics", response_class=PlainTextResponse, tags=["ops"], dependencies=[Depends(require_admin)])
 def prometheus(session: SessionDep) -> str:
     counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
     lines = ["# HELP crucible_jobs Jobs by status.", "# TYPE crucible_jobs gauge"]

@@ -1,12 +1,16 @@
-"""The model registry (read side; jobs register models through their RunContext)."""
+"""The model registry: jobs register models through their RunContext; people import folders here."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import re
+
+from fastapi import APIRouter, File, Form, Request, UploadFile, status
 from sqlalchemy import select
 
-from api.deps import SessionDep
-from api.problems import Problem
+from api.auth import PrincipalDep, audit, check_storage_quota
+from api.deps import SessionDep, SettingsDep, StoreDep
+from api.model_imports import MODEL_NAME_RULE, import_model
+from api.problems import Problem, field_problem
 from api.schemas import ModelOut
 from workers.tables import RegisteredModel
 
@@ -14,15 +18,39 @@ router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
 
 @router.get("")
-def models(session: SessionDep) -> dict[str, list[ModelOut]]:
-    rows = session.scalars(select(RegisteredModel).order_by(RegisteredModel.name, RegisteredModel.version.desc()))
+def models(session: SessionDep, who: PrincipalDep) -> dict[str, list[ModelOut]]:
+    rows = session.scalars(select(RegisteredModel).where(RegisteredModel.project == who.project)
+                           .order_by(RegisteredModel.name, RegisteredModel.version.desc()))
     return {"items": [ModelOut.of(r) for r in rows]}
 
 
 @router.get("/{name}")
-def model_versions(session: SessionDep, name: str) -> dict[str, list[ModelOut]]:
-    rows = list(session.scalars(select(RegisteredModel).where(RegisteredModel.name == name)
+def model_versions(session: SessionDep, who: PrincipalDep, name: str) -> dict[str, list[ModelOut]]:
+    rows = list(session.scalars(select(RegisteredModel).where(RegisteredModel.project == who.project,
+                                                              RegisteredModel.name == name)
                                 .order_by(RegisteredModel.version.desc())))
     if not rows:
         raise Problem(404, "model-not-found", "No such model", f"no registered model named {name!r}; see /api/v1/models")
     return {"items": [ModelOut.of(r) for r in rows]}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def import_folder(session: SessionDep, store: StoreDep, settings: SettingsDep, who: PrincipalDep,
+                        request: Request,
+                        name: str = Form(..., description="lowercase letters, digits, . _ -"),
+                        file: UploadFile = File(..., description="a .zip or .tar.gz of a Hugging Face or diffusers "
+                                                                  "folder with safetensors weights")) -> ModelOut:
+    """Import a local model folder (e.g. a real Llama or Stable Diffusion) as a new version of `name`."""
+    if not re.match(MODEL_NAME_RULE, name):
+        raise field_problem("/name", "use 2-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
+    blob = bytearray()
+    while chunk := await file.read(1024 * 1024):
+        blob += chunk
+        if len(blob) > settings.max_upload_bytes:
+            raise Problem(413, "upload-too-large", "Upload too large",
+                          f"the archive is over {settings.max_upload_bytes} bytes; raise CRUCIBLE_MAX_UPLOAD_BYTES "
+                          "or put the folder under an import root", errors=[{"pointer": "/file", "message": "too large"}])
+    check_storage_quota(session, settings, who.project, len(blob))
+    row = import_model(session, store, settings, who.project, name, bytes(blob))
+    audit(session, request, who, "model.import", f"{name}@{row.version}", files=len(row.files))
+    return ModelOut.of(row)

@@ -51,7 +51,7 @@ class DashboardServer(Server):
         log = open(self.home.parent / f"server-{self.port}.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(self.port)],
                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._healthy, timeout=90)
+        self._await_ready()
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +83,7 @@ def page(browser: "Browser", dash_server: Server) -> Iterator["Page"]:
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto(f"/?token={dash_server.key}")  # the login link `crucible up` prints: sets the session cookie
     yield pg
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"

@@ -46,7 +46,13 @@ class Server:
         log = open(self.home.parent / f"server-{self.port}.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(self.port)],
                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._await_ready()
+
+    def _await_ready(self) -> None:
+        """Healthy, and authorised with the admin key `crucible up` wrote into home (as the CLI does)."""
         wait_for(self._healthy, timeout=90)
+        self.key = (self.home / "admin-key").read_text().strip()
+        self.http.headers["Authorization"] = f"Bearer {self.key}"
 
     def _healthy(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, "server exited during start-up"
@@ -171,7 +177,8 @@ def test_a_restarted_server_requeues_and_finishes_a_job_left_running(server: Ser
 
 
 def test_cli_submit_follow_shows_progress_and_summary(server: Server):
-    env = {**os.environ, "CRUCIBLE_API_URL": server.url, "COLUMNS": "120"}
+    # the CLI finds its key where `crucible up` left it (home/admin-key), as on a laptop
+    env = {**os.environ, "CRUCIBLE_API_URL": server.url, "CRUCIBLE_HOME": str(server.home), "COLUMNS": "120"}
     out = subprocess.run([sys.executable, "-m", "api.cli", "submit", "test-counter", "-p", "steps=8",
                           "-p", "step_seconds=0.1", "--follow"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=180)

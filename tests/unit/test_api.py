@@ -126,12 +126,13 @@ def test_upload_over_the_size_limit_is_413_and_stores_nothing(tmp_path):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from tests.conftest import make_settings
+    from tests.conftest import make_key, make_settings
     from workers.db import upgrade
 
     s = make_settings(tmp_path / "h", max_upload_bytes=4096)
     upgrade(s.database_url)
     with TestClient(create_app(s, run_executor=False)) as client:
+        client.headers["Authorization"] = f"Bearer {make_key(s)}"
         r = client.post("/api/v1/datasets", data={"name": "big", "kind": "tabular"},
                         files={"file": ("big.npz", b"\0" * 10_000)})
         problem(r, 413)

@@ -10,18 +10,18 @@ from api.cli import main
 def test_methods_json_lists_the_contract_fields():
     out = CliRunner().invoke(main, ["methods", "--json"])
     assert out.exit_code == 0, out.output
-    items = json.loads(out.output)
+    items = json.loads(out.stdout)
     assert {"id", "family", "task", "paper", "params", "datasets", "reproduction"} <= set(items[0])
 
 
 def test_methods_pattern_filters():
-    items = json.loads(CliRunner().invoke(main, ["methods", "test-*", "--json"]).output)
+    items = json.loads(CliRunner().invoke(main, ["methods", "test-*", "--json"]).stdout)
     assert [m["id"] for m in items] == ["test-counter"]
 
 
 def test_reproduce_prints_the_record_shape():
     out = CliRunner().invoke(main, ["reproduce", "test-counter", "--smoke", "--json"])
-    record = json.loads(out.output)
+    record = json.loads(out.stdout)
     assert {"method", "claim", "metric", "ours", "baseline", "direction", "holds", "seconds", "seed"} <= set(record)
     assert record["holds"] is True and record["ours"] == 15.0
 

@@ -1,0 +1,81 @@
+"""Who may do what: the caller's identity, projects, API keys and the audit log."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, status
+from sqlalchemy import select
+
+from api import auth
+from api.auth import AdminDep, PrincipalDep, audit
+from api.deps import SessionDep, SettingsDep
+from api.schemas import AuditOut, KeyCreate, KeyOut, ProjectCreate, ProjectOut
+from workers.tables import ApiKey, AuditEvent, Project
+
+router = APIRouter(prefix="/api/v1", tags=["access"])
+
+
+@router.get("/whoami")
+def whoami(who: PrincipalDep, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    jobs, stored = auth.project_limits(session, settings, who.project)
+    return {"key_id": who.key_id, "key_name": who.key_name, "project": who.project, "role": who.role,
+            "limits": {"max_active_jobs": jobs, "max_stored_bytes": stored,
+                       "stored_bytes": auth.stored_bytes(session, who.project),
+                       "submissions_per_minute": settings.rate_limit_submit_per_minute,
+                       "inference_requests_per_minute": settings.rate_limit_inference_per_minute}}
+
+
+@router.post("/projects", status_code=status.HTTP_201_CREATED, response_model=ProjectOut)
+def create_project(body: ProjectCreate, session: SessionDep, who: AdminDep, request: Request) -> ProjectOut:
+    """A new project and its first admin key (shown once). Only admins may create projects."""
+    project = auth.create_project(session, body.name, body.description)
+    project.max_active_jobs, project.max_stored_bytes = body.max_active_jobs, body.max_stored_bytes
+    key, secret = auth.create_key(session, project.name, "admin", name=f"first admin of {project.name}",
+                                  created_by=who.key_id)
+    audit(session, request, who, "project.create", project.name)
+    return ProjectOut(name=project.name, description=project.description, max_active_jobs=project.max_active_jobs,
+                      max_stored_bytes=project.max_stored_bytes, created_at=project.created_at,
+                      admin_key=KeyOut.of(key, secret))
+
+
+@router.get("/projects/current", response_model=ProjectOut)
+def current_project(session: SessionDep, who: PrincipalDep) -> ProjectOut:
+    p = session.get(Project, who.project)
+    assert p is not None  # a key's project cannot be deleted while the key exists (foreign key)
+    return ProjectOut(name=p.name, description=p.description, max_active_jobs=p.max_active_jobs,
+                      max_stored_bytes=p.max_stored_bytes, created_at=p.created_at)
+
+
+@router.get("/keys")
+def list_keys(session: SessionDep, who: AdminDep) -> dict[str, list[KeyOut]]:
+    rows = session.scalars(select(ApiKey).where(ApiKey.project == who.project).order_by(ApiKey.created_at))
+    return {"items": [KeyOut.of(k) for k in rows]}
+
+
+@router.post("/keys", status_code=status.HTTP_201_CREATED, response_model=KeyOut)
+def create_key(body: KeyCreate, session: SessionDep, who: AdminDep, request: Request) -> KeyOut:
+    """A key of the caller's project; the response is the only time its secret is shown."""
+    key, secret = auth.create_key(session, who.project, body.role, body.name, created_by=who.key_id)
+    audit(session, request, who, "key.create", key.id, role=key.role, name=key.name)
+    return KeyOut.of(key, secret)
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut)
+def revoke_key(key_id: str, session: SessionDep, who: AdminDep, request: Request) -> KeyOut:
+    key = auth.revoke_key(session, who.project, key_id)
+    audit(session, request, who, "key.revoke", key.id)
+    return KeyOut.of(key)
+
+
+@router.get("/audit")
+def audit_log(session: SessionDep, who: AdminDep, limit: int = Query(100, ge=1, le=1000),
+              before: Annotated[int | None, Query(description="events older than this id (paging)")] = None,
+              action: str | None = None) -> dict[str, Any]:
+    q = select(AuditEvent).where(AuditEvent.project == who.project).order_by(AuditEvent.id.desc()).limit(limit)
+    if before is not None:
+        q = q.where(AuditEvent.id < before)
+    if action:
+        q = q.where(AuditEvent.action == action)
+    rows = list(session.scalars(q))
+    return {"items": [AuditOut.of(e) for e in rows], "next_before": rows[-1].id if len(rows) == limit else None}
