@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile, status
 from api.auth import PrincipalDep, audit, check_storage_quota
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.problems import Problem, field_problem
+from api.uploads import read_capped
 from models.datasets import KINDS
 from workers.datasets import NAME_RULE, Upload, all_infos, find_info, store_upload
 
@@ -42,16 +43,10 @@ async def upload(session: SessionDep, store: StoreDep, settings: SettingsDep, wh
     if fmt not in ("npz", "jsonl"):
         raise Problem(415, "unsupported-format", "Unsupported file format",
                       f"file {file.filename!r}: upload a .npz or .jsonl file", errors=[{"pointer": "/file", "message": "use .npz or .jsonl"}])
-    blob = bytearray()
-    while chunk := await file.read(1024 * 1024):
-        blob += chunk
-        if len(blob) > settings.max_upload_bytes:
-            raise Problem(413, "upload-too-large", "Upload too large",
-                          f"the file is over {settings.max_upload_bytes} bytes; split it or raise CRUCIBLE_MAX_UPLOAD_BYTES",
-                          errors=[{"pointer": "/file", "message": "too large"}])
+    blob = await read_capped(file, settings.max_upload_bytes, "split it or raise CRUCIBLE_MAX_UPLOAD_BYTES")
     check_storage_quota(session, settings, who.project, len(blob))
     try:
-        row = store_upload(session, store, Upload(name, kind, fmt, bytes(blob), description), who.project)
+        row = store_upload(session, store, Upload(name, kind, fmt, blob, description), who.project)
     except FileExistsError:
         raise field_problem("/name", f"a dataset named {name!r} exists; choose another name", status=409,
                             slug="dataset-exists", title="Dataset exists") from None

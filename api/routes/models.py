@@ -12,6 +12,7 @@ from api.deps import SessionDep, SettingsDep, StoreDep
 from api.model_imports import MODEL_NAME_RULE, import_model
 from api.problems import Problem, field_problem
 from api.schemas import ModelOut
+from api.uploads import read_capped
 from workers.tables import RegisteredModel
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
@@ -43,14 +44,9 @@ async def import_folder(session: SessionDep, store: StoreDep, settings: Settings
     """Import a local model folder (e.g. a real Llama or Stable Diffusion) as a new version of `name`."""
     if not re.match(MODEL_NAME_RULE, name):
         raise field_problem("/name", "use 2-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
-    blob = bytearray()
-    while chunk := await file.read(1024 * 1024):
-        blob += chunk
-        if len(blob) > settings.max_upload_bytes:
-            raise Problem(413, "upload-too-large", "Upload too large",
-                          f"the archive is over {settings.max_upload_bytes} bytes; raise CRUCIBLE_MAX_UPLOAD_BYTES "
-                          "or put the folder under an import root", errors=[{"pointer": "/file", "message": "too large"}])
+    blob = await read_capped(file, settings.max_upload_bytes,
+                             "raise CRUCIBLE_MAX_UPLOAD_BYTES or put the folder under an import root")
     check_storage_quota(session, settings, who.project, len(blob))
-    row = import_model(session, store, settings, who.project, name, bytes(blob))
+    row = import_model(session, store, settings, who.project, name, blob)
     audit(session, request, who, "model.import", f"{name}@{row.version}", files=len(row.files))
     return ModelOut.of(row)
