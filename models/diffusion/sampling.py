@@ -39,9 +39,23 @@ SAMPLERS: dict[str, type] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "eule
 _SIGMA_SCALED = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)
 _SECOND_ORDER = ("heun",)  # two model evaluations per step would advance APG's momentum twice
 
-# name → factory(request) of an attention processor for the U-Net's cross-attention layers (attn2);
-# "standard" keeps the model's own processors. Other modules (e.g. SNOOPI's NASA) add entries.
-ATTENTION_PROCESSORS: dict[str, Callable[["SampleRequest"], Any] | None] = {"standard": None}
+
+
+def _nasa(parts: DiffusionParts, request: "SampleRequest") -> Any:
+    """SNOOPI's NASA on the cross-attention layers: the negative prompt is subtracted in attention."""
+    from models.diffusion.nasa import DEFAULT_ALPHA, NASAProcessor
+
+    with torch.no_grad():
+        negative = parts.encode(torch.tensor([parse_prompt(request.negative_prompt, parts.prompt_encoder.null_tokens,
+                                                           "negative_prompt")]))
+    return NASAProcessor(negative, request.attention_params.get("alpha", DEFAULT_ALPHA))
+
+
+# name → factory(parts, request) of the processor for the U-Net's cross-attention layers (attn2);
+# "standard" keeps the model's own processors. A negative prompt goes to the unconditional branch
+# with "standard" and into the attention layers with "nasa".
+ATTENTION_PROCESSORS: dict[str, Callable[[DiffusionParts, "SampleRequest"], Any] | None] = {
+    "standard": None, "nasa": _nasa}
 
 _WORD_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -160,6 +174,9 @@ def validate(parts: DiffusionParts, request: SampleRequest) -> None:
     if request.attention not in ATTENTION_PROCESSORS:
         raise SamplingRequestError("attention", f"unknown processor {request.attention!r}; "
                                                 f"known: {sorted(ATTENTION_PROCESSORS)}")
+    if request.attention == "nasa" and (request.negative_prompt is None or not parts.cross_attention):
+        raise UnsupportedNegativePromptError("negative_prompt", "NASA needs a negative prompt and a model with "
+                                                                "prompt cross-attention")
     if request.steps < 1 or request.n < 1:
         raise SamplingRequestError("steps" if request.steps < 1 else "n", "must be at least 1")
 
@@ -206,8 +223,8 @@ def attention_processor(parts: DiffusionParts, request: SampleRequest) -> Iterat
         yield
         return
     before = dict(parts.unet.attn_processors)
-    parts.unet.set_attn_processor({k: (factory(request) if k.endswith("attn2.processor") else v)
-                                   for k, v in before.items()})
+    processor = factory(parts, request)
+    parts.unet.set_attn_processor({k: (processor if k.endswith("attn2.processor") else v) for k, v in before.items()})
     try:
         yield
     finally:
@@ -226,7 +243,8 @@ def _conditioning(parts: DiffusionParts, request: SampleRequest, n: int) -> tupl
         return zeros, zeros
     null = parts.prompt_encoder.null_tokens
     cond = torch.tensor(parse_prompt(request.prompt, null))
-    uncond = torch.tensor(parse_prompt(request.negative_prompt, null, "negative_prompt"))
+    negative = request.negative_prompt if request.attention == "standard" else None  # NASA uses it in attention
+    uncond = torch.tensor(parse_prompt(negative, null, "negative_prompt"))
     emb = parts.encode(torch.stack([cond, uncond]))
     return emb[0].expand(n, -1, -1), emb[1].expand(n, -1, -1)
 
