@@ -15,7 +15,8 @@ from fastapi.staticfiles import StaticFiles
 
 from api import problems
 from api.auth import SESSION_COOKIE, RateLimiter, authenticate, lookup_key
-from api.routes import access, datasets, health, jobs, methods, models
+from api.routes import access, datasets, deployments, health, jobs, methods, models, openai_compat
+from api.serving.manager import DeploymentManager
 from workers.executors import make_executor
 from workers.executors.local import ExecutorLockedError
 from workers.settings import Settings, load_plugins
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
     app.state.settings = settings
     app.state.store = open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)
     app.state.rate_limiter = RateLimiter()
+    app.state.deployments = DeploymentManager()  # warm models of this serving process
     problems.install(app)
 
     @app.middleware("http")
@@ -67,7 +69,7 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
         return response
 
     app.include_router(health.router)  # liveness stays open; /metrics authenticates itself
-    for module in (methods, datasets, jobs, models, access):
+    for module in (methods, datasets, jobs, models, access, deployments, openai_compat):
         app.include_router(module.router, dependencies=[Depends(authenticate)])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

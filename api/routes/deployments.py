@@ -1,0 +1,263 @@
+"""Deployments: a registered model of the project, served warm; and the image endpoint of diffusion ones.
+
+Creating a deployment resolves the model (`name` or `name@version`, pinned to a version), detects
+its kind from the folder, validates the engine options and loads the model once, so a folder that
+cannot be served fails at creation with a 4xx naming the field, and the first request is fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request, Response, status
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.auth import InferenceLimitDep, PrincipalDep, audit
+from api.deps import SessionDep, SettingsDep, StoreDep
+from api.problems import Problem, field_problem
+from api.serving.engines import detect_kind, validate_engine
+from api.serving.manager import DeploymentManager, Loaded, load
+from workers.context import resolve_model
+from workers.settings import Settings
+from workers.storage import ObjectStore
+from workers.tables import Deployment, RegisteredModel
+
+if TYPE_CHECKING:
+    from models.diffusion.sampling import SampleRequest
+
+router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"])
+DEPLOYMENT_NAME_RULE = r"^[a-z0-9][a-z0-9._-]{1,63}$"
+
+
+class DeploymentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"name": "chat", "model": "llm-base-tiny@1", "engine": {"max_n": 2}}]})
+
+    name: str = Field(..., pattern=DEPLOYMENT_NAME_RULE, description="unique in the project; the `model` of OpenAI requests")
+    model: str = Field(..., min_length=1, max_length=160, description="a registered model: `name` (latest) or `name@version`")
+    engine: dict[str, Any] = Field(default_factory=dict, description="engine options of the model's kind (caps, defaults)")
+
+
+class DeploymentOut(BaseModel):
+    id: str
+    name: str
+    model: str
+    kind: str
+    engine: dict[str, Any]
+    status: str
+    error: str | None
+    created_at: Any
+    loaded: bool = False
+
+    @classmethod
+    def of(cls, d: Deployment, loaded: bool = False) -> "DeploymentOut":
+        return cls(id=d.id, name=d.name, model=d.model, kind=d.kind, engine=d.engine or {}, status=d.status,
+                   error=d.error, created_at=d.created_at, loaded=loaded)
+
+
+def manager(request: Request) -> DeploymentManager:
+    state = request.app.state
+    if getattr(state, "deployments", None) is None:
+        state.deployments = DeploymentManager()
+    return state.deployments
+
+
+def find_deployment(session: Session, project: str, name: str, kind: str | None = None,
+                    pointer: str = "/name") -> Deployment:
+    """The project's deployment `name` (of `kind`); any other project's answers 404 exactly like a missing one."""
+    row = session.scalars(select(Deployment).where(Deployment.project == project, Deployment.name == name)).first()
+    if row is None or (kind is not None and row.kind != kind):
+        what = f"no {kind} deployment" if kind else "no deployment"
+        raise Problem(404, "deployment-not-found", "No such deployment",
+                      f"{what} named {name!r}; list them at /api/v1/deployments",
+                      errors=[{"pointer": pointer, "message": f"{what} named {name!r}"}])
+    return row
+
+
+def pin_model(session: Session, project: str, ref: str) -> RegisteredModel:
+    name, _, version = ref.partition("@")
+    q = select(RegisteredModel).where(RegisteredModel.project == project, RegisteredModel.name == name)
+    if version in ("", "latest"):
+        q = q.order_by(RegisteredModel.version.desc())
+    elif version.isdigit():
+        q = q.where(RegisteredModel.version == int(version))
+    else:
+        raise field_problem("/model", "use `name`, `name@latest` or `name@<version number>`")
+    row = session.scalars(q.limit(1)).first()
+    if row is None:
+        raise Problem(404, "model-not-found", "No such model",
+                      f"model: no registered model {ref!r} in this project; see /api/v1/models",
+                      errors=[{"pointer": "/model", "message": f"no registered model {ref!r}"}])
+    return row
+
+
+def folder_problem(exc: Exception) -> Problem:
+    """The kits' load errors as 422s naming the model field at fault."""
+    from models.llm.folder import ModelFolderError
+
+    if isinstance(exc, ModelFolderError):
+        return Problem(exc.status_code, "model-folder-unservable", "The model folder cannot be served", str(exc),
+                       errors=[{"pointer": "/model", "message": f"{exc.field}: {exc.fix}"}])
+    return Problem(422, "model-folder-unservable", "The model folder cannot be served", f"model: {exc}",
+                   errors=[{"pointer": "/model", "message": str(exc)}])
+
+
+def load_deployment(row: Deployment, settings: Settings, store: ObjectStore) -> Loaded:
+    folder = Path(resolve_model(row.model, settings, store, row.project))
+    try:
+        return load(row.kind, folder, row.engine or {}, row.id)
+    except (OSError, ValueError, KeyError) as exc:  # ModelFolderError is a ValueError
+        raise folder_problem(exc) from None
+
+
+def warm(request: Request, row: Deployment, settings: Settings, store: ObjectStore) -> Loaded:
+    return manager(request).get(row.id, lambda: load_deployment(row, settings, store))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DeploymentOut)
+def create(spec: DeploymentCreate, session: SessionDep, settings: SettingsDep, store: StoreDep, request: Request,
+           response: Response, who: PrincipalDep) -> DeploymentOut:
+    model = pin_model(session, who.project, spec.model)
+    ref = f"{model.name}@{model.version}"
+    if session.scalars(select(Deployment.id).where(Deployment.project == who.project,
+                                                   Deployment.name == spec.name)).first():
+        raise field_problem("/name", f"a deployment named {spec.name!r} exists; delete it or choose another name",
+                            status=409, slug="deployment-exists", title="Deployment exists")
+    folder = Path(resolve_model(ref, settings, store, who.project))
+    kind = detect_kind(folder)
+    engine = validate_engine(kind, spec.engine)
+    row = Deployment(project=who.project, name=spec.name, model=ref, kind=kind, engine=engine, status="ready",
+                     created_by=who.key_id)
+    try:
+        loaded = load(kind, folder, engine)
+    except (OSError, ValueError, KeyError) as exc:
+        raise folder_problem(exc) from None
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise field_problem("/name", f"a deployment named {spec.name!r} exists", status=409,
+                            slug="deployment-exists", title="Deployment exists") from None
+    loaded.deployment_id = row.id
+    audit(session, request, who, "deployment.create", spec.name, model=ref, kind=kind)
+    session.commit()
+    manager(request).put(loaded)
+    response.headers["Location"] = f"/api/v1/deployments/{spec.name}"
+    return DeploymentOut.of(row, loaded=True)
+
+
+@router.get("")
+def list_deployments(session: SessionDep, who: PrincipalDep, request: Request) -> dict[str, list[DeploymentOut]]:
+    loaded = set(manager(request).loaded_ids())
+    rows = session.scalars(select(Deployment).where(Deployment.project == who.project).order_by(Deployment.name))
+    return {"items": [DeploymentOut.of(r, r.id in loaded) for r in rows]}
+
+
+@router.get("/{name}", response_model=DeploymentOut)
+def get_deployment(name: str, session: SessionDep, who: PrincipalDep, request: Request) -> DeploymentOut:
+    row = find_deployment(session, who.project, name)
+    return DeploymentOut.of(row, row.id in manager(request).loaded_ids())
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+def delete(name: str, session: SessionDep, who: PrincipalDep, request: Request) -> Response:
+    row = find_deployment(session, who.project, name)
+    manager(request).evict(row.id)
+    session.delete(row)
+    audit(session, request, who, "deployment.delete", name, model=row.model)
+    return Response(status_code=204)
+
+
+# -- images ------------------------------------------------------------------------
+Prompt = str | list[int | None] | None
+
+
+class ImageRequest(BaseModel):
+    """One image request; everything is optional (a bare `{}` draws one unconditional-guided sample)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={
+        "examples": [{"prompt": "red bold 3", "guidance": "apg", "scale": 8, "eta": 0, "n": 4, "seed": 1}]})
+
+    prompt: Prompt = Field(None, description='words ("red bold 3") or token ids [digit, colour, thickness]')
+    class_: int | None = Field(None, alias="class", ge=0, le=9, description="a digit class (instead of a prompt)")
+    negative_prompt: Prompt = None
+    guidance: Literal["none", "cfg", "apg"] | None = Field(None, description="default: cfg if the model supports it")
+    scale: float = Field(4.0, ge=0, le=100, description="guidance scale w")
+    eta: float = Field(0.0, ge=0, le=1, description="APG: weight of the parallel component")
+    norm_threshold: float | None = Field(None, gt=0, description="APG: rescale radius r (none = no rescale)")
+    momentum: float = Field(0.0, gt=-1, lt=1, description="APG: momentum β (the paper uses negative values)")
+    sampler: str | None = Field(None, max_length=32, description="ddim, ddpm, euler, euler-ancestral, dpm-solver, heun")
+    steps: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="image i uses seed + i; random when absent")
+    n: int = Field(1, ge=1)
+    attention: str = Field("standard", max_length=32)
+
+
+def png_base64(image01: Any) -> str:
+    arr = (image01.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def sample_request(body: ImageRequest, loaded: Loaded) -> "SampleRequest":
+    from models.diffusion.guidance import GuidanceSpec
+    from models.diffusion.sampling import SampleRequest
+
+    engine, parts = loaded.engine, loaded.diffusion
+    assert parts is not None
+    steps = body.steps or engine.get("default_steps", 30)
+    if steps > engine.get("max_steps", 100):
+        raise field_problem("/steps", f"at most {engine.get('max_steps', 100)} steps on this deployment")
+    if body.n > engine.get("max_n", 8):
+        raise field_problem("/n", f"at most {engine.get('max_n', 8)} images per request on this deployment")
+    if body.class_ is not None and body.prompt is not None:
+        raise field_problem("/class", "send either `prompt` or `class`, not both")
+    prompt = [body.class_, None, None] if body.class_ is not None else body.prompt
+    guidance = body.guidance or ("cfg" if parts.null_conditioning else "none")
+    spec = GuidanceSpec(guidance, body.scale, body.eta,
+                        math.inf if body.norm_threshold is None else body.norm_threshold, body.momentum)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - body.n)
+    return SampleRequest(prompt=prompt, negative_prompt=body.negative_prompt, guidance=spec,
+                         sampler=body.sampler or engine.get("default_sampler", "ddim"), steps=steps, seed=seed,
+                         n=body.n, attention=body.attention)
+
+
+def generate_images(row: Deployment, body: ImageRequest, request: Request, settings: Settings,
+                    store: ObjectStore) -> dict[str, Any]:
+    from models.diffusion.sampling import SamplingRequestError, sample
+
+    loaded = warm(request, row, settings, store)
+    req = sample_request(body, loaded)
+    assert loaded.diffusion is not None
+    started = time.perf_counter()
+    try:
+        with loaded.lock:
+            result = sample(loaded.diffusion, req)
+    except SamplingRequestError as exc:
+        raise field_problem(f"/{exc.param}", str(exc).split(": ", 1)[-1], slug="unsupported-request",
+                            title="The model cannot serve this request") from None
+    return {"created": int(time.time()), "model": row.name,
+            "data": [{"b64_json": png_base64(img), "seed": s} for img, s in zip(result.images, result.seeds)],
+            "guidance": req.guidance.name, "sampler": req.sampler, "steps": req.steps,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+@router.post("/{name}/images")
+def images(name: str, body: ImageRequest, session: SessionDep, settings: SettingsDep, store: StoreDep,
+           request: Request, who: InferenceLimitDep) -> dict[str, Any]:
+    """PNG images (base64) with the seed of each, from a diffusion deployment."""
+    row = find_deployment(session, who.project, name, kind="diffusion")
+    return generate_images(row, body, request, settings, store)
+

@@ -1,0 +1,236 @@
+"""OpenAI-compatible routes on the project's deployments: models, completions, chat, images.
+
+`model` in a request is a deployment name. Errors are our problem bodies with the status codes the
+`openai` client maps to its exceptions (401 AuthenticationError, 404 NotFoundError, 400
+BadRequestError, 422 UnprocessableEntityError, 429 RateLimitError). Streaming is server-sent events
+of `chat.completion.chunk` / `text_completion` objects ending with `data: [DONE]`; if the client
+goes away the response task is cancelled, which sets the generation's abort flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import InferenceLimitDep, PrincipalDep
+from api.deps import SessionDep, SettingsDep, StoreDep
+from api.problems import field_problem
+from api.routes.deployments import ImageRequest, find_deployment, generate_images, warm
+from api.serving import llm
+from api.serving.manager import Loaded
+from models.llm.generation import Completion
+from workers.tables import Deployment
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Fields shared by completions and chat; unknown OpenAI fields are ignored, as clients send many."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(..., min_length=1, max_length=64, description="a deployment name (see GET /v1/models)")
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(..., min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] = Field(..., description="text, or a list of texts (each gets `n` choices)")
+    echo: bool = False
+
+
+def _llm(session: Any, who: Any, name: str) -> Deployment:
+    return find_deployment(session, who.project, name, kind="llm", pointer="/model")
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _stream_response(loaded: Loaded, p: llm.Plan, body: Sampling, head: dict[str, Any], make_chunk: Any,
+                     last: dict[str, Any]) -> StreamingResponse:
+    """SSE of `make_chunk(index, delta)` chunks, a closing chunk per choice (`last` + finish_reason), the
+    usage chunk when `stream_options.include_usage`, then `data: [DONE]`."""
+    def final(index: int, c: Completion) -> dict[str, Any]:
+        return {**head, "choices": [{"index": index, **last, "finish_reason": c.finish_reason}]}
+
+    def usage_chunk(u: dict[str, int]) -> dict[str, Any]:
+        return {**head, "choices": [], "usage": u}
+
+    include = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(_stream(loaded, p, make_chunk, final, usage_chunk if include else None),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _stream(loaded: Loaded, p: llm.Plan, make_chunk: Any, final: Any, usage_chunk: Any) -> AsyncIterator[str]:
+    """Run generation in a thread, forward its deltas as SSE; cancellation (a disconnect) aborts it."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    abort = threading.Event()
+
+    def push(kind: str, payload: Any) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+
+    def work() -> None:
+        try:
+            done = llm.run(loaded, p, abort, on_delta=lambda i, d: push("delta", (i, d)),
+                           on_finish=lambda i, c: push("finish", (i, c)))
+            push("end", done)
+        except BaseException as exc:  # reported to the client as a last event
+            push("error", exc)
+
+    thread = threading.Thread(target=work, name="crucible-generate", daemon=True)
+    thread.start()
+    try:
+        for first in make_chunk(None, None):
+            yield sse(first)
+        while True:
+            kind, payload = await queue.get()
+            if kind == "delta":
+                for chunk in make_chunk(*payload):
+                    yield sse(chunk)
+            elif kind == "finish":
+                yield sse(final(*payload))
+            elif kind == "error":
+                yield sse({"error": {"message": f"{type(payload).__name__}: {payload}", "type": "server_error"}})
+                break
+            else:
+                if usage_chunk is not None:
+                    yield sse(usage_chunk(llm.usage(p, payload)))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        abort.set()
+
+
+def _plan(loaded: Loaded, body: Sampling, texts: list[str], field: str) -> llm.Plan:
+    return llm.plan(loaded, texts, field, max_tokens=body.max_tokens or body.max_completion_tokens,
+                    temperature=body.temperature, top_p=body.top_p, n=body.n, stop=body.stop, seed=body.seed)
+
+
+async def _prepare(request: Request, row: Deployment, settings: Any, store: Any) -> Loaded:
+    return await run_in_threadpool(warm, request, row, settings, store)
+
+
+@router.get("/models")
+def list_models(session: SessionDep, who: PrincipalDep) -> dict[str, Any]:
+    rows = session.scalars(select(Deployment).where(Deployment.project == who.project, Deployment.kind == "llm")
+                           .order_by(Deployment.name))
+    return {"object": "list", "data": [_model_card(r) for r in rows]}
+
+
+@router.get("/models/{model}")
+def get_model(model: str, session: SessionDep, who: PrincipalDep) -> dict[str, Any]:
+    return _model_card(_llm(session, who, model))
+
+
+def _model_card(row: Deployment) -> dict[str, Any]:
+    return {"id": row.name, "object": "model", "created": int(row.created_at.timestamp()), "owned_by": row.project,
+            "root": row.model}
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatRequest, request: Request, session: SessionDep, settings: SettingsDep,
+                           store: StoreDep, who: InferenceLimitDep) -> Any:
+    row = _llm(session, who, body.model)
+    loaded = await _prepare(request, row, settings, store)
+    assert loaded.llm is not None
+    text = llm.chat_prompt(loaded.llm.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+    p = _plan(loaded, body, [text], "messages")
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": row.name}
+
+    if body.stream:
+        def chunks(index: int | None, delta: str | None) -> list[dict[str, Any]]:
+            if index is None:  # the opening chunk of each choice names the role
+                return [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}]} for i in range(p.n)]
+            return [{**head, "choices": [{"index": index, "delta": {"content": delta}, "finish_reason": None}]}]
+
+        return _stream_response(loaded, p, body, head, chunks, {"delta": {}})
+
+    done = await run_in_threadpool(llm.run, loaded, p, threading.Event())
+    return {"id": rid, "object": "chat.completion", "created": created, "model": row.name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(done)],
+            "usage": llm.usage(p, done)}
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request, session: SessionDep, settings: SettingsDep,
+                      store: StoreDep, who: InferenceLimitDep) -> Any:
+    row = _llm(session, who, body.model)
+    loaded = await _prepare(request, row, settings, store)
+    texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not texts:
+        raise field_problem("/prompt", "give at least one prompt")
+    p = _plan(loaded, body, texts, "prompt")
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": row.name}
+
+    def prefix(index: int) -> str:
+        return texts[index // p.n] if body.echo else ""
+
+    if body.stream:
+        def chunks(index: int | None, delta: str | None) -> list[dict[str, Any]]:
+            if index is None:
+                return [{**head, "choices": [{"index": i, "text": prefix(i), "logprobs": None,
+                                              "finish_reason": None}]} for i in range(len(texts) * p.n) if prefix(i)]
+            return [{**head, "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": None}]}]
+
+        return _stream_response(loaded, p, body, head, chunks, {"text": "", "logprobs": None})
+
+    done = await run_in_threadpool(llm.run, loaded, p, threading.Event())
+    return {**head, "choices": [{"index": i, "text": prefix(i) + c.text, "logprobs": None,
+                                 "finish_reason": c.finish_reason} for i, c in enumerate(done)],
+            "usage": llm.usage(p, done)}
+
+
+class ImageGeneration(ImageRequest):
+    """OpenAI's images body (`model`, `prompt`, `n`, `response_format`, `size`) plus our guidance fields."""
+
+    model: str = Field(..., min_length=1, max_length=64, description="a diffusion deployment name")
+    response_format: Literal["b64_json"] = "b64_json"
+    size: str | None = Field(None, max_length=16, description="ignored: the model's native size is returned")
+
+
+@router.post("/images/generations")
+def images_generations(body: ImageGeneration, request: Request, session: SessionDep, settings: SettingsDep,
+                       store: StoreDep, who: InferenceLimitDep) -> dict[str, Any]:
+    row = find_deployment(session, who.project, body.model, kind="diffusion", pointer="/model")
+    fields = body.model_dump(by_alias=True, exclude={"model", "response_format", "size"}, exclude_unset=True)
+    return generate_images(row, ImageRequest.model_validate(fields), request, settings, store)

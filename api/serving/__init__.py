@@ -1,0 +1,1 @@
+"""Serving: the warm models of deployments and their engine options."""

@@ -1,0 +1,110 @@
+"""The language-model engine behind the OpenAI-compatible routes: prompts, caps, choices, streaming.
+
+A request becomes token ids (the tokenizer's chat template for chat, the raw text for completions),
+is checked against the deployment's caps and the model's context, and is generated choice by
+choice under the model's lock in a worker thread. The thread checks an abort flag between tokens
+and while waiting for the lock, so a client that disconnects stops the work it asked for; text
+deltas are handed to a callback (the SSE stream) as they are produced.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from api.problems import Problem, field_problem
+from api.serving.manager import Loaded
+from models.llm.generation import Completion, SamplingParams, stop_token_ids, stream_text
+
+MAX_STOPS = 4
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """The tokenizer's chat template; a model without one gets plain `role: content` turns."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+@dataclass
+class Plan:
+    """A validated request: prompt ids per prompt, `n` choices each, and the sampling parameters."""
+
+    prompts: list[list[int]]
+    n: int
+    params: SamplingParams
+    seed: int | None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def plan(loaded: Loaded, texts: Sequence[str], prompt_field: str, *, max_tokens: int | None, temperature: float,
+         top_p: float, n: int, stop: str | Sequence[str] | None, seed: int | None) -> Plan:
+    """Token ids and sampling parameters, or the 4xx naming the field over a cap."""
+    assert loaded.llm is not None
+    engine, tok = loaded.engine, loaded.llm.tokenizer
+    if n > engine["max_n"]:
+        raise field_problem("/n", f"at most {engine['max_n']} choices per request on this deployment")
+    if max_tokens is not None and max_tokens > engine["max_tokens_cap"]:
+        raise field_problem("/max_tokens", f"at most {engine['max_tokens_cap']} tokens on this deployment")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise field_problem("/stop", f"at most {MAX_STOPS} stop sequences")
+    context = loaded.context_length
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise Problem(400, "prompt-too-long", "The prompt does not fit the model's context",
+                      f"{prompt_field}: {longest} tokens; this model's context is {context} tokens, leaving none "
+                      "to generate; shorten the prompt",
+                      errors=[{"pointer": f"/{prompt_field}", "message": f"{longest} tokens ≥ context {context}"}])
+    room = context - longest
+    if max_tokens is None:
+        max_tokens = min(engine["default_max_tokens"], room)
+    elif max_tokens > room:
+        raise Problem(400, "context-exceeded", "Prompt plus max_tokens exceed the context",
+                      f"max_tokens: the prompt has {longest} tokens and the context is {context}; ask for at most "
+                      f"{room} tokens", errors=[{"pointer": "/max_tokens", "message": f"at most {room} here"}])
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stops),
+                            stop_token_ids=stop_token_ids(tok))
+    return Plan(prompts, n, params, seed)
+
+
+def run(loaded: Loaded, p: Plan, abort: threading.Event,
+        on_delta: Callable[[int, str], None] | None = None,
+        on_finish: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    """Generate every choice (index = prompt × n + i) under the model's lock; stops early on `abort`."""
+    assert loaded.llm is not None
+    while not loaded.lock.acquire(timeout=0.05):
+        if abort.is_set():
+            return []
+    try:
+        out: list[Completion] = []
+        base = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        for k, ids in enumerate(p.prompts):
+            for i in range(p.n):
+                index = k * p.n + i
+                completion = Completion()
+                generator = torch.Generator().manual_seed(base + index)
+                for delta in stream_text(loaded.llm.model, loaded.llm.tokenizer, ids, p.params, generator,
+                                         completion, abort.is_set):
+                    if on_delta is not None:
+                        on_delta(index, delta)
+                out.append(completion)
+                if on_finish is not None:
+                    on_finish(index, completion)
+                if abort.is_set():
+                    return out
+        return out
+    finally:
+        loaded.lock.release()
+
+
+def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, int]:
+    done = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": p.prompt_tokens, "completion_tokens": done, "total_tokens": p.prompt_tokens + done}

@@ -1,0 +1,87 @@
+"""Warm models of the serving process: each deployment's model is loaded once and reused.
+
+`DeploymentManager.get(deployment)` returns the loaded model, loading it on first use (or after a
+restart) under a per-deployment lock, so concurrent first requests load it once. Each loaded model
+carries its own `lock`: one generation at a time per model (CPU-friendly, and a model's forward with
+a KV cache is not re-entrant state-wise), while different deployments run in parallel. Every
+request's mutable state (the sampling generator, the KV cache, APG's momentum) is created per
+request, so requests never see each other's state. `evict` drops a deleted deployment's weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # the ML stacks load with the first deployment, not with the API
+    from models.diffusion.model import DiffusionParts
+    from models.llm.folder import CausalLM
+
+
+@dataclass
+class Loaded:
+    """A model held warm for one deployment."""
+
+    deployment_id: str
+    kind: str
+    engine: dict[str, Any]
+    llm: CausalLM | None = None
+    diffusion: DiffusionParts | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def context_length(self) -> int:
+        assert self.llm is not None
+        config = self.llm.model.config
+        return int(getattr(config, "max_position_embeddings", 0) or self.llm.tokenizer.model_max_length)
+
+
+def load(kind: str, folder: Path, engine: dict[str, Any], deployment_id: str = "") -> Loaded:
+    """Load a folder of the given kind (raises the kits' folder errors for the caller to map)."""
+    from models.diffusion.model import load_parts
+    from models.llm.folder import load_folder
+
+    if kind == "llm":
+        return Loaded(deployment_id, kind, engine, llm=load_folder(folder, dtype=engine.get("dtype", "float32")))
+    parts = load_parts(folder)
+    if not any(folder.joinpath("unet").glob("*.safetensors")):
+        raise FileNotFoundError("unet/ has no safetensors weights")
+    return Loaded(deployment_id, kind, engine, diffusion=parts)
+
+
+class DeploymentManager:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[str, Loaded] = {}
+        self._loading: dict[str, threading.Lock] = {}
+
+    def put(self, loaded: Loaded) -> None:
+        with self._lock:
+            self._loaded[loaded.deployment_id] = loaded
+
+    def get(self, deployment_id: str, loader: Callable[[], Loaded]) -> Loaded:
+        with self._lock:
+            hit = self._loaded.get(deployment_id)
+            if hit is not None:
+                return hit
+            gate = self._loading.setdefault(deployment_id, threading.Lock())
+        with gate:  # one loader per deployment; the others wait and then find it loaded
+            with self._lock:
+                hit = self._loaded.get(deployment_id)
+            if hit is None:
+                hit = loader()
+                hit.deployment_id = deployment_id
+                self.put(hit)
+        return hit
+
+    def evict(self, deployment_id: str) -> bool:
+        with self._lock:
+            self._loading.pop(deployment_id, None)
+            return self._loaded.pop(deployment_id, None) is not None
+
+    def loaded_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loaded)
+
