@@ -55,3 +55,11 @@ def fixed_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = 
 def split_windows(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], seq_len: int, n_windows: int) -> torch.Tensor:
     """`n_windows` fixed windows from the first documents of a split (calibration and evaluation sets)."""
     return fixed_windows(token_stream(tokenizer, texts, max_tokens=seq_len * n_windows), seq_len, n_windows)
+
+
+def sampled_stream(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_tokens: int, seed: int = 0
+                   ) -> torch.Tensor:
+    """About `max_tokens` tokens from the split's documents in a seeded random order: a sample of the whole
+    split, not its first (alphabetically ordered) files, so fine-tuning data matches the held-out distribution."""
+    order = np.random.default_rng(seed).permutation(len(texts))
+    return token_stream(tokenizer, [texts[i] for i in order], max_tokens=max_tokens)

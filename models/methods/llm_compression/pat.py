@@ -43,11 +43,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.context import RunContext
 from models.llm.compression.job import CompressionParams, load_parent, model_stem, register_compressed, token_sets
-from models.llm.data import token_stream
 from models.llm.evaluation import perplexity
 from models.llm.folder import CausalLM, decoder_layers
 from models.datasets import load_builtin
-from models.llm.data import random_windows
+from models.llm.data import random_windows, sampled_stream
 from models.registry import method
 from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
@@ -212,7 +211,7 @@ class PATParams(CompressionParams):
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate of LoRA, HSMs and mask logits")
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank of the base linears")
     hsm_rank: int = Field(32, ge=1, le=4096, description="rank r of each HSM's W_u W_d")
-    train_tokens: int = Field(200_000, ge=1000, description="tuning tokens from the start of the train split")
+    train_tokens: int = Field(200_000, ge=1000, description="tuning tokens sampled from the train split's documents")
 
 
 @dataclass
@@ -237,7 +236,7 @@ def tune(ctx: RunContext, lm: CausalLM, params: PATParams, calibration: torch.Te
     trainable = [p for p in model.parameters() if p.requires_grad] + (list(pat.parameters()) if pat else [])
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
-    stream = token_stream(lm.tokenizer, ds.train["text"], max_tokens=params.train_tokens)
+    stream = sampled_stream(lm.tokenizer, ds.train["text"], params.train_tokens)
     generator = torch.Generator().manual_seed(ctx.seed)
     history = []
     model.train()
