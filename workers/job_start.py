@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import select
+import signal
 import subprocess
 import sys
+import threading
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
@@ -37,13 +40,40 @@ def warm_up() -> None:
     forkserver.ensure_running()
 
 
-def _job_main(job_id: str, attempt: int, owner: str, env: dict[str, str], log_path: str, pid_path: str) -> None:
+def _exit_with(supervisor_pid: int) -> None:
+    """Kill this job (its whole process group) the moment its supervisor process ends, however it ends.
+
+    A pidfd becomes readable when the process exits, so the watch costs nothing while it waits. (The
+    fork server, our parent, outlives a worker killed with -9, so PR_SET_PDEATHSIG would not fire.)
+    """
+    try:
+        fd = os.pidfd_open(supervisor_pid)
+    except ProcessLookupError:
+        os.killpg(0, signal.SIGKILL)
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        print(f"[crucible] the worker (pid {supervisor_pid}) that supervised this job is gone; stopping",
+              file=sys.stderr, flush=True)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="crucible-supervisor-watch", daemon=True).start()
+
+
+def _job_main(job_id: str, attempt: int, owner: str, env: dict[str, str], log_path: str, pid_path: str,
+              cwd: str | None, supervisor_pid: int | None) -> None:
     os.setsid()
+    if cwd:  # where plugin modules named in CRUCIBLE_PLUGINS can be imported from
+        os.chdir(cwd)
+        sys.path.insert(0, cwd)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     Path(pid_path).write_text(str(os.getpid()))
+    if supervisor_pid:
+        _exit_with(supervisor_pid)
     os.environ.update(env)
     code = 1
     try:
@@ -70,6 +100,10 @@ class ForkedJob:
     def poll(self) -> int | None:
         return self.process.exitcode
 
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
     def wait(self, timeout: float | None = None) -> int:
         self.process.join(timeout)
         if self.process.exitcode is None:
@@ -77,18 +111,36 @@ class ForkedJob:
         return self.process.exitcode
 
     def terminate(self) -> None:
-        self.process.terminate()
+        self._signal_group(signal.SIGTERM)
 
     def kill(self) -> None:
-        self.process.kill()
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        """The job is its own session leader, so its process group holds whatever it started too."""
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def start_job_process(job_id: str, attempt: int, owner: str, env: dict[str, str], log_path: Path,
-                      run_dir: Path) -> ForkedJob:
-    """Fork one attempt of a job; its pid is also written to run_dir/<job_id>.pid for operators."""
+                      run_dir: Path, *, cwd: str | None = None, die_with_server: bool = False) -> ForkedJob:
+    """Fork one attempt of a job; its pid is also written to run_dir/<job_id>.pid for operators.
+
+    `die_with_server`: a Celery or Ray worker killed with -9 must leave no job heart-beating behind it
+    (its lease would never expire), so there the job watches the process that started it and dies
+    with it. The local executor leaves it off: its restart recovers what was left running.
+    """
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     process = _fork_server().Process(
         target=_job_main, name=f"crucible-job-{job_id}",
-        args=(job_id, attempt, owner, env, str(log_path), str(run_dir / f"{job_id}.pid")), daemon=False)
+        args=(job_id, attempt, owner, env, str(log_path), str(run_dir / f"{job_id}.pid"), cwd,
+              os.getpid() if die_with_server else None),
+        daemon=False)
     process.start()
     return ForkedJob(process)

@@ -123,6 +123,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
                           s3_endpoint=SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"])
         upgrade(s.database_url)
         load_plugins(s)
+        STACK_HOMES.append(s.home)
         yield s
 
 
@@ -164,18 +165,15 @@ class CeleryWorker:
         return self.proc.returncode
 
 
+STACK_HOMES: list[Path] = []  # every stack's state folder: its workers write job pid files under home/run
+
+
 def job_processes(job_id: str) -> list[int]:
-    """`python -m workers.run_job` processes of a job (the Celery and Ray paths start job processes so)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"workers.run_job" in cmd and job_id.encode() in cmd:
-                pids.append(int(entry.name))
-    return pids
+    """Live job processes of a job, from the pid files the Celery and Ray workers write (forked job
+    processes carry the fork server's command line, so the pid file is the way to find them)."""
+    from tests.e2e.test_server import job_processes as live_pid_in
+
+    return [pid for home in STACK_HOMES for pid in live_pid_in(home, job_id)]
 
 
 @pytest.fixture

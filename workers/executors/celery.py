@@ -23,7 +23,8 @@ from celery import Celery, signals
 from kombu import Queue
 
 from workers.executors.dispatch import Dispatch, Dispatcher, queue_for
-from workers.executors.job_process import die_with_parent, preempt, run_attempt
+from workers.executors.job_process import preempt, run_attempt
+from workers.job_start import warm_up
 from workers.settings import Settings
 
 TASK = "crucible.run_job"
@@ -97,11 +98,8 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int, name: st
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
+        warm_up()  # the fork server imports torch and the runner now, not when the first job arrives
         dispatcher.start()
-
-    @signals.worker_process_init.connect(weak=False)
-    def _pool_child(**_: Any) -> None:
-        die_with_parent()  # a pool child (and so its job process) must not outlive a killed worker
 
     @signals.worker_shutting_down.connect(weak=False)
     def _shutting_down(sender: str | None = None, **_: Any) -> None:
@@ -110,5 +108,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int, name: st
         if moved:
             print(f"[crucible] worker shutting down: re-queued {', '.join(moved)}", flush=True)
 
-    app.worker_main(["worker", "-Q", ",".join(queues), "-c", str(concurrency), "-n", nodename,
+    # A task only claims, forks and supervises (the job runs in its own forked process), so a thread
+    # per task is enough, and threads share the worker's one pre-imported fork server.
+    app.worker_main(["worker", "-P", "threads", "-Q", ",".join(queues), "-c", str(concurrency), "-n", nodename,
                      "--loglevel", loglevel, "--without-gossip", "--without-mingle"])

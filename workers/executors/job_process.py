@@ -1,7 +1,9 @@
 """One attempt of a job in a child process, supervised: what a Celery or Ray task does with a job.
 
 The task claims the job (compare-and-set, so a redelivered or duplicated message finds it taken and
-does nothing), starts `python -m workers.run_job` and watches the row while it runs:
+does nothing), forks the job process from the worker's pre-imported fork server
+(`workers.job_start`: milliseconds, not the seconds a fresh interpreter spends importing torch) and
+watches the row while it runs:
 
 - `cancelling`: the job stops cooperatively (its reporter sees the flag); after the cancel grace
   it gets SIGTERM, then SIGKILL;
@@ -10,8 +12,9 @@ does nothing), starts `python -m workers.run_job` and watches the row while it r
 - the process ended without publishing a final state: the job is released (re-queued from its last
   checkpoint while attempts remain).
 
-The child dies with its supervisor (PR_SET_PDEATHSIG), so a worker killed with -9 leaves no job
-process heart-beating behind it; the reaper then re-queues the job once its lease expires.
+The child dies with the fork server, and the fork server with the worker (PR_SET_PDEATHSIG and the
+fork server's own liveness pipe), so a worker killed with -9 leaves no job process heart-beating
+behind it; the reaper then re-queues the job once its lease expires.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING, Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
@@ -32,6 +36,9 @@ from workers.db import session_scope
 from workers.executors.local import KILL_AFTER_TERM_S
 from workers.settings import Settings
 from workers.tables import ACTIVE, Job, utcnow
+
+if TYPE_CHECKING:
+    from workers.job_start import ForkedJob
 
 PR_SET_PDEATHSIG = 1
 
@@ -50,20 +57,36 @@ def run_attempt(job_id: str, attempt: int, settings: Settings, owner: str, *, cw
     with session_scope(settings.database_url) as s:
         if not lifecycle.claim(s, job_id, attempt, owner, settings.lease_s):
             return "skipped"
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
-    if cwd and os.path.isdir(cwd):  # where plugin modules named in CRUCIBLE_PLUGINS can be imported from
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (cwd, env.get("PYTHONPATH"))))
-    else:
-        cwd = None
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.run_job", job_id, "--attempt", str(attempt), "--claimed-by", owner],
-        env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+    from workers.job_start import start_job_process
+
+    env = {**settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    with ThreadPoolExecutor(1) as pool:
+        # The first start in a worker waits for its fork server to import torch (seconds on a busy
+        # machine); the claimed job's lease is kept alive meanwhile.
+        starting = pool.submit(start_job_process, job_id, attempt, owner, env,
+                               settings.log_dir / f"{job_id}.a{attempt}.log", settings.home / "run",
+                               cwd=cwd if cwd and os.path.isdir(cwd) else None, die_with_server=True)
+        while not starting.done():
+            _keep_starting_lease(job_id, attempt, settings)
+            wait([starting], timeout=poll_s)
+        proc = starting.result()
     if on_started:
         on_started(proc.pid)
     return supervise(proc, job_id, attempt, owner, settings, poll_s)
 
 
-def supervise(proc: subprocess.Popen[bytes], job_id: str, attempt: int, owner: str, settings: Settings,
+def _keep_starting_lease(job_id: str, attempt: int, settings: Settings) -> None:
+    """Heart-beat a job of ours that is still `starting` (before its own reporter runs)."""
+    try:
+        with session_scope(settings.database_url) as s:
+            row = s.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).first()
+            if row is not None and row.status == "starting" and row.attempt == attempt:
+                lifecycle.heartbeat(s, job_id, attempt, settings.lease_s)
+    except OperationalError as exc:  # the database restarts: look again on the next tick
+        print(f"[crucible] supervisor of {job_id}: {type(exc).__name__}", file=sys.stderr, flush=True)
+
+
+def supervise(proc: "ForkedJob | subprocess.Popen[bytes]", job_id: str, attempt: int, owner: str, settings: Settings,
               poll_s: float) -> str:
     stop_since: float | None = None  # when we decided the process must stop
     term_at: float | None = None
@@ -72,7 +95,7 @@ def supervise(proc: subprocess.Popen[bytes], job_id: str, attempt: int, owner: s
             with session_scope(settings.database_url) as s:
                 row = s.execute(select(Job.status, Job.attempt, Job.lease_owner).where(Job.id == job_id)).first()
                 if row is not None and row.status == "starting" and row.attempt == attempt:
-                    # the job process heart-beats once it is up; until then (imports, dataset) we do
+                    # the job process heart-beats once it is up; until then (dataset, model) we do
                     lifecycle.heartbeat(s, job_id, attempt, settings.lease_s)
         except OperationalError as exc:  # the database restarts: the job keeps running, we look again
             print(f"[crucible] supervisor of {job_id}: {type(exc).__name__}", file=sys.stderr, flush=True)
