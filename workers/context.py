@@ -12,16 +12,17 @@ import hashlib
 import json
 import mimetypes
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from models.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
@@ -63,6 +64,26 @@ class _Buffers:
     metrics: list[dict[str, Any]]
     logs: list[str]
     progress: tuple[int, int, str] | None
+
+
+T = TypeVar("T")
+DB_RETRY_WAITS_S = (0.5, 1, 2, 4, 8, 16, 30)  # about a minute: a Postgres restart or failover
+
+
+def through_db_outage(write: Callable[[], T]) -> T:
+    """Run a database write, retrying with backoff while the database is unreachable.
+
+    Only connection-level errors are retried; a fenced (stale) attempt or a constraint violation is
+    an answer, not an outage, and propagates at once.
+    """
+    for wait_s in DB_RETRY_WAITS_S:
+        try:
+            return write()
+        except (OperationalError, InterfaceError) as exc:
+            print(f"[crucible] database unreachable ({type(exc).__name__}); retrying in {wait_s} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait_s)
+    return write()
 
 
 class JobRunContext:
@@ -181,10 +202,17 @@ class JobRunContext:
 
     # -- checkpoints ----------------------------------------------------------
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
-        self.flush()
+        """Metrics first, then the object, then its row; a database that restarts meanwhile is waited
+        for (a checkpoint is the one write a long job cannot afford to lose to a blip)."""
+        through_db_outage(self.flush)
         blob = encode_checkpoint(state, step)
         name = f"checkpoints/step-{int(step):09d}-a{self.attempt}.safetensors"
         stored = self.store.put_bytes(f"jobs/{self.job_id}/{name}", blob)
+        stale_keys = through_db_outage(lambda: self._publish_checkpoint(name, stored, step))
+        for key in stale_keys:  # rows are gone first, so no reader can pick a deleted object
+            self.store.delete(key)
+
+    def _publish_checkpoint(self, name: str, stored: Any, step: int) -> list[str]:
         with session_scope(self._db) as s:
             lifecycle.fence(s, self.job_id, self.attempt)
             s.execute(delete(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name))
@@ -197,8 +225,7 @@ class JobRunContext:
             stale_keys = [a.key for a in old]
             for a in old:
                 s.delete(a)
-        for key in stale_keys:  # rows are gone first, so no reader can pick a deleted object
-            self.store.delete(key)
+        return stale_keys
 
     def load_checkpoint(self) -> Checkpoint | None:
         for job_id in (self.job_id, self.parent_id):

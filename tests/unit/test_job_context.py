@@ -105,3 +105,50 @@ def test_artifact_names_that_escape_are_refused(ctx, name):
 def test_local_model_folders_only_under_import_roots(ctx, tmp_path):
     with pytest.raises(PermissionError, match="import root"):
         ctx.load_model(str(tmp_path))
+
+
+def test_a_checkpoint_waits_out_a_database_outage(settings, store, monkeypatch):
+    """The checkpoint row is published once the database is back; nothing is lost or doubled."""
+    import sqlalchemy.exc
+
+    from workers import context as context_module
+    from workers.context import JobRunContext
+    from workers.db import session_scope
+    from workers.tables import Artifact, Job
+
+    monkeypatch.setattr(context_module, "DB_RETRY_WAITS_S", (0.01, 0.01, 0.01))
+    with session_scope(settings.database_url) as s:
+        job = Job(method="test-counter", status="running", lease_owner="t")
+        s.add(job)
+        s.flush()
+        s.expunge(job)
+    ctx = JobRunContext(job, None, settings, store, "cpu")
+    real = ctx._publish_checkpoint
+    failures = iter([True, True, False])
+
+    def flaky(*args):  # the first two attempts find the database gone
+        if next(failures):
+            raise sqlalchemy.exc.OperationalError("INSERT", {}, ConnectionRefusedError("db restarting"))
+        return real(*args)
+
+    monkeypatch.setattr(ctx, "_publish_checkpoint", flaky)
+    ctx.save_checkpoint({"w": __import__("torch").ones(3)}, step=7)
+    with session_scope(settings.database_url) as s:
+        rows = s.query(Artifact).filter_by(job_id=job.id, kind="checkpoint").all()
+    assert [r.step for r in rows] == [7]
+    assert ctx.load_checkpoint().step == 7
+
+
+def test_a_stale_attempt_is_not_retried_as_an_outage():
+    from workers import lifecycle
+    from workers.context import through_db_outage
+
+    calls = []
+
+    def fenced():
+        calls.append(1)
+        raise lifecycle.StaleAttempt("job moved on")
+
+    with pytest.raises(lifecycle.StaleAttempt):
+        through_db_outage(fenced)
+    assert calls == [1]
