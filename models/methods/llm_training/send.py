@@ -41,10 +41,10 @@ SYLLABLES = ("ka", "lo", "mi", "zu", "ter", "van", "dor", "el", "qui", "ra", "se
 
 
 class SeNDParams(MethodParams):
-    facts: int = Field(300, ge=10, le=100_000, description="templated fictional facts to learn")
-    epochs: int = Field(6, ge=1, le=100, description="passes over the facts")
+    facts: int = Field(100, ge=10, le=100_000, description="templated fictional facts to learn")
+    epochs: int = Field(30, ge=1, le=1000, description="passes over the facts")
     batch_size: int = Field(8, ge=1, le=512)
-    lr: float = Field(2e-3, gt=0.0, le=1.0, description="AdamW learning rate")
+    lr: float = Field(5e-3, gt=0.0, le=1.0, description="AdamW learning rate")
     drop_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="fraction of MLP units dropped per layer (0: off)")
     reidentify_every: int = Field(2, ge=1, description="epochs between re-identifications of sensitive units")
     samples: int = Field(10, ge=2, le=100, description="K sampled answers per query for EigenScore")
@@ -262,8 +262,8 @@ def run(ctx: RunContext, params: SeNDParams) -> None:
               metric="mean EES over queries (lower: less hallucination)", direction="lower",
               baseline="normal training (drop_fraction 0)")
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
-    """300 fictional facts, a micro Llama from scratch, 6 epochs with and without SeND, same seed and batches;
-    30 queries × K=10 sampled answers."""
+    """100 fictional facts, a micro Llama from scratch, 30 epochs with and without SeND (the notes' 300 facts
+    and 6 epochs left recall at 0% for both arms), same seed and batches; 10 queries × K=10 sampled answers."""
     params = SeNDParams(facts=24, epochs=3, samples=3) if smoke else SeNDParams()
     with cpu_threads(ctx.resources):
         runs = {name: train_and_score(params.model_copy(update={"drop_fraction": frac}), seed)
@@ -277,6 +277,10 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     note = (f"SeND vs normal: EES {ees_ours:.3f} vs {ees_base:.3f}, exact ES {np.mean(ours.exact):.3f} vs "
             f"{np.mean(base.exact):.3f}, accuracy {ours.accuracy:.3f} vs {base.accuracy:.3f}; Pearson(EES, exact ES) "
             f"{pearson:.3f} over {len(both_ees)} queries; final train loss {runs['send'].losses[-1]:.3f} vs "
-            f"{runs['normal'].losses[-1]:.3f}; one seed.")
+            f"{runs['normal'].losses[-1]:.3f}; one seed."
+            + ("" if holds else f" A 0.13M-parameter model trained from scratch recalls few of the facts (unlike the "
+               f"paper's pre-trained Pythia), so most sampled answers are hallucinated in both arms; and with K="
+               f"{params.samples} answers in d=64 the log-determinant has rank {params.samples - 1}, estimated from 20 "
+               f"Hutchinson probes whose noise is of the order of the spread of EigenScore across queries."))
     return Outcome(ours=ees_ours, baseline=ees_base, seeds=1, holds=holds, note=note,
                    details={"pearson": pearson, "accuracy": {"send": ours.accuracy, "normal": base.accuracy}})
