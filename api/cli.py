@@ -462,5 +462,98 @@ def results(only: str, smoke: bool, out: Path) -> None:
     regenerate(out, pattern=only, smoke=smoke, console=console)
 
 
+# -- deployments and demos ------------------------------------------------------------
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def deploy(ctx: click.Context, as_json: bool) -> None:
+    """Serve registered models: `crucible deploy` lists deployments; see the subcommands."""
+    if ctx.invoked_subcommand is not None:
+        return
+    items = _api()("GET", "/api/v1/deployments")["items"]
+    if as_json:
+        return _emit(items)
+    table = Table("name", "kind", "model", "status", "warm")
+    for d in items:
+        table.add_row(d["name"], d["kind"], d["model"], d["status"], "yes" if d["loaded"] else "")
+    console.print(table)
+
+
+@deploy.command("create")
+@click.argument("name")
+@click.argument("model")
+@click.option("-e", "--engine", "engine", multiple=True, help="engine option key=value, e.g. -e max_n=2")
+@click.option("--json", "as_json", is_flag=True)
+def deploy_create(name: str, model: str, engine: tuple[str, ...], as_json: bool) -> None:
+    """Deploy MODEL (`name` or `name@version`) as NAME; it loads once and stays warm."""
+    out = _api()("POST", "/api/v1/deployments", json={"name": name, "model": model, "engine": _parse_params(engine)},
+                 timeout=600)
+    if as_json:
+        return _emit(out)
+    console.print(f"deployed [cyan]{out['name']}[/] ({out['kind']}, {out['model']})")
+
+
+@deploy.command("delete")
+@click.argument("name")
+def deploy_delete(name: str) -> None:
+    _api()("DELETE", f"/api/v1/deployments/{name}")
+    console.print(f"deleted {name}")
+
+
+@deploy.command("chat")
+@click.argument("name")
+@click.argument("message")
+@click.option("--max-tokens", default=64, type=int)
+@click.option("--seed", default=None, type=int)
+def deploy_chat(name: str, message: str, max_tokens: int, seed: int | None) -> None:
+    """Send one chat MESSAGE to the LLM deployment NAME and print the reply."""
+    body = {"model": name, "messages": [{"role": "user", "content": message}], "max_tokens": max_tokens, "seed": seed}
+    out = _api()("POST", "/v1/chat/completions", json=body, timeout=600)
+    console.print(out["choices"][0]["message"]["content"])
+
+
+@main.group()
+def demo() -> None:
+    """End-to-end demos through the API (a running `crucible up`)."""
+
+
+@demo.command("llm")
+@click.option("--smoke", is_flag=True, help="seconds-sized jobs (CI)")
+@click.option("--json", "as_json", is_flag=True)
+def demo_llm(smoke: bool, as_json: bool) -> None:
+    """Pretrain if missing → prune 50% → SquareHead → EoRA → deploy → one chat completion."""
+    from api.serving.demo import llm_demo
+
+    api = _api()
+    out = llm_demo(api, lambda job_id: _follow(api, job_id, quiet=True), lambda s: None if as_json else console.print(s),
+                   smoke=smoke)
+    if as_json:
+        return _emit(out)
+    table = Table("stage", "model", "val ppl")
+    for stage, ref, ppl in out["stages"]:
+        table.add_row(stage, ref, "" if ppl is None else f"{ppl:.2f}")
+    console.print(table)
+    console.print(f"[bold]{out['deployment']}[/] replies: {out['reply']!r} ({out['usage']['completion_tokens']} tokens)")
+
+
+@demo.command("diffusion")
+@click.option("--smoke", is_flag=True, help="seconds-sized jobs (CI)")
+@click.option("--json", "as_json", is_flag=True)
+def demo_diffusion(smoke: bool, as_json: bool) -> None:
+    """Train the diffusion base if missing and render a CFG-vs-APG grid as a job artifact."""
+    from api.serving.demo import diffusion_demo
+
+    api = _api()
+    out = diffusion_demo(api, lambda job_id: _follow(api, job_id, quiet=True),
+                         lambda s: None if as_json else console.print(s), smoke=smoke)
+    if as_json:
+        return _emit(out)
+    rec = out["record"]
+    console.print(f"job [cyan]{out['job']}[/]: APG FD {rec['ours']:.4g} vs CFG {rec['baseline']:.4g} "
+                  f"({'holds' if rec['holds'] else 'does not hold'}); {rec['note']}")
+    for name, url in out["artifacts"].items():
+        console.print(f"  {name}: {api.url}{url}")
+
+
 if __name__ == "__main__":
     main()

@@ -76,3 +76,20 @@ def test_a_disconnected_stream_frees_the_model(served):
     reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "y"}], max_tokens=2)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert time.monotonic() - started < 60
+
+
+def test_demo_llm_smoke_prunes_recovers_compensates_deploys_and_chats(tmp_path: Path):
+    from api.cli import Api, _follow
+    from api.serving.demo import llm_demo
+
+    srv = Server(tmp_path / "home")
+    srv.home.mkdir()
+    srv.start()
+    try:
+        api = Api(srv.url, srv.key)
+        out = llm_demo(api, lambda job_id: _follow(api, job_id, quiet=True), print, smoke=True)
+    finally:
+        srv.stop()
+    stages = {stage: ppl for stage, _, ppl in out["stages"]}
+    assert len(stages) == 4 and all(ppl is not None and ppl > 1 for ppl in stages.values()), stages
+    assert out["deployment"] == "demo-chat" and out["usage"]["completion_tokens"] >= 1
