@@ -7,8 +7,8 @@ itself is the textbook one: logits of the last position, divided by the temperat
 the smallest set of tokens whose probability reaches `top_p` (Holtzman et al. 2020, "The Curious
 Case of Neural Text Degeneration", §3.1), sampled with a per-request `torch.Generator` so a seed
 reproduces the same text. Temperature 0 is greedy (argmax), which a test checks against HF
-`generate(do_sample=False)`. The KV cache is the model's own (`past_key_values`), so each new token
-costs one forward of one position.
+`generate(do_sample=False)`. The KV cache is the model's own (transformers 5's `cache`), so each new
+token costs one forward of one position, and only the last position goes through the LM head.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def generate_tokens(model: "PreTrainedModel", prompt_ids: Sequence[int], params:
     for _ in range(params.max_tokens):
         if should_abort():
             return
-        out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=ids, cache=past, use_cache=True, logits_to_keep=1)
+        past = out.cache
         token = next_token(out.logits[0, -1].float().cpu(), params.temperature, params.top_p, generator)
         if token in params.stop_token_ids:
             return
