@@ -37,7 +37,8 @@ def _model_of(call: Call, job_id: str) -> str:
 def _run(call: Call, follow: Callable[[str], dict[str, Any]], method: str, params: dict[str, Any],
          mode: str = "run") -> dict[str, Any]:
     job = call("POST", "/api/v1/jobs", json={"method": method, "dataset": None if mode == "reproduce" else "stdlib-code",
-                                             "params": params, "mode": mode})
+                                             "params": params, "mode": mode},
+               timeout=300)  # the server imports the method's module on its first submission
     final = follow(job["id"])
     if final["status"] != "succeeded":
         raise RuntimeError(f"{method} job {job['id']} {final['status']}: {(final.get('failure') or {}).get('message')}")

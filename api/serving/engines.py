@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api.problems import Problem, validation_problem
+from api.problems import Problem, field_problem, validation_problem
 
 KINDS = ("llm", "diffusion")
 
@@ -21,6 +22,7 @@ class LLMEngine(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights' dtype in memory")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when the server has one")
     max_tokens_cap: int = Field(512, ge=1, le=32768, description="largest `max_tokens` a request may ask")
     default_max_tokens: int = Field(64, ge=1, le=32768, description="`max_tokens` when a request gives none")
     max_n: int = Field(4, ge=1, le=64, description="largest `n` (choices per request)")
@@ -56,6 +58,14 @@ def detect_kind(folder: Path) -> str:
 def validate_engine(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options with defaults filled in; unknown or invalid options → 422 naming `/engine/<field>`."""
     try:
-        return ENGINES[kind].model_validate(options).model_dump()
+        engine = ENGINES[kind].model_validate(options).model_dump()
     except ValidationError as exc:
         raise validation_problem(list(exc.errors()), prefix="/engine") from None
+    if engine.get("device") == "cuda" and not torch.cuda.is_available():
+        raise field_problem("/engine/device", "this server has no CUDA GPU; use cpu or auto")
+    return engine
+
+
+def resolve_device(engine: dict[str, Any]) -> str:
+    device = engine.get("device", "auto")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

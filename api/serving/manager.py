@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from api.serving.engines import resolve_device
+
 if TYPE_CHECKING:  # the ML stacks load with the first deployment, not with the API
     from models.diffusion.model import DiffusionParts
     from models.llm.folder import CausalLM
@@ -44,7 +46,9 @@ def load(kind: str, folder: Path, engine: dict[str, Any], deployment_id: str = "
     from models.llm.folder import load_folder
 
     if kind == "llm":
-        return Loaded(deployment_id, kind, engine, llm=load_folder(folder, dtype=engine.get("dtype", "float32")))
+        lm = load_folder(folder, dtype=engine.get("dtype", "float32"))
+        lm.model.to(resolve_device(engine))
+        return Loaded(deployment_id, kind, engine, llm=lm)
     parts = load_parts(folder)
     if not any(folder.joinpath("unet").glob("*.safetensors")):
         raise FileNotFoundError("unet/ has no safetensors weights")

@@ -93,3 +93,20 @@ def test_demo_llm_smoke_prunes_recovers_compensates_deploys_and_chats(tmp_path: 
     stages = {stage: ppl for stage, _, ppl in out["stages"]}
     assert len(stages) == 4 and all(ppl is not None and ppl > 1 for ppl in stages.values()), stages
     assert out["deployment"] == "demo-chat" and out["usage"]["completion_tokens"] >= 1
+
+
+def test_demo_diffusion_smoke_renders_the_cfg_vs_apg_grid(tmp_path: Path):
+    from api.cli import Api, _follow
+    from api.serving.demo import diffusion_demo
+
+    srv = Server(tmp_path / "home")
+    srv.home.mkdir()
+    srv.start()
+    try:
+        api = Api(srv.url, srv.key)
+        out = diffusion_demo(api, lambda job_id: _follow(api, job_id, quiet=True), print, smoke=True)
+        png = srv.http.get(out["artifacts"]["apg_vs_cfg.png"])
+    finally:
+        srv.stop()
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out["record"]["ours"] is not None and out["record"]["baseline"] is not None

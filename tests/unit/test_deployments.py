@@ -136,6 +136,9 @@ def test_engine_options_are_validated_at_creation(api, model_zips):
     assert problem(r, 422)["errors"][0]["pointer"] == "/engine/max_n"
     r = api.post("/api/v1/deployments", json={"name": "c3", "model": "tiny-llm", "engine": {"max_steps": 3}})
     assert problem(r, 422)["errors"][0]["pointer"] == "/engine/max_steps"  # a diffusion option on an LLM
+    if not torch.cuda.is_available():
+        r = api.post("/api/v1/deployments", json={"name": "c4", "model": "tiny-llm", "engine": {"device": "cuda"}})
+        assert problem(r, 422)["errors"][0]["pointer"] == "/engine/device"
     assert api.get("/api/v1/deployments").json()["items"] == []
 
 
