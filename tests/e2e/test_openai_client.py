@@ -78,33 +78,34 @@ def test_a_disconnected_stream_frees_the_model(served):
     assert time.monotonic() - started < 60
 
 
-def test_demo_llm_smoke_prunes_recovers_compensates_deploys_and_chats(tmp_path: Path):
+def run_demo(home: Path, demo: str) -> tuple[dict, Server]:
+    """Run `crucible demo <demo> --smoke`'s function against a fresh real server (left running)."""
     from api.cli import Api, _follow
-    from api.serving.demo import llm_demo
+    from api.serving import demo as demos
 
-    srv = Server(tmp_path / "home")
+    srv = Server(home)
     srv.home.mkdir()
     srv.start()
+    api = Api(srv.url, srv.key)
     try:
-        api = Api(srv.url, srv.key)
-        out = llm_demo(api, lambda job_id: _follow(api, job_id, quiet=True), print, smoke=True)
-    finally:
+        return getattr(demos, f"{demo}_demo")(api, lambda job_id: _follow(api, job_id, quiet=True), print,
+                                              smoke=True), srv
+    except BaseException:
         srv.stop()
+        raise
+
+
+def test_demo_llm_smoke_prunes_recovers_compensates_deploys_and_chats(tmp_path: Path):
+    out, srv = run_demo(tmp_path / "home", "llm")
+    srv.stop()
     stages = {stage: ppl for stage, _, ppl in out["stages"]}
     assert len(stages) == 4 and all(ppl is not None and ppl > 1 for ppl in stages.values()), stages
     assert out["deployment"] == "demo-chat" and out["usage"]["completion_tokens"] >= 1
 
 
 def test_demo_diffusion_smoke_renders_the_cfg_vs_apg_grid(tmp_path: Path):
-    from api.cli import Api, _follow
-    from api.serving.demo import diffusion_demo
-
-    srv = Server(tmp_path / "home")
-    srv.home.mkdir()
-    srv.start()
+    out, srv = run_demo(tmp_path / "home", "diffusion")
     try:
-        api = Api(srv.url, srv.key)
-        out = diffusion_demo(api, lambda job_id: _follow(api, job_id, quiet=True), print, smoke=True)
         png = srv.http.get(out["artifacts"]["apg_vs_cfg.png"])
     finally:
         srv.stop()
