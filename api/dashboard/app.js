@@ -8,6 +8,7 @@ import * as submit from "./submit.js";
 import * as catalog from "./catalog.js";
 import * as compare from "./compare.js";
 import * as models from "./models.js";
+import * as playground from "./playground.js";
 
 // Later views (LLM chat and diffusion playgrounds) add one line here once their endpoints exist.
 const ROUTES = [
@@ -17,6 +18,7 @@ const ROUTES = [
   [/^catalog$/, catalog, "catalog"],
   [/^compare$/, compare, "compare"],
   [/^models$/, models, "models"],
+  [/^deployments\/([^/]+)$/, playground, "models"],
 ];
 
 const view = document.getElementById("view");

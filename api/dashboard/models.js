@@ -1,5 +1,5 @@
-// Registered models with their lineage: dataset → job (method) → model version. Deployments and
-// their playgrounds join this page when the deployments API exists on the server.
+// Registered models with their lineage: dataset → job (method) → model version, and the project's
+// deployments, each linking to its playground (playground.js).
 import { ApiError, api } from "./api.js";
 import { bytes, html, shortId, statusBadge, timeTag } from "./ui.js";
 
@@ -44,7 +44,7 @@ async function deployments(box) {
     const d = await api("/api/v1/deployments");
     const list = d.items || [];
     box.classList.remove("muted");
-    box.innerHTML = list.length ? html`<ul>${list.map((x) => html`<li class="mono">${x.name || JSON.stringify(x)}</li>`)}</ul>`.s
+    box.innerHTML = list.length ? html`<ul>${list.map((x) => html`<li><a class="mono" href="#/deployments/${encodeURIComponent(x.name)}">${x.name}</a> · ${x.kind} · <span class="mono">${x.model}</span> — playground</li>`)}</ul>`.s
       : html`<p class="muted">No deployments.</p>`.s;
   } catch (err) {
     box.textContent = err instanceof ApiError && err.status === 404
