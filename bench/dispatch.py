@@ -95,6 +95,7 @@ def crucible_job(settings: Any) -> Callable[[], None]:
             job, _ = submit(s, settings, JobCreate(method="test-counter",
                                                    params={"steps": 10, "step_seconds": WORK_S / 10}), None)
             job_id = job.id
+        run_one.job_ids.append(job_id)  # type: ignore[attr-defined]
         while True:
             with session_scope(settings.database_url) as s:
                 status = s.get(Job, job_id).status
@@ -103,7 +104,20 @@ def crucible_job(settings: Any) -> Callable[[], None]:
                 return
             time.sleep(0.02)
 
+    run_one.job_ids = []  # type: ignore[attr-defined]
     return run_one
+
+
+def phases(settings: Any, job_ids: list[str]) -> dict[str, float]:
+    """Where a job's time goes (medians over the timed jobs): queued → claimed (dispatch, broker or
+    cluster, claim) and claimed → finished (fork, the job's own work, checkpoint, artifact, settle)."""
+    from workers.db import session_scope
+    from workers.tables import Job
+
+    with session_scope(settings.database_url) as s:
+        rows = [s.get(Job, i) for i in job_ids]
+        return {"queued_to_claimed_s": statistics.median((r.started_at - r.created_at).total_seconds() for r in rows),
+                "claimed_to_finished_s": statistics.median((r.finished_at - r.started_at).total_seconds() for r in rows)}
 
 
 def bench_celery(tmp: Path, n: int) -> dict[str, float]:
@@ -128,13 +142,15 @@ def bench_celery(tmp: Path, n: int) -> dict[str, float]:
     try:
         app = bare_celery_app(settings.redis_url)
         bare = timed(lambda: app.send_task(CELERY_BARE_TASK, args=[WORK_S]).get(timeout=120), n)
-        ours = timed(crucible_job(settings), n)
+        job = crucible_job(settings)
+        ours = timed(job, n)
+        split = phases(settings, job.job_ids[1:])  # type: ignore[attr-defined]
     finally:
         executor.stop()
         for p in (worker, bare_worker):
             p.terminate()
             p.wait(timeout=60)
-    return {"bare_s": bare, "crucible_s": ours, "ratio": ours / bare}
+    return {"bare_s": bare, "crucible_s": ours, "ratio": ours / bare, **split}
 
 
 def bench_ray(tmp: Path, n: int) -> dict[str, float]:
@@ -156,11 +172,13 @@ def bench_ray(tmp: Path, n: int) -> dict[str, float]:
     executor.start()
     try:
         bare = timed(lambda: ray.get(sleep.remote(WORK_S)), n)
-        ours = timed(crucible_job(settings), n)
+        job = crucible_job(settings)
+        ours = timed(job, n)
+        split = phases(settings, job.job_ids[1:])  # type: ignore[attr-defined]
     finally:
         executor.stop()
         ray.shutdown()
-    return {"bare_s": bare, "crucible_s": ours, "ratio": ours / bare}
+    return {"bare_s": bare, "crucible_s": ours, "ratio": ours / bare, **split}
 
 
 def bench_submissions(tmp: Path, n: int) -> dict[str, float]:
@@ -197,7 +215,8 @@ def main() -> None:
     print(f"{'1 s job, queued → finished':32} {'bare':>8} {'Crucible':>9} {'ratio':>7}")
     for name in ("celery", "ray"):
         r = results[name]
-        print(f"{name:32} {r['bare_s']:7.2f}s {r['crucible_s']:8.2f}s {r['ratio']:6.2f}×")
+        print(f"{name:32} {r['bare_s']:7.2f}s {r['crucible_s']:8.2f}s {r['ratio']:6.2f}×   "
+              f"(queued → claimed {r['queued_to_claimed_s']:.2f}s, claimed → finished {r['claimed_to_finished_s']:.2f}s)")
     print(f"{'submissions/s, one API process':32} {results['api']['per_s']:8.1f}")
     out = REPO / "bench" / "results" / "dispatch.json"
     out.parent.mkdir(parents=True, exist_ok=True)

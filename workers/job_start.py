@@ -19,7 +19,7 @@ import threading
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
-PRELOAD = ["workers.runner", "models.training", "models.plots"]
+PRELOAD = ["workers.preload"]
 _context: ForkServerContext | None = None
 
 
