@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from models.llm.attention.kit import attention_with_lse, interface_function, register_attention
+from models.llm.attention.kit import attention_with_lse, interface_function, last_layers_filter, register_attention
 
 NEG_INF = float("-inf")
 
@@ -128,16 +128,10 @@ def register_hip(config: HiPConfig = HiPConfig(), name: str = "hip") -> str:
     """Register HiP with transformers' `AttentionInterface` under `name` (prefill of the chosen layers; decoding
     and padded batches stay exact): `model.set_attn_implementation(name)`."""
 
-    def use_for_layer(module: Any) -> bool:
-        if config.last_layers is None:
-            return True
-        total = getattr(getattr(module, "config", None), "num_hidden_layers", 0)
-        return getattr(module, "layer_idx", 0) >= total - config.last_layers
-
     def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, module: Any) -> torch.Tensor:
         return hip_attention(q, k, v, scale, config)
 
-    return register_attention(name, interface_function(prefill, use_for_layer))
+    return register_attention(name, interface_function(prefill, last_layers_filter(config.last_layers)))
 
 
 DEFAULT_NAME = register_hip()

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from models.llm.attention.kit import attention_with_lse, interface_function, merge_lse, register_attention
+from models.llm.attention.kit import (attention_with_lse, interface_function, last_layers_filter, merge_lse,
+                                     register_attention)
 
 NEG_INF = float("-inf")
 
@@ -141,17 +142,11 @@ def register_hyperattention(config: HyperConfig = HyperConfig(), name: str = "hy
     """Register HyperAttention with transformers' `AttentionInterface` under `name` (for prefill of the chosen
     layers; decoding steps and padded batches stay exact): `model.set_attn_implementation(name)`."""
 
-    def use_for_layer(module: Any) -> bool:
-        if config.last_layers is None:
-            return True
-        total = getattr(getattr(module, "config", None), "num_hidden_layers", 0)
-        return getattr(module, "layer_idx", 0) >= total - config.last_layers
-
     def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, module: Any) -> torch.Tensor:
         return hyper_attention(q, k, v, scale, config, causal=True,
                                seed=config.seed * 1009 + int(getattr(module, "layer_idx", 0) or 0))
 
-    return register_attention(name, interface_function(prefill, use_for_layer))
+    return register_attention(name, interface_function(prefill, last_layers_filter(config.last_layers)))
 
 
 DEFAULT_NAME = register_hyperattention()

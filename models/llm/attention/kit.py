@@ -90,6 +90,18 @@ def interface_function(prefill: PrefillFn, use_for_layer: Callable[[Any], bool])
     return attention
 
 
+def last_layers_filter(last_layers: int | None) -> Callable[[Any], bool]:
+    """`use_for_layer` for `interface_function`: every layer (None), or only the last ℓ decoder layers."""
+
+    def use_for_layer(module: Any) -> bool:
+        if last_layers is None:
+            return True
+        total = getattr(getattr(module, "config", None), "num_hidden_layers", 0)
+        return getattr(module, "layer_idx", 0) >= total - last_layers
+
+    return use_for_layer
+
+
 def register_attention(name: str, fn: Callable[..., tuple[torch.Tensor, None]]) -> str:
     """Register `fn` under `name` with transformers (attention and SDPA's mask builder), so
     `model.set_attn_implementation(name)` — or `attn_implementation=name` at load time — selects it."""
