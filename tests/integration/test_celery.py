@@ -109,3 +109,22 @@ def test_cancel_stops_a_job_on_a_worker_and_frees_it(server, workers, stack_sett
     server.http.post(f"/api/v1/jobs/{stubborn}/cancel")
     assert server.wait_status(stubborn, TERMINAL, timeout=60)["status"] == "cancelled"
     assert wait_for(lambda: not job_processes(stubborn), timeout=20)
+
+
+def test_a_busy_worker_takes_the_higher_priority_job_next(server, workers, stack_settings):
+    """Both jobs wait in the broker behind a running one; priority 8 starts before priority 1, though
+    the priority-1 job was queued (and sent) first."""
+    import time
+
+    workers("solo")
+    blocker = server.submit(method="test-counter", params={"steps": 80, "step_seconds": 0.1})
+    server.wait_status(blocker, ("running",), timeout=90)
+    low = server.submit(method="test-counter", params={"steps": 2}, priority=1)
+    time.sleep(1.5)  # order, not speed: let the dispatcher send the low-priority job to the broker first
+    high = server.submit(method="test-counter", params={"steps": 2}, priority=8)
+    assert server.job(blocker)["status"] == "running", "the blocker ended before both jobs were waiting"
+    for job_id in (blocker, low, high):
+        assert server.wait_status(job_id, TERMINAL, timeout=180)["status"] == "succeeded"
+    with session_scope(stack_settings.database_url) as s:
+        started = {j: s.get(Job, j).started_at for j in (low, high)}
+    assert started[high] < started[low]
