@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from models.context import RunContext
+from models.datasets import load_builtin
+from models.llm.data import split_windows
 from models.llm.evaluation import perplexity
 
 
@@ -45,3 +48,9 @@ def best_time(fn: Callable[[], object], repeats: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def held_out_windows(ctx: RunContext, tokenizer: Any, context: int, seq_len: int, n: int) -> torch.Tensor:
+    """`n` windows of min(seq_len, context) tokens from the val split of the job's text corpus (else stdlib-code)."""
+    ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
+    return split_windows(tokenizer, ds.val["text"], min(seq_len, context), n)

@@ -16,11 +16,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from models.context import RunContext
-from models.datasets import load_builtin
 from models.llm.attention.hyperattention import HyperConfig, hyper_attention, register_hyperattention
-from models.llm.attention.measure import best_time, perplexity_with, random_qkv
+from models.llm.attention.measure import best_time, held_out_windows, perplexity_with, random_qkv
 from models.llm.base import base_model
-from models.llm.data import split_windows
 from models.llm.folder import load_folder
 from models.plots import curves_figure
 from models.registry import MethodParams, method
@@ -43,12 +41,6 @@ class HyperAttentionParams(MethodParams):
 def hyper_config(params: HyperAttentionParams, seed: int) -> HyperConfig:
     return HyperConfig(params.block_size, params.sample_size, params.lsh_bits, params.min_seq_len,
                        params.last_layers or None, seed=seed)
-
-
-def held_out_windows(ctx: RunContext, lm_tokenizer, model_context: int, seq_len: int, n: int) -> torch.Tensor:
-    """`n` windows of min(seq_len, context) tokens from the val split of the job's text corpus (else stdlib-code)."""
-    ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
-    return split_windows(lm_tokenizer, ds.val["text"], min(seq_len, model_context), n)
 
 
 def one_layer_times(length: int, config: HyperConfig, heads: int = 1, head_dim: int = 64, repeats: int = 2

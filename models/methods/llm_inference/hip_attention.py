@@ -1,0 +1,110 @@
+"""HiP attention as an evaluation method and its reproduction (Lee et al., "HiP Attention: Sparse Sub-Quadratic
+Attention with Hierarchical Attention Pruning", 2024). The algorithm is in `models/llm/attention/hip.py`; a
+deployment selects it through transformers' `AttentionInterface` (`register_hip(config, name)`, then
+`model.set_attn_implementation(name)`); prefill of the patched layers is sparse, decoding is exact.
+
+The job measures held-out perplexity and passkey accuracy with HiP against dense attention and against
+StreamingLLM (sink + window only) given the same number of keys per query.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from pydantic import Field
+
+from models.context import RunContext
+from models.datasets import load_builtin
+from models.llm.attention.hip import HiPConfig, register_hip
+from models.llm.attention.measure import attention_implementation, held_out_windows, perplexity_with
+from models.llm.base import base_model
+from models.llm.data import token_stream
+from models.llm.folder import CausalLM, load_folder
+from models.llm.passkey import passkey_accuracy, passkey_samples
+from models.registry import MethodParams, method
+from models.reproduction import Outcome, reproduction
+from models.training import cpu_threads
+
+
+class HiPParams(MethodParams):
+    model: str = Field("", description="a registered name[@version] or imported folder (empty: the cached tiny base)")
+    top_k: int = Field(64, ge=0, le=1 << 20, description="k: keys chosen by the tree search per query block")
+    block_q: int = Field(32, ge=1, le=4096, description="b_q: queries per block")
+    block_k: int = Field(2, ge=1, le=4096, description="b_k: keys per block")
+    window: int = Field(32, ge=0, le=1 << 20, description="tokens before each query block always attended")
+    sink: int = Field(4, ge=0, le=4096, description="first tokens always attended")
+    seq_len: int = Field(512, ge=16, le=1 << 20, description="tokens per held-out window (capped at the context)")
+    eval_windows: int = Field(16, ge=1, le=4096, description="held-out windows for perplexity")
+    passkey_per_depth: int = Field(4, ge=0, le=256, description="passkey samples at each of 3 depths (0: skip)")
+
+
+def configs(params: HiPParams) -> dict[str, HiPConfig]:
+    """HiP and StreamingLLM with the same keys per query block: sink + window + k."""
+    hip = HiPConfig(params.top_k, params.block_q, params.block_k, params.window, params.sink)
+    streaming = HiPConfig(0, params.block_q, params.block_k, params.window + params.top_k, params.sink)
+    return {"hip": hip, "streaming-llm": streaming}
+
+
+def compare(ctx: RunContext, lm: CausalLM, params: HiPParams, tag: str) -> dict[str, dict[str, float]]:
+    """ppl and passkey accuracy for dense, HiP and StreamingLLM on the job's (or stdlib-code's) val split."""
+    context = lm.model.config.max_position_embeddings
+    windows = held_out_windows(ctx, lm.tokenizer, context, params.seq_len, params.eval_windows)
+    ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
+    stream = token_stream(lm.tokenizer, ds.val["text"], max_tokens=40 * min(params.seq_len, context))
+    samples = passkey_samples(lm.tokenizer, stream, min(params.seq_len, context) - 8, (0.1, 0.3, 0.5),
+                              params.passkey_per_depth, seed=ctx.seed or 0)
+    names = {"dense": "sdpa"} | {label: register_hip(cfg, f"hip-{tag}-{label}") for label, cfg in configs(params).items()}
+    table: dict[str, dict[str, float]] = {}
+    for i, (label, name) in enumerate(names.items()):
+        ctx.progress(i, len(names), f"{label}")
+        with attention_implementation(lm.model, name):
+            table[label] = {"ppl": perplexity_with(lm.model, name, windows),
+                            "passkey": passkey_accuracy(lm.model, samples) if samples else float("nan")}
+    return table
+
+
+@method("hip-attention", family="llm-inference", task="evaluate", datasets=("text-corpus",), params=HiPParams,
+        paper="HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning")
+def run(ctx: RunContext, params: HiPParams) -> None:
+    """Held-out perplexity and passkey accuracy with HiP vs dense attention and StreamingLLM at the same budget."""
+    with cpu_threads(ctx.resources):
+        lm = load_folder(ctx.load_model(params.model) if params.model else base_model(ctx))
+        table = compare(ctx, lm, params, f"job-{ctx.job_id or 'local'}")
+    metrics = {f"{key}_{label}".replace("-", "_"): value for label, row in table.items() for key, value in row.items()}
+    ctx.log(0, **metrics)
+    ctx.progress(3, 3, f"ppl dense {table['dense']['ppl']:.3f}, HiP {table['hip']['ppl']:.3f}, "
+                       f"StreamingLLM {table['streaming-llm']['ppl']:.3f}")
+
+
+# -- reproduction -------------------------------------------------------------------------------
+
+
+@reproduction("hip-attention", claim="HiP keeps near-dense perplexity with k ≪ T, better than StreamingLLM at the "
+                                     "same number of keys: Δppl(HiP) < Δppl(StreamingLLM) and passkey accuracy "
+                                     "≥ 90% of dense",
+              metric="held-out ppl (T=512, k=64, b_q=32, b_k=2, window 32, 4 sinks)", direction="lower",
+              baseline="StreamingLLM (4 sinks + 96-token window)")
+def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
+    """The notes' protocol scaled to the tiny base's 512-token context (notes: TL-S at T=1024, k=128, b_q=32,
+    b_k=2, window 64): each query sees ≤ 4 + 64 + 32 + 32 keys of up to 512. Training-free and deterministic."""
+    start = time.perf_counter()
+    params = HiPParams(top_k=8, block_q=8, block_k=2, window=8, sink=2, seq_len=64, eval_windows=2,
+                       passkey_per_depth=1) if smoke else HiPParams()
+    with cpu_threads(ctx.resources):
+        lm = load_folder(base_model(ctx, smoke))
+        table = compare(ctx, lm, params, f"repro-{seed}")
+    dense, hip, streaming = table["dense"], table["hip"], table["streaming-llm"]
+    ppl_holds = hip["ppl"] - dense["ppl"] < streaming["ppl"] - dense["ppl"]
+    passkey_holds = hip["passkey"] >= 0.9 * dense["passkey"]
+    chance = 1 / 5
+    note = (f"ppl dense {dense['ppl']:.3f}, HiP {hip['ppl']:.3f}, StreamingLLM {streaming['ppl']:.3f}; passkey "
+            f"(rank of the true key among 5, chance {chance:.0%}) dense {dense['passkey']:.0%}, HiP "
+            f"{hip['passkey']:.0%}, StreamingLLM {streaming['passkey']:.0%}"
+            + (" — dense is at chance: the 1.3M-parameter base cannot retrieve at this scale (a repeated 32-token "
+               "span is not copied either), so the passkey half of the claim is untestable here"
+               if dense["passkey"] <= chance + 1e-9 else "")
+            + f"; {time.perf_counter() - start:.0f}s")
+    return Outcome(ours=hip["ppl"], baseline=streaming["ppl"], seeds=1, holds=ppl_holds and passkey_holds,
+                   note=note, details={"table": table, "ppl_holds": ppl_holds, "passkey_holds": passkey_holds,
+                                       "params": params.model_dump()})
