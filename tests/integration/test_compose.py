@@ -62,3 +62,17 @@ def test_every_crucible_variable_in_compose_is_a_setting(compose):
     assert not unknown, f"compose sets variables Settings does not read: {unknown}"
     assert env["CRUCIBLE_STORAGE_URL"].startswith("s3://") and env["CRUCIBLE_EXECUTOR"].endswith("celery}")
     assert env["CRUCIBLE_DATABASE_URL"].startswith("postgresql+psycopg://")
+
+
+def test_only_the_api_is_reachable_and_only_from_loopback(compose):
+    """Backends sit on an internal network without published ports; Ray keeps token auth and a private dashboard."""
+    assert compose["networks"]["backend"]["internal"] is True
+    for name, service in compose["services"].items():
+        assert "backend" in service["networks"], name
+        if name == "api":
+            assert all(p.startswith("127.0.0.1:") for p in service["ports"])
+        else:
+            assert "ports" not in service and "frontend" not in service["networks"], name
+    head = compose["services"]["ray-head"]
+    assert "--dashboard-host=127.0.0.1" in head["command"]
+    assert head["environment"]["RAY_AUTH_TOKEN"]
