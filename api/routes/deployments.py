@@ -114,8 +114,8 @@ def folder_problem(exc: Exception) -> Problem:
 
 
 def load_deployment(row: Deployment, settings: Settings, store: ObjectStore) -> Loaded:
-    folder = Path(resolve_model(row.model, settings, store, row.project))
     try:
+        folder = Path(resolve_model(row.model, settings, store, row.project))
         return load(row.kind, folder, row.engine or {}, row.id)
     except (OSError, ValueError, KeyError) as exc:  # ModelFolderError is a ValueError
         raise folder_problem(exc) from None
@@ -134,7 +134,10 @@ def create(spec: DeploymentCreate, session: SessionDep, settings: SettingsDep, s
                                                    Deployment.name == spec.name)).first():
         raise field_problem("/name", f"a deployment named {spec.name!r} exists; delete it or choose another name",
                             status=409, slug="deployment-exists", title="Deployment exists")
-    folder = Path(resolve_model(ref, settings, store, who.project))
+    try:
+        folder = Path(resolve_model(ref, settings, store, who.project))
+    except (OSError, ValueError, KeyError) as exc:  # a missing or corrupt stored file
+        raise folder_problem(exc) from None
     kind = detect_kind(folder)
     engine = validate_engine(kind, spec.engine)
     row = Deployment(project=who.project, name=spec.name, model=ref, kind=kind, engine=engine, status="ready",
