@@ -100,6 +100,16 @@ class RunContext(Protocol):
     def cancelled(self) -> bool: ...
 
 
+def shared_cache_dir(ctx: Any) -> Path:
+    """Where trained-once things (tiny base models, evaluation classifiers) are kept between runs.
+
+    A job's context names the service's cache (`$CRUCIBLE_HOME/cache`); a context without one (tests,
+    `crucible reproduce` outside the service) uses `.crucible/cache`, the embedded default's.
+    """
+    root = getattr(ctx, "cache_dir", None)
+    return Path(root) if root is not None else Path(".crucible") / "cache"
+
+
 def clean_metrics(step: int, metrics: Mapping[str, float]) -> list[tuple[str, int, float]]:
     """Validate one `log` call: integer step ≥ 0, names, finite-or-NaN floats."""
     if isinstance(step, bool) or int(step) != step or step < 0:

@@ -100,6 +100,7 @@ class JobRunContext:
         self.resources: Mapping[str, float] = dict(job.resources or {})
         self.settings = settings
         self.store = store
+        self.cache_dir = settings.cache_dir  # trained-once base models and classifiers, shared by jobs
         self._db = settings.database_url
         self._lock = threading.Lock()  # guards the buffers
         self._io_lock = threading.Lock()  # one flush at a time

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models.context import RunContext
+from models.context import RunContext, shared_cache_dir
 from models.diffusion.data import ColouredDigits, coloured_digits, drop_tokens
 from models.diffusion.model import DiffusionParts, load_parts, new_parts, save_parts, training_scheduler
 
@@ -123,9 +123,7 @@ def train_denoiser(ctx: RunContext, config: PretrainConfig, data: ColouredDigits
 
 
 def cache_root(ctx: RunContext) -> Path:
-    """The context's cache folder when it has one, else the service's default state folder."""
-    root = getattr(ctx, "cache_dir", None)
-    return Path(root) if root is not None else Path(".crucible") / "cache"
+    return shared_cache_dir(ctx)
 
 
 def base_model_name(config: PretrainConfig) -> str:
