@@ -1,10 +1,10 @@
 """One causal attention layer's time against sequence length on CPU, one thread: exact SDPA (torch's fused
 kernel) and HyperAttention (`models/llm/attention/hyperattention.py`, the notes' b = m = 128, min_seq_len 512,
-7 hyperplanes), with the log-log slope of time vs T fitted per method (2 = quadratic, ≈1 = near-linear)
-and each time printed as a ratio against SDPA measured in the same run at the same length.
+7 hyperplanes) and HiP (`models/llm/attention/hip.py`, the notes' v1.1 defaults k = 512, b_q = 64,
+b_k = 2, window 256, 16 sinks), with the log-log slope of time vs T fitted per method (2 = quadratic,
+≈1 = near-linear) and each time printed as a ratio against SDPA measured in the same run at the same length.
 
 One head of width 64, Gaussian q/k/v (content does not change the cost); the fastest of `--repeats` calls.
-HiP is not here: it is not built yet.
 
     .venv/bin/python bench/long_context.py            # 1k..16k, ~1-2 min on a busy core
     .venv/bin/python bench/long_context.py --quick    # 512..2k, seconds
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models.llm.attention.hip import HiPConfig, hip_attention
 from models.llm.attention.hyperattention import HyperConfig, hyper_attention
 from models.llm.attention.measure import best_time, random_qkv
 
@@ -43,9 +44,11 @@ def main() -> None:
     top = 2048 if args.quick else args.max_length
     lengths = [1 << e for e in range(9 if args.quick else 10, int(math.log2(top)) + 1)]
     config = HyperConfig(block_size=128, sample_size=128, min_seq_len=512)
+    hip_config = HiPConfig(top_k=512, block_q=64, block_k=2, window=256, sink=16)  # the notes' v1.1 defaults
     methods = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "hyperattention": lambda q, k, v: hyper_attention(q, k, v, 64 ** -0.5, config),
+        "hip": lambda q, k, v: hip_attention(q, k, v, 64 ** -0.5, hip_config),
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
     for length in lengths:
@@ -60,7 +63,7 @@ def main() -> None:
     report = {"lengths": lengths, "seconds": times, "ratio_vs_sdpa": {n: [s / b for s, b in zip(v, times["sdpa"])]
                                                                       for n, v in times.items()},
               "slopes": slopes, "config": {"heads": 1, "head_dim": 64, "threads": 1, "repeats": args.repeats,
-                                           "hyperattention": asdict(config)},
+                                           "hyperattention": asdict(config), "hip": asdict(hip_config)},
               "torch": torch.__version__, "machine": platform.machine()}
     out = Path(__file__).parent / "results" / ("long-context-quick.json" if args.quick else "long-context.json")
     out.write_text(json.dumps(report, indent=1))

@@ -63,7 +63,8 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 PrefillFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, Any], torch.Tensor]
 
 
-def interface_function(prefill: PrefillFn, use_for_layer: Callable[[Any], bool]) -> Callable[..., tuple[torch.Tensor, None]]:
+def interface_function(prefill: PrefillFn, use_for_layer: Callable[[Any], bool]
+                       ) -> Callable[..., tuple[torch.Tensor, None]]:
     """An `AttentionInterface` function: `prefill(q, k, v, scale, module)` (causal, q [B, H, n, d], n = m) for the
     layers `use_for_layer(module)` accepts; every other call — decoding steps (n < m), other layers, and batches
     with a padding mask (the mask interface is SDPA's, which gives None for a plain causal batch) — is exact SDPA,

@@ -9,11 +9,21 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
+from pydantic import Field
 
 from models.context import RunContext
 from models.datasets import load_builtin
 from models.llm.data import split_windows
 from models.llm.evaluation import perplexity
+from models.registry import MethodParams
+
+
+class AttentionEvalParams(MethodParams):
+    """Fields every attention-evaluation job has: the model and the held-out windows; a method subclasses it."""
+
+    model: str = Field("", description="a registered name[@version] or imported folder (empty: the cached tiny base)")
+    seq_len: int = Field(512, ge=16, le=1 << 20, description="tokens per held-out window (capped at the context)")
+    eval_windows: int = Field(16, ge=1, le=4096, description="held-out windows for perplexity")
 
 
 @contextmanager

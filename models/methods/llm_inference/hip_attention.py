@@ -17,25 +17,23 @@ from pydantic import Field
 from models.context import RunContext
 from models.datasets import load_builtin
 from models.llm.attention.hip import HiPConfig, register_hip
-from models.llm.attention.measure import attention_implementation, held_out_windows, perplexity_with
+from models.llm.attention.measure import (AttentionEvalParams, attention_implementation, held_out_windows,
+                                          perplexity_with)
 from models.llm.base import base_model
 from models.llm.data import token_stream
 from models.llm.folder import CausalLM, load_folder
 from models.llm.passkey import passkey_accuracy, passkey_samples
-from models.registry import MethodParams, method
+from models.registry import method
 from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 
-class HiPParams(MethodParams):
-    model: str = Field("", description="a registered name[@version] or imported folder (empty: the cached tiny base)")
+class HiPParams(AttentionEvalParams):
     top_k: int = Field(64, ge=0, le=1 << 20, description="k: keys chosen by the tree search per query block")
     block_q: int = Field(32, ge=1, le=4096, description="b_q: queries per block")
     block_k: int = Field(2, ge=1, le=4096, description="b_k: keys per block")
     window: int = Field(32, ge=0, le=1 << 20, description="tokens before each query block always attended")
     sink: int = Field(4, ge=0, le=4096, description="first tokens always attended")
-    seq_len: int = Field(512, ge=16, le=1 << 20, description="tokens per held-out window (capped at the context)")
-    eval_windows: int = Field(16, ge=1, le=4096, description="held-out windows for perplexity")
     passkey_per_depth: int = Field(4, ge=0, le=256, description="passkey samples at each of 3 depths (0: skip)")
 
 
@@ -54,7 +52,8 @@ def compare(ctx: RunContext, lm: CausalLM, params: HiPParams, tag: str) -> dict[
     stream = token_stream(lm.tokenizer, ds.val["text"], max_tokens=40 * min(params.seq_len, context))
     samples = passkey_samples(lm.tokenizer, stream, min(params.seq_len, context) - 8, (0.1, 0.3, 0.5),
                               params.passkey_per_depth, seed=ctx.seed or 0)
-    names = {"dense": "sdpa"} | {label: register_hip(cfg, f"hip-{tag}-{label}") for label, cfg in configs(params).items()}
+    names = {"dense": "sdpa"} | {label: register_hip(cfg, f"hip-{tag}-{label}")
+                                 for label, cfg in configs(params).items()}
     table: dict[str, dict[str, float]] = {}
     for i, (label, name) in enumerate(names.items()):
         ctx.progress(i, len(names), f"{label}")

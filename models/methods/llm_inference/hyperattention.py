@@ -17,24 +17,22 @@ from pydantic import Field
 
 from models.context import RunContext
 from models.llm.attention.hyperattention import HyperConfig, hyper_attention, register_hyperattention
-from models.llm.attention.measure import best_time, held_out_windows, perplexity_with, random_qkv
+from models.llm.attention.measure import (AttentionEvalParams, best_time, held_out_windows, perplexity_with,
+                                          random_qkv)
 from models.llm.base import base_model
 from models.llm.folder import load_folder
 from models.plots import curves_figure
-from models.registry import MethodParams, method
+from models.registry import method
 from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 
-class HyperAttentionParams(MethodParams):
-    model: str = Field("", description="a registered name[@version] or imported folder (empty: the cached tiny base)")
+class HyperAttentionParams(AttentionEvalParams):
     block_size: int = Field(64, ge=1, le=65536, description="b: queries per LSH-sorted diagonal block")
     sample_size: int = Field(64, ge=0, le=65536, description="m: uniformly sampled residual keys (0: none)")
     lsh_bits: int = Field(7, ge=0, le=16, description="angular-LSH hyperplanes (2^bits buckets)")
     min_seq_len: int = Field(128, ge=1, le=1 << 20, description="the causal recursion is exact at or below this")
     last_layers: int = Field(0, ge=0, le=1024, description="patch only the last ℓ layers (0: all)")
-    seq_len: int = Field(512, ge=16, le=1 << 20, description="tokens per held-out window (capped at the context)")
-    eval_windows: int = Field(16, ge=1, le=4096, description="held-out windows for perplexity")
     timing_length: int = Field(8192, ge=0, le=1 << 17, description="one-layer timing length vs SDPA (0: skip)")
 
 
@@ -85,7 +83,8 @@ def run(ctx: RunContext, params: HyperAttentionParams) -> None:
               metric="held-out ppl, all layers patched (b=m=64)", direction="lower", baseline="exact attention (SDPA)")
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The tiny base at its full context (512 tokens, recursion down to 64 so most key pairs are approximated),
-    b = m ∈ {32, 64, 128} in all layers and ℓ = 1…4 at b = 32; then one head (d = 64) timed at 2k, 8k and 16k tokens
+    b = m ∈ {32, 64, 128} in all layers and ℓ = 1…4 at b = 32; then one head (d = 64) timed at 2k, 8k and 16k
+    tokens
     with the notes' b = m = 128, min_seq_len 512, against SDPA in the same process."""
     start = time.perf_counter()
     with cpu_threads(ctx.resources):
@@ -115,18 +114,20 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     deltas = [by_layers[ell] - exact for ell in sorted(by_layers)]
     monotone = all(a <= b for a, b in zip(deltas, deltas[1:]))
     ours = by_block[64] if 64 in by_block else next(iter(by_block.values()))
-    ctx.save_artifact("hyperattention_ppl.png", curves_figure(
-        {"val ppl vs patched final layers ℓ": {f"HyperAttention b=m={b_layers}": (sorted(by_layers), [by_layers[e] for e in sorted(by_layers)]),
-                                               "exact": (sorted(by_layers), [exact] * len(by_layers))},
-         "val ppl vs block size (all layers)": {"HyperAttention": (sorted(by_block), [by_block[b] for b in sorted(by_block)]),
-                                                "exact": (sorted(by_block), [exact] * len(by_block))}},
-        "ℓ / block size", ncols=2), kind="plot")
+    ells, blocks = sorted(by_layers), sorted(by_block)
+    curve = f"HyperAttention b=m={b_layers}"
+    panels = {"val ppl vs patched final layers ℓ": {curve: (ells, [by_layers[e] for e in ells]),
+                                                   "exact": (ells, [exact] * len(ells))},
+              "val ppl vs block size (all layers)": {"HyperAttention": (blocks, [by_block[b] for b in blocks]),
+                                                     "exact": (blocks, [exact] * len(blocks))}}
+    ctx.save_artifact("hyperattention_ppl.png", curves_figure(panels, "ℓ / block size", ncols=2), kind="plot")
     note = (f"ppl exact {exact:.3f}; all layers b=m: " + ", ".join(f"{b}→{p:.3f}" for b, p in by_block.items())
             + f"; Δppl by ℓ (b={b_layers}): " + ", ".join(f"{d:+.3f}" for d in deltas)
             + f" ({'monotone' if monotone else 'NOT monotone'}); one layer at T={longest} (1 head, d=64, "
             f"b=m=128, min_seq_len {timing_config.min_seq_len}): SDPA {times[longest]['sdpa'] * 1e3:.0f} ms vs "
             f"HyperAttention {times[longest]['hyperattention'] * 1e3:.0f} ms = {speedup:.2f}× "
-            f"({'≥' if speedup >= 3 else '<'} the claimed 3×; the paper's 3× is at 16k+ against FlashAttention on GPU, "
+            f"({'≥' if speedup >= 3 else '<'} the claimed 3×; the paper's 3× is at 16k+ against FlashAttention on "
+            f"GPU, "
             f"here pure-torch CPU against fused SDPA); {time.perf_counter() - start:.0f}s")
     return Outcome(ours=ours, baseline=exact, seeds=1, holds=monotone and speedup >= 3, note=note,
                    details={"ppl_exact": exact, "ppl_by_block": by_block, "ppl_by_last_layers": by_layers,
