@@ -1,6 +1,6 @@
 """LLM serving throughput: tokens/s and time to first token through `/v1/chat/completions` (a real
-uvicorn server on a free port, streaming over HTTP) at batch 1 and under concurrency, against
-Hugging Face `generate` on the same model in the same run, and the memory-bandwidth ceiling
+`crucible up` process on a free port, streaming over HTTP) at batch 1 and under concurrency, against
+Hugging Face `generate` on the same model in the same run (both one torch thread), and the memory-bandwidth ceiling
 (measured copy bandwidth ÷ weight bytes read per decoded token).
 
 Throughput does not depend on the weights, so the model is the base recipe's architecture
@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import signal
 import socket
 import statistics
 import sys
+import subprocess
 import tempfile
-import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,8 @@ from pathlib import Path
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's `api` package (for its dashboard files)
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `models` when run as a script
 
 PROMPT = [{"role": "user", "content": "Write a Python function that parses a config file."}]
 
@@ -83,34 +86,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(folder: Path, home: Path) -> tuple[str, str, object]:
-    """A real server (uvicorn in a thread) with `folder` imported and deployed as `bench`."""
-    import uvicorn
+def serve(folder: Path, home: Path) -> tuple[str, str, subprocess.Popen]:
+    """A real `crucible up` process (one torch thread, like HF below) with `folder` deployed as `bench`.
 
-    from api.app import create_app
-    from api.auth import create_key
-    from workers.db import session_scope, upgrade
-    from workers.settings import Settings
-    from workers.tables import Project
-
-    settings = Settings(home=home, demo_job=False, rate_limit_inference_per_minute=100_000)
-    upgrade(settings.database_url)
-    with session_scope(settings.database_url) as s:
-        if s.get(Project, "default") is None:
-            s.add(Project(name="default"))
-            s.flush()
-        _, key = create_key(s, "default", "admin", name="bench")
+    The server runs in its own process so the benchmark's HTTP clients do not share its GIL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, run_executor=False), port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    env = {**os.environ, "CRUCIBLE_HOME": str(home), "CRUCIBLE_DEMO_JOB": "false", "OMP_NUM_THREADS": "1",
+           "CRUCIBLE_RATE_LIMIT_INFERENCE_PER_MINUTE": "100000"}
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
+    probe = httpx.Client(base_url=url, timeout=5)
     while True:
+        if proc.poll() is not None:
+            raise RuntimeError("crucible up exited during start-up")
         try:
-            if http.get("/api/v1/health").status_code == 200:
+            if probe.get("/api/v1/health").status_code == 200 and (home / "admin-key").is_file():
                 break
         except httpx.TransportError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.3)
+    key = (home / "admin-key").read_text().strip()
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for p in folder.rglob("*"):
@@ -119,7 +116,7 @@ def serve(folder: Path, home: Path) -> tuple[str, str, object]:
     assert http.post("/api/v1/models", data={"name": "bench"}, files={"file": ("m.zip", buf.getvalue())}).status_code == 201
     r = http.post("/api/v1/deployments", json={"name": "bench", "model": "bench", "engine": {"max_tokens_cap": 4096}})
     assert r.status_code == 201, r.text
-    return url, key, server
+    return url, key, proc
 
 
 def one_stream(url: str, key: str, tokens: int, seed: int) -> tuple[float, float, int]:
@@ -164,11 +161,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or build_folder(Path(tmp) / "model", "micro" if args.quick else "tiny")
         hf = hf_generate(folder, args.tokens, args.repeats)
+        (Path(tmp) / "home").mkdir()
         url, key, server = serve(folder, Path(tmp) / "home")
         one_stream(url, key, args.tokens, 0)  # warm-up
         rows = [load_test(url, key, args.tokens, 1, args.repeats),
                 load_test(url, key, args.tokens, args.concurrency, args.repeats)]
-        server.should_exit = True  # type: ignore[attr-defined]
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
     bw = copy_bandwidth(64 if args.quick else 256)
     ceiling = bw / hf["weight_bytes"]
     print(f"model {folder.name if args.model else 'fresh tiny Llama'}: {hf['weight_bytes'] / 1e6:.1f} MB of weights; "
