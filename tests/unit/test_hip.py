@@ -78,3 +78,19 @@ def test_registered_function_at_full_budget_matches_sdpa_logits() -> None:
         sparse = model(input_ids=ids).logits
     torch.testing.assert_close(full, reference, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(sparse, reference, atol=1e-4)
+
+
+def test_job_reports_dense_hip_and_streaming() -> None:
+    import math
+
+    from models.context import InMemoryRunContext
+    from models.llm.base import base_model
+    from models.methods.llm_inference.hip_attention import HiPParams, run
+
+    ctx = InMemoryRunContext()
+    folder = base_model(ctx, smoke=True)
+    run(ctx, HiPParams(model=str(folder), top_k=8, block_q=8, window=8, sink=2, seq_len=64, eval_windows=2,
+                       passkey_per_depth=1))
+    values = {p.name: p.value for p in ctx.metrics}
+    assert {"ppl_dense", "ppl_hip", "ppl_streaming_llm", "passkey_hip"} <= set(values)
+    assert all(math.isfinite(v) for v in values.values())

@@ -121,3 +121,17 @@ def test_registered_function_at_full_budget_matches_sdpa_logits() -> None:
         generated = model.generate(ids[:1, :40], max_new_tokens=4, do_sample=False)
     assert not torch.allclose(sparse, reference, atol=1e-4)
     assert math.isfinite(sparse.abs().max().item()) and generated.shape == (1, 44)
+
+
+def test_job_reports_perplexity_against_exact_and_timing() -> None:
+    from models.context import InMemoryRunContext
+    from models.llm.base import base_model
+    from models.methods.llm_inference.hyperattention import HyperAttentionParams, run
+
+    ctx = InMemoryRunContext()
+    folder = base_model(ctx, smoke=True)
+    run(ctx, HyperAttentionParams(model=str(folder), block_size=16, sample_size=16, min_seq_len=16, seq_len=64,
+                                  eval_windows=2, timing_length=256))
+    names = {p.name for p in ctx.metrics}
+    assert {"val_ppl", "val_ppl_exact", "delta_ppl", "speedup"} <= names
+    assert all(math.isfinite(p.value) for p in ctx.metrics)
