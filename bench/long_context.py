@@ -2,7 +2,8 @@
 kernel) and HyperAttention (`models/llm/attention/hyperattention.py`, the notes' b = m = 128, min_seq_len 512,
 7 hyperplanes) and HiP (`models/llm/attention/hip.py`, the notes' v1.1 defaults k = 512, b_q = 64,
 b_k = 2, window 256, 16 sinks), with the log-log slope of time vs T fitted per method (2 = quadratic,
-≈1 = near-linear) and each time printed as a ratio against SDPA measured in the same run at the same length.
+≈1 = near-linear) and each time printed as a ratio against SDPA
+(`hip-mask` is HiP's tree search alone), measured in the same run at the same length.
 
 One head of width 64, Gaussian q/k/v (content does not change the cost); the fastest of `--repeats` calls.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.llm.attention.hip import HiPConfig, hip_attention
+from models.llm.attention.hip import HiPConfig, hip_attention, tree_search
 from models.llm.attention.hyperattention import HyperConfig, hyper_attention
 from models.llm.attention.measure import best_time, random_qkv
 
@@ -49,6 +50,7 @@ def main() -> None:
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "hyperattention": lambda q, k, v: hyper_attention(q, k, v, 64 ** -0.5, config),
         "hip": lambda q, k, v: hip_attention(q, k, v, 64 ** -0.5, hip_config),
+        "hip-mask": lambda q, k, v: tree_search(q, k, hip_config),  # the tree search alone (claimed O(T log T))
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
     for length in lengths:
