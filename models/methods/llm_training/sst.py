@@ -59,7 +59,9 @@ def run(ctx: RunContext, params: SSTParams) -> None:
 def lora_llama(corpus: CodeCorpus, params: LMTrainingParams, seed: int, rank: int) -> nn.Module:
     """A fresh Llama whose decoder projections are frozen and adapted by rank-r LoRA (α = r, no dropout);
     embeddings and norms stay trainable."""
-    model = get_peft_model(fresh_llama(corpus, params, seed),
+    base = fresh_llama(corpus, params, seed)
+    torch.manual_seed(seed)  # peft draws the LoRA A matrices from torch's global generator
+    model = get_peft_model(base,
                            LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
     for name, p in model.named_parameters():
         if "embed_tokens" in name or "norm" in name:
