@@ -19,7 +19,7 @@ from models.datasets import load_builtin
 from models.llm.attention.hip import HiPConfig, register_hip
 from models.llm.attention.measure import (AttentionEvalParams, attention_implementation, held_out_windows,
                                           perplexity_with)
-from models.llm.base import base_model
+from models.llm.base import RECIPES, base_model
 from models.llm.data import token_stream
 from models.llm.folder import CausalLM, load_folder
 from models.llm.passkey import passkey_accuracy, passkey_samples
@@ -97,7 +97,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ppl_holds = hip["ppl"] - dense["ppl"] < streaming["ppl"] - dense["ppl"]
     passkey_holds = hip["passkey"] >= 0.9 * dense["passkey"]
     chance = 1 / 5
-    note = (f"ppl dense {dense['ppl']:.3f}, HiP {hip['ppl']:.3f}, StreamingLLM {streaming['ppl']:.3f}; passkey "
+    note = (f"windows of {params.seq_len} tokens (the base was pre-trained on "
+            f"{RECIPES[smoke].seq_len}-token windows); "
+            f"ppl dense {dense['ppl']:.3f}, HiP {hip['ppl']:.3f}, StreamingLLM {streaming['ppl']:.3f}; passkey "
             f"(rank of the true key among 5, chance {chance:.0%}) dense {dense['passkey']:.0%}, HiP "
             f"{hip['passkey']:.0%}, StreamingLLM {streaming['passkey']:.0%}"
             + (" — dense is at chance: the 1.3M-parameter base cannot retrieve at this scale (a repeated 32-token "

@@ -19,7 +19,7 @@ from models.context import RunContext
 from models.llm.attention.hyperattention import HyperConfig, hyper_attention, register_hyperattention
 from models.llm.attention.measure import (AttentionEvalParams, best_time, held_out_windows, perplexity_with,
                                           random_qkv)
-from models.llm.base import base_model
+from models.llm.base import RECIPES, base_model
 from models.llm.folder import load_folder
 from models.plots import curves_figure
 from models.registry import method
@@ -121,7 +121,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
               "val ppl vs block size (all layers)": {"HyperAttention": (blocks, [by_block[b] for b in blocks]),
                                                      "exact": (blocks, [exact] * len(blocks))}}
     ctx.save_artifact("hyperattention_ppl.png", curves_figure(panels, "ℓ / block size", ncols=2), kind="plot")
-    note = (f"ppl exact {exact:.3f}; all layers b=m: " + ", ".join(f"{b}→{p:.3f}" for b, p in by_block.items())
+    note = (f"windows of {windows.shape[1]} tokens (the base was pre-trained on "
+            f"{RECIPES[smoke].seq_len}-token windows); "
+            f"ppl exact {exact:.3f}; all layers b=m: " + ", ".join(f"{b}→{p:.3f}" for b, p in by_block.items())
             + f"; Δppl by ℓ (b={b_layers}): " + ", ".join(f"{d:+.3f}" for d in deltas)
             + f" ({'monotone' if monotone else 'NOT monotone'}); one layer at T={longest} (1 head, d=64, "
             f"b=m=128, min_seq_len {timing_config.min_seq_len}): SDPA {times[longest]['sdpa'] * 1e3:.0f} ms vs "
