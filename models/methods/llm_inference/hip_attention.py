@@ -82,29 +82,35 @@ def run(ctx: RunContext, params: HiPParams) -> None:
 @reproduction("hip-attention", claim="HiP keeps near-dense perplexity with k ≪ T, better than StreamingLLM at the "
                                      "same number of keys: Δppl(HiP) < Δppl(StreamingLLM) and passkey accuracy "
                                      "≥ 90% of dense",
-              metric="held-out ppl (T=512, k=64, b_q=32, b_k=2, window 32, 4 sinks)", direction="lower",
-              baseline="StreamingLLM (4 sinks + 96-token window)")
+              metric="held-out ppl (T=256, k=32, b_q=16, b_k=2, window 16, 4 sinks)", direction="lower",
+              baseline="StreamingLLM (4 sinks + 48-token window)")
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
-    """The notes' protocol scaled to the tiny base's 512-token context (notes: TL-S at T=1024, k=128, b_q=32,
-    b_k=2, window 64): each query sees ≤ 4 + 64 + 32 + 32 keys of up to 512. Training-free and deterministic."""
+    """The notes' protocol (TL-S at T=1024, k=128, b_q=32, b_k=2, window 64) scaled to the tiny base's
+    pre-training length of 256 tokens (at its 512-token maximum context every sparse pattern beats dense, because
+    the base never saw positions past 256, which confounds the comparison): each query sees ≤ 4 + 32 + 16 + 16
+    of up to 256 keys. Training-free and deterministic."""
     start = time.perf_counter()
     params = HiPParams(top_k=8, block_q=8, block_k=2, window=8, sink=2, seq_len=64, eval_windows=2,
-                       passkey_per_depth=1) if smoke else HiPParams()
+                       passkey_per_depth=1) if smoke else \
+        HiPParams(seq_len=256, top_k=32, block_q=16, block_k=2, window=16, sink=4, passkey_per_depth=6)
     with cpu_threads(ctx.resources):
         lm = load_folder(base_model(ctx, smoke))
         table = compare(ctx, lm, params, f"repro-{seed}")
     dense, hip, streaming = table["dense"], table["hip"], table["streaming-llm"]
     ppl_holds = hip["ppl"] - dense["ppl"] < streaming["ppl"] - dense["ppl"]
     passkey_holds = hip["passkey"] >= 0.9 * dense["passkey"]
-    chance = 1 / 5
+    chance, n_samples = 1 / 5, 3 * params.passkey_per_depth
     note = (f"windows of {params.seq_len} tokens (the base was pre-trained on "
             f"{RECIPES[smoke].seq_len}-token windows); "
             f"ppl dense {dense['ppl']:.3f}, HiP {hip['ppl']:.3f}, StreamingLLM {streaming['ppl']:.3f}; passkey "
             f"(rank of the true key among 5, chance {chance:.0%}) dense {dense['passkey']:.0%}, HiP "
             f"{hip['passkey']:.0%}, StreamingLLM {streaming['passkey']:.0%}"
-            + (" — dense is at chance: the 1.3M-parameter base cannot retrieve at this scale (a repeated 32-token "
+            + (" — dense is within 2 standard errors of chance: the 1.3M-parameter base cannot retrieve at this scale (a repeated 32-token "
                "span is not copied either), so the passkey half of the claim is untestable here"
-               if dense["passkey"] <= chance + 1e-9 else "")
+               if dense["passkey"] <= chance + 2 * (chance * (1 - chance) / max(n_samples, 1)) ** 0.5
+               else "")
+            + ("" if ppl_holds else "; HiP's Δppl exceeds StreamingLLM's: with no long-range retrieval in the base, "
+               "the window tokens HiP gives up for tree-selected blocks are worth more than the blocks")
             + f"; {time.perf_counter() - start:.0f}s")
     return Outcome(ours=hip["ppl"], baseline=streaming["ppl"], seeds=1, holds=ppl_holds and passkey_holds,
                    note=note, details={"table": table, "ppl_holds": ppl_holds, "passkey_holds": passkey_holds,
