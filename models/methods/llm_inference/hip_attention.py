@@ -105,7 +105,8 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             f"ppl dense {dense['ppl']:.3f}, HiP {hip['ppl']:.3f}, StreamingLLM {streaming['ppl']:.3f}; passkey "
             f"(rank of the true key among 5, chance {chance:.0%}) dense {dense['passkey']:.0%}, HiP "
             f"{hip['passkey']:.0%}, StreamingLLM {streaming['passkey']:.0%}"
-            + (" — dense is within 2 standard errors of chance: the 1.3M-parameter base cannot retrieve at this scale (a repeated 32-token "
+            + (" — dense is within 2 standard errors of chance: the 1.3M-parameter base cannot retrieve at this scale "
+               "(a repeated 32-token "
                "span is not copied either), so the passkey half of the claim is untestable here"
                if dense["passkey"] <= chance + 2 * (chance * (1 - chance) / max(n_samples, 1)) ** 0.5
                else "")
