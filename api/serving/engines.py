@@ -26,6 +26,36 @@ class LLMEngine(BaseModel):
     max_tokens_cap: int = Field(512, ge=1, le=32768, description="largest `max_tokens` a request may ask")
     default_max_tokens: int = Field(64, ge=1, le=32768, description="`max_tokens` when a request gives none")
     max_n: int = Field(4, ge=1, le=64, description="largest `n` (choices per request)")
+    attention: Literal["sdpa", "hip", "hyperattention"] = Field(
+        "sdpa", description="prefill attention: exact SDPA, HiP (hierarchical top-k) or HyperAttention (LSH + sampling)")
+    attention_options: dict[str, Any] = Field(
+        default_factory=dict, description="the sparse attention's parameters (HiPConfig / HyperConfig fields), "
+                                          "e.g. {\"top_k\": 64, \"window\": 32}")
+
+
+def attention_config(engine: dict[str, Any]) -> Any:
+    """The sparse-attention config of an engine (None for exact SDPA); unknown or bad fields → 422."""
+    import dataclasses
+
+    name = engine.get("attention", "sdpa")
+    if name == "sdpa":
+        if engine.get("attention_options"):
+            raise field_problem("/engine/attention_options", "exact SDPA takes no options; pick attention hip or "
+                                "hyperattention, or drop the options")
+        return None
+    if name == "hip":
+        from models.llm.attention.hip import HiPConfig as Config
+    else:
+        from models.llm.attention.hyperattention import HyperConfig as Config
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    options = dict(engine.get("attention_options") or {})
+    for key, value in options.items():
+        if key not in fields:
+            raise field_problem(f"/engine/attention_options/{key}",
+                                f"{name} has no option {key!r}; use {', '.join(sorted(fields))}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise field_problem(f"/engine/attention_options/{key}", "use a non-negative integer")
+    return Config(**options)
 
 
 class DiffusionEngine(BaseModel):
@@ -63,6 +93,8 @@ def validate_engine(kind: str, options: dict[str, Any]) -> dict[str, Any]:
         raise validation_problem(list(exc.errors()), prefix="/engine") from None
     if engine.get("device") == "cuda" and not torch.cuda.is_available():
         raise field_problem("/engine/device", "this server has no CUDA GPU; use cpu or auto")
+    if kind == "llm":
+        attention_config(engine)  # fails now, at creation, not in the middle of a generation
     return engine
 
 

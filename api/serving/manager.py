@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from api.serving.engines import resolve_device
+from api.serving.engines import attention_config, resolve_device
 
 if TYPE_CHECKING:  # the ML stacks load with the first deployment, not with the API
     from models.diffusion.model import DiffusionParts
@@ -40,6 +40,19 @@ class Loaded:
         return int(getattr(config, "max_position_embeddings", 0) or self.llm.tokenizer.model_max_length)
 
 
+def use_sparse_attention(model: Any, engine: dict[str, Any], deployment_id: str) -> None:
+    """Register the engine's HiP / HyperAttention config under a per-deployment name and switch the model's
+    prefill attention to it (decoding steps stay exact, so the KV cache and generation loop are unchanged)."""
+    config = attention_config(engine)
+    if config is None:
+        return
+    if engine["attention"] == "hip":
+        from models.llm.attention.hip import register_hip as register
+    else:
+        from models.llm.attention.hyperattention import register_hyperattention as register
+    model.set_attn_implementation(register(config, name=f"{engine['attention']}-{deployment_id or 'adhoc'}"))
+
+
 def load(kind: str, folder: Path, engine: dict[str, Any], deployment_id: str = "") -> Loaded:
     """Load a folder of the given kind (raises the kits' folder errors for the caller to map)."""
     from models.diffusion.model import load_parts
@@ -48,6 +61,7 @@ def load(kind: str, folder: Path, engine: dict[str, Any], deployment_id: str = "
     if kind == "llm":
         lm = load_folder(folder, dtype=engine.get("dtype", "float32"))
         lm.model.to(resolve_device(engine))
+        use_sparse_attention(lm.model, engine, deployment_id)
         return Loaded(deployment_id, kind, engine, llm=lm)
     parts = load_parts(folder)
     if not any(folder.joinpath("unet").glob("*.safetensors")):

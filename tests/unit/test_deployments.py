@@ -254,3 +254,30 @@ def test_kinds_do_not_mix(served):
     r = served.post("/v1/chat/completions", json={"model": "draw", "messages": [{"role": "user", "content": "x"}]})
     problem(r, 404)
     assert [m["id"] for m in served.get("/v1/models").json()["data"]] == ["chat"]
+
+
+def test_sparse_attention_is_an_engine_option_checked_at_creation(api, model_zips):
+    """HiP / HyperAttention plug in through transformers' AttentionInterface; at a budget covering the
+    whole prompt both are exact, so greedy answers equal the dense deployment's."""
+    import_zip(api, "tiny-llm", model_zips["llm"])
+    r = api.post("/api/v1/deployments", json={"name": "s1", "model": "tiny-llm",
+                                               "engine": {"attention": "hip", "attention_options": {"top_kk": 3}}})
+    assert problem(r, 422)["errors"][0]["pointer"] == "/engine/attention_options/top_kk"
+    r = api.post("/api/v1/deployments", json={"name": "s1", "model": "tiny-llm",
+                                               "engine": {"attention_options": {"top_k": 3}}})
+    assert problem(r, 422)["errors"][0]["pointer"] == "/engine/attention_options"
+    r = api.post("/api/v1/deployments", json={"name": "s1", "model": "tiny-llm", "engine": {"attention": "flash"}})
+    assert problem(r, 422)["errors"][0]["pointer"] == "/engine/attention"
+    deploy(api, "dense", "tiny-llm")
+    deploy(api, "hip", "tiny-llm", attention="hip", attention_options={"top_k": 4096, "block_q": 8, "window": 64})
+    deploy(api, "hyper", "tiny-llm", attention="hyperattention", attention_options={"min_seq_len": 4096})
+    body = {"messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 8, "temperature": 0}
+    answers = {}
+    for name in ("dense", "hip", "hyper"):
+        r = api.post("/v1/chat/completions", json={**body, "model": name})
+        assert r.status_code == 200, r.text
+        answers[name] = r.json()["choices"][0]["message"]["content"]
+    assert answers["hip"] == answers["dense"] == answers["hyper"]
+    loaded = api.app.state.deployments
+    hip_id = api.get("/api/v1/deployments/hip").json()["id"]
+    assert loaded.get(hip_id, lambda: None).llm.model.config._attn_implementation.startswith("hip-")
