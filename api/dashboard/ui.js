@@ -103,7 +103,8 @@ export class Poller {
     } catch (err) {
       this.failures++;
       this.delay = Math.min(this.max * 1.5, this.delay * 2);
-      this.onError?.(err);
+      // a poll still in flight when its view was left fails against a page that is gone: say nothing
+      if (!this.stopped) this.onError?.(err);
     } finally {
       this.running = false;
     }
