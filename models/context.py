@@ -36,6 +36,8 @@ def check_artifact_name(name: str) -> str:
     if not name or "\\" in name or "\x00" in name or "%" in name or name.startswith("/"):
         raise ArtifactNameError(f"artifact name {name!r} must be a relative path like 'plots/curve.png'")
     parts = PurePosixPath(name).parts
+    if not parts:  # "." and "./" normalise to nothing: a name must name something
+        raise ArtifactNameError(f"artifact name {name!r} names no file; use a path like 'plots/curve.png'")
     if any(p in (".", "..") or not _SAFE_SEGMENT.match(p) for p in parts) or len(parts) > 8:
         raise ArtifactNameError(f"artifact name {name!r}: use up to 8 segments of letters, digits and ._-")
     return "/".join(parts)
