@@ -1,0 +1,105 @@
+"""What a compressed cache costs in quality at a KV budget: the perplexity of a continuation read through the
+compressed cache of its context, passkey retrieval with the compressed prompt, and the KV bytes held.
+
+Protocol (kvpress's: compress the context once at prefill, then answer through the compressed cache): each
+held-out window of L tokens is split into a `context` prefix, prefilled into a `CompressedCache` under the press,
+and a continuation of L − context tokens whose next-token NLL is measured in one forward through that cache (the
+first continuation token is predicted by the prefill's last logit). With press None the cache is uncompressed and
+the numbers equal the plain model's on the same tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.llm.kv_cache.cache import HEADWISE_ATTENTION, CompressedCache
+from models.llm.kv_cache.press import Press, compressing
+from models.llm.passkey import PasskeySample
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    nll: float
+    kv_bytes: float  # mean bytes per sequence after the prefill was compressed
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.nll, 700.0))
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, ids: torch.Tensor, press: Press | None) -> tuple[torch.Tensor, CompressedCache]:
+    """Last-position logits [B, V] and the (compressed) cache of `ids` [B, T]."""
+    cache = CompressedCache()
+    with compressing(model, press):
+        out = model(input_ids=ids, cache=cache, use_cache=True)
+    return out.logits[:, -1], cache
+
+
+@torch.no_grad()
+def continuation_nll(model: nn.Module, windows: torch.Tensor, context: int, press: Press | None,
+                     batch_size: int = 8) -> BudgetResult:
+    """Mean NLL of tokens context..L−1 of each window given the compressed cache of tokens 0..context−1."""
+    was_training = model.training
+    model.eval()
+    total, count, bytes_total = 0.0, 0, 0.0
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start: start + batch_size]
+        last, cache = prefill(model, ids[:, :context], press)
+        bytes_total += cache.kv_bytes()
+        logits = torch.cat([last.unsqueeze(1), model(input_ids=ids[:, context:-1], cache=cache).logits], dim=1)
+        target = ids[:, context:]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                 reduction="sum").item()
+        count += target.numel()
+    model.train(was_training)
+    return BudgetResult(total / max(count, 1), bytes_total / max(len(windows), 1))
+
+
+@torch.no_grad()
+def passkey_accuracy_compressed(model: nn.Module, samples: list[PasskeySample], press: Press | None) -> float:
+    """`models.llm.passkey.passkey_accuracy` with the prompt prefilled once into a compressed cache: each candidate
+    key is scored through a copy of it."""
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for sample in samples:
+        last, cache = prefill(model, sample.prompt.unsqueeze(0), press)
+        scores = []
+        for key in sample.candidates:
+            logits = last.unsqueeze(1)
+            if len(key) > 1:
+                more = model(input_ids=key[:-1].unsqueeze(0), cache=copy.deepcopy(cache)).logits
+                logits = torch.cat([logits, more], dim=1)
+            scores.append(-F.cross_entropy(logits[0].float(), key, reduction="sum"))
+        hits += int(torch.stack(scores).argmax().item() == 0)
+    model.train(was_training)
+    return hits / max(len(samples), 1)
+
+
+def budget_sweep(model: nn.Module, windows: torch.Tensor, context: int, presses: dict[str, Callable[[int], Press]],
+                 budgets: tuple[int, ...], samples: list[PasskeySample] = (),
+                 on_done: Callable[[str, int], None] = lambda name, budget: None) -> dict[str, dict[int, dict]]:
+    """ppl, passkey accuracy and KV bytes per press name and per-head budget, plus the dense row under `"dense"`
+    (budget 0). Runs under `HEADWISE_ATTENTION` (plain SDPA unless a cache carries head-wise padding)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(HEADWISE_ATTENTION)
+    table: dict[str, dict[int, dict]] = {}
+    try:
+        runs = [("dense", 0, None)] + [(name, b, make(b)) for name, make in presses.items() for b in budgets]
+        for name, budget, press in runs:
+            result = continuation_nll(model, windows, context, press)
+            table.setdefault(name, {})[budget] = {
+                "ppl": result.ppl, "nll": result.nll, "kv_bytes": result.kv_bytes,
+                "passkey": passkey_accuracy_compressed(model, list(samples), press) if samples else float("nan")}
+            on_done(name, budget)
+    finally:
+        model.set_attn_implementation(previous)
+    return table
