@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,10 @@ from models.plots import curves_figure, reliability_figure
 from models.registry import MethodParams
 
 EpochMetrics = Callable[[], dict[str, float]]
+# An epoch's mini-batches as index tensors into the train split, drawn with the loop's generator (so a resumed
+# run draws the same ones): `shuffled_batches` by default, or e.g. `models.episodes.EpisodeSampler`, whose
+# batches are N-way K-shot episodes for a loss that needs them.
+BatchOrder = Callable[[torch.Tensor, int, torch.Generator], Iterable[torch.Tensor]]
 
 
 @contextmanager
@@ -163,18 +167,24 @@ class ClassifierTrainingParams(MethodParams):
         return build_backbone(self.backbone, data.input_shape, data.num_classes, self.hidden, self.depth)
 
 
+def shuffled_batches(y: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One pass over the train split in a random order drawn from `generator`, `batch_size` at a time."""
+    order = torch.randperm(len(y), generator=generator).to(y.device)
+    return (order[start : start + batch_size] for start in range(0, len(y), batch_size))
+
+
 def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                 y: torch.Tensor, batch_size: int, generator: torch.Generator,
-                should_stop: Callable[[], bool] = lambda: False) -> float | None:
-    """One pass in a random order drawn from `generator`; the mean training loss, or None if stopped."""
+                should_stop: Callable[[], bool] = lambda: False, batches: BatchOrder = shuffled_batches
+                ) -> float | None:
+    """One epoch of the batches `batches` draws (default: one shuffled pass); the mean training loss per
+    example seen, or None if stopped."""
     model.train()
     loss_fn.train()
-    order = torch.randperm(len(y), generator=generator).to(y.device)
-    total = 0.0
-    for start in range(0, len(y), batch_size):
+    total, seen = 0.0, 0
+    for index in batches(y, batch_size, generator):
         if should_stop():
             return None
-        index = order[start : start + batch_size]
         if isinstance(loss_fn, BatchLoss):  # it runs the model itself (mixup, adversarial examples, ...)
             loss = loss_fn(model, x[index], y[index], index)
         else:
@@ -183,7 +193,8 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
         loss.backward()
         optimizer.step()
         total += loss.item() * len(index)
-    return total / max(len(y), 1)
+        seen += len(index)
+    return total / max(seen, 1)
 
 
 def _training_state(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -204,12 +215,15 @@ def _restore(state: dict[str, Any], model: nn.Module, loss_fn: nn.Module, optimi
 
 
 def fit_classifier(ctx: RunContext, model: nn.Module, loss_fn: nn.Module, data: ClassificationData,
-                   schedule: SGDSchedule, epoch_metrics: EpochMetrics | None = None
+                   schedule: SGDSchedule, epoch_metrics: EpochMetrics | None = None,
+                   batches: BatchOrder = shuffled_batches, val_accuracy: Callable[[], float] | None = None
                    ) -> list[dict[str, float]] | None:
     """Train `model` on `data.train` with `loss_fn`; the per-epoch history, or None when cancelled.
 
     Resumes from `ctx.load_checkpoint()` when there is one. Logs `train_loss`, `val_acc`, `lr`
-    (and whatever `epoch_metrics` returns) at step = epoch number.
+    (and whatever `epoch_metrics` returns) at step = epoch number. `batches` chooses each epoch's
+    mini-batches (episodes for few-shot losses); `val_accuracy` replaces top-1 accuracy of `model(x_val)`
+    for a model whose outputs are not class logits (an embedding scored on validation episodes).
     """
     optimizer = schedule.optimizer(model)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -221,10 +235,11 @@ def fit_classifier(ctx: RunContext, model: nn.Module, loss_fn: nn.Module, data: 
     for epoch in range(start, schedule.epochs):
         lr = schedule.set_lr(optimizer, epoch)
         train_loss = train_epoch(model, loss_fn, optimizer, data.x_train, data.y_train, schedule.batch_size,
-                                 generator, ctx.cancelled)
+                                 generator, ctx.cancelled, batches)
         if train_loss is None:
             return None
-        row = {"train_loss": train_loss, "val_acc": accuracy(model, data.x_val, data.y_val), "lr": lr,
+        val_acc = val_accuracy() if val_accuracy else accuracy(model, data.x_val, data.y_val)
+        row = {"train_loss": train_loss, "val_acc": val_acc, "lr": lr,
                **(epoch_metrics() if epoch_metrics else {})}
         history.append(row)
         ctx.log(epoch + 1, **row)

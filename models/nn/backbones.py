@@ -42,12 +42,14 @@ def mlp(in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256),
     return Classifier(nn.Sequential(*layers), width, num_classes)
 
 
-def small_cnn(in_channels: int, num_classes: int, width: int = 32, blocks: int = 4, image_size: int = 8
-              ) -> Classifier:
+def small_cnn(in_channels: int, num_classes: int, width: int = 32, blocks: int = 4, image_size: int = 8,
+              global_pool: bool = True) -> Classifier:
     """Conv-4 style network (Vinyals et al. 2016): conv-BN-ReLU blocks, pooling while the map allows.
 
     On 8×8 digits two of the four blocks pool (8 → 4 → 2); a global average pool then gives a
-    `width`-dimensional feature whatever the input size.
+    `width`-dimensional feature whatever the input size. `global_pool=False` flattens the last map
+    instead (width·2·2 features on digits), as Prototypical Networks' Conv-4 embedding does (1600-d on
+    84×84 images): the spatial layout is what lets an embedding trained on some classes tell unseen ones apart.
     """
     layers: list[nn.Module] = []
     channels, size = in_channels, image_size
@@ -57,8 +59,10 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 32, blocks: int =
             layers.append(nn.MaxPool2d(2))
             size //= 2
         channels = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return Classifier(nn.Sequential(*layers), width, num_classes)
+    if global_pool:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        return Classifier(nn.Sequential(*layers), width, num_classes)
+    return Classifier(nn.Sequential(*layers, nn.Flatten()), width * size * size, num_classes)
 
 
 def build_backbone(kind: Literal["mlp", "cnn"], input_shape: Sequence[int], num_classes: int,
