@@ -16,11 +16,33 @@ import signal
 import subprocess
 import sys
 import threading
+from multiprocessing import spawn
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
+from typing import Any
 
 PRELOAD = ["workers.preload"]
+JOB_PROCESS_PREFIX = "crucible-job-"
 _context: ForkServerContext | None = None
+_stock_preparation_data = spawn.get_preparation_data
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    """What a forked child sets up before its target runs, minus the parent's `__main__` for jobs.
+
+    multiprocessing re-runs the parent's main module in every forkserver child (as `__mp_main__`),
+    in case the target lives there. A job's target is `_job_main`, importable from here, while the
+    parent's main is the Celery CLI or Ray's `default_worker.py`: re-importing them cost each job
+    2.6 s of its start (bench/dispatch.py), more than the 1-second job itself.
+    """
+    data = _stock_preparation_data(name)
+    if name.startswith(JOB_PROCESS_PREFIX):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
+
+
+spawn.get_preparation_data = _preparation_data  # popen_forkserver looks it up on each start
 
 
 def _fork_server() -> ForkServerContext:
@@ -138,7 +160,7 @@ def start_job_process(job_id: str, attempt: int, owner: str, env: dict[str, str]
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     process = _fork_server().Process(
-        target=_job_main, name=f"crucible-job-{job_id}",
+        target=_job_main, name=f"{JOB_PROCESS_PREFIX}{job_id}",
         args=(job_id, attempt, owner, env, str(log_path), str(run_dir / f"{job_id}.pid"), cwd,
               os.getpid() if die_with_server else None),
         daemon=False)

@@ -104,14 +104,16 @@ def supervise(proc: "ForkedJob | subprocess.Popen[bytes]", job_id: str, attempt:
         now = time.monotonic()
         ours = row is not None and row.attempt == attempt and row.lease_owner == owner and row.status in ACTIVE
         if not ours or row.status == "cancelling":
-            grace = settings.cancel_grace_s if ours else 0.0
+            # a job that published its own final state is exiting: let it finish its closing writes
+            done_itself = row is not None and row.attempt == attempt and row.status not in ACTIVE
+            grace = settings.cancel_grace_s if ours else (KILL_AFTER_TERM_S if done_itself else 0.0)
             stop_since = stop_since or now
             if term_at is None and now - stop_since >= grace:
                 proc.terminate()
                 term_at = now
             elif term_at is not None and now - term_at >= KILL_AFTER_TERM_S:
                 proc.kill()
-        time.sleep(poll_s)
+        _wait_for_exit(proc, poll_s)
     code = proc.returncode
     for wait_s in (0.5, 1, 2, 4, 8, 0):  # if the database stays away, the reaper settles it later
         try:
@@ -119,6 +121,18 @@ def supervise(proc: "ForkedJob | subprocess.Popen[bytes]", job_id: str, attempt:
         except OperationalError:
             time.sleep(wait_s)
     return "unknown"
+
+
+def _wait_for_exit(proc: "ForkedJob | subprocess.Popen[bytes]", poll_s: float) -> None:
+    """Sleep one poll interval, waking the moment a forked job exits (its sentinel becomes readable),
+    so the worker takes its next job without waiting out the interval."""
+    sentinel = getattr(getattr(proc, "process", None), "sentinel", None)
+    if sentinel is None:
+        time.sleep(poll_s)
+    else:
+        from multiprocessing.connection import wait as wait_ready
+
+        wait_ready([sentinel], timeout=poll_s)
 
 
 def _settle(job_id: str, attempt: int, owner: str, code: int, settings: Settings) -> str:
