@@ -9,6 +9,7 @@ from models.datasets.base import (SPLITS, Dataset, DatasetInfo, DatasetKind, Dat
                                   UnknownDatasetError, random_split, stable_fraction, stratified_split)
 from models.datasets.builtins import build_digits, build_stdlib_code, build_synthetic_tabular
 from models.datasets.kinds import KINDS, parse_upload
+from models.datasets.stdlib_docstrings import build_stdlib_docstrings
 
 _BUILTINS: dict[str, tuple[DatasetInfo, Callable[[], Dataset]]] = {}
 
@@ -42,6 +43,9 @@ register_builtin(DatasetInfo("stdlib-code", "text-corpus", "the Python standard 
                              "builtin", {"language": "python"}), build_stdlib_code)
 register_builtin(DatasetInfo("synthetic-tabular", "tabular", "generated 4-class table, 20 features (8 informative)",
                              "builtin", {"num_classes": 4, "num_features": 20, "size": 3000}), build_synthetic_tabular)
+register_builtin(DatasetInfo("stdlib-docstrings", "text-corpus", "standard-library docstrings (functions, methods, "
+                             "classes) labelled with the 40 modules their code uses: multi-label, multi-hot `labels`",
+                             "builtin", {"task": "multi-label", "num_labels": 40}), build_stdlib_docstrings)
 
 __all__ = ["SPLITS", "Dataset", "DatasetInfo", "DatasetKind", "DatasetSchemaError", "KINDS", "Split",
            "UnknownDatasetError", "builtin_infos", "is_builtin", "load_builtin", "parse_upload",
