@@ -137,6 +137,26 @@ async def _stream(loaded: Loaded, p: llm.Plan, make_chunk: Any, final: Any, usag
         abort.set()
 
 
+async def _generate(request: Request, loaded: Loaded, p: llm.Plan, poll_s: float = 0.25) -> list[Completion]:
+    """A non-streamed generation that stops when its client goes away (as the streamed one does), so an
+    abandoned request frees the model's lock instead of generating to max_tokens for nobody."""
+    abort = threading.Event()
+
+    async def watch() -> None:
+        while not abort.is_set():
+            if await request.is_disconnected():
+                abort.set()
+                return
+            await asyncio.sleep(poll_s)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await run_in_threadpool(llm.run, loaded, p, abort)
+    finally:
+        abort.set()
+        watcher.cancel()
+
+
 def _plan(loaded: Loaded, body: Sampling, texts: list[str], field: str) -> llm.Plan:
     return llm.plan(loaded, texts, field, max_tokens=body.max_tokens or body.max_completion_tokens,
                     temperature=body.temperature, top_p=body.top_p, n=body.n, stop=body.stop, seed=body.seed)
@@ -183,7 +203,7 @@ async def chat_completions(body: ChatRequest, request: Request, session: Session
 
         return _stream_response(loaded, p, body, head, chunks, {"delta": {}})
 
-    done = await run_in_threadpool(llm.run, loaded, p, threading.Event())
+    done = await _generate(request, loaded, p)
     return {"id": rid, "object": "chat.completion", "created": created, "model": row.name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                          "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(done)],
@@ -214,7 +234,7 @@ async def completions(body: CompletionRequest, request: Request, session: Sessio
 
         return _stream_response(loaded, p, body, head, chunks, {"text": "", "logprobs": None})
 
-    done = await run_in_threadpool(llm.run, loaded, p, threading.Event())
+    done = await _generate(request, loaded, p)
     return {**head, "choices": [{"index": i, "text": prefix(i) + c.text, "logprobs": None,
                                  "finish_reason": c.finish_reason} for i, c in enumerate(done)],
             "usage": llm.usage(p, done)}
