@@ -28,6 +28,7 @@ from models.llm.data import fixed_windows, random_windows, token_stream
 from models.llm.evaluation import mean_nll
 from models.llm.model import SIZES, SizeName, build_model, llama_config, parameter_count
 from models.llm.tokenizer import train_tokenizer, wrap
+from models.optim import build_optimizer, optimizer_state_bytes
 from models.registry import MethodParams
 
 
@@ -62,6 +63,7 @@ class Pretrained:
     tokenizer: PreTrainedTokenizerFast
     history: list[dict[str, float]] = field(default_factory=list)
     val_loss: float = float("nan")
+    optimizer_bytes: int = 0  # the optimizer's state (moments, projectors) at the end, not the weights
 
     @property
     def val_ppl(self) -> float:
@@ -76,12 +78,16 @@ def lr_at(step: int, params: PretrainParams) -> float:
     return params.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def adamw(model: torch.nn.Module, params: PretrainParams) -> torch.optim.AdamW:
-    """Weight decay on matrices only (not norms), as in nanoGPT."""
+def pretrain_optimizer(model: torch.nn.Module, params: PretrainParams, name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (β = 0.9/0.95) with weight decay on matrices only, not norms, as in nanoGPT; any other
+    optimizer of the `models.optim` registry (FRUGAL, Stable-SPAM, GaLore, ...) with its own defaults
+    at this lr and weight decay, so `lm-pretrain` can train with each of them."""
+    if name != "adamw":
+        return build_optimizer(name, model, lr=params.lr, weight_decay=params.weight_decay)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": params.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=params.lr, betas=(0.9, 0.95))
+    return build_optimizer("adamw", [{"params": decay, "weight_decay": params.weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}], lr=params.lr, betas=(0.9, 0.95))
 
 
 def _texts(dataset: Dataset, split: str, params: PretrainParams) -> list[str]:
@@ -89,8 +95,9 @@ def _texts(dataset: Dataset, split: str, params: PretrainParams) -> list[str]:
     return texts[: params.max_documents] if params.max_documents else texts
 
 
-def pretrain(ctx: RunContext, params: PretrainParams) -> Pretrained | None:
-    """Train (or resume) a tiny Llama on `ctx.dataset`; None when cancelled."""
+def pretrain(ctx: RunContext, params: PretrainParams, optimizer_name: str = "adamw") -> Pretrained | None:
+    """Train (or resume) a tiny Llama on `ctx.dataset`; None when cancelled. `optimizer_name` is not a
+    PretrainParams field because the cached base model is keyed by those fields (models/llm/base.py)."""
     ds = ctx.dataset
     if ds is None or ds.kind != "text-corpus":
         raise ValueError("lm-pretrain needs a 'text-corpus' dataset such as stdlib-code")
@@ -106,7 +113,7 @@ def pretrain(ctx: RunContext, params: PretrainParams) -> Pretrained | None:
     config = llama_config(params.size, len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)
     model = build_model(config, ctx.seed).to(ctx.device)
-    optimizer = adamw(model, params)
+    optimizer = pretrain_optimizer(model, params, optimizer_name)
     generator = torch.Generator().manual_seed(ctx.seed)
     start, history = 0, []
     if checkpoint is not None:
@@ -144,7 +151,7 @@ def pretrain(ctx: RunContext, params: PretrainParams) -> Pretrained | None:
                      + (f", val ppl {row['val_ppl']:.2f}" if "val_ppl" in row else ""))
         if params.checkpoint_every and (done % params.checkpoint_every == 0 or done == params.steps):
             ctx.save_checkpoint(_state(model, optimizer, generator, done, history, tokenizer), done)
-    return Pretrained(model.eval(), tokenizer, history, val_loss)
+    return Pretrained(model.eval(), tokenizer, history, val_loss, optimizer_state_bytes(optimizer))
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,

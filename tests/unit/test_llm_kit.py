@@ -18,7 +18,7 @@ from models.llm.folder import (MissingConfigError, MissingWeightsError, ModelFol
 from models.llm.model import build_model, llama_config, parameter_count
 from models.llm.pretraining import PretrainParams, lr_at
 from models.llm.tokenizer import SPECIAL_TOKENS, train_tokenizer
-from models.methods.llm.lm_pretrain import run
+from models.methods.llm.lm_pretrain import LMPretrainParams, run
 from tests.unit.resumption import interrupted_and_resumed
 
 torch.set_num_threads(1)
@@ -36,8 +36,8 @@ def tokenizer(corpus):
     return train_tokenizer(corpus.train["text"], vocab_size=400)
 
 
-def tiny_params(**overrides) -> PretrainParams:
-    return PretrainParams(**{"size": "micro", "vocab_size": 400, "steps": 6, "batch_size": 2, "seq_len": 32,
+def tiny_params(**overrides) -> LMPretrainParams:
+    return LMPretrainParams(**{"size": "micro", "vocab_size": 400, "steps": 6, "batch_size": 2, "seq_len": 32,
                              "warmup_steps": 2, "eval_every": 2, "eval_windows": 2, "checkpoint_every": 2,
                              "max_documents": 6, **overrides})
 
@@ -131,6 +131,19 @@ def test_run_registers_an_hf_folder_with_lineage_and_logs_perplexity(corpus):
     meta = json.loads((ctx.load_model("t") / "crucible-model.json").read_text())
     assert meta["method"] == "lm-pretrain" and meta["parent"] is None and meta["val_ppl"] > 1
     assert ctx.artifacts["loss.png"][0] == "plot" and ctx.progress_state[:2] == (6, 6)
+
+
+def test_lm_pretrain_trains_with_any_registered_optimizer_and_reports_its_state_bytes(corpus):
+    """FRUGAL at density 0.25 keeps Adam moments for a quarter of each matrix's rank: less state than
+    AdamW's two full moments; both runs must learn (the last val perplexity below the first)."""
+    state = {}
+    for name in ("adamw", "frugal"):
+        ctx = InMemoryRunContext(dataset=corpus, seed=0)
+        run(ctx, tiny_params(model_name="t", optimizer=name))
+        ppl = [v for _, v in ctx.history("val_ppl")]
+        assert ppl[-1] < ppl[0]
+        state[name] = ctx.history("optimizer_state_bytes")[-1][1]
+    assert 0 < state["frugal"] < state["adamw"]
 
 
 def test_resumed_pretraining_ends_identical_to_an_uninterrupted_one(corpus):
