@@ -7,8 +7,14 @@ b_k = 2, window 256, 16 sinks), with the log-log slope of time vs T fitted per m
 
 One head of width 64, Gaussian q/k/v (content does not change the cost); the fastest of `--repeats` calls.
 
-    .venv/bin/python bench/long_context.py            # 1k..16k, ~1-2 min on a busy core
-    .venv/bin/python bench/long_context.py --quick    # 512..2k, seconds
+Then KV bytes against quality on the cached tiny base (`--no-kv` skips it): held-out 256-token windows whose first
+192 tokens are compressed at prefill to 16/32/64 slots per head by EMS-style evict-then-merge and our versions of
+the kvpress presses (StreamingLLM, H2O, SnapKV, AdaKV), and MatryoshkaKV projections (PCA-initialised, then
+`--kv-train-steps` distillation steps) at uniform ranks 8..32 of 32; continuation perplexity, passkey accuracy
+and KV bytes, each bytes figure printed as a ratio of the dense cache measured in the same run.
+
+    .venv/bin/python bench/long_context.py            # 1k..16k, ~1-2 min on a busy core, then the KV rows
+    .venv/bin/python bench/long_context.py --quick    # 512..2k, seconds; fewer KV windows
 """
 
 from __future__ import annotations
@@ -35,11 +41,59 @@ def loglog_slope(lengths: list[int], seconds: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+def kv_rows(quick: bool, train_steps: int) -> dict:
+    """The KV-bytes rows (module docstring): {method: {budget or rank: {ppl, passkey, kv_bytes, ratio}}}."""
+    from models.context import InMemoryRunContext
+    from models.datasets import load_builtin
+    from models.llm.base import base_model
+    from models.llm.data import random_windows, sampled_stream, split_windows, token_stream
+    from models.llm.folder import load_folder
+    from models.llm.kv_cache.ems import EMS
+    from models.llm.kv_cache.evaluation import budget_sweep, continuation_nll
+    from models.llm.kv_cache.matryoshka import ProjectedCache, projected
+    from models.llm.kv_cache.matryoshka_training import calibrate, train_projection
+    from models.llm.kv_cache.presses import H2O, AdaKV, SnapKV, StreamingLLM
+    from models.llm.passkey import passkey_samples
+
+    lm = load_folder(base_model(InMemoryRunContext()))
+    ds = load_builtin("stdlib-code")
+    windows = split_windows(lm.tokenizer, ds.val["text"], 256, 4 if quick else 16)
+    stream = token_stream(lm.tokenizer, ds.val["text"], max_tokens=40 * 256)
+    samples = passkey_samples(lm.tokenizer, stream, 256, (0.1, 0.3, 0.5), 1 if quick else 2)
+    presses = {"ems-style": lambda b: EMS(b), "snapkv": lambda b: SnapKV(b), "adakv": lambda b: AdaKV(b),
+               "h2o": lambda b: H2O(b), "streaming-llm": lambda b: StreamingLLM(b)}
+    table = budget_sweep(lm.model, windows, 192, presses, (16, 32, 64), samples)
+    dense = table["dense"][0]["kv_bytes"]
+    train = sampled_stream(lm.tokenizer, ds.train["text"], 100_000)
+    projection = calibrate(lm.model, random_windows(train, 8, 256, torch.Generator().manual_seed(0)))
+    train_projection(lm.model, projection, train, steps=train_steps, batch_size=4, seq_len=256, lr=1e-3,
+                     rank_step=4, seed=0)
+    table["matryoshka-kv"] = {}
+    for rank in (8, 16, 24, 32):
+        projection.set_ranks(rank, rank)
+        with projected(lm.model, projection), torch.no_grad():
+            # the same continuation ppl as the rows above, every token's keys/values projected
+            ppl = continuation_nll(lm.model, windows, 192, None).ppl
+            cache = ProjectedCache(projection)
+            lm.model(input_ids=windows[:1, :192], cache=cache)  # the bytes a 192-token context holds
+        table["matryoshka-kv"][rank] = {"ppl": ppl, "passkey": float("nan"), "kv_bytes": cache.kv_bytes()}
+    for name, row in table.items():
+        for key, cell in row.items():
+            if "kv_bytes" in cell:
+                cell["ratio"] = cell["kv_bytes"] / dense
+                print(f"{name:14s} {'rank' if name == 'matryoshka-kv' else 'budget'} {key:3d}: "
+                      f"ppl {cell['ppl']:8.2f}  passkey {cell['passkey']:.2f}  KV {cell['kv_bytes'] / 1024:7.1f} KiB "
+                      f"({cell['ratio']:.3f}× dense)", flush=True)
+    return {str(n): {str(k): c for k, c in row.items()} for n, row in table.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=16384)
+    ap.add_argument("--no-kv", action="store_true", help="skip the KV-bytes rows")
+    ap.add_argument("--kv-train-steps", type=int, default=40, help="MatryoshkaKV distillation steps")
     args = ap.parse_args()
     torch.set_num_threads(1)
     top = 2048 if args.quick else args.max_length
@@ -67,6 +121,8 @@ def main() -> None:
               "slopes": slopes, "config": {"heads": 1, "head_dim": 64, "threads": 1, "repeats": args.repeats,
                                            "hyperattention": asdict(config), "hip": asdict(hip_config)},
               "torch": torch.__version__, "machine": platform.machine()}
+    if not args.no_kv:
+        report["kv"] = kv_rows(args.quick, 5 if args.quick else args.kv_train_steps)
     out = Path(__file__).parent / "results" / ("long-context-quick.json" if args.quick else "long-context.json")
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")

@@ -31,6 +31,13 @@ class LLMEngine(BaseModel):
     attention_options: dict[str, Any] = Field(
         default_factory=dict, description="the sparse attention's parameters (HiPConfig / HyperConfig fields), "
                                           "e.g. {\"top_k\": 64, \"window\": 32}")
+    kv_cache: Literal["none", "ems", "matryoshka-kv"] = Field(
+        "none", description="KV-cache compression: none, EMS-style evict-then-merge at prefill (a per-head budget), "
+                            "or MatryoshkaKV low-rank keys/values (needs a model registered by a matryoshka-kv job)")
+    kv_cache_options: dict[str, Any] = Field(
+        default_factory=dict, description="ems: {\"budget\": slots per head (required), \"window\", \"kernel\", "
+                                          "\"tau\"}; matryoshka-kv: {\"fraction\": a searched KV budget of the "
+                                          "model, e.g. 0.5} or {\"rank\": a uniform rank}")
 
 
 def attention_config(engine: dict[str, Any]) -> Any:
@@ -56,6 +63,76 @@ def attention_config(engine: dict[str, Any]) -> Any:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise field_problem(f"/engine/attention_options/{key}", "use a non-negative integer")
     return Config(**options)
+
+
+EMS_OPTIONS = {"budget": int, "window": int, "kernel": int, "tau": float}
+
+
+def _check_number(pointer: str, value: Any, kind: type) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+    if not ok or (kind is int and value < 1):
+        raise field_problem(pointer, "use a positive integer" if kind is int else "use a number")
+
+
+def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context: int | None = None) -> Any:
+    """What `engine.kv_cache` asks for, checked: None (no compression), an `EMS` press, or a MatryoshkaKV
+    (projection, rank_k, rank_v). With the model `folder` (and its `context`), also what only the model can say:
+    a budget at least the context, a folder with no trained projection, a fraction it has no ranks for → 422."""
+    name = engine.get("kv_cache", "none")
+    options = dict(engine.get("kv_cache_options") or {})
+    if name == "none":
+        if options:
+            raise field_problem("/engine/kv_cache_options", "kv_cache none takes no options; pick kv_cache ems or "
+                                "matryoshka-kv, or drop the options")
+        return None
+    if name == "ems":
+        for key, value in options.items():
+            if key not in EMS_OPTIONS:
+                raise field_problem(f"/engine/kv_cache_options/{key}",
+                                    f"ems has no option {key!r}; use {', '.join(EMS_OPTIONS)}")
+            _check_number(f"/engine/kv_cache_options/{key}", value, EMS_OPTIONS[key])
+        if "budget" not in options:
+            raise field_problem("/engine/kv_cache_options/budget", "ems needs a budget: KV slots kept per head, "
+                                "e.g. {\"budget\": 64}")
+        if context is not None and options["budget"] >= context:
+            raise field_problem("/engine/kv_cache_options/budget",
+                                f"a budget of {options['budget']} slots keeps the model's whole {context}-token "
+                                "context; use a smaller budget or kv_cache none")
+        from models.llm.kv_cache.ems import EMS
+
+        return EMS(**options)
+    if engine.get("attention", "sdpa") != "sdpa":
+        raise field_problem("/engine/kv_cache", "matryoshka-kv attends through its own projected attention and "
+                            f"cannot be combined with attention {engine['attention']!r}; use attention sdpa")
+    unknown = set(options) - {"fraction", "rank"}
+    if unknown or len(options) > 1:
+        key = sorted(unknown)[0] if unknown else "rank"
+        raise field_problem(f"/engine/kv_cache_options/{key}",
+                            "matryoshka-kv takes one of fraction (a searched budget) or rank (uniform)")
+    for key, value in options.items():
+        _check_number(f"/engine/kv_cache_options/{key}", value, float if key == "fraction" else int)
+    if folder is None:
+        return None
+    from models.llm.kv_cache.matryoshka import load_projection
+
+    try:
+        projection, tables = load_projection(folder)
+    except (FileNotFoundError, OSError, KeyError, ValueError):
+        raise field_problem("/engine/kv_cache", "this model has no trained KV projection; run a matryoshka-kv job "
+                            "on it and deploy the model it registers") from None
+    head_dim = projection.shape[2]
+    if "rank" in options:
+        if options["rank"] > head_dim:
+            raise field_problem("/engine/kv_cache_options/rank", f"at most the head dimension, {head_dim}")
+        return projection, options["rank"], options["rank"]
+    if not options:
+        return projection, head_dim, head_dim
+    key = f"{options['fraction']:g}"
+    if key not in tables:
+        raise field_problem("/engine/kv_cache_options/fraction",
+                            f"this model has ranks for fractions {', '.join(sorted(tables)) or 'none'}; use one "
+                            "of them or a uniform rank")
+    return projection, *tables[key]
 
 
 class DiffusionEngine(BaseModel):
@@ -85,8 +162,9 @@ def detect_kind(folder: Path) -> str:
                   errors=[{"pointer": "/model", "message": "not a language-model or diffusion folder"}])
 
 
-def validate_engine(kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options with defaults filled in; unknown or invalid options → 422 naming `/engine/<field>`."""
+def validate_engine(kind: str, options: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
+    """The options with defaults filled in; unknown or invalid options → 422 naming `/engine/<field>`. With the
+    model's `folder`, also the checks only the model can answer (a KV budget vs its context, a trained projection)."""
     try:
         engine = ENGINES[kind].model_validate(options).model_dump()
     except ValidationError as exc:
@@ -95,7 +173,20 @@ def validate_engine(kind: str, options: dict[str, Any]) -> dict[str, Any]:
         raise field_problem("/engine/device", "this server has no CUDA GPU; use cpu or auto")
     if kind == "llm":
         attention_config(engine)  # fails now, at creation, not in the middle of a generation
+        kv_cache_config(engine, folder, model_context(folder) if folder is not None else None)
     return engine
+
+
+def model_context(folder: Path) -> int | None:
+    """max_position_embeddings from a HF folder's config.json (None when it does not say)."""
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
 
 
 def resolve_device(engine: dict[str, Any]) -> str:

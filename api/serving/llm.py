@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from api.problems import Problem, field_problem
+from api.serving.engines import kv_cache_config, model_context
 from api.serving.manager import Loaded
 from models.llm.generation import Completion, SamplingParams, stop_token_ids, stream_text
 
@@ -37,6 +38,9 @@ class Plan:
     n: int
     params: SamplingParams
     seed: int | None
+    kv_cache: str = "none"
+    kv_bytes: int = 0  # the largest KV cache (bytes) any choice held at its end
+    kv_bytes_dense: int = 0  # what an uncompressed cache of the same tokens would hold
 
     @property
     def prompt_tokens(self) -> int:
@@ -72,7 +76,32 @@ def plan(loaded: Loaded, texts: Sequence[str], prompt_field: str, *, max_tokens:
                       f"{room} tokens", errors=[{"pointer": "/max_tokens", "message": f"at most {room} here"}])
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stops),
                             stop_token_ids=stop_token_ids(tok))
-    return Plan(prompts, n, params, seed)
+    kv_config(loaded)  # a KV-cache option the model cannot take is a 4xx now, not an error mid-stream
+    return Plan(prompts, n, params, seed, kv_cache=engine.get("kv_cache", "none"))
+
+
+_KV_CONFIGS: dict[tuple[int, str, str], Any] = {}
+
+
+def kv_config(loaded: Loaded) -> Any:
+    """The deployment's checked KV-cache config (loaded once per warm model; a projection is read from its folder)."""
+    assert loaded.llm is not None
+    key = (id(loaded.llm.model), loaded.deployment_id,
+           f"{loaded.engine.get('kv_cache')}:{sorted((loaded.engine.get('kv_cache_options') or {}).items())}")
+    if key not in _KV_CONFIGS:
+        folder = loaded.llm.path
+        _KV_CONFIGS[key] = kv_cache_config(loaded.engine, folder, model_context(folder))
+    return _KV_CONFIGS[key]
+
+
+def _account(loaded: Loaded, p: Plan, caches: list[Any], tokens: int) -> None:
+    from models.llm.kv_cache.cache import dense_kv_bytes, kv_bytes
+
+    assert loaded.llm is not None
+    model = loaded.llm.model
+    if caches:
+        p.kv_bytes = max(p.kv_bytes, kv_bytes(caches[-1]))
+    p.kv_bytes_dense = max(p.kv_bytes_dense, dense_kv_bytes(model.config, tokens, dtype=model.dtype))
 
 
 def run(loaded: Loaded, p: Plan, abort: threading.Event,
@@ -84,6 +113,11 @@ def run(loaded: Loaded, p: Plan, abort: threading.Event,
         if abort.is_set():
             return []
     try:
+        from models.llm.kv_cache.session import kv_session
+
+        config = kv_config(loaded)
+        compression = {"press": config} if p.kv_cache == "ems" else \
+            {"projection": config} if p.kv_cache == "matryoshka-kv" else {}
         out: list[Completion] = []
         base = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         for k, ids in enumerate(p.prompts):
@@ -91,10 +125,12 @@ def run(loaded: Loaded, p: Plan, abort: threading.Event,
                 index = k * p.n + i
                 completion = Completion()
                 generator = torch.Generator().manual_seed(base + index)
-                for delta in stream_text(loaded.llm.model, loaded.llm.tokenizer, ids, p.params, generator,
-                                         completion, abort.is_set):
-                    if on_delta is not None:
-                        on_delta(index, delta)
+                with kv_session(loaded.llm.model, **compression) as caches:
+                    for delta in stream_text(loaded.llm.model, loaded.llm.tokenizer, ids, p.params, generator,
+                                             completion, abort.is_set):
+                        if on_delta is not None:
+                            on_delta(index, delta)
+                _account(loaded, p, caches, len(ids) + len(completion.token_ids))
                 out.append(completion)
                 if on_finish is not None:
                     on_finish(index, completion)
@@ -105,6 +141,11 @@ def run(loaded: Loaded, p: Plan, abort: threading.Event,
         loaded.lock.release()
 
 
-def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, int]:
+def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, Any]:
+    """OpenAI's token counts plus a `kv_cache` extension: the engine's KV compression, the largest cache a choice
+    held (bytes), what a dense cache of the same tokens holds, and their ratio."""
     done = sum(len(c.token_ids) for c in completions)
-    return {"prompt_tokens": p.prompt_tokens, "completion_tokens": done, "total_tokens": p.prompt_tokens + done}
+    kv = {"type": p.kv_cache, "bytes": p.kv_bytes, "dense_bytes": p.kv_bytes_dense,
+          "ratio": round(p.kv_bytes / p.kv_bytes_dense, 6) if p.kv_bytes_dense else None}
+    return {"prompt_tokens": p.prompt_tokens, "completion_tokens": done, "total_tokens": p.prompt_tokens + done,
+            "kv_cache": kv}
