@@ -12,15 +12,20 @@ on q calibration examples (x_i, Y_i) the scores α_i = α(x_i, Y_i) give every c
 and the prediction set at significance level ε is Γ^ε = {Y : p(Y) > ε}. If calibration and test
 examples are exchangeable, P(Y_true ∉ Γ^ε) ≤ ε (Vovk, Gammerman & Shafer 2005) whatever the scorer.
 
-The paper's measures add a cost per label, α(x, Y) = Σ_l c_l(Y_l); here `l1` is Σ_l |Y_l − ô_l|
-(the notes' reading of the paper's measure; the paper's exact measure is not in public code) and
-`nll` is Σ_l −log P̂(Y_l), the negative log-likelihood of Y under independent sigmoid outputs. Any
-such measure is minimised by Y⁰ = the cheaper value of every label, and flipping label l away from
+The measures add a cost per label, α(x, Y) = Σ_l c_l(Y_l): `l2` is the paper's Euclidean distance
+‖Y − ô‖₂ between the label set and the output vector, used squared, Σ_l (Y_l − ô_l)² (a monotone
+transform: the same p-values and sets, and additive); `l1` is Σ_l |Y_l − ô_l|, the measure of the
+earlier LP conformal predictor (Papadopoulos 2014); `nll` is Σ_l −log P̂(Y_l), the negative
+log-likelihood of Y under independent sigmoid outputs (ours). The paper's text was not at hand: that it
+uses the Euclidean norm, and how its pruning works, come from Katsios & Papadopoulos (COPA 2025, §2),
+who summarise it. Any such measure is minimised by Y⁰ = the cheaper value of every label, and flipping label l away from
 Y⁰_l adds δ_l = |c_l(1) − c_l(0)| ≥ 0. Because p is non-increasing in α, p(Y) > ε exactly when
 α(x, Y) ≤ t_ε, the largest calibration score whose p-value exceeds ε (`score_threshold`). So:
 
-1. the paper's elimination: a label with δ_l > t_ε − α(Y⁰) can never be flipped in a set of Γ^ε, so
-   it is fixed to Y⁰_l, leaving the few "uncertain" labels F (ô near ½);
+1. elimination: a label with δ_l > t_ε − α(Y⁰) can never be flipped in a set of Γ^ε, so it is fixed
+   to Y⁰_l, leaving the "uncertain" labels F (ô near ½). The paper (as summarised) bounds the number
+   of flips instead: with the δ sorted, the cumulative sum reaches the budget t_ε − α(Y⁰) after k terms,
+   so Γ^ε lies within Hamming distance k of Y⁰ — Σ_{j≤k} C(L, j) candidate sets (`hamming_ball_sets`);
 2. the pruned search (`predict`): a depth-first walk over subsets of F in ascending δ, cut as soon
    as α(Y⁰) + Σ δ exceeds t_ε (every later label costs more). It visits exactly the sets of Γ^ε
    (each once) and nothing else, instead of the 2^L of brute force or the 2^|F| of elimination
@@ -35,13 +40,15 @@ per-label sets — 2^(number of undecided labels) label sets.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 
-Measure = Literal["l1", "nll"]
-MEASURES: tuple[str, ...] = ("l1", "nll")
+Measure = Literal["l2", "l1", "nll"]
+MEASURES: tuple[str, ...] = ("l2", "l1", "nll")
 _PROB_FLOOR = 1e-6  # keeps −log P̂ finite for saturated sigmoids
 _TOLERANCE = 1e-9  # slack for the search's running sums: they only prune, never decide membership
 
@@ -50,9 +57,11 @@ class PredictionSetTooLarge(RuntimeError):
     """Γ^ε has more label sets than the caller allowed (ε too small for so many uncertain labels)."""
 
 
-def label_costs(probs: np.ndarray, measure: Measure = "l1") -> tuple[np.ndarray, np.ndarray]:
+def label_costs(probs: np.ndarray, measure: Measure = "l2") -> tuple[np.ndarray, np.ndarray]:
     """Per-label costs (c_l(0), c_l(1)) of the additive measure α(x, Y) = Σ_l c_l(Y_l); same shape as `probs`."""
     probs = np.asarray(probs, dtype=np.float64)
+    if measure == "l2":
+        return probs**2, (1.0 - probs) ** 2
     if measure == "l1":
         return probs, 1.0 - probs
     if measure == "nll":
@@ -66,7 +75,7 @@ def label_set_scores(cost0: np.ndarray, cost1: np.ndarray, label_sets: np.ndarra
     return np.where(np.asarray(label_sets, dtype=bool), cost1, cost0).sum(axis=-1)
 
 
-def nonconformity(probs: np.ndarray, label_sets: np.ndarray, measure: Measure = "l1") -> np.ndarray:
+def nonconformity(probs: np.ndarray, label_sets: np.ndarray, measure: Measure = "l2") -> np.ndarray:
     """α(x_i, Y_i) for rows of probabilities [N, L] and their label sets [N, L]."""
     cost0, cost1 = label_costs(probs, measure)
     return np.where(np.asarray(label_sets, dtype=bool), cost1, cost0).sum(axis=-1)
@@ -89,10 +98,13 @@ def score_threshold(calibration_scores: np.ndarray, epsilon: float) -> float:
     return float(keep[-1]) if len(keep) else float("-inf")
 
 
+@lru_cache(maxsize=4)
 def all_label_sets(num_labels: int) -> np.ndarray:
-    """Every Y ∈ {0,1}^L as rows [2^L, L]; row k is the binary code of k (label l is bit l)."""
+    """Every Y ∈ {0,1}^L as rows [2^L, L] (read-only, built once per L); row k is the binary code of k."""
     codes = np.arange(2**num_labels, dtype=np.int64)
-    return ((codes[:, None] >> np.arange(num_labels)) & 1).astype(np.int8)
+    sets = ((codes[:, None] >> np.arange(num_labels)) & 1).astype(np.int8)
+    sets.flags.writeable = False
+    return sets
 
 
 def set_codes(label_sets: np.ndarray) -> np.ndarray:
@@ -108,7 +120,8 @@ class PredictionSet:
     label_sets: np.ndarray
     p_values: np.ndarray
     evaluations: int
-    uncertain_labels: int  # |F|: labels left free after the paper's elimination step
+    uncertain_labels: int  # |F|: labels left free by elimination
+    hamming_ball_sets: float  # candidates of the paper's bound: label sets within k flips of Y⁰
 
     def __len__(self) -> int:
         return len(self.label_sets)
@@ -159,10 +172,10 @@ class LabelPowersetICP:
     """An LP-ICP fitted on calibration outputs: `predict` (pruned, exact) and `predict_brute_force` (2^L)."""
 
     calibration_scores: np.ndarray
-    measure: Measure = "l1"
+    measure: Measure = "l2"
 
     @classmethod
-    def calibrate(cls, probs: np.ndarray, label_sets: np.ndarray, measure: Measure = "l1") -> "LabelPowersetICP":
+    def calibrate(cls, probs: np.ndarray, label_sets: np.ndarray, measure: Measure = "l2") -> "LabelPowersetICP":
         return cls(np.sort(nonconformity(probs, label_sets, measure)), measure)
 
     @property
@@ -183,15 +196,17 @@ class LabelPowersetICP:
         best = (cost1 < cost0).astype(np.int8)  # Y⁰
         delta = np.abs(cost1 - cost0)
         budget = t - label_set_scores(cost0, cost1, best)
-        if budget < -_TOLERANCE:
-            return self._result(cost0, cost1, np.zeros((0, len(best)), dtype=np.int8), 1, 0)  # even Y⁰ is too strange
-        free = np.flatnonzero(delta <= budget + _TOLERANCE)  # the paper's elimination: all others stay at Y⁰
+        if budget < -_TOLERANCE:  # even Y⁰ is too strange
+            return self._result(cost0, cost1, np.zeros((0, len(best)), dtype=np.int8), 1, 0, 0.0)
+        free = np.flatnonzero(delta <= budget + _TOLERANCE)  # elimination: all others stay at Y⁰
         free = free[np.argsort(delta[free], kind="stable")]
+        max_flips = int(np.searchsorted(np.cumsum(delta[free]), budget + _TOLERANCE, side="right"))
+        ball = float(sum(math.comb(len(best), j) for j in range(max_flips + 1)))
         flips = _subsets_within_budget(delta[free], budget + _TOLERANCE, limit)
         candidates = np.repeat(best[None, :], len(flips), axis=0)
         candidates[:, free] ^= flips
         keep = label_set_scores(cost0, cost1, candidates) <= t
-        return self._result(cost0, cost1, candidates[keep], len(candidates), len(free))
+        return self._result(cost0, cost1, candidates[keep], len(candidates), len(free), ball)
 
     def predict_brute_force(self, probs: np.ndarray, epsilon: float) -> PredictionSet:
         """Γ^ε by scoring all 2^L label sets (the original LP-ICP); only for small L."""
@@ -200,12 +215,12 @@ class LabelPowersetICP:
         scores = label_set_scores(cost0, cost1, candidates)
         keep = icp_p_values(self.calibration_scores, scores) > epsilon
         return PredictionSet(candidates[keep], icp_p_values(self.calibration_scores, scores[keep]),
-                             len(candidates), len(cost0))
+                             len(candidates), len(cost0), float(len(candidates)))
 
     def _result(self, cost0: np.ndarray, cost1: np.ndarray, members: np.ndarray, evaluations: int,
-                free: int) -> PredictionSet:
+                free: int, ball: float) -> PredictionSet:
         p = icp_p_values(self.calibration_scores, label_set_scores(cost0, cost1, members))
-        return PredictionSet(members, p, evaluations, free)
+        return PredictionSet(members, p, evaluations, free, ball)
 
 
 # -- binary relevance baseline ----------------------------------------------------------------------

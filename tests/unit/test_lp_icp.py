@@ -38,7 +38,7 @@ probabilities = st.one_of(st.floats(0.0, 1.0, allow_nan=False),
 
 @settings(max_examples=150, deadline=None)
 @given(num_labels=st.integers(1, 10), probs=st.lists(probabilities, min_size=10, max_size=10),
-       cal_seed=st.integers(0, 2**16), q=st.integers(1, 80), measure=st.sampled_from(["l1", "nll"]),
+       cal_seed=st.integers(0, 2**16), q=st.integers(1, 80), measure=st.sampled_from(["l2", "l1", "nll"]),
        epsilon=st.one_of(st.sampled_from([0.05, 0.1, 0.2, 0.5]), st.floats(0.0, 1.0)))
 def test_pruned_prediction_sets_equal_brute_force(num_labels, probs, cal_seed, q, measure, epsilon):
     rng = np.random.default_rng(cal_seed)
@@ -111,11 +111,36 @@ def test_best_label_set_beyond_the_threshold_gives_an_empty_set():
 def test_additive_measures_score_label_sets_as_the_paper_defines():
     probs = np.array([0.9, 0.2, 0.5])
     sets = all_label_sets(3)
+    l2 = label_set_scores(*label_costs(probs, "l2"), sets)
+    np.testing.assert_allclose(l2, np.linalg.norm(sets - probs, axis=1) ** 2)
     l1 = label_set_scores(*label_costs(probs, "l1"), sets)
     np.testing.assert_allclose(l1, np.abs(sets - probs).sum(1))
     nll = label_set_scores(*label_costs(probs, "nll"), sets)
     np.testing.assert_allclose(nll, -np.log(np.where(sets == 1, probs, 1 - probs)).sum(1))
     np.testing.assert_array_equal(set_codes(sets), np.arange(8))
+
+
+def test_squared_euclidean_gives_the_p_values_of_the_papers_euclidean_norm():
+    """p-values depend on α only through ranks, so ‖Y − ô‖₂ and its square give the same p-values and sets."""
+    rng = np.random.default_rng(8)
+    cal_probs, cal_sets = synthetic(rng, 200, 8)
+    icp = LabelPowersetICP.calibrate(cal_probs, cal_sets, "l2")
+    norms = np.linalg.norm(cal_sets - cal_probs, axis=1)
+    for x in synthetic(rng, 20, 8)[0]:
+        candidates = all_label_sets(8)
+        np.testing.assert_array_equal(icp.predict_brute_force(x, 0.0).p_values,
+                                      icp_p_values(norms, np.linalg.norm(candidates - x, axis=1)))
+
+
+def test_papers_hamming_ball_bound_contains_the_prediction_set():
+    rng = np.random.default_rng(9)
+    icp = LabelPowersetICP.calibrate(*synthetic(rng, 200, 14))
+    for x in synthetic(rng, 30, 14)[0]:
+        pred = icp.predict(x, 0.1)
+        best = (x > 0.5).astype(np.int8)
+        radius = int((pred.label_sets != best).sum(1).max()) if len(pred) else 0
+        assert sum(math.comb(14, j) for j in range(radius + 1)) <= pred.hamming_ball_sets
+        assert len(pred) <= pred.hamming_ball_sets <= 2**14
 
 
 def test_too_large_a_prediction_set_is_refused_not_enumerated():
@@ -124,7 +149,7 @@ def test_too_large_a_prediction_set_is_refused_not_enumerated():
         icp.predict(np.full(40, 0.5), epsilon=0.1, limit=1000)
 
 
-@pytest.mark.parametrize("measure", ["l1", "nll"])
+@pytest.mark.parametrize("measure", ["l2", "l1", "nll"])
 @pytest.mark.parametrize("epsilon", [0.05, 0.1, 0.2])
 def test_coverage_is_valid_and_tight_on_exchangeable_data(measure, epsilon):
     """ICP's error rate equals ⌊ε(q+1)⌋/(q+1) ≤ ε in expectation over calibration sets (continuous scores):
