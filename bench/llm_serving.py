@@ -1,15 +1,20 @@
-"""LLM serving throughput: tokens/s and time to first token through `/v1/chat/completions` (a real
-`crucible up` process on a free port, streaming over HTTP) at batch 1 and under concurrency, against
-Hugging Face `generate` on the same model in the same run (both one torch thread), and the memory-bandwidth ceiling
-(measured copy bandwidth ÷ weight bytes read per decoded token).
+"""LLM serving throughput of the dense model and its compressed variants: tokens/s and time to first
+token through `/v1/chat/completions` (one real `crucible up` process on a free port, streaming over
+HTTP, every variant deployed side by side) at batch 1 and under concurrency, against Hugging Face
+`generate` on the same folder in the same run (both one torch thread), the memory-bandwidth ceiling
+(measured copy bandwidth ÷ weight bytes read per decoded token), and each variant's packed model bytes
+and held-out perplexity.
 
-Throughput does not depend on the weights, so the model is the base recipe's architecture
-(`tiny`, vocabulary 4096) freshly initialised with a BPE tokenizer trained on a slice of the corpus:
-the bench trains no model. `--model FOLDER` benches a local Hugging Face folder instead (e.g. a
-compressed variant a job registered). Decoding is one sequence at a time per model (the engine's
-lock), so concurrency shows queueing (TTFT grows) rather than batching gains.
+The dense model is Crucible's cached base (`models/llm/base.py`: trained once, a few CPU minutes, if it
+is not cached yet; `--quick` uses the seconds-long smoke base); `--model FOLDER` benches a local Hugging
+Face folder instead. The variants are made here, one-shot, so the bench needs no other job: Wanda 50%
+and SparseGPT 2:4 (weights stay dense in memory: no CPU sparse kernels, so their speed should equal
+dense while their packed bytes shrink), RTN 4-bit g32 (de-quantized storage: the same), and the hidden
+size cut to 3/4 by channel energy (`pat.slice_hidden`, untuned: the shape PAT tunes into, with real
+fewer FLOPs and bytes). Decoding is one sequence at a time per model (the engine's lock), so
+concurrency shows queueing (TTFT grows) rather than batching gains.
 
-    .venv/bin/python bench/llm_serving.py            # ~1-2 min on 2 busy cores
+    .venv/bin/python bench/llm_serving.py            # a few minutes on 2 busy cores
     .venv/bin/python bench/llm_serving.py --quick    # micro sizes, checks that it runs
 """
 
@@ -19,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import platform
 import signal
 import socket
 import statistics
@@ -28,6 +34,7 @@ import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -39,16 +46,62 @@ sys.path.insert(0, str(REPO))  # `models` when run as a script
 PROMPT = [{"role": "user", "content": "Write a Python function that parses a config file."}]
 
 
-def build_folder(dest: Path, size: str) -> Path:
-    from models.datasets import load_builtin
-    from models.llm.folder import save_folder
-    from models.llm.model import build_model, llama_config
-    from models.llm.tokenizer import train_tokenizer
+@dataclass
+class Variant:
+    name: str
+    folder: Path
+    packed_bytes: int
+    val_ppl: float
 
-    texts = list(load_builtin("stdlib-code").train["text"][:120])
-    tok = train_tokenizer(texts, vocab_size=4096 if size != "micro" else 512)
-    config = llama_config(size, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return save_folder(build_model(config, seed=0), tok, dest)
+
+def base_folder(quick: bool) -> Path:
+    """Crucible's cached base model (trained on first use), as every compression job starts from it."""
+    from models.context import InMemoryRunContext
+    from models.llm.base import base_model
+
+    return base_model(InMemoryRunContext(seed=0), smoke=quick)
+
+
+def make_variants(folder: Path, dest: Path, quick: bool) -> list[Variant]:
+    """The dense model and four one-shot compressions of it, each saved as an HF folder."""
+    import copy
+
+    from models.datasets import load_builtin
+    from models.llm.compression.oneshot import prune_model, quantize_model
+    from models.llm.compression.pruning import SparsityPattern
+    from models.llm.compression.storage import LinearFormat, packed_bytes
+    from models.llm.data import split_windows
+    from models.llm.evaluation import perplexity
+    from models.llm.folder import load_folder, save_folder
+    from models.methods.llm_compression.pat import channel_energy, slice_hidden
+
+    lm = load_folder(folder)
+    ds = load_builtin("stdlib-code")
+    seq = min(128, lm.model.config.max_position_embeddings)
+    calibration = split_windows(lm.tokenizer, ds.train["text"], seq, 4 if quick else 16)
+    val = split_windows(lm.tokenizer, ds.val["text"], seq, 4 if quick else 32)
+
+    def variant(name: str, model: torch.nn.Module, formats: dict) -> Variant:
+        with torch.no_grad():
+            ppl = perplexity(model, val)
+        out = save_folder(model, lm.tokenizer, dest / name)
+        return Variant(name, out, packed_bytes(model, formats), ppl)
+
+    rows = [variant("dense", lm.model, {})]
+    for name, pattern, how in (("wanda-50%", "0.5", "wanda"), ("sparsegpt-2:4", "2:4", "sparsegpt")):
+        model = copy.deepcopy(lm.model)
+        sparsity = SparsityPattern.parse(pattern)
+        masks = prune_model(model, calibration, sparsity, how)
+        rows.append(variant(name, model, {k: LinearFormat(pattern=sparsity) for k in masks}))
+    model = copy.deepcopy(lm.model)
+    rows.append(variant("rtn-4bit-g32", model, quantize_model(model, 4, 32)))
+    with torch.no_grad():
+        energy = channel_energy(lm.model, calibration)
+    hidden = lm.model.config.hidden_size
+    kept = torch.sort(torch.topk(energy, hidden * 3 // 4).indices).values
+    with torch.no_grad():
+        rows.append(variant(f"hidden-{len(kept)}of{hidden}", slice_hidden(lm.model, kept), {}))
+    return rows
 
 
 def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
@@ -64,6 +117,7 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
 
 
 def hf_generate(folder: Path, tokens: int, repeats: int) -> dict[str, float]:
+    """Hugging Face `generate` in this process: the reference the server's decoding is held against."""
     from models.llm.folder import load_folder
 
     lm = load_folder(folder)
@@ -86,8 +140,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(folder: Path, home: Path) -> tuple[str, str, subprocess.Popen]:
-    """A real `crucible up` process (one torch thread, like HF below) with `folder` deployed as `bench`.
+def serve(variants: list[Variant], home: Path) -> tuple[str, str, subprocess.Popen]:
+    """A real `crucible up` process (one torch thread, like HF below) with every variant imported and
+    deployed under its own name.
 
     The server runs in its own process so the benchmark's HTTP clients do not share its GIL."""
     port = free_port()
@@ -108,20 +163,27 @@ def serve(folder: Path, home: Path) -> tuple[str, str, subprocess.Popen]:
         time.sleep(0.3)
     key = (home / "admin-key").read_text().strip()
     http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for p in folder.rglob("*"):
-            if p.is_file():
-                zf.write(p, p.relative_to(folder).as_posix())
-    assert http.post("/api/v1/models", data={"name": "bench"}, files={"file": ("m.zip", buf.getvalue())}).status_code == 201
-    r = http.post("/api/v1/deployments", json={"name": "bench", "model": "bench", "engine": {"max_tokens_cap": 4096}})
-    assert r.status_code == 201, r.text
+    for v in variants:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for p in v.folder.rglob("*"):
+                if p.is_file():
+                    zf.write(p, p.relative_to(v.folder).as_posix())
+        name = deployment_name(v)
+        r = http.post("/api/v1/models", data={"name": name}, files={"file": ("m.zip", buf.getvalue())})
+        assert r.status_code == 201, r.text
+        r = http.post("/api/v1/deployments", json={"name": name, "model": name, "engine": {"max_tokens_cap": 4096}})
+        assert r.status_code == 201, r.text
     return url, key, proc
 
 
-def one_stream(url: str, key: str, tokens: int, seed: int) -> tuple[float, float, int]:
+def deployment_name(v: Variant) -> str:
+    return "bench-" + "".join(c if c.isalnum() else "-" for c in v.name)
+
+
+def one_stream(url: str, key: str, model: str, tokens: int, seed: int) -> tuple[float, float, int]:
     """(time to first token, total seconds, completion tokens) of one streamed chat completion."""
-    body = {"model": "bench", "messages": PROMPT, "max_tokens": tokens, "seed": seed, "stream": True,
+    body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "seed": seed, "stream": True,
             "stream_options": {"include_usage": True}}
     start, first, done = time.perf_counter(), None, 0
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
@@ -137,10 +199,10 @@ def one_stream(url: str, key: str, tokens: int, seed: int) -> tuple[float, float
     return first or float("nan"), time.perf_counter() - start, done
 
 
-def load_test(url: str, key: str, tokens: int, concurrency: int, per_client: int) -> dict[str, float]:
+def load_test(url: str, key: str, model: str, tokens: int, concurrency: int, per_client: int) -> dict[str, float]:
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        runs = list(pool.map(lambda i: one_stream(url, key, tokens, i), range(concurrency * per_client)))
+        runs = list(pool.map(lambda i: one_stream(url, key, model, tokens, i), range(concurrency * per_client)))
     wall = time.perf_counter() - started
     return {"concurrency": concurrency, "requests": len(runs), "tokens_per_s": sum(r[2] for r in runs) / wall,
             "ttft_median_s": statistics.median(r[0] for r in runs),
@@ -149,7 +211,7 @@ def load_test(url: str, key: str, tokens: int, concurrency: int, per_client: int
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, default=None, help="a local HF folder (default: a fresh tiny Llama)")
+    ap.add_argument("--model", type=Path, default=None, help="a local HF folder (default: Crucible's cached base)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
@@ -158,26 +220,39 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.quick:
         args.tokens, args.repeats, args.concurrency = 8, 1, 2
+    results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.model or build_folder(Path(tmp) / "model", "micro" if args.quick else "tiny")
-        hf = hf_generate(folder, args.tokens, args.repeats)
+        variants = make_variants(args.model or base_folder(args.quick), Path(tmp) / "variants", args.quick)
         (Path(tmp) / "home").mkdir()
-        url, key, server = serve(folder, Path(tmp) / "home")
-        one_stream(url, key, args.tokens, 0)  # warm-up
-        rows = [load_test(url, key, args.tokens, 1, args.repeats),
-                load_test(url, key, args.tokens, args.concurrency, args.repeats)]
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
+        url, key, server = serve(variants, Path(tmp) / "home")
+        try:
+            for v in variants:
+                hf = hf_generate(v.folder, args.tokens, args.repeats)
+                name = deployment_name(v)
+                one_stream(url, key, name, args.tokens, 0)  # warm-up: loads the deployment
+                rows = [load_test(url, key, name, args.tokens, c, args.repeats) for c in (1, args.concurrency)]
+                results.append({"variant": v.name, "packed_bytes": v.packed_bytes, "val_ppl": v.val_ppl,
+                                "weight_bytes": hf["weight_bytes"], "hf_tokens_per_s": hf["tokens_per_s"],
+                                "served": rows})
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
     bw = copy_bandwidth(64 if args.quick else 256)
-    ceiling = bw / hf["weight_bytes"]
-    print(f"model {folder.name if args.model else 'fresh tiny Llama'}: {hf['weight_bytes'] / 1e6:.1f} MB of weights; "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s → ceiling {ceiling:.0f} tokens/s (weights read once per token)")
-    print(f"HF generate (batch 1, in process): {hf['tokens_per_s']:.1f} tokens/s")
-    print(f"{'path':<34}{'tokens/s':>10}{'vs HF':>8}{'TTFT med':>10}{'% ceiling':>11}")
-    for row in rows:
-        print(f"/v1/chat/completions c={row['concurrency']:<14}{row['tokens_per_s']:>10.1f}"
-              f"{row['tokens_per_s'] / hf['tokens_per_s']:>8.2f}{row['ttft_median_s'] * 1e3:>8.0f}ms"
-              f"{100 * row['tokens_per_s'] / ceiling:>10.2f}%")
+    print(f"model {args.model or 'Crucible base'}; copy bandwidth {bw / 1e9:.1f} GB/s; {args.tokens} tokens per request")
+    print(f"{'variant':<18}{'packed MB':>10}{'val ppl':>9}{'HF tok/s':>10}{'c=1 tok/s':>11}{'vs HF':>7}"
+          f"{'vs dense':>9}{'TTFT':>8}{f'c={args.concurrency} tok/s':>12}{'TTFT':>8}{'% ceiling':>10}")
+    dense = results[0]["served"][0]["tokens_per_s"]
+    for r in results:
+        one, many = r["served"]
+        ceiling = bw / r["weight_bytes"]
+        print(f"{r['variant']:<18}{r['packed_bytes'] / 1e6:>10.2f}{r['val_ppl']:>9.1f}{r['hf_tokens_per_s']:>10.1f}"
+              f"{one['tokens_per_s']:>11.1f}{one['tokens_per_s'] / r['hf_tokens_per_s']:>7.2f}"
+              f"{one['tokens_per_s'] / dense:>9.2f}{one['ttft_median_s'] * 1e3:>6.0f}ms"
+              f"{many['tokens_per_s']:>12.1f}{many['ttft_median_s'] * 1e3:>6.0f}ms"
+              f"{100 * one['tokens_per_s'] / ceiling:>9.2f}%")
+    out = REPO / "bench" / "results" / ("llm-serving-quick.json" if args.quick else "llm-serving.json")
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "tokens": args.tokens,
+                               "copy_bandwidth": bw, "variants": results}, indent=2))
 
 
 if __name__ == "__main__":
