@@ -381,7 +381,7 @@ ARMS = {"hpm": {"masking": "hard-patches", "loss_predictor": True},
               baseline="MAE: uniform random masking, no loss predictor")
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
-    seeds = [seed] if smoke else [seed, seed + 1]
+    seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
     arms = ("hpm", "mae") if smoke else tuple(ARMS)
     budget = {"epochs": 1, "dim": 32, "depth": 1, "decoder_dim": 32, "decoder_depth": 1} if smoke else {}
     acc: dict[str, list[float]] = {a: [] for a in arms}
@@ -402,4 +402,13 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     note = (f"probe HPM {ours:.3f}, MAE {base:.3f}"
             + (f", MAE + loss predictor {mean['mae+pred']:.3f}" if "mae+pred" in mean else "")
             + f" over {len(seeds)} seed(s); per seed " + "; ".join(f"{a} {np.round(v, 3).tolist()}" for a, v in acc.items()))
+    if not holds and not smoke:
+        gap, spread = ours - base, float(np.std(np.array(acc["hpm"]) - np.array(acc["mae"])))
+        if spread >= abs(gap):
+            note += (f"; the HPM − MAE gap {gap:+.3f} is within its seed-to-seed spread ±{spread:.3f}: with 16 "
+                     "patches per 16×16 digit and ~130 AdamW steps, which patches are masked moves the probe less "
+                     "than the seed does")
+        else:
+            note += f"; the HPM − MAE gap {gap:+.3f} (spread ±{spread:.3f}) falls short of the 1-point bar at this scale"
+        note += " (the paper measures after 200–1,600 ImageNet epochs with 196 patches per image)"
     return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=holds, note=note, details={"probe": acc})
