@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.llm.kv_cache.cache import CompressedCache, dense_kv_bytes, headwise_sdpa
+from models.llm.kv_cache.cache import dense_kv_bytes, headwise_sdpa
 from models.llm.kv_cache.evaluation import continuation_nll, prefill
 from models.llm.kv_cache.press import prefill_attention
 from models.llm.kv_cache.presses import (H2O, AdaKV, SnapKV, StreamingLLM, adakv_keep_mask, observed_attention_scores,

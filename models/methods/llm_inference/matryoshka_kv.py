@@ -20,7 +20,7 @@ from pydantic import Field
 from models.context import RunContext
 from models.datasets import load_builtin
 from models.llm.base import base_model
-from models.llm.data import sampled_stream, split_windows
+from models.llm.data import random_windows, sampled_stream, split_windows
 from models.llm.evaluation import perplexity
 from models.llm.folder import load_folder
 from models.llm.kv_cache.matryoshka import KVProjection, projected, save_projection
@@ -65,8 +65,6 @@ def fit_and_measure(ctx: RunContext, folder, params: MatryoshkaKVParams, seed: i
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
     stream = sampled_stream(lm.tokenizer, ds.train["text"], params.train_tokens, seed=seed)
     calib = torch.Generator().manual_seed(seed + 1)
-    from models.llm.data import random_windows
-
     calibration = random_windows(stream, params.calibration_windows, params.seq_len, calib)
     search = random_windows(stream, params.search_windows, params.seq_len, calib)
     windows = split_windows(lm.tokenizer, ds.val["text"], params.seq_len, params.eval_windows)
