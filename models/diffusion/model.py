@@ -10,9 +10,13 @@ text-encoder stand-in the notes describe. A model folder is diffusers-style:
     crucible-diffusion.json   what the sampling core needs to validate a request
 
 `load_parts` reads such a folder back, and any local diffusers folder with `unet/` and
-`scheduler/` too: a folder without `prompt_encoder/` loads with `prompt_encoder=None` (then only
-unconditional sampling, or conditioning the caller supplies, is possible). Nothing is fetched from
-the hub: every `from_pretrained` call is `local_files_only`.
+`scheduler/` too. A Stable Diffusion folder (`text_encoder/` + `tokenizer/` + `vae/`, as
+`StableDiffusionPipeline.save_pretrained` writes it) loads its own CLIP text encoder as the prompt
+encoder (text prompts, "" as the unconditional prompt) and samples in the VAE's latent space, decoding
+at the end — the same sampling core, so a GPU deployment serves a real SD checkpoint with every
+guidance rule. A folder with neither encoder loads with `prompt_encoder=None` (then only
+unconditional sampling is possible). Nothing is fetched from the hub: every `from_pretrained` call is
+`local_files_only`.
 """
 
 from __future__ import annotations
@@ -69,14 +73,33 @@ def training_scheduler() -> DDPMScheduler:
                          clip_sample=False)
 
 
+class TextPromptEncoder(nn.Module):
+    """A pipeline's own text encoder (Stable Diffusion 1.x/2.x: CLIPTextModel + CLIPTokenizer), as
+    StableDiffusionPipeline uses it: prompts padded to the tokenizer's max length, the last hidden state."""
+
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module):
+        super().__init__()
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
 @dataclass
 class DiffusionParts:
     """A loaded model: what the sampling core needs, nothing about how it is served."""
 
     unet: UNet2DConditionModel
     scheduler_config: dict[str, Any]
-    prompt_encoder: PromptEncoder | None
+    prompt_encoder: PromptEncoder | TextPromptEncoder | None
     info: dict[str, Any] = field(default_factory=dict)
+    vae: Any = None  # a diffusers AutoencoderKL when the U-Net works in its latent space
+
+    @property
+    def text_prompts(self) -> bool:
+        return isinstance(self.prompt_encoder, TextPromptEncoder)
 
     @property
     def null_conditioning(self) -> bool:
@@ -96,7 +119,16 @@ class DiffusionParts:
         self.unet.eval()
         if self.prompt_encoder is not None:
             self.prompt_encoder.eval()
+        if self.vae is not None:
+            self.vae.eval()
         return self
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Final samples → images in [-1, 1] (through the VAE for a latent model)."""
+        if self.vae is None:
+            return x
+        return self.vae.decode(x / self.vae.config.scaling_factor).sample
 
 
 def new_parts(widths: tuple[int, ...] = (16, 32, 64), null_prob: float = 0.1, attr_drop_prob: float = 0.3,
@@ -131,11 +163,23 @@ def load_parts(folder: Path) -> DiffusionParts:
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
     sched_file = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_file.read_text()) if sched_file.exists() else dict(training_scheduler().config)
-    encoder = None
+    encoder: PromptEncoder | TextPromptEncoder | None = None
+    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).exists() else {}
     if (folder / "prompt_encoder" / "config.json").exists():
         cfg = json.loads((folder / "prompt_encoder" / "config.json").read_text())
         encoder = PromptEncoder(tuple(cfg["vocab"]), cfg["dim"])
         encoder.load_state_dict(load_file(str(folder / "prompt_encoder" / "model.safetensors")))
-    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).exists() else {}
+    elif (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        encoder = TextPromptEncoder(AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
+                                    CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True))
+        # SD was trained with captions dropped 10% of the time: "" is its unconditional prompt, so CFG works
+        info.setdefault("null_prob", 0.1)
+    vae = None
+    if (folder / "vae").is_dir():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
     info.setdefault("prediction_type", scheduler_config.get("prediction_type", "epsilon"))
-    return DiffusionParts(unet, scheduler_config, encoder, info).eval()
+    return DiffusionParts(unet, scheduler_config, encoder, info, vae).eval()

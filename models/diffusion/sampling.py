@@ -46,8 +46,7 @@ def _nasa(parts: DiffusionParts, request: "SampleRequest") -> Any:
     from models.diffusion.nasa import DEFAULT_ALPHA, NASAProcessor
 
     with torch.no_grad():
-        negative = parts.encode(torch.tensor([parse_prompt(request.negative_prompt, parts.prompt_encoder.null_tokens,
-                                                           "negative_prompt")]))
+        negative = encode_prompts(parts, [(request.negative_prompt, "negative_prompt")])
     return NASAProcessor(negative, request.attention_params.get("alpha", DEFAULT_ALPHA))
 
 
@@ -107,7 +106,7 @@ class SampleRequest:
 @dataclass
 class SampleResult:
     images: torch.Tensor  # [n, C, H, W] in [0, 1], clipped
-    raw: torch.Tensor  # the final samples in model space, before clipping
+    raw: torch.Tensor  # the final samples in pixel space (decoded by the VAE of a latent model), before clipping
     seeds: list[int]
     diff_norm: list[float]  # per step: mean ‖ΔD̄‖ (APG) — empty for other rules
     parallel_fraction: list[float]  # per step: mean ‖Δ∥‖/‖ΔD̄‖ (APG)
@@ -148,6 +147,20 @@ def parse_prompt(prompt: Prompt, null: Sequence[int], field_name: str = "prompt"
     return out
 
 
+def encode_prompts(parts: DiffusionParts, prompts: Sequence[tuple[Prompt, str]]) -> torch.Tensor:
+    """[len(prompts), S, D] conditioning for (prompt, field name) pairs: slot tokens through our prompt
+    encoder, or text through a pipeline's own text encoder (None → "", SD's unconditional prompt)."""
+    if parts.text_prompts:
+        texts = []
+        for prompt, name in prompts:
+            if prompt is not None and not isinstance(prompt, str):
+                raise InvalidPromptError(name, "this model's text encoder takes a text prompt, not token ids")
+            texts.append(prompt or "")
+        return parts.encode(texts)
+    null = parts.prompt_encoder.null_tokens
+    return parts.encode(torch.tensor([parse_prompt(prompt, null, name) for prompt, name in prompts]))
+
+
 def validate(parts: DiffusionParts, request: SampleRequest) -> None:
     """Raise the specific error for a request this model cannot serve."""
     g = request.guidance
@@ -165,6 +178,9 @@ def validate(parts: DiffusionParts, request: SampleRequest) -> None:
         raise UnsupportedGuidanceError("guidance", "scale, eta and momentum must be finite numbers")
     if request.prompt is not None and parts.prompt_encoder is None:
         raise InvalidPromptError("prompt", "this model has no prompt encoder; send no prompt")
+    for name, prompt in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if parts.text_prompts and prompt is not None and not isinstance(prompt, str):
+            raise InvalidPromptError(name, "this model's text encoder takes a text prompt, not token ids")
     if request.negative_prompt is not None:
         if not parts.cross_attention:
             raise UnsupportedNegativePromptError("negative_prompt", "this model has no prompt cross-attention")
@@ -241,11 +257,8 @@ def _conditioning(parts: DiffusionParts, request: SampleRequest, n: int) -> tupl
         dim = parts.unet.config.cross_attention_dim
         zeros = torch.zeros(n, 1, dim)
         return zeros, zeros
-    null = parts.prompt_encoder.null_tokens
-    cond = torch.tensor(parse_prompt(request.prompt, null))
     negative = request.negative_prompt if request.attention == "standard" else None  # NASA uses it in attention
-    uncond = torch.tensor(parse_prompt(negative, null, "negative_prompt"))
-    emb = parts.encode(torch.stack([cond, uncond]))
+    emb = encode_prompts(parts, [(request.prompt, "prompt"), (negative, "negative_prompt")])
     return emb[0].expand(n, -1, -1), emb[1].expand(n, -1, -1)
 
 
@@ -286,7 +299,7 @@ def sample(parts: DiffusionParts, request: SampleRequest) -> SampleResult:
     with attention_processor(parts, request):
         for start in range(0, request.n, request.max_batch):
             x, state = _sample_chunk(parts, request, seeds[start:start + request.max_batch])
-            raws.append(x)
+            raws.append(parts.decode(x))
             norms.append(state.diff_norm)
             fractions.append(state.parallel_fraction)
     raw = torch.cat(raws)
