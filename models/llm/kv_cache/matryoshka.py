@@ -91,7 +91,19 @@ class KVProjection(nn.Module):
         return proj
 
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "_bases", None) is not None:
+            return self._bases
         return self.base_k @ cayley(self.x_k), self.base_v @ cayley(self.x_v)
+
+    @contextmanager
+    def cached_bases(self) -> Iterator[None]:
+        """Compute U_K, U_V once for every layer's call within the block (one forward, or a no-grad evaluation)."""
+        self._bases = None
+        self._bases = self.bases()
+        try:
+            yield
+        finally:
+            self._bases = None
 
     def set_ranks(self, rank_k: torch.Tensor | int, rank_v: torch.Tensor | int) -> None:
         self.rank_k.copy_(torch.as_tensor(rank_k).expand_as(self.rank_k))
@@ -177,7 +189,8 @@ def projected(model: nn.Module, projection: KVProjection) -> Iterator[nn.Module]
     attach(model, projection)
     model.set_attn_implementation(MATRYOSHKA_ATTENTION)
     try:
-        yield model
+        with projection.cached_bases():
+            yield model
     finally:
         model.set_attn_implementation(previous)
         attach(model, None)
