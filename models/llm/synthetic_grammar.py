@@ -18,7 +18,8 @@ p(string) = p(derivation). Consequences:
   n = (I − Mᵀ)⁻¹ e_S with M[A, B] the expected number of B's a single A-expansion creates:
   E[len] = Σ_A n_A (one terminal per expansion) and H = Σ_A n_A · H(rules of A);
 - the downstream labels are exact functions of the prefix: the nonterminal that emitted each token
-  (`parent`) and the number of nonterminals still pending on the stack after it (`depth`).
+  (`parent`), the one that created that nonterminal (`grandparent`) and the number of nonterminals still
+  pending on the stack after it (`depth`).
 
 Nonterminals sit in levels (level ℓ only rewrites to level ℓ+1, the last level only emits a terminal),
 which bounds the sentence length by 2^levels − 1 without truncating (and so without distorting) the
@@ -49,6 +50,7 @@ class Parse:
 
     logprob: float
     parent: tuple[int, ...]  # the nonterminal whose rule emitted each token
+    grandparent: tuple[int, ...]  # the nonterminal that created the parent (num_nonterminals for the start symbol)
     depth: tuple[int, ...]  # nonterminals pending on the stack after each token
 
 
@@ -128,22 +130,23 @@ class LL1Grammar:
 
     def parse(self, sentence: list[int] | tuple[int, ...]) -> Parse:
         """The unique derivation of `sentence`: its exact log-probability and per-token latent labels."""
-        stack = [self.start]
-        logprob, parent, depth = 0.0, [], []
+        stack = [(self.start, self.num_nonterminals)]  # (pending nonterminal, the nonterminal that created it)
+        logprob, parent, grandparent, depth = 0.0, [], [], []
         for t in sentence:
             if not stack:
                 raise NotInLanguageError("the sentence continues after its derivation is complete")
-            a = stack.pop()
+            a, creator = stack.pop()
             r = self.table.get((a, int(t)))
             if r is None:
                 raise NotInLanguageError(f"nonterminal {a} has no rule starting with terminal {t}")
             logprob += math.log(r.prob)
-            stack.extend(reversed(r.children))
+            stack.extend((b, a) for b in reversed(r.children))
             parent.append(a)
+            grandparent.append(creator)
             depth.append(len(stack))
         if stack:
             raise NotInLanguageError("the sentence ends before its derivation is complete")
-        return Parse(logprob, tuple(parent), tuple(depth))
+        return Parse(logprob, tuple(parent), tuple(grandparent), tuple(depth))
 
 
 def layered_grammar(levels: int = 5, per_level: int = 4, num_terminals: int = 16, rules_per_nonterminal: int = 4,
