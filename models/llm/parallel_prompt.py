@@ -1,0 +1,258 @@
+"""Parallel prompt decoding (Chen et al., "Hardware-Aware Parallel Prompt Decoding for Memory-Efficient
+Acceleration of LLM Inference", 2024): m trained prompt-token embeddings, appended after the input, make one
+forward pass of the *frozen* base model also guess the tokens at offsets +2 … +m+1.
+
+- **Prompt tokens** (§3.1): m vectors in the embedding space, the only trained parameters (the paper's
+  ensemble of n_e virtual tokens per position is taken with n_e = 1, its default). Prompt token i sits at
+  position L+i after an input of L tokens, attends to the whole input and to prompt tokens 0…i-1, and
+  predicts x_{L+i+1}.
+- **Training** (§3.2): on randomly truncated sequences, KD against the base model's own next-token
+  distribution at the same offset, L = (1/m) Σ_i 0.8^i · KL(p_teacher ‖ p_θ). Instead of one truncation per
+  sequence, `prompt_forward` places K truncation points in one window with a 4-D mask (each group of m
+  prompt tokens sees only the input before its cut point), so the x rows of the same forward *are* the
+  teacher: with the base frozen, they do not depend on the prompts.
+- **Decoding** (§3.3): each step feeds the pending greedy token and the previous step's guesses as a
+  chain of candidates, with a group of m prompt tokens attached to every candidate (a tree of width 1 —
+  the paper's sparse top-k trees are not built here). One forward verifies the candidates, keeps the
+  longest prefix that greedy decoding would have produced, adds the base model's own next token (the
+  "bonus" token), and takes the next guesses from the prompt group of the last accepted candidate. The KV
+  cache is cropped back to the accepted tokens. Output equals greedy decoding token for token, whatever
+  the prompt embeddings; with m = 0 it is greedy decoding at one token per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+from torch import nn
+
+from models.llm.data import random_windows
+from models.llm.distillation import kl_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+DECAY = 0.8  # the paper's per-offset weight 0.8^i in the KD loss
+PROMPTS_FILE = "ppd_prompts.safetensors"
+
+
+class PromptTokens(nn.Module):
+    """m trainable input embeddings [m, d]; everything else stays the frozen base model's."""
+
+    def __init__(self, count: int, hidden_size: int):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(count, hidden_size))
+
+    @property
+    def count(self) -> int:
+        return self.embeddings.shape[0]
+
+    @classmethod
+    def initialised(cls, model: "PreTrainedModel", count: int, seed: int = 0) -> "PromptTokens":
+        """The vocabulary's mean embedding plus Gaussian noise of the embeddings' spread: a start inside the region
+        the base model has seen, distinct per prompt token (reconstructed: the notes do not state the paper's init)."""
+        table = model.get_input_embeddings().weight.detach().float()
+        g = torch.Generator().manual_seed(seed)
+        prompts = cls(count, table.shape[1])
+        with torch.no_grad():
+            prompts.embeddings.copy_(table.mean(0) + table.std() * torch.randn(count, table.shape[1], generator=g))
+        return prompts
+
+
+def _blocked(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+def prompt_forward(model: "PreTrainedModel", prompts: PromptTokens, ids: torch.Tensor, cuts: Sequence[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of [x, K groups of m prompts]: the base's logits on x [B, T, V] and the prompt logits
+    [B, K, m, V]. Group k's token i has position cuts[k]+i and sees x[:cuts[k]] and its own tokens 0…i, so it
+    is trained to predict x_{cuts[k]+i+1}, which the base predicts from x row cuts[k]+i."""
+    b, t = ids.shape
+    m, k = prompts.count, len(cuts)
+    embed = model.get_input_embeddings()
+    x = embed(ids)
+    p = prompts.embeddings.to(x.dtype).unsqueeze(0).expand(b, m, -1).repeat(1, k, 1)
+    n = t + k * m
+    allowed = torch.zeros(n, n, dtype=torch.bool, device=ids.device)
+    allowed[:t, :t] = torch.ones(t, t, dtype=torch.bool).tril()
+    positions = list(range(t))
+    own = torch.ones(m, m, dtype=torch.bool).tril()
+    for g, cut in enumerate(cuts):
+        if not 1 <= cut <= t - m:
+            raise ValueError(f"cut {cut} leaves no teacher targets for {m} prompt tokens in a window of {t}")
+        rows = slice(t + g * m, t + (g + 1) * m)
+        allowed[rows, :cut] = True
+        allowed[rows, rows] = own
+        positions.extend(range(cut, cut + m))
+    mask = torch.zeros(n, n, dtype=x.dtype).masked_fill(~allowed, _blocked(x.dtype))
+    out = model(inputs_embeds=torch.cat([x, p], dim=1), attention_mask=mask[None, None].expand(b, 1, n, n),
+                position_ids=torch.tensor([positions]).expand(b, n), use_cache=False)
+    return out.logits[:, :t], out.logits[:, t:].reshape(b, k, m, -1)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, decay: float = DECAY) -> torch.Tensor:
+    """(1/m) Σ_i decay^i · KL(p_teacher ‖ p_student) at offset i; both [..., m, V] (offset on dim -2)."""
+    m = student.shape[-2]
+    terms = [decay ** i * kl_loss(student[..., i, :], teacher[..., i, :].detach()) for i in range(m)]
+    return torch.stack(terms).sum() / m
+
+
+def teacher_targets(teacher: torch.Tensor, cuts: Sequence[int], m: int) -> torch.Tensor:
+    """The base's logits at rows cuts[k]+i, arranged like the prompt logits: [B, K, m, V]."""
+    rows = torch.tensor([[c + i for i in range(m)] for c in cuts])
+    return teacher[:, rows]
+
+
+def batch_loss(model: "PreTrainedModel", prompts: PromptTokens, ids: torch.Tensor, cuts: Sequence[int]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD loss on one batch, with the student and teacher logits (for accuracy)."""
+    teacher, student = prompt_forward(model, prompts, ids, cuts)
+    target = teacher_targets(teacher.detach(), cuts, prompts.count)
+    return kd_loss(student, target), student, target
+
+
+def random_cuts(seq_len: int, m: int, count: int, generator: torch.Generator) -> list[int]:
+    """`count` distinct truncation points in [1, seq_len - m] (the paper's random truncation)."""
+    high = seq_len - m
+    count = min(count, high)
+    return sorted((torch.randperm(high, generator=generator)[:count] + 1).tolist())
+
+
+def train_prompts(model: "PreTrainedModel", prompts: PromptTokens, stream: torch.Tensor, *, steps: int,
+                  batch_size: int, seq_len: int, cuts_per_window: int, lr: float = 1e-2, seed: int = 0,
+                  on_step: Callable[[int, float], bool] = lambda s, loss: True) -> list[float]:
+    """Adam on the prompt embeddings only (lr 1e-2 as in the paper); the base model is frozen for the call.
+    `on_step(step, loss)` returning False stops early (cancellation)."""
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(prompts.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    try:
+        for step in range(steps):
+            ids = random_windows(stream, batch_size, seq_len, g)
+            loss, _, _ = batch_loss(model, prompts, ids, random_cuts(seq_len, prompts.count, cuts_per_window, g))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if not on_step(step + 1, losses[-1]):
+                break
+    finally:
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+    return losses
+
+
+@torch.no_grad()
+def offset_agreement(model: "PreTrainedModel", prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int,
+                     seed: int = 0) -> list[float]:
+    """Top-1 agreement of prompt token i with the base's greedy token at offset +i+2 (teacher forcing), per i."""
+    g = torch.Generator().manual_seed(seed)
+    hits = torch.zeros(prompts.count)
+    total = 0
+    for ids in windows.split(4):
+        _, student, target = batch_loss(model, prompts, ids, random_cuts(ids.shape[1], prompts.count,
+                                                                           cuts_per_window, g))
+        hits += (student.argmax(-1) == target.argmax(-1)).float().sum(dim=(0, 1))
+        total += student.shape[0] * student.shape[1]
+    return (hits / max(total, 1)).tolist()
+
+
+# -- decoding ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeResult:
+    """Generated ids and, per decoding step after the prefill, how many tokens it produced (accepted + 1)."""
+
+    tokens: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def forwards(self) -> int:
+        return 1 + len(self.accepted)
+
+    @property
+    def mean_accepted(self) -> float:
+        """The paper's acceptance length: tokens per decoding step (1.0 for greedy decoding)."""
+        return sum(self.accepted) / len(self.accepted) if self.accepted else 1.0
+
+
+def chain_mask(cached: int, nodes: int, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, q, cached + q] additive mask for `nodes` chain candidates followed by one group of m prompt tokens
+    per candidate: candidate j sees the cache and candidates 0…j; group j's token i sees the cache, candidates
+    0…j and its own tokens 0…i."""
+    q = nodes + nodes * m
+    allowed = torch.zeros(q, cached + q, dtype=torch.bool)
+    allowed[:, :cached] = True
+    allowed[:nodes, cached:cached + nodes] = torch.ones(nodes, nodes, dtype=torch.bool).tril()
+    own = torch.ones(m, m, dtype=torch.bool).tril()
+    for j in range(nodes):
+        rows = slice(nodes + j * m, nodes + (j + 1) * m)
+        allowed[rows, cached:cached + j + 1] = True
+        allowed[rows, cached + nodes + j * m:cached + nodes + (j + 1) * m] = own
+    return torch.zeros(q, cached + q, dtype=dtype).masked_fill(~allowed, _blocked(dtype))[None, None]
+
+
+def _emit(result: DecodeResult, token: int, max_tokens: int, stops: frozenset[int]) -> bool:
+    """Append a token; False when generation ends (stop token, which is not kept, or max_tokens reached)."""
+    if token in stops:
+        return False
+    result.tokens.append(token)
+    return len(result.tokens) < max_tokens
+
+
+@torch.no_grad()
+def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_ids: Sequence[int], max_tokens: int,
+                 stop_token_ids: frozenset[int] = frozenset()) -> DecodeResult:
+    """Greedy decoding accelerated by parallel prompt decoding with a chain of candidates (see the module doc)."""
+    result = DecodeResult()
+    if max_tokens <= 0:
+        return result
+    device = next(model.parameters()).device
+    embed = model.get_input_embeddings()
+    m = prompts.count if prompts is not None else 0
+    soft = prompts.embeddings.to(device=device, dtype=embed.weight.dtype) if prompts is not None else None
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    x = embed(ids) if soft is None else torch.cat([embed(ids), soft[None]], dim=1)
+    out = model(inputs_embeds=x, use_cache=True)  # the plain causal mask is exactly the prompt tokens' mask
+    cache = out.cache
+    if m:
+        cache.crop(-m)
+    length = ids.shape[1]
+    pending = int(out.logits[0, length - 1].argmax())
+    guesses = out.logits[0, length:].argmax(-1).tolist()
+    if not _emit(result, pending, max_tokens, stop_token_ids):
+        return result
+    while True:
+        cached = cache.get_seq_length()
+        candidates = [pending, *guesses[:max(0, max_tokens - len(result.tokens) - 1)]]
+        nodes = len(candidates)
+        parts = [embed(torch.tensor([candidates], device=device))]
+        positions = list(range(cached, cached + nodes))
+        if m:
+            parts.append(soft.repeat(nodes, 1)[None])
+            for j in range(nodes):
+                positions.extend(range(cached + j + 1, cached + j + 1 + m))
+        out = model(inputs_embeds=torch.cat(parts, dim=1), cache=cache, use_cache=True,
+                    attention_mask=chain_mask(cached, nodes, m, parts[0].dtype).to(device),
+                    position_ids=torch.tensor([positions], device=device))
+        cache = out.cache
+        greedy = out.logits[0, :nodes].argmax(-1).tolist()
+        accepted = 0
+        while accepted + 1 < nodes and candidates[accepted + 1] == greedy[accepted]:
+            accepted += 1
+        cache.crop(-(nodes + nodes * m - accepted - 1))
+        result.accepted.append(accepted + 1)
+        for token in [*candidates[1:accepted + 1], greedy[accepted]]:
+            if not _emit(result, token, max_tokens, stop_token_ids):
+                return result
+        pending = greedy[accepted]
+        if m:
+            start = nodes + accepted * m
+            guesses = out.logits[0, start:start + m].argmax(-1).tolist()
