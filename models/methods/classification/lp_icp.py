@@ -7,9 +7,9 @@ The job: embed a multi-label text set (the packaged all-MiniLM-L6-v2 stands in f
 TF-IDF for its non-contextual word2vec models), train a one-hidden-layer MLP with per-label sigmoid
 outputs and binary cross-entropy (the paper's output layer and loss) on the train split, calibrate on
 the val split (the paper's calibration set), and predict label sets with p-values on the test split.
-The conformal machinery — nonconformity measures, p-values, the paper's elimination of label sets
-that surely fall below ε, our exact depth-first pruning, brute force and the binary-relevance
-baseline — lives in `models.conformal`.
+The conformal machinery — nonconformity measures (default: the paper's Euclidean distance ‖Y − ô‖₂),
+p-values, the paper's bound on the label sets that can have p > ε, our exact pruned search, brute
+force and the binary-relevance baseline — lives in `models.conformal`.
 
 Reported per significance level ε: the error rate (true label set outside Γ^ε) against ε with a
 binomial tolerance, the set size (mean, median, share of singletons and of empty sets), label sets
