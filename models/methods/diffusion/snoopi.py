@@ -162,7 +162,8 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         scores, curves, students, grids = {}, {}, {}, {}
         for j, (arm, kappa) in enumerate(arms.items()):
             config = VSDConfig(kappa_range=kappa, steps=steps, batch_size=batch, seed=seed)
-            students[arm], scores[arm], curve = _distil(ctx, teacher, kit, config, tokens, seed, 0 if smoke else steps // 4)
+            eval_every = 0 if smoke else steps // 4
+            students[arm], scores[arm], curve = _distil(ctx, teacher, kit, config, tokens, seed, eval_every)
             curves[arm] = ([s for s, _ in curve], [v for _, v in curve])
             grids[f"{arm.upper()} κ={'U(%g,%g)' % kappa if kappa[0] != kappa[1] else '%g' % kappa[0]}"] = \
                 to_unit(one_step_sample(students[arm], tokens, seed + 17))[:: max(1, per_class // 4)][:40]
