@@ -166,3 +166,11 @@ def test_random_cuts_leave_room_for_targets():
     for _ in range(20):
         cuts = random_cuts(16, 3, 5, g)
         assert len(set(cuts)) == len(cuts) == 5 and all(1 <= c <= 13 for c in cuts)
+
+
+def test_output_equals_transformers_greedy_generate(model):
+    """Library parity: the same tokens as HF `generate(do_sample=False)` (up to its end-of-text stop)."""
+    prefix = prefix_ids(17)
+    hf = model.generate(torch.tensor([prefix]), max_new_tokens=20, do_sample=False, pad_token_id=1)[0, len(prefix):]
+    ours = ppd_generate(model, random_prompts(model, 3, 17), prefix, 20).tokens
+    assert ours[:len(hf)] == hf.tolist()
