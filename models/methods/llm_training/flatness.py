@@ -14,8 +14,10 @@ is known exactly; the models are the stock tiny `LlamaForCausalLM` (`models/llm/
 sentences every step (the population loss, as in the paper); Tr ∇²L is Hutchinson's estimate
 (`models/hessian.py`) on held-out sentences (eager attention: SDPA's CPU kernel has no double backward);
 the downstream tasks are linear probes of the final hidden state at each token for the generator's latent
-`parent` (the nonterminal that emitted the token) and `depth` (nonterminals still pending), trained on few
-labelled sentences, so that how linearly the representation exposes the structure decides the accuracy.
+`parent` (the nonterminal that emitted the token), `grandparent` (the one that created the parent) and `depth`
+(nonterminals still pending), trained on few labelled sentences, so that how linearly the representation
+exposes the structure decides the accuracy. The paper's own PCFG downstream tasks are not reproduced here
+(the notes mark them unverified); these are our reconstruction on the same latent structure.
 """
 
 from __future__ import annotations
