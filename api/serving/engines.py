@@ -38,6 +38,10 @@ class LLMEngine(BaseModel):
         default_factory=dict, description="ems: {\"budget\": slots per head (required), \"window\", \"kernel\", "
                                           "\"tau\"}; matryoshka-kv: {\"fraction\": a searched KV budget of the "
                                           "model, e.g. 0.5} or {\"rank\": a uniform rank}")
+    decoding: Literal["standard", "ppd"] = Field(
+        "standard", description="ppd: parallel prompt decoding with the model's trained prompt tokens (a model "
+                                "registered by a ppd job); exactly greedy decoding's text in fewer forward passes, so "
+                                "it applies to temperature-0 requests (others decode normally)")
 
 
 def attention_config(engine: dict[str, Any]) -> Any:
@@ -162,6 +166,22 @@ def detect_kind(folder: Path) -> str:
                   errors=[{"pointer": "/model", "message": "not a language-model or diffusion folder"}])
 
 
+def check_decoding(engine: dict[str, Any], folder: Path | None = None) -> None:
+    """PPD verifies its guesses with its own attention mask and crops a plain KV cache: it needs exact attention and
+    an uncompressed cache, and the prompt tokens a ppd job trained for this model."""
+    if engine.get("decoding", "standard") != "ppd":
+        return
+    for option, plain in (("attention", "sdpa"), ("kv_cache", "none")):
+        if engine.get(option, plain) != plain:
+            raise field_problem("/engine/decoding", f"ppd verifies candidates with exact attention over a full KV "
+                                f"cache; it cannot be combined with {option} {engine[option]!r} (use {plain})")
+    from models.llm.parallel_prompt import PROMPTS_FILE
+
+    if folder is not None and not (Path(folder) / PROMPTS_FILE).is_file():
+        raise field_problem("/engine/decoding", "this model has no trained PPD prompt tokens; run a ppd job on it "
+                            "and deploy the model it registers")
+
+
 def validate_engine(kind: str, options: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
     """The options with defaults filled in; unknown or invalid options → 422 naming `/engine/<field>`. With the
     model's `folder`, also the checks only the model can answer (a KV budget vs its context, a trained projection)."""
@@ -174,6 +194,7 @@ def validate_engine(kind: str, options: dict[str, Any], folder: Path | None = No
     if kind == "llm":
         attention_config(engine)  # fails now, at creation, not in the middle of a generation
         kv_cache_config(engine, folder, model_context(folder) if folder is not None else None)
+        check_decoding(engine, folder)
     return engine
 
 

@@ -10,7 +10,7 @@ deltas are handed to a callback (the SSE stream) as they are produced.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -41,6 +41,8 @@ class Plan:
     kv_cache: str = "none"
     kv_bytes: int = 0  # the largest KV cache (bytes) any choice held at its end
     kv_bytes_dense: int = 0  # what an uncompressed cache of the same tokens would hold
+    decoding: str = "standard"  # "ppd" when the deployment decodes with prompt tokens and the request is greedy
+    accepted: list[int] = field(default_factory=list)  # PPD: tokens produced by each decoding forward
 
     @property
     def prompt_tokens(self) -> int:
@@ -77,7 +79,9 @@ def plan(loaded: Loaded, texts: Sequence[str], prompt_field: str, *, max_tokens:
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stops),
                             stop_token_ids=stop_token_ids(tok))
     kv_config(loaded)  # a KV-cache option the model cannot take is a 4xx now, not an error mid-stream
-    return Plan(prompts, n, params, seed, kv_cache=engine.get("kv_cache", "none"))
+    # PPD reproduces greedy decoding exactly; a sampled request decodes the standard way
+    decoding = "ppd" if engine.get("decoding") == "ppd" and temperature == 0 else "standard"
+    return Plan(prompts, n, params, seed, kv_cache=engine.get("kv_cache", "none"), decoding=decoding)
 
 
 _KV_CONFIGS: dict[tuple[int, str, str], Any] = {}
@@ -92,6 +96,34 @@ def kv_config(loaded: Loaded) -> Any:
         folder = loaded.llm.path
         _KV_CONFIGS[key] = kv_cache_config(loaded.engine, folder, model_context(folder))
     return _KV_CONFIGS[key]
+
+
+_PPD_PROMPTS: dict[tuple[int, str], Any] = {}
+
+
+def ppd_prompts(loaded: Loaded) -> Any:
+    """The deployment's trained PPD prompt tokens (read once per warm model from its folder)."""
+    from safetensors.torch import load_file
+
+    from models.llm.parallel_prompt import PROMPTS_FILE, PromptTokens
+
+    assert loaded.llm is not None
+    key = (id(loaded.llm.model), loaded.deployment_id)
+    if key not in _PPD_PROMPTS:
+        embeddings = load_file(str(loaded.llm.path / PROMPTS_FILE))["embeddings"]
+        prompts = PromptTokens(*embeddings.shape)
+        prompts.embeddings.data.copy_(embeddings)
+        _PPD_PROMPTS[key] = prompts
+    return _PPD_PROMPTS[key]
+
+
+def _ppd_tokens(loaded: Loaded, p: Plan, ids: list[int]) -> list[int]:
+    from models.llm.parallel_prompt import ppd_generate
+
+    assert loaded.llm is not None
+    result = ppd_generate(loaded.llm.model, ppd_prompts(loaded), ids, p.params.max_tokens, p.params.stop_token_ids)
+    p.accepted.extend(result.accepted)
+    return result.tokens
 
 
 def _account(loaded: Loaded, p: Plan, caches: list[Any], tokens: int) -> None:
@@ -126,8 +158,10 @@ def run(loaded: Loaded, p: Plan, abort: threading.Event,
                 completion = Completion()
                 generator = torch.Generator().manual_seed(base + index)
                 with kv_session(loaded.llm.model, **compression) as caches:
+                    # PPD decodes the whole choice (fewer forwards, greedy's exact tokens), then streams its text
+                    tokens = _ppd_tokens(loaded, p, ids) if p.decoding == "ppd" else None
                     for delta in stream_text(loaded.llm.model, loaded.llm.tokenizer, ids, p.params, generator,
-                                             completion, abort.is_set):
+                                             completion, abort.is_set, tokens):
                         if on_delta is not None:
                             on_delta(index, delta)
                 _account(loaded, p, caches, len(ids) + len(completion.token_ids))
@@ -142,10 +176,13 @@ def run(loaded: Loaded, p: Plan, abort: threading.Event,
 
 
 def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, Any]:
-    """OpenAI's token counts plus a `kv_cache` extension: the engine's KV compression, the largest cache a choice
-    held (bytes), what a dense cache of the same tokens holds, and their ratio."""
+    """OpenAI's token counts plus a `kv_cache` extension (the engine's KV compression, the largest cache a choice
+    held in bytes, what a dense cache of the same tokens holds, their ratio) and a `decoding` one (standard or
+    ppd, with PPD's decoding forwards after the prefills and tokens accepted per forward)."""
     done = sum(len(c.token_ids) for c in completions)
     kv = {"type": p.kv_cache, "bytes": p.kv_bytes, "dense_bytes": p.kv_bytes_dense,
           "ratio": round(p.kv_bytes / p.kv_bytes_dense, 6) if p.kv_bytes_dense else None}
+    decoding = {"type": p.decoding, "forward_passes": len(p.accepted) or None,
+                "accepted_tokens_per_step": round(sum(p.accepted) / len(p.accepted), 4) if p.accepted else None}
     return {"prompt_tokens": p.prompt_tokens, "completion_tokens": done, "total_tokens": p.prompt_tokens + done,
-            "kv_cache": kv}
+            "kv_cache": kv, "decoding": decoding}

@@ -14,7 +14,7 @@ token costs one forward of one position, and only the last position goes through
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -98,18 +98,20 @@ def _earliest_stop(text: str, stops: Sequence[str]) -> int:
 
 def stream_text(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", prompt_ids: Sequence[int],
                 params: SamplingParams, generator: torch.Generator, completion: Completion,
-                should_abort: Callable[[], bool] = lambda: False) -> Iterator[str]:
+                should_abort: Callable[[], bool] = lambda: False, tokens: Iterable[int] | None = None) -> Iterator[str]:
     """Yield text deltas of one choice, filling `completion` as it goes.
 
     Text is decoded from all ids so far (BPE merges can change earlier characters only within a
     multi-byte character, so a delta is emitted once the decoded text no longer ends in U+FFFD).
     A stop string ends the choice and is not included; text that might be the start of a stop
-    string is held back until it is known not to be one.
+    string is held back until it is known not to be one. `tokens`: ids another decoder produced (e.g.
+    parallel prompt decoding), turned into text by the same rules.
     """
     emitted = 0
     hold = max((len(s) for s in params.stop), default=1) - 1
     completion.finish_reason = "length"
-    for token in generate_tokens(model, prompt_ids, params, generator, should_abort):
+    source = tokens if tokens is not None else generate_tokens(model, prompt_ids, params, generator, should_abort)
+    for token in source:
         completion.token_ids.append(token)
         text = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         cut = _earliest_stop(text, params.stop)
