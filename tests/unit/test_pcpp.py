@@ -67,3 +67,15 @@ def test_bytes_match_the_closed_form_and_pcpp_sends_to_neighbours_only(model):
     assert df.eps_bytes == pc.eps_bytes == 3 * 4 * 3 * 2 * 3 * 4 * 16 * 4  # steps·N(N−1)·B·C·strip px·4 B
     assert [s.kv_bytes for s in pc.stats][0] < [s.kv_bytes for s in pc.stats][1]  # border ranks have one peer
     assert not torch.allclose(df.images, pc.images)
+
+
+def test_pcpp_job_logs_bytes_and_fidelity():
+    from models.context import InMemoryRunContext
+    from models.methods.diffusion.pcpp import PCPPParams, run
+
+    ctx = InMemoryRunContext()
+    run(ctx, PCPPParams(world=2, steps=2, per_class=1))
+    assert ctx.latest("kv_bytes") > 0 and ctx.latest("psnr_vs_single") > 0
+    assert "pcpp_samples.png" in ctx.artifacts
+    with pytest.raises(ValueError):
+        run(ctx, PCPPParams(world=3))

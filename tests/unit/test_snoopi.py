@@ -129,3 +129,14 @@ def test_colour_reader_names_each_painted_hue_and_ignores_background():
     assert dominant_colour(images).tolist() == list(range(len(COLOURS)))
     torch.testing.assert_close(colour_shares(images), torch.eye(len(COLOURS)))
     assert dominant_colour(torch.zeros(1, 3, 16, 16)).item() == -1
+
+
+def test_snoopi_job_registers_a_one_step_student_and_saves_nasa_grid():
+    from models.methods.diffusion.snoopi import SnoopiParams, run
+
+    ctx = InMemoryRunContext()
+    run(ctx, SnoopiParams(steps=1, batch_size=2, lora_rank=2, per_class=1, negative_prompt="red"))
+    assert {"one_step_samples.png", "one_step_nasa.png"} <= set(ctx.artifacts)
+    assert any(name.startswith("snoopi-") for name in ctx.models)
+    with pytest.raises(ValueError):
+        SnoopiParams(kappa_min=3.0, kappa_max=1.0)
