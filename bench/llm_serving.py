@@ -116,22 +116,37 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / min(times)
 
 
-def hf_generate(folder: Path, tokens: int, repeats: int) -> dict[str, float]:
-    """Hugging Face `generate` in this process: the reference the server's decoding is held against."""
+def hf_generate(folders: list[Path], tokens: int, repeats: int) -> list[dict[str, float]]:
+    """Hugging Face `generate` in this process, the reference the server's decoding is held against: the
+    variants' rounds interleaved, so a change in the shared machine's load hits them alike."""
     from models.llm.folder import load_folder
 
-    lm = load_folder(folder)
-    ids = lm.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    rates = []
+    lms = [load_folder(f) for f in folders]
+    rates: list[list[float]] = [[] for _ in lms]
     for r in range(repeats + 1):
-        torch.manual_seed(r)
-        t = time.perf_counter()
-        out = lm.model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True,
-                                temperature=1.0, pad_token_id=lm.tokenizer.pad_token_id)
-        if r:  # the first round warms up
-            rates.append((out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - t))
-    params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    return {"tokens_per_s": statistics.median(rates), "weight_bytes": params}
+        for lm, out_rates in zip(lms, rates):
+            ids = lm.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)
+            torch.manual_seed(r)
+            t = time.perf_counter()
+            out = lm.model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True,
+                                    temperature=1.0, pad_token_id=lm.tokenizer.pad_token_id)
+            if r:  # the first round warms up
+                out_rates.append((out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - t))
+    return [{"tokens_per_s": statistics.median(rs), "weight_bytes": sum(p.numel() * p.element_size()
+                                                                        for p in lm.model.parameters())}
+            for lm, rs in zip(lms, rates)]
+
+
+def interleaved_streams(url: str, key: str, names: list[str], tokens: int, repeats: int) -> list[dict[str, float]]:
+    """Batch-1 streamed requests, one per deployment per round, rounds interleaved like `hf_generate`'s."""
+    runs: list[list[tuple[float, float, int]]] = [[] for _ in names]
+    for r in range(repeats):
+        for name, out in zip(names, runs):
+            out.append(one_stream(url, key, name, tokens, r))
+    return [{"concurrency": 1, "requests": len(rs), "tokens_per_s": statistics.median(n / s for _, s, n in rs),
+             "ttft_median_s": statistics.median(f for f, _, _ in rs), "mean_tokens": statistics.fmean(n for *_, n in rs)}
+            for rs in runs]
 
 
 def free_port() -> int:
@@ -226,14 +241,16 @@ def main() -> None:
         (Path(tmp) / "home").mkdir()
         url, key, server = serve(variants, Path(tmp) / "home")
         try:
-            for v in variants:
-                hf = hf_generate(v.folder, args.tokens, args.repeats)
-                name = deployment_name(v)
+            names = [deployment_name(v) for v in variants]
+            for name in names:
                 one_stream(url, key, name, args.tokens, 0)  # warm-up: loads the deployment
-                rows = [load_test(url, key, name, args.tokens, c, args.repeats) for c in (1, args.concurrency)]
+            hf = hf_generate([v.folder for v in variants], args.tokens, args.repeats)
+            single = interleaved_streams(url, key, names, args.tokens, max(args.repeats, 3))
+            for v, name, h, one in zip(variants, names, hf, single):
+                many = load_test(url, key, name, args.tokens, args.concurrency, args.repeats)
                 results.append({"variant": v.name, "packed_bytes": v.packed_bytes, "val_ppl": v.val_ppl,
-                                "weight_bytes": hf["weight_bytes"], "hf_tokens_per_s": hf["tokens_per_s"],
-                                "served": rows})
+                                "weight_bytes": h["weight_bytes"], "hf_tokens_per_s": h["tokens_per_s"],
+                                "served": [one, many]})
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=60)
