@@ -263,7 +263,26 @@ def _conditioning(parts: DiffusionParts, request: SampleRequest, n: int) -> tupl
 
 
 @torch.no_grad()
+def _one_step_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[int]) -> tuple[torch.Tensor, Any]:
+    """A one-step student (snoopi's PG-SB / SwiftBrush, `info["one_step"]`): x̂₀ = (z − σ_T ε(z, T, c)) / α_T in
+    one U-Net call; CFG/APG combine the conditional and negative/null one-step outputs (the paper's baseline for
+    one-step negative prompts), NASA acts in the attention layers; `steps` and `sampler` do not apply."""
+    from models.diffusion.vsd import OneStep
+
+    one = OneStep(**{k: parts.info["one_step"][k] for k in ("timestep", "alpha", "sigma")})
+    size, g = parts.unet.config.sample_size, request.guidance
+    noise = initial_noise(seeds, (parts.unet.config.in_channels, size, size))
+    cond, uncond = _conditioning(parts, request, len(seeds))
+    state = g.new_state()
+    d_c = one.generate(parts.unet, noise, cond)
+    d_u = one.generate(parts.unet, noise, uncond) if g.needs_uncond else None
+    return g.apply(d_c, d_u, state, 0, 1), state
+
+
+@torch.no_grad()
 def _sample_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[int]) -> tuple[torch.Tensor, Any]:
+    if "one_step" in parts.info:
+        return _one_step_chunk(parts, request, seeds)
     unet, g, n = parts.unet, request.guidance, len(seeds)
     prediction_type = parts.info.get("prediction_type", "epsilon")
     scheduler = make_scheduler(parts, request.sampler)

@@ -129,3 +129,31 @@ def test_a_plain_diffusers_folder_loads_without_prompt_encoder(tmp_path):
         sample(plain, SampleRequest(guidance=GuidanceSpec("none"), negative_prompt="red", steps=2, n=1))
     with pytest.raises(UnsupportedGuidanceError):
         sample(plain, SampleRequest(guidance=GuidanceSpec("cfg", 3.0), steps=2, n=1))
+
+
+def test_a_one_step_student_samples_in_one_unet_call_through_the_core(parts):
+    """A model whose info names a one-step timestep (what snoopi registers) is served by the same `sample`:
+    x̂₀ = (z − σ_T ε(z, T, c)) / α_T per seed, and CFG combines the one-step outputs of the two prompts."""
+    from models.diffusion.model import DiffusionParts
+    from models.diffusion.sampling import initial_noise
+    from models.diffusion.vsd import OneStep
+
+    one = OneStep.for_schedule(DDPMScheduler.from_config(parts.scheduler_config).alphas_cumprod, 0.05)
+    student = DiffusionParts(parts.unet, parts.scheduler_config, parts.prompt_encoder,
+                             {**parts.info, "one_step": {"timestep": one.timestep, "alpha": one.alpha,
+                                                         "sigma": one.sigma}})
+    calls = []
+    hook = student.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = sample(student, req(steps=30, guidance=GuidanceSpec("none")))
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    noise = initial_noise(out.seeds, (3, 16, 16))
+    cond = student.encode(torch.tensor([[3, 1, student.prompt_encoder.null_tokens[2]]])).expand(3, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(out.raw, one.generate(student.unet, noise, cond))
+        null = student.encode(torch.tensor([student.prompt_encoder.null_tokens])).expand(3, -1, -1)
+        expected = one.generate(student.unet, noise, null) + 4.0 * (out.raw - one.generate(student.unet, noise, null))
+    guided = sample(student, req(guidance=GuidanceSpec("cfg", 4.0)))
+    torch.testing.assert_close(guided.raw, expected, atol=1e-5, rtol=1e-5)
