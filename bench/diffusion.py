@@ -58,6 +58,48 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def bench_pcpp(quick: bool) -> dict:
+    """Patch parallelism of the mini-DiT (models/diffusion/patch_parallel.py): measured at N = 2 processes
+    (gloo on this machine: wall-clock with process start, K/V bytes received) for full sync, DistriFusion and
+    PCPP against one process; N = 2, 4, 8 *modelled* per step from the measured single-process step time and
+    the counted bytes at two assumed link bandwidths (this machine has 2 cores, so N > 2 cannot be measured)."""
+    from models.diffusion.dit import DiTConfig, MiniDiT
+    from models.diffusion.patch_parallel import ParallelSpec, expected_kv_bytes, sample_parallel, sample_single
+
+    config = DiTConfig(width=32, depth=2) if quick else DiTConfig()
+    torch.manual_seed(0)
+    model = MiniDiT(config).eval()  # bytes and time do not depend on the weights
+    batch, steps = (4, 4) if quick else (32, 20)
+    labels, seeds = torch.arange(batch) % 10, list(range(batch))
+    sample_single(model, labels, seeds, 1)  # warm-up
+    single = timed(lambda: sample_single(model, labels, seeds, steps))
+    measured = {"single_s": single}
+    reference = sample_single(model, labels, seeds, steps)
+    for mode in ("sync", "distrifusion", "pcpp"):
+        spec = ParallelSpec(mode=mode, world=2, steps=steps, warmup=1)
+        start = time.perf_counter()
+        result = sample_parallel(model, spec, labels, seeds)
+        measured[mode] = {"wall_s": time.perf_counter() - start, "kv_bytes": result.kv_bytes,
+                          "eps_bytes": result.eps_bytes, "ranks_agree": result.agree,
+                          "max_abs_diff_vs_single": (result.images - reference).abs().max().item()}
+    step_s = single / steps
+    eps_per_rank = batch * 3 * 16 * 16 * 4  # one ε strip set: each rank receives (N−1)/N of the image per step
+    modelled = {}
+    for bandwidth_name, bandwidth in (("25 GB/s (NVLink-class)", 25e9), ("3 GB/s (PCIe/Ethernet-class)", 3e9)):
+        for world in (2, 4, 8):
+            row = {}
+            for mode in ("sync", "distrifusion", "pcpp"):
+                spec = ParallelSpec(mode=mode, world=world, steps=steps, warmup=1)
+                per_rank = (expected_kv_bytes(spec, batch, config) / world + eps_per_rank * (world - 1) / world
+                            * steps) / steps
+                compute, comm = step_s / world, per_rank / bandwidth
+                # sync waits for its exchange; DistriFusion and PCPP overlap it with the next step's compute
+                row[mode] = step_s / (compute + comm if mode == "sync" else max(compute, comm))
+            modelled[f"{bandwidth_name}, N={world}"] = row
+    return {"batch": batch, "steps": steps, "dit": {"width": config.width, "depth": config.depth},
+            "measured_n2": measured, "modelled_speedup_vs_one_process": modelled}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -100,6 +142,17 @@ def main() -> None:
           f"ours/diffusers time: CFG {report['ours_cfg_over_diffusers_cfg_time']:.3f}, "
           f"APG {report['ours_apg_over_diffusers_apg_time']:.3f}; CFG output max |diff| vs diffusers "
           f"{report['cfg_max_abs_diff_vs_diffusers']:.2e}")
+    report["pcpp"] = pcpp = bench_pcpp(args.quick)
+    m = pcpp["measured_n2"]
+    print(f"patch parallelism, N=2 measured ({pcpp['batch']} images, {pcpp['steps']} steps; wall-clock includes "
+          f"process start): one process {m['single_s']:.2f}s")
+    for mode in ("sync", "distrifusion", "pcpp"):
+        print(f"  {mode:<13}{m[mode]['wall_s']:>7.2f}s  K/V received {m[mode]['kv_bytes'] / 1e6:>8.1f} MB  "
+              f"(÷ DistriFusion {m[mode]['kv_bytes'] / m['distrifusion']['kv_bytes']:.2f})  "
+              f"max |Δ| vs one process {m[mode]['max_abs_diff_vs_single']:.2e}")
+    print("  modelled speed-up over one process (step time / N compute, counted bytes / link bandwidth):")
+    for name, row in pcpp["modelled_speedup_vs_one_process"].items():
+        print(f"    {name:<36}" + "  ".join(f"{k} {v:.2f}x" for k, v in row.items()))
     out = Path(__file__).parent / "results" / ("diffusion-quick.json" if args.quick else "diffusion.json")
     out.write_text(json.dumps(report, indent=1))
 
