@@ -139,7 +139,7 @@ def create(spec: DeploymentCreate, session: SessionDep, settings: SettingsDep, s
     except (OSError, ValueError, KeyError) as exc:  # a missing or corrupt stored file
         raise folder_problem(exc) from None
     kind = detect_kind(folder)
-    engine = validate_engine(kind, spec.engine)
+    engine = validate_engine(kind, spec.engine, folder)  # with the folder: a KV budget vs its context, trained parts
     row = Deployment(project=who.project, name=spec.name, model=ref, kind=kind, engine=engine, status="ready",
                      created_by=who.key_id)
     try:

@@ -16,7 +16,7 @@ from api.serving.engines import validate_engine
 from api.serving.manager import load
 from models.llm.parallel_prompt import PROMPTS_FILE, PromptTokens
 from tests.unit.test_kv_engine import PROMPT, pointer
-from tests.unit.test_deployments import tiny_llm_folder
+from tests.unit.test_deployments import import_zip, model_zips, tiny_llm_folder  # noqa: F401
 
 torch.set_num_threads(1)
 
@@ -66,3 +66,13 @@ def test_a_sampled_request_on_a_ppd_deployment_decodes_the_standard_way(folders)
     _, with_prompts = folders
     _, usage = _generate(with_prompts, {"decoding": "ppd"}, temperature=0.8)
     assert usage["decoding"]["type"] == "standard"
+
+
+def test_creating_a_ppd_deployment_of_a_model_without_prompt_tokens_is_a_422_naming_the_field(api, model_zips):
+    """The API checks the model folder at creation (not at the first request)."""
+    import_zip(api, "plain", model_zips["llm"])
+    r = api.post("/api/v1/deployments", json={"name": "ppd-plain", "model": "plain", "engine": {"decoding": "ppd"}})
+    assert r.status_code == 422 and r.json()["errors"][0]["pointer"] == "/engine/decoding"
+    r = api.post("/api/v1/deployments", json={"name": "kv-plain", "model": "plain",
+                                              "engine": {"kv_cache": "ems", "kv_cache_options": {"budget": 4096}}})
+    assert r.status_code == 422 and r.json()["errors"][0]["pointer"] == "/engine/kv_cache_options/budget"
