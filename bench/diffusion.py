@@ -62,7 +62,10 @@ def bench_pcpp(quick: bool) -> dict:
     """Patch parallelism of the mini-DiT (models/diffusion/patch_parallel.py): measured at N = 2 processes
     (gloo on this machine: wall-clock with process start, K/V bytes received) for full sync, DistriFusion and
     PCPP against one process; N = 2, 4, 8 *modelled* per step from the measured single-process step time and
-    the counted bytes at two assumed link bandwidths (this machine has 2 cores, so N > 2 cannot be measured)."""
+    the counted bytes at two assumed link bandwidths (this machine has 2 cores, so N > 2 cannot be measured).
+    Fidelity is not measured here: a fresh adaLN-Zero DiT's blocks start as the identity, so every mode draws
+    the same images; the `pcpp` reproduction measures PSNR on the trained one. At N = 2 a strip's only
+    neighbour is every other strip, so PCPP receives what DistriFusion does; its saving starts at N = 4."""
     from models.diffusion.dit import DiTConfig, MiniDiT
     from models.diffusion.patch_parallel import ParallelSpec, expected_kv_bytes, sample_parallel, sample_single
 
@@ -74,14 +77,12 @@ def bench_pcpp(quick: bool) -> dict:
     sample_single(model, labels, seeds, 1)  # warm-up
     single = timed(lambda: sample_single(model, labels, seeds, steps))
     measured = {"single_s": single}
-    reference = sample_single(model, labels, seeds, steps)
     for mode in ("sync", "distrifusion", "pcpp"):
         spec = ParallelSpec(mode=mode, world=2, steps=steps, warmup=1)
         start = time.perf_counter()
         result = sample_parallel(model, spec, labels, seeds)
         measured[mode] = {"wall_s": time.perf_counter() - start, "kv_bytes": result.kv_bytes,
-                          "eps_bytes": result.eps_bytes, "ranks_agree": result.agree,
-                          "max_abs_diff_vs_single": (result.images - reference).abs().max().item()}
+                          "eps_bytes": result.eps_bytes, "ranks_agree": result.agree}
     step_s = single / steps
     eps_per_rank = batch * 3 * 16 * 16 * 4  # one ε strip set: each rank receives (N−1)/N of the image per step
     modelled = {}
@@ -149,7 +150,7 @@ def main() -> None:
     for mode in ("sync", "distrifusion", "pcpp"):
         print(f"  {mode:<13}{m[mode]['wall_s']:>7.2f}s  K/V received {m[mode]['kv_bytes'] / 1e6:>8.1f} MB  "
               f"(÷ DistriFusion {m[mode]['kv_bytes'] / m['distrifusion']['kv_bytes']:.2f})  "
-              f"max |Δ| vs one process {m[mode]['max_abs_diff_vs_single']:.2e}")
+              f"ranks agree {m[mode]['ranks_agree']}")
     print("  modelled speed-up over one process (step time / N compute, counted bytes / link bandwidth):")
     for name, row in pcpp["modelled_speedup_vs_one_process"].items():
         print(f"    {name:<36}" + "  ".join(f"{k} {v:.2f}x" for k, v in row.items()))
