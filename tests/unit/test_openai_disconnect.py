@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from api.routes import openai_compat
+
+
+def _run(coroutine):
+    """Its own thread and event loop: other tests in the session may leave one running in this thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 class _Request:
@@ -29,7 +36,7 @@ def test_a_disconnected_client_aborts_a_non_streamed_generation(monkeypatch):
     seen: dict = {}
     monkeypatch.setattr(openai_compat.llm, "run", _blocking_run(seen))
     request = _Request(gone_after=2)
-    out = asyncio.run(openai_compat._generate(request, loaded=None, p=None, poll_s=0.01))
+    out = _run(openai_compat._generate(request, loaded=None, p=None, poll_s=0.01))
     assert out == ["partial"] and seen["abort"].is_set() and request.polls == 3
 
 
@@ -41,5 +48,5 @@ def test_a_connected_client_gets_the_whole_generation(monkeypatch):
         return ["whole"]
 
     monkeypatch.setattr(openai_compat.llm, "run", run)
-    assert asyncio.run(openai_compat._generate(_Request(gone_after=10**6), None, None, poll_s=0.01)) == ["whole"]
+    assert _run(openai_compat._generate(_Request(gone_after=10**6), None, None, poll_s=0.01)) == ["whole"]
     assert calls == [False]

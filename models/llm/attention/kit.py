@@ -71,8 +71,8 @@ def interface_function(prefill: PrefillFn, use_for_layer: Callable[[Any], bool]
     so the cache and generation loop are unchanged (the notes: "prefill only; decoding stays exact")."""
 
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:  # transformers' order: kvpress passes dropout 6th
         groups = getattr(module, "num_key_value_groups", 1)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])

@@ -109,13 +109,15 @@ def dense_kv_bytes(config: Any, tokens: int, batch: int = 1, dtype: torch.dtype 
 
 
 def headwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, kv_valid: torch.Tensor | None = None, **kwargs: Any
-                  ) -> tuple[torch.Tensor, None]:
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, kv_valid: torch.Tensor | None = None,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """SDPA that also hides the padded slots of a head-wise variable-length cache (`kv_valid` [B, H_kv, S']).
 
     Layers of such a cache hold different numbers of slots while the model builds one mask from layer 0's sizes,
     so with `kv_valid` the mask is rebuilt here: causal over the stored slots then the new tokens, for unpadded
-    batches (the evaluation's; a padded batch is not supported with head-wise budgets)."""
+    batches (the evaluation's; a padded batch is not supported with head-wise budgets). `dropout` stays the sixth
+    positional parameter, as in transformers' own attention functions: kvpress wraps every registered function
+    and passes it positionally."""
     if kv_valid is not None:
         n, m = query.shape[-2], key.shape[-2]
         groups = query.shape[1] // key.shape[1]
@@ -123,7 +125,7 @@ def headwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         causal = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
         attention_mask = causal & valid
         kwargs["is_causal"] = False
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
 
 AttentionInterface.register(HEADWISE_ATTENTION, headwise_sdpa)

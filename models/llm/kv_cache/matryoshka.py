@@ -143,10 +143,11 @@ def _projection(module: nn.Module) -> KVProjection:
 
 
 def matryoshka_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                          kv_projected: bool = False, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The `AttentionInterface` function: projects k, v (unless a `ProjectedLayer` cache already did) and q, attends
-    in the r-dim spaces, and maps the output back (module docstring)."""
+    in the r-dim spaces, and maps the output back (module docstring). The parameter order is transformers' own
+    (dropout sixth): kvpress wraps every registered attention function and passes dropout positionally."""
     p = _projection(module).layer(module.layer_idx)
     if not kv_projected:
         key, value = project_kv(p, key, value)
