@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -96,3 +97,22 @@ def decode_checkpoint(blob: bytes) -> Checkpoint:
         return Checkpoint(step=int(body["step"]), state=_decode(body["state"], tensors))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointFormatError(f"damaged checkpoint skeleton: {exc}") from exc
+
+
+def trained_once(path: Path, model: torch.nn.Module, train: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`model` with the weights cached at `path` (safetensors), or `train()`'s result, then cached there.
+
+    For the small helper models a method family trains once per cache folder (an evaluation classifier, a base
+    network): the file is written to a `.partial` name and renamed, so a crash never leaves a half file that
+    the next run would load."""
+    from safetensors.torch import load_file, save_file
+
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    model = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.rename(path)
+    return model

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from models.checkpoint import trained_once
 from torch import nn
 
 from models.context import RunContext, shared_cache_dir
@@ -174,13 +174,4 @@ def dit_model(ctx: RunContext, smoke: bool = False, config: DiTConfig | None = N
     """The cached trained mini-DiT for `config` (trained at most once per cache folder)."""
     config = config or (SMOKE_DIT if smoke else FULL_DIT)
     path = shared_cache_dir(ctx) / "diffusion" / f"mini-dit-{config.key()}.safetensors"
-    model = MiniDiT(config)
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    model = train_dit(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.rename(path)
-    return model
+    return trained_once(path, MiniDiT(config), lambda: train_dit(config))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from models.checkpoint import trained_once
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -80,16 +80,7 @@ def digit_classifier(ctx: RunContext, smoke: bool = False) -> DigitClassifier:
     """The cached evaluation classifier (smoke: one epoch)."""
     config = ClassifierConfig(epochs=1, variants=1) if smoke else ClassifierConfig()
     path = cache_root(ctx) / "diffusion" / f"digit-classifier-{config.key()}.safetensors"
-    net = DigitClassifier()
-    if path.exists():
-        net.load_state_dict(load_file(str(path)))
-        return net.eval()
-    net = train_classifier(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.rename(path)
-    return net
+    return trained_once(path, DigitClassifier(), lambda: train_classifier(config))
 
 
 @torch.no_grad()
