@@ -9,9 +9,11 @@ One head of width 64, Gaussian q/k/v (content does not change the cost); the fas
 
 Then KV bytes against quality on the cached tiny base (`--no-kv` skips it): held-out 256-token windows whose first
 192 tokens are compressed at prefill to 16/32/64 slots per head by EMS-style evict-then-merge and our versions of
-the kvpress presses (StreamingLLM, H2O, SnapKV, AdaKV), and MatryoshkaKV projections (PCA-initialised, then
-`--kv-train-steps` distillation steps) at uniform ranks 8..32 of 32; continuation perplexity, passkey accuracy
-and KV bytes, each bytes figure printed as a ratio of the dense cache measured in the same run.
+the kvpress presses (StreamingLLM, H2O, SnapKV, AdaKV), ThinK key-channel pruning alone (λ = 25/50/75%) and at
+λ = 50% over SnapKV (the paper's main setting; bytes count only the kept key channels), and MatryoshkaKV
+projections (PCA-initialised, then `--kv-train-steps` distillation steps) at uniform ranks 8..32 of 32;
+continuation perplexity, passkey accuracy and KV bytes, each bytes figure printed as a ratio of the dense cache
+measured in the same run.
 
     .venv/bin/python bench/long_context.py            # 1k..16k, ~1-2 min on a busy core, then the KV rows
     .venv/bin/python bench/long_context.py --quick    # 512..2k, seconds; fewer KV windows
@@ -53,6 +55,7 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
     from models.llm.kv_cache.matryoshka import ProjectedCache, projected
     from models.llm.kv_cache.matryoshka_training import calibrate, train_projection
     from models.llm.kv_cache.presses import H2O, AdaKV, SnapKV, StreamingLLM
+    from models.llm.kv_cache.think import ThinK
     from models.llm.passkey import passkey_samples
 
     lm = load_folder(base_model(InMemoryRunContext()))
@@ -61,8 +64,12 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
     stream = token_stream(lm.tokenizer, ds.val["text"], max_tokens=40 * 256)
     samples = passkey_samples(lm.tokenizer, stream, 256, (0.1, 0.3, 0.5), 1 if quick else 2)
     presses = {"ems-style": lambda b: EMS(b), "snapkv": lambda b: SnapKV(b), "adakv": lambda b: AdaKV(b),
-               "h2o": lambda b: H2O(b), "streaming-llm": lambda b: StreamingLLM(b)}
+               "h2o": lambda b: H2O(b), "streaming-llm": lambda b: StreamingLLM(b),
+               "think50+snapkv": lambda b: ThinK(0.5, tokens=SnapKV(b))}
     table = budget_sweep(lm.model, windows, 192, presses, (16, 32, 64), samples)
+    # ThinK alone prunes key channels, not tokens: its rows are keyed by λ in percent
+    table["think"] = budget_sweep(lm.model, windows, 192, {"think": lambda pct: ThinK(pct / 100)}, (25, 50, 75),
+                                  samples)["think"]
     dense = table["dense"][0]["kv_bytes"]
     train = sampled_stream(lm.tokenizer, ds.train["text"], 100_000)
     projection = calibrate(lm.model, random_windows(train, 8, 256, torch.Generator().manual_seed(0)))
@@ -81,7 +88,8 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
         for key, cell in row.items():
             if "kv_bytes" in cell:
                 cell["ratio"] = cell["kv_bytes"] / dense
-                print(f"{name:14s} {'rank' if name == 'matryoshka-kv' else 'budget'} {key:3d}: "
+                unit = {"matryoshka-kv": "rank", "think": "λ%"}.get(name, "budget")
+                print(f"{name:14s} {unit:6s} {key:3d}: "
                       f"ppl {cell['ppl']:8.2f}  passkey {cell['passkey']:.2f}  KV {cell['kv_bytes'] / 1024:7.1f} KiB "
                       f"({cell['ratio']:.3f}× dense)", flush=True)
     return {str(n): {str(k): c for k, c in row.items()} for n, row in table.items()}

@@ -38,6 +38,8 @@ class CompressedLayer(DynamicLayer):
         self.seen = 0
         self.valid: torch.Tensor | None = None
         self.compressed = False
+        self.key_channels: int | None = None  # informative key channels of the first `narrow_slots` slots (ThinK)
+        self.narrow_slots = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +53,16 @@ class CompressedLayer(DynamicLayer):
                 forward_kwargs["kv_valid"] = self.valid
         return keys, values
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Swap in the compressed slots for the tokens seen so far (the count of tokens seen is unchanged)."""
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None,
+                key_channels: int | None = None, narrow_slots: int | None = None) -> None:
+        """Swap in the compressed slots for the tokens seen so far (the count of tokens seen is unchanged).
+        `key_channels` < d_k: the first `narrow_slots` slots' (all by default) other key channels are zeros a
+        channel-pruned layout would not store."""
         self.keys, self.values = keys.contiguous(), values.contiguous()
         self.valid = None if valid is None or bool(valid.all()) else valid
         self.compressed = True
+        self.key_channels = key_channels
+        self.narrow_slots = 0 if key_channels is None else keys.shape[-2] if narrow_slots is None else narrow_slots
 
     def stored(self) -> int:
         return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
@@ -72,9 +79,18 @@ class CompressedLayer(DynamicLayer):
         if self.keys is None or self.keys.numel() == 0:
             return 0
         per_slot = self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
-        slots = int(self.valid.sum()) if self.valid is not None else self.keys.shape[0] * self.keys.shape[1] * \
-            self.keys.shape[2]
-        return slots * per_slot
+        total = self._slots() * per_slot
+        if self.key_channels is not None:  # the channel-pruned prefill slots store only their kept key channels
+            total -= self._slots(self.narrow_slots) * (self.keys.shape[-1] - self.key_channels) * \
+                self.keys.element_size()
+        return total
+
+    def _slots(self, first: int | None = None) -> int:
+        """Valid (batch, head, slot) entries among the first `first` slots (all slots by default)."""
+        n = self.keys.shape[2] if first is None else first
+        if self.valid is not None:
+            return int(self.valid[..., :n].sum())
+        return self.keys.shape[0] * self.keys.shape[1] * n
 
 
 class CompressedCache(DynamicCache):

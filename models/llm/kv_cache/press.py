@@ -6,7 +6,8 @@ transformers 5.24, whose attention modules receive `cache` and `position_embeddi
 (kvpress 0.5 reads `past_key_values` / `cache_position` and so cannot hook this version). A press is any object with
 `compress(module, keys, values, attention) -> Compressed`; `attention` is the layer's causal softmax over the
 prompt, [B, H_q, T, T], recomputed from the layer's input when `press.needs_attention` (the scores EMS, SnapKV and
-H2O use), else None.
+H2O use), else None. A press that also sets `needs_queries` (ThinK's channel scores) is called with the prompt's
+post-RoPE queries [B, H_q, T, d] as the keyword `queries`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from models.llm.kv_cache.cache import CompressedLayer
 
 @dataclass
 class Compressed:
-    """A layer's compressed slots: keys/values [B, H_kv, S, ·] and, for head-wise variable lengths, valid [B, H_kv, S]."""
+    """A layer's compressed slots: keys/values [B, H_kv, S, ·] and, for head-wise variable lengths, valid [B, H_kv, S].
+    `key_channels`: how many key channels per head carry information when a press zeroed the others in the first
+    `narrow_slots` slots (ThinK); the cache stores them zeroed, so attention is unchanged, and counts only the kept
+    ones as bytes."""
 
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor | None = None
+    key_channels: int | None = None
+    narrow_slots: int | None = None  # how many leading slots are channel-pruned (None: all)
 
 
 class Press(Protocol):
@@ -75,8 +81,10 @@ def _hook(press: Press):
             return output  # only the initial prefill is compressed (as kvpress); later chunks and decoding append
         attention = prefill_attention(module, hidden, layer.keys, kwargs["position_embeddings"]) \
             if press.needs_attention else None
-        result = press.compress(module, layer.keys, layer.values, attention)
-        layer.replace(result.keys, result.values, result.valid)
+        extra = {"queries": prefill_queries(module, hidden, kwargs["position_embeddings"])} \
+            if getattr(press, "needs_queries", False) else {}
+        result = press.compress(module, layer.keys, layer.values, attention, **extra)
+        layer.replace(result.keys, result.values, result.valid, result.key_channels, result.narrow_slots)
         return output
 
     return hook
