@@ -11,13 +11,13 @@ forward pass of the *frozen* base model also guess the tokens at offsets +2 … 
   sequence, `prompt_forward` places K truncation points in one window with a 4-D mask (each group of m
   prompt tokens sees only the input before its cut point), so the x rows of the same forward *are* the
   teacher: with the base frozen, they do not depend on the prompts.
-- **Decoding** (§3.3): each step feeds the pending greedy token and the previous step's guesses as a
-  chain of candidates, with a group of m prompt tokens attached to every candidate (a tree of width 1 —
-  the paper's sparse top-k trees are not built here). One forward verifies the candidates, keeps the
-  longest prefix that greedy decoding would have produced, adds the base model's own next token (the
-  "bonus" token), and takes the next guesses from the prompt group of the last accepted candidate. The KV
-  cache is cropped back to the accepted tokens. Output equals greedy decoding token for token, whatever
-  the prompt embeddings; with m = 0 it is greedy decoding at one token per forward.
+- **Decoding** (§3.3): each step feeds the pending greedy token and candidates built from the previous step's
+  guesses — a sparse tree of the prompt tokens' top-k (`models/llm/prompt_tree.py`; by default the chain of top-1
+  guesses) — with a group of m prompt tokens attached to every node, in one forward under a tree attention mask.
+  Greedy verification follows, from the root, the child whose token greedy decoding would have produced, adds
+  the base model's own next token (the "bonus" token), and takes the next guesses from the prompt group of the
+  last accepted node. The KV cache is compacted to the accepted path. Output equals greedy decoding token for
+  token, whatever the prompt embeddings and the tree; with m = 0 it is greedy decoding at one token per forward.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from torch import nn
 
 from models.llm.data import random_windows
 from models.llm.distillation import kl_loss
+from models.llm.prompt_tree import (SparseTree, additive_mask, chain_tree, keep_cache_rows, tree_attention,
+                                    tree_positions)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -149,18 +151,27 @@ def train_prompts(model: "PreTrainedModel", prompts: PromptTokens, stream: torch
 
 
 @torch.no_grad()
-def offset_agreement(model: "PreTrainedModel", prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int,
-                     seed: int = 0) -> list[float]:
-    """Top-1 agreement of prompt token i with the base's greedy token at offset +i+2 (teacher forcing), per i."""
+def rank_acceptance(model: "PreTrainedModel", prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int,
+                    top_k: int, seed: int = 0) -> torch.Tensor:
+    """[m, top_k]: how often the base's greedy token at offset +i+2 is exactly prompt token i's r-th most likely
+    token (teacher forcing on the windows). The paper's per-offset top-k accuracies, differenced per rank: the
+    acceptance rates a_i(r) its sparse tree is built from (§3.3)."""
     g = torch.Generator().manual_seed(seed)
-    hits = torch.zeros(prompts.count)
+    hits = torch.zeros(prompts.count, top_k)
     total = 0
     for ids in windows.split(4):
         _, student, target = batch_loss(model, prompts, ids, random_cuts(ids.shape[1], prompts.count,
                                                                            cuts_per_window, g))
-        hits += (student.argmax(-1) == target.argmax(-1)).float().sum(dim=(0, 1))
+        ranked = student.topk(top_k, dim=-1).indices == target.argmax(-1, keepdim=True)  # [B, K, m, top_k]
+        hits += ranked.float().sum(dim=(0, 1))
         total += student.shape[0] * student.shape[1]
-    return (hits / max(total, 1)).tolist()
+    return hits / max(total, 1)
+
+
+def offset_agreement(model: "PreTrainedModel", prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int,
+                     seed: int = 0) -> list[float]:
+    """Top-1 agreement of prompt token i with the base's greedy token at offset +i+2 (teacher forcing), per i."""
+    return rank_acceptance(model, prompts, windows, cuts_per_window, 1, seed)[:, 0].tolist()
 
 
 # -- decoding ----------------------------------------------------------------------------------------
@@ -209,14 +220,18 @@ def _emit(result: DecodeResult, token: int, max_tokens: int, stops: frozenset[in
 
 @torch.no_grad()
 def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_ids: Sequence[int], max_tokens: int,
-                 stop_token_ids: frozenset[int] = frozenset()) -> DecodeResult:
-    """Greedy decoding accelerated by parallel prompt decoding with a chain of candidates (see the module doc)."""
+                 stop_token_ids: frozenset[int] = frozenset(), tree: SparseTree | None = None) -> DecodeResult:
+    """Greedy decoding accelerated by parallel prompt decoding (see the module doc): each step verifies a candidate
+    `tree` of rank paths over the prompt tokens' top-k guesses (default: the chain of top-1 guesses)."""
     result = DecodeResult()
     if max_tokens <= 0:
         return result
     device = next(model.parameters()).device
     embed = model.get_input_embeddings()
     m = prompts.count if prompts is not None else 0
+    tree = chain_tree(m) if tree is None else tree
+    if tree.depth > m:
+        raise ValueError(f"a tree of depth {tree.depth} needs at least {tree.depth} prompt tokens, not {m}")
     soft = prompts.embeddings.to(device=device, dtype=embed.weight.dtype) if prompts is not None else None
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     x = embed(ids) if soft is None else torch.cat([embed(ids), soft[None]], dim=1)
@@ -226,33 +241,41 @@ def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_
         cache.crop(-m)
     length = ids.shape[1]
     pending = int(out.logits[0, length - 1].argmax())
-    guesses = out.logits[0, length:].argmax(-1).tolist()
+    guesses = _top_guesses(out.logits[0, length:], tree.width)
     if not _emit(result, pending, max_tokens, stop_token_ids):
         return result
+    steps: dict[int, tuple[SparseTree, torch.Tensor, list[int]]] = {}  # per depth limit: tree, [q, q] mask, offsets
     while True:
         cached = cache.get_seq_length()
-        candidates = [pending, *guesses[:max(0, max_tokens - len(result.tokens) - 1)]]
+        room = max(0, max_tokens - len(result.tokens) - 1)
+        if room not in steps:
+            step_tree = tree.truncated(room)
+            steps[room] = (step_tree, tree_attention(step_tree.parents, m), tree_positions(step_tree.depths, m))
+        step_tree, allowed, offsets = steps[room]
+        candidates = [pending, *(guesses[len(p) - 1][p[-1]] for p in step_tree.paths)]
         nodes = len(candidates)
         parts = [embed(torch.tensor([candidates], device=device))]
-        positions = list(range(cached, cached + nodes))
         if m:
             parts.append(soft.repeat(nodes, 1)[None])
-            for j in range(nodes):
-                positions.extend(range(cached + j + 1, cached + j + 1 + m))
         out = model(inputs_embeds=torch.cat(parts, dim=1), cache=cache, use_cache=True,
-                    attention_mask=chain_mask(cached, nodes, m, parts[0].dtype).to(device),
-                    position_ids=torch.tensor([positions], device=device))
+                    attention_mask=additive_mask(cached, allowed, parts[0].dtype).to(device),
+                    position_ids=torch.tensor([[cached + o for o in offsets]], device=device))
         cache = out.cache
         greedy = out.logits[0, :nodes].argmax(-1).tolist()
-        accepted = 0
-        while accepted + 1 < nodes and candidates[accepted + 1] == greedy[accepted]:
-            accepted += 1
-        cache.crop(-(nodes + nodes * m - accepted - 1))
-        result.accepted.append(accepted + 1)
-        for token in [*candidates[1:accepted + 1], greedy[accepted]]:
+        path = [0]  # greedy verification: follow the child whose token is greedy's, from the root
+        while (nxt := next((c for c in step_tree.children[path[-1]] if candidates[c] == greedy[path[-1]]), None)):
+            path.append(nxt)
+        keep_cache_rows(cache, cached, path)
+        result.accepted.append(len(path))
+        for token in [*(candidates[j] for j in path[1:]), greedy[path[-1]]]:
             if not _emit(result, token, max_tokens, stop_token_ids):
                 return result
-        pending = greedy[accepted]
+        pending = greedy[path[-1]]
         if m:
-            start = nodes + accepted * m
-            guesses = out.logits[0, start:start + m].argmax(-1).tolist()
+            start = nodes + path[-1] * m
+            guesses = _top_guesses(out.logits[0, start:start + m], tree.width)
+
+
+def _top_guesses(logits: torch.Tensor, width: int) -> list[list[int]]:
+    """Each prompt token's `width` most likely tokens, best first: [m][width]."""
+    return logits.topk(max(width, 1), dim=-1).indices.tolist() if logits.shape[0] else []
