@@ -43,6 +43,7 @@ class Plan:
     kv_bytes_dense: int = 0  # what an uncompressed cache of the same tokens would hold
     decoding: str = "standard"  # "ppd" when the deployment decodes with prompt tokens and the request is greedy
     accepted: list[int] = field(default_factory=list)  # PPD: tokens produced by each decoding forward
+    tree_nodes: int | None = None  # PPD: guessed nodes verified per forward (the deployment's hardware-aware size)
 
     @property
     def prompt_tokens(self) -> int:
@@ -98,31 +99,54 @@ def kv_config(loaded: Loaded) -> Any:
     return _KV_CONFIGS[key]
 
 
-_PPD_PROMPTS: dict[tuple[int, str], Any] = {}
+_PPD_ENGINES: dict[tuple[int, str], Any] = {}
 
 
-def ppd_prompts(loaded: Loaded) -> Any:
-    """The deployment's trained PPD prompt tokens (read once per warm model from its folder)."""
-    from safetensors.torch import load_file
+@dataclass
+class PPDEngine:
+    """A deployment's parallel prompt decoding: its trained prompt tokens and the candidate tree it verifies, sized
+    for this machine (`tree_nodes`; a model whose ppd job measured no acceptance rates uses the chain)."""
 
-    from models.llm.parallel_prompt import PROMPTS_FILE, PromptTokens
+    prompts: Any
+    tree: Any
+    tree_nodes: int
+    choice: Any = None  # the hardware-aware TreeChoice (latencies per size), when rates were available
+
+
+def ppd_engine(loaded: Loaded) -> PPDEngine:
+    """Read once per warm model: the prompt tokens from the folder and, from the acceptance rates the ppd job
+    measured, the sparse tree of the size that maximises expected tokens/s given the verification latency
+    measured here, at load (PPD's hardware-aware tree size)."""
+    from models.llm.parallel_prompt import PROMPTS_FILE, load_prompts
+    from models.llm.prompt_tree import chain_tree, hardware_aware_tree
 
     assert loaded.llm is not None
     key = (id(loaded.llm.model), loaded.deployment_id)
-    if key not in _PPD_PROMPTS:
-        embeddings = load_file(str(loaded.llm.path / PROMPTS_FILE))["embeddings"]
-        prompts = PromptTokens(*embeddings.shape)
-        prompts.embeddings.data.copy_(embeddings)
-        _PPD_PROMPTS[key] = prompts
-    return _PPD_PROMPTS[key]
+    if key not in _PPD_ENGINES:
+        prompts, rates = load_prompts(loaded.llm.path / PROMPTS_FILE)
+        if rates is None or prompts.count == 0:
+            _PPD_ENGINES[key] = PPDEngine(prompts, chain_tree(prompts.count), prompts.count)
+        else:
+            choice = hardware_aware_tree(loaded.llm.model, rates[:prompts.count],
+                                         context=min(128, max(1, loaded.context_length // 2)))
+            _PPD_ENGINES[key] = PPDEngine(prompts, choice.tree, choice.nodes, choice)
+    return _PPD_ENGINES[key]
+
+
+def ppd_prompts(loaded: Loaded) -> Any:
+    """The deployment's trained PPD prompt tokens."""
+    return ppd_engine(loaded).prompts
 
 
 def _ppd_tokens(loaded: Loaded, p: Plan, ids: list[int]) -> list[int]:
     from models.llm.parallel_prompt import ppd_generate
 
     assert loaded.llm is not None
-    result = ppd_generate(loaded.llm.model, ppd_prompts(loaded), ids, p.params.max_tokens, p.params.stop_token_ids)
+    engine = ppd_engine(loaded)
+    result = ppd_generate(loaded.llm.model, engine.prompts, ids, p.params.max_tokens, p.params.stop_token_ids,
+                          tree=engine.tree)
     p.accepted.extend(result.accepted)
+    p.tree_nodes = engine.tree_nodes
     return result.tokens
 
 
@@ -178,11 +202,13 @@ def run(loaded: Loaded, p: Plan, abort: threading.Event,
 def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, Any]:
     """OpenAI's token counts plus a `kv_cache` extension (the engine's KV compression, the largest cache a choice
     held in bytes, what a dense cache of the same tokens holds, their ratio) and a `decoding` one (standard or
-    ppd, with PPD's decoding forwards after the prefills and tokens accepted per forward)."""
+    ppd, with PPD's decoding forwards after the prefills, tokens accepted per forward and the candidate tree's
+    guessed nodes per forward)."""
     done = sum(len(c.token_ids) for c in completions)
     kv = {"type": p.kv_cache, "bytes": p.kv_bytes, "dense_bytes": p.kv_bytes_dense,
           "ratio": round(p.kv_bytes / p.kv_bytes_dense, 6) if p.kv_bytes_dense else None}
     decoding = {"type": p.decoding, "forward_passes": len(p.accepted) or None,
-                "accepted_tokens_per_step": round(sum(p.accepted) / len(p.accepted), 4) if p.accepted else None}
+                "accepted_tokens_per_step": round(sum(p.accepted) / len(p.accepted), 4) if p.accepted else None,
+                "tree_nodes": p.tree_nodes}
     return {"prompt_tokens": p.prompt_tokens, "completion_tokens": done, "total_tokens": p.prompt_tokens + done,
             "kv_cache": kv, "decoding": decoding}

@@ -34,6 +34,8 @@ from models.llm.prompt_tree import (SparseTree, additive_mask, chain_tree, keep_
                                     tree_positions)
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import PreTrainedModel
 
 DECAY = 0.8  # the paper's per-offset weight 0.8^i in the KD loss
@@ -61,6 +63,27 @@ class PromptTokens(nn.Module):
         with torch.no_grad():
             prompts.embeddings.copy_(table.mean(0) + table.std() * torch.randn(count, table.shape[1], generator=g))
         return prompts
+
+
+def save_prompts(path: "Path", prompts: PromptTokens, rates: torch.Tensor | None = None) -> None:
+    """The prompt embeddings and, when measured, the per-offset rank acceptance rates [m, k] a deployment builds its
+    sparse tree from (one safetensors file in the model folder)."""
+    from safetensors.torch import save_file
+
+    tensors = {"embeddings": prompts.embeddings.detach().contiguous()}
+    if rates is not None:
+        tensors["acceptance"] = rates.detach().float().contiguous()
+    save_file(tensors, str(path))
+
+
+def load_prompts(path: "Path") -> tuple[PromptTokens, torch.Tensor | None]:
+    """`save_prompts`' file: the prompt tokens, and the acceptance rates (None for a file without them)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    prompts = PromptTokens(*tensors["embeddings"].shape)
+    prompts.embeddings.data.copy_(tensors["embeddings"])
+    return prompts, tensors.get("acceptance")
 
 
 def _blocked(dtype: torch.dtype) -> float:

@@ -177,6 +177,18 @@ def keep_cache_rows(cache, cached: int, rows: Sequence[int]) -> None:
 
 # -- hardware-aware tree size ----------------------------------------------------------------------
 
+TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # candidate node counts measured at load
+
+
+@dataclass(frozen=True)
+class TreeChoice:
+    """The hardware-aware tree of one deployment: its size, the tree, and the measurements it was chosen from."""
+
+    nodes: int
+    tree: SparseTree
+    latency: dict[int, float]  # seconds per verification forward, per size
+    tokens_per_second: dict[int, float]  # expected tokens per step / latency, per size
+
 
 def choose_tree_size(rates: torch.Tensor, latency: dict[int, float]) -> tuple[int, dict[int, float]]:
     """The size N maximising expected tokens per second, E[tokens/step of the best N-node tree] / latency(N), and
@@ -196,7 +208,7 @@ def _sync(device: torch.device) -> None:
 def measure_tree_latency(model: "PreTrainedModel", m: int, sizes: Sequence[int], context: int = 64,
                          repeats: int = 3) -> dict[int, float]:
     """Seconds of one verification forward (N + 1 nodes, each with m prompt tokens, over a cache of `context`
-    tokens) on this machine, for each N in `sizes`: the fastest of `repeats` after a warm-up call."""
+    tokens) on this machine, for each N in `sizes`: the fastest of `repeats` after a warm-up round."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -204,20 +216,33 @@ def measure_tree_latency(model: "PreTrainedModel", m: int, sizes: Sequence[int],
     ids = torch.arange(context, device=device)[None] % embed.weight.shape[0]
     cache = DynamicCache(config=model.config)
     model(input_ids=ids, cache=cache, use_cache=True)
-    out: dict[int, float] = {}
+    steps = []
     for n in sizes:
         parents = [-1] + [0] * n  # the cost depends on the query count, not on the tree's shape
         q = (n + 1) * (m + 1)
         x = embed(torch.arange(q, device=device)[None] % embed.weight.shape[0])
-        mask = tree_mask(context, parents, m, x.dtype).to(device)
         positions = torch.tensor([[context + o for o in tree_positions([0] + [1] * n, m)]], device=device)
-        times = []
-        for _ in range(repeats + 1):
+        steps.append((n, q, x, tree_mask(context, parents, m, x.dtype).to(device), positions))
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for r in range(repeats + 1):  # round-robin over the sizes, so a busy spell of the machine hits them alike
+        for n, q, x, mask, positions in steps:
             _sync(device)
             start = time.perf_counter()
             model(inputs_embeds=x, cache=cache, use_cache=True, attention_mask=mask, position_ids=positions)
             _sync(device)
-            times.append(time.perf_counter() - start)
+            if r:  # the first round warms up
+                times[n].append(time.perf_counter() - start)
             cache.crop(-q)
-        out[n] = min(times[1:])
-    return out
+    return {n: min(t) for n, t in times.items()}
+
+
+def hardware_aware_tree(model: "PreTrainedModel", rates: torch.Tensor, sizes: Sequence[int] = TREE_SIZES,
+                        context: int = 128, repeats: int = 3) -> TreeChoice:
+    """Measure the verification latency of every size (up to the number of rank paths `rates` allows) on this
+    machine and keep the tree with the most expected tokens per second (§3.4)."""
+    m, k = rates.shape
+    possible = sum(k ** d for d in range(1, m + 1))
+    sizes = sorted({min(n, possible) for n in sizes if n >= 1})
+    latency = measure_tree_latency(model, m, sizes, context, repeats)
+    best, speed = choose_tree_size(rates, latency)
+    return TreeChoice(best, sparse_tree(rates, best), latency, speed)
