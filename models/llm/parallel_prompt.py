@@ -175,20 +175,35 @@ def train_prompts(model: "PreTrainedModel", prompts: PromptTokens, stream: torch
 
 @torch.no_grad()
 def rank_acceptance(model: "PreTrainedModel", prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int,
-                    top_k: int, seed: int = 0) -> torch.Tensor:
+                    top_k: int, seed: int = 0, start: int = 1) -> torch.Tensor:
     """[m, top_k]: how often the base's greedy token at offset +i+2 is exactly prompt token i's r-th most likely
-    token (teacher forcing on the windows). The paper's per-offset top-k accuracies, differenced per rank: the
-    acceptance rates a_i(r) its sparse tree is built from (§3.3)."""
+    token (teacher forcing on the windows, truncation points drawn in [start, T - m]). The paper's per-offset top-k
+    accuracies, differenced per rank: the acceptance rates a_i(r) its sparse tree is built from (§3.3)."""
     g = torch.Generator().manual_seed(seed)
     hits = torch.zeros(prompts.count, top_k)
     total = 0
     for ids in windows.split(4):
-        _, student, target = batch_loss(model, prompts, ids, random_cuts(ids.shape[1], prompts.count,
-                                                                           cuts_per_window, g))
+        cuts = [start - 1 + c for c in random_cuts(ids.shape[1] - start + 1, prompts.count, cuts_per_window, g)]
+        _, student, target = batch_loss(model, prompts, ids, cuts)
         ranked = student.topk(top_k, dim=-1).indices == target.argmax(-1, keepdim=True)  # [B, K, m, top_k]
         hits += ranked.float().sum(dim=(0, 1))
         total += student.shape[0] * student.shape[1]
     return hits / max(total, 1)
+
+
+@torch.no_grad()
+def greedy_rank_acceptance(model: "PreTrainedModel", prompts: PromptTokens, prefixes: torch.Tensor, new_tokens: int,
+                           top_k: int) -> torch.Tensor:
+    """`rank_acceptance` where decoding meets it, as the reference code's evaluation measures it: along the base's
+    own greedy continuations of held-out prefixes (every truncation point inside the continuation), so the targets
+    are the tokens greedy verification will compare the guesses with."""
+    from models.llm.generation import SamplingParams, generate_tokens
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    sequences = torch.tensor([p + list(generate_tokens(model, p, params, torch.Generator()))
+                              for p in prefixes.tolist()])
+    length = prefixes.shape[1]
+    return rank_acceptance(model, prompts, sequences, new_tokens, top_k, start=length)
 
 
 def offset_agreement(model: "PreTrainedModel", prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int,

@@ -13,9 +13,10 @@ import torch
 
 from models.llm.generation import SamplingParams, generate_tokens
 from models.llm.model import build_model, llama_config
-from models.llm.parallel_prompt import PromptTokens, chain_mask, ppd_generate
+from models.llm.parallel_prompt import PromptTokens, chain_mask, greedy_rank_acceptance, ppd_generate
 from models.llm.prompt_tree import (SparseTree, chain_tree, choose_tree_size, expected_accepted, keep_cache_rows,
-                                    measure_tree_latency, path_probability, sparse_tree, tree_mask, tree_positions)
+                                    latency_envelope, measure_tree_latency, path_probability, sparse_tree, tree_mask,
+                                    tree_positions)
 
 torch.set_num_threads(1)
 VOCAB = 256
@@ -29,7 +30,8 @@ def model():
 def random_prompts(model, m: int, seed: int) -> PromptTokens:
     prompts = PromptTokens(m, model.config.hidden_size)
     with torch.no_grad():
-        prompts.embeddings.copy_(torch.randn(m, model.config.hidden_size, generator=torch.Generator().manual_seed(seed)))
+        prompts.embeddings.copy_(torch.randn(m, model.config.hidden_size,
+                                             generator=torch.Generator().manual_seed(seed)))
     return prompts
 
 
@@ -161,3 +163,28 @@ def test_tree_size_selector_maximises_expected_tokens_per_second():
 def test_latency_is_measured_for_every_size(model):
     latency = measure_tree_latency(model, 3, [1, 4], context=16, repeats=1)
     assert set(latency) == {1, 4} and all(s > 0 for s in latency.values())
+
+
+def test_latency_envelope_is_the_non_decreasing_lower_bound():
+    assert latency_envelope({1: 0.015, 2: 0.010, 4: 0.012, 8: 0.011, 16: 0.02}) == \
+        {1: 0.010, 2: 0.010, 4: 0.011, 8: 0.011, 16: 0.02}
+
+
+def test_greedy_rank_acceptance_counts_ranks_along_the_greedy_continuation(model):
+    """Brute force: at every point c of each prefix's greedy continuation, prompt token i's logits after seq[:c]
+    ranked against the greedy token seq[c+1+i] (points c from the prefix's end to T - m, as `random_cuts` draws)."""
+    m, k, new = 2, 4, 8
+    prompts = random_prompts(model, m, 30)
+    prefixes = torch.tensor([prefix_ids(31, 6), prefix_ids(32, 6)])
+    rates = greedy_rank_acceptance(model, prompts, prefixes, new, k)
+    hits, total = torch.zeros(m, k), 0
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        for p in prefixes.tolist():
+            seq = p + greedy(model, p, new + m)  # the targets of the last points run past the continuation
+            for c in range(len(p), len(p) + new - m + 1):
+                x = torch.cat([embed(torch.tensor([seq[:c]])), prompts.embeddings[None]], dim=1)
+                top = model(inputs_embeds=x).logits[0, -m:].topk(k, dim=-1).indices
+                hits += (top == torch.tensor(seq[c + 1:c + 1 + m])[:, None]).float()
+                total += 1
+    assert torch.allclose(rates, hits / total)

@@ -14,7 +14,6 @@ registers a copy of the base folder with `ppd_prompts.safetensors` (prompts and 
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from models.llm.data import sampled_stream, split_windows
 from models.llm.folder import CausalLM, load_folder
 from models.llm.generation import SamplingParams, generate_tokens
 from models.llm.parallel_prompt import (PROMPTS_FILE, PromptTokens, offset_agreement, ppd_generate,
-                                        rank_acceptance, save_prompts, train_prompts)
+                                        greedy_rank_acceptance, save_prompts, train_prompts)
 from models.llm.prompt_tree import SparseTree, expected_accepted, hardware_aware_tree, sparse_tree
 from models.plots import curves_figure
 from models.registry import MethodParams, method
@@ -52,7 +51,8 @@ class PPDParams(MethodParams):
     top_k: int = Field(8, ge=1, le=64, description="ranks per prompt token whose acceptance rates are measured "
                                                   "(the sparse tree's widest branching)")
     tree_nodes: int = Field(16, ge=1, le=1024, description="guessed nodes of the sparse tree compared with the chain")
-    rate_windows: int = Field(8, ge=1, le=1024, description="held-out windows the rank acceptance rates come from")
+    rate_prompts: int = Field(8, ge=1, le=1024, description="held-out prefixes along whose greedy continuations "
+                                                           "(max_tokens each) the rank acceptance rates are measured")
     model_name: str = Field("ppd", min_length=1, max_length=100, description="registered model name")
 
 
@@ -96,11 +96,10 @@ def fit_and_measure(ctx: RunContext, folder: Path, params: PPDParams, seed: int)
     lm = load_folder(folder)
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
     stream = sampled_stream(lm.tokenizer, ds.train["text"], params.train_tokens, seed=seed)
-    prefixes = split_windows(lm.tokenizer, ds.val["text"], params.prefix_len, params.eval_prompts)
-    # the rates the tree is built from come from held-out windows after the ones the evaluation prefixes are cut from
-    skip = math.ceil(params.prefix_len * params.eval_prompts / params.seq_len)
-    windows = split_windows(lm.tokenizer, ds.val["text"], params.seq_len, max(4, skip + params.rate_windows))
-    agree_windows, rate_windows = windows[:4], windows[skip:skip + params.rate_windows]
+    # the tree's rates come from held-out prefixes after the evaluation ones
+    held_out = split_windows(lm.tokenizer, ds.val["text"], params.prefix_len, params.eval_prompts + params.rate_prompts)
+    prefixes, rate_prefixes = held_out[:params.eval_prompts], held_out[params.eval_prompts:]
+    agree_windows = split_windows(lm.tokenizer, ds.val["text"], params.seq_len, 4)
     m = params.prompt_tokens
     prompts = PromptTokens.initialised(lm.model, m, seed=seed)
     ctx.progress(0, 3, "untrained prompts")
@@ -116,7 +115,7 @@ def fit_and_measure(ctx: RunContext, folder: Path, params: PPDParams, seed: int)
     greedy, _ = acceptance(lm, None, prefixes[:1], params.max_tokens)
     lookup = prompt_lookup_acceptance(lm, prefixes, params.max_tokens, max(m, 1))
     trained_agree = offset_agreement(lm.model, prompts, agree_windows, params.cuts_per_window, seed) if m else []
-    trees = tree_acceptance(lm, prompts, rate_windows, prefixes, params, seed) if m else {}
+    trees = tree_acceptance(lm, prompts, rate_prefixes, prefixes, params) if m else {}
     ctx.progress(3, 3, f"accepted/step: greedy {greedy:.2f}, untrained {untrained:.2f}, trained {trained:.2f}")
     return {"lm": lm, "prompts": prompts, "losses": losses, "greedy": greedy, "untrained": untrained,
             "trained": trained, "prompt_lookup": lookup, **trees,
@@ -126,12 +125,12 @@ def fit_and_measure(ctx: RunContext, folder: Path, params: PPDParams, seed: int)
             "trainable_fraction": prompts.embeddings.numel() / sum(p.numel() for p in lm.model.parameters())}
 
 
-def tree_acceptance(lm: CausalLM, prompts: PromptTokens, rate_windows: torch.Tensor, prefixes: torch.Tensor,
-                    params: PPDParams, seed: int) -> dict:
-    """Rank acceptance rates on held-out windows, then the accepted tokens per step of the sparse tree of
-    `params.tree_nodes` and of the hardware-aware tree (size chosen from latency measured here), with the expected
-    figures the rates predict for them."""
-    rates = rank_acceptance(lm.model, prompts, rate_windows, params.cuts_per_window, params.top_k, seed)
+def tree_acceptance(lm: CausalLM, prompts: PromptTokens, rate_prefixes: torch.Tensor, prefixes: torch.Tensor,
+                    params: PPDParams) -> dict:
+    """Rank acceptance rates along the greedy continuations of held-out prefixes (as the reference code's evaluation
+    measures them), then the accepted tokens per step of the sparse tree of `params.tree_nodes` and of the
+    hardware-aware tree (size chosen from latency measured here), with the expected figure the rates predict."""
+    rates = greedy_rank_acceptance(lm.model, prompts, rate_prefixes, params.max_tokens, params.top_k)
     tree = sparse_tree(rates, params.tree_nodes)
     tree_measured, tree_exact = acceptance(lm, prompts, prefixes, params.max_tokens, tree)
     choice = hardware_aware_tree(lm.model, rates)
@@ -177,19 +176,19 @@ def run(ctx: RunContext, params: PPDParams) -> None:
 @reproduction("ppd", claim="Trained prompt tokens let one forward pass accept more than one token on average while "
                            "the output stays exactly greedy decoding's: mean accepted length > 1.3 and above the "
                            "untrained prompts', and verifying a sparse tree of the prompt tokens' top-k guesses "
-                           "(16 nodes, built from acceptance rates measured on held-out data) accepts at least as "
-                           "many tokens per step as the chain of top-1 guesses",
+                           "(16 nodes, built from acceptance rates measured on held-out greedy continuations) "
+                           "accepts at least as many tokens per step as the chain of top-1 guesses",
               metric="mean accepted tokens per decoding step (m=3 prompt tokens, trained, 16-node sparse tree)",
               direction="higher", baseline="the same prompts verifying the chain of top-1 guesses (3 nodes); the "
                                            "untrained prompts and plain greedy decoding (1.0) are in the note")
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The notes' protocol (frozen TL-S, 300 steps of 8×256 tokens, chain decoding first, then trees of ≤ 16 nodes)
     scaled to a few CPU minutes on the tiny base: m = 3, 150 steps of 8×128 tokens with 16 truncation points per
-    window, lr 1e-2; top-8 rank acceptance rates from 8 held-out 128-token windows; acceptance on 8 other held-out
-    32-token prefixes, 64 greedy tokens each."""
+    window, lr 1e-2; top-8 rank acceptance rates along the 64-token greedy continuations of 8 held-out 32-token
+    prefixes; acceptance on 8 other held-out 32-token prefixes, 64 greedy tokens each."""
     start = time.perf_counter()
     params = PPDParams(steps=4, batch_size=2, seq_len=32, cuts_per_window=4, train_tokens=5000, eval_prompts=2,
-                       prefix_len=8, max_tokens=12, top_k=3, tree_nodes=6, rate_windows=2) if smoke else \
+                       prefix_len=8, max_tokens=12, top_k=3, tree_nodes=6, rate_prompts=2) if smoke else \
         PPDParams(steps=150, batch_size=8, seq_len=128, cuts_per_window=16)
     with cpu_threads(ctx.resources):
         result = fit_and_measure(ctx, base_model(ctx, smoke), params, seed)
@@ -206,8 +205,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             f"from verification latency measured on this CPU: {result['hardware_latency_ms'][min(speed)]:.1f} ms at "
             f"{min(speed)} node(s), {result['hardware_latency_ms'][max(speed)]:.1f} ms at {max(speed)}) "
             f"{result['hardware_tree']:.2f}, transformers prompt-lookup decoding ({params.prompt_tokens} tokens) "
-            f"{result['prompt_lookup']:.2f}; every output equals greedy decoding: {result['exact']}; held-out rank "
-            f"acceptance rates (ranks 1/2/3) {top}; top-1 agreement with the base's greedy token (teacher forcing, "
+            f"{result['prompt_lookup']:.2f}; every output equals greedy decoding: {result['exact']}; rank acceptance "
+            f"rates along held-out greedy continuations (ranks 1/2/3) {top}; top-1 agreement with the base's greedy "
+            f"token (teacher forcing, "
             f"untrained→trained) {agree}; {result['trainable_fraction']:.2e} of the base's parameters trained; KD "
             f"loss {result['losses'][0] if result['losses'] else float('nan'):.3f}→"
             f"{result['losses'][-1] if result['losses'] else float('nan'):.3f} over {params.steps} steps; every tree "
