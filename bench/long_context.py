@@ -15,6 +15,11 @@ projections (PCA-initialised, then `--kv-train-steps` distillation steps) at uni
 continuation perplexity, passkey accuracy and KV bytes, each bytes figure printed as a ratio of the dense cache
 measured in the same run.
 
+Then end-to-end decoding (`--no-ppd` skips it): PPD prompt tokens trained on the tiny base (`--ppd-train-steps`),
+held-out prefixes decoded by greedy decoding, PPD with the chain of top-1 guesses, PPD with the sparse tree whose
+size is chosen from verification latency measured in the same run, and transformers' prompt-lookup decoding;
+tokens/s and generated tokens per forward, printed as ratios against greedy decoding.
+
     .venv/bin/python bench/long_context.py            # 1k..16k, ~1-2 min on a busy core, then the KV rows
     .venv/bin/python bench/long_context.py --quick    # 512..2k, seconds; fewer KV windows
 """
@@ -95,6 +100,82 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
     return {str(n): {str(k): c for k, c in row.items()} for n, row in table.items()}
 
 
+def ppd_rows(quick: bool, train_steps: int, repeats: int) -> dict:
+    """End-to-end decoding on the cached tiny base (module docstring): the same held-out prefixes decoded greedily
+    (our serving loop, and transformers' `generate`), by PPD with the chain of top-1 guesses and with the sparse
+    tree whose size the hardware-aware selector picks from latency measured in this run, and by transformers'
+    prompt-lookup decoding; tokens/s (fastest of `repeats` rounds, methods interleaved) and generated tokens per
+    forward after the prefill, each printed as a ratio of greedy's."""
+    import time
+
+    from models.context import InMemoryRunContext
+    from models.datasets import load_builtin
+    from models.llm.base import base_model
+    from models.llm.data import sampled_stream, split_windows
+    from models.llm.folder import load_folder
+    from models.llm.generation import SamplingParams, generate_tokens
+    from models.llm.parallel_prompt import PromptTokens, greedy_rank_acceptance, ppd_generate, train_prompts
+    from models.llm.prompt_tree import hardware_aware_tree
+    from models.methods.llm_inference.ppd import prompt_lookup_acceptance
+
+    m, max_tokens, n_prefixes = 3, 64, 4 if quick else 8
+    lm = load_folder(base_model(InMemoryRunContext()))
+    ds = load_builtin("stdlib-code")
+    prompts = PromptTokens.initialised(lm.model, m, seed=0)
+    train_prompts(lm.model, prompts, sampled_stream(lm.tokenizer, ds.train["text"], 300_000), steps=train_steps,
+                  batch_size=8, seq_len=128, cuts_per_window=16)
+    held_out = split_windows(lm.tokenizer, ds.val["text"], 32, n_prefixes + 8)
+    prefixes = held_out[:n_prefixes]  # the tree's rates come from the greedy continuations of the next 8
+    rates = greedy_rank_acceptance(lm.model, prompts, held_out[n_prefixes:], max_tokens, 8)
+    choice = hardware_aware_tree(lm.model, rates)
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    reference = [list(generate_tokens(lm.model, p, greedy, torch.Generator())) for p in prefixes.tolist()]
+
+    def plain_greedy() -> tuple[float, bool]:
+        ours = [list(generate_tokens(lm.model, p, greedy, torch.Generator())) for p in prefixes.tolist()]
+        return 1.0, ours == reference
+
+    def hf_greedy() -> tuple[float, None]:  # min_new_tokens: the same lengths as prompt lookup's
+        for p in prefixes:
+            lm.model.generate(p[None], max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                              pad_token_id=0)
+        return 1.0, None
+
+    def ppd(tree) -> tuple[float, bool]:
+        results = [ppd_generate(lm.model, prompts, p, max_tokens, tree=tree) for p in prefixes.tolist()]
+        steps = [a for r in results for a in r.accepted]
+        return sum(steps) / len(steps), [r.tokens for r in results] == reference
+
+    methods = {"greedy": plain_greedy, "greedy-hf": hf_greedy, "ppd-chain": lambda: ppd(None),
+               "ppd-tree": lambda: ppd(choice.tree),
+               "prompt-lookup": lambda: (prompt_lookup_acceptance(lm, prefixes, max_tokens, m), None)}
+    seconds: dict[str, float] = {}
+    cells: dict[str, dict] = {}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, run in methods.items():
+                start = time.perf_counter()
+                per_forward, exact = run()
+                seconds[name] = min(seconds.get(name, math.inf), time.perf_counter() - start)
+                cells[name] = {"accepted_per_forward": per_forward, "matches_greedy": exact}
+    tokens = max_tokens * len(prefixes)
+    for name, cell in cells.items():
+        cell["tokens_per_s"] = tokens / seconds[name]
+        cell["speedup_vs_greedy"] = seconds["greedy"] / seconds[name]
+        cell["accepted_ratio_vs_greedy"] = cell["accepted_per_forward"] / cells["greedy"]["accepted_per_forward"]
+        print(f"{name:14s} {cell['tokens_per_s']:7.1f} tok/s ({cell['speedup_vs_greedy']:.2f}× greedy)  "
+              f"{cell['accepted_per_forward']:.2f} tokens/forward ({cell['accepted_ratio_vs_greedy']:.2f}× greedy)"
+              f"  same tokens as greedy: {cell['matches_greedy']}", flush=True)
+    print(f"ppd tree: {choice.nodes} nodes chosen from verification latency "
+          + ", ".join(f"{n}: {s * 1e3:.1f} ms" for n, s in choice.latency.items()), flush=True)
+    return {"methods": cells, "tree_nodes": choice.nodes, "latency_ms": {str(n): s * 1e3 for n, s in
+                                                                          choice.latency.items()},
+            "expected_tokens_per_s": {str(n): v for n, v in choice.tokens_per_second.items()},
+            "rank_acceptance": rates.tolist(),
+            "config": {"prompt_tokens": m, "train_steps": train_steps, "prefixes": len(prefixes), "prefix_len": 32,
+                       "max_tokens": max_tokens, "repeats": repeats, "prompt_lookup_num_tokens": m}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -102,6 +183,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=16384)
     ap.add_argument("--no-kv", action="store_true", help="skip the KV-bytes rows")
     ap.add_argument("--kv-train-steps", type=int, default=40, help="MatryoshkaKV distillation steps")
+    ap.add_argument("--no-ppd", action="store_true", help="skip the PPD decoding rows")
+    ap.add_argument("--ppd-train-steps", type=int, default=150, help="PPD prompt-token training steps")
     args = ap.parse_args()
     torch.set_num_threads(1)
     top = 2048 if args.quick else args.max_length
@@ -131,6 +214,8 @@ def main() -> None:
               "torch": torch.__version__, "machine": platform.machine()}
     if not args.no_kv:
         report["kv"] = kv_rows(args.quick, 5 if args.quick else args.kv_train_steps)
+    if not args.no_ppd:
+        report["ppd"] = ppd_rows(args.quick, 30 if args.quick else args.ppd_train_steps, args.repeats)
     out = Path(__file__).parent / "results" / ("long-context-quick.json" if args.quick else "long-context.json")
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")

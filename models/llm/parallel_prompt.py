@@ -285,7 +285,7 @@ def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_
     steps: dict[int, tuple[SparseTree, torch.Tensor, list[int]]] = {}  # per depth limit: tree, [q, q] mask, offsets
     while True:
         cached = cache.get_seq_length()
-        room = max(0, max_tokens - len(result.tokens) - 1)
+        room = min(tree.depth, max(0, max_tokens - len(result.tokens) - 1))  # guesses beyond max_tokens are cut
         if room not in steps:
             step_tree = tree.truncated(room)
             steps[room] = (step_tree, tree_attention(step_tree.parents, m), tree_positions(step_tree.depths, m))
