@@ -5,10 +5,12 @@ task doing the same work (about one second), all measured in this one run on thi
 
 Needs the servers that scripts/setup/services.sh starts (Postgres, Redis, SeaweedFS).
 
-1. End-to-end time of a ~1 s job, queued to finished, median of --jobs sequential jobs after one
-   discarded warm-up: Crucible (`test-counter`, 10 steps of 0.1 s, through the dispatcher, the broker
-   or cluster, a claim, a job process, metrics, a checkpoint and a result artifact in S3) against a
-   bare `time.sleep(1)` task sent to a Celery worker on the same Redis, and a bare Ray task.
+1. End-to-end time of a ~1 s job, submitted to finished, median of --jobs rounds after two
+   discarded warm-ups, the variants interleaved round by round: Crucible (`test-sleep`, 10 steps of
+   0.1 s each logging a metric and progress, through the dispatcher, the broker or cluster, a claim,
+   a forked job process and its fenced writes) against a bare `time.sleep(1)` task sent to a Celery worker on the same Redis, and a bare
+   Ray task. For context, also `test-counter` (the same sleep plus two checkpoints, a result artifact
+   and a registered model, all in S3), which does more than the bare task.
 2. Submissions/s through `POST /api/v1/jobs` of one API process (in-process ASGI client, Postgres).
 
 Ratios are Crucible ÷ bare; the issue's goals are < 1.2 for a 1 s job and ≥ 20 submissions/s.
@@ -53,14 +55,21 @@ def bare_celery_app(broker: str):  # type: ignore[no-untyped-def]
     return app
 
 
-def timed(run_one: Callable[[], None], n: int) -> float:
-    run_one()  # warm-up: worker start, imports, first connections
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        run_one()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+WARM_UPS = 2  # Ray may start a second worker (and its job fork server) for the second task
+
+
+def interleaved(variants: dict[str, Callable[[], None]], n: int) -> dict[str, float]:
+    """Median seconds of each variant over `n` rounds, one run of every variant per round, after
+    WARM_UPS discarded rounds (worker start, imports, first connections). Interleaving spreads the
+    load of whatever else the machine runs over all variants alike."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(WARM_UPS + n):
+        for name, run_one in variants.items():
+            t = time.perf_counter()
+            run_one()
+            if round_ >= WARM_UPS:
+                samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def make_settings(tmp: Path, executor: str):  # type: ignore[no-untyped-def]
@@ -84,7 +93,9 @@ def make_settings(tmp: Path, executor: str):  # type: ignore[no-untyped-def]
     return settings
 
 
-def crucible_job(settings: Any) -> Callable[[], None]:
+def crucible_job(settings: Any, executor: Any, method: str, params: dict[str, Any]) -> Callable[[], None]:
+    """Submit as `POST /api/v1/jobs` does (the row, then a nudge to the executor's dispatcher) and wait
+    for the job to finish."""
     from api.jobs import submit
     from api.schemas import JobCreate
     from workers.db import session_scope
@@ -92,9 +103,9 @@ def crucible_job(settings: Any) -> Callable[[], None]:
 
     def run_one() -> None:
         with session_scope(settings.database_url) as s:
-            job, _ = submit(s, settings, JobCreate(method="test-counter",
-                                                   params={"steps": 10, "step_seconds": WORK_S / 10}), None)
+            job, _ = submit(s, settings, JobCreate(method=method, params=params), None)
             job_id = job.id
+        executor.notify()
         run_one.job_ids.append(job_id)  # type: ignore[attr-defined]
         while True:
             with session_scope(settings.database_url) as s:
@@ -102,10 +113,27 @@ def crucible_job(settings: Any) -> Callable[[], None]:
             if status in ("succeeded", "failed", "cancelled"):
                 assert status == "succeeded", status
                 return
-            time.sleep(0.02)
+            time.sleep(0.01)
 
     run_one.job_ids = []  # type: ignore[attr-defined]
     return run_one
+
+
+SLEEP_JOB = ("test-sleep", {"steps": 10, "step_seconds": WORK_S / 10})
+COUNTER_JOB = ("test-counter", {"steps": 10, "step_seconds": WORK_S / 10})
+
+
+def measure(settings: Any, executor: Any, n: int, bare: Callable[[], None]) -> dict[str, Any]:
+    """The bare task, the like-for-like Crucible job (the same sleep plus a metric and progress per
+    step) and, for context, the counter job that also writes two checkpoints, a result artifact and
+    a registered model to S3, interleaved."""
+    jobs = {"crucible": crucible_job(settings, executor, *SLEEP_JOB),
+            "with_checkpoints": crucible_job(settings, executor, *COUNTER_JOB)}
+    took = interleaved({"bare": bare, **jobs}, n)
+    rows = {key: {"s": took[key], "ratio": took[key] / took["bare"],
+                  **phases(settings, job.job_ids[WARM_UPS:])}  # type: ignore[attr-defined]
+            for key, job in jobs.items()}
+    return {"bare_s": took["bare"], "crucible_s": took["crucible"], "ratio": rows["crucible"]["ratio"], **rows}
 
 
 def phases(settings: Any, job_ids: list[str]) -> dict[str, float]:
@@ -141,27 +169,24 @@ def bench_celery(tmp: Path, n: int) -> dict[str, float]:
     executor.start()
     try:
         app = bare_celery_app(settings.redis_url)
-        bare = timed(lambda: app.send_task(CELERY_BARE_TASK, args=[WORK_S]).get(timeout=120), n)
-        job = crucible_job(settings)
-        ours = timed(job, n)
-        split = phases(settings, job.job_ids[1:])  # type: ignore[attr-defined]
+        return measure(settings, executor, n, lambda: app.send_task(CELERY_BARE_TASK, args=[WORK_S]).get(timeout=120))
     finally:
         executor.stop()
         for p in (worker, bare_worker):
             p.terminate()
             p.wait(timeout=60)
-    return {"bare_s": bare, "crucible_s": ours, "ratio": ours / bare, **split}
 
 
 def bench_ray(tmp: Path, n: int) -> dict[str, float]:
     import ray
 
-    from workers.executors.ray import RayExecutor
+    from workers.executors.ray import RayExecutor, runtime_env
     from workers.settings import load_plugins
 
     settings = make_settings(tmp, "ray")
     load_plugins(settings)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env=runtime_env(settings))
 
     @ray.remote(num_cpus=1)
     def sleep(seconds: float) -> float:
@@ -171,14 +196,10 @@ def bench_ray(tmp: Path, n: int) -> dict[str, float]:
     executor = RayExecutor(settings)
     executor.start()
     try:
-        bare = timed(lambda: ray.get(sleep.remote(WORK_S)), n)
-        job = crucible_job(settings)
-        ours = timed(job, n)
-        split = phases(settings, job.job_ids[1:])  # type: ignore[attr-defined]
+        return measure(settings, executor, n, lambda: ray.get(sleep.remote(WORK_S)))
     finally:
         executor.stop()
         ray.shutdown()
-    return {"bare_s": bare, "crucible_s": ours, "ratio": ours / bare, **split}
 
 
 def bench_submissions(tmp: Path, n: int) -> dict[str, float]:
@@ -201,7 +222,7 @@ def bench_submissions(tmp: Path, n: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=3, help="timed jobs per variant (after one warm-up)")
+    parser.add_argument("--jobs", type=int, default=5, help="timed rounds (after WARM_UPS discarded ones)")
     parser.add_argument("--submissions", type=int, default=200)
     args = parser.parse_args()
     if SERVICES.get("CRUCIBLE_SERVICES_MISSING"):
@@ -215,8 +236,11 @@ def main() -> None:
     print(f"{'1 s job, queued → finished':32} {'bare':>8} {'Crucible':>9} {'ratio':>7}")
     for name in ("celery", "ray"):
         r = results[name]
-        print(f"{name:32} {r['bare_s']:7.2f}s {r['crucible_s']:8.2f}s {r['ratio']:6.2f}×   "
-              f"(queued → claimed {r['queued_to_claimed_s']:.2f}s, claimed → finished {r['claimed_to_finished_s']:.2f}s)")
+        for key, label in (("crucible", name), ("with_checkpoints", f"{name} + 2 checkpoints, artifact, model")):
+            row = r[key]
+            print(f"{label:32} {r['bare_s']:7.2f}s {row['s']:8.2f}s {row['ratio']:6.2f}×   "
+                  f"(queued → claimed {row['queued_to_claimed_s']:.2f}s, "
+                  f"claimed → finished {row['claimed_to_finished_s']:.2f}s)")
     print(f"{'submissions/s, one API process':32} {results['api']['per_s']:8.1f}")
     out = REPO / "bench" / "results" / "dispatch.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -28,14 +30,70 @@ def _ensure_sqlite_folder(url: str) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-@lru_cache(maxsize=8)
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
 def get_engine(url: str) -> Engine:
+    """One engine (one pool) per database URL and process."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _create_engine(url)
+        return engine
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def _forget_parent_connections() -> None:
+    """A forked child must never talk over its parent's sockets (two processes interleaving one
+    Postgres protocol stream corrupt both sessions), so it drops the inherited pool without closing
+    the parent's connections; SQLAlchemy's documented pattern for multiprocessing. The engine itself,
+    its initialised dialect and its compiled-statement cache, stay: that is what a warm fork inherits."""
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_parent_connections)
+
+
+def _reachable(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a TCP connection to the server opens within the timeout (psycopg's own connect has
+    none by default, and a fork server stuck connecting would stall every job). SQLite is local."""
+    import socket
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" or not parsed.host:
+        return True
+    try:
+        socket.create_connection((parsed.host, parsed.port or 5432), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def warm_engine(url: str) -> None:
+    """Connect once and run the reads every job makes, then close every connection: the first
+    connection initialises the dialect (several server round trips) and the reads fill the
+    compiled-statement cache, so processes forked afterwards start with both (workers.preload)."""
+    from workers.tables import Artifact, Job
+
+    if not _reachable(url):
+        raise ConnectionError(f"no database server answers at {make_url(url).host}:{make_url(url).port}")
+    engine = get_engine(url)
+    try:
+        with session_scope(url) as s:
+            s.get(Job, "")
+            s.get(Artifact, 0)
+    finally:
+        engine.dispose()
 
 
 @lru_cache(maxsize=8)

@@ -19,7 +19,10 @@ import threading
 from multiprocessing import spawn
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.settings import Settings
 
 PRELOAD = ["workers.preload"]
 JOB_PROCESS_PREFIX = "crucible-job-"
@@ -54,12 +57,31 @@ def _fork_server() -> ForkServerContext:
     return _context
 
 
-def warm_up() -> None:
-    """Start the fork server now (it imports in the background), so the first job does not wait for it."""
+_start_lock = threading.Lock()
+
+
+def warm_up(settings: "Settings | None" = None) -> None:
+    """Start the fork server now (it imports in the background), so the first job does not wait for it.
+
+    With `settings`, the fork server starts with them in its environment, so `workers.preload` also
+    imports their plugins and warms their database engine for every job it forks. (It is started as a
+    child of this process with this process's environment, hence the variables are set just for the
+    start, under a lock, and restored.)
+    """
     from multiprocessing import forkserver
 
     _fork_server()
-    forkserver.ensure_running()
+    with _start_lock:
+        saved = {k: v for k, v in os.environ.items() if k.startswith("CRUCIBLE_")}
+        if settings is not None:
+            os.environ.update(settings.to_env())
+        try:
+            forkserver.ensure_running()
+        finally:
+            if settings is not None:
+                for key in [k for k in os.environ if k.startswith("CRUCIBLE_")]:
+                    del os.environ[key]
+                os.environ.update(saved)
 
 
 def _exit_with(supervisor_pid: int) -> None:

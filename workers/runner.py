@@ -15,6 +15,8 @@ import sys
 import traceback
 from typing import Any, TextIO
 
+from sqlalchemy.orm import Session
+
 from models.registry import get_method, get_reproduction
 from models.reproduction import run_reproduction
 from workers import lifecycle
@@ -56,18 +58,17 @@ def pick_device(resources: dict[str, Any]) -> str:
     return "cuda" if float(resources.get("gpus", 0) or 0) > 0 and torch.cuda.is_available() else "cpu"
 
 
-def summarize(ctx: JobRunContext, settings: Settings) -> dict[str, Any]:
-    """The last value of every metric, for job listings and the CLI's closing summary."""
+def summarize(s: Session, job_id: str) -> dict[str, Any]:
+    """The last value of every metric (of every attempt), for job listings and the CLI's closing summary."""
     from sqlalchemy import func, select
 
     from workers.tables import Metric
 
-    with session_scope(settings.database_url) as s:
-        last = (select(Metric.name, func.max(Metric.step).label("step")).where(Metric.job_id == ctx.job_id)
-                .group_by(Metric.name).subquery())
-        rows = s.execute(select(Metric.name, Metric.value).join(
-            last, (Metric.name == last.c.name) & (Metric.step == last.c.step)).where(Metric.job_id == ctx.job_id))
-        return {name: value for name, value in rows}
+    last = (select(Metric.name, func.max(Metric.step).label("step")).where(Metric.job_id == job_id)
+            .group_by(Metric.name).subquery())
+    rows = s.execute(select(Metric.name, Metric.value).join(
+        last, (Metric.name == last.c.name) & (Metric.step == last.c.step)).where(Metric.job_id == job_id))
+    return {name: value for name, value in rows}
 
 
 def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, claimed_by: str | None = None,
@@ -75,16 +76,16 @@ def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, clai
     """Run one attempt of a job; returns the final status it published (or 'skipped')."""
     load_plugins(settings)
     owner = claimed_by or worker_identity(executor)
-    with session_scope(settings.database_url) as s:
+    with session_scope(settings.database_url) as s:  # one round of reads and (local executor) the claim
         job = s.get(Job, job_id)
         if job is None:
             return "skipped"
         attempt = attempt or job.attempt
-        if claimed_by is None and not lifecycle.claim(s, job_id, attempt, owner, settings.lease_s):
-            return "skipped"  # someone else has it, or it was cancelled first
-    with session_scope(settings.database_url) as s:
-        job = s.get(Job, job_id)
-        if job is None or job.attempt != attempt or job.status not in lifecycle.ACTIVE or job.lease_owner != owner:
+        if claimed_by is None:
+            if not lifecycle.claim(s, job_id, attempt, owner, settings.lease_s):
+                return "skipped"  # someone else has it, or it was cancelled first
+            s.refresh(job)
+        if job.attempt != attempt or job.status not in lifecycle.ACTIVE or job.lease_owner != owner:
             return "skipped"
         s.expunge(job)
 
@@ -136,10 +137,10 @@ def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, clai
             status = "lost"
     if status == "lost" or ctx.lost:
         return "lost"
-    result: dict[str, Any] = {"metrics": summarize(ctx, settings)}
-    if record is not None:
-        result["reproduction"] = record
     with session_scope(settings.database_url) as s:
+        result: dict[str, Any] = {"metrics": summarize(s, job_id)}
+        if record is not None:
+            result["reproduction"] = record
         lifecycle.finish(s, job_id, attempt, status, error=error, failure_code=code, result=result)
     return status
 

@@ -12,7 +12,7 @@ def test_methods_describe_the_contract_shape():
 
 
 def test_wildcards_filter_ids():
-    assert [m.id for m in list_methods("test-*")] == ["test-counter"]
+    assert [m.id for m in list_methods("test-*")] == ["test-counter", "test-sleep"]
     assert list_methods("no-such-*") == []
 
 

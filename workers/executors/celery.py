@@ -98,7 +98,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int, name: st
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
-        warm_up()  # the fork server imports torch and the runner now, not when the first job arrives
+        warm_up(settings)  # the fork server imports torch, the runner and plugins and connects now, not at the first job
         dispatcher.start()
 
     @signals.worker_shutting_down.connect(weak=False)

@@ -84,7 +84,7 @@ class LocalExecutor:
         lock.flush()
         self._lock_file = lock
         self.recover()
-        warm_up()
+        warm_up(self.settings)
         self._thread = threading.Thread(target=self._loop, name="local-executor", daemon=True)
         self._thread.start()
 
