@@ -273,13 +273,17 @@ def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_
     soft = prompts.embeddings.to(device=device, dtype=embed.weight.dtype) if prompts is not None else None
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     x = embed(ids) if soft is None else torch.cat([embed(ids), soft[None]], dim=1)
-    out = model(inputs_embeds=x, use_cache=True)  # the plain causal mask is exactly the prompt tokens' mask
+    # the plain causal mask is exactly the prompt tokens' mask; logits of the last input row and the prompts only
+    out = model(inputs_embeds=x, use_cache=True, logits_to_keep=m + 1)
     cache = out.cache
     if m:
         cache.crop(-m)
-    length = ids.shape[1]
-    pending = int(out.logits[0, length - 1].argmax())
-    guesses = _top_guesses(out.logits[0, length:], tree.width)
+    pending = int(out.logits[0, 0].argmax())
+    guesses = _top_guesses(out.logits[0, 1:], tree.width)
+    # verification steps run the decoder and apply the LM head only to the rows read: the nodes, then the accepted
+    # node's prompt group (argmax and top-k need nothing else; the head over every prompt token would cost about a
+    # third of a small model's forward)
+    decoder, head = model.base_model, model.get_output_embeddings()
     if not _emit(result, pending, max_tokens, stop_token_ids):
         return result
     steps: dict[int, tuple[SparseTree, torch.Tensor, list[int]]] = {}  # per depth limit: tree, [q, q] mask, offsets
@@ -295,11 +299,11 @@ def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_
         parts = [embed(torch.tensor([candidates], device=device))]
         if m:
             parts.append(soft.repeat(nodes, 1)[None])
-        out = model(inputs_embeds=torch.cat(parts, dim=1), cache=cache, use_cache=True,
-                    attention_mask=additive_mask(cached, allowed, parts[0].dtype).to(device),
-                    position_ids=torch.tensor([[cached + o for o in offsets]], device=device))
-        cache = out.cache
-        greedy = out.logits[0, :nodes].argmax(-1).tolist()
+        out = decoder(inputs_embeds=torch.cat(parts, dim=1), cache=cache, use_cache=True,
+                      attention_mask=additive_mask(cached, allowed, parts[0].dtype).to(device),
+                      position_ids=torch.tensor([[cached + o for o in offsets]], device=device))
+        cache, hidden = out.cache, out.last_hidden_state[0]
+        greedy = head(hidden[:nodes]).argmax(-1).tolist()
         path = [0]  # greedy verification: follow the child whose token is greedy's, from the root
         while (nxt := next((c for c in step_tree.children[path[-1]] if candidates[c] == greedy[path[-1]]), None)):
             path.append(nxt)
@@ -311,7 +315,7 @@ def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_
         pending = greedy[path[-1]]
         if m:
             start = nodes + path[-1] * m
-            guesses = _top_guesses(out.logits[0, start:start + m], tree.width)
+            guesses = _top_guesses(head(hidden[start:start + m]), tree.width)
 
 
 def _top_guesses(logits: torch.Tensor, width: int) -> list[list[int]]:

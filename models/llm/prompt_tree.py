@@ -212,7 +212,7 @@ def measure_tree_latency(model: "PreTrainedModel", m: int, sizes: Sequence[int],
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
+    embed, decoder, head = model.get_input_embeddings(), model.base_model, model.get_output_embeddings()
     ids = torch.arange(context, device=device)[None] % embed.weight.shape[0]
     cache = DynamicCache(config=model.config)
     model(input_ids=ids, cache=cache, use_cache=True)
@@ -228,7 +228,9 @@ def measure_tree_latency(model: "PreTrainedModel", m: int, sizes: Sequence[int],
         for n, q, x, mask, positions in steps:
             _sync(device)
             start = time.perf_counter()
-            model(inputs_embeds=x, cache=cache, use_cache=True, attention_mask=mask, position_ids=positions)
+            hidden = decoder(inputs_embeds=x, cache=cache, use_cache=True, attention_mask=mask,
+                             position_ids=positions).last_hidden_state[0]
+            head(hidden[:n + 1 + m])  # as decoding: the nodes' logits and one prompt group's
             _sync(device)
             if r:  # the first round warms up
                 times[n].append(time.perf_counter() - start)
