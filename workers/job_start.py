@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from workers.settings import Settings
 
 PRELOAD = ["workers.preload"]
+KILL_AFTER_TERM_S = 5.0  # how long a job process gets to exit between SIGTERM and SIGKILL
 JOB_PROCESS_PREFIX = "crucible-job-"
 _context: ForkServerContext | None = None
 _stock_preparation_data = spawn.get_preparation_data

@@ -33,7 +33,7 @@ from sqlalchemy.exc import OperationalError
 
 from workers import lifecycle
 from workers.db import session_scope
-from workers.executors.local import KILL_AFTER_TERM_S
+from workers.job_start import KILL_AFTER_TERM_S
 from workers.settings import Settings
 from workers.tables import ACTIVE, Job, utcnow
 

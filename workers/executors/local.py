@@ -24,12 +24,11 @@ from sqlalchemy import select
 
 from workers import lifecycle
 from workers.db import session_scope
-from workers.job_start import ForkedJob, start_job_process, warm_up
+from workers.job_start import KILL_AFTER_TERM_S, ForkedJob, start_job_process, warm_up
 from workers.runner import worker_identity
 from workers.settings import Settings
 from workers.tables import ACTIVE, Job
 
-KILL_AFTER_TERM_S = 5.0
 
 
 @dataclass

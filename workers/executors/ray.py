@@ -22,8 +22,7 @@ import ray
 
 from workers.executors.dispatch import Dispatch, Dispatcher
 from workers.executors.job_process import run_attempt
-from workers.executors.local import KILL_AFTER_TERM_S
-from workers.job_start import warm_up
+from workers.job_start import KILL_AFTER_TERM_S, warm_up
 from workers.settings import Settings
 
 
