@@ -12,8 +12,11 @@ Then KV bytes against quality on the cached tiny base (`--no-kv` skips it): held
 the kvpress presses (StreamingLLM, H2O, SnapKV, AdaKV), ThinK key-channel pruning alone (λ = 25/50/75%) and at
 λ = 50% over SnapKV (the paper's main setting; bytes count only the kept key channels), and MatryoshkaKV
 projections (PCA-initialised, then `--kv-train-steps` distillation steps) at uniform ranks 8..32 of 32;
-continuation perplexity, passkey accuracy and KV bytes, each bytes figure printed as a ratio of the dense cache
-measured in the same run.
+continuation perplexity (of the cached base), passkey accuracy and KV bytes, each bytes figure printed as a ratio
+of the dense cache measured in the same run. Passkey (256-token prompts compressed whole, needles at depths
+0.1..0.9, printed per depth in brackets; the true key ranked first of 5, chance 0.20) runs on the retrieval-tuned
+base (`models/llm/retrieval_tuning.py`), since the plain base retrieves at chance; its dense accuracy at 128/256/512
+tokens is printed first for both models. MatryoshkaKV rows have no passkey (the projection is fit on the base).
 
 Then end-to-end decoding (`--no-ppd` skips it): PPD prompt tokens trained on the tiny base (`--ppd-train-steps`),
 held-out prefixes decoded by greedy decoding, PPD with the chain of top-1 guesses, PPD with the sparse tree whose
@@ -56,25 +59,36 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
     from models.llm.data import random_windows, sampled_stream, split_windows, token_stream
     from models.llm.folder import load_folder
     from models.llm.kv_cache.ems import EMS
-    from models.llm.kv_cache.evaluation import budget_sweep, continuation_nll
+    from models.llm.kv_cache.evaluation import budget_sweep, continuation_nll, passkey_cells
     from models.llm.kv_cache.matryoshka import ProjectedCache, projected
     from models.llm.kv_cache.matryoshka_training import calibrate, train_projection
     from models.llm.kv_cache.presses import H2O, AdaKV, SnapKV, StreamingLLM
     from models.llm.kv_cache.think import ThinK
     from models.llm.passkey import passkey_samples
+    from models.llm.retrieval_tuning import retrieval_model
 
     lm = load_folder(base_model(InMemoryRunContext()))
+    tuned = retrieval_model(InMemoryRunContext())  # passkey runs on the retrieval-tuned base (module docstring)
     ds = load_builtin("stdlib-code")
     windows = split_windows(lm.tokenizer, ds.val["text"], 256, 4 if quick else 16)
-    stream = token_stream(lm.tokenizer, ds.val["text"], max_tokens=40 * 256)
-    samples = passkey_samples(lm.tokenizer, stream, 256, (0.1, 0.3, 0.5), 1 if quick else 2)
+    stream = token_stream(lm.tokenizer, ds.val["text"], max_tokens=100 * 512)
+    depths, per_depth = (0.1, 0.3, 0.5, 0.7, 0.9), 2 if quick else 6
+    retrieval = {}  # dense passkey of the plain and the tuned base at several lengths (chance 0.20)
+    for length in (128, 256, 512):
+        at = passkey_samples(lm.tokenizer, stream, length, depths, per_depth, seed=length)
+        retrieval[length] = {"base": passkey_cells(lm.model, at, None), "tuned": passkey_cells(tuned.model, at, None)}
+        print(f"passkey dense L={length}: base {retrieval[length]['base']['passkey']:.2f}  retrieval-tuned "
+              f"{retrieval[length]['tuned']['passkey']:.2f}  by depth "
+              + " ".join(f"{d}:{a:.2f}" for d, a in retrieval[length]["tuned"]["passkey_by_depth"].items()),
+              flush=True)
+    samples = passkey_samples(lm.tokenizer, stream, 256, depths, per_depth)
     presses = {"ems-style": lambda b: EMS(b), "snapkv": lambda b: SnapKV(b), "adakv": lambda b: AdaKV(b),
                "h2o": lambda b: H2O(b), "streaming-llm": lambda b: StreamingLLM(b),
                "think50+snapkv": lambda b: ThinK(0.5, tokens=SnapKV(b))}
-    table = budget_sweep(lm.model, windows, 192, presses, (16, 32, 64), samples)
+    table = budget_sweep(lm.model, windows, 192, presses, (16, 32, 64), samples, passkey_model=tuned.model)
     # ThinK alone prunes key channels, not tokens: its rows are keyed by λ in percent
     table["think"] = budget_sweep(lm.model, windows, 192, {"think": lambda pct: ThinK(pct / 100)}, (25, 50, 75),
-                                  samples)["think"]
+                                  samples, passkey_model=tuned.model)["think"]
     dense = table["dense"][0]["kv_bytes"]
     train = sampled_stream(lm.tokenizer, ds.train["text"], 100_000)
     projection = calibrate(lm.model, random_windows(train, 8, 256, torch.Generator().manual_seed(0)))
@@ -94,10 +108,12 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
             if "kv_bytes" in cell:
                 cell["ratio"] = cell["kv_bytes"] / dense
                 unit = {"matryoshka-kv": "rank", "think": "λ%"}.get(name, "budget")
+                depth = " ".join(f"{a:.2f}" for a in cell.get("passkey_by_depth", {}).values())
                 print(f"{name:14s} {unit:6s} {key:3d}: "
-                      f"ppl {cell['ppl']:8.2f}  passkey {cell['passkey']:.2f}  KV {cell['kv_bytes'] / 1024:7.1f} KiB "
-                      f"({cell['ratio']:.3f}× dense)", flush=True)
-    return {str(n): {str(k): c for k, c in row.items()} for n, row in table.items()}
+                      f"ppl {cell['ppl']:8.2f}  passkey {cell['passkey']:.2f} [{depth:24s}]  "
+                      f"KV {cell['kv_bytes'] / 1024:7.1f} KiB ({cell['ratio']:.3f}× dense)", flush=True)
+    rows = {str(n): {str(k): c for k, c in row.items()} for n, row in table.items()}
+    return {**rows, "passkey_dense_by_length": {str(n): c for n, c in retrieval.items()}}
 
 
 def ppd_rows(quick: bool, train_steps: int, repeats: int) -> dict:

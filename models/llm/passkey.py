@@ -25,8 +25,31 @@ class PasskeySample:
     depth: float
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
+    """`text`'s token ids without special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class NeedleTokens:
+    """The pieces a needle and its question are built from, tokenized separately (so the key copies token for
+    token): the prefix `\nPASSKEY = ` (needle and question) and the newline that ends the needle line."""
+
+    prefix: list[int]
+    newline: list[int]
+
+    @classmethod
+    def of(cls, tokenizer) -> "NeedleTokens":
+        return cls(text_ids(tokenizer, "\nPASSKEY = "), text_ids(tokenizer, "\n"))
+
+    def filler(self, length: int, key: list[int]) -> int:
+        """Code tokens a prompt of `length` tokens (needle and question included) holds."""
+        return length - len(self.prefix) - len(key) - len(self.newline) - len(self.prefix)
+
+    def prompt(self, code: list[int], depth: float, key: list[int]) -> list[int]:
+        """`code` with the needle line for `key` inserted at relative `depth`, then the question prefix."""
+        cut = int(depth * len(code))
+        return code[:cut] + self.prefix + key + self.newline + code[cut:] + self.prefix
 
 
 def passkey_samples(tokenizer, stream: torch.Tensor, length: int, depths: tuple[float, ...], per_depth: int,
@@ -34,20 +57,18 @@ def passkey_samples(tokenizer, stream: torch.Tensor, length: int, depths: tuple[
     """`per_depth` samples at each depth, each `length` tokens long including the needle and the question, cut
     from consecutive pieces of the held-out token `stream`."""
     rng = random.Random(seed)
-    prefix, newline = _ids(tokenizer, "\nPASSKEY = "), _ids(tokenizer, "\n")
+    pieces = NeedleTokens.of(tokenizer)
     samples, offset = [], 0
     for depth in depths:
         for _ in range(per_depth):
             keys = rng.sample(range(10000, 100000), candidates)
-            key_ids = [_ids(tokenizer, str(key)) for key in keys]
-            needle = prefix + key_ids[0] + newline
-            filler = length - len(needle) - len(prefix)
+            key_ids = [text_ids(tokenizer, str(key)) for key in keys]
+            filler = pieces.filler(length, key_ids[0])
             if offset + filler > len(stream):
                 offset = 0
             code = stream[offset : offset + filler].tolist()
             offset += filler
-            cut = int(depth * filler)
-            prompt = torch.tensor(code[:cut] + needle + code[cut:] + prefix, dtype=torch.long)
+            prompt = torch.tensor(pieces.prompt(code, depth, key_ids[0]), dtype=torch.long)
             samples.append(PasskeySample(prompt, [torch.tensor(k, dtype=torch.long) for k in key_ids], depth))
     return samples
 

@@ -64,12 +64,12 @@ def continuation_nll(model: nn.Module, windows: torch.Tensor, context: int, pres
 
 
 @torch.no_grad()
-def passkey_accuracy_compressed(model: nn.Module, samples: list[PasskeySample], press: Press | None) -> float:
-    """`models.llm.passkey.passkey_accuracy` with the prompt prefilled once into a compressed cache: each candidate
-    key is scored through a copy of it."""
+def passkey_hits(model: nn.Module, samples: list[PasskeySample], press: Press | None) -> list[bool]:
+    """Per sample, whether the true key ranks first (`models.llm.passkey.passkey_accuracy`'s criterion) with the
+    prompt prefilled once into a compressed cache: each candidate key is scored through a copy of it."""
     was_training = model.training
     model.eval()
-    hits = 0
+    hits = []
     for sample in samples:
         last, cache = prefill(model, sample.prompt.unsqueeze(0), press)
         scores = []
@@ -79,18 +79,41 @@ def passkey_accuracy_compressed(model: nn.Module, samples: list[PasskeySample], 
                 more = model(input_ids=key[:-1].unsqueeze(0), cache=copy.deepcopy(cache)).logits
                 logits = torch.cat([logits, more], dim=1)
             scores.append(-F.cross_entropy(logits[0].float(), key, reduction="sum"))
-        hits += int(torch.stack(scores).argmax().item() == 0)
+        hits.append(torch.stack(scores).argmax().item() == 0)
     model.train(was_training)
-    return hits / max(len(samples), 1)
+    return hits
+
+
+def passkey_accuracy_compressed(model: nn.Module, samples: list[PasskeySample], press: Press | None) -> float:
+    """Fraction of `samples` retrieved through the compressed cache (`passkey_hits`)."""
+    hits = passkey_hits(model, samples, press)
+    return sum(hits) / max(len(hits), 1)
+
+
+def passkey_cells(model: nn.Module, samples: list[PasskeySample], press: Press | None) -> dict:
+    """{"passkey": accuracy, "passkey_by_depth": {depth: accuracy}} over `samples` (NaN without samples)."""
+    if not samples:
+        return {"passkey": float("nan")}
+    hits = passkey_hits(model, samples, press)
+    by_depth: dict[float, list[bool]] = {}
+    for sample, hit in zip(samples, hits):
+        by_depth.setdefault(sample.depth, []).append(hit)
+    return {"passkey": sum(hits) / len(hits),
+            "passkey_by_depth": {depth: sum(h) / len(h) for depth, h in sorted(by_depth.items())}}
 
 
 def budget_sweep(model: nn.Module, windows: torch.Tensor, context: int, presses: dict[str, Callable[[int], Press]],
                  budgets: tuple[int, ...], samples: list[PasskeySample] = (),
-                 on_done: Callable[[str, int], None] = lambda name, budget: None) -> dict[str, dict[int, dict]]:
-    """ppl, passkey accuracy and KV bytes per press name and per-head budget, plus the dense row under `"dense"`
-    (budget 0). Runs under `HEADWISE_ATTENTION` (plain SDPA unless a cache carries head-wise padding)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(HEADWISE_ATTENTION)
+                 on_done: Callable[[str, int], None] = lambda name, budget: None,
+                 passkey_model: nn.Module | None = None) -> dict[str, dict[int, dict]]:
+    """ppl, passkey accuracy (overall and per needle depth) and KV bytes per press name and per-head budget, plus
+    the dense row under `"dense"` (budget 0). Passkey runs on `passkey_model` when given (a retrieval-tuned
+    variant: `models.llm.retrieval_tuning`), else on `model`. Runs under `HEADWISE_ATTENTION` (plain SDPA unless
+    a cache carries head-wise padding)."""
+    models = [model] + ([passkey_model] if passkey_model is not None else [])
+    previous = [m.config._attn_implementation for m in models]
+    for m in models:
+        m.set_attn_implementation(HEADWISE_ATTENTION)
     table: dict[str, dict[int, dict]] = {}
     try:
         runs = [("dense", 0, None)] + [(name, b, make(b)) for name, make in presses.items() for b in budgets]
@@ -98,8 +121,9 @@ def budget_sweep(model: nn.Module, windows: torch.Tensor, context: int, presses:
             result = continuation_nll(model, windows, context, press)
             table.setdefault(name, {})[budget] = {
                 "ppl": result.ppl, "nll": result.nll, "kv_bytes": result.kv_bytes,
-                "passkey": passkey_accuracy_compressed(model, list(samples), press) if samples else float("nan")}
+                **passkey_cells(passkey_model if passkey_model is not None else model, list(samples), press)}
             on_done(name, budget)
     finally:
-        model.set_attn_implementation(previous)
+        for m, impl in zip(models, previous):
+            m.set_attn_implementation(impl)
     return table
