@@ -110,6 +110,7 @@ def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, clai
     try:
         with session_scope(settings.database_url) as s:
             lifecycle.mark_running(s, job_id, attempt)
+        print(f"[crucible] {job.mode} {job.method} on {ctx.device}", flush=True)
         if attempt > 1:
             print(f"--- attempt {attempt} (resuming from the last checkpoint if there is one) ---")
         if job.mode == "reproduce":

@@ -143,6 +143,7 @@ class DiffusionEngine(BaseModel):
     """Caps and defaults of an image deployment."""
 
     model_config = ConfigDict(extra="forbid")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when the server has one")
     max_steps: int = Field(100, ge=1, le=1000, description="largest `steps` a request may ask")
     max_n: int = Field(8, ge=1, le=64, description="largest `n` (images per request)")
     default_sampler: str = Field("ddim", max_length=32)

@@ -66,7 +66,7 @@ def load(kind: str, folder: Path, engine: dict[str, Any], deployment_id: str = "
     parts = load_parts(folder)
     if not any(folder.joinpath("unet").glob("*.safetensors")):
         raise FileNotFoundError("unet/ has no safetensors weights")
-    return Loaded(deployment_id, kind, engine, diffusion=parts)
+    return Loaded(deployment_id, kind, engine, diffusion=parts.to(resolve_device(engine)))
 
 
 class DeploymentManager:

@@ -33,7 +33,8 @@ class SamplingParams(MethodParams):
 
 
 def load_for_job(ctx: RunContext, ref: str, smoke: bool = False) -> DiffusionParts:
-    return load_parts(ctx.load_model(ref)) if ref else base_model(ctx, smoke)
+    """The named model (or the shared base), on the job's device."""
+    return (load_parts(ctx.load_model(ref)) if ref else base_model(ctx, smoke)).to(ctx.device)
 
 
 def class_prompts(per_class: int) -> torch.Tensor:

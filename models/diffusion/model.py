@@ -110,10 +110,22 @@ class DiffusionParts:
     def cross_attention(self) -> bool:
         return self.prompt_encoder is not None and any("attn2" in n for n, _ in self.unet.attn_processors.items())
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: str | torch.device) -> "DiffusionParts":
+        """Move every module to `device` (a job's `ctx.device`, a deployment's engine device). Random
+        draws stay on CPU generators and move over, so a seed gives the same noise on any device."""
+        for module in (self.unet, self.prompt_encoder, self.vae):
+            if module is not None:
+                module.to(device)
+        return self
+
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.prompt_encoder is None:
             raise ValueError("this model has no prompt encoder")
-        return self.prompt_encoder(tokens)
+        return self.prompt_encoder(tokens.to(self.device) if isinstance(tokens, torch.Tensor) else tokens)
 
     def eval(self) -> "DiffusionParts":
         self.unet.eval()

@@ -255,7 +255,7 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
 def _conditioning(parts: DiffusionParts, request: SampleRequest, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if parts.prompt_encoder is None:
         dim = parts.unet.config.cross_attention_dim
-        zeros = torch.zeros(n, 1, dim)
+        zeros = torch.zeros(n, 1, dim, device=parts.device)
         return zeros, zeros
     negative = request.negative_prompt if request.attention == "standard" else None  # NASA uses it in attention
     emb = encode_prompts(parts, [(request.prompt, "prompt"), (negative, "negative_prompt")])
@@ -271,7 +271,7 @@ def _one_step_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[i
 
     one = OneStep(**{k: parts.info["one_step"][k] for k in ("timestep", "alpha", "sigma")})
     size, g = parts.unet.config.sample_size, request.guidance
-    noise = initial_noise(seeds, (parts.unet.config.in_channels, size, size))
+    noise = initial_noise(seeds, (parts.unet.config.in_channels, size, size)).to(parts.device)
     cond, uncond = _conditioning(parts, request, len(seeds))
     state = g.new_state()
     d_c = one.generate(parts.unet, noise, cond)
@@ -286,9 +286,9 @@ def _sample_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[int
     unet, g, n = parts.unet, request.guidance, len(seeds)
     prediction_type = parts.info.get("prediction_type", "epsilon")
     scheduler = make_scheduler(parts, request.sampler)
-    scheduler.set_timesteps(request.steps)
+    scheduler.set_timesteps(request.steps, device=parts.device)
     size = unet.config.sample_size
-    x = initial_noise(seeds, (unet.config.in_channels, size, size)) * scheduler.init_noise_sigma
+    x = initial_noise(seeds, (unet.config.in_channels, size, size)).to(parts.device) * scheduler.init_noise_sigma
     cond, uncond = _conditioning(parts, request, n)
     state = g.new_state()
     # stochastic samplers' per-step noise; deterministic ones take no generator
@@ -318,7 +318,7 @@ def sample(parts: DiffusionParts, request: SampleRequest) -> SampleResult:
     with attention_processor(parts, request):
         for start in range(0, request.n, request.max_batch):
             x, state = _sample_chunk(parts, request, seeds[start:start + request.max_batch])
-            raws.append(parts.decode(x))
+            raws.append(parts.decode(x).cpu())
             norms.append(state.diff_norm)
             fractions.append(state.parallel_fraction)
     raw = torch.cat(raws)

@@ -68,10 +68,13 @@ def _params(parts: DiffusionParts) -> list[torch.nn.Parameter]:
 
 def train_denoiser(ctx: RunContext, config: PretrainConfig, data: ColouredDigits | None = None,
                    on_step: Callable[[int, DiffusionParts], None] | None = None) -> DiffusionParts:
-    """Train a fresh model under `config` and return its EMA weights (eval mode)."""
+    """Train a fresh model under `config` on `ctx.device` and return its EMA weights (eval mode).
+    Batches, noise and timesteps are drawn on CPU generators and moved, so a seed trains the same
+    data order on any device."""
     data = data if data is not None else coloured_digits("train", config.variants, seed=config.seed)
+    device = getattr(ctx, "device", "cpu")
     torch.manual_seed(config.seed)
-    parts = new_parts(config.widths, config.null_prob, config.attr_drop_prob)
+    parts = new_parts(config.widths, config.null_prob, config.attr_drop_prob).to(device)
     ema = copy.deepcopy(parts)
     scheduler = training_scheduler()
     alphas = scheduler.alphas_cumprod
@@ -96,6 +99,7 @@ def train_denoiser(ctx: RunContext, config: PretrainConfig, data: ColouredDigits
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
+        x0, tokens, noise, t, a = (v.to(device) for v in (x0, tokens, noise, t, a))
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = parts.unet(x_t, t, encoder_hidden_states=parts.prompt_encoder(tokens)).sample
         loss = F.mse_loss(pred, noise)
@@ -143,7 +147,7 @@ def base_model(ctx: RunContext, smoke: bool = False, config: PretrainConfig | No
         from models.context import InMemoryRunContext
 
         # a private context: the base model's checkpoints must not mix with the calling job's
-        parts = train_denoiser(InMemoryRunContext(seed=config.seed, on_progress=lambda d, t, m: ctx.progress(
+        parts = train_denoiser(InMemoryRunContext(seed=config.seed, device=ctx.device, on_progress=lambda d, t, m: ctx.progress(
             d, t, f"base model: {m}")), config)
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

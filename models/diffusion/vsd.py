@@ -70,7 +70,7 @@ class OneStep:
 
     def generate(self, unet: UNet2DConditionModel, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x̂₀ = (z − σ_T ε(z, T, c)) / α_T."""
-        t = torch.full((len(noise),), self.timestep, dtype=torch.long)
+        t = torch.full((len(noise),), self.timestep, dtype=torch.long, device=noise.device)
         return (noise - self.sigma * unet(noise, t, encoder_hidden_states=cond).sample) / self.alpha
 
 
