@@ -85,21 +85,14 @@ def plan(loaded: Loaded, texts: Sequence[str], prompt_field: str, *, max_tokens:
     return Plan(prompts, n, params, seed, kv_cache=engine.get("kv_cache", "none"), decoding=decoding)
 
 
-_KV_CONFIGS: dict[tuple[int, str, str], Any] = {}
-
-
 def kv_config(loaded: Loaded) -> Any:
-    """The deployment's checked KV-cache config (loaded once per warm model; a projection is read from its folder)."""
+    """The deployment's checked KV-cache config, read once per warm model (a projection comes from its folder)
+    and kept with it, so it goes when the model is evicted."""
     assert loaded.llm is not None
-    key = (id(loaded.llm.model), loaded.deployment_id,
-           f"{loaded.engine.get('kv_cache')}:{sorted((loaded.engine.get('kv_cache_options') or {}).items())}")
-    if key not in _KV_CONFIGS:
+    if "kv_config" not in loaded.derived:
         folder = loaded.llm.path
-        _KV_CONFIGS[key] = kv_cache_config(loaded.engine, folder, model_context(folder))
-    return _KV_CONFIGS[key]
-
-
-_PPD_ENGINES: dict[tuple[int, str], Any] = {}
+        loaded.derived["kv_config"] = kv_cache_config(loaded.engine, folder, model_context(folder))
+    return loaded.derived["kv_config"]
 
 
 @dataclass
@@ -121,16 +114,15 @@ def ppd_engine(loaded: Loaded) -> PPDEngine:
     from models.llm.prompt_tree import chain_tree, hardware_aware_tree
 
     assert loaded.llm is not None
-    key = (id(loaded.llm.model), loaded.deployment_id)
-    if key not in _PPD_ENGINES:
+    if "ppd" not in loaded.derived:
         prompts, rates = load_prompts(loaded.llm.path / PROMPTS_FILE)
         if rates is None or prompts.count == 0:
-            _PPD_ENGINES[key] = PPDEngine(prompts, chain_tree(prompts.count), prompts.count)
+            loaded.derived["ppd"] = PPDEngine(prompts, chain_tree(prompts.count), prompts.count)
         else:
             choice = hardware_aware_tree(loaded.llm.model, rates[:prompts.count],
                                          context=min(128, max(1, loaded.context_length // 2)))
-            _PPD_ENGINES[key] = PPDEngine(prompts, choice.tree, choice.nodes, choice)
-    return _PPD_ENGINES[key]
+            loaded.derived["ppd"] = PPDEngine(prompts, choice.tree, choice.nodes, choice)
+    return loaded.derived["ppd"]
 
 
 def ppd_prompts(loaded: Loaded) -> Any:

@@ -32,6 +32,7 @@ class Loaded:
     llm: CausalLM | None = None
     diffusion: DiffusionParts | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    derived: dict[str, Any] = field(default_factory=dict)  # what engines compute once per warm model (PPD tree, KV config)
 
     @property
     def context_length(self) -> int:
@@ -62,7 +63,12 @@ def load(kind: str, folder: Path, engine: dict[str, Any], deployment_id: str = "
         lm = load_folder(folder, dtype=engine.get("dtype", "float32"))
         lm.model.to(resolve_device(engine))
         use_sparse_attention(lm.model, engine, deployment_id)
-        return Loaded(deployment_id, kind, engine, llm=lm)
+        loaded = Loaded(deployment_id, kind, engine, llm=lm)
+        if engine.get("decoding") == "ppd":
+            from api.serving.llm import ppd_engine
+
+            ppd_engine(loaded)  # PPD's hardware-aware tree size is measured here, at load, not in a request
+        return loaded
     parts = load_parts(folder)
     if not any(folder.joinpath("unet").glob("*.safetensors")):
         raise FileNotFoundError("unet/ has no safetensors weights")
