@@ -176,8 +176,11 @@ def slice_hidden(model: LlamaForCausalLM, kept: torch.Tensor, transforms: dict[s
     config = model.config
     d, d_new = config.hidden_size, len(kept)
     transforms = transforms or {}
+    # A tied input/output embedding stays tied unless a map is folded into the embedding (then the two differ);
+    # untying it anyway would store the vocabulary matrix twice and make the narrowed model bigger than the base.
+    tied = model.lm_head.weight is model.model.embed_tokens.weight and "embed" not in transforms
     new_config = LlamaConfig(**{**config.to_dict(), "hidden_size": d_new, "head_dim": config.hidden_size
-                                // config.num_attention_heads, "tie_word_embeddings": False,
+                                // config.num_attention_heads, "tie_word_embeddings": tied,
                                 "rms_norm_eps": config.rms_norm_eps * d / d_new})
     new_config.architectures = ["LlamaForCausalLM"]
     small = LlamaForCausalLM(new_config).to(model.dtype)
@@ -188,7 +191,8 @@ def slice_hidden(model: LlamaForCausalLM, kept: torch.Tensor, transforms: dict[s
 
     embed = model.model.embed_tokens.weight
     small.model.embed_tokens.weight.copy_(fold("embed", embed.T).T[:, kept])
-    small.lm_head.weight.copy_(model.lm_head.weight[:, kept])
+    if not tied:
+        small.lm_head.weight.copy_(model.lm_head.weight[:, kept])
     small.model.norm.weight.copy_(model.model.norm.weight[kept] * gain)
     for i, (old, new) in enumerate(zip(model.model.layers, small.model.layers)):
         new.input_layernorm.weight.copy_(old.input_layernorm.weight[kept] * gain)
