@@ -23,6 +23,7 @@ class PasskeySample:
     prompt: torch.Tensor  # int64 [L]: code with the needle, ending in the question prefix
     candidates: list[torch.Tensor]  # token ids of each candidate key; index 0 is the true key
     depth: float
+    question: int = 0  # trailing prompt tokens that are the question (not the context a KV press compresses)
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
@@ -69,7 +70,8 @@ def passkey_samples(tokenizer, stream: torch.Tensor, length: int, depths: tuple[
             code = stream[offset : offset + filler].tolist()
             offset += filler
             prompt = torch.tensor(pieces.prompt(code, depth, key_ids[0]), dtype=torch.long)
-            samples.append(PasskeySample(prompt, [torch.tensor(k, dtype=torch.long) for k in key_ids], depth))
+            samples.append(PasskeySample(prompt, [torch.tensor(k, dtype=torch.long) for k in key_ids], depth,
+                                         len(pieces.prefix)))
     return samples
 
 

@@ -69,3 +69,27 @@ def test_a_few_tuning_steps_lower_the_key_loss(smoke_base):
     with torch.no_grad():
         after = retrieval_loss(model, *probe, recipe.key_weight)[1].item()
     assert len(history) == 12 and after < before
+
+
+def test_compressed_passkey_prefills_only_the_context(smoke_base):
+    """The press sees the prompt without its question (else the prefill's own forward would read the uncompressed
+    needle), and with no press the ranking equals the plain model's."""
+    from models.llm.kv_cache.evaluation import passkey_hits
+    from models.llm.kv_cache.press import Compressed
+    from models.llm.passkey import candidate_loglik
+
+    tok = smoke_base.tokenizer
+    samples = passkey_samples(tok, token_stream(tok, small_corpus().val["text"], max_tokens=2000), 80, (0.3, 0.7), 2)
+    seen = []
+
+    class Recording:
+        needs_attention = False
+
+        def compress(self, module, keys, values, attention):
+            seen.append(keys.shape[2])
+            return Compressed(keys, values)
+
+    compressed = passkey_hits(smoke_base.model, samples, Recording())
+    assert set(seen) == {80 - len(NeedleTokens.of(tok).prefix)}
+    plain = [bool(candidate_loglik(smoke_base.model, s).argmax() == 0) for s in samples]
+    assert compressed == plain == passkey_hits(smoke_base.model, samples, None)

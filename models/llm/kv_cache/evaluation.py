@@ -65,20 +65,22 @@ def continuation_nll(model: nn.Module, windows: torch.Tensor, context: int, pres
 
 @torch.no_grad()
 def passkey_hits(model: nn.Module, samples: list[PasskeySample], press: Press | None) -> list[bool]:
-    """Per sample, whether the true key ranks first (`models.llm.passkey.passkey_accuracy`'s criterion) with the
-    prompt prefilled once into a compressed cache: each candidate key is scored through a copy of it."""
+    """Per sample, whether the true key ranks first (`models.llm.passkey.passkey_accuracy`'s criterion) when the
+    context (the prompt before its question) is prefilled once into a compressed cache and the question and each
+    candidate key are read through a copy of it — kvpress's protocol. Prefilling the question with the context
+    would leak: the prefill's own forward attends to every context token before the press evicts any, so the first
+    key token would be predicted from the uncompressed context."""
     was_training = model.training
     model.eval()
     hits = []
     for sample in samples:
-        last, cache = prefill(model, sample.prompt.unsqueeze(0), press)
+        split = len(sample.prompt) - max(sample.question, 1)
+        _, cache = prefill(model, sample.prompt[:split].unsqueeze(0), press)
         scores = []
         for key in sample.candidates:
-            logits = last.unsqueeze(1)
-            if len(key) > 1:
-                more = model(input_ids=key[:-1].unsqueeze(0), cache=copy.deepcopy(cache)).logits
-                logits = torch.cat([logits, more], dim=1)
-            scores.append(-F.cross_entropy(logits[0].float(), key, reduction="sum"))
+            ids = torch.cat([sample.prompt[split:], key[:-1]]).unsqueeze(0)
+            logits = model(input_ids=ids, cache=copy.deepcopy(cache)).logits[0, -len(key):]
+            scores.append(-F.cross_entropy(logits.float(), key, reduction="sum"))
         hits.append(torch.stack(scores).argmax().item() == 0)
     model.train(was_training)
     return hits
