@@ -13,9 +13,10 @@ the kvpress presses (StreamingLLM, H2O, SnapKV, AdaKV), ThinK key-channel prunin
 λ = 50% over SnapKV (the paper's main setting; bytes count only the kept key channels), and MatryoshkaKV
 projections (PCA-initialised, then `--kv-train-steps` distillation steps) at uniform ranks 8..32 of 32;
 continuation perplexity (of the cached base), passkey accuracy and KV bytes, each bytes figure printed as a ratio
-of the dense cache measured in the same run. Passkey (256-token prompts compressed whole, needles at depths
-0.1..0.9, printed per depth in brackets; the true key ranked first of 5, chance 0.20) runs on the retrieval-tuned
-base (`models/llm/retrieval_tuning.py`), since the plain base retrieves at chance; its dense accuracy at 128/256/512
+of the dense cache measured in the same run. Passkey (256-token prompts, needles at depths 0.1..0.9, printed per
+depth in brackets; the true key ranked first of 5, chance 0.20; the context compressed before the question is read,
+and `q-in-context` with the question compressed too, which query-aware presses use) runs on the retrieval-tuned base
+(`models/llm/retrieval_tuning.py`), since the plain base retrieves at chance; its dense accuracy at 128/256/512
 tokens is printed first for both models. MatryoshkaKV rows have no passkey (the projection is fit on the base).
 
 Then end-to-end decoding (`--no-ppd` skips it): PPD prompt tokens trained on the tiny base (`--ppd-train-steps`),
@@ -109,8 +110,10 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
                 cell["ratio"] = cell["kv_bytes"] / dense
                 unit = {"matryoshka-kv": "rank", "think": "λ%"}.get(name, "budget")
                 depth = " ".join(f"{a:.2f}" for a in cell.get("passkey_by_depth", {}).values())
+                depth_q = " ".join(f"{a:.2f}" for a in cell.get("passkey_q_by_depth", {}).values())
                 print(f"{name:14s} {unit:6s} {key:3d}: "
                       f"ppl {cell['ppl']:8.2f}  passkey {cell['passkey']:.2f} [{depth:24s}]  "
+                      f"q-in-context {cell.get('passkey_q', float('nan')):.2f} [{depth_q:24s}]  "
                       f"KV {cell['kv_bytes'] / 1024:7.1f} KiB ({cell['ratio']:.3f}× dense)", flush=True)
     rows = {str(n): {str(k): c for k, c in row.items()} for n, row in table.items()}
     return {**rows, "passkey_dense_by_length": {str(n): c for n, c in retrieval.items()}}

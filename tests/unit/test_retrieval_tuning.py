@@ -93,3 +93,6 @@ def test_compressed_passkey_prefills_only_the_context(smoke_base):
     assert set(seen) == {80 - len(NeedleTokens.of(tok).prefix)}
     plain = [bool(candidate_loglik(smoke_base.model, s).argmax() == 0) for s in samples]
     assert compressed == plain == passkey_hits(smoke_base.model, samples, None)
+    seen.clear()  # query-aware mode: the question but its last token is compressed with the context
+    assert passkey_hits(smoke_base.model, samples, Recording(), question_in_context=True) == plain
+    assert set(seen) == {79}

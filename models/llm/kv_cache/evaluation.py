@@ -64,17 +64,20 @@ def continuation_nll(model: nn.Module, windows: torch.Tensor, context: int, pres
 
 
 @torch.no_grad()
-def passkey_hits(model: nn.Module, samples: list[PasskeySample], press: Press | None) -> list[bool]:
+def passkey_hits(model: nn.Module, samples: list[PasskeySample], press: Press | None,
+                 question_in_context: bool = False) -> list[bool]:
     """Per sample, whether the true key ranks first (`models.llm.passkey.passkey_accuracy`'s criterion) when the
     context (the prompt before its question) is prefilled once into a compressed cache and the question and each
     candidate key are read through a copy of it — kvpress's protocol. Prefilling the question with the context
     would leak: the prefill's own forward attends to every context token before the press evicts any, so the first
-    key token would be predicted from the uncompressed context."""
+    key token would be predicted from the uncompressed context. `question_in_context`: the question, all but its
+    last token, is prefilled and compressed with the context, so query-aware presses (SnapKV's observation window)
+    see it, and the last question token is read through the cache."""
     was_training = model.training
     model.eval()
     hits = []
     for sample in samples:
-        split = len(sample.prompt) - max(sample.question, 1)
+        split = len(sample.prompt) - (1 if question_in_context else max(sample.question, 1))
         _, cache = prefill(model, sample.prompt[:split].unsqueeze(0), press)
         scores = []
         for key in sample.candidates:
@@ -93,15 +96,19 @@ def passkey_accuracy_compressed(model: nn.Module, samples: list[PasskeySample], 
 
 
 def passkey_cells(model: nn.Module, samples: list[PasskeySample], press: Press | None) -> dict:
-    """{"passkey": accuracy, "passkey_by_depth": {depth: accuracy}} over `samples` (NaN without samples)."""
+    """{"passkey": accuracy, "passkey_by_depth": {depth: accuracy}} over `samples` (NaN without samples), and the
+    same with the question compressed with the context as "passkey_q", "passkey_q_by_depth"."""
     if not samples:
         return {"passkey": float("nan")}
-    hits = passkey_hits(model, samples, press)
-    by_depth: dict[float, list[bool]] = {}
-    for sample, hit in zip(samples, hits):
-        by_depth.setdefault(sample.depth, []).append(hit)
-    return {"passkey": sum(hits) / len(hits),
-            "passkey_by_depth": {depth: sum(h) / len(h) for depth, h in sorted(by_depth.items())}}
+    cells = {}
+    for name, in_context in (("passkey", False), ("passkey_q", True)):
+        hits = passkey_hits(model, samples, press, in_context)
+        by_depth: dict[float, list[bool]] = {}
+        for sample, hit in zip(samples, hits):
+            by_depth.setdefault(sample.depth, []).append(hit)
+        cells[name] = sum(hits) / len(hits)
+        cells[f"{name}_by_depth"] = {depth: sum(h) / len(h) for depth, h in sorted(by_depth.items())}
+    return cells
 
 
 def budget_sweep(model: nn.Module, windows: torch.Tensor, context: int, presses: dict[str, Callable[[int], Press]],
