@@ -134,12 +134,16 @@ def headwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     batches (the evaluation's; a padded batch is not supported with head-wise budgets). `dropout` stays the sixth
     positional parameter, as in transformers' own attention functions: kvpress wraps every registered function
     and passes it positionally."""
+    n, m = query.shape[-2], key.shape[-2]
     if kv_valid is not None:
-        n, m = query.shape[-2], key.shape[-2]
         groups = query.shape[1] // key.shape[1]
         valid = kv_valid[..., -m:].repeat_interleave(groups, dim=1)[:, :, None, :]  # [B, H, 1, m]
         causal = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
         attention_mask = causal & valid
+        kwargs["is_causal"] = False
+    elif attention_mask is not None and attention_mask.shape[-1] != m:
+        # an unpadded layer of a head-wise cache whose slot count differs from layer 0's (the mask's source)
+        attention_mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
         kwargs["is_causal"] = False
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
