@@ -26,7 +26,7 @@ from models.llm.data import split_windows, token_stream
 from models.llm.folder import load_folder
 from models.llm.kv_cache.cache import HEADWISE_ATTENTION
 from models.llm.kv_cache.ems import EMS
-from models.llm.kv_cache.evaluation import budget_sweep, passkey_accuracy_compressed
+from models.llm.kv_cache.evaluation import budget_sweep, passkey_cells
 from models.llm.kv_cache.press import Press
 from models.llm.kv_cache.presses import H2O, AdaKV, SnapKV, StreamingLLM
 from models.llm.passkey import PasskeySample, passkey_samples
@@ -135,7 +135,7 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         tuned = retrieval_model(ctx, smoke)
         tuned.model.set_attn_implementation(HEADWISE_ATTENTION)  # AdaKV's padded slots
         samples = passkey_set(ctx, tuned.tokenizer, params)
-        tuned_passkey = {name: passkey_accuracy_compressed(tuned.model, samples, make(params.budgets[0]))
+        tuned_passkey = {name: passkey_cells(tuned.model, samples, make(params.budgets[0]))
                          for name, make in [("dense", lambda b: None), *presses(params).items()]}
     headline = params.budgets[0]
     baselines = {name: row[headline] for name, row in table.items() if name not in ("dense", "ems-style")}
@@ -160,7 +160,8 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             + (" — dense is within 2 standard errors of chance, so the passkey half is untestable at this scale"
                if dense["passkey"] <= chance + 2 * (chance * (1 - chance) / max(n_samples, 1)) ** 0.5 else "")
             + f"; on the retrieval-tuned base (models/llm/retrieval_tuning.py, not part of the verdict) passkey at "
-            f"B={headline}: " + ", ".join(f"{n} {a:.0%}" for n, a in tuned_passkey.items())
+            f"B={headline}, question read after compression / compressed with the context: "
+            + ", ".join(f"{n} {c['passkey']:.0%}/{c['passkey_q']:.0%}" for n, c in tuned_passkey.items())
             + f"; {time.perf_counter() - start:.0f}s")
     return Outcome(ours=ours["ppl"], baseline=baselines[best_name]["ppl"], seeds=1, holds=ppl_holds and passkey_holds,
                    note=note, details={"table": {n: {str(b): c for b, c in row.items()} for n, row in table.items()},
