@@ -52,6 +52,11 @@ class Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    engine: dict[str, Any] | None = Field(
+        None, description="Crucible extension (OpenAI SDKs: extra_body={'engine': {...}}): this request's engine "
+                          "options over the deployment's — kv_cache and kv_cache_options, decoding, attention "
+                          "('sdpa' turns a sparse-attention deployment's off for this request); usage reports what ran",
+        json_schema_extra={"examples": [{"kv_cache": "ems", "kv_cache_options": {"budget": 64}}]})
 
 
 class Message(BaseModel):
@@ -159,7 +164,8 @@ async def _generate(request: Request, loaded: Loaded, p: llm.Plan, poll_s: float
 
 def _plan(loaded: Loaded, body: Sampling, texts: list[str], field: str) -> llm.Plan:
     return llm.plan(loaded, texts, field, max_tokens=body.max_tokens or body.max_completion_tokens,
-                    temperature=body.temperature, top_p=body.top_p, n=body.n, stop=body.stop, seed=body.seed)
+                    temperature=body.temperature, top_p=body.top_p, n=body.n, stop=body.stop, seed=body.seed,
+                    engine_override=body.engine)
 
 
 async def _prepare(request: Request, row: Deployment, settings: Any, store: Any) -> Loaded:

@@ -199,6 +199,32 @@ def validate_engine(kind: str, options: dict[str, Any], folder: Path | None = No
     return engine
 
 
+PER_REQUEST = ("kv_cache", "kv_cache_options", "decoding", "attention")
+
+
+def request_engine(deployment: dict[str, Any], override: dict[str, Any] | None, folder: Path) -> dict[str, Any]:
+    """The engine one request runs with: the deployment's, with the request's `engine` overrides (KV cache and
+    its options, decoding, and attention switched back to exact SDPA or kept), checked exactly as at deployment
+    creation, so an option the model cannot take is a 4xx naming `/engine/<field>` before anything runs.
+    Caps, dtype and device belong to the deployment (they size its memory), as do sparse-attention options."""
+    if not override:
+        return deployment
+    for key in override:
+        if key not in PER_REQUEST:
+            raise field_problem(f"/engine/{key}", f"a request can set {', '.join(PER_REQUEST)}; {key!r} belongs to "
+                                "the deployment (create another deployment to change it)")
+    attention = override.get("attention", deployment.get("attention", "sdpa"))
+    if attention not in ("sdpa", deployment.get("attention", "sdpa")):
+        raise field_problem("/engine/attention", f"this deployment runs {deployment.get('attention', 'sdpa')!r} "
+                            "attention; a request can keep it or ask for exact 'sdpa'")
+    merged = {**deployment, **override}
+    if "kv_cache" in override and "kv_cache_options" not in override:
+        merged["kv_cache_options"] = {}  # another compression's options do not carry over
+    if attention == "sdpa":
+        merged["attention_options"] = {}
+    return validate_engine("llm", merged, folder)
+
+
 def model_context(folder: Path) -> int | None:
     """max_position_embeddings from a HF folder's config.json (None when it does not say)."""
     import json

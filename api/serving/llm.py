@@ -9,14 +9,15 @@ deltas are handed to a callback (the SSE stream) as they are produced.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from api.problems import Problem, field_problem
-from api.serving.engines import kv_cache_config, model_context
+from api.serving.engines import kv_cache_config, model_context, request_engine
 from api.serving.manager import Loaded
 from models.llm.generation import Completion, SamplingParams, stop_token_ids, stream_text
 
@@ -39,6 +40,7 @@ class Plan:
     params: SamplingParams
     seed: int | None
     kv_cache: str = "none"
+    engine: dict[str, Any] = field(default_factory=dict)  # the deployment's engine with the request's overrides
     kv_bytes: int = 0  # the largest KV cache (bytes) any choice held at its end
     kv_bytes_dense: int = 0  # what an uncompressed cache of the same tokens would hold
     decoding: str = "standard"  # "ppd" when the deployment decodes with prompt tokens and the request is greedy
@@ -51,10 +53,11 @@ class Plan:
 
 
 def plan(loaded: Loaded, texts: Sequence[str], prompt_field: str, *, max_tokens: int | None, temperature: float,
-         top_p: float, n: int, stop: str | Sequence[str] | None, seed: int | None) -> Plan:
-    """Token ids and sampling parameters, or the 4xx naming the field over a cap."""
+         top_p: float, n: int, stop: str | Sequence[str] | None, seed: int | None,
+         engine_override: dict[str, Any] | None = None) -> Plan:
+    """Token ids, sampling parameters and the request's engine, or the 4xx naming the field at fault."""
     assert loaded.llm is not None
-    engine, tok = loaded.engine, loaded.llm.tokenizer
+    engine, tok = request_engine(loaded.engine, engine_override, loaded.llm.path), loaded.llm.tokenizer
     if n > engine["max_n"]:
         raise field_problem("/n", f"at most {engine['max_n']} choices per request on this deployment")
     if max_tokens is not None and max_tokens > engine["max_tokens_cap"]:
@@ -79,18 +82,21 @@ def plan(loaded: Loaded, texts: Sequence[str], prompt_field: str, *, max_tokens:
                       f"{room} tokens", errors=[{"pointer": "/max_tokens", "message": f"at most {room} here"}])
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stops),
                             stop_token_ids=stop_token_ids(tok))
-    kv_config(loaded)  # a KV-cache option the model cannot take is a 4xx now, not an error mid-stream
+    kv_config(loaded, engine)  # a KV-cache option the model cannot take is a 4xx now, not an error mid-stream
     # PPD reproduces greedy decoding exactly; a sampled request decodes the standard way
     decoding = "ppd" if engine.get("decoding") == "ppd" and temperature == 0 else "standard"
-    return Plan(prompts, n, params, seed, kv_cache=engine.get("kv_cache", "none"), decoding=decoding)
+    return Plan(prompts, n, params, seed, kv_cache=engine.get("kv_cache", "none"), engine=engine, decoding=decoding)
 
 
-def kv_config(loaded: Loaded) -> Any:
-    """The deployment's checked KV-cache config, read once per warm model (a projection comes from its folder)
-    and kept with it, so it goes when the model is evicted."""
+def kv_config(loaded: Loaded, engine: dict[str, Any] | None = None) -> Any:
+    """The checked KV-cache config of the deployment's engine (read once per warm model, as a projection comes
+    from its folder, and kept with it) or of a request's overridden one (read per request: requests may ask
+    for any budget, and a cache per distinct ask would grow without bound)."""
     assert loaded.llm is not None
+    folder = loaded.llm.path
+    if engine is not None and engine is not loaded.engine:
+        return kv_cache_config(engine, folder, model_context(folder))
     if "kv_config" not in loaded.derived:
-        folder = loaded.llm.path
         loaded.derived["kv_config"] = kv_cache_config(loaded.engine, folder, model_context(folder))
     return loaded.derived["kv_config"]
 
@@ -161,34 +167,55 @@ def run(loaded: Loaded, p: Plan, abort: threading.Event,
         if abort.is_set():
             return []
     try:
-        from models.llm.kv_cache.session import kv_session
-
-        config = kv_config(loaded)
-        compression = {"press": config} if p.kv_cache == "ems" else \
-            {"projection": config} if p.kv_cache == "matryoshka-kv" else {}
-        out: list[Completion] = []
-        base = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        for k, ids in enumerate(p.prompts):
-            for i in range(p.n):
-                index = k * p.n + i
-                completion = Completion()
-                generator = torch.Generator().manual_seed(base + index)
-                with kv_session(loaded.llm.model, **compression) as caches:
-                    # PPD decodes the whole choice (fewer forwards, greedy's exact tokens), then streams its text
-                    tokens = _ppd_tokens(loaded, p, ids) if p.decoding == "ppd" else None
-                    for delta in stream_text(loaded.llm.model, loaded.llm.tokenizer, ids, p.params, generator,
-                                             completion, abort.is_set, tokens):
-                        if on_delta is not None:
-                            on_delta(index, delta)
-                _account(loaded, p, caches, len(ids) + len(completion.token_ids))
-                out.append(completion)
-                if on_finish is not None:
-                    on_finish(index, completion)
-                if abort.is_set():
-                    return out
-        return out
+        with contextlib.ExitStack() as stack:
+            if p.engine.get("attention", "sdpa") != loaded.engine.get("attention", "sdpa"):
+                stack.enter_context(exact_attention(loaded.llm.model))
+            return _generate_all(loaded, p, abort, on_delta, on_finish)
     finally:
         loaded.lock.release()
+
+
+def _generate_all(loaded: Loaded, p: Plan, abort: threading.Event, on_delta: Callable[[int, str], None] | None,
+                  on_finish: Callable[[int, Completion], None] | None) -> list[Completion]:
+    from models.llm.kv_cache.session import kv_session
+
+    assert loaded.llm is not None
+    config = kv_config(loaded, p.engine or None)
+    compression = {"press": config} if p.kv_cache == "ems" else \
+        {"projection": config} if p.kv_cache == "matryoshka-kv" else {}
+    out: list[Completion] = []
+    base = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    for k, ids in enumerate(p.prompts):
+        for i in range(p.n):
+            index = k * p.n + i
+            completion = Completion()
+            generator = torch.Generator().manual_seed(base + index)
+            with kv_session(loaded.llm.model, **compression) as caches:
+                # PPD decodes the whole choice (fewer forwards, greedy's exact tokens), then streams its text
+                tokens = _ppd_tokens(loaded, p, ids) if p.decoding == "ppd" else None
+                for delta in stream_text(loaded.llm.model, loaded.llm.tokenizer, ids, p.params, generator,
+                                         completion, abort.is_set, tokens):
+                    if on_delta is not None:
+                        on_delta(index, delta)
+            _account(loaded, p, caches, len(ids) + len(completion.token_ids))
+            out.append(completion)
+            if on_finish is not None:
+                on_finish(index, completion)
+            if abort.is_set():
+                return out
+    return out
+
+
+@contextlib.contextmanager
+def exact_attention(model: Any) -> Iterator[None]:
+    """Exact SDPA for one request on a sparse-attention deployment (the caller holds the model's lock, so no
+    other request sees the switch), then the deployment's registered attention again."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, Any]:
@@ -203,4 +230,4 @@ def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, Any]:
                 "accepted_tokens_per_step": round(sum(p.accepted) / len(p.accepted), 4) if p.accepted else None,
                 "tree_nodes": p.tree_nodes}
     return {"prompt_tokens": p.prompt_tokens, "completion_tokens": done, "total_tokens": p.prompt_tokens + done,
-            "kv_cache": kv, "decoding": decoding}
+            "kv_cache": kv, "decoding": decoding, "attention": p.engine.get("attention", "sdpa")}
