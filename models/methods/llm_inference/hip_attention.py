@@ -23,6 +23,7 @@ from models.llm.base import RECIPES, base_model
 from models.llm.data import token_stream
 from models.llm.folder import CausalLM, load_folder
 from models.llm.passkey import passkey_accuracy, passkey_samples
+from models.llm.retrieval_tuning import retrieval_model
 from models.registry import method
 from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
@@ -44,8 +45,10 @@ def configs(params: HiPParams) -> dict[str, HiPConfig]:
     return {"hip": hip, "streaming-llm": streaming}
 
 
-def compare(ctx: RunContext, lm: CausalLM, params: HiPParams, tag: str) -> dict[str, dict[str, float]]:
-    """ppl and passkey accuracy for dense, HiP and StreamingLLM on the job's (or stdlib-code's) val split."""
+def compare(ctx: RunContext, lm: CausalLM, params: HiPParams, tag: str, passkey_lm: CausalLM | None = None
+            ) -> dict[str, dict[str, float]]:
+    """ppl and passkey accuracy for dense, HiP and StreamingLLM on the job's (or stdlib-code's) val split; the
+    passkey on `passkey_lm` when given (a model that can retrieve at all, e.g. the retrieval-tuned base)."""
     context = lm.model.config.max_position_embeddings
     windows = held_out_windows(ctx, lm.tokenizer, context, params.seq_len, params.eval_windows)
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
@@ -54,12 +57,14 @@ def compare(ctx: RunContext, lm: CausalLM, params: HiPParams, tag: str) -> dict[
                               params.passkey_per_depth, seed=ctx.seed or 0)
     names = {"dense": "sdpa"} | {label: register_hip(cfg, f"hip-{tag}-{label}")
                                  for label, cfg in configs(params).items()}
+    retriever = passkey_lm or lm
     table: dict[str, dict[str, float]] = {}
     for i, (label, name) in enumerate(names.items()):
         ctx.progress(i, len(names), f"{label}")
         with attention_implementation(lm.model, name):
-            table[label] = {"ppl": perplexity_with(lm.model, name, windows),
-                            "passkey": passkey_accuracy(lm.model, samples) if samples else float("nan")}
+            table[label] = {"ppl": perplexity_with(lm.model, name, windows)}
+        with attention_implementation(retriever.model, name):
+            table[label]["passkey"] = passkey_accuracy(retriever.model, samples) if samples else float("nan")
     return table
 
 
@@ -95,7 +100,10 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         HiPParams(seq_len=256, top_k=32, block_q=16, block_k=2, window=16, sink=4, passkey_per_depth=6)
     with cpu_threads(ctx.resources):
         lm = load_folder(base_model(ctx, smoke))
-        table = compare(ctx, lm, params, f"repro-{seed}")
+        # the base cannot retrieve at all (dense passkey at chance), so the passkey half runs on the same base
+        # after a short needle curriculum (models/llm/retrieval_tuning.py; its code is train-split, the
+        # samples validation-split)
+        table = compare(ctx, lm, params, f"repro-{seed}", passkey_lm=retrieval_model(ctx, smoke))
     dense, hip, streaming = table["dense"], table["hip"], table["streaming-llm"]
     ppl_holds = hip["ppl"] - dense["ppl"] < streaming["ppl"] - dense["ppl"]
     passkey_holds = hip["passkey"] >= 0.9 * dense["passkey"]
@@ -103,11 +111,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     note = (f"windows of {params.seq_len} tokens (the base was pre-trained on "
             f"{RECIPES[smoke].seq_len}-token windows); "
             f"ppl dense {dense['ppl']:.3f}, HiP {hip['ppl']:.3f}, StreamingLLM {streaming['ppl']:.3f}; passkey "
-            f"(rank of the true key among 5, chance {chance:.0%}) dense {dense['passkey']:.0%}, HiP "
+            f"on the retrieval-tuned base (rank of the true key among 5, chance {chance:.0%}) dense {dense['passkey']:.0%}, HiP "
             f"{hip['passkey']:.0%}, StreamingLLM {streaming['passkey']:.0%}"
-            + (" — dense is within 2 standard errors of chance: the 1.3M-parameter base cannot retrieve at this scale "
-               "(a repeated 32-token "
-               "span is not copied either), so the passkey half of the claim is untestable here"
+            + (" — dense is within 2 standard errors of chance, so the passkey half of the claim is untestable here"
                if dense["passkey"] <= chance + 2 * (chance * (1 - chance) / max(n_samples, 1)) ** 0.5
                else "")
             + ("" if ppl_holds else "; HiP's Δppl exceeds StreamingLLM's: with no long-range retrieval in the base, "
