@@ -16,7 +16,7 @@ def test_methods_json_lists_the_contract_fields():
 
 def test_methods_pattern_filters():
     items = json.loads(CliRunner().invoke(main, ["methods", "test-*", "--json"]).stdout)
-    assert [m["id"] for m in items] == ["test-counter"]
+    assert [m["id"] for m in items] == ["test-counter", "test-sleep"]
 
 
 def test_reproduce_prints_the_record_shape():
