@@ -23,11 +23,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cur.close()
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def _ensure_sqlite_folder(url: str) -> None:
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 _engines: dict[str, Engine] = {}
@@ -82,11 +89,16 @@ def _reachable(url: str, timeout_s: float = 2.0) -> bool:
 def warm_engine(url: str) -> None:
     """Connect once and run the reads every job makes, then close every connection: the first
     connection initialises the dialect (several server round trips) and the reads fill the
-    compiled-statement cache, so processes forked afterwards start with both (workers.preload)."""
+    compiled-statement cache, so processes forked afterwards start with both (workers.preload). A SQLite
+    file that does not exist yet is left alone (connecting would create it, unmigrated)."""
     from workers.tables import Artifact, Job
 
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None and not sqlite_file.exists():
+        return
     if not _reachable(url):
-        raise ConnectionError(f"no database server answers at {make_url(url).host}:{make_url(url).port}")
+        parsed = make_url(url)
+        raise ConnectionError(f"no database server answers at {parsed.host}:{parsed.port}")
     engine = get_engine(url)
     try:
         with session_scope(url) as s:

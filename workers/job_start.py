@@ -73,16 +73,17 @@ def warm_up(settings: "Settings | None" = None) -> None:
 
     _fork_server()
     with _start_lock:
+        if settings is None:
+            forkserver.ensure_running()
+            return
         saved = {k: v for k, v in os.environ.items() if k.startswith("CRUCIBLE_")}
-        if settings is not None:
-            os.environ.update(settings.to_env())
+        os.environ.update(settings.to_env())
         try:
             forkserver.ensure_running()
         finally:
-            if settings is not None:
-                for key in [k for k in os.environ if k.startswith("CRUCIBLE_")]:
-                    del os.environ[key]
-                os.environ.update(saved)
+            for key in [k for k in os.environ if k.startswith("CRUCIBLE_")]:
+                del os.environ[key]
+            os.environ.update(saved)
 
 
 def _exit_with(supervisor_pid: int) -> None:

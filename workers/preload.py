@@ -9,8 +9,8 @@ When the fork server starts with the worker's settings in its environment (`cruc
 worker of a Crucible cluster), it also imports the plugin modules, builds the S3 client of their store
 and warms the database engine: the dialect initialisation and the compiled statements of the reads
 every job makes (together about 0.1 s of each job's start, bench/dispatch.py). It closes that
-connection again: a fork must not share
-sockets with its parent (and `workers.db` drops any inherited pool in the child regardless).
+connection again: a fork must not share sockets with its parent (and `workers.db` drops any
+inherited pool in the child regardless).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ def _warm_from_environment() -> None:
     from workers.storage import open_store
 
     settings = Settings()
-    if settings.database_url.startswith("sqlite") and not os.path.exists(settings.database_url.split("///", 1)[-1]):
-        return  # not migrated yet: nothing to warm
     try:
         load_plugins(settings)
         open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)  # builds the S3 client; sends nothing
@@ -54,4 +52,3 @@ def _warm_from_environment() -> None:
 
 
 _warm_from_environment()
-

@@ -247,9 +247,10 @@ def attention_processor(parts: DiffusionParts, request: SampleRequest) -> Iterat
         parts.unet.set_attn_processor(before)
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One generator per image, so image i depends only on its own seed (not on n or batching)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device: str | torch.device = "cpu") -> torch.Tensor:
+    """One generator per image, so image i depends only on its own seed (not on n or batching); drawn on CPU
+    and moved to `device`, so a seed gives the same noise on any device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
 
 
 def _conditioning(parts: DiffusionParts, request: SampleRequest, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -271,7 +272,7 @@ def _one_step_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[i
 
     one = OneStep(**{k: parts.info["one_step"][k] for k in ("timestep", "alpha", "sigma")})
     size, g = parts.unet.config.sample_size, request.guidance
-    noise = initial_noise(seeds, (parts.unet.config.in_channels, size, size)).to(parts.device)
+    noise = initial_noise(seeds, (parts.unet.config.in_channels, size, size), parts.device)
     cond, uncond = _conditioning(parts, request, len(seeds))
     state = g.new_state()
     d_c = one.generate(parts.unet, noise, cond)
@@ -288,7 +289,7 @@ def _sample_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[int
     scheduler = make_scheduler(parts, request.sampler)
     scheduler.set_timesteps(request.steps, device=parts.device)
     size = unet.config.sample_size
-    x = initial_noise(seeds, (unet.config.in_channels, size, size)).to(parts.device) * scheduler.init_noise_sigma
+    x = initial_noise(seeds, (unet.config.in_channels, size, size), parts.device) * scheduler.init_noise_sigma
     cond, uncond = _conditioning(parts, request, n)
     state = g.new_state()
     # stochastic samplers' per-step noise; deterministic ones take no generator

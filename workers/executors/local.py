@@ -30,7 +30,6 @@ from workers.settings import Settings
 from workers.tables import ACTIVE, Job
 
 
-
 @dataclass
 class _Child:
     job_id: str
