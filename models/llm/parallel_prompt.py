@@ -232,22 +232,6 @@ class DecodeResult:
         return sum(self.accepted) / len(self.accepted) if self.accepted else 1.0
 
 
-def chain_mask(cached: int, nodes: int, m: int, dtype: torch.dtype) -> torch.Tensor:
-    """[1, 1, q, cached + q] additive mask for `nodes` chain candidates followed by one group of m prompt tokens
-    per candidate: candidate j sees the cache and candidates 0…j; group j's token i sees the cache, candidates
-    0…j and its own tokens 0…i."""
-    q = nodes + nodes * m
-    allowed = torch.zeros(q, cached + q, dtype=torch.bool)
-    allowed[:, :cached] = True
-    allowed[:nodes, cached:cached + nodes] = torch.ones(nodes, nodes, dtype=torch.bool).tril()
-    own = torch.ones(m, m, dtype=torch.bool).tril()
-    for j in range(nodes):
-        rows = slice(nodes + j * m, nodes + (j + 1) * m)
-        allowed[rows, cached:cached + j + 1] = True
-        allowed[rows, cached + nodes + j * m:cached + nodes + (j + 1) * m] = own
-    return torch.zeros(q, cached + q, dtype=dtype).masked_fill(~allowed, _blocked(dtype))[None, None]
-
-
 def _emit(result: DecodeResult, token: int, max_tokens: int, stops: frozenset[int]) -> bool:
     """Append a token; False when generation ends (stop token, which is not kept, or max_tokens reached)."""
     if token in stops:

@@ -12,11 +12,28 @@ import torch
 from models.llm.distillation import kl_loss
 from models.llm.generation import SamplingParams, generate_tokens
 from models.llm.model import build_model, llama_config
-from models.llm.parallel_prompt import (PromptTokens, batch_loss, chain_mask, kd_loss, ppd_generate, prompt_forward,
-                                        random_cuts, train_prompts)
+from models.llm.parallel_prompt import (PromptTokens, batch_loss, kd_loss, ppd_generate, prompt_forward, random_cuts,
+                                        train_prompts)
 
 torch.set_num_threads(1)
 VOCAB = 256
+
+
+def chain_mask(cached: int, nodes: int, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """The chain verification mask built directly, as the oracle the tree mechanism is checked against: [1, 1, q,
+    cached + q] additive mask for `nodes` chain candidates followed by one group of m prompt tokens
+    per candidate: candidate j sees the cache and candidates 0…j; group j's token i sees the cache, candidates
+    0…j and its own tokens 0…i."""
+    q = nodes + nodes * m
+    allowed = torch.zeros(q, cached + q, dtype=torch.bool)
+    allowed[:, :cached] = True
+    allowed[:nodes, cached:cached + nodes] = torch.ones(nodes, nodes, dtype=torch.bool).tril()
+    own = torch.ones(m, m, dtype=torch.bool).tril()
+    for j in range(nodes):
+        rows = slice(nodes + j * m, nodes + (j + 1) * m)
+        allowed[rows, cached:cached + j + 1] = True
+        allowed[rows, cached + nodes + j * m:cached + nodes + (j + 1) * m] = own
+    return torch.zeros(q, cached + q, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 @pytest.fixture(scope="module")

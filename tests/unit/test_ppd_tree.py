@@ -13,10 +13,11 @@ import torch
 
 from models.llm.generation import SamplingParams, generate_tokens
 from models.llm.model import build_model, llama_config
-from models.llm.parallel_prompt import PromptTokens, chain_mask, greedy_rank_acceptance, ppd_generate
+from models.llm.parallel_prompt import PromptTokens, greedy_rank_acceptance, ppd_generate
 from models.llm.prompt_tree import (SparseTree, chain_tree, choose_tree_size, expected_accepted, keep_cache_rows,
                                     latency_envelope, measure_tree_latency, path_probability, sparse_tree, tree_mask,
                                     tree_positions)
+from tests.unit.test_ppd import chain_mask
 
 torch.set_num_threads(1)
 VOCAB = 256
