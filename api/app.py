@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -47,8 +47,12 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
             if app.state.executor is not None:
                 app.state.executor.stop()
 
-    app = FastAPI(title="Crucible", version=VERSION, lifespan=lifespan,
-                  description="Submit ML research methods as jobs; track metrics, checkpoints and artifacts.")
+    app = FastAPI(
+        title="Crucible",
+        version=VERSION,
+        lifespan=lifespan,
+        description="Submit ML research methods as jobs; track metrics, checkpoints and artifacts.",
+    )
     app.state.settings = settings
     app.state.store = open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)
     app.state.rate_limiter = RateLimiter()
@@ -61,9 +65,15 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
         cap = settings.max_upload_bytes if request.url.path.startswith(UPLOAD_PATHS) else settings.max_json_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > cap:
-            return problems.problem_response(request, problems.Problem(
-                413, "body-too-large", "Request body too large",
-                f"the body is {length} bytes; the limit for {request.url.path} is {cap} bytes"))
+            return problems.problem_response(
+                request,
+                problems.Problem(
+                    413,
+                    "body-too-large",
+                    "Request body too large",
+                    f"the body is {length} bytes; the limit for {request.url.path} is {cap} bytes",
+                ),
+            )
         response: Response = await call_next(request)
         response.headers["X-Request-ID"] = request.state.request_id
         return response
@@ -97,17 +107,24 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
             valid = lookup_key(s, key.strip()) is not None
         response = RedirectResponse("/" if valid else "/?login=failed", status_code=303)
         if valid:
-            response.set_cookie(SESSION_COOKIE, key.strip(), httponly=True, samesite="strict", path="/",
-                                secure=request.url.scheme == "https", max_age=30 * 24 * 3600)
+            response.set_cookie(
+                SESSION_COOKIE,
+                key.strip(),
+                httponly=True,
+                samesite="strict",
+                path="/",
+                secure=request.url.scheme == "https",
+                max_age=30 * 24 * 3600,
+            )
         return response
 
     @app.api_route("/vendor/plotly.min.js", methods=["GET", "HEAD"], include_in_schema=False)
     def plotly_js() -> Response:
-        return FileResponse(plotly_bundle(), media_type="text/javascript",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return FileResponse(
+            plotly_bundle(), media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
+        )
 
-    app.mount("/dashboard", StaticFiles(directory=str(resources.files("api").joinpath("dashboard"))),
-              name="dashboard")
+    app.mount("/dashboard", StaticFiles(directory=str(resources.files("api").joinpath("dashboard"))), name="dashboard")
     return app
 
 
@@ -116,6 +133,10 @@ def plotly_bundle() -> Path:
     try:
         import plotly
     except ImportError:
-        raise problems.Problem(404, "plotly-missing", "Charting library not installed",
-                               "install the `plotly` package (pip install plotly) to draw charts") from None
+        raise problems.Problem(
+            404,
+            "plotly-missing",
+            "Charting library not installed",
+            "install the `plotly` package (pip install plotly) to draw charts",
+        ) from None
     return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"

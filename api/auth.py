@@ -66,24 +66,31 @@ def create_project(session: Session, name: str, description: str = "") -> Projec
     if not PROJECT_NAME_RULE.match(name):
         raise field_problem("/name", "use 2-64 lowercase letters, digits, '_' or '-', starting with a letter or digit")
     if session.get(Project, name) is not None:
-        raise field_problem("/name", f"a project named {name!r} exists; choose another name", status=409,
-                            slug="project-exists", title="Project exists")
+        raise field_problem(
+            "/name",
+            f"a project named {name!r} exists; choose another name",
+            status=409,
+            slug="project-exists",
+            title="Project exists",
+        )
     project = Project(name=name, description=description)
     session.add(project)
     session.flush()
     return project
 
 
-def create_key(session: Session, project: str, role: str, name: str = "",
-               created_by: str | None = None) -> tuple[ApiKey, str]:
+def create_key(
+    session: Session, project: str, role: str, name: str = "", created_by: str | None = None
+) -> tuple[ApiKey, str]:
     """A new key; the secret is returned here once and never again."""
     if role not in ROLES:
         raise field_problem("/role", f"use one of {', '.join(ROLES)}")
     if session.get(Project, project) is None:
         raise Problem(404, "project-not-found", "No such project", f"no project named {project!r}")
     secret = new_key()
-    row = ApiKey(project=project, role=role, name=name, prefix=secret[:10], hash=hash_key(secret),
-                 created_by=created_by)
+    row = ApiKey(
+        project=project, role=role, name=name, prefix=secret[:10], hash=hash_key(secret), created_by=created_by
+    )
     session.add(row)
     session.flush()
     return row, secret
@@ -126,8 +133,9 @@ def bootstrap_admin_key(settings: Settings) -> str:
 
 # -- the request dependency -------------------------------------------------------
 def _unauthorized(detail: str) -> Problem:
-    return Problem(401, "unauthorized", "Authentication required", detail,
-                   headers={"WWW-Authenticate": 'Bearer realm="crucible"'})
+    return Problem(
+        401, "unauthorized", "Authentication required", detail, headers={"WWW-Authenticate": 'Bearer realm="crucible"'}
+    )
 
 
 def presented_key(request: Request) -> tuple[str, bool]:
@@ -152,19 +160,29 @@ def lookup_key(session: Session, key: str) -> ApiKey | None:
 def authenticate(request: Request, session: SessionDep) -> Principal:
     key, from_cookie = presented_key(request)
     if not key:
-        raise _unauthorized("this route needs an API key: `Authorization: Bearer <key>` (the admin key of a local "
-                            "`crucible up` is in $CRUCIBLE_HOME/admin-key)")
+        raise _unauthorized(
+            "this route needs an API key: `Authorization: Bearer <key>` (the admin key of a local "
+            "`crucible up` is in $CRUCIBLE_HOME/admin-key)"
+        )
     row = lookup_key(session, key)
     if row is None:
         raise _unauthorized("the key is unknown or revoked; ask a project admin for a new one")
     if from_cookie and request.method not in READ_METHODS and request.headers.get(DASHBOARD_HEADER) != "dashboard":
-        raise Problem(403, "csrf", "Cross-site request refused",
-                      f"a write authenticated by the dashboard cookie must send the {DASHBOARD_HEADER} header; "
-                      "scripts should use `Authorization: Bearer <key>`")
+        raise Problem(
+            403,
+            "csrf",
+            "Cross-site request refused",
+            f"a write authenticated by the dashboard cookie must send the {DASHBOARD_HEADER} header; "
+            "scripts should use `Authorization: Bearer <key>`",
+        )
     principal = Principal(key_id=row.id, project=row.project, role=row.role, key_name=row.name)
     if request.method not in READ_METHODS and not principal.can("member"):
-        raise Problem(403, "forbidden", "This key may only read",
-                      f"the key {row.prefix}… is a viewer of project {row.project}; writes need a member or admin key")
+        raise Problem(
+            403,
+            "forbidden",
+            "This key may only read",
+            f"the key {row.prefix}… is a viewer of project {row.project}; writes need a member or admin key",
+        )
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > timedelta(minutes=1):
         row.last_used_at = now  # coarse, so polling does not turn every read into a write
@@ -177,8 +195,12 @@ PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.can("admin"):
-        raise Problem(403, "forbidden", "Admin role required",
-                      f"this needs an admin key of project {principal.project}; yours is a {principal.role}")
+        raise Problem(
+            403,
+            "forbidden",
+            "Admin role required",
+            f"this needs an admin key of project {principal.project}; yours is a {principal.role}",
+        )
     return principal
 
 
@@ -213,11 +235,17 @@ def _limited(bucket: str, setting: str):  # type: ignore[no-untyped-def]
         per_minute = getattr(settings, setting)
         wait = limiter.take(principal.key_id, bucket, per_minute)
         if wait:
-            raise Problem(429, "rate-limited", "Too many requests",
-                          f"this key may make {per_minute} {bucket} requests per minute "
-                          f"(CRUCIBLE_{setting.upper()}); retry in {wait:.1f} s",
-                          headers={"Retry-After": str(max(1, round(wait)))}, extra={"limit_per_minute": per_minute})
+            raise Problem(
+                429,
+                "rate-limited",
+                "Too many requests",
+                f"this key may make {per_minute} {bucket} requests per minute "
+                f"(CRUCIBLE_{setting.upper()}); retry in {wait:.1f} s",
+                headers={"Retry-After": str(max(1, round(wait)))},
+                extra={"limit_per_minute": per_minute},
+            )
         return principal
+
     return check
 
 
@@ -236,10 +264,17 @@ def project_limits(session: Session, settings: Settings, project: str) -> tuple[
 def stored_bytes(session: Session, project: str) -> int:
     from workers.tables import Artifact, DatasetRow, Job, RegisteredModel
 
-    artifacts = session.scalar(select(func.coalesce(func.sum(Artifact.size), 0)).join(Job, Job.id == Artifact.job_id)
-                               .where(Job.project == project)) or 0
-    datasets = session.scalar(select(func.coalesce(func.sum(DatasetRow.size), 0))
-                              .where(DatasetRow.project == project)) or 0
+    artifacts = (
+        session.scalar(
+            select(func.coalesce(func.sum(Artifact.size), 0))
+            .join(Job, Job.id == Artifact.job_id)
+            .where(Job.project == project)
+        )
+        or 0
+    )
+    datasets = (
+        session.scalar(select(func.coalesce(func.sum(DatasetRow.size), 0)).where(DatasetRow.project == project)) or 0
+    )
     models = 0
     for files in session.scalars(select(RegisteredModel.files).where(RegisteredModel.project == project)):
         models += sum(int(f.get("size", 0)) for f in (files or {}).values())
@@ -250,18 +285,29 @@ def check_storage_quota(session: Session, settings: Settings, project: str, inco
     _, limit = project_limits(session, settings, project)
     used = stored_bytes(session, project)
     if used + incoming > limit:
-        raise Problem(413, "storage-quota", "Project storage quota exceeded",
-                      f"project {project} stores {used} bytes; adding {incoming} would pass its limit of {limit} "
-                      "bytes; delete old jobs or datasets, or ask an admin to raise the quota",
-                      extra={"limit_bytes": limit, "used_bytes": used})
+        raise Problem(
+            413,
+            "storage-quota",
+            "Project storage quota exceeded",
+            f"project {project} stores {used} bytes; adding {incoming} would pass its limit of {limit} "
+            "bytes; delete old jobs or datasets, or ask an admin to raise the quota",
+            extra={"limit_bytes": limit, "used_bytes": used},
+        )
 
 
 # -- the audit log ------------------------------------------------------------------
-def audit(session: Session, request: Request | None, principal: Principal | None, action: str, target: str = "",
-          **detail: Any) -> None:
+def audit(
+    session: Session, request: Request | None, principal: Principal | None, action: str, target: str = "", **detail: Any
+) -> None:
     """One row per state-changing act, written in the same transaction as the act itself."""
-    session.add(AuditEvent(
-        project=principal.project if principal else DEFAULT_PROJECT,
-        key_id=principal.key_id if principal else None, action=action, target=target[:256],
-        detail=detail, request_id=getattr(request.state, "request_id", None) if request else None,
-        client=(request.client.host if request and request.client else None)))
+    session.add(
+        AuditEvent(
+            project=principal.project if principal else DEFAULT_PROJECT,
+            key_id=principal.key_id if principal else None,
+            action=action,
+            target=target[:256],
+            detail=detail,
+            request_id=getattr(request.state, "request_id", None) if request else None,
+            client=(request.client.host if request and request.client else None),
+        )
+    )

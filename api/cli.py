@@ -33,8 +33,9 @@ class Api:
         try:
             r = self.http.request(method, path, **kw)
         except httpx.ConnectError:
-            err.print(f"[red]cannot reach the Crucible API at {self.url}[/]; start it with `make up` "
-                      "or set CRUCIBLE_API_URL")
+            err.print(
+                f"[red]cannot reach the Crucible API at {self.url}[/]; start it with `make up` or set CRUCIBLE_API_URL"
+            )
             sys.exit(2)
         if r.status_code >= 400:
             try:
@@ -43,8 +44,9 @@ class Api:
             except ValueError:
                 err.print(f"[red]HTTP {r.status_code}[/]: {r.text[:500]}")
             sys.exit(1)
-        return r.json() if r.headers.get("content-type", "").startswith(("application/json", "application/problem"))\
-            else r
+        return (
+            r.json() if r.headers.get("content-type", "").startswith(("application/json", "application/problem")) else r
+        )
 
 
 def _api() -> Api:
@@ -98,8 +100,9 @@ def up(host: str | None, port: int | None, demo: bool | None) -> None:
     console.print(f"[bold]Crucible[/] on {base}  (state in {settings.home})")
     console.print(f"  log the browser in once with [link={base}/?token={key}]{base}/?token={key}[/]")
     console.print(f"  the CLI uses the admin key in {settings.admin_key_file} (or CRUCIBLE_API_KEY)")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=False)  # the dashboard polls every 2 s; access lines would drown the log
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False
+    )  # the dashboard polls every 2 s; access lines would drown the log
 
 
 @main.command()
@@ -112,8 +115,13 @@ def worker(queues: str | None, concurrency: int | None, name: str | None, loglev
     from workers.executors.celery import default_queues, run_worker
 
     settings = Settings()
-    run_worker(settings, queues.split(",") if queues else default_queues(),
-               concurrency or settings.max_concurrent_jobs, name=name, loglevel=loglevel)
+    run_worker(
+        settings,
+        queues.split(",") if queues else default_queues(),
+        concurrency or settings.max_concurrent_jobs,
+        name=name,
+        loglevel=loglevel,
+    )
 
 
 def _queue_demo(settings: Settings) -> None:
@@ -128,8 +136,12 @@ def _queue_demo(settings: Settings) -> None:
     with session_scope(settings.database_url) as s:
         if s.scalar(select(func.count()).select_from(Job)):
             return
-        job, _ = submit(s, settings, JobCreate(method="ldr", dataset="digits", params={"noise_rate": 0.4},
-                                               tags={"demo": "true"}), None)
+        job, _ = submit(
+            s,
+            settings,
+            JobCreate(method="ldr", dataset="digits", params={"noise_rate": 0.4}, tags={"demo": "true"}),
+            None,
+        )
         console.print(f"queued demo job [cyan]{job.id}[/] (ldr on digits with 40% label noise)")
 
 
@@ -176,8 +188,15 @@ def keys(ctx: click.Context) -> None:
     if ctx.invoked_subcommand is None:
         table = Table("id", "prefix", "role", "name", "created", "last used", "revoked")
         for k in _api()("GET", "/api/v1/keys")["items"]:
-            table.add_row(k["id"], k["prefix"] + "…", k["role"], k["name"], k["created_at"][:19],
-                          (k["last_used_at"] or "")[:19], (k["revoked_at"] or "")[:19])
+            table.add_row(
+                k["id"],
+                k["prefix"] + "…",
+                k["role"],
+                k["name"],
+                k["created_at"][:19],
+                (k["last_used_at"] or "")[:19],
+                (k["revoked_at"] or "")[:19],
+            )
         console.print(table)
 
 
@@ -221,8 +240,9 @@ def methods(pattern: str, as_json: bool) -> None:
         return _emit(items)
     table = Table("id", "family", "task", "datasets", "repro", "paper")
     for m in items:
-        table.add_row(m["id"], m["family"], m["task"], ", ".join(m["datasets"]), "✓" if m["reproduction"] else "",
-                      m["paper"][:70])
+        table.add_row(
+            m["id"], m["family"], m["task"], ", ".join(m["datasets"]), "✓" if m["reproduction"] else "", m["paper"][:70]
+        )
     console.print(table)
 
 
@@ -250,8 +270,12 @@ def datasets(ctx: click.Context, as_json: bool) -> None:
 def datasets_upload(name: str, file: Path, kind: str, description: str) -> None:
     """Upload an .npz or .jsonl file as dataset NAME (validated against KIND)."""
     with open(file, "rb") as f:
-        out = _api()("POST", "/api/v1/datasets", data={"name": name, "kind": kind, "description": description},
-                     files={"file": (file.name, f)})
+        out = _api()(
+            "POST",
+            "/api/v1/datasets",
+            data={"name": name, "kind": kind, "description": description},
+            files={"file": (file.name, f)},
+        )
     console.print(f"stored dataset [cyan]{out['name']}[/] ({out['kind']}): {out['meta']}")
 
 
@@ -267,12 +291,29 @@ def datasets_upload(name: str, file: Path, kind: str, description: str) -> None:
 @click.option("--idempotency-key", default=None)
 @click.option("--follow", "-f", is_flag=True, help="show a live progress bar until the job ends")
 @click.option("--json", "as_json", is_flag=True)
-def submit(method: str, dataset: str | None, params: tuple[str, ...], seed: int, priority: int, gpus: float,
-           reproduce: bool, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+def submit(
+    method: str,
+    dataset: str | None,
+    params: tuple[str, ...],
+    seed: int,
+    priority: int,
+    gpus: float,
+    reproduce: bool,
+    idempotency_key: str | None,
+    follow: bool,
+    as_json: bool,
+) -> None:
     """Queue METHOD on a dataset."""
     api = _api()
-    body = {"method": method, "dataset": dataset, "params": _parse_params(params), "seed": seed,
-            "priority": priority, "mode": "reproduce" if reproduce else "run", "resources": {"gpus": gpus}}
+    body = {
+        "method": method,
+        "dataset": dataset,
+        "params": _parse_params(params),
+        "seed": seed,
+        "priority": priority,
+        "mode": "reproduce" if reproduce else "run",
+        "resources": {"gpus": gpus},
+    }
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     job = api("POST", "/api/v1/jobs", json=body, headers=headers)
     if not follow:
@@ -285,7 +326,13 @@ def submit(method: str, dataset: str | None, params: tuple[str, ...], seed: int,
 
 def _follow(api: Api, job_id: str, quiet: bool = False) -> dict[str, Any]:
     """Poll the job until it ends, drawing a progress bar with its latest metrics."""
-    columns = [TextColumn("[bold]{task.fields[status]:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
+    columns = [
+        TextColumn("[bold]{task.fields[status]:>10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    ]
     with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
         task = bar.add_task("", total=None, status="queued")
         while True:
@@ -293,8 +340,13 @@ def _follow(api: Api, job_id: str, quiet: bool = False) -> dict[str, Any]:
             latest = _latest_metrics(api, job_id) if job["status"] in ("running", "cancelling") else {}
             shown = "  ".join(f"{k}={v:.4g}" for k, v in list(latest.items())[:4])
             p = job["progress"]
-            bar.update(task, completed=p["done"], total=p["total"] or None, status=job["status"],
-                       description=(p["message"] + "  " + shown).strip())
+            bar.update(
+                task,
+                completed=p["done"],
+                total=p["total"] or None,
+                status=job["status"],
+                description=(p["message"] + "  " + shown).strip(),
+            )
             if job["status"] in TERMINAL:
                 break
             time.sleep(0.5)
@@ -342,8 +394,14 @@ def jobs(status: str | None, method: str | None, limit: int, as_json: bool) -> N
     table = Table("id", "method", "dataset", "status", "progress", "created")
     for j in page["items"]:
         p = j["progress"]
-        table.add_row(j["id"], j["method"], j["dataset"] or "", j["status"],
-                      f"{p['done']}/{p['total']}" if p["total"] else "", j["created_at"][:19])
+        table.add_row(
+            j["id"],
+            j["method"],
+            j["dataset"] or "",
+            j["status"],
+            f"{p['done']}/{p['total']}" if p["total"] else "",
+            j["created_at"][:19],
+        )
     console.print(table)
 
 
@@ -389,8 +447,13 @@ def cancel(job_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job_id")
-@click.option("--download", "dest", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="save every artifact under this folder")
+@click.option(
+    "--download",
+    "dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="save every artifact under this folder",
+)
 @click.option("--json", "as_json", is_flag=True)
 def artifacts(job_id: str, dest: Path | None, as_json: bool) -> None:
     """List (or download) a job's artifacts."""
@@ -423,8 +486,11 @@ def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: boo
     """Run METHOD_ID's reproduction of its paper's claim and print the record."""
     if as_job:
         api = _api()
-        job = api("POST", "/api/v1/jobs", json={"method": method_id, "mode": "reproduce", "seed": seed,
-                                                 "params": {"smoke": smoke}})
+        job = api(
+            "POST",
+            "/api/v1/jobs",
+            json={"method": method_id, "mode": "reproduce", "seed": seed, "params": {"smoke": smoke}},
+        )
         final = _follow(api, job["id"], quiet=as_json)
         record = (final.get("result") or {}).get("reproduction")
     else:
@@ -433,10 +499,21 @@ def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: boo
         from models.reproduction import run_reproduction
 
         spec = get_reproduction(method_id)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, disable=as_json, transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=err,
+            disable=as_json,
+            transient=True,
+        ) as bar:
             task = bar.add_task(method_id, total=None)
-            ctx = InMemoryRunContext(seed=seed, on_progress=lambda d, t, m: bar.update(
-                task, completed=d, total=t or None, description=f"{method_id} {m}"))
+            ctx = InMemoryRunContext(
+                seed=seed,
+                on_progress=lambda d, t, m: bar.update(
+                    task, completed=d, total=t or None, description=f"{method_id} {m}"
+                ),
+            )
             record = run_reproduction(spec, ctx, seed=seed, smoke=smoke)
     if as_json:
         return _emit(record)
@@ -444,9 +521,11 @@ def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: boo
         sys.exit(1)
     verdict = "[green]holds[/]" if record["holds"] else "[red]does not hold[/]"
     console.print(f"{record['method']}: {record['claim']} — {verdict}")
-    console.print(f"  {record['metric']}: ours {record['ours']:.4g} vs {record['baseline_name']} "
-                  f"{record['baseline']:.4g} ({record['direction']} is better; {record['seeds']} seed(s), "
-                  f"{record['seconds']:.1f}s)")
+    console.print(
+        f"  {record['metric']}: ours {record['ours']:.4g} vs {record['baseline_name']} "
+        f"{record['baseline']:.4g} ({record['direction']} is better; {record['seeds']} seed(s), "
+        f"{record['seconds']:.1f}s)"
+    )
     if record.get("note"):
         console.print(f"  note: {record['note']}")
 
@@ -486,8 +565,9 @@ def deploy(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def deploy_create(name: str, model: str, engine: tuple[str, ...], as_json: bool) -> None:
     """Deploy MODEL (`name` or `name@version`) as NAME; it loads once and stays warm."""
-    out = _api()("POST", "/api/v1/deployments", json={"name": name, "model": model, "engine": _parse_params(engine)},
-                 timeout=600)
+    out = _api()(
+        "POST", "/api/v1/deployments", json={"name": name, "model": model, "engine": _parse_params(engine)}, timeout=600
+    )
     if as_json:
         return _emit(out)
     console.print(f"deployed [cyan]{out['name']}[/] ({out['kind']}, {out['model']})")
@@ -525,15 +605,21 @@ def demo_llm(smoke: bool, as_json: bool) -> None:
     from api.serving.demo import llm_demo
 
     api = _api()
-    out = llm_demo(api, lambda job_id: _follow(api, job_id, quiet=True), lambda s: None if as_json else console.print(s),
-                   smoke=smoke)
+    out = llm_demo(
+        api,
+        lambda job_id: _follow(api, job_id, quiet=True),
+        lambda s: None if as_json else console.print(s),
+        smoke=smoke,
+    )
     if as_json:
         return _emit(out)
     table = Table("stage", "model", "val ppl")
     for stage, ref, ppl in out["stages"]:
         table.add_row(stage, ref, "" if ppl is None else f"{ppl:.2f}")
     console.print(table)
-    console.print(f"[bold]{out['deployment']}[/] replies: {out['reply']!r} ({out['usage']['completion_tokens']} tokens)")
+    console.print(
+        f"[bold]{out['deployment']}[/] replies: {out['reply']!r} ({out['usage']['completion_tokens']} tokens)"
+    )
 
 
 @demo.command("diffusion")
@@ -544,13 +630,19 @@ def demo_diffusion(smoke: bool, as_json: bool) -> None:
     from api.serving.demo import diffusion_demo
 
     api = _api()
-    out = diffusion_demo(api, lambda job_id: _follow(api, job_id, quiet=True),
-                         lambda s: None if as_json else console.print(s), smoke=smoke)
+    out = diffusion_demo(
+        api,
+        lambda job_id: _follow(api, job_id, quiet=True),
+        lambda s: None if as_json else console.print(s),
+        smoke=smoke,
+    )
     if as_json:
         return _emit(out)
     rec = out["record"]
-    console.print(f"job [cyan]{out['job']}[/]: APG FD {rec['ours']:.4g} vs CFG {rec['baseline']:.4g} "
-                  f"({'holds' if rec['holds'] else 'does not hold'}); {rec['note']}")
+    console.print(
+        f"job [cyan]{out['job']}[/]: APG FD {rec['ours']:.4g} vs CFG {rec['baseline']:.4g} "
+        f"({'holds' if rec['holds'] else 'does not hold'}); {rec['note']}"
+    )
     for name, url in out["artifacts"].items():
         console.print(f"  {name}: {api.url}{url}")
 

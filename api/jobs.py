@@ -31,8 +31,9 @@ def validate_spec(session: Session, spec: JobCreate, project: str = DEFAULT_PROJ
     try:
         method = get_method(spec.method)
     except UnknownMethodError as exc:
-        raise field_problem("/method", f"{exc.args[0]}; list methods at /api/v1/methods",
-                            slug="unknown-method", title="Unknown method") from None
+        raise field_problem(
+            "/method", f"{exc.args[0]}; list methods at /api/v1/methods", slug="unknown-method", title="Unknown method"
+        ) from None
     if spec.mode == "reproduce":
         try:
             get_reproduction(method.id)
@@ -40,22 +41,33 @@ def validate_spec(session: Session, spec: JobCreate, project: str = DEFAULT_PROJ
             raise field_problem("/mode", f"method {method.id} declares no reproduction; use mode 'run'") from None
         smoke = spec.params.get("smoke", False)
         if set(spec.params) - {"smoke"} or not isinstance(smoke, bool):
-            raise field_problem("/params", "a reproduction takes only {\"smoke\": true|false}")
+            raise field_problem("/params", 'a reproduction takes only {"smoke": true|false}')
         return {"smoke": smoke}
     if spec.dataset is None:
         if method.datasets:
-            raise field_problem("/dataset", f"method {method.id} needs a dataset of kind "
-                                f"{' or '.join(method.datasets)}; see /api/v1/datasets", slug="missing-dataset")
+            raise field_problem(
+                "/dataset",
+                f"method {method.id} needs a dataset of kind {' or '.join(method.datasets)}; see /api/v1/datasets",
+                slug="missing-dataset",
+            )
     else:
         try:
             info = find_info(session, spec.dataset, project)
         except UnknownDatasetError as exc:
-            raise field_problem("/dataset", f"no dataset named {spec.dataset!r}; known: {', '.join(exc.known)}",
-                                slug="unknown-dataset", title="Unknown dataset") from None
+            raise field_problem(
+                "/dataset",
+                f"no dataset named {spec.dataset!r}; known: {', '.join(exc.known)}",
+                slug="unknown-dataset",
+                title="Unknown dataset",
+            ) from None
         if method.datasets and info.kind not in method.datasets:
-            raise field_problem("/dataset", f"dataset {info.name} is of kind {info.kind}, but {method.id} takes "
-                                f"{' or '.join(method.datasets)}; pick a dataset of that kind",
-                                slug="wrong-dataset-kind", title="Dataset of the wrong kind")
+            raise field_problem(
+                "/dataset",
+                f"dataset {info.name} is of kind {info.kind}, but {method.id} takes "
+                f"{' or '.join(method.datasets)}; pick a dataset of that kind",
+                slug="wrong-dataset-kind",
+                title="Dataset of the wrong kind",
+            )
     try:
         params = method.params.model_validate(spec.params)
     except ValidationError as exc:
@@ -69,8 +81,9 @@ def idempotency_token(project: str, key: str) -> str:
     return hashlib.sha256(f"{project}\0{key}".encode()).hexdigest()
 
 
-def submit(session: Session, settings: Settings, spec: JobCreate, idempotency_key: str | None,
-           project: str = DEFAULT_PROJECT) -> tuple[Job, bool]:
+def submit(
+    session: Session, settings: Settings, spec: JobCreate, idempotency_key: str | None, project: str = DEFAULT_PROJECT
+) -> tuple[Job, bool]:
     """Queue a job; with an Idempotency-Key, a repeat of the same request returns the first job."""
     digest = request_hash(spec)
     token = None
@@ -87,10 +100,21 @@ def submit(session: Session, settings: Settings, spec: JobCreate, idempotency_ke
         if parent is None or parent.project != project:
             raise field_problem("/resume_from", f"no job {spec.resume_from} to resume from")
     check_job_quota(session, settings, project)
-    job = Job(method=get_method(spec.method).id, dataset=spec.dataset, mode=spec.mode, params=params,
-              resources=spec.resources.model_dump(exclude_none=True), tags=spec.tags, seed=spec.seed,
-              priority=spec.priority, max_attempts=spec.max_attempts or settings.max_attempts,
-              idempotency_key=token, request_hash=digest, parent_id=spec.resume_from, project=project)
+    job = Job(
+        method=get_method(spec.method).id,
+        dataset=spec.dataset,
+        mode=spec.mode,
+        params=params,
+        resources=spec.resources.model_dump(exclude_none=True),
+        tags=spec.tags,
+        seed=spec.seed,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts or settings.max_attempts,
+        idempotency_key=token,
+        request_hash=digest,
+        parent_id=spec.resume_from,
+        project=project,
+    )
     session.add(job)
     try:
         session.flush()
@@ -107,19 +131,32 @@ def check_job_quota(session: Session, settings: Settings, project: str) -> None:
     from api.auth import project_limits
 
     limit, _ = project_limits(session, settings, project)
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.project == project, Job.status.in_(("queued", *ACTIVE)))) or 0
+    active = (
+        session.scalar(
+            select(func.count()).select_from(Job).where(Job.project == project, Job.status.in_(("queued", *ACTIVE)))
+        )
+        or 0
+    )
     if active >= limit:
-        raise Problem(429, "job-quota", "Too many active jobs",
-                      f"project {project} has {active} queued or running jobs, its limit; wait for some to "
-                      "finish or cancel them (CRUCIBLE_MAX_ACTIVE_JOBS_PER_PROJECT)", extra={"limit": limit})
+        raise Problem(
+            429,
+            "job-quota",
+            "Too many active jobs",
+            f"project {project} has {active} queued or running jobs, its limit; wait for some to "
+            "finish or cancel them (CRUCIBLE_MAX_ACTIVE_JOBS_PER_PROJECT)",
+            extra={"limit": limit},
+        )
 
 
 def _replay(existing: Job, digest: str) -> Job:
     if existing.request_hash != digest:
-        raise Problem(422, "idempotency-key-reused", "Idempotency-Key reused with a different request",
-                      f"key already names job {existing.id} with another body; use a new key for a new job",
-                      extra={"job_id": existing.id})
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused with a different request",
+            f"key already names job {existing.id} with another body; use a new key for a new job",
+            extra={"job_id": existing.id},
+        )
     return existing
 
 
@@ -131,9 +168,18 @@ def get_job(session: Session, job_id: str, project: str = DEFAULT_PROJECT) -> Jo
     return job
 
 
-def list_jobs(session: Session, *, status: str | None, method: str | None, limit: int, cursor: str | None,
-              dataset: str | None = None, mode: str | None = None, search: str | None = None,
-              project: str = DEFAULT_PROJECT) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None,
+    method: str | None,
+    limit: int,
+    cursor: str | None,
+    dataset: str | None = None,
+    mode: str | None = None,
+    search: str | None = None,
+    project: str = DEFAULT_PROJECT,
+) -> tuple[list[Job], str | None]:
     q = select(Job).where(Job.project == project).order_by(Job.id.desc()).limit(limit + 1)
     if status:
         q = q.where(Job.status.in_(status.split(",")))
@@ -152,9 +198,14 @@ def list_jobs(session: Session, *, status: str | None, method: str | None, limit
     return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
 
 
-def metric_points(session: Session, job_id: str, names: list[str] | None, max_points: int,
-                  since_step: int | None = None, project: str = DEFAULT_PROJECT
-                  ) -> tuple[list[Metric], list[str], bool]:
+def metric_points(
+    session: Session,
+    job_id: str,
+    names: list[str] | None,
+    max_points: int,
+    since_step: int | None = None,
+    project: str = DEFAULT_PROJECT,
+) -> tuple[list[Metric], list[str], bool]:
     """Points of each series, downsampled to about max_points per series keeping each bucket's min and max.
 
     With since_step, only points at a later step: a poller fetches what is new since its last look.
@@ -184,18 +235,20 @@ def metric_points(session: Session, job_id: str, names: list[str] | None, max_po
     return out, sorted(series), downsampled
 
 
-def read_log(session: Session, job_id: str, offset: int, limit: int,
-             project: str = DEFAULT_PROJECT) -> tuple[str, int, bool]:
+def read_log(
+    session: Session, job_id: str, offset: int, limit: int, project: str = DEFAULT_PROJECT
+) -> tuple[str, int, bool]:
     """Bytes [offset, offset+limit) of the job's log as text, the next offset, and whether that is the end."""
     job = get_job(session, job_id, project)
-    chunks = session.scalars(select(LogChunk).where(LogChunk.job_id == job_id, LogChunk.offset < offset + limit)
-                             .order_by(LogChunk.offset)).all()
+    chunks = session.scalars(
+        select(LogChunk).where(LogChunk.job_id == job_id, LogChunk.offset < offset + limit).order_by(LogChunk.offset)
+    ).all()
     data = bytearray()
     for c in chunks:
         raw = c.text.encode("utf-8")
         if c.offset + len(raw) <= offset:
             continue
-        data += raw[max(0, offset - c.offset):]
+        data += raw[max(0, offset - c.offset) :]
     data = data[:limit]
     text = bytes(data).decode("utf-8", errors="ignore")
     next_offset = offset + len(text.encode("utf-8"))
@@ -225,9 +278,19 @@ def retry(session: Session, settings: Settings, job_id: str, project: str = DEFA
     if old.status not in TERMINAL:
         raise lifecycle.JobStateConflict(job_id, old.status, "retried (wait for it to finish)")
     check_job_quota(session, settings, project)
-    job = Job(method=old.method, dataset=old.dataset, mode=old.mode, params=old.params, resources=old.resources,
-              tags=old.tags, seed=old.seed, priority=old.priority, max_attempts=old.max_attempts, parent_id=old.id,
-              project=project)
+    job = Job(
+        method=old.method,
+        dataset=old.dataset,
+        mode=old.mode,
+        params=old.params,
+        resources=old.resources,
+        tags=old.tags,
+        seed=old.seed,
+        priority=old.priority,
+        max_attempts=old.max_attempts,
+        parent_id=old.id,
+        project=project,
+    )
     session.add(job)
     session.flush()
     return job

@@ -35,36 +35,60 @@ def model_kind(root: Path) -> str:
         return "diffusers"
     if (root / "config.json").is_file():
         return "transformers"
-    raise field_problem("/file", "the folder has neither config.json (Hugging Face) nor model_index.json "
-                        "(diffusers) at its top; archive the model folder itself", slug="not-a-model-folder",
-                        title="Not a model folder")
+    raise field_problem(
+        "/file",
+        "the folder has neither config.json (Hugging Face) nor model_index.json "
+        "(diffusers) at its top; archive the model folder itself",
+        slug="not-a-model-folder",
+        title="Not a model folder",
+    )
 
 
-def import_model(session: Session, store: ObjectStore, settings: Settings, project: str, name: str,
-                 blob: bytes) -> RegisteredModel:
+def import_model(
+    session: Session, store: ObjectStore, settings: Settings, project: str, name: str, blob: bytes
+) -> RegisteredModel:
     with tempfile.TemporaryDirectory(dir=settings.home) as tmp:
         dest = Path(tmp) / "model"
         try:
             names = safe_extract(blob, dest, ArchiveLimits(settings.max_archive_files, settings.max_upload_bytes * 4))
         except UnsafeArchiveError as exc:
-            raise Problem(exc.status, "unsafe-archive", "The archive was refused", str(exc),
-                          errors=[{"pointer": exc.field, "message": str(exc)}]) from None
+            raise Problem(
+                exc.status,
+                "unsafe-archive",
+                "The archive was refused",
+                str(exc),
+                errors=[{"pointer": exc.field, "message": str(exc)}],
+            ) from None
         top = _strip_single_top_folder(names)
         root = dest / top if top else dest
         kind = model_kind(root)
         files = sorted(p for p in root.rglob("*") if p.is_file())
         if not any(p.suffix == ".safetensors" for p in files):
-            raise field_problem("/file", "the folder has no .safetensors weights; save the model with "
-                                "safe_serialization=True", slug="no-safetensors", title="No safetensors weights")
+            raise field_problem(
+                "/file",
+                "the folder has no .safetensors weights; save the model with safe_serialization=True",
+                slug="no-safetensors",
+                title="No safetensors weights",
+            )
         for p in files:
             if p.suffix == ".json":
                 try:
                     json.loads(p.read_text(encoding="utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError):
-                    raise field_problem("/file", f"{p.relative_to(root)} is not valid JSON",
-                                        slug="bad-model-file", title="A model file is malformed") from None
-        version = (session.scalar(select(func.max(RegisteredModel.version)).where(
-            RegisteredModel.project == project, RegisteredModel.name == name)) or 0) + 1
+                    raise field_problem(
+                        "/file",
+                        f"{p.relative_to(root)} is not valid JSON",
+                        slug="bad-model-file",
+                        title="A model file is malformed",
+                    ) from None
+        version = (
+            session.scalar(
+                select(func.max(RegisteredModel.version)).where(
+                    RegisteredModel.project == project, RegisteredModel.name == name
+                )
+            )
+            or 0
+        ) + 1
         prefix = f"models/{project}/{name}/{version}"
         manifest = {}
         try:
@@ -72,8 +96,15 @@ def import_model(session: Session, store: ObjectStore, settings: Settings, proje
                 rel = p.relative_to(root).as_posix()
                 stored = store.put_file(f"{prefix}/{rel}", p)
                 manifest[rel] = {"size": stored.size, "sha256": stored.sha256}
-            row = RegisteredModel(project=project, name=name, version=version, source_job_id=None, key=prefix,
-                                  config={"imported": True, "format": kind}, files=manifest)
+            row = RegisteredModel(
+                project=project,
+                name=name,
+                version=version,
+                source_job_id=None,
+                key=prefix,
+                config={"imported": True, "format": kind},
+                files=manifest,
+            )
             session.add(row)
             session.flush()
         except BaseException:

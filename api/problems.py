@@ -25,9 +25,16 @@ PROBLEM_JSON = "application/problem+json"
 
 
 class Problem(Exception):
-    def __init__(self, status: int, slug: str, title: str, detail: str = "",
-                 errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str = "",
+        errors: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
         super().__init__(detail or title)
         self.status, self.slug, self.title, self.detail = status, slug, title, detail
         self.errors = errors or []
@@ -35,10 +42,21 @@ class Problem(Exception):
         self.extra = extra or {}
 
 
-def field_problem(pointer: str, message: str, *, status: int = 422, slug: str = "invalid-field",
-                  title: str = "A field of the request is invalid") -> Problem:
-    return Problem(status, slug, title, f"{pointer.lstrip('/') or 'body'}: {message}",
-                   errors=[{"pointer": pointer, "message": message}])
+def field_problem(
+    pointer: str,
+    message: str,
+    *,
+    status: int = 422,
+    slug: str = "invalid-field",
+    title: str = "A field of the request is invalid",
+) -> Problem:
+    return Problem(
+        status,
+        slug,
+        title,
+        f"{pointer.lstrip('/') or 'body'}: {message}",
+        errors=[{"pointer": pointer, "message": message}],
+    )
 
 
 def problem_response(request: Request, problem: Problem) -> JSONResponse:
@@ -74,8 +92,7 @@ def _validation_message(err: dict[str, Any]) -> str:
 
 
 def validation_problem(errors: list[dict[str, Any]], prefix: str = "") -> Problem:
-    items = [{"pointer": prefix + _pointer(tuple(e.get("loc", ()))), "message": _validation_message(e)}
-             for e in errors]
+    items = [{"pointer": prefix + _pointer(tuple(e.get("loc", ()))), "message": _validation_message(e)} for e in errors]
     detail = "; ".join(f"{i['pointer']}: {i['message']}" for i in items)
     return Problem(422, "validation-error", "The request does not match its schema", detail, errors=items)
 
@@ -91,45 +108,76 @@ def install(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             e = next(e for e in errors if e.get("type") == "json_invalid")
             pos = (e.get("ctx") or {}).get("error", "")
-            return problem_response(request, Problem(400, "malformed-json", "The body is not valid JSON",
-                                                     f"could not parse the JSON body: {pos}; send a JSON object"))
+            return problem_response(
+                request,
+                Problem(
+                    400,
+                    "malformed-json",
+                    "The body is not valid JSON",
+                    f"could not parse the JSON body: {pos}; send a JSON object",
+                ),
+            )
         return problem_response(request, validation_problem(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized", 403: "forbidden"}.get(
-            exc.status_code, "http-error")
+            exc.status_code, "http-error"
+        )
         detail = str(exc.detail) if exc.detail else ""
         if exc.status_code == 404 and detail in ("", "Not Found"):
             detail = f"nothing at {request.url.path}; see /docs for the routes"
-        return problem_response(request, Problem(exc.status_code, slug, detail or slug, detail,
-                                                 headers=dict(exc.headers or {})))
+        return problem_response(
+            request, Problem(exc.status_code, slug, detail or slug, detail, headers=dict(exc.headers or {}))
+        )
 
     @app.exception_handler(JobNotFound)
     async def _job_404(request: Request, exc: JobNotFound) -> JSONResponse:
-        return problem_response(request, Problem(404, "job-not-found", "No such job",
-                                                 f"no job with id {exc.job_id}; list jobs at /api/v1/jobs"))
+        return problem_response(
+            request,
+            Problem(404, "job-not-found", "No such job", f"no job with id {exc.job_id}; list jobs at /api/v1/jobs"),
+        )
 
     @app.exception_handler(JobStateConflict)
     async def _job_409(request: Request, exc: JobStateConflict) -> JSONResponse:
-        return problem_response(request, Problem(409, "job-state-conflict", "The job's state forbids this",
-                                                 f"{exc}; only queued, starting or running jobs can be {exc.action}",
-                                                 extra={"job_status": exc.status}))
+        return problem_response(
+            request,
+            Problem(
+                409,
+                "job-state-conflict",
+                "The job's state forbids this",
+                f"{exc}; only queued, starting or running jobs can be {exc.action}",
+                extra={"job_status": exc.status},
+            ),
+        )
 
     @app.exception_handler(UnknownMethodError)
     async def _method_404(request: Request, exc: UnknownMethodError) -> JSONResponse:
-        return problem_response(request, Problem(404, "method-not-found", "No such method",
-                                                 f"{exc.args[0]}; list methods at /api/v1/methods"))
+        return problem_response(
+            request,
+            Problem(404, "method-not-found", "No such method", f"{exc.args[0]}; list methods at /api/v1/methods"),
+        )
 
     @app.exception_handler(UnknownDatasetError)
     async def _dataset_404(request: Request, exc: UnknownDatasetError) -> JSONResponse:
-        return problem_response(request, Problem(404, "dataset-not-found", "No such dataset",
-                                                 f"no dataset named {exc.name!r}; list datasets at /api/v1/datasets"))
+        return problem_response(
+            request,
+            Problem(
+                404,
+                "dataset-not-found",
+                "No such dataset",
+                f"no dataset named {exc.name!r}; list datasets at /api/v1/datasets",
+            ),
+        )
 
     @app.exception_handler(DatasetSchemaError)
     async def _dataset_schema(request: Request, exc: DatasetSchemaError) -> JSONResponse:
-        return problem_response(request, field_problem(f"/{exc.field}", f"{exc.args[0]}", slug="dataset-invalid",
-                                                       title="The dataset does not fit its kind"))
+        return problem_response(
+            request,
+            field_problem(
+                f"/{exc.field}", f"{exc.args[0]}", slug="dataset-invalid", title="The dataset does not fit its kind"
+            ),
+        )
 
     @app.exception_handler(ArtifactNameError)
     async def _artifact_name(request: Request, exc: ArtifactNameError) -> JSONResponse:
@@ -138,6 +186,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return problem_response(request, Problem(500, "internal-error", "Internal error",
-                                                 f"{type(exc).__name__}; the server log has the details "
-                                                 f"(request id {getattr(request.state, 'request_id', '?')})"))
+        return problem_response(
+            request,
+            Problem(
+                500,
+                "internal-error",
+                "Internal error",
+                f"{type(exc).__name__}; the server log has the details "
+                f"(request id {getattr(request.state, 'request_id', '?')})",
+            ),
+        )

@@ -20,8 +20,10 @@ class Resources(BaseModel):
 class JobCreate(BaseModel):
     """A job spec: which method, on which dataset, with which params."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"method": "ldr", "dataset": "digits", "params": {"noise_rate": 0.4}}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"method": "ldr", "dataset": "digits", "params": {"noise_rate": 0.4}}]},
+    )
 
     method: str = Field(..., min_length=1, max_length=64, description="a method id from /api/v1/methods")
     dataset: str | None = Field(None, max_length=128, description="a dataset name from /api/v1/datasets")
@@ -32,7 +34,9 @@ class JobCreate(BaseModel):
     max_attempts: int | None = Field(None, ge=1, le=20)
     resources: Resources = Field(default_factory=Resources)
     tags: dict[str, str] = Field(default_factory=dict)
-    resume_from: str | None = Field(None, max_length=26, description="a job id whose last checkpoint this job starts from")
+    resume_from: str | None = Field(
+        None, max_length=26, description="a job id whose last checkpoint this job starts from"
+    )
 
     @field_validator("tags")
     @classmethod
@@ -78,21 +82,42 @@ class JobOut(BaseModel):
     links: dict[str, str]
 
     @classmethod
-    def of(cls, job: Job) -> "JobOut":
+    def of(cls, job: Job) -> JobOut:
         base = f"/api/v1/jobs/{job.id}"
         total = job.progress_total or 0
         return cls(
-            id=job.id, method=job.method, dataset=job.dataset, mode=job.mode, params=job.params or {},
-            status=job.status, attempt=job.attempt, max_attempts=job.max_attempts, priority=job.priority,
-            seed=job.seed, resources=job.resources or {}, tags=job.tags or {},
-            progress=Progress(done=job.progress_done, total=total, message=job.progress_message or "",
-                              fraction=(job.progress_done / total) if total else None),
-            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+            id=job.id,
+            method=job.method,
+            dataset=job.dataset,
+            mode=job.mode,
+            params=job.params or {},
+            status=job.status,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            priority=job.priority,
+            seed=job.seed,
+            resources=job.resources or {},
+            tags=job.tags or {},
+            progress=Progress(
+                done=job.progress_done,
+                total=total,
+                message=job.progress_message or "",
+                fraction=(job.progress_done / total) if total else None,
+            ),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
             heartbeat_at=job.heartbeat_at,
             failure=Failure(code=job.failure_code, message=job.error) if (job.error or job.failure_code) else None,
-            result=job.result, parent_id=job.parent_id,
-            links={"self": base, "metrics": f"{base}/metrics", "logs": f"{base}/logs",
-                   "artifacts": f"{base}/artifacts", "cancel": f"{base}/cancel"},
+            result=job.result,
+            parent_id=job.parent_id,
+            links={
+                "self": base,
+                "metrics": f"{base}/metrics",
+                "logs": f"{base}/logs",
+                "artifacts": f"{base}/artifacts",
+                "cancel": f"{base}/cancel",
+            },
         )
 
 
@@ -132,9 +157,17 @@ class ArtifactOut(BaseModel):
     url: str
 
     @classmethod
-    def of(cls, a: Artifact) -> "ArtifactOut":
-        return cls(name=a.name, kind=a.kind, size=a.size, sha256=a.sha256, content_type=a.content_type, step=a.step,
-                   created_at=a.created_at, url=f"/api/v1/jobs/{a.job_id}/artifacts/{a.name}")
+    def of(cls, a: Artifact) -> ArtifactOut:
+        return cls(
+            name=a.name,
+            kind=a.kind,
+            size=a.size,
+            sha256=a.sha256,
+            content_type=a.content_type,
+            step=a.step,
+            created_at=a.created_at,
+            url=f"/api/v1/jobs/{a.job_id}/artifacts/{a.name}",
+        )
 
 
 class ArtifactPage(BaseModel):
@@ -151,9 +184,16 @@ class ModelOut(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, m: RegisteredModel) -> "ModelOut":
-        return cls(name=m.name, version=m.version, ref=f"{m.name}@{m.version}", source_job_id=m.source_job_id,
-                   config=m.config or {}, files=m.files or {}, created_at=m.created_at)
+    def of(cls, m: RegisteredModel) -> ModelOut:
+        return cls(
+            name=m.name,
+            version=m.version,
+            ref=f"{m.name}@{m.version}",
+            source_job_id=m.source_job_id,
+            config=m.config or {},
+            files=m.files or {},
+            created_at=m.created_at,
+        )
 
 
 class CancelOut(BaseModel):
@@ -180,9 +220,18 @@ class KeyOut(BaseModel):
     key: str | None = Field(None, description="the secret; present only in the response that created the key")
 
     @classmethod
-    def of(cls, k: ApiKey, secret: str | None = None) -> "KeyOut":
-        return cls(id=k.id, project=k.project, role=k.role, name=k.name, prefix=k.prefix, created_at=k.created_at,
-                   last_used_at=k.last_used_at, revoked_at=k.revoked_at, key=secret)
+    def of(cls, k: ApiKey, secret: str | None = None) -> KeyOut:
+        return cls(
+            id=k.id,
+            project=k.project,
+            role=k.role,
+            name=k.name,
+            prefix=k.prefix,
+            created_at=k.created_at,
+            last_used_at=k.last_used_at,
+            revoked_at=k.revoked_at,
+            key=secret,
+        )
 
 
 class ProjectCreate(BaseModel):
@@ -214,6 +263,14 @@ class AuditOut(BaseModel):
     client: str | None
 
     @classmethod
-    def of(cls, e: AuditEvent) -> "AuditOut":
-        return cls(id=e.id, time=e.time, key_id=e.key_id, action=e.action, target=e.target, detail=e.detail or {},
-                   request_id=e.request_id, client=e.client)
+    def of(cls, e: AuditEvent) -> AuditOut:
+        return cls(
+            id=e.id,
+            time=e.time,
+            key_id=e.key_id,
+            action=e.action,
+            target=e.target,
+            detail=e.detail or {},
+            request_id=e.request_id,
+            client=e.client,
+        )

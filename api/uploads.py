@@ -13,6 +13,11 @@ async def read_capped(file: UploadFile, limit: int, fix: str) -> bytes:
     while chunk := await file.read(1024 * 1024):
         blob += chunk
         if len(blob) > limit:
-            raise Problem(413, "upload-too-large", "Upload too large", f"the file is over {limit} bytes; {fix}",
-                          errors=[{"pointer": "/file", "message": "too large"}])
+            raise Problem(
+                413,
+                "upload-too-large",
+                "Upload too large",
+                f"the file is over {limit} bytes; {fix}",
+                errors=[{"pointer": "/file", "message": "too large"}],
+            )
     return bytes(blob)

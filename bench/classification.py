@@ -67,7 +67,11 @@ def measure(args: argparse.Namespace) -> dict:
     for backbone, hidden in (("mlp", 128), ("cnn", 16)):
         torch.manual_seed(0)
         initial = build_backbone(backbone, data.input_shape, data.num_classes, hidden)
-        configs = {"plain loop": (plain_loop, 0), "kit": (kit_loop, 0), "kit + checkpoint every 5 epochs": (kit_loop, 5)}
+        configs = {
+            "plain loop": (plain_loop, 0),
+            "kit": (kit_loop, 0),
+            "kit + checkpoint every 5 epochs": (kit_loop, 5),
+        }
         times: dict[str, list[float]] = {name: [] for name in configs}
         for round_ in range(args.repeats + 1):  # round 0 is the warm-up
             for name, (loop, every) in configs.items():
@@ -79,9 +83,15 @@ def measure(args: argparse.Namespace) -> dict:
                     times[name].append(time.perf_counter() - start)
         samples = args.epochs * len(data.y_train)
         median = {name: statistics.median(t) for name, t in times.items()}
-        rows[backbone] = {name: {"seconds": median[name], "samples_per_s": samples / median[name],
-                                 "overhead_vs_plain": median[name] / median["plain loop"], "all_seconds": times[name]}
-                          for name in configs}
+        rows[backbone] = {
+            name: {
+                "seconds": median[name],
+                "samples_per_s": samples / median[name],
+                "overhead_vs_plain": median[name] / median["plain loop"],
+                "all_seconds": times[name],
+            }
+            for name in configs
+        }
     return rows
 
 
@@ -119,26 +129,42 @@ def lp_icp_timing(args: argparse.Namespace) -> list[dict]:
                     times["brute force"].append(brute_s)
             sizes, scored = [len(p) for p in preds], [p.evaluations for p in preds]
         pruned_ms = 1e3 * statistics.median(times["pruned"]) / len(test)
-        row = {"labels": num_labels, "label_sets": 2.0**num_labels, "mean_set_size": float(np.mean(sizes)),
-               "pruned_ms": pruned_ms, "pruned_scored": float(np.mean(scored)), "all_pruned_seconds": times["pruned"]}
+        row = {
+            "labels": num_labels,
+            "label_sets": 2.0**num_labels,
+            "mean_set_size": float(np.mean(sizes)),
+            "pruned_ms": pruned_ms,
+            "pruned_scored": float(np.mean(scored)),
+            "all_pruned_seconds": times["pruned"],
+        }
         if brute:
             brute_ms = 1e3 * statistics.median(times["brute force"]) / len(test)
-            row |= {"brute_force_ms": brute_ms, "brute_over_pruned_time": brute_ms / pruned_ms,
-                    "scored_fraction": row["pruned_scored"] / 2.0**num_labels, "identical_sets": identical,
-                    "all_brute_force_seconds": times["brute force"]}
+            row |= {
+                "brute_force_ms": brute_ms,
+                "brute_over_pruned_time": brute_ms / pruned_ms,
+                "scored_fraction": row["pruned_scored"] / 2.0**num_labels,
+                "identical_sets": identical,
+                "all_brute_force_seconds": times["brute force"],
+            }
         rows.append(row)
     return rows
 
 
 def print_lp_icp(rows: list[dict]) -> None:
-    print(f"\n{'labels':>6} {'set size':>9} {'pruned ms':>10} {'brute ms':>10} {'× time':>8} {'scored/2^L':>11} identical")
+    print(
+        f"\n{'labels':>6} {'set size':>9} {'pruned ms':>10} {'brute ms':>10} {'× time':>8} {'scored/2^L':>11} identical"
+    )
     for r in rows:
         if "brute_force_ms" in r:
-            print(f"{r['labels']:6d} {r['mean_set_size']:9.1f} {r['pruned_ms']:10.3f} {r['brute_force_ms']:10.3f} "
-                  f"{r['brute_over_pruned_time']:8.1f} {r['scored_fraction']:11.2e} {r['identical_sets']}")
+            print(
+                f"{r['labels']:6d} {r['mean_set_size']:9.1f} {r['pruned_ms']:10.3f} {r['brute_force_ms']:10.3f} "
+                f"{r['brute_over_pruned_time']:8.1f} {r['scored_fraction']:11.2e} {r['identical_sets']}"
+            )
         else:
-            print(f"{r['labels']:6d} {r['mean_set_size']:9.1f} {r['pruned_ms']:10.3f} {'—':>10} {'—':>8} "
-                  f"{r['pruned_scored'] / r['label_sets']:11.2e} (brute force not run)")
+            print(
+                f"{r['labels']:6d} {r['mean_set_size']:9.1f} {r['pruned_ms']:10.3f} {'—':>10} {'—':>8} "
+                f"{r['pruned_scored'] / r['label_sets']:11.2e} (brute force not run)"
+            )
 
 
 def main() -> None:
@@ -168,10 +194,20 @@ def main() -> None:
     stem = "classification" + (f"-{args.only}" if args.only else "") + ("-quick" if args.quick else "")
     out = args.out or Path(__file__).parent / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"epochs": args.epochs, "repeats": args.repeats, "load_before": load,
-                               "load_after": os.getloadavg(), "torch": torch.__version__, "rows": rows,
-                               "lp_icp": {"epsilon": args.epsilon, "examples": args.lp_examples, "calibration": 500,
-                                          "rows": lp_rows}}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "epochs": args.epochs,
+                "repeats": args.repeats,
+                "load_before": load,
+                "load_after": os.getloadavg(),
+                "torch": torch.__version__,
+                "rows": rows,
+                "lp_icp": {"epsilon": args.epsilon, "examples": args.lp_examples, "calibration": 500, "rows": lp_rows},
+            },
+            indent=2,
+        )
+    )
     print(f"load average before/after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}; written to {out}")
 
 

@@ -81,8 +81,12 @@ def bench_pcpp(quick: bool) -> dict:
         spec = ParallelSpec(mode=mode, world=2, steps=steps, warmup=1)
         start = time.perf_counter()
         result = sample_parallel(model, spec, labels, seeds)
-        measured[mode] = {"wall_s": time.perf_counter() - start, "kv_bytes": result.kv_bytes,
-                          "eps_bytes": result.eps_bytes, "ranks_agree": result.agree}
+        measured[mode] = {
+            "wall_s": time.perf_counter() - start,
+            "kv_bytes": result.kv_bytes,
+            "eps_bytes": result.eps_bytes,
+            "ranks_agree": result.agree,
+        }
     step_s = single / steps
     eps_per_rank = batch * 3 * 16 * 16 * 4  # one ε strip set: each rank receives (N−1)/N of the image per step
     modelled = {}
@@ -91,14 +95,20 @@ def bench_pcpp(quick: bool) -> dict:
             row = {}
             for mode in ("sync", "distrifusion", "pcpp"):
                 spec = ParallelSpec(mode=mode, world=world, steps=steps, warmup=1)
-                per_rank = (expected_kv_bytes(spec, batch, config) / world + eps_per_rank * (world - 1) / world
-                            * steps) / steps
+                per_rank = (
+                    expected_kv_bytes(spec, batch, config) / world + eps_per_rank * (world - 1) / world * steps
+                ) / steps
                 compute, comm = step_s / world, per_rank / bandwidth
                 # sync waits for its exchange; DistriFusion and PCPP overlap it with the next step's compute
                 row[mode] = step_s / (compute + comm if mode == "sync" else max(compute, comm))
             modelled[f"{bandwidth_name}, N={world}"] = row
-    return {"batch": batch, "steps": steps, "dit": {"width": config.width, "depth": config.depth},
-            "measured_n2": measured, "modelled_speedup_vs_one_process": modelled}
+    return {
+        "batch": batch,
+        "steps": steps,
+        "dit": {"width": config.width, "depth": config.depth},
+        "measured_n2": measured,
+        "modelled_speedup_vs_one_process": modelled,
+    }
 
 
 def main() -> None:
@@ -111,15 +121,33 @@ def main() -> None:
     torch.manual_seed(0)
     parts = new_parts(widths).eval()
     prompt, w = [3, None, None], 6.0
-    rules = {"none": GuidanceSpec("none"), "cfg": GuidanceSpec("cfg", w),
-             "apg": GuidanceSpec("apg", w, eta=0.0, norm_threshold=2.0, momentum=-0.5)}
-    ours = {name: (lambda g=g: sample(parts, SampleRequest(prompt=prompt, guidance=g, steps=steps, n=n)))
-            for name, g in rules.items()}
-    theirs = {"diffusers-cfg": lambda: diffusers_loop(parts, ClassifierFreeGuidance(guidance_scale=w), n, steps, 0,
-                                                      [3, 6, 3]),
-              "diffusers-apg": lambda: diffusers_loop(parts, AdaptiveProjectedGuidance(
-                  guidance_scale=w, adaptive_projected_guidance_momentum=-0.5,
-                  adaptive_projected_guidance_rescale=2.0, eta=0.0), n, steps, 0, [3, 6, 3])}
+    rules = {
+        "none": GuidanceSpec("none"),
+        "cfg": GuidanceSpec("cfg", w),
+        "apg": GuidanceSpec("apg", w, eta=0.0, norm_threshold=2.0, momentum=-0.5),
+    }
+    ours = {
+        name: (lambda g=g: sample(parts, SampleRequest(prompt=prompt, guidance=g, steps=steps, n=n)))
+        for name, g in rules.items()
+    }
+    theirs = {
+        "diffusers-cfg": lambda: diffusers_loop(
+            parts, ClassifierFreeGuidance(guidance_scale=w), n, steps, 0, [3, 6, 3]
+        ),
+        "diffusers-apg": lambda: diffusers_loop(
+            parts,
+            AdaptiveProjectedGuidance(
+                guidance_scale=w,
+                adaptive_projected_guidance_momentum=-0.5,
+                adaptive_projected_guidance_rescale=2.0,
+                eta=0.0,
+            ),
+            n,
+            steps,
+            0,
+            [3, 6, 3],
+        ),
+    }
     arms = {**ours, **theirs}
     for fn in arms.values():  # warm-up
         fn()
@@ -131,26 +159,40 @@ def main() -> None:
     ips = {k: n / statistics.median(v) for k, v in seconds.items()}
     ref = sample(parts, SampleRequest(prompt=prompt, guidance=rules["cfg"], steps=steps, n=n)).raw
     parity = (diffusers_loop(parts, ClassifierFreeGuidance(guidance_scale=w), n, steps, 0, [3, 6, 3]) - ref).abs().max()
-    report = {"images_per_s": ips, "seconds": seconds, "n": n, "steps": steps, "widths": list(widths),
-              "apg_over_cfg_time": ips["cfg"] / ips["apg"], "cfg_over_none_time": ips["none"] / ips["cfg"],
-              "ours_cfg_over_diffusers_cfg_time": ips["diffusers-cfg"] / ips["cfg"],
-              "ours_apg_over_diffusers_apg_time": ips["diffusers-apg"] / ips["apg"],
-              "cfg_max_abs_diff_vs_diffusers": parity.item(), "load_average": os.getloadavg()}
+    report = {
+        "images_per_s": ips,
+        "seconds": seconds,
+        "n": n,
+        "steps": steps,
+        "widths": list(widths),
+        "apg_over_cfg_time": ips["cfg"] / ips["apg"],
+        "cfg_over_none_time": ips["none"] / ips["cfg"],
+        "ours_cfg_over_diffusers_cfg_time": ips["diffusers-cfg"] / ips["cfg"],
+        "ours_apg_over_diffusers_apg_time": ips["diffusers-apg"] / ips["apg"],
+        "cfg_max_abs_diff_vs_diffusers": parity.item(),
+        "load_average": os.getloadavg(),
+    }
     print(f"{'arm':<16}{'images/s':>10}")
     for k, v in ips.items():
         print(f"{k:<16}{v:>10.1f}")
-    print(f"APG/CFG time {report['apg_over_cfg_time']:.3f}; CFG/none time {report['cfg_over_none_time']:.2f}; "
-          f"ours/diffusers time: CFG {report['ours_cfg_over_diffusers_cfg_time']:.3f}, "
-          f"APG {report['ours_apg_over_diffusers_apg_time']:.3f}; CFG output max |diff| vs diffusers "
-          f"{report['cfg_max_abs_diff_vs_diffusers']:.2e}")
+    print(
+        f"APG/CFG time {report['apg_over_cfg_time']:.3f}; CFG/none time {report['cfg_over_none_time']:.2f}; "
+        f"ours/diffusers time: CFG {report['ours_cfg_over_diffusers_cfg_time']:.3f}, "
+        f"APG {report['ours_apg_over_diffusers_apg_time']:.3f}; CFG output max |diff| vs diffusers "
+        f"{report['cfg_max_abs_diff_vs_diffusers']:.2e}"
+    )
     report["pcpp"] = pcpp = bench_pcpp(args.quick)
     m = pcpp["measured_n2"]
-    print(f"patch parallelism, N=2 measured ({pcpp['batch']} images, {pcpp['steps']} steps; wall-clock includes "
-          f"process start): one process {m['single_s']:.2f}s")
+    print(
+        f"patch parallelism, N=2 measured ({pcpp['batch']} images, {pcpp['steps']} steps; wall-clock includes "
+        f"process start): one process {m['single_s']:.2f}s"
+    )
     for mode in ("sync", "distrifusion", "pcpp"):
-        print(f"  {mode:<13}{m[mode]['wall_s']:>7.2f}s  K/V received {m[mode]['kv_bytes'] / 1e6:>8.1f} MB  "
-              f"(÷ DistriFusion {m[mode]['kv_bytes'] / m['distrifusion']['kv_bytes']:.2f})  "
-              f"ranks agree {m[mode]['ranks_agree']}")
+        print(
+            f"  {mode:<13}{m[mode]['wall_s']:>7.2f}s  K/V received {m[mode]['kv_bytes'] / 1e6:>8.1f} MB  "
+            f"(÷ DistriFusion {m[mode]['kv_bytes'] / m['distrifusion']['kv_bytes']:.2f})  "
+            f"ranks agree {m[mode]['ranks_agree']}"
+        )
     print("  modelled speed-up over one process (step time / N compute, counted bytes / link bandwidth):")
     for name, row in pcpp["modelled_speedup_vs_one_process"].items():
         print(f"    {name:<36}" + "  ".join(f"{k} {v:.2f}x" for k, v in row.items()))

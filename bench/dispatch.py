@@ -8,9 +8,10 @@ Needs the servers that scripts/setup/services.sh starts (Postgres, Redis, Seawee
 1. End-to-end time of a ~1 s job, submitted to finished, median of --jobs rounds after two
    discarded warm-ups, the variants interleaved round by round: Crucible (`test-sleep`, 10 steps of
    0.1 s each logging a metric and progress, through the dispatcher, the broker or cluster, a claim,
-   a forked job process and its fenced writes) against a bare `time.sleep(1)` task sent to a Celery worker on the same Redis, and a bare
-   Ray task. For context, also `test-counter` (the same sleep plus two checkpoints, a result artifact
-   and a registered model, all in S3), which does more than the bare task.
+   a forked job process and its fenced writes) against a bare `time.sleep(1)` task sent to a Celery
+   worker on the same Redis, and a bare Ray task. For context, also `test-counter` (the same sleep
+   plus two checkpoints, a result artifact and a registered model, all in S3), which does more than
+   the bare task.
 2. Submissions/s through `POST /api/v1/jobs` of one API process (in-process ASGI client, Postgres).
 
 Ratios are Crucible ÷ bare; the issue's goals are < 1.2 for a 1 s job and ≥ 20 submissions/s.
@@ -29,8 +30,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -83,12 +85,19 @@ def make_settings(tmp: Path, executor: str):  # type: ignore[no-untyped-def]
     with admin.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name} OWNER crucible"))
     url = SERVICES["CRUCIBLE_TEST_DATABASE_URL"].rsplit("/", 1)[0] + f"/{name}"
-    settings = base(tmp / executor, database_url=url, executor=executor,
-                    redis_url=SERVICES["CRUCIBLE_TEST_REDIS_URL"] + "/4",
-                    storage_url=f"s3://{SERVICES['CRUCIBLE_TEST_S3_BUCKET']}/bench-{name}",
-                    s3_endpoint=SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"], heartbeat_s=1.0, lease_s=30.0,
-                    # throughput is measured here, not the per-key abuse limits
-                    rate_limit_submit_per_minute=10**8, max_active_jobs_per_project=10**8)
+    settings = base(
+        tmp / executor,
+        database_url=url,
+        executor=executor,
+        redis_url=SERVICES["CRUCIBLE_TEST_REDIS_URL"] + "/4",
+        storage_url=f"s3://{SERVICES['CRUCIBLE_TEST_S3_BUCKET']}/bench-{name}",
+        s3_endpoint=SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"],
+        heartbeat_s=1.0,
+        lease_s=30.0,
+        # throughput is measured here, not the per-key abuse limits
+        rate_limit_submit_per_minute=10**8,
+        max_active_jobs_per_project=10**8,
+    )
     upgrade(url)
     return settings
 
@@ -127,12 +136,15 @@ def measure(settings: Any, executor: Any, n: int, bare: Callable[[], None]) -> d
     """The bare task, the like-for-like Crucible job (the same sleep plus a metric and progress per
     step) and, for context, the counter job that also writes two checkpoints, a result artifact and
     a registered model to S3, interleaved."""
-    jobs = {"crucible": crucible_job(settings, executor, *SLEEP_JOB),
-            "with_checkpoints": crucible_job(settings, executor, *COUNTER_JOB)}
+    jobs = {
+        "crucible": crucible_job(settings, executor, *SLEEP_JOB),
+        "with_checkpoints": crucible_job(settings, executor, *COUNTER_JOB),
+    }
     took = interleaved({"bare": bare, **jobs}, n)
-    rows = {key: {"s": took[key], "ratio": took[key] / took["bare"],
-                  **phases(settings, job.job_ids[WARM_UPS:])}  # type: ignore[attr-defined]
-            for key, job in jobs.items()}
+    rows = {
+        key: {"s": took[key], "ratio": took[key] / took["bare"], **phases(settings, job.job_ids[WARM_UPS:])}  # type: ignore[attr-defined]
+        for key, job in jobs.items()
+    }
     return {"bare_s": took["bare"], "crucible_s": took["crucible"], "ratio": rows["crucible"]["ratio"], **rows}
 
 
@@ -144,8 +156,10 @@ def phases(settings: Any, job_ids: list[str]) -> dict[str, float]:
 
     with session_scope(settings.database_url) as s:
         rows = [s.get(Job, i) for i in job_ids]
-        return {"queued_to_claimed_s": statistics.median((r.started_at - r.created_at).total_seconds() for r in rows),
-                "claimed_to_finished_s": statistics.median((r.finished_at - r.started_at).total_seconds() for r in rows)}
+        return {
+            "queued_to_claimed_s": statistics.median((r.started_at - r.created_at).total_seconds() for r in rows),
+            "claimed_to_finished_s": statistics.median((r.finished_at - r.started_at).total_seconds() for r in rows),
+        }
 
 
 def bench_celery(tmp: Path, n: int) -> dict[str, float]:
@@ -159,12 +173,40 @@ def bench_celery(tmp: Path, n: int) -> dict[str, float]:
     redis.Redis.from_url(settings.redis_url).flushdb()
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
     log = open(tmp / "celery-worker.log", "ab")
-    worker = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", "-Q", "cpu", "-c", "1", "-n", "bench@crucible",
-                               "--loglevel", "WARNING"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    bare_worker = subprocess.Popen([sys.executable, "-c", (
-        "import sys; sys.path.insert(0, '.'); from bench.dispatch import bare_celery_app; "
-        f"bare_celery_app({settings.redis_url!r}).worker_main(['worker', '-c', '1', '--loglevel', 'WARNING', "
-        "'-n', 'bench@bare', '--without-gossip', '--without-mingle'])")], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "api.cli",
+            "worker",
+            "-Q",
+            "cpu",
+            "-c",
+            "1",
+            "-n",
+            "bench@crucible",
+            "--loglevel",
+            "WARNING",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    bare_worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys; sys.path.insert(0, '.'); from bench.dispatch import bare_celery_app; "
+                f"bare_celery_app({settings.redis_url!r}).worker_main(['worker', '-c', '1', '--loglevel', 'WARNING', "
+                "'-n', 'bench@bare', '--without-gossip', '--without-mingle'])"
+            ),
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     executor = CeleryExecutor(settings)
     executor.start()
     try:
@@ -185,8 +227,13 @@ def bench_ray(tmp: Path, n: int) -> dict[str, float]:
 
     settings = make_settings(tmp, "ray")
     load_plugins(settings)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env=runtime_env(settings))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env=runtime_env(settings),
+    )
 
     @ray.remote(num_cpus=1)
     def sleep(seconds: float) -> float:
@@ -231,21 +278,30 @@ def main() -> None:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SERVICES["AWS_SECRET_ACCESS_KEY"])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        results = {"celery": bench_celery(tmp, args.jobs), "ray": bench_ray(tmp, args.jobs),
-                   "api": bench_submissions(tmp, args.submissions)}
+        results = {
+            "celery": bench_celery(tmp, args.jobs),
+            "ray": bench_ray(tmp, args.jobs),
+            "api": bench_submissions(tmp, args.submissions),
+        }
     print(f"{'1 s job, queued → finished':32} {'bare':>8} {'Crucible':>9} {'ratio':>7}")
     for name in ("celery", "ray"):
         r = results[name]
         for key, label in (("crucible", name), ("with_checkpoints", f"{name} + 2 checkpoints, artifact, model")):
             row = r[key]
-            print(f"{label:32} {r['bare_s']:7.2f}s {row['s']:8.2f}s {row['ratio']:6.2f}×   "
-                  f"(queued → claimed {row['queued_to_claimed_s']:.2f}s, "
-                  f"claimed → finished {row['claimed_to_finished_s']:.2f}s)")
+            print(
+                f"{label:32} {r['bare_s']:7.2f}s {row['s']:8.2f}s {row['ratio']:6.2f}×   "
+                f"(queued → claimed {row['queued_to_claimed_s']:.2f}s, "
+                f"claimed → finished {row['claimed_to_finished_s']:.2f}s)"
+            )
     print(f"{'submissions/s, one API process':32} {results['api']['per_s']:8.1f}")
     out = REPO / "bench" / "results" / "dispatch.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "jobs": args.jobs,
-                               "work_s": WORK_S, **results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"machine": platform.platform(), "cpus": os.cpu_count(), "jobs": args.jobs, "work_s": WORK_S, **results},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,15 @@ def wait(client: Any, job_id: str, timeout_s: float = 1800) -> dict[str, Any]:
 
 def training_leg(client: Any, params: dict[str, Any], gpus: int) -> dict[str, Any]:
     started = time.perf_counter()
-    r = client.post("/api/v1/jobs", json={"method": "diffusion-pretrain", "dataset": "digits", "params": params,
-                                          "resources": {"cpus": 1, "gpus": gpus}})
+    r = client.post(
+        "/api/v1/jobs",
+        json={
+            "method": "diffusion-pretrain",
+            "dataset": "digits",
+            "params": params,
+            "resources": {"cpus": 1, "gpus": gpus},
+        },
+    )
     assert r.status_code == 201, r.text
     job = wait(client, r.json()["id"])
     took = time.perf_counter() - started
@@ -57,10 +64,19 @@ def training_leg(client: Any, params: dict[str, Any], gpus: int) -> dict[str, An
     named = [line for line in log.splitlines() if line.startswith("[crucible] run diffusion-pretrain on ")]
     device = named[0].rsplit(" on ", 1)[-1] if named else "?"
     points = [m for m in client.get(f"/api/v1/jobs/{job['id']}/metrics").json()["items"] if m["name"] == "loss"]
-    steps_per_s = ((points[-1]["step"] - points[0]["step"]) / (points[-1]["time"] - points[0]["time"])
-                   if len(points) > 1 and points[-1]["time"] > points[0]["time"] else float("nan"))
-    return {"job": job["id"], "status": job["status"], "device": device, "seconds": took,
-            "steps_per_s": steps_per_s, "final_loss": points[-1]["value"] if points else None}
+    steps_per_s = (
+        (points[-1]["step"] - points[0]["step"]) / (points[-1]["time"] - points[0]["time"])
+        if len(points) > 1 and points[-1]["time"] > points[0]["time"]
+        else float("nan")
+    )
+    return {
+        "job": job["id"],
+        "status": job["status"],
+        "device": device,
+        "seconds": took,
+        "steps_per_s": steps_per_s,
+        "final_loss": points[-1]["value"] if points else None,
+    }
 
 
 def registered_model(client: Any, job_id: str) -> str:
@@ -88,7 +104,7 @@ def max_pixel_difference(a: list[str], b: list[str]) -> int:
     import numpy as np
     from PIL import Image
 
-    def pixels(b64: str) -> "np.ndarray":
+    def pixels(b64: str) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.int16)
 
     return int(max(np.abs(pixels(x) - pixels(y)).max() for x, y in zip(a, b)))
@@ -118,28 +134,48 @@ def main() -> None:
         upgrade(settings.database_url)
         with TestClient(create_app(settings)) as client:
             client.headers["Authorization"] = f"Bearer {make_key(settings)}"
-            params = {"steps": args.steps, "batch_size": args.batch, "checkpoint_every": args.steps, "grid_per_class": 2}
-            train = {"gpu": training_leg(client, params, 0 if args.dry_run else 1), "cpu": training_leg(client, params, 0)}
+            params = {
+                "steps": args.steps,
+                "batch_size": args.batch,
+                "checkpoint_every": args.steps,
+                "grid_per_class": 2,
+            }
+            train = {
+                "gpu": training_leg(client, params, 0 if args.dry_run else 1),
+                "cpu": training_leg(client, params, 0),
+            }
             model = registered_model(client, train["gpu"]["job"])
             body = {"class": 3, "guidance": "cfg", "scale": 4.0, "steps": 25, "n": args.images, "seed": 7}
-            sample = {"gpu": sampling_leg(client, model, "gpu", gpu, body, args.rounds),
-                      "cpu": sampling_leg(client, model, "cpu", "cpu", body, args.rounds)}
+            sample = {
+                "gpu": sampling_leg(client, model, "gpu", gpu, body, args.rounds),
+                "cpu": sampling_leg(client, model, "cpu", "cpu", body, args.rounds),
+            }
     result = {
-        "machine": platform.platform(), "gpu": torch.cuda.get_device_name(0) if gpu == "cuda" else None,
-        "torch": torch.__version__, "dry_run": args.dry_run,
+        "machine": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if gpu == "cuda" else None,
+        "torch": torch.__version__,
+        "dry_run": args.dry_run,
         "training": {**train, "speedup": train["gpu"]["steps_per_s"] / train["cpu"]["steps_per_s"]},
-        "sampling": {"images": args.images, "gpu_s": sample["gpu"]["seconds"], "cpu_s": sample["cpu"]["seconds"],
-                     "speedup": sample["cpu"]["seconds"] / sample["gpu"]["seconds"],
-                     "max_pixel_difference": max_pixel_difference(sample["gpu"]["images"], sample["cpu"]["images"])},
+        "sampling": {
+            "images": args.images,
+            "gpu_s": sample["gpu"]["seconds"],
+            "cpu_s": sample["cpu"]["seconds"],
+            "speedup": sample["cpu"]["seconds"] / sample["gpu"]["seconds"],
+            "max_pixel_difference": max_pixel_difference(sample["gpu"]["images"], sample["cpu"]["images"]),
+        },
     }
     for leg in ("gpu", "cpu"):
         t = train[leg]
-        print(f"train {leg}: {t['status']} on {t['device']}, {t['steps_per_s']:.2f} steps/s, loss {t['final_loss']:.4f}, "
-              f"{t['seconds']:.1f} s end to end")
+        print(
+            f"train {leg}: {t['status']} on {t['device']}, {t['steps_per_s']:.2f} steps/s, loss {t['final_loss']:.4f}, "
+            f"{t['seconds']:.1f} s end to end"
+        )
     s = result["sampling"]
     print(f"training speedup (steps/s): {result['training']['speedup']:.2f}x")
-    print(f"sampling {args.images} CFG images x 25 steps: {s['gpu_s']:.3f} s on {gpu} vs {s['cpu_s']:.3f} s on cpu "
-          f"({s['speedup']:.2f}x); largest pixel difference {s['max_pixel_difference']}/255")
+    print(
+        f"sampling {args.images} CFG images x 25 steps: {s['gpu_s']:.3f} s on {gpu} vs {s['cpu_s']:.3f} s on cpu "
+        f"({s['speedup']:.2f}x); largest pixel difference {s['max_pixel_difference']}/255"
+    )
     out = REPO / "bench" / "results" / ("gpu-path-dry-run.json" if args.dry_run else "gpu-path.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -28,8 +28,8 @@ import platform
 import signal
 import socket
 import statistics
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -125,17 +125,28 @@ def hf_generate(folders: list[Path], tokens: int, repeats: int) -> list[dict[str
     rates: list[list[float]] = [[] for _ in lms]
     for r in range(repeats + 1):
         for lm, out_rates in zip(lms, rates):
-            ids = lm.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt",
-                                                   return_dict=True)
+            ids = lm.tokenizer.apply_chat_template(
+                PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             torch.manual_seed(r)
             t = time.perf_counter()
-            out = lm.model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True,
-                                    temperature=1.0, pad_token_id=lm.tokenizer.pad_token_id)
+            out = lm.model.generate(
+                **ids,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=True,
+                temperature=1.0,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
             if r:  # the first round warms up
                 out_rates.append((out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - t))
-    return [{"tokens_per_s": statistics.median(rs), "weight_bytes": sum(p.numel() * p.element_size()
-                                                                        for p in lm.model.parameters())}
-            for lm, rs in zip(lms, rates)]
+    return [
+        {
+            "tokens_per_s": statistics.median(rs),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in lm.model.parameters()),
+        }
+        for lm, rs in zip(lms, rates)
+    ]
 
 
 def interleaved_streams(url: str, key: str, names: list[str], tokens: int, repeats: int) -> list[dict[str, float]]:
@@ -144,9 +155,16 @@ def interleaved_streams(url: str, key: str, names: list[str], tokens: int, repea
     for r in range(repeats):
         for name, out in zip(names, runs):
             out.append(one_stream(url, key, name, tokens, r))
-    return [{"concurrency": 1, "requests": len(rs), "tokens_per_s": statistics.median(n / s for _, s, n in rs),
-             "ttft_median_s": statistics.median(f for f, _, _ in rs), "mean_tokens": statistics.fmean(n for *_, n in rs)}
-            for rs in runs]
+    return [
+        {
+            "concurrency": 1,
+            "requests": len(rs),
+            "tokens_per_s": statistics.median(n / s for _, s, n in rs),
+            "ttft_median_s": statistics.median(f for f, _, _ in rs),
+            "mean_tokens": statistics.fmean(n for *_, n in rs),
+        }
+        for rs in runs
+    ]
 
 
 def free_port() -> int:
@@ -161,10 +179,20 @@ def serve(variants: list[Variant], home: Path) -> tuple[str, str, subprocess.Pop
 
     The server runs in its own process so the benchmark's HTTP clients do not share its GIL."""
     port = free_port()
-    env = {**os.environ, "CRUCIBLE_HOME": str(home), "CRUCIBLE_DEMO_JOB": "false", "OMP_NUM_THREADS": "1",
-           "CRUCIBLE_RATE_LIMIT_INFERENCE_PER_MINUTE": "100000"}
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "CRUCIBLE_HOME": str(home),
+        "CRUCIBLE_DEMO_JOB": "false",
+        "OMP_NUM_THREADS": "1",
+        "CRUCIBLE_RATE_LIMIT_INFERENCE_PER_MINUTE": "100000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "up", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     probe = httpx.Client(base_url=url, timeout=5)
     while True:
@@ -198,8 +226,14 @@ def deployment_name(v: Variant) -> str:
 
 def one_stream(url: str, key: str, model: str, tokens: int, seed: int) -> tuple[float, float, int]:
     """(time to first token, total seconds, completion tokens) of one streamed chat completion."""
-    body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "seed": seed, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": PROMPT,
+        "max_tokens": tokens,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start, first, done = time.perf_counter(), None, 0
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -219,9 +253,13 @@ def load_test(url: str, key: str, model: str, tokens: int, concurrency: int, per
     with ThreadPoolExecutor(concurrency) as pool:
         runs = list(pool.map(lambda i: one_stream(url, key, model, tokens, i), range(concurrency * per_client)))
     wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": len(runs), "tokens_per_s": sum(r[2] for r in runs) / wall,
-            "ttft_median_s": statistics.median(r[0] for r in runs),
-            "mean_tokens": statistics.fmean(r[2] for r in runs)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(runs),
+        "tokens_per_s": sum(r[2] for r in runs) / wall,
+        "ttft_median_s": statistics.median(r[0] for r in runs),
+        "mean_tokens": statistics.fmean(r[2] for r in runs),
+    }
 
 
 def main() -> None:
@@ -248,28 +286,51 @@ def main() -> None:
             single = interleaved_streams(url, key, names, args.tokens, max(args.repeats, 3))
             for v, name, h, one in zip(variants, names, hf, single):
                 many = load_test(url, key, name, args.tokens, args.concurrency, args.repeats)
-                results.append({"variant": v.name, "packed_bytes": v.packed_bytes, "val_ppl": v.val_ppl,
-                                "weight_bytes": h["weight_bytes"], "hf_tokens_per_s": h["tokens_per_s"],
-                                "served": [one, many]})
+                results.append(
+                    {
+                        "variant": v.name,
+                        "packed_bytes": v.packed_bytes,
+                        "val_ppl": v.val_ppl,
+                        "weight_bytes": h["weight_bytes"],
+                        "hf_tokens_per_s": h["tokens_per_s"],
+                        "served": [one, many],
+                    }
+                )
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=60)
     bw = copy_bandwidth(64 if args.quick else 256)
-    print(f"model {args.model or 'Crucible base'}; copy bandwidth {bw / 1e9:.1f} GB/s; {args.tokens} tokens per request")
-    print(f"{'variant':<18}{'packed MB':>10}{'val ppl':>9}{'HF tok/s':>10}{'c=1 tok/s':>11}{'vs HF':>7}"
-          f"{'vs dense':>9}{'TTFT':>8}{f'c={args.concurrency} tok/s':>12}{'TTFT':>8}{'% ceiling':>10}")
+    print(
+        f"model {args.model or 'Crucible base'}; copy bandwidth {bw / 1e9:.1f} GB/s; {args.tokens} tokens per request"
+    )
+    print(
+        f"{'variant':<18}{'packed MB':>10}{'val ppl':>9}{'HF tok/s':>10}{'c=1 tok/s':>11}{'vs HF':>7}"
+        f"{'vs dense':>9}{'TTFT':>8}{f'c={args.concurrency} tok/s':>12}{'TTFT':>8}{'% ceiling':>10}"
+    )
     dense = results[0]["served"][0]["tokens_per_s"]
     for r in results:
         one, many = r["served"]
         ceiling = bw / r["weight_bytes"]
-        print(f"{r['variant']:<18}{r['packed_bytes'] / 1e6:>10.2f}{r['val_ppl']:>9.1f}{r['hf_tokens_per_s']:>10.1f}"
-              f"{one['tokens_per_s']:>11.1f}{one['tokens_per_s'] / r['hf_tokens_per_s']:>7.2f}"
-              f"{one['tokens_per_s'] / dense:>9.2f}{one['ttft_median_s'] * 1e3:>6.0f}ms"
-              f"{many['tokens_per_s']:>12.1f}{many['ttft_median_s'] * 1e3:>6.0f}ms"
-              f"{100 * one['tokens_per_s'] / ceiling:>9.2f}%")
+        print(
+            f"{r['variant']:<18}{r['packed_bytes'] / 1e6:>10.2f}{r['val_ppl']:>9.1f}{r['hf_tokens_per_s']:>10.1f}"
+            f"{one['tokens_per_s']:>11.1f}{one['tokens_per_s'] / r['hf_tokens_per_s']:>7.2f}"
+            f"{one['tokens_per_s'] / dense:>9.2f}{one['ttft_median_s'] * 1e3:>6.0f}ms"
+            f"{many['tokens_per_s']:>12.1f}{many['ttft_median_s'] * 1e3:>6.0f}ms"
+            f"{100 * one['tokens_per_s'] / ceiling:>9.2f}%"
+        )
     out = REPO / "bench" / "results" / ("llm-serving-quick.json" if args.quick else "llm-serving.json")
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "tokens": args.tokens,
-                               "copy_bandwidth": bw, "variants": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": platform.platform(),
+                "cpus": os.cpu_count(),
+                "tokens": args.tokens,
+                "copy_bandwidth": bw,
+                "variants": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -78,23 +78,38 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
     for length in (128, 256, 512):
         at = passkey_samples(lm.tokenizer, stream, length, depths, per_depth, seed=length)
         retrieval[length] = {"base": passkey_cells(lm.model, at, None), "tuned": passkey_cells(tuned.model, at, None)}
-        print(f"passkey dense L={length}: base {retrieval[length]['base']['passkey']:.2f}  retrieval-tuned "
-              f"{retrieval[length]['tuned']['passkey']:.2f}  by depth "
-              + " ".join(f"{d}:{a:.2f}" for d, a in retrieval[length]["tuned"]["passkey_by_depth"].items()),
-              flush=True)
+        print(
+            f"passkey dense L={length}: base {retrieval[length]['base']['passkey']:.2f}  retrieval-tuned "
+            f"{retrieval[length]['tuned']['passkey']:.2f}  by depth "
+            + " ".join(f"{d}:{a:.2f}" for d, a in retrieval[length]["tuned"]["passkey_by_depth"].items()),
+            flush=True,
+        )
     samples = passkey_samples(lm.tokenizer, stream, 256, depths, per_depth)
-    presses = {"ems-style": lambda b: EMS(b), "snapkv": lambda b: SnapKV(b), "adakv": lambda b: AdaKV(b),
-               "h2o": lambda b: H2O(b), "streaming-llm": lambda b: StreamingLLM(b),
-               "think50+snapkv": lambda b: ThinK(0.5, tokens=SnapKV(b))}
+    presses = {
+        "ems-style": lambda b: EMS(b),
+        "snapkv": lambda b: SnapKV(b),
+        "adakv": lambda b: AdaKV(b),
+        "h2o": lambda b: H2O(b),
+        "streaming-llm": lambda b: StreamingLLM(b),
+        "think50+snapkv": lambda b: ThinK(0.5, tokens=SnapKV(b)),
+    }
     table = budget_sweep(lm.model, windows, 192, presses, (16, 32, 64), samples, passkey_model=tuned.model)
     # ThinK alone prunes key channels, not tokens: its rows are keyed by λ in percent
-    table["think"] = budget_sweep(lm.model, windows, 192, {"think": lambda pct: ThinK(pct / 100)}, (25, 50, 75),
-                                  samples, passkey_model=tuned.model)["think"]
+    table["think"] = budget_sweep(
+        lm.model,
+        windows,
+        192,
+        {"think": lambda pct: ThinK(pct / 100)},
+        (25, 50, 75),
+        samples,
+        passkey_model=tuned.model,
+    )["think"]
     dense = table["dense"][0]["kv_bytes"]
     train = sampled_stream(lm.tokenizer, ds.train["text"], 100_000)
     projection = calibrate(lm.model, random_windows(train, 8, 256, torch.Generator().manual_seed(0)))
-    train_projection(lm.model, projection, train, steps=train_steps, batch_size=4, seq_len=256, lr=1e-3,
-                     rank_step=4, seed=0)
+    train_projection(
+        lm.model, projection, train, steps=train_steps, batch_size=4, seq_len=256, lr=1e-3, rank_step=4, seed=0
+    )
     table["matryoshka-kv"] = {}
     for rank in (8, 16, 24, 32):
         projection.set_ranks(rank, rank)
@@ -111,10 +126,13 @@ def kv_rows(quick: bool, train_steps: int) -> dict:
                 unit = {"matryoshka-kv": "rank", "think": "λ%"}.get(name, "budget")
                 depth = " ".join(f"{a:.2f}" for a in cell.get("passkey_by_depth", {}).values())
                 depth_q = " ".join(f"{a:.2f}" for a in cell.get("passkey_q_by_depth", {}).values())
-                print(f"{name:14s} {unit:6s} {key:3d}: "
-                      f"ppl {cell['ppl']:8.2f}  passkey {cell['passkey']:.2f} [{depth:24s}]  "
-                      f"q-in-context {cell.get('passkey_q', float('nan')):.2f} [{depth_q:24s}]  "
-                      f"KV {cell['kv_bytes'] / 1024:7.1f} KiB ({cell['ratio']:.3f}× dense)", flush=True)
+                print(
+                    f"{name:14s} {unit:6s} {key:3d}: "
+                    f"ppl {cell['ppl']:8.2f}  passkey {cell['passkey']:.2f} [{depth:24s}]  "
+                    f"q-in-context {cell.get('passkey_q', float('nan')):.2f} [{depth_q:24s}]  "
+                    f"KV {cell['kv_bytes'] / 1024:7.1f} KiB ({cell['ratio']:.3f}× dense)",
+                    flush=True,
+                )
     rows = {str(n): {str(k): c for k, c in row.items()} for n, row in table.items()}
     return {**rows, "passkey_dense_by_length": {str(n): c for n, c in retrieval.items()}}
 
@@ -141,8 +159,15 @@ def ppd_rows(quick: bool, train_steps: int, repeats: int) -> dict:
     lm = load_folder(base_model(InMemoryRunContext()))
     ds = load_builtin("stdlib-code")
     prompts = PromptTokens.initialised(lm.model, m, seed=0)
-    train_prompts(lm.model, prompts, sampled_stream(lm.tokenizer, ds.train["text"], 300_000), steps=train_steps,
-                  batch_size=8, seq_len=128, cuts_per_window=16)
+    train_prompts(
+        lm.model,
+        prompts,
+        sampled_stream(lm.tokenizer, ds.train["text"], 300_000),
+        steps=train_steps,
+        batch_size=8,
+        seq_len=128,
+        cuts_per_window=16,
+    )
     held_out = split_windows(lm.tokenizer, ds.val["text"], 32, n_prefixes + 8)
     prefixes = held_out[:n_prefixes]  # the tree's rates come from the greedy continuations of the next 8
     rates = greedy_rank_acceptance(lm.model, prompts, held_out[n_prefixes:], max_tokens, 8)
@@ -156,8 +181,9 @@ def ppd_rows(quick: bool, train_steps: int, repeats: int) -> dict:
 
     def hf_greedy() -> tuple[float, None]:  # min_new_tokens: the same lengths as prompt lookup's
         for p in prefixes:
-            lm.model.generate(p[None], max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                              pad_token_id=0)
+            lm.model.generate(
+                p[None], max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0
+            )
         return 1.0, None
 
     def ppd(tree) -> tuple[float, bool]:
@@ -165,9 +191,13 @@ def ppd_rows(quick: bool, train_steps: int, repeats: int) -> dict:
         steps = [a for r in results for a in r.accepted]
         return sum(steps) / len(steps), [r.tokens for r in results] == reference
 
-    methods = {"greedy": plain_greedy, "greedy-hf": hf_greedy, "ppd-chain": lambda: ppd(None),
-               "ppd-tree": lambda: ppd(choice.tree),
-               "prompt-lookup": lambda: (prompt_lookup_acceptance(lm, prefixes, max_tokens, m), None)}
+    methods = {
+        "greedy": plain_greedy,
+        "greedy-hf": hf_greedy,
+        "ppd-chain": lambda: ppd(None),
+        "ppd-tree": lambda: ppd(choice.tree),
+        "prompt-lookup": lambda: (prompt_lookup_acceptance(lm, prefixes, max_tokens, m), None),
+    }
     seconds: dict[str, float] = {}
     cells: dict[str, dict] = {}
     with torch.no_grad():
@@ -182,17 +212,33 @@ def ppd_rows(quick: bool, train_steps: int, repeats: int) -> dict:
         cell["tokens_per_s"] = tokens / seconds[name]
         cell["speedup_vs_greedy"] = seconds["greedy"] / seconds[name]
         cell["accepted_ratio_vs_greedy"] = cell["accepted_per_forward"] / cells["greedy"]["accepted_per_forward"]
-        print(f"{name:14s} {cell['tokens_per_s']:7.1f} tok/s ({cell['speedup_vs_greedy']:.2f}× greedy)  "
-              f"{cell['accepted_per_forward']:.2f} tokens/forward ({cell['accepted_ratio_vs_greedy']:.2f}× greedy)"
-              f"  same tokens as greedy: {cell['matches_greedy']}", flush=True)
-    print(f"ppd tree: {choice.nodes} nodes chosen from verification latency "
-          + ", ".join(f"{n}: {s * 1e3:.1f} ms" for n, s in choice.latency.items()), flush=True)
-    return {"methods": cells, "tree_nodes": choice.nodes, "latency_ms": {str(n): s * 1e3 for n, s in
-                                                                          choice.latency.items()},
-            "expected_tokens_per_s": {str(n): v for n, v in choice.tokens_per_second.items()},
-            "rank_acceptance": rates.tolist(),
-            "config": {"prompt_tokens": m, "train_steps": train_steps, "prefixes": len(prefixes), "prefix_len": 32,
-                       "max_tokens": max_tokens, "repeats": repeats, "prompt_lookup_num_tokens": m}}
+        print(
+            f"{name:14s} {cell['tokens_per_s']:7.1f} tok/s ({cell['speedup_vs_greedy']:.2f}× greedy)  "
+            f"{cell['accepted_per_forward']:.2f} tokens/forward ({cell['accepted_ratio_vs_greedy']:.2f}× greedy)"
+            f"  same tokens as greedy: {cell['matches_greedy']}",
+            flush=True,
+        )
+    print(
+        f"ppd tree: {choice.nodes} nodes chosen from verification latency "
+        + ", ".join(f"{n}: {s * 1e3:.1f} ms" for n, s in choice.latency.items()),
+        flush=True,
+    )
+    return {
+        "methods": cells,
+        "tree_nodes": choice.nodes,
+        "latency_ms": {str(n): s * 1e3 for n, s in choice.latency.items()},
+        "expected_tokens_per_s": {str(n): v for n, v in choice.tokens_per_second.items()},
+        "rank_acceptance": rates.tolist(),
+        "config": {
+            "prompt_tokens": m,
+            "train_steps": train_steps,
+            "prefixes": len(prefixes),
+            "prefix_len": 32,
+            "max_tokens": max_tokens,
+            "repeats": repeats,
+            "prompt_lookup_num_tokens": m,
+        },
+    }
 
 
 def main() -> None:
@@ -212,25 +258,39 @@ def main() -> None:
     hip_config = HiPConfig(top_k=512, block_q=64, block_k=2, window=256, sink=16)  # the notes' v1.1 defaults
     methods = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "hyperattention": lambda q, k, v: hyper_attention(q, k, v, 64 ** -0.5, config),
-        "hip": lambda q, k, v: hip_attention(q, k, v, 64 ** -0.5, hip_config),
+        "hyperattention": lambda q, k, v: hyper_attention(q, k, v, 64**-0.5, config),
+        "hip": lambda q, k, v: hip_attention(q, k, v, 64**-0.5, hip_config),
         "hip-mask": lambda q, k, v: tree_search(q, k, hip_config),  # the tree search alone (claimed O(T log T))
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
     for length in lengths:
         q, k, v = random_qkv(length, heads=1, head_dim=64)
-        row = {name: best_time(lambda fn=fn: fn(q, k, v), args.repeats) for name, fn in methods.items()}
+        row = {name: best_time(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), args.repeats) for name, fn in methods.items()}
         for name, seconds in row.items():
             times[name].append(seconds)
-        print(f"T={length:6d}  " + "  ".join(f"{n} {s * 1e3:8.1f} ms ({s / row['sdpa']:.2f}× sdpa)"
-                                              for n, s in row.items()), flush=True)
+        print(
+            f"T={length:6d}  "
+            + "  ".join(f"{n} {s * 1e3:8.1f} ms ({s / row['sdpa']:.2f}× sdpa)" for n, s in row.items()),
+            flush=True,
+        )
     slopes = {name: loglog_slope(lengths, seconds) for name, seconds in times.items()}
     print("log-log slopes (time ∝ T^slope): " + ", ".join(f"{n} {s:.2f}" for n, s in slopes.items()))
-    report = {"lengths": lengths, "seconds": times, "ratio_vs_sdpa": {n: [s / b for s, b in zip(v, times["sdpa"])]
-                                                                      for n, v in times.items()},
-              "slopes": slopes, "config": {"heads": 1, "head_dim": 64, "threads": 1, "repeats": args.repeats,
-                                           "hyperattention": asdict(config), "hip": asdict(hip_config)},
-              "torch": torch.__version__, "machine": platform.machine()}
+    report = {
+        "lengths": lengths,
+        "seconds": times,
+        "ratio_vs_sdpa": {n: [s / b for s, b in zip(v, times["sdpa"])] for n, v in times.items()},
+        "slopes": slopes,
+        "config": {
+            "heads": 1,
+            "head_dim": 64,
+            "threads": 1,
+            "repeats": args.repeats,
+            "hyperattention": asdict(config),
+            "hip": asdict(hip_config),
+        },
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
     if not args.no_kv:
         report["kv"] = kv_rows(args.quick, 5 if args.quick else args.kv_train_steps)
     if not args.no_ppd:

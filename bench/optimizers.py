@@ -18,8 +18,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -72,14 +72,29 @@ def bench_optimizers(size: str, rounds: int) -> list[dict]:
         for arm in arms:
             arm.step(record=True)
     base = arms[0]
-    base_bytes, base_full, base_opt = (optimizer_state_bytes(base.opt), statistics.median(base.full),
-                                       statistics.median(base.opt_only))
+    base_bytes, base_full, base_opt = (
+        optimizer_state_bytes(base.opt),
+        statistics.median(base.full),
+        statistics.median(base.opt_only),
+    )
     rows = []
     for arm in arms:
-        state, full, opt_only = optimizer_state_bytes(arm.opt), statistics.median(arm.full), statistics.median(arm.opt_only)
-        rows.append({"optimizer": arm.name, "state_bytes": state, "state_vs_adamw": state / base_bytes,
-                     "step_s": full, "step_vs_adamw": full / base_full, "opt_step_s": opt_only,
-                     "opt_step_vs_adamw": opt_only / base_opt})
+        state, full, opt_only = (
+            optimizer_state_bytes(arm.opt),
+            statistics.median(arm.full),
+            statistics.median(arm.opt_only),
+        )
+        rows.append(
+            {
+                "optimizer": arm.name,
+                "state_bytes": state,
+                "state_vs_adamw": state / base_bytes,
+                "step_s": full,
+                "step_vs_adamw": full / base_full,
+                "opt_step_s": opt_only,
+                "opt_step_vs_adamw": opt_only / base_opt,
+            }
+        )
     return rows
 
 
@@ -98,10 +113,18 @@ def bench_eigenscore(d: int, samples: tuple[int, ...], repeats: int) -> list[dic
     for k in samples:
         g = torch.Generator().manual_seed(k)
         z = torch.randn(k, d, generator=g)
-        exact_s, exact = timed(lambda: eigenscore(z, 1.0), repeats)
-        ees_s, ees = timed(lambda: efficient_eigenscore(z, 1.0, 20, 20, torch.Generator().manual_seed(0)), repeats)
-        rows.append({"d": d, "samples": k, "exact_s": exact_s, "ees_s": ees_s, "speedup": exact_s / ees_s,
-                     "relative_error": abs(ees - exact) / abs(exact)})
+        exact_s, exact = timed(lambda z=z: eigenscore(z, 1.0), repeats)
+        ees_s, ees = timed(lambda z=z: efficient_eigenscore(z, 1.0, 20, 20, torch.Generator().manual_seed(0)), repeats)
+        rows.append(
+            {
+                "d": d,
+                "samples": k,
+                "exact_s": exact_s,
+                "ees_s": ees_s,
+                "speedup": exact_s / ees_s,
+                "relative_error": abs(ees - exact) / abs(exact),
+            }
+        )
     return rows
 
 
@@ -114,20 +137,39 @@ def main() -> None:
     torch.set_num_threads(1)
     rounds = 2 if args.quick else args.rounds
     opt_rows = bench_optimizers(args.size, rounds)
-    print(f"{'optimizer':24} {'state KiB':>10} {'×AdamW':>7} {'step ms':>8} {'×AdamW':>7} {'opt.step ms':>12} {'×AdamW':>7}")
+    print(
+        f"{'optimizer':24} {'state KiB':>10} {'×AdamW':>7} {'step ms':>8} {'×AdamW':>7} "
+        f"{'opt.step ms':>12} {'×AdamW':>7}"
+    )
     for r in opt_rows:
-        print(f"{r['optimizer']:24} {r['state_bytes'] / 1024:10.1f} {r['state_vs_adamw']:7.2f} {r['step_s'] * 1e3:8.1f} "
-              f"{r['step_vs_adamw']:7.2f} {r['opt_step_s'] * 1e3:12.2f} {r['opt_step_vs_adamw']:7.2f}")
-    es_rows = bench_eigenscore(256 if args.quick else 1024, (10, 50) if args.quick else (10, 50, 200, 800),
-                               1 if args.quick else 3)
+        print(
+            f"{r['optimizer']:24} {r['state_bytes'] / 1024:10.1f} {r['state_vs_adamw']:7.2f} {r['step_s'] * 1e3:8.1f} "
+            f"{r['step_vs_adamw']:7.2f} {r['opt_step_s'] * 1e3:12.2f} {r['opt_step_vs_adamw']:7.2f}"
+        )
+    es_rows = bench_eigenscore(
+        256 if args.quick else 1024, (10, 50) if args.quick else (10, 50, 200, 800), 1 if args.quick else 3
+    )
     print(f"\n{'d':>5} {'K':>5} {'exact ms':>9} {'EES ms':>8} {'speed-up':>9} {'EES rel. err':>13}")
     for r in es_rows:
-        print(f"{r['d']:5d} {r['samples']:5d} {r['exact_s'] * 1e3:9.2f} {r['ees_s'] * 1e3:8.2f} {r['speedup']:9.2f} "
-              f"{r['relative_error']:13.3%}")
+        print(
+            f"{r['d']:5d} {r['samples']:5d} {r['exact_s'] * 1e3:9.2f} {r['ees_s'] * 1e3:8.2f} {r['speedup']:9.2f} "
+            f"{r['relative_error']:13.3%}"
+        )
     out = Path(__file__).parent / "results" / ("optimizers-quick.json" if args.quick else "optimizers.json")
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"size": args.size, "rounds": rounds, "optimizers": opt_rows, "eigenscore": es_rows,
-                               "torch": torch.__version__, "python": platform.python_version()}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "size": args.size,
+                "rounds": rounds,
+                "optimizers": opt_rows,
+                "eigenscore": es_rows,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

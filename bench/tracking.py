@@ -34,9 +34,10 @@ import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # Import the service from this checkout (a stale editable install can otherwise resolve `migrations`
@@ -99,8 +100,13 @@ class CrucibleMetrics:
         from workers.storage import LocalStore
 
         # Explicit URLs: a CRUCIBLE_DATABASE_URL in the environment must never receive bench rows.
-        self.settings = Settings(home=home, database_url=f"sqlite:///{home / 'crucible.db'}",
-                                 storage_url=(home / "objects").as_uri(), demo_job=False, plugins="")
+        self.settings = Settings(
+            home=home,
+            database_url=f"sqlite:///{home / 'crucible.db'}",
+            storage_url=(home / "objects").as_uri(),
+            demo_job=False,
+            plugins="",
+        )
         upgrade(self.settings.database_url)
         self.store = LocalStore(home / "objects")
 
@@ -150,8 +156,7 @@ class MLflowBackend:
         self.uri = f"sqlite:///{self.db}"
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self.client.create_experiment(
-            "bench", artifact_location=(root / "mlartifacts").as_uri())
+        self.experiment_id = self.client.create_experiment("bench", artifact_location=(root / "mlartifacts").as_uri())
         self.version = mlflow.__version__
 
     def _stored(self, run_id: str) -> int:
@@ -224,14 +229,24 @@ class Server:
             # "serving the API without an executor", and the submitted jobs simply stay queued.
             self.lock = open(self.home / "executor.lock", "a")
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        env = {**clean_env(), "CRUCIBLE_HOME": str(self.home), "CRUCIBLE_PLUGINS": PLUGINS,
-               "CRUCIBLE_DEMO_JOB": "false", "PYTHONPATH": str(REPO),
-               # the benchmark measures throughput, not the per-key abuse limit
-               "CRUCIBLE_RATE_LIMIT_SUBMIT_PER_MINUTE": "100000000",
-               "CRUCIBLE_MAX_ACTIVE_JOBS_PER_PROJECT": "100000000"}
+        env = {
+            **clean_env(),
+            "CRUCIBLE_HOME": str(self.home),
+            "CRUCIBLE_PLUGINS": PLUGINS,
+            "CRUCIBLE_DEMO_JOB": "false",
+            "PYTHONPATH": str(REPO),
+            # the benchmark measures throughput, not the per-key abuse limit
+            "CRUCIBLE_RATE_LIMIT_SUBMIT_PER_MINUTE": "100000000",
+            "CRUCIBLE_MAX_ACTIVE_JOBS_PER_PROJECT": "100000000",
+        }
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(self.port), "--no-demo"],
-                                     cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "up", "--port", str(self.port), "--no-demo"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -328,8 +343,13 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             samples[key].append(fn(size))
     for key, label, size, _ in cases:
         secs = median(samples[key])
-        out["metrics"][key] = {"label": label, "points": size, "seconds": samples[key],
-                               "median_seconds": secs, "points_per_s": size / secs}
+        out["metrics"][key] = {
+            "label": label,
+            "points": size,
+            "seconds": samples[key],
+            "median_seconds": secs,
+            "points_per_s": size / secs,
+        }
 
     # 2a. MLflow create_run ---------------------------------------------------------------------
     ns = args.submissions
@@ -339,8 +359,12 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         say(f"submissions: round {r + 1}/{reps}: MLflow create_run x{ns} ...")
         runs.append(mlf.create_runs(ns))
     out["submissions"]["mlflow_create_run"] = {
-        "label": "MLflow create_run (in-process, no HTTP)", "n": ns, "seconds": runs,
-        "median_seconds": median(runs), "per_s": ns / median(runs)}
+        "label": "MLflow create_run (in-process, no HTTP)",
+        "n": ns,
+        "seconds": runs,
+        "median_seconds": median(runs),
+        "per_s": ns / median(runs),
+    }
 
     # 2b. crucible up, API only (jobs stay queued) --------------------------------------------
     say("submissions: starting `crucible up` (API only) ...")
@@ -351,8 +375,12 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             say(f"submissions: round {r + 1}/{reps}: POST /api/v1/jobs x{ns} (API only) ...")
             secs.append(srv.submissions(ns, spec))
     out["submissions"]["crucible_api_only"] = {
-        "label": "Crucible POST /api/v1/jobs, API only", "n": ns, "seconds": secs,
-        "median_seconds": median(secs), "per_s": ns / median(secs)}
+        "label": "Crucible POST /api/v1/jobs, API only",
+        "n": ns,
+        "seconds": secs,
+        "median_seconds": median(secs),
+        "per_s": ns / median(secs),
+    }
 
     # 2c. crucible up with its local executor: latency first, then submissions while it runs them
     say("latency: starting `crucible up` (local executor) ...")
@@ -370,15 +398,21 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             q2s.append((started - created).total_seconds())
             s2f.append((finished - started).total_seconds())
             c2f.append((finished - created).total_seconds())
-        for key, xs, label in (("queue_to_start", q2s, "created_at → started_at (claimed)"),
-                               ("start_to_finish", s2f, "started_at → finished_at"),
-                               ("queue_to_finish", c2f, "created_at → finished_at")):
+        for key, xs, label in (
+            ("queue_to_start", q2s, "created_at → started_at (claimed)"),
+            ("start_to_finish", s2f, "started_at → finished_at"),
+            ("queue_to_finish", c2f, "created_at → finished_at"),
+        ):
             out["latency"][key] = {"label": label, "seconds": xs, "p50": percentile(xs, 50), "p95": percentile(xs, 95)}
         say(f"submissions: POST /api/v1/jobs x{ns} while the local executor runs them ...")
         busy = srv.submissions(ns, spec)
     out["submissions"]["crucible_with_executor"] = {
-        "label": "Crucible POST /api/v1/jobs, executor running them", "n": ns, "seconds": [busy],
-        "median_seconds": busy, "per_s": ns / busy}
+        "label": "Crucible POST /api/v1/jobs, executor running them",
+        "n": ns,
+        "seconds": [busy],
+        "median_seconds": busy,
+        "per_s": ns / busy,
+    }
     out["versions"] = {"mlflow": mlf.version}
     return out
 
@@ -388,10 +422,16 @@ def environment() -> dict[str, Any]:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "sqlalchemy": sqlalchemy.__version__, "sqlite": sqlite3.sqlite_version,
-            "commit": commit.stdout.strip() or None, "dirty": bool(dirty.stdout.strip()),
-            "loadavg_start": list(os.getloadavg())}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "sqlalchemy": sqlalchemy.__version__,
+        "sqlite": sqlite3.sqlite_version,
+        "commit": commit.stdout.strip() or None,
+        "dirty": bool(dirty.stdout.strip()),
+        "loadavg_start": list(os.getloadavg()),
+    }
 
 
 def report(res: dict[str, Any]) -> None:
@@ -399,18 +439,23 @@ def report(res: dict[str, Any]) -> None:
     w = 52
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     print()
-    print(f"Crucible vs MLflow {res['versions']['mlflow']} on this machine ({res['env']['cpus']} CPUs, "
-          f"load average {res['env']['loadavg_start'][0]:.1f} → {res['env']['loadavg_end'][0]:.1f}); "
-          f"median of {res['config']['repeats']} rounds after a warm-up")
+    print(
+        f"Crucible vs MLflow {res['versions']['mlflow']} on this machine ({res['env']['cpus']} CPUs, "
+        f"load average {res['env']['loadavg_start'][0]:.1f} → {res['env']['loadavg_end'][0]:.1f}); "
+        f"median of {res['config']['repeats']} rounds after a warm-up"
+    )
     print()
-    print("1. Metric logging: points/s until durably in SQLite "
-          f"({res['config']['metrics_per_step']} metrics a step)")
+    print(f"1. Metric logging: points/s until durably in SQLite ({res['config']['metrics_per_step']} metrics a step)")
     print(f"   {'':{w}} {'points':>8} {'median s':>9} {'points/s':>10}")
     for row in m.values():
         print(f"   {row['label']:{w}} {row['points']:>8} {row['median_seconds']:>9.3f} {row['points_per_s']:>10,.0f}")
     rb, r1 = res["ratios"]["crucible_over_mlflow_log_batch"], res["ratios"]["crucible_over_mlflow_log_metric"]
-    print(f"   Crucible / MLflow log_batch  = {rb:8.2f}x   goal ≥ {GOAL_METRIC_RATIO:g}x: {met(rb >= GOAL_METRIC_RATIO)}")
-    print(f"   Crucible / MLflow log_metric = {r1:8.2f}x   goal ≥ {GOAL_METRIC_RATIO:g}x: {met(r1 >= GOAL_METRIC_RATIO)}")
+    print(
+        f"   Crucible / MLflow log_batch  = {rb:8.2f}x   goal ≥ {GOAL_METRIC_RATIO:g}x: {met(rb >= GOAL_METRIC_RATIO)}"
+    )
+    print(
+        f"   Crucible / MLflow log_metric = {r1:8.2f}x   goal ≥ {GOAL_METRIC_RATIO:g}x: {met(r1 >= GOAL_METRIC_RATIO)}"
+    )
     print()
     print("2. Job submission: one client, sequential, HTTP keep-alive")
     print(f"   {'':{w}} {'n':>8} {'median s':>9} {'per s':>10}")
@@ -419,12 +464,16 @@ def report(res: dict[str, Any]) -> None:
     base = sub["mlflow_create_run"]["per_s"]
     for key, short in (("crucible_api_only", "API only"), ("crucible_with_executor", "executor running them")):
         per_s = sub[key]["per_s"]
-        print(f"   Crucible ({short}) / MLflow create_run = {per_s / base:.2f}x;"
-              f"  goal ≥ {GOAL_SUBMISSIONS_S:g}/s: {met(per_s >= GOAL_SUBMISSIONS_S)}")
+        print(
+            f"   Crucible ({short}) / MLflow create_run = {per_s / base:.2f}x;"
+            f"  goal ≥ {GOAL_SUBMISSIONS_S:g}/s: {met(per_s >= GOAL_SUBMISSIONS_S)}"
+        )
     print("   MLflow has no job runner: create_run only records a run, in-process, with no HTTP hop.")
     print()
-    print(f"3. Queue-to-start latency: test-counter steps=1, {res['config']['latency_jobs']} jobs one after another, "
-          "from the job rows")
+    print(
+        f"3. Queue-to-start latency: test-counter steps=1, {res['config']['latency_jobs']} jobs one after another, "
+        "from the job rows"
+    )
     print(f"   {'':{w}} {'p50 s':>8} {'p95 s':>9}")
     for row in lat.values():
         print(f"   {row['label']:{w}} {row['p50']:>8.3f} {row['p95']:>9.3f}")
@@ -439,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--submissions", type=int, default=200, help="sequential submissions / create_run calls a round")
     p.add_argument("--latency-jobs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
-    p.add_argument("--out", type=Path, default=None, help="default bench/results/tracking.json "
-                   "(tracking-quick.json with --quick)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="default bench/results/tracking.json (tracking-quick.json with --quick)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     args = p.parse_args(argv)
     if args.quick:
@@ -449,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import mlflow  # noqa: F401
     except ImportError:
-        print("MLflow is the baseline and is not installed: `make bench`, or "
-              "`.venv/bin/pip install -e '.[bench]'`", file=sys.stderr)
+        print(
+            "MLflow is the baseline and is not installed: `make bench`, or `.venv/bin/pip install -e '.[bench]'`",
+            file=sys.stderr,
+        )
         return 2
 
     started = time.perf_counter()
@@ -461,15 +513,24 @@ def main(argv: list[str] | None = None) -> int:
     m = res["metrics"]
     res.update(
         env=env,
-        when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        config={"points": args.points, "points_one_by_one": args.points_one_by_one, "metrics_per_step": len(METRIC_NAMES),
-                "submissions": args.submissions, "latency_jobs": args.latency_jobs, "repeats": args.repeats,
-                "quick": args.quick, "crucible_settings": "defaults (metric_flush_points=1000, metric_flush_s=2.0)"},
+        when=datetime.now(UTC).isoformat(timespec="seconds"),
+        config={
+            "points": args.points,
+            "points_one_by_one": args.points_one_by_one,
+            "metrics_per_step": len(METRIC_NAMES),
+            "submissions": args.submissions,
+            "latency_jobs": args.latency_jobs,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "crucible_settings": "defaults (metric_flush_points=1000, metric_flush_s=2.0)",
+        },
         ratios={
-            "crucible_over_mlflow_log_batch": m["crucible_ctx_log"]["points_per_s"] / m["mlflow_log_batch"]["points_per_s"],
-            "crucible_over_mlflow_log_metric": m["crucible_ctx_log"]["points_per_s"] / m["mlflow_log_metric"]["points_per_s"],
-            "submissions_api_only_over_mlflow_create_run":
-                res["submissions"]["crucible_api_only"]["per_s"] / res["submissions"]["mlflow_create_run"]["per_s"],
+            "crucible_over_mlflow_log_batch": m["crucible_ctx_log"]["points_per_s"]
+            / m["mlflow_log_batch"]["points_per_s"],
+            "crucible_over_mlflow_log_metric": m["crucible_ctx_log"]["points_per_s"]
+            / m["mlflow_log_metric"]["points_per_s"],
+            "submissions_api_only_over_mlflow_create_run": res["submissions"]["crucible_api_only"]["per_s"]
+            / res["submissions"]["mlflow_create_run"]["per_s"],
         },
         goals={"metric_ratio_vs_mlflow_log_batch": GOAL_METRIC_RATIO, "submissions_per_s": GOAL_SUBMISSIONS_S},
     )
@@ -477,8 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     report(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out} "
-          f"({res['total_seconds']:.0f} s in all)")
+    print(
+        f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out} "
+        f"({res['total_seconds']:.0f} s in all)"
+    )
     return 0
 
 

@@ -9,5 +9,15 @@ from models.context import InMemoryRunContext, RunContext
 from models.registry import MethodParams, MethodSpec, get_method, list_methods, method
 from models.reproduction import Outcome, reproduction
 
-__all__ = ["Checkpoint", "InMemoryRunContext", "MethodParams", "MethodSpec", "Outcome", "RunContext",
-           "get_method", "list_methods", "method", "reproduction"]
+__all__ = [
+    "Checkpoint",
+    "InMemoryRunContext",
+    "MethodParams",
+    "MethodSpec",
+    "Outcome",
+    "RunContext",
+    "get_method",
+    "list_methods",
+    "method",
+    "reproduction",
+]

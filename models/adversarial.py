@@ -8,7 +8,7 @@ mode while attacking (batch-norm statistics untouched, as in the TRADES and Madr
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,16 @@ from torch import nn
 Objective = Callable[[torch.Tensor], torch.Tensor]  # perturbed inputs [B, ...] → per-example values [B]
 
 
-def pgd_linf(model: nn.Module, x: torch.Tensor, objective: Objective, eps: float, step_size: float, steps: int,
-             random_start: float | None = None, clip: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    objective: Objective,
+    eps: float,
+    step_size: float,
+    steps: int,
+    random_start: float | None = None,
+    clip: tuple[float, float] | None = (0.0, 1.0),
+) -> torch.Tensor:
     """x' in the ℓ∞ ball of radius `eps` around x (and in `clip`), by `steps` signed-gradient ascent steps.
 
     `random_start`: None starts at a uniform point of the ball (Madry); a number s starts at
@@ -34,7 +42,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, objective: Objective, eps: float
     for _ in range(steps):
         x_adv = _project(x_adv, x, eps, clip).requires_grad_(True)
         with torch.enable_grad():
-            grad, = torch.autograd.grad(objective(x_adv).sum(), x_adv)
+            (grad,) = torch.autograd.grad(objective(x_adv).sum(), x_adv)
         x_adv = x_adv.detach() + step_size * grad.sign()
     model.train(was_training)
     return _project(x_adv, x, eps, clip).detach()
@@ -45,16 +53,31 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, clip: tuple[float
     return x_adv.clamp(*clip) if clip is not None else x_adv
 
 
-def pgd_cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
-                      clip: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
+def pgd_cross_entropy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    clip: tuple[float, float] | None = (0.0, 1.0),
+) -> torch.Tensor:
     """The standard PGD attack: maximise the cross-entropy of the true label."""
-    return pgd_linf(model, x, lambda xa: F.cross_entropy(model(xa), y, reduction="none"), eps, step_size, steps,
-                    clip=clip)
+    return pgd_linf(
+        model, x, lambda xa: F.cross_entropy(model(xa), y, reduction="none"), eps, step_size, steps, clip=clip
+    )
 
 
-def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
-                    step_size: float | None = None, batch_size: int = 1024,
-                    clip: tuple[float, float] | None = (0.0, 1.0)) -> float:
+def robust_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int = 20,
+    step_size: float | None = None,
+    batch_size: int = 1024,
+    clip: tuple[float, float] | None = (0.0, 1.0),
+) -> float:
     """Accuracy under PGD-`steps` (cross-entropy, ℓ∞ radius eps, step 2.5·eps/steps unless given)."""
     if len(y) == 0:
         return float("nan")

@@ -9,9 +9,10 @@ the point: checkpoints may come from users.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,8 +54,10 @@ def _encode(node: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return node.item()
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
-    raise TypeError(f"checkpoint state at {path or '/'} has a {type(node).__name__}; "
-                    "use tensors, arrays, numbers, strings, lists and dicts")
+    raise TypeError(
+        f"checkpoint state at {path or '/'} has a {type(node).__name__}; "
+        "use tensors, arrays, numbers, strings, lists and dicts"
+    )
 
 
 def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:

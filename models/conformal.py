@@ -129,7 +129,7 @@ class PredictionSet:
     def codes(self) -> np.ndarray:
         return np.sort(set_codes(self.label_sets))
 
-    def same_as(self, other: "PredictionSet") -> bool:
+    def same_as(self, other: PredictionSet) -> bool:
         """The same label sets with the same p-values (order aside)."""
         mine, theirs = set_codes(self.label_sets), set_codes(other.label_sets)
         a, b = np.argsort(mine, kind="stable"), np.argsort(theirs, kind="stable")
@@ -175,7 +175,7 @@ class LabelPowersetICP:
     measure: Measure = "l2"
 
     @classmethod
-    def calibrate(cls, probs: np.ndarray, label_sets: np.ndarray, measure: Measure = "l2") -> "LabelPowersetICP":
+    def calibrate(cls, probs: np.ndarray, label_sets: np.ndarray, measure: Measure = "l2") -> LabelPowersetICP:
         return cls(np.sort(nonconformity(probs, label_sets, measure)), measure)
 
     @property
@@ -214,16 +214,23 @@ class LabelPowersetICP:
         candidates = all_label_sets(len(cost0))
         scores = label_set_scores(cost0, cost1, candidates)
         keep = icp_p_values(self.calibration_scores, scores) > epsilon
-        return PredictionSet(candidates[keep], icp_p_values(self.calibration_scores, scores[keep]),
-                             len(candidates), len(cost0), float(len(candidates)))
+        return PredictionSet(
+            candidates[keep],
+            icp_p_values(self.calibration_scores, scores[keep]),
+            len(candidates),
+            len(cost0),
+            float(len(candidates)),
+        )
 
-    def _result(self, cost0: np.ndarray, cost1: np.ndarray, members: np.ndarray, evaluations: int,
-                free: int, ball: float) -> PredictionSet:
+    def _result(
+        self, cost0: np.ndarray, cost1: np.ndarray, members: np.ndarray, evaluations: int, free: int, ball: float
+    ) -> PredictionSet:
         p = icp_p_values(self.calibration_scores, label_set_scores(cost0, cost1, members))
         return PredictionSet(members, p, evaluations, free, ball)
 
 
 # -- binary relevance baseline ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BinaryRelevanceSets:

@@ -60,8 +60,9 @@ def chebyshev_log_coefficients(center: float, half_width: float, moments: int) -
     return coeffs
 
 
-def efficient_eigenscore(z: torch.Tensor, alpha: float = 1e-3, moments: int = 20, probes: int = 20,
-                         generator: torch.Generator | None = None) -> float:
+def efficient_eigenscore(
+    z: torch.Tensor, alpha: float = 1e-3, moments: int = 20, probes: int = 20, generator: torch.Generator | None = None
+) -> float:
     """EES: the KPM/Hutchinson estimate of `eigenscore(z, alpha)` with `moments` Chebyshev terms and
     `probes` Rademacher vectors (SeND's defaults M = N_z = 20)."""
     zc = centred(z.double())

@@ -80,8 +80,9 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
 
 
-def prototype_logits(support: torch.Tensor, queries: torch.Tensor, temperature: float = 1.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def prototype_logits(
+    support: torch.Tensor, queries: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits −‖q − c_k‖²/T [Q, way], prototypes c_k = support mean [way, D])."""
     prototypes = support.mean(dim=1)
     return -squared_distances(queries, prototypes) / temperature, prototypes
@@ -89,9 +90,9 @@ def prototype_logits(support: torch.Tensor, queries: torch.Tensor, temperature: 
 
 @dataclass
 class EpisodeEvaluation:
-    accuracies: np.ndarray     # one per episode
-    logits: torch.Tensor       # all queries' logits, [episodes·way·query, way]
-    labels: torch.Tensor       # their episode labels
+    accuracies: np.ndarray  # one per episode
+    logits: torch.Tensor  # all queries' logits, [episodes·way·query, way]
+    labels: torch.Tensor  # their episode labels
 
     @property
     def mean(self) -> float:
@@ -110,8 +111,9 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate_episodes(z: torch.Tensor, y: torch.Tensor, spec: EpisodeSpec, episodes: int, seed: int,
-                      temperature: float = 1.0) -> EpisodeEvaluation:
+def evaluate_episodes(
+    z: torch.Tensor, y: torch.Tensor, spec: EpisodeSpec, episodes: int, seed: int, temperature: float = 1.0
+) -> EpisodeEvaluation:
     """ProtoNet classification of `episodes` episodes drawn (generator seeded by `seed`, so every model
     scored with the same seed sees the same episodes) from precomputed embeddings `z` with labels `y`."""
     generator = torch.Generator().manual_seed(seed)

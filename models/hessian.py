@@ -15,8 +15,8 @@ every probe. The estimate is the mean over probes, reported with its standard er
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -37,15 +37,17 @@ def gradient_graph(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[
     return torch.autograd.grad(loss, params, create_graph=True)
 
 
-def hessian_vector_product(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                           vectors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def hessian_vector_product(
+    grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
     """H v = ∇_θ(∇L · v), from the gradient graph `grads` (which is kept for further products)."""
     dot = sum((g * v).sum() for g, v in zip(grads, vectors))
     return torch.autograd.grad(dot, params, retain_graph=True)
 
 
-def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], probes: int,
-                     generator: torch.Generator) -> TraceEstimate:
+def hutchinson_trace(
+    loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], probes: int, generator: torch.Generator
+) -> TraceEstimate:
     """Tr ∇²L at the current parameters from `probes` Rademacher vectors (mean ± standard error)."""
     if probes < 1:
         raise ValueError("probes must be at least 1")

@@ -20,8 +20,9 @@ import numpy as np
 NoiseType = Literal["uniform", "class-dependent"]
 
 
-def inject_label_noise(labels: np.ndarray, num_classes: int, rate: float, kind: NoiseType = "uniform",
-                       seed: int = 0) -> np.ndarray:
+def inject_label_noise(
+    labels: np.ndarray, num_classes: int, rate: float, kind: NoiseType = "uniform", seed: int = 0
+) -> np.ndarray:
     """A corrupted copy of `labels`; the input is left untouched."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"noise rate must lie in [0, 1], got {rate}")

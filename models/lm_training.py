@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,10 +84,15 @@ class LMRun:
         return float(np.quantile(self.grad_norms, q)) if self.grad_norms else float("nan")
 
     def summary(self) -> dict[str, float]:
-        return {"val_loss": self.val_loss, "val_ppl": self.val_ppl, "state_bytes": float(self.state_bytes),
-                "final_train_loss": float(np.mean(self.losses[-10:])) if self.losses else float("nan"),
-                "grad_norm_p99": self.grad_norm_quantile(0.99), "diverged": float(self.diverged),
-                "step_seconds": float(np.median(self.step_seconds)) if self.step_seconds else float("nan")}
+        return {
+            "val_loss": self.val_loss,
+            "val_ppl": self.val_ppl,
+            "state_bytes": float(self.state_bytes),
+            "final_train_loss": float(np.mean(self.losses[-10:])) if self.losses else float("nan"),
+            "grad_norm_p99": self.grad_norm_quantile(0.99),
+            "diverged": float(self.diverged),
+            "step_seconds": float(np.median(self.step_seconds)) if self.step_seconds else float("nan"),
+        }
 
 
 def code_corpus(dataset: Dataset, params: LMTrainingParams) -> CodeCorpus:
@@ -99,8 +105,11 @@ def code_corpus(dataset: Dataset, params: LMTrainingParams) -> CodeCorpus:
 def _corpus(dataset: Dataset, vocab_size: int, max_documents: int, seq_len: int, eval_windows: int) -> CodeCorpus:
     train = list(dataset.splits["train"]["text"])[:max_documents]
     tokenizer = train_tokenizer(train, vocab_size)
-    val = fixed_windows(token_stream(tokenizer, list(dataset.splits["val"]["text"]), max_tokens=seq_len * eval_windows),
-                        seq_len, eval_windows)
+    val = fixed_windows(
+        token_stream(tokenizer, list(dataset.splits["val"]["text"]), max_tokens=seq_len * eval_windows),
+        seq_len,
+        eval_windows,
+    )
     return CodeCorpus(tokenizer, token_stream(tokenizer, train), val)
 
 
@@ -116,8 +125,9 @@ def builtin_code_corpus(params: LMTrainingParams) -> CodeCorpus:
 
 def fresh_llama(corpus: CodeCorpus, params: LMTrainingParams, seed: int) -> LlamaForCausalLM:
     tok = corpus.tokenizer
-    return build_model(llama_config(params.size, len(tok), eos_token_id=tok.eos_token_id,
-                                    pad_token_id=tok.pad_token_id), seed)
+    return build_model(
+        llama_config(params.size, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), seed
+    )
 
 
 def lr_factor(step: int, params: LMTrainingParams) -> float:
@@ -130,9 +140,15 @@ def global_grad_norm(model: nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
-def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, corpus: CodeCorpus, params: LMTrainingParams,
-             seed: int, ctx: RunContext | None = None, after_step: Callable[[int], None] | None = None
-             ) -> LMRun | None:
+def train_lm(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    corpus: CodeCorpus,
+    params: LMTrainingParams,
+    seed: int,
+    ctx: RunContext | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> LMRun | None:
     """Pre-train `model` with `optimizer` (its groups' `lr` is the peak rate); None when `ctx` is cancelled.
 
     `after_step(step)` runs after each optimizer step (SST's periodic re-SVD hooks in there).
@@ -174,13 +190,15 @@ def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, corpus: CodeCor
     return run
 
 
-def finish_lm_job(ctx: RunContext, model: LlamaForCausalLM, corpus: CodeCorpus, run: LMRun, name: str,
-                  lineage: dict[str, Any]) -> None:
+def finish_lm_job(
+    ctx: RunContext, model: LlamaForCausalLM, corpus: CodeCorpus, run: LMRun, name: str, lineage: dict[str, Any]
+) -> None:
     """Save the trained model as an HF folder, register it with its numbers, and plot its curves."""
     steps = list(range(1, len(run.losses) + 1))
     panels = {"train loss (nats/token)": {name: (steps, run.losses)}, "gradient norm": {name: (steps, run.grad_norms)}}
-    ctx.save_artifact("curves.png", curves_figure(panels, "step", title=f"{name}: val ppl {run.val_ppl:.2f}"),
-                      kind="plot")
+    ctx.save_artifact(
+        "curves.png", curves_figure(panels, "step", title=f"{name}: val ppl {run.val_ppl:.2f}"), kind="plot"
+    )
     if run.diverged:
         ctx.progress(len(run.losses), len(run.losses), "diverged: no model registered")
         return

@@ -29,10 +29,12 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_bins: i
     """Accuracy, ECE, MCE and NLL (mean cross-entropy, nats) of one split's logits."""
     if len(target) == 0:
         return {"acc": float("nan"), "ece": float("nan"), "mce": float("nan"), "nll": float("nan")}
-    return {"acc": (logits.argmax(1) == target).float().mean().item(),
-            "ece": calibration_error(logits, target, n_bins, "l1"),
-            "mce": calibration_error(logits, target, n_bins, "max"),
-            "nll": F.cross_entropy(logits.float(), target).item()}
+    return {
+        "acc": (logits.argmax(1) == target).float().mean().item(),
+        "ece": calibration_error(logits, target, n_bins, "l1"),
+        "mce": calibration_error(logits, target, n_bins, "max"),
+        "nll": F.cross_entropy(logits.float(), target).item(),
+    }
 
 
 @dataclass(frozen=True)

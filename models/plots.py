@@ -8,7 +8,8 @@ stores the PNG.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
@@ -19,8 +20,15 @@ if TYPE_CHECKING:
 Series = tuple[Sequence[float], Sequence[float]] | tuple[Sequence[float], Sequence[float], Sequence[float]]
 
 
-def curves_figure(panels: Mapping[str, Mapping[str, Series]], xlabel: str, *, logx: bool = False,
-                  logy: bool = False, title: str = "", ncols: int = 3) -> Figure:
+def curves_figure(
+    panels: Mapping[str, Mapping[str, Series]],
+    xlabel: str,
+    *,
+    logx: bool = False,
+    logy: bool = False,
+    title: str = "",
+    ncols: int = 3,
+) -> Figure:
     """One panel per entry of `panels` (its key is the panel's y label), one line per series."""
     ncols = max(1, min(ncols, len(panels)))
     nrows = math.ceil(len(panels) / ncols)
@@ -40,14 +48,14 @@ def curves_figure(panels: Mapping[str, Mapping[str, Series]], xlabel: str, *, lo
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=8)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
     return fig
 
 
-def reliability_figure(diagrams: Mapping[str, "ReliabilityBins"], title: str = "") -> Figure:
+def reliability_figure(diagrams: Mapping[str, ReliabilityBins], title: str = "") -> Figure:
     """Reliability diagrams side by side: accuracy per confidence bin against the diagonal, with the
     gap to confidence shaded, and the ECE in each panel's title (one panel per model)."""
     fig = Figure(figsize=(3.6 * len(diagrams), 3.6), layout="constrained")
@@ -59,8 +67,16 @@ def reliability_figure(diagrams: Mapping[str, "ReliabilityBins"], title: str = "
         acc = [a if s else 0.0 for a, s in zip(bins.accuracy, shown)]
         conf = [p if s else 0.0 for p, s in zip(bins.confidence, shown)]
         ax.bar(left, acc, width=width, align="edge", edgecolor="black", linewidth=0.5, label="accuracy")
-        ax.bar(left, [p - a for a, p in zip(acc, conf)], bottom=acc, width=width, align="edge", color="tab:red",
-               alpha=0.3, label="gap to confidence")
+        ax.bar(
+            left,
+            [p - a for a, p in zip(acc, conf)],
+            bottom=acc,
+            width=width,
+            align="edge",
+            color="tab:red",
+            alpha=0.3,
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{name}: ECE {bins.ece:.3f}")
         ax.legend(fontsize=7, loc="upper left")

@@ -14,10 +14,11 @@ import importlib
 import importlib.util
 import pkgutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -56,7 +57,7 @@ class MethodSpec:
     paper: str
     datasets: tuple[str, ...]
     params: type[MethodParams]
-    run: Callable[["RunContext", Any], None]
+    run: Callable[[RunContext, Any], None]
     module: str
     summary: str = ""
     resources: dict[str, float] = field(default_factory=dict)
@@ -81,7 +82,7 @@ class MethodSpec:
 
 _METHODS: dict[str, MethodSpec] = {}
 _ALIASES: dict[str, str] = {}
-_REPRODUCTIONS: dict[str, "ReproductionSpec"] = {}
+_REPRODUCTIONS: dict[str, ReproductionSpec] = {}
 _discovered = False
 
 
@@ -94,12 +95,12 @@ def method(
     datasets: tuple[str, ...],
     params: type[MethodParams],
     resources: dict[str, float] | None = None,
-) -> Callable[[Callable[["RunContext", Any], None]], Callable[["RunContext", Any], None]]:
+) -> Callable[[Callable[[RunContext, Any], None]], Callable[[RunContext, Any], None]]:
     """Register `fn(ctx, params)` as method `id`."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
-    def register(fn: Callable[["RunContext", Any], None]) -> Callable[["RunContext", Any], None]:
+    def register(fn: Callable[[RunContext, Any], None]) -> Callable[[RunContext, Any], None]:
         existing = _METHODS.get(id)
         if existing is not None and existing.module != fn.__module__:
             raise ValueError(f"method {id!r} registered twice ({existing.module}, {fn.__module__})")
@@ -121,7 +122,7 @@ def method(
     return register
 
 
-def register_reproduction(spec: "ReproductionSpec") -> None:
+def register_reproduction(spec: ReproductionSpec) -> None:
     _REPRODUCTIONS[spec.method_id] = spec
 
 
@@ -140,8 +141,13 @@ def _declared_ids(path: str) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for dec in node.decorator_list:
-                if (isinstance(dec, ast.Call) and getattr(dec.func, "id", getattr(dec.func, "attr", None)) == "method"
-                        and dec.args and isinstance(dec.args[0], ast.Constant) and isinstance(dec.args[0].value, str)):
+                if (
+                    isinstance(dec, ast.Call)
+                    and getattr(dec.func, "id", getattr(dec.func, "attr", None)) == "method"
+                    and dec.args
+                    and isinstance(dec.args[0], ast.Constant)
+                    and isinstance(dec.args[0].value, str)
+                ):
                     ids.append(dec.args[0].value)
     return ids
 
@@ -204,7 +210,7 @@ def list_methods(pattern: str = "*", family: str | None = None) -> list[MethodSp
     ]
 
 
-def get_reproduction(method_id: str) -> "ReproductionSpec":
+def get_reproduction(method_id: str) -> ReproductionSpec:
     spec = get_method(method_id)  # imports the module that declares both
     try:
         return _REPRODUCTIONS[spec.id]
@@ -212,6 +218,6 @@ def get_reproduction(method_id: str) -> "ReproductionSpec":
         raise UnknownMethodError(f"{method_id} (reproduction)", sorted(_REPRODUCTIONS)) from None
 
 
-def list_reproductions(pattern: str = "*") -> list["ReproductionSpec"]:
+def list_reproductions(pattern: str = "*") -> list[ReproductionSpec]:
     discover()
     return [r for mid, r in sorted(_REPRODUCTIONS.items()) if fnmatch.fnmatchcase(mid, pattern)]

@@ -9,8 +9,9 @@ shape: method, claim, metric, ours, baseline, direction, holds, seconds, seed (+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from models.context import RunContext
 from models.registry import register_reproduction
@@ -44,8 +45,9 @@ class ReproductionSpec:
     run: Callable[[RunContext, int, bool], Outcome]
 
 
-def reproduction(method_id: str, *, claim: str, metric: str, direction: Direction, baseline: str
-                 ) -> Callable[[Callable[[RunContext, int, bool], Outcome]], Callable[[RunContext, int, bool], Outcome]]:
+def reproduction(
+    method_id: str, *, claim: str, metric: str, direction: Direction, baseline: str
+) -> Callable[[Callable[[RunContext, int, bool], Outcome]], Callable[[RunContext, int, bool], Outcome]]:
     if direction not in ("higher", "lower"):
         raise ValueError("direction must be 'higher' or 'lower'")
 

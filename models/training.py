@@ -16,9 +16,10 @@ thread count, which `cpu_threads` pins to the job's CPUs: float reductions depen
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ class ClassificationData:
     def input_shape(self) -> list[int]:
         return list(self.x_train.shape[1:])
 
-    def to(self, device: str) -> "ClassificationData":
+    def to(self, device: str) -> ClassificationData:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         return ClassificationData(**moved)
 
@@ -139,8 +140,7 @@ class SGDSchedule:
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         if self.optimizer_name != "sgd":
             return build_optimizer(self.optimizer_name, model, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
-                               weight_decay=self.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 class ClassifierTrainingParams(MethodParams):
@@ -156,12 +156,22 @@ class ClassifierTrainingParams(MethodParams):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="SGD weight decay")
     checkpoint_every: int = Field(10, ge=0, le=1000, description="save a checkpoint every N epochs (0: never)")
-    optimizer: OptimizerName = Field("sgd", description="optimizer (models/optim): sgd with momentum, or e.g. adamw, "
-                                                        "frugal, stable-spam with their defaults and this lr")
+    optimizer: OptimizerName = Field(
+        "sgd",
+        description="optimizer (models/optim): sgd with momentum, or e.g. adamw, "
+        "frugal, stable-spam with their defaults and this lr",
+    )
 
     def schedule(self) -> SGDSchedule:
-        return SGDSchedule(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay,
-                           checkpoint_every=self.checkpoint_every, optimizer_name=self.optimizer)
+        return SGDSchedule(
+            self.epochs,
+            self.batch_size,
+            self.lr,
+            self.momentum,
+            self.weight_decay,
+            checkpoint_every=self.checkpoint_every,
+            optimizer_name=self.optimizer,
+        )
 
     def backbone_for(self, data: ClassificationData) -> Classifier:
         return build_backbone(self.backbone, data.input_shape, data.num_classes, self.hidden, self.depth)
@@ -173,10 +183,17 @@ def shuffled_batches(y: torch.Tensor, batch_size: int, generator: torch.Generato
     return (order[start : start + batch_size] for start in range(0, len(y), batch_size))
 
 
-def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                y: torch.Tensor, batch_size: int, generator: torch.Generator,
-                should_stop: Callable[[], bool] = lambda: False, batches: BatchOrder = shuffled_batches
-                ) -> float | None:
+def train_epoch(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    should_stop: Callable[[], bool] = lambda: False,
+    batches: BatchOrder = shuffled_batches,
+) -> float | None:
     """One epoch of the batches `batches` draws (default: one shuffled pass); the mean training loss per
     example seen, or None if stopped."""
     model.train()
@@ -197,15 +214,32 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
     return total / max(seen, 1)
 
 
-def _training_state(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, epoch: int, history: list[dict[str, float]]) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": loss_fn.state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-            "history": history}
+def _training_state(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    epoch: int,
+    history: list[dict[str, float]],
+) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "loss": loss_fn.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch,
+        "history": history,
+    }
 
 
-def _restore(state: dict[str, Any], model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator) -> tuple[int, list[dict[str, float]]]:
+def _restore(
+    state: dict[str, Any],
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> tuple[int, list[dict[str, float]]]:
     model.load_state_dict(state["model"])
     loss_fn.load_state_dict(state["loss"])
     optimizer.load_state_dict(state["optimizer"])
@@ -214,10 +248,16 @@ def _restore(state: dict[str, Any], model: nn.Module, loss_fn: nn.Module, optimi
     return int(state["epoch"]), list(state["history"])
 
 
-def fit_classifier(ctx: RunContext, model: nn.Module, loss_fn: nn.Module, data: ClassificationData,
-                   schedule: SGDSchedule, epoch_metrics: EpochMetrics | None = None,
-                   batches: BatchOrder = shuffled_batches, val_accuracy: Callable[[], float] | None = None
-                   ) -> list[dict[str, float]] | None:
+def fit_classifier(
+    ctx: RunContext,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: ClassificationData,
+    schedule: SGDSchedule,
+    epoch_metrics: EpochMetrics | None = None,
+    batches: BatchOrder = shuffled_batches,
+    val_accuracy: Callable[[], float] | None = None,
+) -> list[dict[str, float]] | None:
     """Train `model` on `data.train` with `loss_fn`; the per-epoch history, or None when cancelled.
 
     Resumes from `ctx.load_checkpoint()` when there is one. Logs `train_loss`, `val_acc`, `lr`
@@ -234,17 +274,26 @@ def fit_classifier(ctx: RunContext, model: nn.Module, loss_fn: nn.Module, data: 
         ctx.progress(start, schedule.epochs, f"resumed from the checkpoint at epoch {start}")
     for epoch in range(start, schedule.epochs):
         lr = schedule.set_lr(optimizer, epoch)
-        train_loss = train_epoch(model, loss_fn, optimizer, data.x_train, data.y_train, schedule.batch_size,
-                                 generator, ctx.cancelled, batches)
+        train_loss = train_epoch(
+            model,
+            loss_fn,
+            optimizer,
+            data.x_train,
+            data.y_train,
+            schedule.batch_size,
+            generator,
+            ctx.cancelled,
+            batches,
+        )
         if train_loss is None:
             return None
         val_acc = val_accuracy() if val_accuracy else accuracy(model, data.x_val, data.y_val)
-        row = {"train_loss": train_loss, "val_acc": val_acc, "lr": lr,
-               **(epoch_metrics() if epoch_metrics else {})}
+        row = {"train_loss": train_loss, "val_acc": val_acc, "lr": lr, **(epoch_metrics() if epoch_metrics else {})}
         history.append(row)
         ctx.log(epoch + 1, **row)
-        ctx.progress(epoch + 1, schedule.epochs,
-                     f"epoch {epoch + 1}: loss {train_loss:.4f}, val acc {row['val_acc']:.3f}")
+        ctx.progress(
+            epoch + 1, schedule.epochs, f"epoch {epoch + 1}: loss {train_loss:.4f}, val acc {row['val_acc']:.3f}"
+        )
         every = schedule.checkpoint_every
         if every and ((epoch + 1) % every == 0 or epoch + 1 == schedule.epochs):
             ctx.save_checkpoint(_training_state(model, loss_fn, optimizer, generator, epoch + 1, history), epoch + 1)
@@ -258,9 +307,13 @@ class TrainedClassifier:
     history: list[dict[str, float]]
 
 
-def fit_calibrated(ctx: RunContext, params: ClassifierTrainingParams,
-                   make_loss: Callable[[ClassificationData], nn.Module], method_id: str,
-                   make_model: Callable[[ClassificationData], nn.Module] | None = None) -> TrainedClassifier | None:
+def fit_calibrated(
+    ctx: RunContext,
+    params: ClassifierTrainingParams,
+    make_loss: Callable[[ClassificationData], nn.Module],
+    method_id: str,
+    make_model: Callable[[ClassificationData], nn.Module] | None = None,
+) -> TrainedClassifier | None:
     """The family's usual run: tensors from `ctx.dataset`, the params' backbone (or `make_model(data)`) seeded
     by `ctx.seed`, the loss `make_loss(data)`, `fit_classifier` logging validation ECE and NLL each epoch
     (None if cancelled)."""

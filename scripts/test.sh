@@ -9,4 +9,7 @@ for step in scripts/setup/*.sh; do
   echo "== setup: $step"
   bash "$step"
 done
+echo "== lint: ruff (style and formatting)"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

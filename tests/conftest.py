@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 
+import tests.fixtures.methods  # noqa: E402,F401  (registers the fixture methods in this process)
 from workers.db import upgrade
 from workers.settings import Settings
 from workers.storage import LocalStore
-
-import tests.fixtures.methods  # noqa: E402,F401  (registers the fixture methods in this process)
 
 torch.set_num_threads(1)
 FIXTURE_PLUGINS = "tests.fixtures.methods"
 
 
 def make_settings(home: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(home=home, plugins=FIXTURE_PLUGINS, heartbeat_s=0.5, lease_s=6.0,
-                                  cancel_grace_s=1.0, metric_flush_s=0.3, max_concurrent_jobs=2, demo_job=False)
+    values: dict[str, Any] = dict(
+        home=home,
+        plugins=FIXTURE_PLUGINS,
+        heartbeat_s=0.5,
+        lease_s=6.0,
+        cancel_grace_s=1.0,
+        metric_flush_s=0.3,
+        max_concurrent_jobs=2,
+        demo_job=False,
+    )
     values.update(overrides)
     return Settings(**values)
 

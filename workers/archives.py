@@ -16,9 +16,10 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from models.context import ArtifactNameError, check_artifact_name
 
@@ -57,8 +58,10 @@ def _check_member_name(raw: str) -> str:
     try:
         return check_artifact_name(stripped)
     except ArtifactNameError:
-        raise UnsafeArchiveError(f"archive member {raw!r} would land outside the model folder "
-                                 "(absolute path, `..` or unusual characters); repack it with relative names") from None
+        raise UnsafeArchiveError(
+            f"archive member {raw!r} would land outside the model folder "
+            "(absolute path, `..` or unusual characters); repack it with relative names"
+        ) from None
 
 
 def _zip_members(blob: bytes) -> Iterator[_Member]:
@@ -66,19 +69,19 @@ def _zip_members(blob: bytes) -> Iterator[_Member]:
     for info in zf.infolist():
         mode = (info.external_attr >> 16) & 0o170000
         if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise UnsafeArchiveError(f"archive member {info.filename!r} is a link or special file; only regular "
-                                     "files are accepted")
-        yield _Member(info.filename, info.file_size, not info.is_dir(), info.is_dir(),
-                      lambda info=info: zf.open(info))
+            raise UnsafeArchiveError(
+                f"archive member {info.filename!r} is a link or special file; only regular files are accepted"
+            )
+        yield _Member(info.filename, info.file_size, not info.is_dir(), info.is_dir(), lambda info=info: zf.open(info))
 
 
 def _tar_members(tf: tarfile.TarFile) -> Iterator[_Member]:
     for info in tf.getmembers():
         if not (info.isreg() or info.isdir()):
-            raise UnsafeArchiveError(f"archive member {info.name!r} is a link or special file; only regular "
-                                     "files are accepted")
-        yield _Member(info.name, info.size, info.isreg(), info.isdir(),
-                      lambda info=info: tf.extractfile(info))
+            raise UnsafeArchiveError(
+                f"archive member {info.name!r} is a link or special file; only regular files are accepted"
+            )
+        yield _Member(info.name, info.size, info.isreg(), info.isdir(), lambda info=info: tf.extractfile(info))
 
 
 def members(blob: bytes) -> Iterator[_Member]:
@@ -87,8 +90,9 @@ def members(blob: bytes) -> Iterator[_Member]:
     try:
         tf = tarfile.open(fileobj=io.BytesIO(blob), mode="r:*")
     except tarfile.TarError:
-        raise UnsafeArchiveError("the file is neither a zip nor a tar archive; upload a .zip or .tar.gz of the "
-                                 "model folder", status=415) from None
+        raise UnsafeArchiveError(
+            "the file is neither a zip nor a tar archive; upload a .zip or .tar.gz of the model folder", status=415
+        ) from None
     return _tar_members(tf)
 
 
@@ -99,8 +103,10 @@ def _copy_capped(src: BinaryIO, dest: Path, budget: int) -> int:
         while chunk := src.read(1 << 20):
             written += len(chunk)
             if written > budget:
-                raise UnsafeArchiveError("the archive decompresses to more than the allowed size (a zip bomb?); "
-                                         "upload a smaller model", status=413)
+                raise UnsafeArchiveError(
+                    "the archive decompresses to more than the allowed size (a zip bomb?); upload a smaller model",
+                    status=413,
+                )
             out.write(chunk)
     return written
 
@@ -128,12 +134,16 @@ def _extract(blob: bytes, dest: Path, limits: ArchiveLimits) -> list[str]:
         name = _check_member_name(m.name)
         suffix = "".join(PurePosixPath(name).suffixes[-1:]).lower()
         if suffix in PICKLE_SUFFIXES:
-            raise UnsafeArchiveError(f"{name}: {suffix} files are pickles and are never loaded here; convert the "
-                                     "weights to safetensors (e.g. `save_pretrained(..., safe_serialization=True)`)",
-                                     status=415)
+            raise UnsafeArchiveError(
+                f"{name}: {suffix} files are pickles and are never loaded here; convert the "
+                "weights to safetensors (e.g. `save_pretrained(..., safe_serialization=True)`)",
+                status=415,
+            )
         if not name.lower().endswith(ALLOWED_SUFFIXES):
-            raise UnsafeArchiveError(f"{name}: unexpected file type; a model folder holds only "
-                                     f"{', '.join(ALLOWED_SUFFIXES)} files", status=415)
+            raise UnsafeArchiveError(
+                f"{name}: unexpected file type; a model folder holds only {', '.join(ALLOWED_SUFFIXES)} files",
+                status=415,
+            )
         if name in seen:
             raise UnsafeArchiveError(f"{name} appears twice in the archive")
         seen.add(name)

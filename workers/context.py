@@ -16,9 +16,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,9 +47,10 @@ def upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
     dialect = session.get_bind().dialect.name
     insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
     stmt = insert(Metric.__table__)
-    stmt = stmt.on_conflict_do_update(index_elements=["job_id", "name", "step"],
-                                      set_={"value": stmt.excluded.value, "time": stmt.excluded.time,
-                                            "attempt": stmt.excluded.attempt})
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["job_id", "name", "step"],
+        set_={"value": stmt.excluded.value, "time": stmt.excluded.time, "attempt": stmt.excluded.attempt},
+    )
     session.connection().execute(stmt, rows)
 
 
@@ -80,8 +82,11 @@ def through_db_outage(write: Callable[[], T]) -> T:
         try:
             return write()
         except (OperationalError, InterfaceError) as exc:
-            print(f"[crucible] database unreachable ({type(exc).__name__}); retrying in {wait_s} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[crucible] database unreachable ({type(exc).__name__}); retrying in {wait_s} s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(wait_s)
     return write()
 
@@ -157,8 +162,10 @@ class JobRunContext:
     # -- metrics, logs, progress ---------------------------------------------
     def log(self, step: int, **metrics: float) -> None:
         now = time.time()
-        rows = [{"job_id": self.job_id, "name": n, "step": s, "value": v, "time": now, "attempt": self.attempt}
-                for n, s, v in clean_metrics(step, metrics)]
+        rows = [
+            {"job_id": self.job_id, "name": n, "step": s, "value": v, "time": now, "attempt": self.attempt}
+            for n, s, v in clean_metrics(step, metrics)
+        ]
         with self._lock:
             self._buf.metrics.extend(rows)
             pending = len(self._buf.metrics)
@@ -217,12 +224,25 @@ class JobRunContext:
         with session_scope(self._db) as s:
             lifecycle.fence(s, self.job_id, self.attempt)
             s.execute(delete(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name))
-            s.add(Artifact(job_id=self.job_id, name=name, kind="checkpoint", key=stored.key, size=stored.size,
-                           sha256=stored.sha256, content_type="application/x-safetensors", step=int(step),
-                           attempt=self.attempt))
-            old = s.scalars(select(Artifact).where(Artifact.job_id == self.job_id, Artifact.kind == "checkpoint")
-                            .order_by(Artifact.step.desc(), Artifact.id.desc())
-                            .offset(self.settings.keep_checkpoints)).all()
+            s.add(
+                Artifact(
+                    job_id=self.job_id,
+                    name=name,
+                    kind="checkpoint",
+                    key=stored.key,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    content_type="application/x-safetensors",
+                    step=int(step),
+                    attempt=self.attempt,
+                )
+            )
+            old = s.scalars(
+                select(Artifact)
+                .where(Artifact.job_id == self.job_id, Artifact.kind == "checkpoint")
+                .order_by(Artifact.step.desc(), Artifact.id.desc())
+                .offset(self.settings.keep_checkpoints)
+            ).all()
             stale_keys = [a.key for a in old]
             for a in old:
                 s.delete(a)
@@ -233,8 +253,12 @@ class JobRunContext:
             if not job_id:
                 continue
             with session_scope(self._db) as s:
-                row = s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
-                                .order_by(Artifact.step.desc(), Artifact.id.desc()).limit(1)).first()
+                row = s.scalars(
+                    select(Artifact)
+                    .where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
+                    .order_by(Artifact.step.desc(), Artifact.id.desc())
+                    .limit(1)
+                ).first()
             if row is not None:
                 blob = self.store.get_bytes(row.key)
                 if hashlib.sha256(blob).hexdigest() != row.sha256:
@@ -259,13 +283,28 @@ class JobRunContext:
         check_artifact_name(name)
         key = f"jobs/{self.job_id}/artifacts/{name}"
         stored = self.store.put_file(key, payload) if isinstance(payload, Path) else self.store.put_bytes(key, payload)
-        ctype = mimetypes.guess_type(name)[0] or ("application/json" if kind in ("json", "table") else
-                                                  "text/plain" if kind == "text" else "application/octet-stream")
+        ctype = mimetypes.guess_type(name)[0] or (
+            "application/json"
+            if kind in ("json", "table")
+            else "text/plain"
+            if kind == "text"
+            else "application/octet-stream"
+        )
         with session_scope(self._db) as s:
             lifecycle.fence(s, self.job_id, self.attempt)
             s.execute(delete(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name))
-            s.add(Artifact(job_id=self.job_id, name=name, kind=kind, key=stored.key, size=stored.size,
-                           sha256=stored.sha256, content_type=ctype, attempt=self.attempt))
+            s.add(
+                Artifact(
+                    job_id=self.job_id,
+                    name=name,
+                    kind=kind,
+                    key=stored.key,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    content_type=ctype,
+                    attempt=self.attempt,
+                )
+            )
 
     # -- models ---------------------------------------------------------------
     def register_model(self, name: str, path: Path, config: Mapping[str, Any] | None = None) -> str:
@@ -274,8 +313,14 @@ class JobRunContext:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for _ in range(5):  # a concurrent registration may take our version number; then take the next
             with session_scope(self._db) as s:
-                version = (s.scalar(select(func.max(RegisteredModel.version)).where(
-                    RegisteredModel.project == self.project, RegisteredModel.name == name)) or 0) + 1
+                version = (
+                    s.scalar(
+                        select(func.max(RegisteredModel.version)).where(
+                            RegisteredModel.project == self.project, RegisteredModel.name == name
+                        )
+                    )
+                    or 0
+                ) + 1
             prefix = f"models/{self.project}/{name}/{version}"
             manifest = {}
             for f in files:
@@ -285,9 +330,17 @@ class JobRunContext:
             try:
                 with session_scope(self._db) as s:
                     lifecycle.fence(s, self.job_id, self.attempt)
-                    s.add(RegisteredModel(project=self.project, name=name, version=version, source_job_id=self.job_id, key=prefix,
-                                          config=json.loads(json.dumps(dict(config or {}), default=str)),
-                                          files=manifest))
+                    s.add(
+                        RegisteredModel(
+                            project=self.project,
+                            name=name,
+                            version=version,
+                            source_job_id=self.job_id,
+                            key=prefix,
+                            config=json.loads(json.dumps(dict(config or {}), default=str)),
+                            files=manifest,
+                        )
+                    )
                 return f"{name}@{version}"
             except IntegrityError:
                 self.store.delete_prefix(prefix + "/")
@@ -324,8 +377,11 @@ def resolve_model(ref: str, settings: Settings, store: ObjectStore, project: str
     name, _, version = ref.partition("@")
     with session_scope(settings.database_url) as s:
         q = select(RegisteredModel).where(RegisteredModel.project == project, RegisteredModel.name == name)
-        q = q.order_by(RegisteredModel.version.desc()) if version in ("", "latest") else \
-            q.where(RegisteredModel.version == int(version))
+        q = (
+            q.order_by(RegisteredModel.version.desc())
+            if version in ("", "latest")
+            else q.where(RegisteredModel.version == int(version))
+        )
         row = s.scalars(q.limit(1)).first()
     if row is None:
         raise KeyError(f"no registered model {ref!r}")

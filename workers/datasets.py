@@ -10,8 +10,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.datasets import (KINDS, Dataset, DatasetInfo, DatasetSchemaError, UnknownDatasetError, builtin_infos,
-                             is_builtin, load_builtin, parse_upload)
+from models.datasets import (
+    KINDS,
+    Dataset,
+    DatasetInfo,
+    DatasetSchemaError,
+    UnknownDatasetError,
+    builtin_infos,
+    is_builtin,
+    load_builtin,
+    parse_upload,
+)
 from workers.storage import ObjectStore
 from workers.tables import DEFAULT_PROJECT, DatasetRow
 
@@ -21,8 +30,10 @@ NAME_RULE = r"^[a-z0-9][a-z0-9._-]{1,63}$"
 def all_infos(session: Session, project: str = DEFAULT_PROJECT) -> list[DatasetInfo]:
     """The built-ins (everyone's) and this project's uploads (no one else's)."""
     rows = session.scalars(select(DatasetRow).where(DatasetRow.project == project).order_by(DatasetRow.name))
-    uploads = [DatasetInfo(r.name, r.kind, r.description, "upload", {**r.meta, "size_bytes": r.size, "format": r.format})
-               for r in rows]
+    uploads = [
+        DatasetInfo(r.name, r.kind, r.description, "upload", {**r.meta, "size_bytes": r.size, "format": r.format})
+        for r in rows
+    ]
     return builtin_infos() + uploads
 
 
@@ -57,8 +68,12 @@ class Upload:
 
 def store_upload(session: Session, store: ObjectStore, upload: Upload, project: str = DEFAULT_PROJECT) -> DatasetRow:
     """Validate, then store the object, then publish the row; on any failure nothing stays behind."""
-    if is_builtin(upload.name) or session.scalars(select(DatasetRow).where(
-            DatasetRow.project == project, DatasetRow.name == upload.name)).first():
+    if (
+        is_builtin(upload.name)
+        or session.scalars(
+            select(DatasetRow).where(DatasetRow.project == project, DatasetRow.name == upload.name)
+        ).first()
+    ):
         raise FileExistsError(upload.name)
     ds = parse_upload(upload.name, upload.kind, upload.format, upload.blob)
     meta: dict[str, Any] = {k: v for k, v in ds.meta.items() if isinstance(v, (int, float, str, list))}
@@ -66,8 +81,17 @@ def store_upload(session: Session, store: ObjectStore, upload: Upload, project: 
     key = f"datasets/{project}/{upload.name}/data.{upload.format}"
     stored = store.put_bytes(key, upload.blob)
     try:
-        row = DatasetRow(project=project, name=upload.name, kind=upload.kind, format=upload.format, key=key, size=stored.size,
-                         sha256=stored.sha256, meta=meta, description=upload.description or KINDS[upload.kind].description)
+        row = DatasetRow(
+            project=project,
+            name=upload.name,
+            kind=upload.kind,
+            format=upload.format,
+            key=key,
+            size=stored.size,
+            sha256=stored.sha256,
+            meta=meta,
+            description=upload.description or KINDS[upload.kind].description,
+        )
         session.add(row)
         session.flush()
     except Exception:

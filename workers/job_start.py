@@ -61,7 +61,7 @@ def _fork_server() -> ForkServerContext:
 _start_lock = threading.Lock()
 
 
-def warm_up(settings: "Settings | None" = None) -> None:
+def warm_up(settings: Settings | None = None) -> None:
     """Start the fork server now (it imports in the background), so the first job does not wait for it.
 
     With `settings`, the fork server starts with them in its environment, so `workers.preload` also
@@ -100,15 +100,26 @@ def _exit_with(supervisor_pid: int) -> None:
 
     def watch() -> None:
         select.select([fd], [], [])
-        print(f"[crucible] the worker (pid {supervisor_pid}) that supervised this job is gone; stopping",
-              file=sys.stderr, flush=True)
+        print(
+            f"[crucible] the worker (pid {supervisor_pid}) that supervised this job is gone; stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, name="crucible-supervisor-watch", daemon=True).start()
 
 
-def _job_main(job_id: str, attempt: int, owner: str, env: dict[str, str], log_path: str, pid_path: str,
-              cwd: str | None, supervisor_pid: int | None) -> None:
+def _job_main(
+    job_id: str,
+    attempt: int,
+    owner: str,
+    env: dict[str, str],
+    log_path: str,
+    pid_path: str,
+    cwd: str | None,
+    supervisor_pid: int | None,
+) -> None:
     os.setsid()
     if cwd:  # where plugin modules named in CRUCIBLE_PLUGINS can be imported from
         os.chdir(cwd)
@@ -173,8 +184,17 @@ class ForkedJob:
                 pass
 
 
-def start_job_process(job_id: str, attempt: int, owner: str, env: dict[str, str], log_path: Path,
-                      run_dir: Path, *, cwd: str | None = None, die_with_server: bool = False) -> ForkedJob:
+def start_job_process(
+    job_id: str,
+    attempt: int,
+    owner: str,
+    env: dict[str, str],
+    log_path: Path,
+    run_dir: Path,
+    *,
+    cwd: str | None = None,
+    die_with_server: bool = False,
+) -> ForkedJob:
     """Fork one attempt of a job; its pid is also written to run_dir/<job_id>.pid for operators.
 
     `die_with_server`: a Celery or Ray worker killed with -9 must leave no job heart-beating behind it
@@ -184,9 +204,19 @@ def start_job_process(job_id: str, attempt: int, owner: str, env: dict[str, str]
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     process = _fork_server().Process(
-        target=_job_main, name=f"{JOB_PROCESS_PREFIX}{job_id}",
-        args=(job_id, attempt, owner, env, str(log_path), str(run_dir / f"{job_id}.pid"), cwd,
-              os.getpid() if die_with_server else None),
-        daemon=False)
+        target=_job_main,
+        name=f"{JOB_PROCESS_PREFIX}{job_id}",
+        args=(
+            job_id,
+            attempt,
+            owner,
+            env,
+            str(log_path),
+            str(run_dir / f"{job_id}.pid"),
+            cwd,
+            os.getpid() if die_with_server else None,
+        ),
+        daemon=False,
+    )
     process.start()
     return ForkedJob(process)

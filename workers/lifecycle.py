@@ -36,8 +36,9 @@ class StaleAttempt(Exception):
     """A write from an attempt that no longer owns the job (fencing)."""
 
 
-def _cas(session: Session, job_id: str, *, from_status: tuple[str, ...], at_attempt: int | None = None,
-         **values: Any) -> bool:
+def _cas(
+    session: Session, job_id: str, *, from_status: tuple[str, ...], at_attempt: int | None = None, **values: Any
+) -> bool:
     stmt = update(Job).where(Job.id == job_id, Job.status.in_(from_status))
     if at_attempt is not None:
         stmt = stmt.where(Job.attempt == at_attempt)
@@ -48,9 +49,19 @@ def _cas(session: Session, job_id: str, *, from_status: tuple[str, ...], at_atte
 def claim(session: Session, job_id: str, attempt: int, owner: str, lease_s: float) -> bool:
     """queued → starting for exactly one claimant."""
     now = utcnow()
-    return _cas(session, job_id, from_status=("queued",), at_attempt=attempt, status="starting", lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now,
-                started_at=now, error=None, failure_code=None)
+    return _cas(
+        session,
+        job_id,
+        from_status=("queued",),
+        at_attempt=attempt,
+        status="starting",
+        lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        heartbeat_at=now,
+        started_at=now,
+        error=None,
+        failure_code=None,
+    )
 
 
 def mark_running(session: Session, job_id: str, attempt: int) -> bool:
@@ -60,8 +71,14 @@ def mark_running(session: Session, job_id: str, attempt: int) -> bool:
 def heartbeat(session: Session, job_id: str, attempt: int, lease_s: float) -> str | None:
     """Extend the lease; returns the job's status, or None when this attempt no longer owns it."""
     now = utcnow()
-    if not _cas(session, job_id, from_status=ACTIVE, at_attempt=attempt, heartbeat_at=now,
-                lease_expires_at=now + timedelta(seconds=lease_s)):
+    if not _cas(
+        session,
+        job_id,
+        from_status=ACTIVE,
+        at_attempt=attempt,
+        heartbeat_at=now,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+    ):
         return None
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
@@ -78,16 +95,42 @@ def fence(session: Session, job_id: str, attempt: int) -> None:
 
 
 def set_progress(session: Session, job_id: str, attempt: int, done: int, total: int, message: str) -> bool:
-    return _cas(session, job_id, from_status=ACTIVE, at_attempt=attempt, progress_done=done,
-                progress_total=total, progress_message=message[:256])
+    return _cas(
+        session,
+        job_id,
+        from_status=ACTIVE,
+        at_attempt=attempt,
+        progress_done=done,
+        progress_total=total,
+        progress_message=message[:256],
+    )
 
 
-def finish(session: Session, job_id: str, attempt: int, status: str, *, error: str | None = None,
-           failure_code: str | None = None, result: dict[str, Any] | None = None) -> bool:
+def finish(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    status: str,
+    *,
+    error: str | None = None,
+    failure_code: str | None = None,
+    result: dict[str, Any] | None = None,
+) -> bool:
     if status not in TERMINAL:
         raise ValueError(f"not a terminal status: {status}")
-    return _cas(session, job_id, from_status=ACTIVE, at_attempt=attempt, status=status, finished_at=utcnow(),
-                error=error, failure_code=failure_code, result=result, lease_owner=None, lease_expires_at=None)
+    return _cas(
+        session,
+        job_id,
+        from_status=ACTIVE,
+        at_attempt=attempt,
+        status=status,
+        finished_at=utcnow(),
+        error=error,
+        failure_code=failure_code,
+        result=result,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
 
 
 def request_cancel(session: Session, job_id: str) -> str:
@@ -95,11 +138,13 @@ def request_cancel(session: Session, job_id: str) -> str:
     job = session.get(Job, job_id)
     if job is None:
         raise JobNotFound(job_id)
-    if job.status == "queued" and _cas(session, job_id, from_status=("queued",), status="cancelled",
-                                       finished_at=utcnow(), failure_code="cancelled"):
+    if job.status == "queued" and _cas(
+        session, job_id, from_status=("queued",), status="cancelled", finished_at=utcnow(), failure_code="cancelled"
+    ):
         return "cancelled"
-    if job.status in ("starting", "running") and _cas(session, job_id, from_status=("starting", "running"),
-                                                      status="cancelling"):
+    if job.status in ("starting", "running") and _cas(
+        session, job_id, from_status=("starting", "running"), status="cancelling"
+    ):
         return "cancelling"
     session.refresh(job)
     if job.status == "cancelling":
@@ -112,17 +157,42 @@ def request_cancel(session: Session, job_id: str) -> str:
 def release_lost(session: Session, job: Job, reason: str) -> str:
     """A job whose worker is gone: cancel it if cancelling, re-queue it while attempts remain, else fail it."""
     if job.status == "cancelling":
-        _cas(session, job.id, from_status=("cancelling",), at_attempt=job.attempt, status="cancelled",
-             finished_at=utcnow(), error=reason, failure_code="cancelled", lease_owner=None)
+        _cas(
+            session,
+            job.id,
+            from_status=("cancelling",),
+            at_attempt=job.attempt,
+            status="cancelled",
+            finished_at=utcnow(),
+            error=reason,
+            failure_code="cancelled",
+            lease_owner=None,
+        )
         return "cancelled"
     if job.attempt < job.max_attempts and _cas(
-        session, job.id, from_status=("starting", "running"), at_attempt=job.attempt, status="queued",
-        attempt=Job.attempt + 1, lease_owner=None, lease_expires_at=None, error=reason, failure_code="worker_lost",
+        session,
+        job.id,
+        from_status=("starting", "running"),
+        at_attempt=job.attempt,
+        status="queued",
+        attempt=Job.attempt + 1,
+        lease_owner=None,
+        lease_expires_at=None,
+        error=reason,
+        failure_code="worker_lost",
     ):
         return "queued"
-    _cas(session, job.id, from_status=("starting", "running"), at_attempt=job.attempt, status="failed",
-         finished_at=utcnow(), error=f"{reason}; retry budget of {job.max_attempts} attempts spent",
-         failure_code="worker_lost", lease_owner=None)
+    _cas(
+        session,
+        job.id,
+        from_status=("starting", "running"),
+        at_attempt=job.attempt,
+        status="failed",
+        finished_at=utcnow(),
+        error=f"{reason}; retry budget of {job.max_attempts} attempts spent",
+        failure_code="worker_lost",
+        lease_owner=None,
+    )
     return "failed"
 
 

@@ -19,9 +19,9 @@ import contextlib
 import os
 import sys
 
-import workers.run_job  # noqa: F401  (workers.runner and the job's entry point)
 import models.plots  # noqa: F401
 import models.training  # noqa: F401
+import workers.run_job  # noqa: F401  (workers.runner and the job's entry point)
 
 with contextlib.suppress(ImportError):  # the embedded default runs without the production extras
     import psycopg  # noqa: F401
@@ -44,11 +44,16 @@ def _warm_from_environment() -> None:
     settings = Settings()
     try:
         load_plugins(settings)
-        open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)  # builds the S3 client; sends nothing
+        open_store(
+            settings.storage_url, settings.s3_endpoint, settings.s3_region
+        )  # builds the S3 client; sends nothing
         warm_engine(settings.database_url)
     except Exception as exc:  # noqa: BLE001 - a cold start is slower, not wrong: each job connects itself
-        print(f"[crucible] fork server: could not warm up ({type(exc).__name__}: {exc}); jobs start cold",
-              file=sys.stderr, flush=True)
+        print(
+            f"[crucible] fork server: could not warm up ({type(exc).__name__}: {exc}); jobs start cold",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 _warm_from_environment()

@@ -64,15 +64,28 @@ def summarize(s: Session, job_id: str) -> dict[str, Any]:
 
     from workers.tables import Metric
 
-    last = (select(Metric.name, func.max(Metric.step).label("step")).where(Metric.job_id == job_id)
-            .group_by(Metric.name).subquery())
-    rows = s.execute(select(Metric.name, Metric.value).join(
-        last, (Metric.name == last.c.name) & (Metric.step == last.c.step)).where(Metric.job_id == job_id))
+    last = (
+        select(Metric.name, func.max(Metric.step).label("step"))
+        .where(Metric.job_id == job_id)
+        .group_by(Metric.name)
+        .subquery()
+    )
+    rows = s.execute(
+        select(Metric.name, Metric.value)
+        .join(last, (Metric.name == last.c.name) & (Metric.step == last.c.step))
+        .where(Metric.job_id == job_id)
+    )
     return {name: value for name, value in rows}
 
 
-def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, claimed_by: str | None = None,
-            executor: str = "local") -> str:
+def run_job(
+    job_id: str,
+    settings: Settings,
+    *,
+    attempt: int | None = None,
+    claimed_by: str | None = None,
+    executor: str = "local",
+) -> str:
     """Run one attempt of a job; returns the final status it published (or 'skipped')."""
     load_plugins(settings)
     owner = claimed_by or worker_identity(executor)
@@ -96,8 +109,9 @@ def run_job(job_id: str, settings: Settings, *, attempt: int | None = None, clai
         ctx = JobRunContext(job, dataset, settings, store, pick_device(job.resources or {}))
     except Exception as exc:
         with session_scope(settings.database_url) as s:
-            lifecycle.finish(s, job_id, attempt, "failed", error=f"could not prepare the job: {exc}",
-                             failure_code="setup_error")
+            lifecycle.finish(
+                s, job_id, attempt, "failed", error=f"could not prepare the job: {exc}", failure_code="setup_error"
+            )
         return "failed"
 
     ctx.start()

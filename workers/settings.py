@@ -49,12 +49,16 @@ class Settings(BaseSettings):
     keep_checkpoints: int = Field(2, ge=1)
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_json_bytes: int = Field(1024 * 1024, ge=1024)
-    plugins: str = Field("", description="comma-separated modules that register extra methods (imported by API and workers)")
-    import_roots: str = Field("", description="colon-separated folders jobs may load local models from; default home/imports")
+    plugins: str = Field(
+        "", description="comma-separated modules that register extra methods (imported by API and workers)"
+    )
+    import_roots: str = Field(
+        "", description="colon-separated folders jobs may load local models from; default home/imports"
+    )
     demo_job: bool = Field(True, description="`crucible up` queues one demo job on an empty database")
 
     @model_validator(mode="after")
-    def _defaults_under_home(self) -> "Settings":
+    def _defaults_under_home(self) -> Settings:
         self.home = self.home.expanduser().absolute()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home / 'crucible.db'}"

@@ -12,9 +12,10 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 CHUNK = 1024 * 1024
@@ -144,8 +145,11 @@ class LocalStore:
             return [check_key(prefix)]
         if not base.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith(".upload-"))
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".upload-")
+        )
 
 
 _s3_clients: dict[tuple[str | None, str, int], Any] = {}
@@ -164,9 +168,13 @@ def s3_client(endpoint_url: str | None, region: str, max_attempts: int = 8) -> A
         client = _s3_clients.get(key)
         if client is None:
             client = _s3_clients[key] = boto3.client(
-                "s3", endpoint_url=endpoint_url, region_name=region,
-                config=Config(retries={"max_attempts": max_attempts, "mode": "standard"},
-                              s3={"addressing_style": "path"}))
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region,
+                config=Config(
+                    retries={"max_attempts": max_attempts, "mode": "standard"}, s3={"addressing_style": "path"}
+                ),
+            )
         return client
 
 
@@ -183,8 +191,15 @@ os.register_at_fork(after_in_child=_close_inherited_connections)
 class S3Store:
     """Objects in an S3 bucket (SeaweedFS, MinIO, AWS); multipart uploads and retries come from boto3."""
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str = "us-east-1",
-                 max_attempts: int = 8, retry_s: float = 60.0):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        max_attempts: int = 8,
+        retry_s: float = 60.0,
+    ):
         from boto3.s3.transfer import TransferConfig
 
         self.bucket = bucket
@@ -226,8 +241,9 @@ class S3Store:
         while True:
             spool.seek(0)
             try:
-                self.client.upload_fileobj(spool, self.bucket, self._key(key), Config=self.transfer,
-                                           ExtraArgs={"Metadata": {"sha256": sha256}})
+                self.client.upload_fileobj(
+                    spool, self.bucket, self._key(key), Config=self.transfer, ExtraArgs={"Metadata": {"sha256": sha256}}
+                )
                 return
             except (BotoConnectionError, S3UploadFailedError, ClientError) as exc:
                 status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 500)

@@ -19,11 +19,19 @@ router = APIRouter(prefix="/api/v1", tags=["access"])
 @router.get("/whoami")
 def whoami(who: PrincipalDep, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     jobs, stored = auth.project_limits(session, settings, who.project)
-    return {"key_id": who.key_id, "key_name": who.key_name, "project": who.project, "role": who.role,
-            "limits": {"max_active_jobs": jobs, "max_stored_bytes": stored,
-                       "stored_bytes": auth.stored_bytes(session, who.project),
-                       "submissions_per_minute": settings.rate_limit_submit_per_minute,
-                       "inference_requests_per_minute": settings.rate_limit_inference_per_minute}}
+    return {
+        "key_id": who.key_id,
+        "key_name": who.key_name,
+        "project": who.project,
+        "role": who.role,
+        "limits": {
+            "max_active_jobs": jobs,
+            "max_stored_bytes": stored,
+            "stored_bytes": auth.stored_bytes(session, who.project),
+            "submissions_per_minute": settings.rate_limit_submit_per_minute,
+            "inference_requests_per_minute": settings.rate_limit_inference_per_minute,
+        },
+    }
 
 
 @router.post("/projects", status_code=status.HTTP_201_CREATED, response_model=ProjectOut)
@@ -31,20 +39,31 @@ def create_project(body: ProjectCreate, session: SessionDep, who: AdminDep, requ
     """A new project and its first admin key (shown once). Only admins may create projects."""
     project = auth.create_project(session, body.name, body.description)
     project.max_active_jobs, project.max_stored_bytes = body.max_active_jobs, body.max_stored_bytes
-    key, secret = auth.create_key(session, project.name, "admin", name=f"first admin of {project.name}",
-                                  created_by=who.key_id)
+    key, secret = auth.create_key(
+        session, project.name, "admin", name=f"first admin of {project.name}", created_by=who.key_id
+    )
     audit(session, request, who, "project.create", project.name)
-    return ProjectOut(name=project.name, description=project.description, max_active_jobs=project.max_active_jobs,
-                      max_stored_bytes=project.max_stored_bytes, created_at=project.created_at,
-                      admin_key=KeyOut.of(key, secret))
+    return ProjectOut(
+        name=project.name,
+        description=project.description,
+        max_active_jobs=project.max_active_jobs,
+        max_stored_bytes=project.max_stored_bytes,
+        created_at=project.created_at,
+        admin_key=KeyOut.of(key, secret),
+    )
 
 
 @router.get("/projects/current", response_model=ProjectOut)
 def current_project(session: SessionDep, who: PrincipalDep) -> ProjectOut:
     p = session.get(Project, who.project)
     assert p is not None  # a key's project cannot be deleted while the key exists (foreign key)
-    return ProjectOut(name=p.name, description=p.description, max_active_jobs=p.max_active_jobs,
-                      max_stored_bytes=p.max_stored_bytes, created_at=p.created_at)
+    return ProjectOut(
+        name=p.name,
+        description=p.description,
+        max_active_jobs=p.max_active_jobs,
+        max_stored_bytes=p.max_stored_bytes,
+        created_at=p.created_at,
+    )
 
 
 @router.get("/keys")
@@ -69,9 +88,13 @@ def revoke_key(key_id: str, session: SessionDep, who: AdminDep, request: Request
 
 
 @router.get("/audit")
-def audit_log(session: SessionDep, who: AdminDep, limit: int = Query(100, ge=1, le=1000),
-              before: Annotated[int | None, Query(description="events older than this id (paging)")] = None,
-              action: str | None = None) -> dict[str, Any]:
+def audit_log(
+    session: SessionDep,
+    who: AdminDep,
+    limit: int = Query(100, ge=1, le=1000),
+    before: Annotated[int | None, Query(description="events older than this id (paging)")] = None,
+    action: str | None = None,
+) -> dict[str, Any]:
     q = select(AuditEvent).where(AuditEvent.project == who.project).order_by(AuditEvent.id.desc()).limit(limit)
     if before is not None:
         q = q.where(AuditEvent.id < before)

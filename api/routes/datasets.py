@@ -20,8 +20,10 @@ router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 @router.get("")
 def datasets(session: SessionDep, who: PrincipalDep, kind: str | None = None) -> dict[str, Any]:
     items = [i.describe() for i in all_infos(session, who.project) if kind is None or i.kind == kind]
-    return {"items": items, "kinds": {k: {"description": v.description, "formats": list(v.formats)}
-                                      for k, v in KINDS.items()}}
+    return {
+        "items": items,
+        "kinds": {k: {"description": v.description, "formats": list(v.formats)} for k, v in KINDS.items()},
+    }
 
 
 @router.get("/{name}")
@@ -30,25 +32,43 @@ def dataset(session: SessionDep, who: PrincipalDep, name: str) -> dict[str, Any]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-async def upload(session: SessionDep, store: StoreDep, settings: SettingsDep, who: PrincipalDep, request: Request,
-                 name: str = Form(..., description="lowercase letters, digits, . _ -"),
-                 kind: str = Form(..., description="a dataset kind, e.g. image-class"),
-                 file: UploadFile = File(..., description=".npz (numeric kinds) or .jsonl (text kinds)"),
-                 description: str = Form("")) -> dict[str, Any]:
+async def upload(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    who: PrincipalDep,
+    request: Request,
+    name: str = Form(..., description="lowercase letters, digits, . _ -"),
+    kind: str = Form(..., description="a dataset kind, e.g. image-class"),
+    file: UploadFile = File(..., description=".npz (numeric kinds) or .jsonl (text kinds)"),
+    description: str = Form(""),
+) -> dict[str, Any]:
     if not re.match(NAME_RULE, name):
-        raise field_problem("/name", "use 2-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise field_problem(
+            "/name", "use 2-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     if kind not in KINDS:
         raise field_problem("/kind", f"unknown kind {kind!r}; use one of {sorted(KINDS)}")
     fmt = (file.filename or "").rsplit(".", 1)[-1].lower()
     if fmt not in ("npz", "jsonl"):
-        raise Problem(415, "unsupported-format", "Unsupported file format",
-                      f"file {file.filename!r}: upload a .npz or .jsonl file", errors=[{"pointer": "/file", "message": "use .npz or .jsonl"}])
+        raise Problem(
+            415,
+            "unsupported-format",
+            "Unsupported file format",
+            f"file {file.filename!r}: upload a .npz or .jsonl file",
+            errors=[{"pointer": "/file", "message": "use .npz or .jsonl"}],
+        )
     blob = await read_capped(file, settings.max_upload_bytes, "split it or raise CRUCIBLE_MAX_UPLOAD_BYTES")
     check_storage_quota(session, settings, who.project, len(blob))
     try:
         row = store_upload(session, store, Upload(name, kind, fmt, blob, description), who.project)
     except FileExistsError:
-        raise field_problem("/name", f"a dataset named {name!r} exists; choose another name", status=409,
-                            slug="dataset-exists", title="Dataset exists") from None
+        raise field_problem(
+            "/name",
+            f"a dataset named {name!r} exists; choose another name",
+            status=409,
+            slug="dataset-exists",
+            title="Dataset exists",
+        ) from None
     audit(session, request, who, "dataset.upload", name, kind=kind, size=len(blob))
     return find_info(session, row.name, who.project).describe()

@@ -41,12 +41,20 @@ DEPLOYMENT_NAME_RULE = r"^[a-z0-9][a-z0-9._-]{1,63}$"
 
 
 class DeploymentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"name": "chat", "model": "llm-base-tiny@1", "engine": {"max_n": 2}}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "chat", "model": "llm-base-tiny@1", "engine": {"max_n": 2}}]},
+    )
 
-    name: str = Field(..., pattern=DEPLOYMENT_NAME_RULE, description="unique in the project; the `model` of OpenAI requests")
-    model: str = Field(..., min_length=1, max_length=160, description="a registered model: `name` (latest) or `name@version`")
-    engine: dict[str, Any] = Field(default_factory=dict, description="engine options of the model's kind (caps, defaults)")
+    name: str = Field(
+        ..., pattern=DEPLOYMENT_NAME_RULE, description="unique in the project; the `model` of OpenAI requests"
+    )
+    model: str = Field(
+        ..., min_length=1, max_length=160, description="a registered model: `name` (latest) or `name@version`"
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="engine options of the model's kind (caps, defaults)"
+    )
 
 
 class DeploymentOut(BaseModel):
@@ -61,9 +69,18 @@ class DeploymentOut(BaseModel):
     loaded: bool = False
 
     @classmethod
-    def of(cls, d: Deployment, loaded: bool = False) -> "DeploymentOut":
-        return cls(id=d.id, name=d.name, model=d.model, kind=d.kind, engine=d.engine or {}, status=d.status,
-                   error=d.error, created_at=d.created_at, loaded=loaded)
+    def of(cls, d: Deployment, loaded: bool = False) -> DeploymentOut:
+        return cls(
+            id=d.id,
+            name=d.name,
+            model=d.model,
+            kind=d.kind,
+            engine=d.engine or {},
+            status=d.status,
+            error=d.error,
+            created_at=d.created_at,
+            loaded=loaded,
+        )
 
 
 def manager(request: Request) -> DeploymentManager:
@@ -73,15 +90,20 @@ def manager(request: Request) -> DeploymentManager:
     return state.deployments
 
 
-def find_deployment(session: Session, project: str, name: str, kind: str | None = None,
-                    pointer: str = "/name") -> Deployment:
+def find_deployment(
+    session: Session, project: str, name: str, kind: str | None = None, pointer: str = "/name"
+) -> Deployment:
     """The project's deployment `name` (of `kind`); any other project's answers 404 exactly like a missing one."""
     row = session.scalars(select(Deployment).where(Deployment.project == project, Deployment.name == name)).first()
     if row is None or (kind is not None and row.kind != kind):
         what = f"no {kind} deployment" if kind else "no deployment"
-        raise Problem(404, "deployment-not-found", "No such deployment",
-                      f"{what} named {name!r}; list them at /api/v1/deployments",
-                      errors=[{"pointer": pointer, "message": f"{what} named {name!r}"}])
+        raise Problem(
+            404,
+            "deployment-not-found",
+            "No such deployment",
+            f"{what} named {name!r}; list them at /api/v1/deployments",
+            errors=[{"pointer": pointer, "message": f"{what} named {name!r}"}],
+        )
     return row
 
 
@@ -96,9 +118,13 @@ def pin_model(session: Session, project: str, ref: str) -> RegisteredModel:
         raise field_problem("/model", "use `name`, `name@latest` or `name@<version number>`")
     row = session.scalars(q.limit(1)).first()
     if row is None:
-        raise Problem(404, "model-not-found", "No such model",
-                      f"model: no registered model {ref!r} in this project; see /api/v1/models",
-                      errors=[{"pointer": "/model", "message": f"no registered model {ref!r}"}])
+        raise Problem(
+            404,
+            "model-not-found",
+            "No such model",
+            f"model: no registered model {ref!r} in this project; see /api/v1/models",
+            errors=[{"pointer": "/model", "message": f"no registered model {ref!r}"}],
+        )
     return row
 
 
@@ -107,10 +133,20 @@ def folder_problem(exc: Exception) -> Problem:
     from models.llm.folder import ModelFolderError
 
     if isinstance(exc, ModelFolderError):
-        return Problem(exc.status_code, "model-folder-unservable", "The model folder cannot be served", str(exc),
-                       errors=[{"pointer": "/model", "message": f"{exc.field}: {exc.fix}"}])
-    return Problem(422, "model-folder-unservable", "The model folder cannot be served", f"model: {exc}",
-                   errors=[{"pointer": "/model", "message": str(exc)}])
+        return Problem(
+            exc.status_code,
+            "model-folder-unservable",
+            "The model folder cannot be served",
+            str(exc),
+            errors=[{"pointer": "/model", "message": f"{exc.field}: {exc.fix}"}],
+        )
+    return Problem(
+        422,
+        "model-folder-unservable",
+        "The model folder cannot be served",
+        f"model: {exc}",
+        errors=[{"pointer": "/model", "message": str(exc)}],
+    )
 
 
 def load_deployment(row: Deployment, settings: Settings, store: ObjectStore) -> Loaded:
@@ -126,22 +162,36 @@ def warm(request: Request, row: Deployment, settings: Settings, store: ObjectSto
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DeploymentOut)
-def create(spec: DeploymentCreate, session: SessionDep, settings: SettingsDep, store: StoreDep, request: Request,
-           response: Response, who: PrincipalDep) -> DeploymentOut:
+def create(
+    spec: DeploymentCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    request: Request,
+    response: Response,
+    who: PrincipalDep,
+) -> DeploymentOut:
     model = pin_model(session, who.project, spec.model)
     ref = f"{model.name}@{model.version}"
-    if session.scalars(select(Deployment.id).where(Deployment.project == who.project,
-                                                   Deployment.name == spec.name)).first():
-        raise field_problem("/name", f"a deployment named {spec.name!r} exists; delete it or choose another name",
-                            status=409, slug="deployment-exists", title="Deployment exists")
+    if session.scalars(
+        select(Deployment.id).where(Deployment.project == who.project, Deployment.name == spec.name)
+    ).first():
+        raise field_problem(
+            "/name",
+            f"a deployment named {spec.name!r} exists; delete it or choose another name",
+            status=409,
+            slug="deployment-exists",
+            title="Deployment exists",
+        )
     try:
         folder = Path(resolve_model(ref, settings, store, who.project))
     except (OSError, ValueError, KeyError) as exc:  # a missing or corrupt stored file
         raise folder_problem(exc) from None
     kind = detect_kind(folder)
     engine = validate_engine(kind, spec.engine, folder)  # with the folder: a KV budget vs its context, trained parts
-    row = Deployment(project=who.project, name=spec.name, model=ref, kind=kind, engine=engine, status="ready",
-                     created_by=who.key_id)
+    row = Deployment(
+        project=who.project, name=spec.name, model=ref, kind=kind, engine=engine, status="ready", created_by=who.key_id
+    )
     try:
         loaded = load(kind, folder, engine)
     except (OSError, ValueError, KeyError) as exc:
@@ -150,8 +200,13 @@ def create(spec: DeploymentCreate, session: SessionDep, settings: SettingsDep, s
     try:
         session.flush()
     except IntegrityError:
-        raise field_problem("/name", f"a deployment named {spec.name!r} exists", status=409,
-                            slug="deployment-exists", title="Deployment exists") from None
+        raise field_problem(
+            "/name",
+            f"a deployment named {spec.name!r} exists",
+            status=409,
+            slug="deployment-exists",
+            title="Deployment exists",
+        ) from None
     loaded.deployment_id = row.id
     audit(session, request, who, "deployment.create", spec.name, model=ref, kind=kind)
     session.commit()
@@ -189,8 +244,13 @@ Prompt = str | list[int | None] | None
 class ImageRequest(BaseModel):
     """One image request; everything is optional (a bare `{}` draws one unconditional-guided sample)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={
-        "examples": [{"prompt": "red bold 3", "guidance": "apg", "scale": 8, "eta": 0, "n": 4, "seed": 1}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [{"prompt": "red bold 3", "guidance": "apg", "scale": 8, "eta": 0, "n": 4, "seed": 1}]
+        },
+    )
 
     prompt: Prompt = Field(None, description='words ("red bold 3") or token ids [digit, colour, thickness]')
     class_: int | None = Field(None, alias="class", ge=0, le=9, description="a digit class (instead of a prompt)")
@@ -214,7 +274,7 @@ def png_base64(image01: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def sample_request(body: ImageRequest, loaded: Loaded) -> "SampleRequest":
+def sample_request(body: ImageRequest, loaded: Loaded) -> SampleRequest:
     from models.diffusion.guidance import GuidanceSpec
     from models.diffusion.sampling import SampleRequest
 
@@ -229,16 +289,25 @@ def sample_request(body: ImageRequest, loaded: Loaded) -> "SampleRequest":
         raise field_problem("/class", "send either `prompt` or `class`, not both")
     prompt = [body.class_, None, None] if body.class_ is not None else body.prompt
     guidance = body.guidance or ("cfg" if parts.null_conditioning else "none")
-    spec = GuidanceSpec(guidance, body.scale, body.eta,
-                        math.inf if body.norm_threshold is None else body.norm_threshold, body.momentum)
+    spec = GuidanceSpec(
+        guidance, body.scale, body.eta, math.inf if body.norm_threshold is None else body.norm_threshold, body.momentum
+    )
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - body.n)
-    return SampleRequest(prompt=prompt, negative_prompt=body.negative_prompt, guidance=spec,
-                         sampler=body.sampler or engine.get("default_sampler", "ddim"), steps=steps, seed=seed,
-                         n=body.n, attention=body.attention)
+    return SampleRequest(
+        prompt=prompt,
+        negative_prompt=body.negative_prompt,
+        guidance=spec,
+        sampler=body.sampler or engine.get("default_sampler", "ddim"),
+        steps=steps,
+        seed=seed,
+        n=body.n,
+        attention=body.attention,
+    )
 
 
-def generate_images(row: Deployment, body: ImageRequest, request: Request, settings: Settings,
-                    store: ObjectStore) -> dict[str, Any]:
+def generate_images(
+    row: Deployment, body: ImageRequest, request: Request, settings: Settings, store: ObjectStore
+) -> dict[str, Any]:
     from models.diffusion.sampling import SamplingRequestError, sample
 
     loaded = warm(request, row, settings, store)
@@ -249,18 +318,33 @@ def generate_images(row: Deployment, body: ImageRequest, request: Request, setti
         with loaded.lock:
             result = sample(loaded.diffusion, req)
     except SamplingRequestError as exc:
-        raise field_problem(f"/{exc.param}", str(exc).split(": ", 1)[-1], slug="unsupported-request",
-                            title="The model cannot serve this request") from None
-    return {"created": int(time.time()), "model": row.name,
-            "data": [{"b64_json": png_base64(img), "seed": s} for img, s in zip(result.images, result.seeds)],
-            "guidance": req.guidance.name, "sampler": req.sampler, "steps": req.steps,
-            "seconds": round(time.perf_counter() - started, 3)}
+        raise field_problem(
+            f"/{exc.param}",
+            str(exc).split(": ", 1)[-1],
+            slug="unsupported-request",
+            title="The model cannot serve this request",
+        ) from None
+    return {
+        "created": int(time.time()),
+        "model": row.name,
+        "data": [{"b64_json": png_base64(img), "seed": s} for img, s in zip(result.images, result.seeds)],
+        "guidance": req.guidance.name,
+        "sampler": req.sampler,
+        "steps": req.steps,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 @router.post("/{name}/images")
-def images(name: str, body: ImageRequest, session: SessionDep, settings: SettingsDep, store: StoreDep,
-           request: Request, who: InferenceLimitDep) -> dict[str, Any]:
+def images(
+    name: str,
+    body: ImageRequest,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    request: Request,
+    who: InferenceLimitDep,
+) -> dict[str, Any]:
     """PNG images (base64) with the seed of each, from a diffusion deployment."""
     row = find_deployment(session, who.project, name, kind="diffusion")
     return generate_images(row, body, request, settings, store)
-

@@ -17,9 +17,13 @@ router = APIRouter()
 def health(session: SessionDep, settings: SettingsDep, request: Request) -> dict[str, object]:
     session.execute(text("SELECT 1"))
     executor = getattr(request.app.state, "executor", None)
-    return {"status": "ok", "version": request.app.version, "database": session.get_bind().dialect.name,
-            "executor": settings.executor if executor is not None else "none",
-            "storage": settings.storage_url.split("://", 1)[0]}
+    return {
+        "status": "ok",
+        "version": request.app.version,
+        "database": session.get_bind().dialect.name,
+        "executor": settings.executor if executor is not None else "none",
+        "storage": settings.storage_url.split("://", 1)[0],
+    }
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["ops"], dependencies=[Depends(require_admin)])

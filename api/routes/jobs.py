@@ -13,8 +13,17 @@ from api import jobs as service
 from api.auth import PrincipalDep, SubmitLimitDep, audit
 from api.deps import SessionDep, SettingsDep, StoreDep, notify_executor
 from api.problems import Problem
-from api.schemas import (ArtifactOut, ArtifactPage, CancelOut, JobCreate, JobOut, JobPage, LogsOut, MetricPointOut,
-                         MetricsOut)
+from api.schemas import (
+    ArtifactOut,
+    ArtifactPage,
+    CancelOut,
+    JobCreate,
+    JobOut,
+    JobPage,
+    LogsOut,
+    MetricPointOut,
+    MetricsOut,
+)
 from models.context import check_artifact_name
 from workers.tables import Artifact
 
@@ -22,9 +31,15 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
-def submit(spec: JobCreate, session: SessionDep, settings: SettingsDep, request: Request, response: Response,
-           who: SubmitLimitDep,
-           idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JobOut:
+def submit(
+    spec: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    request: Request,
+    response: Response,
+    who: SubmitLimitDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobOut:
     job, created = service.submit(session, settings, spec, idempotency_key, who.project)
     if created:
         audit(session, request, who, "job.submit", job.id, method=job.method, dataset=job.dataset, mode=job.mode)
@@ -38,19 +53,35 @@ def submit(spec: JobCreate, session: SessionDep, settings: SettingsDep, request:
 
 
 @router.get("", response_model=JobPage)
-def list_jobs(session: SessionDep, who: PrincipalDep, status_: Annotated[str | None, Query(alias="status")] = None,
-              method: str | None = None, limit: int = Query(50, ge=1, le=500), cursor: str | None = None,
-              dataset: str | None = None, mode: Annotated[str | None, Query(pattern="^(run|reproduce)$")] = None,
-              q: Annotated[str | None, Query(max_length=64, description="search in id, method and dataset")] = None
-              ) -> JobPage:
-    rows, next_cursor = service.list_jobs(session, status=status_, method=method, limit=limit, cursor=cursor,
-                                          dataset=dataset, mode=mode, search=q, project=who.project)
+def list_jobs(
+    session: SessionDep,
+    who: PrincipalDep,
+    status_: Annotated[str | None, Query(alias="status")] = None,
+    method: str | None = None,
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = None,
+    dataset: str | None = None,
+    mode: Annotated[str | None, Query(pattern="^(run|reproduce)$")] = None,
+    q: Annotated[str | None, Query(max_length=64, description="search in id, method and dataset")] = None,
+) -> JobPage:
+    rows, next_cursor = service.list_jobs(
+        session,
+        status=status_,
+        method=method,
+        limit=limit,
+        cursor=cursor,
+        dataset=dataset,
+        mode=mode,
+        search=q,
+        project=who.project,
+    )
     return JobPage(items=[JobOut.of(j) for j in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep, who: PrincipalDep, request: Request,
-            response: Response) -> JobOut | Response:
+def get_job(
+    job_id: str, session: SessionDep, who: PrincipalDep, request: Request, response: Response
+) -> JobOut | Response:
     out = JobOut.of(service.get_job(session, job_id, who.project))
     etag = '"' + hashlib.sha1(out.model_dump_json().encode()).hexdigest() + '"'
     if request.headers.get("if-none-match") == etag:
@@ -85,26 +116,38 @@ def delete(job_id: str, session: SessionDep, store: StoreDep, request: Request, 
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
-def metrics(job_id: str, session: SessionDep, who: PrincipalDep, name: Annotated[list[str] | None, Query()] = None,
-            max_points: int = Query(2000, ge=10, le=100_000),
-            since_step: Annotated[int | None, Query(ge=-1, description="only points at a later step")] = None
-            ) -> MetricsOut:
-    points, names, downsampled = service.metric_points(session, job_id, name, max_points, since_step,
-                                                      who.project)
-    return MetricsOut(items=[MetricPointOut(name=p.name, step=p.step, value=p.value, time=p.time) for p in points],
-                      names=names, downsampled=downsampled)
+def metrics(
+    job_id: str,
+    session: SessionDep,
+    who: PrincipalDep,
+    name: Annotated[list[str] | None, Query()] = None,
+    max_points: int = Query(2000, ge=10, le=100_000),
+    since_step: Annotated[int | None, Query(ge=-1, description="only points at a later step")] = None,
+) -> MetricsOut:
+    points, names, downsampled = service.metric_points(session, job_id, name, max_points, since_step, who.project)
+    return MetricsOut(
+        items=[MetricPointOut(name=p.name, step=p.step, value=p.value, time=p.time) for p in points],
+        names=names,
+        downsampled=downsampled,
+    )
 
 
 @router.get("/{job_id}/logs", response_model=LogsOut)
-def logs(job_id: str, session: SessionDep, who: PrincipalDep, offset: int = Query(0, ge=0),
-         limit: int = Query(64 * 1024, ge=1, le=4 * 1024 * 1024)) -> LogsOut:
+def logs(
+    job_id: str,
+    session: SessionDep,
+    who: PrincipalDep,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(64 * 1024, ge=1, le=4 * 1024 * 1024),
+) -> LogsOut:
     text, next_offset, eof = service.read_log(session, job_id, offset, limit, who.project)
     return LogsOut(offset=offset, next_offset=next_offset, text=text, eof=eof)
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactPage)
-def artifacts(job_id: str, session: SessionDep, who: PrincipalDep, kind: str | None = None,
-              prefix: str | None = None) -> ArtifactPage:
+def artifacts(
+    job_id: str, session: SessionDep, who: PrincipalDep, kind: str | None = None, prefix: str | None = None
+) -> ArtifactPage:
     service.get_job(session, job_id, who.project)
     q = select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)
     if kind:
@@ -115,19 +158,28 @@ def artifacts(job_id: str, session: SessionDep, who: PrincipalDep, kind: str | N
 
 
 @router.get("/{job_id}/artifacts/{name:path}")
-def download(job_id: str, name: str, session: SessionDep, store: StoreDep, request: Request,
-             who: PrincipalDep) -> Response:
+def download(
+    job_id: str, name: str, session: SessionDep, store: StoreDep, request: Request, who: PrincipalDep
+) -> Response:
     name = check_artifact_name(name)
     service.get_job(session, job_id, who.project)
     row = session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)).first()
     if row is None:
-        raise Problem(404, "artifact-not-found", "No such artifact",
-                      f"job {job_id} has no artifact {name!r}; list them at /api/v1/jobs/{job_id}/artifacts")
+        raise Problem(
+            404,
+            "artifact-not-found",
+            "No such artifact",
+            f"job {job_id} has no artifact {name!r}; list them at /api/v1/jobs/{job_id}/artifacts",
+        )
     etag = f'"{row.sha256}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
     inline = row.content_type.startswith(("image/", "text/", "application/json"))
     filename = name.rsplit("/", 1)[-1]
-    headers = {"ETag": etag, "Content-Length": str(row.size), "X-Content-Type-Options": "nosniff",
-               "Content-Disposition": f'{"inline" if inline else "attachment"}; filename="{filename}"'}
+    headers = {
+        "ETag": etag,
+        "Content-Length": str(row.size),
+        "X-Content-Type-Options": "nosniff",
+        "Content-Disposition": f'{"inline" if inline else "attachment"}; filename="{filename}"',
+    }
     return StreamingResponse(store.iter_chunks(row.key), media_type=row.content_type, headers=headers)

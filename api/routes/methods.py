@@ -12,8 +12,9 @@ router = APIRouter(prefix="/api/v1/methods", tags=["methods"])
 
 
 @router.get("")
-def methods(pattern: str = Query("*", description="shell-style wildcard on the id, e.g. 'llm-*'"),
-            family: str | None = None) -> dict[str, list[dict[str, Any]]]:
+def methods(
+    pattern: str = Query("*", description="shell-style wildcard on the id, e.g. 'llm-*'"), family: str | None = None
+) -> dict[str, list[dict[str, Any]]]:
     return {"items": [m.describe() for m in list_methods(pattern, family)]}
 
 

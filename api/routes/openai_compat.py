@@ -14,7 +14,8 @@ import json
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -53,10 +54,12 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     engine: dict[str, Any] | None = Field(
-        None, description="Crucible extension (OpenAI SDKs: extra_body={'engine': {...}}): this request's engine "
-                          "options over the deployment's — kv_cache and kv_cache_options, decoding, attention "
-                          "('sdpa' turns a sparse-attention deployment's off for this request); usage reports what ran",
-        json_schema_extra={"examples": [{"kv_cache": "ems", "kv_cache_options": {"budget": 64}}]})
+        None,
+        description="Crucible extension (OpenAI SDKs: extra_body={'engine': {...}}): this request's engine "
+        "options over the deployment's — kv_cache and kv_cache_options, decoding, attention "
+        "('sdpa' turns a sparse-attention deployment's off for this request); usage reports what ran",
+        json_schema_extra={"examples": [{"kv_cache": "ems", "kv_cache_options": {"budget": 64}}]},
+    )
 
 
 class Message(BaseModel):
@@ -86,10 +89,12 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _stream_response(loaded: Loaded, p: llm.Plan, body: Sampling, head: dict[str, Any], make_chunk: Any,
-                     last: dict[str, Any]) -> StreamingResponse:
+def _stream_response(
+    loaded: Loaded, p: llm.Plan, body: Sampling, head: dict[str, Any], make_chunk: Any, last: dict[str, Any]
+) -> StreamingResponse:
     """SSE of `make_chunk(index, delta)` chunks, a closing chunk per choice (`last` + finish_reason), the
     usage chunk when `stream_options.include_usage`, then `data: [DONE]`."""
+
     def final(index: int, c: Completion) -> dict[str, Any]:
         return {**head, "choices": [{"index": index, **last, "finish_reason": c.finish_reason}]}
 
@@ -97,8 +102,11 @@ def _stream_response(loaded: Loaded, p: llm.Plan, body: Sampling, head: dict[str
         return {**head, "choices": [], "usage": u}
 
     include = body.stream_options is not None and body.stream_options.include_usage
-    return StreamingResponse(_stream(loaded, p, make_chunk, final, usage_chunk if include else None),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        _stream(loaded, p, make_chunk, final, usage_chunk if include else None),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 async def _stream(loaded: Loaded, p: llm.Plan, make_chunk: Any, final: Any, usage_chunk: Any) -> AsyncIterator[str]:
@@ -112,8 +120,13 @@ async def _stream(loaded: Loaded, p: llm.Plan, make_chunk: Any, final: Any, usag
 
     def work() -> None:
         try:
-            done = llm.run(loaded, p, abort, on_delta=lambda i, d: push("delta", (i, d)),
-                           on_finish=lambda i, c: push("finish", (i, c)))
+            done = llm.run(
+                loaded,
+                p,
+                abort,
+                on_delta=lambda i, d: push("delta", (i, d)),
+                on_finish=lambda i, c: push("finish", (i, c)),
+            )
             push("end", done)
         except BaseException as exc:  # reported to the client as a last event
             push("error", exc)
@@ -163,9 +176,18 @@ async def _generate(request: Request, loaded: Loaded, p: llm.Plan, poll_s: float
 
 
 def _plan(loaded: Loaded, body: Sampling, texts: list[str], field: str) -> llm.Plan:
-    return llm.plan(loaded, texts, field, max_tokens=body.max_tokens or body.max_completion_tokens,
-                    temperature=body.temperature, top_p=body.top_p, n=body.n, stop=body.stop, seed=body.seed,
-                    engine_override=body.engine)
+    return llm.plan(
+        loaded,
+        texts,
+        field,
+        max_tokens=body.max_tokens or body.max_completion_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        n=body.n,
+        stop=body.stop,
+        seed=body.seed,
+        engine_override=body.engine,
+    )
 
 
 async def _prepare(request: Request, row: Deployment, settings: Any, store: Any) -> Loaded:
@@ -174,8 +196,9 @@ async def _prepare(request: Request, row: Deployment, settings: Any, store: Any)
 
 @router.get("/models")
 def list_models(session: SessionDep, who: PrincipalDep) -> dict[str, Any]:
-    rows = session.scalars(select(Deployment).where(Deployment.project == who.project, Deployment.kind == "llm")
-                           .order_by(Deployment.name))
+    rows = session.scalars(
+        select(Deployment).where(Deployment.project == who.project, Deployment.kind == "llm").order_by(Deployment.name)
+    )
     return {"object": "list", "data": [_model_card(r) for r in rows]}
 
 
@@ -185,13 +208,24 @@ def get_model(model: str, session: SessionDep, who: PrincipalDep) -> dict[str, A
 
 
 def _model_card(row: Deployment) -> dict[str, Any]:
-    return {"id": row.name, "object": "model", "created": int(row.created_at.timestamp()), "owned_by": row.project,
-            "root": row.model}
+    return {
+        "id": row.name,
+        "object": "model",
+        "created": int(row.created_at.timestamp()),
+        "owned_by": row.project,
+        "root": row.model,
+    }
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(body: ChatRequest, request: Request, session: SessionDep, settings: SettingsDep,
-                           store: StoreDep, who: InferenceLimitDep) -> Any:
+async def chat_completions(
+    body: ChatRequest,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    who: InferenceLimitDep,
+) -> Any:
     row = _llm(session, who, body.model)
     loaded = await _prepare(request, row, settings, store)
     assert loaded.llm is not None
@@ -201,24 +235,48 @@ async def chat_completions(body: ChatRequest, request: Request, session: Session
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": row.name}
 
     if body.stream:
+
         def chunks(index: int | None, delta: str | None) -> list[dict[str, Any]]:
             if index is None:  # the opening chunk of each choice names the role
-                return [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None}]} for i in range(p.n)]
+                return [
+                    {
+                        **head,
+                        "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                    }
+                    for i in range(p.n)
+                ]
             return [{**head, "choices": [{"index": index, "delta": {"content": delta}, "finish_reason": None}]}]
 
         return _stream_response(loaded, p, body, head, chunks, {"delta": {}})
 
     done = await _generate(request, loaded, p)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": row.name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(done)],
-            "usage": llm.usage(p, done)}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": row.name,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+            }
+            for i, c in enumerate(done)
+        ],
+        "usage": llm.usage(p, done),
+    }
 
 
 @router.post("/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request, session: SessionDep, settings: SettingsDep,
-                      store: StoreDep, who: InferenceLimitDep) -> Any:
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    who: InferenceLimitDep,
+) -> Any:
     row = _llm(session, who, body.model)
     loaded = await _prepare(request, row, settings, store)
     texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
@@ -232,18 +290,27 @@ async def completions(body: CompletionRequest, request: Request, session: Sessio
         return texts[index // p.n] if body.echo else ""
 
     if body.stream:
+
         def chunks(index: int | None, delta: str | None) -> list[dict[str, Any]]:
             if index is None:
-                return [{**head, "choices": [{"index": i, "text": prefix(i), "logprobs": None,
-                                              "finish_reason": None}]} for i in range(len(texts) * p.n) if prefix(i)]
+                return [
+                    {**head, "choices": [{"index": i, "text": prefix(i), "logprobs": None, "finish_reason": None}]}
+                    for i in range(len(texts) * p.n)
+                    if prefix(i)
+                ]
             return [{**head, "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": None}]}]
 
         return _stream_response(loaded, p, body, head, chunks, {"text": "", "logprobs": None})
 
     done = await _generate(request, loaded, p)
-    return {**head, "choices": [{"index": i, "text": prefix(i) + c.text, "logprobs": None,
-                                 "finish_reason": c.finish_reason} for i, c in enumerate(done)],
-            "usage": llm.usage(p, done)}
+    return {
+        **head,
+        "choices": [
+            {"index": i, "text": prefix(i) + c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(done)
+        ],
+        "usage": llm.usage(p, done),
+    }
 
 
 class ImageGeneration(ImageRequest):
@@ -255,8 +322,14 @@ class ImageGeneration(ImageRequest):
 
 
 @router.post("/images/generations")
-def images_generations(body: ImageGeneration, request: Request, session: SessionDep, settings: SettingsDep,
-                       store: StoreDep, who: InferenceLimitDep) -> dict[str, Any]:
+def images_generations(
+    body: ImageGeneration,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    who: InferenceLimitDep,
+) -> dict[str, Any]:
     row = find_deployment(session, who.project, body.model, kind="diffusion", pointer="/model")
     fields = body.model_dump(by_alias=True, exclude={"model", "response_format", "size"}, exclude_unset=True)
     return generate_images(row, ImageRequest.model_validate(fields), request, settings, store)

@@ -14,13 +14,16 @@ Everything goes through the API as a user's script would, so the demo is also a 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Call = Callable[..., Any]
 
 # The compression jobs' calibration/evaluation windows; the same for every stage so perplexities compare.
-WINDOWS = {True: {"calibration_windows": 4, "seq_len": 32, "eval_windows": 4},
-           False: {"calibration_windows": 32, "seq_len": 128, "eval_windows": 32}}
+WINDOWS = {
+    True: {"calibration_windows": 4, "seq_len": 32, "eval_windows": 4},
+    False: {"calibration_windows": 32, "seq_len": 128, "eval_windows": 32},
+}
 SQUAREHEAD = {True: {"steps": 3, "batch_size": 2, "train_tokens": 2000}, False: {"steps": 100, "batch_size": 4}}
 EORA_RANK = {True: 4, False: 8}
 DEPLOYMENT = "demo-chat"
@@ -34,11 +37,20 @@ def _model_of(call: Call, job_id: str) -> str:
     return refs[0]
 
 
-def _run(call: Call, follow: Callable[[str], dict[str, Any]], method: str, params: dict[str, Any],
-         mode: str = "run") -> dict[str, Any]:
-    job = call("POST", "/api/v1/jobs", json={"method": method, "dataset": None if mode == "reproduce" else "stdlib-code",
-                                             "params": params, "mode": mode},
-               timeout=300)  # the server imports the method's module on its first submission
+def _run(
+    call: Call, follow: Callable[[str], dict[str, Any]], method: str, params: dict[str, Any], mode: str = "run"
+) -> dict[str, Any]:
+    job = call(
+        "POST",
+        "/api/v1/jobs",
+        json={
+            "method": method,
+            "dataset": None if mode == "reproduce" else "stdlib-code",
+            "params": params,
+            "mode": mode,
+        },
+        timeout=300,
+    )  # the server imports the method's module on its first submission
     final = follow(job["id"])
     if final["status"] != "succeeded":
         raise RuntimeError(f"{method} job {job['id']} {final['status']}: {(final.get('failure') or {}).get('message')}")
@@ -49,8 +61,9 @@ def _metrics(job: dict[str, Any]) -> dict[str, float]:
     return (job.get("result") or {}).get("metrics") or {}
 
 
-def llm_demo(call: Call, follow: Callable[[str], dict[str, Any]], say: Callable[[str], None],
-             smoke: bool = False) -> dict[str, Any]:
+def llm_demo(
+    call: Call, follow: Callable[[str], dict[str, Any]], say: Callable[[str], None], smoke: bool = False
+) -> dict[str, Any]:
     """Run the pipeline; the stage table (stage, model, val ppl) and the chat reply."""
     from models.llm.base import RECIPES, base_model_name  # the cached base's recipe and registry name
 
@@ -66,35 +79,69 @@ def llm_demo(call: Call, follow: Callable[[str], dict[str, Any]], say: Callable[
         base, base_ppl = _model_of(call, job["id"]), _metrics(job).get("final_val_ppl")
     windows = WINDOWS[smoke]
     say("pruning 50% with SparseGPT and fine-tuning with SquareHead (squarehead)")
-    sq = _run(call, follow, "squarehead", {"model": base, "sparsity": "0.5", "objective": "squarehead",
-                                           "checkpoint_every": 0, **windows, **SQUAREHEAD[smoke]})
+    sq = _run(
+        call,
+        follow,
+        "squarehead",
+        {
+            "model": base,
+            "sparsity": "0.5",
+            "objective": "squarehead",
+            "checkpoint_every": 0,
+            **windows,
+            **SQUAREHEAD[smoke],
+        },
+    )
     sparse, m_sq = _model_of(call, sq["id"]), _metrics(sq)
     say("compensating the sparse model with EoRA against the base (eora)")
-    eo = _run(call, follow, "eora", {"model": base, "compressed_model": sparse, "rank": EORA_RANK[smoke],
-                                     "compensation": "eora", **windows})
+    eo = _run(
+        call,
+        follow,
+        "eora",
+        {"model": base, "compressed_model": sparse, "rank": EORA_RANK[smoke], "compensation": "eora", **windows},
+    )
     final, m_eo = _model_of(call, eo["id"]), _metrics(eo)
-    stages = [("base (dense)", base, m_sq.get("val_ppl_parent", base_ppl)),
-              ("pruned 50% (SparseGPT, one-shot)", "—", m_sq.get("val_ppl_oneshot")),
-              ("+ SquareHead fine-tuning", sparse, m_sq.get("val_ppl")),
-              (f"+ EoRA rank {EORA_RANK[smoke]}", final, m_eo.get("val_ppl"))]
+    stages = [
+        ("base (dense)", base, m_sq.get("val_ppl_parent", base_ppl)),
+        ("pruned 50% (SparseGPT, one-shot)", "—", m_sq.get("val_ppl_oneshot")),
+        ("+ SquareHead fine-tuning", sparse, m_sq.get("val_ppl")),
+        (f"+ EoRA rank {EORA_RANK[smoke]}", final, m_eo.get("val_ppl")),
+    ]
     existing = {d["name"] for d in call("GET", "/api/v1/deployments")["items"]}
     if DEPLOYMENT in existing:
         call("DELETE", f"/api/v1/deployments/{DEPLOYMENT}")
     say(f"deploying {final} as {DEPLOYMENT!r}")
     call("POST", "/api/v1/deployments", json={"name": DEPLOYMENT, "model": final}, timeout=600)
-    reply = call("POST", "/v1/chat/completions", timeout=600, json={
-        "model": DEPLOYMENT, "max_tokens": 48, "seed": 0, "temperature": 0.7,
-        "messages": [{"role": "user", "content": "Write a Python function that adds two numbers."}]})
-    return {"stages": stages, "deployment": DEPLOYMENT, "reply": reply["choices"][0]["message"]["content"],
-            "usage": reply["usage"]}
+    reply = call(
+        "POST",
+        "/v1/chat/completions",
+        timeout=600,
+        json={
+            "model": DEPLOYMENT,
+            "max_tokens": 48,
+            "seed": 0,
+            "temperature": 0.7,
+            "messages": [{"role": "user", "content": "Write a Python function that adds two numbers."}],
+        },
+    )
+    return {
+        "stages": stages,
+        "deployment": DEPLOYMENT,
+        "reply": reply["choices"][0]["message"]["content"],
+        "usage": reply["usage"],
+    }
 
 
-def diffusion_demo(call: Call, follow: Callable[[str], dict[str, Any]], say: Callable[[str], None],
-                   smoke: bool = False) -> dict[str, Any]:
+def diffusion_demo(
+    call: Call, follow: Callable[[str], dict[str, Any]], say: Callable[[str], None], smoke: bool = False
+) -> dict[str, Any]:
     """The `apg` reproduction as a job: trains the base if missing; CFG vs APG grid as an artifact."""
     say("training the diffusion base model if missing, then rendering CFG vs APG across guidance scales (apg)")
     job = _run(call, follow, "apg", {"smoke": smoke}, mode="reproduce")
     arts = call("GET", f"/api/v1/jobs/{job['id']}/artifacts")["items"]
     record = (job.get("result") or {}).get("reproduction") or {}
-    return {"job": job["id"], "artifacts": {a["name"]: a["url"] for a in arts if a["kind"] in ("image", "plot")},
-            "record": {k: record.get(k) for k in ("ours", "baseline", "holds", "note")}}
+    return {
+        "job": job["id"],
+        "artifacts": {a["name"]: a["url"] for a in arts if a["kind"] in ("image", "plot")},
+        "record": {k: record.get(k) for k in ("ours", "baseline", "holds", "note")},
+    }

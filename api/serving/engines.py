@@ -27,21 +27,30 @@ class LLMEngine(BaseModel):
     default_max_tokens: int = Field(64, ge=1, le=32768, description="`max_tokens` when a request gives none")
     max_n: int = Field(4, ge=1, le=64, description="largest `n` (choices per request)")
     attention: Literal["sdpa", "hip", "hyperattention"] = Field(
-        "sdpa", description="prefill attention: exact SDPA, HiP (hierarchical top-k) or HyperAttention (LSH + sampling)")
+        "sdpa", description="prefill attention: exact SDPA, HiP (hierarchical top-k) or HyperAttention (LSH + sampling)"
+    )
     attention_options: dict[str, Any] = Field(
-        default_factory=dict, description="the sparse attention's parameters (HiPConfig / HyperConfig fields), "
-                                          "e.g. {\"top_k\": 64, \"window\": 32}")
+        default_factory=dict,
+        description="the sparse attention's parameters (HiPConfig / HyperConfig fields), "
+        'e.g. {"top_k": 64, "window": 32}',
+    )
     kv_cache: Literal["none", "ems", "matryoshka-kv"] = Field(
-        "none", description="KV-cache compression: none, EMS-style evict-then-merge at prefill (a per-head budget), "
-                            "or MatryoshkaKV low-rank keys/values (needs a model registered by a matryoshka-kv job)")
+        "none",
+        description="KV-cache compression: none, EMS-style evict-then-merge at prefill (a per-head budget), "
+        "or MatryoshkaKV low-rank keys/values (needs a model registered by a matryoshka-kv job)",
+    )
     kv_cache_options: dict[str, Any] = Field(
-        default_factory=dict, description="ems: {\"budget\": slots per head (required), \"window\", \"kernel\", "
-                                          "\"tau\"}; matryoshka-kv: {\"fraction\": a searched KV budget of the "
-                                          "model, e.g. 0.5} or {\"rank\": a uniform rank}")
+        default_factory=dict,
+        description='ems: {"budget": slots per head (required), "window", "kernel", '
+        '"tau"}; matryoshka-kv: {"fraction": a searched KV budget of the '
+        'model, e.g. 0.5} or {"rank": a uniform rank}',
+    )
     decoding: Literal["standard", "ppd"] = Field(
-        "standard", description="ppd: parallel prompt decoding with the model's trained prompt tokens (a model "
-                                "registered by a ppd job); exactly greedy decoding's text in fewer forward passes, so "
-                                "it applies to temperature-0 requests (others decode normally)")
+        "standard",
+        description="ppd: parallel prompt decoding with the model's trained prompt tokens (a model "
+        "registered by a ppd job); exactly greedy decoding's text in fewer forward passes, so "
+        "it applies to temperature-0 requests (others decode normally)",
+    )
 
 
 def attention_config(engine: dict[str, Any]) -> Any:
@@ -51,8 +60,10 @@ def attention_config(engine: dict[str, Any]) -> Any:
     name = engine.get("attention", "sdpa")
     if name == "sdpa":
         if engine.get("attention_options"):
-            raise field_problem("/engine/attention_options", "exact SDPA takes no options; pick attention hip or "
-                                "hyperattention, or drop the options")
+            raise field_problem(
+                "/engine/attention_options",
+                "exact SDPA takes no options; pick attention hip or hyperattention, or drop the options",
+            )
         return None
     if name == "hip":
         from models.llm.attention.hip import HiPConfig as Config
@@ -62,8 +73,9 @@ def attention_config(engine: dict[str, Any]) -> Any:
     options = dict(engine.get("attention_options") or {})
     for key, value in options.items():
         if key not in fields:
-            raise field_problem(f"/engine/attention_options/{key}",
-                                f"{name} has no option {key!r}; use {', '.join(sorted(fields))}")
+            raise field_problem(
+                f"/engine/attention_options/{key}", f"{name} has no option {key!r}; use {', '.join(sorted(fields))}"
+            )
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise field_problem(f"/engine/attention_options/{key}", "use a non-negative integer")
     return Config(**options)
@@ -86,33 +98,44 @@ def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context:
     options = dict(engine.get("kv_cache_options") or {})
     if name == "none":
         if options:
-            raise field_problem("/engine/kv_cache_options", "kv_cache none takes no options; pick kv_cache ems or "
-                                "matryoshka-kv, or drop the options")
+            raise field_problem(
+                "/engine/kv_cache_options",
+                "kv_cache none takes no options; pick kv_cache ems or matryoshka-kv, or drop the options",
+            )
         return None
     if name == "ems":
         for key, value in options.items():
             if key not in EMS_OPTIONS:
-                raise field_problem(f"/engine/kv_cache_options/{key}",
-                                    f"ems has no option {key!r}; use {', '.join(EMS_OPTIONS)}")
+                raise field_problem(
+                    f"/engine/kv_cache_options/{key}", f"ems has no option {key!r}; use {', '.join(EMS_OPTIONS)}"
+                )
             _check_number(f"/engine/kv_cache_options/{key}", value, EMS_OPTIONS[key])
         if "budget" not in options:
-            raise field_problem("/engine/kv_cache_options/budget", "ems needs a budget: KV slots kept per head, "
-                                "e.g. {\"budget\": 64}")
+            raise field_problem(
+                "/engine/kv_cache_options/budget", 'ems needs a budget: KV slots kept per head, e.g. {"budget": 64}'
+            )
         if context is not None and options["budget"] >= context:
-            raise field_problem("/engine/kv_cache_options/budget",
-                                f"a budget of {options['budget']} slots keeps the model's whole {context}-token "
-                                "context; use a smaller budget or kv_cache none")
+            raise field_problem(
+                "/engine/kv_cache_options/budget",
+                f"a budget of {options['budget']} slots keeps the model's whole {context}-token "
+                "context; use a smaller budget or kv_cache none",
+            )
         from models.llm.kv_cache.ems import EMS
 
         return EMS(**options)
     if engine.get("attention", "sdpa") != "sdpa":
-        raise field_problem("/engine/kv_cache", "matryoshka-kv attends through its own projected attention and "
-                            f"cannot be combined with attention {engine['attention']!r}; use attention sdpa")
+        raise field_problem(
+            "/engine/kv_cache",
+            "matryoshka-kv attends through its own projected attention and "
+            f"cannot be combined with attention {engine['attention']!r}; use attention sdpa",
+        )
     unknown = set(options) - {"fraction", "rank"}
     if unknown or len(options) > 1:
         key = sorted(unknown)[0] if unknown else "rank"
-        raise field_problem(f"/engine/kv_cache_options/{key}",
-                            "matryoshka-kv takes one of fraction (a searched budget) or rank (uniform)")
+        raise field_problem(
+            f"/engine/kv_cache_options/{key}",
+            "matryoshka-kv takes one of fraction (a searched budget) or rank (uniform)",
+        )
     for key, value in options.items():
         _check_number(f"/engine/kv_cache_options/{key}", value, float if key == "fraction" else int)
     if folder is None:
@@ -122,8 +145,10 @@ def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context:
     try:
         projection, tables = load_projection(folder)
     except (FileNotFoundError, OSError, KeyError, ValueError):
-        raise field_problem("/engine/kv_cache", "this model has no trained KV projection; run a matryoshka-kv job "
-                            "on it and deploy the model it registers") from None
+        raise field_problem(
+            "/engine/kv_cache",
+            "this model has no trained KV projection; run a matryoshka-kv job on it and deploy the model it registers",
+        ) from None
     head_dim = projection.shape[2]
     if "rank" in options:
         if options["rank"] > head_dim:
@@ -133,9 +158,11 @@ def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context:
         return projection, head_dim, head_dim
     key = f"{options['fraction']:g}"
     if key not in tables:
-        raise field_problem("/engine/kv_cache_options/fraction",
-                            f"this model has ranks for fractions {', '.join(sorted(tables)) or 'none'}; use one "
-                            "of them or a uniform rank")
+        raise field_problem(
+            "/engine/kv_cache_options/fraction",
+            f"this model has ranks for fractions {', '.join(sorted(tables)) or 'none'}; use one "
+            "of them or a uniform rank",
+        )
     return projection, *tables[key]
 
 
@@ -161,10 +188,14 @@ def detect_kind(folder: Path) -> str:
         return "diffusion"
     if (folder / "config.json").is_file():
         return "llm"
-    raise Problem(422, "not-servable", "The model cannot be served",
-                  "model: the folder has neither config.json (a Hugging Face language model) nor model_index.json / "
-                  "unet/ (a diffusers model); register a model folder of one of those kinds",
-                  errors=[{"pointer": "/model", "message": "not a language-model or diffusion folder"}])
+    raise Problem(
+        422,
+        "not-servable",
+        "The model cannot be served",
+        "model: the folder has neither config.json (a Hugging Face language model) nor model_index.json / "
+        "unet/ (a diffusers model); register a model folder of one of those kinds",
+        errors=[{"pointer": "/model", "message": "not a language-model or diffusion folder"}],
+    )
 
 
 def check_decoding(engine: dict[str, Any], folder: Path | None = None) -> None:
@@ -174,13 +205,18 @@ def check_decoding(engine: dict[str, Any], folder: Path | None = None) -> None:
         return
     for option, plain in (("attention", "sdpa"), ("kv_cache", "none")):
         if engine.get(option, plain) != plain:
-            raise field_problem("/engine/decoding", f"ppd verifies candidates with exact attention over a full KV "
-                                f"cache; it cannot be combined with {option} {engine[option]!r} (use {plain})")
+            raise field_problem(
+                "/engine/decoding",
+                f"ppd verifies candidates with exact attention over a full KV "
+                f"cache; it cannot be combined with {option} {engine[option]!r} (use {plain})",
+            )
     from models.llm.parallel_prompt import PROMPTS_FILE
 
     if folder is not None and not (Path(folder) / PROMPTS_FILE).is_file():
-        raise field_problem("/engine/decoding", "this model has no trained PPD prompt tokens; run a ppd job on it "
-                            "and deploy the model it registers")
+        raise field_problem(
+            "/engine/decoding",
+            "this model has no trained PPD prompt tokens; run a ppd job on it and deploy the model it registers",
+        )
 
 
 def validate_engine(kind: str, options: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
@@ -211,12 +247,18 @@ def request_engine(deployment: dict[str, Any], override: dict[str, Any] | None, 
         return deployment
     for key in override:
         if key not in PER_REQUEST:
-            raise field_problem(f"/engine/{key}", f"a request can set {', '.join(PER_REQUEST)}; {key!r} belongs to "
-                                "the deployment (create another deployment to change it)")
+            raise field_problem(
+                f"/engine/{key}",
+                f"a request can set {', '.join(PER_REQUEST)}; {key!r} belongs to "
+                "the deployment (create another deployment to change it)",
+            )
     attention = override.get("attention", deployment.get("attention", "sdpa"))
     if attention not in ("sdpa", deployment.get("attention", "sdpa")):
-        raise field_problem("/engine/attention", f"this deployment runs {deployment.get('attention', 'sdpa')!r} "
-                            "attention; a request can keep it or ask for exact 'sdpa'")
+        raise field_problem(
+            "/engine/attention",
+            f"this deployment runs {deployment.get('attention', 'sdpa')!r} "
+            "attention; a request can keep it or ask for exact 'sdpa'",
+        )
     merged = {**deployment, **override}
     if "kv_cache" in override and "kv_cache_options" not in override:
         merged["kv_cache_options"] = {}  # another compression's options do not carry over

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -52,9 +53,19 @@ class Plan:
         return sum(len(p) for p in self.prompts)
 
 
-def plan(loaded: Loaded, texts: Sequence[str], prompt_field: str, *, max_tokens: int | None, temperature: float,
-         top_p: float, n: int, stop: str | Sequence[str] | None, seed: int | None,
-         engine_override: dict[str, Any] | None = None) -> Plan:
+def plan(
+    loaded: Loaded,
+    texts: Sequence[str],
+    prompt_field: str,
+    *,
+    max_tokens: int | None,
+    temperature: float,
+    top_p: float,
+    n: int,
+    stop: str | Sequence[str] | None,
+    seed: int | None,
+    engine_override: dict[str, Any] | None = None,
+) -> Plan:
     """Token ids, sampling parameters and the request's engine, or the 4xx naming the field at fault."""
     assert loaded.llm is not None
     engine, tok = request_engine(loaded.engine, engine_override, loaded.llm.path), loaded.llm.tokenizer
@@ -69,19 +80,32 @@ def plan(loaded: Loaded, texts: Sequence[str], prompt_field: str, *, max_tokens:
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     longest = max(len(p) for p in prompts)
     if longest >= context:
-        raise Problem(400, "prompt-too-long", "The prompt does not fit the model's context",
-                      f"{prompt_field}: {longest} tokens; this model's context is {context} tokens, leaving none "
-                      "to generate; shorten the prompt",
-                      errors=[{"pointer": f"/{prompt_field}", "message": f"{longest} tokens ≥ context {context}"}])
+        raise Problem(
+            400,
+            "prompt-too-long",
+            "The prompt does not fit the model's context",
+            f"{prompt_field}: {longest} tokens; this model's context is {context} tokens, leaving none "
+            "to generate; shorten the prompt",
+            errors=[{"pointer": f"/{prompt_field}", "message": f"{longest} tokens ≥ context {context}"}],
+        )
     room = context - longest
     if max_tokens is None:
         max_tokens = min(engine["default_max_tokens"], room)
     elif max_tokens > room:
-        raise Problem(400, "context-exceeded", "Prompt plus max_tokens exceed the context",
-                      f"max_tokens: the prompt has {longest} tokens and the context is {context}; ask for at most "
-                      f"{room} tokens", errors=[{"pointer": "/max_tokens", "message": f"at most {room} here"}])
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stops),
-                            stop_token_ids=stop_token_ids(tok))
+        raise Problem(
+            400,
+            "context-exceeded",
+            "Prompt plus max_tokens exceed the context",
+            f"max_tokens: the prompt has {longest} tokens and the context is {context}; ask for at most {room} tokens",
+            errors=[{"pointer": "/max_tokens", "message": f"at most {room} here"}],
+        )
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=tuple(stops),
+        stop_token_ids=stop_token_ids(tok),
+    )
     kv_config(loaded, engine)  # a KV-cache option the model cannot take is a 4xx now, not an error mid-stream
     # PPD reproduces greedy decoding exactly; a sampled request decodes the standard way
     decoding = "ppd" if engine.get("decoding") == "ppd" and temperature == 0 else "standard"
@@ -125,8 +149,9 @@ def ppd_engine(loaded: Loaded) -> PPDEngine:
         if rates is None or prompts.count == 0:
             loaded.derived["ppd"] = PPDEngine(prompts, chain_tree(prompts.count), prompts.count)
         else:
-            choice = hardware_aware_tree(loaded.llm.model, rates[:prompts.count],
-                                         context=min(128, max(1, loaded.context_length // 2)))
+            choice = hardware_aware_tree(
+                loaded.llm.model, rates[: prompts.count], context=min(128, max(1, loaded.context_length // 2))
+            )
             loaded.derived["ppd"] = PPDEngine(prompts, choice.tree, choice.nodes, choice)
     return loaded.derived["ppd"]
 
@@ -141,8 +166,9 @@ def _ppd_tokens(loaded: Loaded, p: Plan, ids: list[int]) -> list[int]:
 
     assert loaded.llm is not None
     engine = ppd_engine(loaded)
-    result = ppd_generate(loaded.llm.model, engine.prompts, ids, p.params.max_tokens, p.params.stop_token_ids,
-                          tree=engine.tree)
+    result = ppd_generate(
+        loaded.llm.model, engine.prompts, ids, p.params.max_tokens, p.params.stop_token_ids, tree=engine.tree
+    )
     p.accepted.extend(result.accepted)
     p.tree_nodes = engine.tree_nodes
     return result.tokens
@@ -158,9 +184,13 @@ def _account(loaded: Loaded, p: Plan, caches: list[Any], tokens: int) -> None:
     p.kv_bytes_dense = max(p.kv_bytes_dense, dense_kv_bytes(model.config, tokens, dtype=model.dtype))
 
 
-def run(loaded: Loaded, p: Plan, abort: threading.Event,
-        on_delta: Callable[[int, str], None] | None = None,
-        on_finish: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+def run(
+    loaded: Loaded,
+    p: Plan,
+    abort: threading.Event,
+    on_delta: Callable[[int, str], None] | None = None,
+    on_finish: Callable[[int, Completion], None] | None = None,
+) -> list[Completion]:
     """Generate every choice (index = prompt × n + i) under the model's lock; stops early on `abort`."""
     assert loaded.llm is not None
     while not loaded.lock.acquire(timeout=0.05):
@@ -175,14 +205,20 @@ def run(loaded: Loaded, p: Plan, abort: threading.Event,
         loaded.lock.release()
 
 
-def _generate_all(loaded: Loaded, p: Plan, abort: threading.Event, on_delta: Callable[[int, str], None] | None,
-                  on_finish: Callable[[int, Completion], None] | None) -> list[Completion]:
+def _generate_all(
+    loaded: Loaded,
+    p: Plan,
+    abort: threading.Event,
+    on_delta: Callable[[int, str], None] | None,
+    on_finish: Callable[[int, Completion], None] | None,
+) -> list[Completion]:
     from models.llm.kv_cache.session import kv_session
 
     assert loaded.llm is not None
     config = kv_config(loaded, p.engine or None)
-    compression = {"press": config} if p.kv_cache == "ems" else \
-        {"projection": config} if p.kv_cache == "matryoshka-kv" else {}
+    compression = (
+        {"press": config} if p.kv_cache == "ems" else {"projection": config} if p.kv_cache == "matryoshka-kv" else {}
+    )
     out: list[Completion] = []
     base = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     for k, ids in enumerate(p.prompts):
@@ -193,8 +229,9 @@ def _generate_all(loaded: Loaded, p: Plan, abort: threading.Event, on_delta: Cal
             with kv_session(loaded.llm.model, **compression) as caches:
                 # PPD decodes the whole choice (fewer forwards, greedy's exact tokens), then streams its text
                 tokens = _ppd_tokens(loaded, p, ids) if p.decoding == "ppd" else None
-                for delta in stream_text(loaded.llm.model, loaded.llm.tokenizer, ids, p.params, generator,
-                                         completion, abort.is_set, tokens):
+                for delta in stream_text(
+                    loaded.llm.model, loaded.llm.tokenizer, ids, p.params, generator, completion, abort.is_set, tokens
+                ):
                     if on_delta is not None:
                         on_delta(index, delta)
             _account(loaded, p, caches, len(ids) + len(completion.token_ids))
@@ -224,10 +261,23 @@ def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, Any]:
     ppd, with PPD's decoding forwards after the prefills, tokens accepted per forward and the candidate tree's
     guessed nodes per forward)."""
     done = sum(len(c.token_ids) for c in completions)
-    kv = {"type": p.kv_cache, "bytes": p.kv_bytes, "dense_bytes": p.kv_bytes_dense,
-          "ratio": round(p.kv_bytes / p.kv_bytes_dense, 6) if p.kv_bytes_dense else None}
-    decoding = {"type": p.decoding, "forward_passes": len(p.accepted) or None,
-                "accepted_tokens_per_step": round(sum(p.accepted) / len(p.accepted), 4) if p.accepted else None,
-                "tree_nodes": p.tree_nodes}
-    return {"prompt_tokens": p.prompt_tokens, "completion_tokens": done, "total_tokens": p.prompt_tokens + done,
-            "kv_cache": kv, "decoding": decoding, "attention": p.engine.get("attention", "sdpa")}
+    kv = {
+        "type": p.kv_cache,
+        "bytes": p.kv_bytes,
+        "dense_bytes": p.kv_bytes_dense,
+        "ratio": round(p.kv_bytes / p.kv_bytes_dense, 6) if p.kv_bytes_dense else None,
+    }
+    decoding = {
+        "type": p.decoding,
+        "forward_passes": len(p.accepted) or None,
+        "accepted_tokens_per_step": round(sum(p.accepted) / len(p.accepted), 4) if p.accepted else None,
+        "tree_nodes": p.tree_nodes,
+    }
+    return {
+        "prompt_tokens": p.prompt_tokens,
+        "completion_tokens": done,
+        "total_tokens": p.prompt_tokens + done,
+        "kv_cache": kv,
+        "decoding": decoding,
+        "attention": p.engine.get("attention", "sdpa"),
+    }

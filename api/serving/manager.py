@@ -11,9 +11,10 @@ request, so requests never see each other's state. `evict` drops a deleted deplo
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from api.serving.engines import attention_config, resolve_device
 
@@ -32,7 +33,9 @@ class Loaded:
     llm: CausalLM | None = None
     diffusion: DiffusionParts | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    derived: dict[str, Any] = field(default_factory=dict)  # what engines compute once per warm model (PPD tree, KV config)
+    derived: dict[str, Any] = field(
+        default_factory=dict
+    )  # what engines compute once per warm model (PPD tree, KV config)
 
     @property
     def context_length(self) -> int:
@@ -108,4 +111,3 @@ class DeploymentManager:
     def loaded_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._loaded)
-

@@ -8,8 +8,9 @@ against their kind before anything is stored.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -83,8 +84,13 @@ class DatasetInfo:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "description": self.description,
-                "source": self.source, "meta": dict(self.meta)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "description": self.description,
+            "source": self.source,
+            "meta": dict(self.meta),
+        }
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,9 @@ def stable_fraction(key: str) -> float:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32
 
 
-def stratified_split(y: np.ndarray, fractions: tuple[float, float] = (0.6, 0.2), seed: int = 0
-                     ) -> dict[str, np.ndarray]:
+def stratified_split(
+    y: np.ndarray, fractions: tuple[float, float] = (0.6, 0.2), seed: int = 0
+) -> dict[str, np.ndarray]:
     """Index arrays for train/val/test, stratified by label and fixed by seed."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
@@ -120,5 +127,8 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, float] = (0.6, 0.2),
 def random_split(n: int, fractions: tuple[float, float] = (0.6, 0.2), seed: int = 0) -> dict[str, np.ndarray]:
     idx = np.random.default_rng(seed).permutation(n)
     n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
-    return {"train": np.sort(idx[:n_train]), "val": np.sort(idx[n_train : n_train + n_val]),
-            "test": np.sort(idx[n_train + n_val :])}
+    return {
+        "train": np.sort(idx[:n_train]),
+        "val": np.sort(idx[n_train : n_train + n_val]),
+        "test": np.sort(idx[n_train + n_val :]),
+    }

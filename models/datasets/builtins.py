@@ -11,8 +11,18 @@ import numpy as np
 from models.datasets.base import Dataset, Split, stable_fraction, stratified_split
 
 # Folders of the standard library that are not library code (tests, demos, vendored installers).
-_STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "turtledemo",
-                "ensurepip", "tkinter", "pydoc_data"}
+_STDLIB_SKIP = {
+    "site-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "__pycache__",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "tkinter",
+    "pydoc_data",
+}
 
 
 def build_digits() -> Dataset:
@@ -54,8 +64,9 @@ def build_synthetic_tabular() -> Dataset:
     """A 4-class, 20-feature classification table (8 informative features) from a fixed seed."""
     from sklearn.datasets import make_classification
 
-    x, y = make_classification(n_samples=3000, n_features=20, n_informative=8, n_redundant=4,
-                               n_classes=4, class_sep=1.0, random_state=0)
+    x, y = make_classification(
+        n_samples=3000, n_features=20, n_informative=8, n_redundant=4, n_classes=4, class_sep=1.0, random_state=0
+    )
     x = x.astype(np.float32)
     idx = stratified_split(y.astype(np.int64), seed=0)
     splits = {s: Split({"x": x[i], "y": y[i].astype(np.int64)}) for s, i in idx.items()}

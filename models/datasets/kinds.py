@@ -10,15 +10,25 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from models.datasets.base import (SPLITS, Dataset, DatasetKind, DatasetSchemaError, Split,
-                                  random_split, stable_fraction, stratified_split)
+from models.datasets.base import (
+    SPLITS,
+    Dataset,
+    DatasetKind,
+    DatasetSchemaError,
+    Split,
+    random_split,
+    stable_fraction,
+    stratified_split,
+)
 
-NPZ_LAYOUT = ("x_train, y_train (and optionally x_val, y_val, x_test, y_test), "
-              "or x and y to be split 60/20/20 deterministically")
+NPZ_LAYOUT = (
+    "x_train, y_train (and optionally x_val, y_val, x_test, y_test), or x and y to be split 60/20/20 deterministically"
+)
 
 
 def _require_splits(ds: Dataset) -> None:
@@ -31,8 +41,11 @@ def _check_labels(ds: Dataset, column: str = "y") -> int:
     labels = [np.asarray(split[column]) for _, split in ds]
     for (name, _), y in zip(ds, labels):
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise DatasetSchemaError(f"{column}_{name}", f"labels must be a 1-D integer array, got {y.dtype}{list(y.shape)}",
-                                     "store class indices 0..K-1 as int64")
+            raise DatasetSchemaError(
+                f"{column}_{name}",
+                f"labels must be a 1-D integer array, got {y.dtype}{list(y.shape)}",
+                "store class indices 0..K-1 as int64",
+            )
         if y.size and y.min() < 0:
             raise DatasetSchemaError(f"{column}_{name}", "negative class index", "use class indices 0..K-1")
     return int(max((int(y.max()) for y in labels if y.size), default=-1)) + 1
@@ -42,8 +55,11 @@ def _check_rows(ds: Dataset, x_col: str, y_col: str) -> None:
     for name, split in ds:
         x, y = split[x_col], split[y_col]
         if len(x) != len(y):
-            raise DatasetSchemaError(f"{x_col}_{name}", f"{len(x)} rows but {len(y)} labels",
-                                     f"give {x_col}_{name} and {y_col}_{name} the same length")
+            raise DatasetSchemaError(
+                f"{x_col}_{name}",
+                f"{len(x)} rows but {len(y)} labels",
+                f"give {x_col}_{name} and {y_col}_{name} the same length",
+            )
         if len(x) == 0 and name == "train":
             raise DatasetSchemaError(f"{x_col}_train", "the train split is empty", "provide at least one training row")
         if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all():
@@ -55,8 +71,11 @@ def validate_image_class(ds: Dataset) -> None:
     for name, split in ds:
         x = np.asarray(split["x"])
         if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
-            raise DatasetSchemaError(f"x_{name}", f"images must be float arrays [N, C, H, W], got {x.dtype}{list(x.shape)}",
-                                     "store images as float32 in [0, 1] with a channel axis")
+            raise DatasetSchemaError(
+                f"x_{name}",
+                f"images must be float arrays [N, C, H, W], got {x.dtype}{list(x.shape)}",
+                "store images as float32 in [0, 1] with a channel axis",
+            )
     _check_rows(ds, "x", "y")
     ds.meta["num_classes"] = max(int(ds.meta.get("num_classes", 0)), _check_labels(ds))
     ds.meta["shape"] = list(np.asarray(ds.train["x"]).shape[1:])
@@ -67,8 +86,11 @@ def validate_tabular(ds: Dataset) -> None:
     for name, split in ds:
         x = np.asarray(split["x"])
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-            raise DatasetSchemaError(f"x_{name}", f"features must be a numeric [N, D] array, got {x.dtype}{list(x.shape)}",
-                                     "store one row per example and one column per feature")
+            raise DatasetSchemaError(
+                f"x_{name}",
+                f"features must be a numeric [N, D] array, got {x.dtype}{list(x.shape)}",
+                "store one row per example and one column per feature",
+            )
     _check_rows(ds, "x", "y")
     if np.issubdtype(np.asarray(ds.train["y"]).dtype, np.integer):
         ds.meta.setdefault("task", "classification")
@@ -83,16 +105,20 @@ def validate_text_corpus(ds: Dataset) -> None:
     for name, split in ds:
         texts = split["text"]
         if not all(isinstance(t, str) for t in texts):
-            raise DatasetSchemaError(f"text ({name})", "every document must be a string", 'write lines like {"text": "..."}')
+            raise DatasetSchemaError(
+                f"text ({name})", "every document must be a string", 'write lines like {"text": "..."}'
+            )
     if len(ds.train) == 0:
         raise DatasetSchemaError("text", "the train split is empty", "provide at least one document")
 
 
 KINDS: dict[str, DatasetKind] = {
-    "image-class": DatasetKind("image-class", "images [N, C, H, W] in [0, 1] with integer class labels",
-                               ("npz",), validate_image_class),
-    "tabular": DatasetKind("tabular", "feature rows [N, D] with integer classes or float targets",
-                           ("npz",), validate_tabular),
+    "image-class": DatasetKind(
+        "image-class", "images [N, C, H, W] in [0, 1] with integer class labels", ("npz",), validate_image_class
+    ),
+    "tabular": DatasetKind(
+        "tabular", "feature rows [N, D] with integer classes or float targets", ("npz",), validate_tabular
+    ),
     "text-corpus": DatasetKind("text-corpus", "documents as strings", ("jsonl",), validate_text_corpus),
 }
 
@@ -102,16 +128,22 @@ def _npz_arrays(blob: bytes) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetSchemaError("file", f"not a readable .npz archive of plain arrays ({exc})",
-                                 "save with numpy.savez of numeric arrays (object arrays are refused)") from exc
+        raise DatasetSchemaError(
+            "file",
+            f"not a readable .npz archive of plain arrays ({exc})",
+            "save with numpy.savez of numeric arrays (object arrays are refused)",
+        ) from exc
 
 
 def _splits_from_arrays(arrays: dict[str, np.ndarray], kind: str) -> dict[str, Split]:
     if "x_train" in arrays:
         if "y_train" not in arrays:
             raise DatasetSchemaError("y_train", "missing", "add the training labels as y_train")
-        out = {s: Split({"x": arrays[f"x_{s}"], "y": arrays[f"y_{s}"]})
-               for s in SPLITS if f"x_{s}" in arrays and f"y_{s}" in arrays}
+        out = {
+            s: Split({"x": arrays[f"x_{s}"], "y": arrays[f"y_{s}"]})
+            for s in SPLITS
+            if f"x_{s}" in arrays and f"y_{s}" in arrays
+        }
         missing = [s for s in ("val", "test") if s not in out]
         if missing:  # carve each missing split (10%) out of train, deterministically
             x, y = out["train"]["x"], out["train"]["y"]
@@ -127,8 +159,7 @@ def _splits_from_arrays(arrays: dict[str, np.ndarray], kind: str) -> dict[str, S
         x, y = arrays["x"], arrays["y"]
         if len(x) != len(y):
             raise DatasetSchemaError("x", f"{len(x)} rows but {len(y)} labels", "give x and y the same length")
-        idx = (stratified_split(y) if np.issubdtype(y.dtype, np.integer) and y.ndim == 1
-               else random_split(len(x)))
+        idx = stratified_split(y) if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 else random_split(len(x))
         return {s: Split({"x": x[i], "y": y[i]}) for s, i in idx.items()}
     raise DatasetSchemaError("file", f"arrays {sorted(arrays)} do not match the layout", f"use {NPZ_LAYOUT}")
 
@@ -137,8 +168,14 @@ def parse_npz(name: str, kind: str, blob: bytes) -> Dataset:
     arrays = _npz_arrays(blob)
     if kind == "image-class":
         arrays = {k: (v[:, None] if k.startswith("x") and v.ndim == 3 else v) for k, v in arrays.items()}
-        arrays = {k: (v.astype(np.float32) if k.startswith("x") and np.issubdtype(v.dtype, np.number)
-                      and not np.issubdtype(v.dtype, np.floating) else v) for k, v in arrays.items()}
+        arrays = {
+            k: (
+                v.astype(np.float32)
+                if k.startswith("x") and np.issubdtype(v.dtype, np.number) and not np.issubdtype(v.dtype, np.floating)
+                else v
+            )
+            for k, v in arrays.items()
+        }
     return Dataset(name, kind, _splits_from_arrays(arrays, kind), {})
 
 
@@ -154,9 +191,13 @@ def parse_jsonl(name: str, kind: str, blob: bytes) -> Dataset:
         try:
             row: Any = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetSchemaError(f"line {n}", f"not JSON ({exc.msg})", 'write one object per line, like {"text": "..."}') from exc
+            raise DatasetSchemaError(
+                f"line {n}", f"not JSON ({exc.msg})", 'write one object per line, like {"text": "..."}'
+            ) from exc
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise DatasetSchemaError(f"line {n}", 'has no string field "text"', 'write one object per line, like {"text": "..."}')
+            raise DatasetSchemaError(
+                f"line {n}", 'has no string field "text"', 'write one object per line, like {"text": "..."}'
+            )
         split = row.get("split") or ("val" if stable_fraction(row["text"]) < 0.1 else "train")
         if split not in SPLITS:
             raise DatasetSchemaError(f"line {n}.split", f"unknown split {split!r}", f"use one of {SPLITS}")
@@ -175,8 +216,9 @@ def parse_upload(name: str, kind: str, fmt: str, blob: bytes) -> Dataset:
         raise DatasetSchemaError("kind", f"unknown kind {kind!r}", f"use one of {sorted(KINDS)}")
     spec = KINDS[kind]
     if fmt not in spec.formats:
-        raise DatasetSchemaError("format", f"kind {kind} takes {', '.join(spec.formats)}, not {fmt}",
-                                 f"upload a .{spec.formats[0]} file")
+        raise DatasetSchemaError(
+            "format", f"kind {kind} takes {', '.join(spec.formats)}, not {fmt}", f"upload a .{spec.formats[0]} file"
+        )
     ds = PARSERS[fmt](name, kind, blob)
     spec.validate(ds)
     return ds

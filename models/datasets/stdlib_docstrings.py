@@ -138,8 +138,17 @@ def build_stdlib_docstrings(num_labels: int = NUM_LABELS, max_files: int | None 
         cols[split]["text"].append(text)
         cols[split]["labels"].append(hot)
         cols[split]["name"].append(name)
-    splits = {s: Split({"text": c["text"], "labels": np.stack(c["labels"]), "name": c["name"]})
-              for s, c in cols.items()}
-    return Dataset("stdlib-docstrings", "text-corpus", splits,
-                   {"task": "multi-label", "label_names": label_names, "num_labels": len(label_names),
-                    "python": f"{sys.version_info.major}.{sys.version_info.minor}"})
+    splits = {
+        s: Split({"text": c["text"], "labels": np.stack(c["labels"]), "name": c["name"]}) for s, c in cols.items()
+    }
+    return Dataset(
+        "stdlib-docstrings",
+        "text-corpus",
+        splits,
+        {
+            "task": "multi-label",
+            "label_names": label_names,
+            "num_labels": len(label_names),
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        },
+    )

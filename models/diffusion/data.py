@@ -87,12 +87,16 @@ def coloured_digits(split: str = "train", variants: int = 4, seed: int = 0) -> C
     which = np.concatenate([idx["val"], idx["test"]]) if split == "heldout" else idx[split]
     rng = np.random.default_rng(seed)
     parts = [render(raw.images[which], raw.target[which], rng) for _ in range(variants)]
-    return ColouredDigits(torch.cat([p.images for p in parts]), torch.cat([p.tokens for p in parts]),
-                          torch.from_numpy(np.tile(which, variants)))
+    return ColouredDigits(
+        torch.cat([p.images for p in parts]),
+        torch.cat([p.tokens for p in parts]),
+        torch.from_numpy(np.tile(which, variants)),
+    )
 
 
-def drop_tokens(tokens: torch.Tensor, null_prob: float, attr_drop_prob: float, generator: torch.Generator
-                ) -> torch.Tensor:
+def drop_tokens(
+    tokens: torch.Tensor, null_prob: float, attr_drop_prob: float, generator: torch.Generator
+) -> torch.Tensor:
     """Null-prompt dropout for classifier-free guidance plus per-attribute dropout."""
     null = torch.tensor(NULL, dtype=tokens.dtype)
     attr = torch.rand(tokens.shape, generator=generator) < attr_drop_prob
@@ -101,9 +105,11 @@ def drop_tokens(tokens: torch.Tensor, null_prob: float, attr_drop_prob: float, g
     return torch.where(attr | whole, null.expand_as(tokens), tokens)
 
 
-def prompt_tokens(digit: int | None = None, colour: str | int | None = None, thickness: str | int | None = None
-                  ) -> list[int]:
+def prompt_tokens(
+    digit: int | None = None, colour: str | int | None = None, thickness: str | int | None = None
+) -> list[int]:
     """Token ids of a prompt given by names; None means the slot's null token."""
+
     def slot(value: str | int | None, names: tuple[str, ...] | None, k: int) -> int:
         if value is None:
             return NULL[k]

@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from models.checkpoint import trained_once
 from torch import nn
 
+from models.checkpoint import trained_once
 from models.context import RunContext, shared_cache_dir
 from models.diffusion.data import IMAGE_SIZE, coloured_digits
 from models.diffusion.model import training_scheduler
@@ -38,6 +38,7 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
 
 def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
     """[rows·cols, dim] fixed 2-D sin-cos position embedding (DiT/MAE)."""
+
     def one_d(d: int, pos: torch.Tensor) -> torch.Tensor:
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         out = pos.double()[:, None] * omega[None]
@@ -125,12 +126,13 @@ class MiniDiT(nn.Module):
         b, p, g = tokens.shape[0], self.config.patch, self.config.grid
         return tokens.view(b, rows, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, rows * p, g * p)
 
-    def forward_rows(self, strip: torch.Tensor, t: torch.Tensor, y: torch.Tensor, row0: int,
-                     attend: Attend = full_attention) -> torch.Tensor:
+    def forward_rows(
+        self, strip: torch.Tensor, t: torch.Tensor, y: torch.Tensor, row0: int, attend: Attend = full_attention
+    ) -> torch.Tensor:
         """ε for an image strip [B, 3, rows·patch, 16] whose first patch row is `row0` of the full grid."""
         rows = strip.shape[2] // self.config.patch
         g = self.config.grid
-        x = self.embed(self.patchify(strip)) + self.pos[row0 * g:(row0 + rows) * g]
+        x = self.embed(self.patchify(strip)) + self.pos[row0 * g : (row0 + rows) * g]
         c = self.t_mlp(timestep_embedding(t.expand(len(strip)), self.config.width)) + self.y_embed(y)
         for i, block in enumerate(self.blocks):
             x = block(x, c, attend, i)

@@ -12,15 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from models.checkpoint import trained_once
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from models.checkpoint import trained_once
 from models.context import RunContext
 from models.diffusion.data import coloured_digits, to_unit
 from models.diffusion.training import cache_root
@@ -35,10 +34,19 @@ class DigitClassifier(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(64, 64), nn.ReLU())
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(64, 10)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -85,12 +93,12 @@ def digit_classifier(ctx: RunContext, smoke: bool = False) -> DigitClassifier:
 
 @torch.no_grad()
 def features(net: DigitClassifier, images01: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    return torch.cat([net(images01[i:i + batch]) for i in range(0, len(images01), batch)])
+    return torch.cat([net(images01[i : i + batch]) for i in range(0, len(images01), batch)])
 
 
 @torch.no_grad()
 def accuracy(net: DigitClassifier, images01: torch.Tensor, labels: torch.Tensor) -> float:
-    logits = torch.cat([net.logits(images01[i:i + 512]) for i in range(0, len(images01), 512)])
+    logits = torch.cat([net.logits(images01[i : i + 512]) for i in range(0, len(images01), 512)])
     return (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -106,6 +114,7 @@ def frechet_distance(net: DigitClassifier, real01: torch.Tensor, fake01: torch.T
 def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision/recall: a fake is 'precise' if it lies inside some real sample's k-NN ball;
     a real is 'recalled' if it lies inside some fake sample's k-NN ball."""
+
     def radii(f: torch.Tensor) -> torch.Tensor:
         d = torch.cdist(f, f)
         return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
@@ -144,7 +153,7 @@ class EvaluationKit:
     real_saturation: float
 
     @classmethod
-    def build(cls, ctx: RunContext, smoke: bool = False) -> "EvaluationKit":
+    def build(cls, ctx: RunContext, smoke: bool = False) -> EvaluationKit:
         net = digit_classifier(ctx, smoke)
         real = to_unit(coloured_digits("heldout", variants=1 if smoke else 2, seed=7).images)
         return cls(net, real, features(net, real), saturation(real))
@@ -153,6 +162,12 @@ class EvaluationKit:
         fake_feats = features(self.net, images01)
         precision, recall = precision_recall(self.real_feats, fake_feats)
         sat = saturation(images01)
-        return {"fd": frechet_distance(self.net, self.real01, images01), "precision": precision, "recall": recall,
-                "accuracy": accuracy(self.net, images01, labels), "saturation": sat,
-                "saturation_gap": abs(sat - self.real_saturation), "clipped": clipped_fraction(raw)}
+        return {
+            "fd": frechet_distance(self.net, self.real01, images01),
+            "precision": precision,
+            "recall": recall,
+            "accuracy": accuracy(self.net, images01, labels),
+            "saturation": sat,
+            "saturation_gap": abs(sat - self.real_saturation),
+            "clipped": clipped_fraction(raw),
+        }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ def tile(images01: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.nd
     canvas = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
     for i, img in enumerate(images01.clamp(0, 1)):
         r, q = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
     arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return arr[..., 0] if c == 1 else arr
 
@@ -49,7 +49,7 @@ def labelled_grids(grids: Mapping[str, torch.Tensor], nrow: int = 8, ncols: int 
         ax.imshow(tile(images, nrow), interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    for ax in axes[len(grids):]:
+    for ax in axes[len(grids) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)

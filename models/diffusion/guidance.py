@@ -61,8 +61,14 @@ def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return parallel.to(v.dtype), (v64 - parallel).to(v.dtype)
 
 
-def apg(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale: float, eta: float = 0.0,
-        norm_threshold: float = math.inf, state: GuidanceState | None = None) -> torch.Tensor:
+def apg(
+    d_cond: torch.Tensor,
+    d_uncond: torch.Tensor,
+    scale: float,
+    eta: float = 0.0,
+    norm_threshold: float = math.inf,
+    state: GuidanceState | None = None,
+) -> torch.Tensor:
     """Adaptive projected guidance on clean-image predictions (paper's parameterisation).
 
     `norm_threshold` is the rescale radius r (inf or ≤ 0 disables it); `state.momentum` is β.
@@ -99,8 +105,9 @@ class GuidanceSpec:
     def new_state(self) -> GuidanceState:
         return GuidanceState(momentum=self.momentum)
 
-    def apply(self, d_cond: torch.Tensor, d_uncond: torch.Tensor | None, state: GuidanceState, step: int,
-              num_steps: int) -> torch.Tensor:
+    def apply(
+        self, d_cond: torch.Tensor, d_uncond: torch.Tensor | None, state: GuidanceState, step: int, num_steps: int
+    ) -> torch.Tensor:
         lo, hi = self.interval
         if self.name == "none" or d_uncond is None or not (int(lo * num_steps) <= step < math.ceil(hi * num_steps)):
             return d_cond

@@ -23,8 +23,11 @@ from models.registry import MethodParams
 
 
 class SamplingParams(MethodParams):
-    model: str = Field("", description="registered model (name@version) or local diffusers folder; "
-                                        "empty = the shared base model (trained once if missing)")
+    model: str = Field(
+        "",
+        description="registered model (name@version) or local diffusers folder; "
+        "empty = the shared base model (trained once if missing)",
+    )
     guidance_scale: float = Field(4.0, ge=0.0, le=50.0, description="w; 1 = conditional prediction alone")
     sampler: str = Field("ddim", description="ddim | ddpm | euler | euler-ancestral | dpm-solver | heun")
     steps: int = Field(25, ge=1, le=1000)
@@ -42,25 +45,43 @@ def class_prompts(per_class: int) -> torch.Tensor:
     return torch.arange(10).repeat_interleave(per_class)
 
 
-def sample_classes(parts: DiffusionParts, guidance: GuidanceSpec, per_class: int, *, sampler: str = "ddim",
-                   steps: int = 25, seed: int = 0) -> tuple[SampleResult, torch.Tensor]:
+def sample_classes(
+    parts: DiffusionParts,
+    guidance: GuidanceSpec,
+    per_class: int,
+    *,
+    sampler: str = "ddim",
+    steps: int = 25,
+    seed: int = 0,
+) -> tuple[SampleResult, torch.Tensor]:
     """`per_class` images per digit with class-only prompts; seeds differ per image and per digit."""
     results = []
     for digit in range(10):
-        req = SampleRequest(prompt=[digit, None, None], guidance=guidance, sampler=sampler, steps=steps,
-                            seed=seed * 100_000 + digit * 1000, n=per_class)
+        req = SampleRequest(
+            prompt=[digit, None, None],
+            guidance=guidance,
+            sampler=sampler,
+            steps=steps,
+            seed=seed * 100_000 + digit * 1000,
+            n=per_class,
+        )
         results.append(sample(parts, req))
-    merged = SampleResult(torch.cat([r.images for r in results]), torch.cat([r.raw for r in results]),
-                          [s for r in results for s in r.seeds],
-                          mean_rows([r.diff_norm for r in results]), mean_rows([r.parallel_fraction for r in results]))
+    merged = SampleResult(
+        torch.cat([r.images for r in results]),
+        torch.cat([r.raw for r in results]),
+        [s for r in results for s in r.seeds],
+        mean_rows([r.diff_norm for r in results]),
+        mean_rows([r.parallel_fraction for r in results]),
+    )
     return merged, class_prompts(per_class)
 
 
 def run_sampling_job(ctx: RunContext, params: SamplingParams, guidance: GuidanceSpec, name: str) -> dict[str, float]:
     """Sample, score, log and save a grid; returns the scores."""
     parts = load_for_job(ctx, params.model)
-    result, labels = sample_classes(parts, guidance, params.per_class, sampler=params.sampler, steps=params.steps,
-                                    seed=params.seed)
+    result, labels = sample_classes(
+        parts, guidance, params.per_class, sampler=params.sampler, steps=params.steps, seed=params.seed
+    )
     kit = EvaluationKit.build(ctx)
     scores = kit.score(result.images, result.raw, labels)
     ctx.log(0, **scores, real_saturation=kit.real_saturation)
@@ -70,4 +91,3 @@ def run_sampling_job(ctx: RunContext, params: SamplingParams, guidance: Guidance
     ctx.save_artifact(f"{name}_scores.json", {**scores, "real_saturation": kit.real_saturation}, kind="json")
     ctx.progress(1, 1, " ".join(f"{k}={v:.3g}" for k, v in scores.items() if math.isfinite(v)))
     return scores
-

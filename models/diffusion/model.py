@@ -55,22 +55,32 @@ class PromptEncoder(nn.Module):
         return self.norm(h + self.position)
 
 
-def unet_config(widths: tuple[int, ...] = (16, 32, 64), cross_attention_dim: int = 32, head_dim: int = 8,
-                dropout: float = 0.0) -> dict[str, Any]:
+def unet_config(
+    widths: tuple[int, ...] = (16, 32, 64), cross_attention_dim: int = 32, head_dim: int = 8, dropout: float = 0.0
+) -> dict[str, Any]:
     """The notes' base U-Net, narrowed to fit CPU training: one resnet per block, 16→8→4 px,
     cross-attention at 8×8 and 4×4 and in the middle block."""
     n = len(widths)
-    return dict(sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=tuple(widths),
-                layers_per_block=1, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-                up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-                cross_attention_dim=cross_attention_dim, attention_head_dim=head_dim, norm_num_groups=8,
-                dropout=dropout)
+    return dict(
+        sample_size=IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(widths),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=head_dim,
+        norm_num_groups=8,
+        dropout=dropout,
+    )
 
 
 def training_scheduler() -> DDPMScheduler:
     """ε-prediction, 1000 steps, cosine ᾱ schedule (the notes' `squaredcos_cap_v2`)."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-                         clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=False
+    )
 
 
 class TextPromptEncoder(nn.Module):
@@ -82,8 +92,13 @@ class TextPromptEncoder(nn.Module):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
 
@@ -114,7 +129,7 @@ class DiffusionParts:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def to(self, device: str | torch.device) -> "DiffusionParts":
+    def to(self, device: str | torch.device) -> DiffusionParts:
         """Move every module to `device` (a job's `ctx.device`, a deployment's engine device). Random
         draws stay on CPU generators and move over, so a seed gives the same noise on any device."""
         for module in (self.unet, self.prompt_encoder, self.vae):
@@ -127,7 +142,7 @@ class DiffusionParts:
             raise ValueError("this model has no prompt encoder")
         return self.prompt_encoder(tokens.to(self.device) if isinstance(tokens, torch.Tensor) else tokens)
 
-    def eval(self) -> "DiffusionParts":
+    def eval(self) -> DiffusionParts:
         self.unet.eval()
         if self.prompt_encoder is not None:
             self.prompt_encoder.eval()
@@ -143,13 +158,20 @@ class DiffusionParts:
         return self.vae.decode(x / self.vae.config.scaling_factor).sample
 
 
-def new_parts(widths: tuple[int, ...] = (16, 32, 64), null_prob: float = 0.1, attr_drop_prob: float = 0.3,
-              dropout: float = 0.0) -> DiffusionParts:
+def new_parts(
+    widths: tuple[int, ...] = (16, 32, 64), null_prob: float = 0.1, attr_drop_prob: float = 0.3, dropout: float = 0.0
+) -> DiffusionParts:
     encoder = PromptEncoder()
     unet = UNet2DConditionModel(**unet_config(widths, encoder.config["dim"], dropout=dropout))
-    info = {"format": "crucible-diffusion/1", "image_size": IMAGE_SIZE, "prompt_slots": ["digit", "colour", "thickness"],
-            "null_tokens": list(NULL), "null_prob": null_prob, "attr_drop_prob": attr_drop_prob,
-            "prediction_type": "epsilon"}
+    info = {
+        "format": "crucible-diffusion/1",
+        "image_size": IMAGE_SIZE,
+        "prompt_slots": ["digit", "colour", "thickness"],
+        "null_tokens": list(NULL),
+        "null_prob": null_prob,
+        "attr_drop_prob": attr_drop_prob,
+        "prediction_type": "epsilon",
+    }
     return DiffusionParts(unet, dict(training_scheduler().config), encoder, info)
 
 
@@ -160,8 +182,10 @@ def save_parts(parts: DiffusionParts, folder: Path) -> Path:
     sched.save_pretrained(folder / "scheduler")
     if parts.prompt_encoder is not None:
         (folder / "prompt_encoder").mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in parts.prompt_encoder.state_dict().items()},
-                  str(folder / "prompt_encoder" / "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in parts.prompt_encoder.state_dict().items()},
+            str(folder / "prompt_encoder" / "model.safetensors"),
+        )
         (folder / "prompt_encoder" / "config.json").write_text(json.dumps(parts.prompt_encoder.config))
     (folder / INFO_FILE).write_text(json.dumps(parts.info, indent=2))
     return folder
@@ -184,8 +208,10 @@ def load_parts(folder: Path) -> DiffusionParts:
     elif (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
         from transformers import AutoTokenizer, CLIPTextModel
 
-        encoder = TextPromptEncoder(AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
-                                    CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True))
+        encoder = TextPromptEncoder(
+            AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
+            CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True),
+        )
         # SD was trained with captions dropped 10% of the time: "" is its unconditional prompt, so CFG works
         info.setdefault("null_prob", 0.1)
     vae = None

@@ -34,8 +34,9 @@ def attend(attn: Attention, query: torch.Tensor, context: torch.Tensor) -> torch
     return out.transpose(1, 2).reshape(b, -1, heads * query.shape[-1])
 
 
-def nasa_attention(attn: Attention, hidden_states: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                   alpha: float) -> torch.Tensor:
+def nasa_attention(
+    attn: Attention, hidden_states: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """Z = Z₊ − α·Z₋ for tokens [B, L, C] (before the output projection)."""
     b = hidden_states.shape[0]
     inner = attn.to_q.out_features
@@ -53,9 +54,15 @@ class NASAProcessor:
         self.negative = negative
         self.alpha = float(alpha)
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **_: object
-                 ) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **_: object,
+    ) -> torch.Tensor:
         if encoder_hidden_states is None:
             raise ValueError("NASA acts on cross-attention layers only (attn2)")
         residual = hidden_states
@@ -67,8 +74,9 @@ class NASAProcessor:
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        out = nasa_attention(attn, hidden_states, encoder_hidden_states, self.negative.to(hidden_states.dtype),
-                             self.alpha)
+        out = nasa_attention(
+            attn, hidden_states, encoder_hidden_states, self.negative.to(hidden_states.dtype), self.alpha
+        )
         out = attn.to_out[1](attn.to_out[0](out.to(hidden_states.dtype)))
         if shape4 is not None:
             out = out.transpose(-1, -2).reshape(*shape4)

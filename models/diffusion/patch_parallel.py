@@ -75,8 +75,9 @@ class Comm:
         """Send `t` to ranks k−1 and k+1 and receive theirs (None at the image border)."""
         peers = [r for r in (self.rank - 1, self.rank + 1) if 0 <= r < self.world]
         got = {r: torch.empty_like(t) for r in peers}
-        ops = [dist.P2POp(dist.isend, t.contiguous(), r) for r in peers] + \
-              [dist.P2POp(dist.irecv, got[r], r) for r in peers]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), r) for r in peers] + [
+            dist.P2POp(dist.irecv, got[r], r) for r in peers
+        ]
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
@@ -148,8 +149,7 @@ def initial_noise(seeds: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_rank(model: MiniDiT, comm: Comm, spec: ParallelSpec, labels: torch.Tensor, seeds: list[int]
-                ) -> torch.Tensor:
+def sample_rank(model: MiniDiT, comm: Comm, spec: ParallelSpec, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """One rank's DDIM loop (ε-prediction, η = 0); every rank returns the same full final images."""
     grid = model.config.grid
     if grid % spec.world:
@@ -162,7 +162,7 @@ def sample_rank(model: MiniDiT, comm: Comm, spec: ParallelSpec, labels: torch.Te
     px = rows * model.config.patch
     for i, t in enumerate(scheduler.timesteps):
         attention.fresh = spec.mode == "sync" or i < spec.warmup
-        strip = x[:, :, comm.rank * px:(comm.rank + 1) * px]
+        strip = x[:, :, comm.rank * px : (comm.rank + 1) * px]
         eps_strip = model.forward_rows(strip, t.view(1), labels, comm.rank * rows, attention)
         eps = torch.cat(comm.all_gather(eps_strip, "eps"), dim=2)
         x = scheduler.step(eps, t, x).prev_sample
@@ -225,8 +225,13 @@ def sample_parallel(model: MiniDiT, spec: ParallelSpec, labels: torch.Tensor, se
         save_file({"labels": labels.contiguous(), "seeds": torch.tensor(seeds)}, str(root / "inputs.safetensors"))
         # fork: the ranks inherit the imported modules (a spawned interpreter re-imports torch and diffusers,
         # which on a loaded 2-core machine costs a minute per rank)
-        mp.start_processes(_worker, args=(tmp, json.dumps(asdict(spec)), json.dumps(asdict(model.config))),
-                           nprocs=spec.world, join=True, start_method="fork")
+        mp.start_processes(
+            _worker,
+            args=(tmp, json.dumps(asdict(spec)), json.dumps(asdict(model.config))),
+            nprocs=spec.world,
+            join=True,
+            start_method="fork",
+        )
         images = [load_file(str(root / f"rank{r}.safetensors"))["images"] for r in range(spec.world)]
         stats = [CommStats(**json.loads((root / f"rank{r}.json").read_text())) for r in range(spec.world)]
     return ParallelResult(images[0], stats, all(torch.equal(images[0], im) for im in images[1:]))

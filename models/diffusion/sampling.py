@@ -21,27 +21,38 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 
 from models.diffusion.data import COLOURS, THICKNESS
 from models.diffusion.guidance import GUIDANCE_RULES, GuidanceSpec
 from models.diffusion.model import DiffusionParts
 
-SAMPLERS: dict[str, type] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
-                             "euler-ancestral": EulerAncestralDiscreteScheduler,
-                             "dpm-solver": DPMSolverMultistepScheduler, "heun": HeunDiscreteScheduler}
+SAMPLERS: dict[str, type] = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-ancestral": EulerAncestralDiscreteScheduler,
+    "dpm-solver": DPMSolverMultistepScheduler,
+    "heun": HeunDiscreteScheduler,
+}
 _SIGMA_SCALED = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)
 _SECOND_ORDER = ("heun",)  # two model evaluations per step would advance APG's momentum twice
 
 
-
-def _nasa(parts: DiffusionParts, request: "SampleRequest") -> Any:
+def _nasa(parts: DiffusionParts, request: SampleRequest) -> Any:
     """SNOOPI's NASA on the cross-attention layers: the negative prompt is subtracted in attention."""
     from models.diffusion.nasa import DEFAULT_ALPHA, NASAProcessor
 
@@ -53,8 +64,10 @@ def _nasa(parts: DiffusionParts, request: "SampleRequest") -> Any:
 # name → factory(parts, request) of the processor for the U-Net's cross-attention layers (attn2);
 # "standard" keeps the model's own processors. A negative prompt goes to the unconditional branch
 # with "standard" and into the attention layers with "nasa".
-ATTENTION_PROCESSORS: dict[str, Callable[[DiffusionParts, "SampleRequest"], Any] | None] = {
-    "standard": None, "nasa": _nasa}
+ATTENTION_PROCESSORS: dict[str, Callable[[DiffusionParts, SampleRequest], Any] | None] = {
+    "standard": None,
+    "nasa": _nasa,
+}
 
 _WORD_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -130,8 +143,10 @@ def parse_prompt(prompt: Prompt, null: Sequence[int], field_name: str = "prompt"
             elif word in THICKNESS:
                 tokens[2] = THICKNESS.index(word)
             else:
-                raise InvalidPromptError(field_name, f"unknown word {word!r}; use a digit 0-9, a colour "
-                                                     f"{COLOURS} and a thickness {THICKNESS}")
+                raise InvalidPromptError(
+                    field_name,
+                    f"unknown word {word!r}; use a digit 0-9, a colour {COLOURS} and a thickness {THICKNESS}",
+                )
         return tokens
     ids = list(prompt)
     if len(ids) != len(null):
@@ -169,11 +184,16 @@ def validate(parts: DiffusionParts, request: SampleRequest) -> None:
     if g.name not in GUIDANCE_RULES:
         raise UnsupportedGuidanceError("guidance", f"unknown rule {g.name!r}; known: {GUIDANCE_RULES}")
     if g.needs_uncond and not parts.null_conditioning:
-        raise UnsupportedGuidanceError("guidance", f"{g.name} needs a model trained with null-prompt dropout; "
-                                                   "this one was not, use guidance 'none'")
+        raise UnsupportedGuidanceError(
+            "guidance",
+            f"{g.name} needs a model trained with null-prompt dropout; this one was not, use guidance 'none'",
+        )
     if g.name == "apg" and request.sampler in _SECOND_ORDER:
-        raise UnsupportedGuidanceError("sampler", f"APG keeps a momentum buffer per step; the second-order "
-                                                  f"sampler {request.sampler!r} would advance it twice per step")
+        raise UnsupportedGuidanceError(
+            "sampler",
+            f"APG keeps a momentum buffer per step; the second-order "
+            f"sampler {request.sampler!r} would advance it twice per step",
+        )
     if not math.isfinite(g.scale) or not math.isfinite(g.eta) or not math.isfinite(g.momentum):
         raise UnsupportedGuidanceError("guidance", "scale, eta and momentum must be finite numbers")
     if request.prompt is not None and parts.prompt_encoder is None:
@@ -185,14 +205,18 @@ def validate(parts: DiffusionParts, request: SampleRequest) -> None:
         if not parts.cross_attention:
             raise UnsupportedNegativePromptError("negative_prompt", "this model has no prompt cross-attention")
         if not g.needs_uncond and request.attention == "standard":
-            raise UnsupportedNegativePromptError("negative_prompt", "a negative prompt acts through the "
-                                                 "unconditional branch; use guidance 'cfg' or 'apg'")
+            raise UnsupportedNegativePromptError(
+                "negative_prompt",
+                "a negative prompt acts through the unconditional branch; use guidance 'cfg' or 'apg'",
+            )
     if request.attention not in ATTENTION_PROCESSORS:
-        raise SamplingRequestError("attention", f"unknown processor {request.attention!r}; "
-                                                f"known: {sorted(ATTENTION_PROCESSORS)}")
+        raise SamplingRequestError(
+            "attention", f"unknown processor {request.attention!r}; known: {sorted(ATTENTION_PROCESSORS)}"
+        )
     if request.attention == "nasa" and (request.negative_prompt is None or not parts.cross_attention):
-        raise UnsupportedNegativePromptError("negative_prompt", "NASA needs a negative prompt and a model with "
-                                                                "prompt cross-attention")
+        raise UnsupportedNegativePromptError(
+            "negative_prompt", "NASA needs a negative prompt and a model with prompt cross-attention"
+        )
     if request.steps < 1 or request.n < 1:
         raise SamplingRequestError("steps" if request.steps < 1 else "n", "must be at least 1")
 
@@ -293,8 +317,11 @@ def _sample_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[int
     cond, uncond = _conditioning(parts, request, n)
     state = g.new_state()
     # stochastic samplers' per-step noise; deterministic ones take no generator
-    extra = {"generator": torch.Generator().manual_seed(request.seed)} \
-        if "generator" in inspect.signature(scheduler.step).parameters else {}
+    extra = (
+        {"generator": torch.Generator().manual_seed(request.seed)}
+        if "generator" in inspect.signature(scheduler.step).parameters
+        else {}
+    )
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, t)
         if g.needs_uncond:
@@ -318,7 +345,7 @@ def sample(parts: DiffusionParts, request: SampleRequest) -> SampleResult:
     raws, norms, fractions = [], [], []
     with attention_processor(parts, request):
         for start in range(0, request.n, request.max_batch):
-            x, state = _sample_chunk(parts, request, seeds[start:start + request.max_batch])
+            x, state = _sample_chunk(parts, request, seeds[start : start + request.max_batch])
             raws.append(parts.decode(x).cpu())
             norms.append(state.diff_norm)
             fractions.append(state.parallel_fraction)

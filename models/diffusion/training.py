@@ -18,9 +18,9 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +66,12 @@ def _params(parts: DiffusionParts) -> list[torch.nn.Parameter]:
     return list(parts.unet.parameters()) + list(parts.prompt_encoder.parameters())
 
 
-def train_denoiser(ctx: RunContext, config: PretrainConfig, data: ColouredDigits | None = None,
-                   on_step: Callable[[int, DiffusionParts], None] | None = None) -> DiffusionParts:
+def train_denoiser(
+    ctx: RunContext,
+    config: PretrainConfig,
+    data: ColouredDigits | None = None,
+    on_step: Callable[[int, DiffusionParts], None] | None = None,
+) -> DiffusionParts:
     """Train a fresh model under `config` on `ctx.device` and return its EMA weights (eval mode).
     Batches, noise and timesteps are drawn on CPU generators and moved, so a seed trains the same
     data order on any device."""
@@ -117,9 +121,17 @@ def train_denoiser(ctx: RunContext, config: PretrainConfig, data: ColouredDigits
             ctx.log(done, loss=loss.item(), lr=opt.param_groups[0]["lr"])
             ctx.progress(done, config.steps, f"loss {loss.item():.4f}")
         if done % config.checkpoint_every == 0 or done == config.steps:
-            ctx.save_checkpoint({"config_key": config.key(), "unet": parts.unet.state_dict(),
-                                 "encoder": parts.prompt_encoder.state_dict(), "ema_unet": ema.unet.state_dict(),
-                                 "ema_encoder": ema.prompt_encoder.state_dict(), "optimizer": opt.state_dict()}, done)
+            ctx.save_checkpoint(
+                {
+                    "config_key": config.key(),
+                    "unet": parts.unet.state_dict(),
+                    "encoder": parts.prompt_encoder.state_dict(),
+                    "ema_unet": ema.unet.state_dict(),
+                    "ema_encoder": ema.prompt_encoder.state_dict(),
+                    "optimizer": opt.state_dict(),
+                },
+                done,
+            )
             if on_step is not None:
                 on_step(done, ema)
     ema.info["training"] = {**asdict(config), "config_key": config.key()}
@@ -147,8 +159,12 @@ def base_model(ctx: RunContext, smoke: bool = False, config: PretrainConfig | No
         from models.context import InMemoryRunContext
 
         # a private context: the base model's checkpoints must not mix with the calling job's
-        parts = train_denoiser(InMemoryRunContext(seed=config.seed, device=ctx.device, on_progress=lambda d, t, m: ctx.progress(
-            d, t, f"base model: {m}")), config)
+        parts = train_denoiser(
+            InMemoryRunContext(
+                seed=config.seed, device=ctx.device, on_progress=lambda d, t, m: ctx.progress(d, t, f"base model: {m}")
+            ),
+            config,
+        )
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         save_parts(parts, tmp)

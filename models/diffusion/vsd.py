@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ class OneStep:
     sigma: float
 
     @classmethod
-    def for_schedule(cls, alphas_cumprod: torch.Tensor, alpha_bar: float = REFERENCE_ALPHA_BAR_T) -> "OneStep":
+    def for_schedule(cls, alphas_cumprod: torch.Tensor, alpha_bar: float = REFERENCE_ALPHA_BAR_T) -> OneStep:
         t = student_timestep(alphas_cumprod, alpha_bar)
         a = float(alphas_cumprod[t])
         return cls(t, math.sqrt(a), math.sqrt(1 - a))
@@ -74,8 +74,9 @@ class OneStep:
         return (noise - self.sigma * unet(noise, t, encoder_hidden_states=cond).sample) / self.alpha
 
 
-def lora_teacher(unet: UNet2DConditionModel, rank: int = 16, alpha: float = 32.0,
-                 targets: tuple[str, ...] = LORA_TARGETS) -> UNet2DConditionModel:
+def lora_teacher(
+    unet: UNet2DConditionModel, rank: int = 16, alpha: float = 32.0, targets: tuple[str, ...] = LORA_TARGETS
+) -> UNet2DConditionModel:
     """A copy of the teacher with a peft LoRA adapter (B = 0, so it starts equal to the teacher); only
     the adapter trains. `disable_adapters()` on it gives the frozen teacher ψ, `enable_adapters()` π."""
     model = copy.deepcopy(unet)
@@ -84,16 +85,28 @@ def lora_teacher(unet: UNet2DConditionModel, rank: int = 16, alpha: float = 32.0
     return model
 
 
-def guided_eps(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-               uncond: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+def guided_eps(
+    unet: UNet2DConditionModel,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    kappa: torch.Tensor,
+) -> torch.Tensor:
     """ε̂^κ with one batched forward on [cond, uncond]; κ is a scalar or per sample [B, 1, 1, 1]."""
     out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
     eps_c, eps_u = out.chunk(2)
     return cfg(eps_c, eps_u, kappa)
 
 
-def teacher_predictions(teachers: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                        uncond: torch.Tensor, kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_predictions(
+    teachers: UNet2DConditionModel,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    kappa: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ε̂_ψ^κ, ε̂_π^κ): adapters off for the frozen teacher, on for the LoRA teacher."""
     with torch.no_grad():
         teachers.disable_adapters()
@@ -144,18 +157,33 @@ class VSDTrace:
     lora_loss: list[float] = field(default_factory=list)
 
 
-def train_vsd(ctx: RunContext, teacher: DiffusionParts, config: VSDConfig,
-              on_eval: Callable[[int, DiffusionParts], None] | None = None, eval_every: int = 0
-              ) -> tuple[DiffusionParts, VSDTrace]:
+def train_vsd(
+    ctx: RunContext,
+    teacher: DiffusionParts,
+    config: VSDConfig,
+    on_eval: Callable[[int, DiffusionParts], None] | None = None,
+    eval_every: int = 0,
+) -> tuple[DiffusionParts, VSDTrace]:
     """Distil `teacher` into a one-step student (returned in eval mode, sharing the frozen prompt encoder)."""
     torch.manual_seed(config.seed)
     schedule = training_scheduler()
     alphas = schedule.alphas_cumprod
     one_step = OneStep.for_schedule(alphas, config.alpha_bar_T)
-    student = DiffusionParts(copy.deepcopy(teacher.unet), teacher.scheduler_config, teacher.prompt_encoder,
-                             {**teacher.info, "prediction_type": "epsilon",
-                              "one_step": {"timestep": one_step.timestep, "alpha": one_step.alpha,
-                                           "sigma": one_step.sigma, "kappa_range": list(config.kappa_range)}})
+    student = DiffusionParts(
+        copy.deepcopy(teacher.unet),
+        teacher.scheduler_config,
+        teacher.prompt_encoder,
+        {
+            **teacher.info,
+            "prediction_type": "epsilon",
+            "one_step": {
+                "timestep": one_step.timestep,
+                "alpha": one_step.alpha,
+                "sigma": one_step.sigma,
+                "kappa_range": list(config.kappa_range),
+            },
+        },
+    )
     teachers = lora_teacher(teacher.unet, config.lora_rank, config.lora_alpha, config.lora_targets)
     encoder = teacher.prompt_encoder.eval()
     encoder.requires_grad_(False)
@@ -215,9 +243,14 @@ def train_vsd(ctx: RunContext, teacher: DiffusionParts, config: VSDConfig,
 
 
 @torch.no_grad()
-def one_step_sample(student: DiffusionParts, tokens: torch.Tensor, seed: int,
-                    negative: torch.Tensor | None = None, alpha: float = 0.0, cfg_scale: float | None = None
-                    ) -> torch.Tensor:
+def one_step_sample(
+    student: DiffusionParts,
+    tokens: torch.Tensor,
+    seed: int,
+    negative: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    cfg_scale: float | None = None,
+) -> torch.Tensor:
     """One-step images (model space, unclipped) for prompt tokens [N, 3].
 
     `negative` (token ids [3]) acts through NASA in every cross-attention layer with strength `alpha`
@@ -234,7 +267,8 @@ def one_step_sample(student: DiffusionParts, tokens: torch.Tensor, seed: int,
     if cfg_scale is not None:
         neg = student.encode(negative.view(1, -1)).expand(len(tokens), -1, -1)
         return cfg(one_step.generate(student.unet, noise, cond), one_step.generate(student.unet, noise, neg), cfg_scale)
-    request = SampleRequest(negative_prompt=[int(v) for v in negative], attention="nasa",
-                            attention_params={"alpha": alpha})
+    request = SampleRequest(
+        negative_prompt=[int(v) for v in negative], attention="nasa", attention_params={"alpha": alpha}
+    )
     with attention_processor(student, request):
         return one_step.generate(student.unet, noise, cond)

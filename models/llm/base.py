@@ -21,9 +21,10 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from models.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
 from models.context import InMemoryRunContext, RunContext
@@ -38,12 +39,33 @@ BASE_SEED = 0
 # Full: ≈0.8M training tokens for the 1.3M-parameter `tiny` size (a few CPU minutes, once).
 # Smoke: a `micro` model on 20 documents, seconds, for CI.
 RECIPES: dict[bool, PretrainParams] = {
-    False: PretrainParams(size="tiny", vocab_size=4096, steps=400, batch_size=8, seq_len=256, lr=3e-3,
-                          warmup_steps=20, eval_every=100, eval_windows=16, checkpoint_every=50,
-                          model_name="llm-base-tiny"),
-    True: PretrainParams(size="micro", vocab_size=512, steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=3,
-                         eval_every=30, eval_windows=4, checkpoint_every=0, max_documents=20,
-                         model_name="llm-base-micro"),
+    False: PretrainParams(
+        size="tiny",
+        vocab_size=4096,
+        steps=400,
+        batch_size=8,
+        seq_len=256,
+        lr=3e-3,
+        warmup_steps=20,
+        eval_every=100,
+        eval_windows=16,
+        checkpoint_every=50,
+        model_name="llm-base-tiny",
+    ),
+    True: PretrainParams(
+        size="micro",
+        vocab_size=512,
+        steps=30,
+        batch_size=4,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=3,
+        eval_every=30,
+        eval_windows=4,
+        checkpoint_every=0,
+        max_documents=20,
+        model_name="llm-base-micro",
+    ),
 }
 
 
@@ -53,8 +75,13 @@ def cache_root() -> Path:
 
 def recipe_key(params: PretrainParams) -> str:
     """Hash of everything that determines the weights: recipe, seed, corpus (the interpreter's stdlib)."""
-    spec = {"recipe": params.model_dump(), "version": RECIPE_VERSION, "dataset": BASE_DATASET, "seed": BASE_SEED,
-            "python": platform.python_version()}
+    spec = {
+        "recipe": params.model_dump(),
+        "version": RECIPE_VERSION,
+        "dataset": BASE_DATASET,
+        "seed": BASE_SEED,
+        "python": platform.python_version(),
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -95,16 +122,28 @@ def _train_into(folder: Path, params: PretrainParams, ctx: RunContext) -> dict[s
     """Run the lm-pretrain loop in a private context (its progress forwarded, its checkpoints in the cache,
     so an interrupted training resumes) and write the HF folder."""
     checkpoint_file = folder.with_name(folder.name + ".checkpoint.safetensors")
-    inner = _FileCheckpointContext(checkpoint_file, dataset=load_builtin(BASE_DATASET), seed=BASE_SEED,
-                                   resources=ctx.resources,
-                                   on_progress=lambda d, t, m: ctx.progress(d, t, f"base model: {m}"))
+    inner = _FileCheckpointContext(
+        checkpoint_file,
+        dataset=load_builtin(BASE_DATASET),
+        seed=BASE_SEED,
+        resources=ctx.resources,
+        on_progress=lambda d, t, m: ctx.progress(d, t, f"base model: {m}"),
+    )
     with cpu_threads(ctx.resources):
         result = pretrain(inner, params)
     assert result is not None  # the private context is never cancelled
     checkpoint_file.unlink(missing_ok=True)
-    lineage = {"method": "lm-pretrain", "job_id": ctx.job_id, "parent": None, "dataset": BASE_DATASET,
-               "seed": BASE_SEED, "params": params.model_dump(), "val_loss": result.val_loss,
-               "val_ppl": result.val_ppl, "recipe_key": recipe_key(params)}
+    lineage = {
+        "method": "lm-pretrain",
+        "job_id": ctx.job_id,
+        "parent": None,
+        "dataset": BASE_DATASET,
+        "seed": BASE_SEED,
+        "params": params.model_dump(),
+        "val_loss": result.val_loss,
+        "val_ppl": result.val_ppl,
+        "recipe_key": recipe_key(params),
+    }
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_folder(result.model, result.tokenizer, tmp, lineage)

@@ -9,7 +9,7 @@ tokens.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,9 @@ from transformers import PreTrainedTokenizerFast
 from models.llm.tokenizer import encode_documents
 
 
-def token_stream(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_tokens: int | None = None) -> torch.Tensor:
+def token_stream(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_tokens: int | None = None
+) -> torch.Tensor:
     """The documents' ids joined by eos, as int64 [T]. With `max_tokens`, encodes only as many documents
     (in order) as are needed, so a calibration set does not pay for tokenizing the whole corpus."""
     eos = tokenizer.eos_token_id
@@ -52,13 +54,16 @@ def fixed_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = 
     return stream[: n * seq_len].reshape(n, seq_len)
 
 
-def split_windows(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], seq_len: int, n_windows: int) -> torch.Tensor:
+def split_windows(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], seq_len: int, n_windows: int
+) -> torch.Tensor:
     """`n_windows` fixed windows from the first documents of a split (calibration and evaluation sets)."""
     return fixed_windows(token_stream(tokenizer, texts, max_tokens=seq_len * n_windows), seq_len, n_windows)
 
 
-def sampled_stream(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_tokens: int, seed: int = 0
-                   ) -> torch.Tensor:
+def sampled_stream(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_tokens: int, seed: int = 0
+) -> torch.Tensor:
     """About `max_tokens` tokens from the split's documents in a seeded random order: a sample of the whole
     split, not its first (alphabetically ordered) files, so fine-tuning data matches the held-out distribution."""
     order = np.random.default_rng(seed).permutation(len(texts))

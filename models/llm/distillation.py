@@ -15,8 +15,9 @@ re-applied"), and checkpoints through the run context so a re-queued job resumes
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +44,22 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def squarehead_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
-                    eps: float = 1e-12) -> torch.Tensor:
+def squarehead_loss(
+    student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], eps: float = 1e-12
+) -> torch.Tensor:
     """Σ_l mean((h_s − h_t)²)/mean(h_t²) over paired layer outputs."""
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError("student and teacher must give the same number of hidden states")
-    terms = [((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp_min(eps)
-             for s, t in zip(student_hidden, teacher_hidden)]
+    terms = [
+        ((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp_min(eps)
+        for s, t in zip(student_hidden, teacher_hidden)
+    ]
     return torch.stack(terms).sum()
 
 
-def distillation_loss(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, weights: LossWeights
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
+def distillation_loss(
+    student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, weights: LossWeights
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted objective on one batch, and its parts (for logging)."""
     need_teacher = weights.kl > 0 or weights.sq > 0
     if need_teacher and teacher is None:
@@ -95,9 +100,16 @@ class FinetuneSchedule:
         return self.lr * max(0.0, (self.steps - step) / max(1, self.steps - self.warmup_steps))
 
 
-def finetune(ctx: RunContext, student: nn.Module, teacher: nn.Module | None, stream: torch.Tensor,
-             weights: LossWeights, masks: dict[str, torch.Tensor], schedule: FinetuneSchedule,
-             before_step: Callable[[int], None] | None = None) -> list[dict[str, float]] | None:
+def finetune(
+    ctx: RunContext,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    stream: torch.Tensor,
+    weights: LossWeights,
+    masks: dict[str, torch.Tensor],
+    schedule: FinetuneSchedule,
+    before_step: Callable[[int], None] | None = None,
+) -> list[dict[str, float]] | None:
     """Fine-tune `student` (masks kept) against frozen `teacher` (None: CE only); the per-step log, or None when
     cancelled. `before_step(step)` runs before each step's forward (e.g. to move a sparsity schedule)."""
     if teacher is not None:
@@ -140,7 +152,17 @@ def finetune(ctx: RunContext, student: nn.Module, teacher: nn.Module | None, str
     return history
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,
-           history: list[dict[str, float]]) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "step": step, "history": history}
+def _state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    step: int,
+    history: list[dict[str, float]],
+) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "step": step,
+        "history": history,
+    }

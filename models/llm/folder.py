@@ -11,9 +11,10 @@ field and the fix, for the service to map to a 4xx problem body.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -60,8 +61,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MissingConfigError("config.json", f"no config.json in {folder}",
-                                 "point at a folder written by save_pretrained") from None
+        raise MissingConfigError(
+            "config.json", f"no config.json in {folder}", "point at a folder written by save_pretrained"
+        ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise MissingConfigError("config.json", f"unreadable ({exc})", "write a valid JSON model config") from exc
 
@@ -75,14 +77,19 @@ def check_folder(folder: Path) -> dict[str, Any]:
     if not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         found = f" (found {', '.join(pickled)}, which are pickles and never loaded)" if pickled else ""
-        raise MissingWeightsError("model.safetensors", f"no safetensors weights in {folder}{found}",
-                                  "save the model with save_pretrained(safe_serialization=True)")
+        raise MissingWeightsError(
+            "model.safetensors",
+            f"no safetensors weights in {folder}{found}",
+            "save the model with save_pretrained(safe_serialization=True)",
+        )
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not any(a.endswith("ForCausalLM") for a in architectures):
         raise UnsupportedArchitectureError(
-            "config.json:architectures", f"{architectures or model_type!r} is not a causal language model transformers "
-            "supports", "use a decoder-only *ForCausalLM model (e.g. LlamaForCausalLM)")
+            "config.json:architectures",
+            f"{architectures or model_type!r} is not a causal language model transformers supports",
+            "use a decoder-only *ForCausalLM model (e.g. LlamaForCausalLM)",
+        )
     return config
 
 
@@ -90,14 +97,16 @@ def load_folder(folder: Path, dtype: str = "float32") -> CausalLM:
     """Load a local HF causal-LM folder (weights and tokenizer), in eval mode."""
     folder = Path(folder)
     check_folder(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                 trust_remote_code=False, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype=dtype
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     return CausalLM(model.eval(), tokenizer, folder)
 
 
-def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path,
-                lineage: Mapping[str, Any] | None = None) -> Path:
+def save_folder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, lineage: Mapping[str, Any] | None = None
+) -> Path:
     """Write weights as safetensors, the tokenizer, and (optionally) where the model came from."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +127,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         arch = type(model).__name__
-        raise UnsupportedArchitectureError("config.json:architectures", f"{arch} has no model.layers decoder stack",
-                                           "compress a Llama-layout model (LlamaForCausalLM, MistralForCausalLM, "
-                                           "Qwen2ForCausalLM, …)")
+        raise UnsupportedArchitectureError(
+            "config.json:architectures",
+            f"{arch} has no model.layers decoder stack",
+            "compress a Llama-layout model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, …)",
+        )
     return layers

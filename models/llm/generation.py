@@ -13,8 +13,9 @@ token costs one forward of one position, and only the last position goes through
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,7 +42,7 @@ class Completion:
     finish_reason: str | None = None
 
 
-def stop_token_ids(tokenizer: "PreTrainedTokenizerBase") -> frozenset[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """End-of-sequence and end-of-turn ids: the chat model ends its reply with `<|end|>`."""
     from models.llm.tokenizer import END_OF_TURN
 
@@ -69,8 +70,13 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 
 
 @torch.no_grad()
-def generate_tokens(model: "PreTrainedModel", prompt_ids: Sequence[int], params: SamplingParams,
-                    generator: torch.Generator, should_abort: Callable[[], bool] = lambda: False) -> Iterator[int]:
+def generate_tokens(
+    model: PreTrainedModel,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    generator: torch.Generator,
+    should_abort: Callable[[], bool] = lambda: False,
+) -> Iterator[int]:
     """Yield new token ids one at a time until a stop token, `max_tokens`, or `should_abort()`.
 
     The stop token itself is not yielded. `should_abort` is checked before every forward pass, so a
@@ -96,9 +102,16 @@ def _earliest_stop(text: str, stops: Sequence[str]) -> int:
     return min(hits) if hits else -1
 
 
-def stream_text(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", prompt_ids: Sequence[int],
-                params: SamplingParams, generator: torch.Generator, completion: Completion,
-                should_abort: Callable[[], bool] = lambda: False, tokens: Iterable[int] | None = None) -> Iterator[str]:
+def stream_text(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    generator: torch.Generator,
+    completion: Completion,
+    should_abort: Callable[[], bool] = lambda: False,
+    tokens: Iterable[int] | None = None,
+) -> Iterator[str]:
     """Yield text deltas of one choice, filling `completion` as it goes.
 
     Text is decoded from all ids so far (BPE merges can change earlier characters only within a

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ast
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -68,15 +68,20 @@ def instructions_from(texts: Sequence[str], limit_per_capability: int, seed: int
         imports = [ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         if 2 <= len(imports) <= 12:
             first = (ast.get_docstring(tree) or "this module").splitlines()[0][:100]
-            pools["imports"].append(Instruction(f"Write the imports of a module about: {first}",
-                                                "\n".join(i for i in imports if i), "imports"))
+            pools["imports"].append(
+                Instruction(
+                    f"Write the imports of a module about: {first}", "\n".join(i for i in imports if i), "imports"
+                )
+            )
         for signature, doc, body in _functions(tree, source):
             summary = doc.splitlines()[0][:120]
             pools["docstring"].append(Instruction(f"Write the docstring of `{signature}`", doc[:300], "docstring"))
-            pools["body"].append(Instruction(f"Continue the function:\n{signature}\n    \"\"\"{summary}\"\"\"", body[:300],
-                                             "body"))
-            pools["signature"].append(Instruction(f"Write the signature of a function that does: {summary}", signature,
-                                                  "signature"))
+            pools["body"].append(
+                Instruction(f'Continue the function:\n{signature}\n    """{summary}"""', body[:300], "body")
+            )
+            pools["signature"].append(
+                Instruction(f"Write the signature of a function that does: {summary}", signature, "signature")
+            )
     rng = random.Random(seed)
     out: list[Instruction] = []
     for capability in CAPABILITIES:
@@ -85,8 +90,9 @@ def instructions_from(texts: Sequence[str], limit_per_capability: int, seed: int
     return out
 
 
-def encode_instructions(tokenizer: PreTrainedTokenizerBase, items: Sequence[Instruction], max_len: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_instructions(
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[Instruction], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [N, L] and labels with the prompt and padding set to -100 (loss on responses only)."""
     ids = torch.full((len(items), max_len), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), max_len), IGNORE_INDEX, dtype=torch.long)

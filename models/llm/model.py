@@ -46,10 +46,19 @@ def llama_config(size: SizeName, vocab_size: int, *, eos_token_id: int = 0, pad_
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
     shape = asdict(SIZES[size])
-    return LlamaConfig(vocab_size=vocab_size, num_key_value_heads=shape["num_attention_heads"],
-                       tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                       attention_bias=False, mlp_bias=False, **shape)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        num_key_value_heads=shape["num_attention_heads"],
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        attention_bias=False,
+        mlp_bias=False,
+        **shape,
+    )
 
 
 def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:

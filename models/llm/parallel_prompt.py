@@ -22,16 +22,23 @@ forward pass of the *frozen* base model also guess the tokens at offsets +2 … 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from models.llm.data import random_windows
 from models.llm.distillation import kl_loss
-from models.llm.prompt_tree import (SparseTree, additive_mask, chain_tree, keep_cache_rows, tree_attention,
-                                    tree_positions)
+from models.llm.prompt_tree import (
+    SparseTree,
+    additive_mask,
+    chain_tree,
+    keep_cache_rows,
+    tree_attention,
+    tree_positions,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -54,7 +61,7 @@ class PromptTokens(nn.Module):
         return self.embeddings.shape[0]
 
     @classmethod
-    def initialised(cls, model: "PreTrainedModel", count: int, seed: int = 0) -> "PromptTokens":
+    def initialised(cls, model: PreTrainedModel, count: int, seed: int = 0) -> PromptTokens:
         """The vocabulary's mean embedding plus Gaussian noise of the embeddings' spread: a start inside the region
         the base model has seen, distinct per prompt token (reconstructed: the notes do not state the paper's init)."""
         table = model.get_input_embeddings().weight.detach().float()
@@ -65,7 +72,7 @@ class PromptTokens(nn.Module):
         return prompts
 
 
-def save_prompts(path: "Path", prompts: PromptTokens, rates: torch.Tensor | None = None) -> None:
+def save_prompts(path: Path, prompts: PromptTokens, rates: torch.Tensor | None = None) -> None:
     """The prompt embeddings and, when measured, the per-offset rank acceptance rates [m, k] a deployment builds its
     sparse tree from (one safetensors file in the model folder)."""
     from safetensors.torch import save_file
@@ -76,7 +83,7 @@ def save_prompts(path: "Path", prompts: PromptTokens, rates: torch.Tensor | None
     save_file(tensors, str(path))
 
 
-def load_prompts(path: "Path") -> tuple[PromptTokens, torch.Tensor | None]:
+def load_prompts(path: Path) -> tuple[PromptTokens, torch.Tensor | None]:
     """`save_prompts`' file: the prompt tokens, and the acceptance rates (None for a file without them)."""
     from safetensors.torch import load_file
 
@@ -90,8 +97,9 @@ def _blocked(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
-def prompt_forward(model: "PreTrainedModel", prompts: PromptTokens, ids: torch.Tensor, cuts: Sequence[int]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_forward(
+    model: PreTrainedModel, prompts: PromptTokens, ids: torch.Tensor, cuts: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of [x, K groups of m prompts]: the base's logits on x [B, T, V] and the prompt logits
     [B, K, m, V]. Group k's token i has position cuts[k]+i and sees x[:cuts[k]] and its own tokens 0…i, so it
     is trained to predict x_{cuts[k]+i+1}, which the base predicts from x row cuts[k]+i."""
@@ -113,15 +121,19 @@ def prompt_forward(model: "PreTrainedModel", prompts: PromptTokens, ids: torch.T
         allowed[rows, rows] = own
         positions.extend(range(cut, cut + m))
     mask = torch.zeros(n, n, dtype=x.dtype).masked_fill(~allowed, _blocked(x.dtype))
-    out = model(inputs_embeds=torch.cat([x, p], dim=1), attention_mask=mask[None, None].expand(b, 1, n, n),
-                position_ids=torch.tensor([positions]).expand(b, n), use_cache=False)
+    out = model(
+        inputs_embeds=torch.cat([x, p], dim=1),
+        attention_mask=mask[None, None].expand(b, 1, n, n),
+        position_ids=torch.tensor([positions]).expand(b, n),
+        use_cache=False,
+    )
     return out.logits[:, :t], out.logits[:, t:].reshape(b, k, m, -1)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, decay: float = DECAY) -> torch.Tensor:
     """(1/m) Σ_i decay^i · KL(p_teacher ‖ p_student) at offset i; both [..., m, V] (offset on dim -2)."""
     m = student.shape[-2]
-    terms = [decay ** i * kl_loss(student[..., i, :], teacher[..., i, :].detach()) for i in range(m)]
+    terms = [decay**i * kl_loss(student[..., i, :], teacher[..., i, :].detach()) for i in range(m)]
     return torch.stack(terms).sum() / m
 
 
@@ -131,8 +143,9 @@ def teacher_targets(teacher: torch.Tensor, cuts: Sequence[int], m: int) -> torch
     return teacher[:, rows]
 
 
-def batch_loss(model: "PreTrainedModel", prompts: PromptTokens, ids: torch.Tensor, cuts: Sequence[int]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_loss(
+    model: PreTrainedModel, prompts: PromptTokens, ids: torch.Tensor, cuts: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KD loss on one batch, with the student and teacher logits (for accuracy)."""
     teacher, student = prompt_forward(model, prompts, ids, cuts)
     target = teacher_targets(teacher.detach(), cuts, prompts.count)
@@ -146,9 +159,19 @@ def random_cuts(seq_len: int, m: int, count: int, generator: torch.Generator) ->
     return sorted((torch.randperm(high, generator=generator)[:count] + 1).tolist())
 
 
-def train_prompts(model: "PreTrainedModel", prompts: PromptTokens, stream: torch.Tensor, *, steps: int,
-                  batch_size: int, seq_len: int, cuts_per_window: int, lr: float = 1e-2, seed: int = 0,
-                  on_step: Callable[[int, float], bool] = lambda s, loss: True) -> list[float]:
+def train_prompts(
+    model: PreTrainedModel,
+    prompts: PromptTokens,
+    stream: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    cuts_per_window: int,
+    lr: float = 1e-2,
+    seed: int = 0,
+    on_step: Callable[[int, float], bool] = lambda s, loss: True,
+) -> list[float]:
     """Adam on the prompt embeddings only (lr 1e-2 as in the paper); the base model is frozen for the call.
     `on_step(step, loss)` returning False stops early (cancellation)."""
     frozen = [p.requires_grad for p in model.parameters()]
@@ -174,8 +197,15 @@ def train_prompts(model: "PreTrainedModel", prompts: PromptTokens, stream: torch
 
 
 @torch.no_grad()
-def rank_acceptance(model: "PreTrainedModel", prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int,
-                    top_k: int, seed: int = 0, start: int = 1) -> torch.Tensor:
+def rank_acceptance(
+    model: PreTrainedModel,
+    prompts: PromptTokens,
+    windows: torch.Tensor,
+    cuts_per_window: int,
+    top_k: int,
+    seed: int = 0,
+    start: int = 1,
+) -> torch.Tensor:
     """[m, top_k]: how often the base's greedy token at offset +i+2 is exactly prompt token i's r-th most likely
     token (teacher forcing on the windows, truncation points drawn in [start, T - m]). The paper's per-offset top-k
     accuracies, differenced per rank: the acceptance rates a_i(r) its sparse tree is built from (§3.3)."""
@@ -192,22 +222,25 @@ def rank_acceptance(model: "PreTrainedModel", prompts: PromptTokens, windows: to
 
 
 @torch.no_grad()
-def greedy_rank_acceptance(model: "PreTrainedModel", prompts: PromptTokens, prefixes: torch.Tensor, new_tokens: int,
-                           top_k: int) -> torch.Tensor:
+def greedy_rank_acceptance(
+    model: PreTrainedModel, prompts: PromptTokens, prefixes: torch.Tensor, new_tokens: int, top_k: int
+) -> torch.Tensor:
     """`rank_acceptance` where decoding meets it, as the reference code's evaluation measures it: along the base's
     own greedy continuations of held-out prefixes (every truncation point inside the continuation), so the targets
     are the tokens greedy verification will compare the guesses with."""
     from models.llm.generation import SamplingParams, generate_tokens
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
-    sequences = torch.tensor([p + list(generate_tokens(model, p, params, torch.Generator()))
-                              for p in prefixes.tolist()])
+    sequences = torch.tensor(
+        [p + list(generate_tokens(model, p, params, torch.Generator())) for p in prefixes.tolist()]
+    )
     length = prefixes.shape[1]
     return rank_acceptance(model, prompts, sequences, new_tokens, top_k, start=length)
 
 
-def offset_agreement(model: "PreTrainedModel", prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int,
-                     seed: int = 0) -> list[float]:
+def offset_agreement(
+    model: PreTrainedModel, prompts: PromptTokens, windows: torch.Tensor, cuts_per_window: int, seed: int = 0
+) -> list[float]:
     """Top-1 agreement of prompt token i with the base's greedy token at offset +i+2 (teacher forcing), per i."""
     return rank_acceptance(model, prompts, windows, cuts_per_window, 1, seed)[:, 0].tolist()
 
@@ -241,8 +274,14 @@ def _emit(result: DecodeResult, token: int, max_tokens: int, stops: frozenset[in
 
 
 @torch.no_grad()
-def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_ids: Sequence[int], max_tokens: int,
-                 stop_token_ids: frozenset[int] = frozenset(), tree: SparseTree | None = None) -> DecodeResult:
+def ppd_generate(
+    model: PreTrainedModel,
+    prompts: PromptTokens | None,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    stop_token_ids: frozenset[int] = frozenset(),
+    tree: SparseTree | None = None,
+) -> DecodeResult:
     """Greedy decoding accelerated by parallel prompt decoding (see the module doc): each step verifies a candidate
     `tree` of rank paths over the prompt tokens' top-k guesses (default: the chain of top-1 guesses)."""
     result = DecodeResult()
@@ -283,13 +322,17 @@ def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_
         parts = [embed(torch.tensor([candidates], device=device))]
         if m:
             parts.append(soft.repeat(nodes, 1)[None])
-        out = decoder(inputs_embeds=torch.cat(parts, dim=1), cache=cache, use_cache=True,
-                      attention_mask=additive_mask(cached, allowed, parts[0].dtype).to(device),
-                      position_ids=torch.tensor([[cached + o for o in offsets]], device=device))
+        out = decoder(
+            inputs_embeds=torch.cat(parts, dim=1),
+            cache=cache,
+            use_cache=True,
+            attention_mask=additive_mask(cached, allowed, parts[0].dtype).to(device),
+            position_ids=torch.tensor([[cached + o for o in offsets]], device=device),
+        )
         cache, hidden = out.cache, out.last_hidden_state[0]
         greedy = head(hidden[:nodes]).argmax(-1).tolist()
         path = [0]  # greedy verification: follow the child whose token is greedy's, from the root
-        while (nxt := next((c for c in step_tree.children[path[-1]] if candidates[c] == greedy[path[-1]]), None)):
+        while nxt := next((c for c in step_tree.children[path[-1]] if candidates[c] == greedy[path[-1]]), None):
             path.append(nxt)
         keep_cache_rows(cache, cached, path)
         result.accepted.append(len(path))
@@ -299,7 +342,7 @@ def ppd_generate(model: "PreTrainedModel", prompts: PromptTokens | None, prompt_
         pending = greedy[path[-1]]
         if m:
             start = nodes + path[-1] * m
-            guesses = _top_guesses(head(hidden[start:start + m]), tree.width)
+            guesses = _top_guesses(head(hidden[start : start + m]), tree.width)
 
 
 def _top_guesses(logits: torch.Tensor, width: int) -> list[list[int]]:

@@ -40,7 +40,7 @@ class NeedleTokens:
     newline: list[int]
 
     @classmethod
-    def of(cls, tokenizer) -> "NeedleTokens":
+    def of(cls, tokenizer) -> NeedleTokens:
         return cls(text_ids(tokenizer, "\nPASSKEY = "), text_ids(tokenizer, "\n"))
 
     def filler(self, length: int, key: list[int]) -> int:
@@ -53,8 +53,15 @@ class NeedleTokens:
         return code[:cut] + self.prefix + key + self.newline + code[cut:] + self.prefix
 
 
-def passkey_samples(tokenizer, stream: torch.Tensor, length: int, depths: tuple[float, ...], per_depth: int,
-                    candidates: int = 5, seed: int = 0) -> list[PasskeySample]:
+def passkey_samples(
+    tokenizer,
+    stream: torch.Tensor,
+    length: int,
+    depths: tuple[float, ...],
+    per_depth: int,
+    candidates: int = 5,
+    seed: int = 0,
+) -> list[PasskeySample]:
     """`per_depth` samples at each depth, each `length` tokens long including the needle and the question, cut
     from consecutive pieces of the held-out token `stream`."""
     rng = random.Random(seed)
@@ -70,8 +77,9 @@ def passkey_samples(tokenizer, stream: torch.Tensor, length: int, depths: tuple[
             code = stream[offset : offset + filler].tolist()
             offset += filler
             prompt = torch.tensor(pieces.prompt(code, depth, key_ids[0]), dtype=torch.long)
-            samples.append(PasskeySample(prompt, [torch.tensor(k, dtype=torch.long) for k in key_ids], depth,
-                                         len(pieces.prefix)))
+            samples.append(
+                PasskeySample(prompt, [torch.tensor(k, dtype=torch.long) for k in key_ids], depth, len(pieces.prefix))
+            )
     return samples
 
 

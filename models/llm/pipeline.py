@@ -22,8 +22,9 @@ class Stage:
     val_ppl: float
 
 
-def compress_pipeline(ctx: RunContext, smoke: bool = False, sparsity: str = "0.5", rank: int = 8,
-                      steps: int | None = None) -> list[Stage]:
+def compress_pipeline(
+    ctx: RunContext, smoke: bool = False, sparsity: str = "0.5", rank: int = 8, steps: int | None = None
+) -> list[Stage]:
     """Run the chain and return its stages (dense, pruned, SquareHead-tuned, EoRA-compensated) in order."""
     base_ref = base_model_name(smoke)
     base_lineage = read_lineage(base_model(ctx, smoke))
@@ -31,16 +32,31 @@ def compress_pipeline(ctx: RunContext, smoke: bool = False, sparsity: str = "0.5
     stages = [Stage("dense", base_ref, float(base_lineage.get("val_ppl", float("nan"))))]
     tuned_steps = steps if steps is not None else (3 if smoke else 100)
     pruned, tuned = f"{base_ref}-pruned", f"{base_ref}-squarehead"
-    squarehead.run(ctx, squarehead.SquareHeadParams(model=base_ref, sparsity=sparsity, steps=0, output_name=pruned,
-                                                    checkpoint_every=0, **sizes))
-    squarehead.run(ctx, squarehead.SquareHeadParams(model=base_ref, sparsity=sparsity, steps=tuned_steps,
-                                                    output_name=tuned, checkpoint_every=0,
-                                                    **({"batch_size": 2, "train_tokens": 2000} if smoke else {}),
-                                                    **sizes))
+    squarehead.run(
+        ctx,
+        squarehead.SquareHeadParams(
+            model=base_ref, sparsity=sparsity, steps=0, output_name=pruned, checkpoint_every=0, **sizes
+        ),
+    )
+    squarehead.run(
+        ctx,
+        squarehead.SquareHeadParams(
+            model=base_ref,
+            sparsity=sparsity,
+            steps=tuned_steps,
+            output_name=tuned,
+            checkpoint_every=0,
+            **({"batch_size": 2, "train_tokens": 2000} if smoke else {}),
+            **sizes,
+        ),
+    )
     compensated = f"{base_ref}-squarehead-eora"
     eora.run(ctx, eora.EoRAParams(model=base_ref, compressed_model=tuned, rank=rank, output_name=compensated, **sizes))
-    for label, name, key in (("pruned", pruned, "val_ppl"), ("squarehead", tuned, "val_ppl"),
-                             ("eora", compensated, "val_ppl")):
+    for label, name, key in (
+        ("pruned", pruned, "val_ppl"),
+        ("squarehead", tuned, "val_ppl"),
+        ("eora", compensated, "val_ppl"),
+    ):
         metrics = read_lineage(ctx.load_model(name)).get("metrics", {})
         stages.append(Stage(label, name, float(metrics.get(key, float("nan")))))
     return stages

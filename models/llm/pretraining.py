@@ -46,11 +46,14 @@ class PretrainParams(MethodParams):
     eval_windows: int = Field(16, ge=1, le=4096, description="val windows (of seq_len tokens) per evaluation")
     checkpoint_every: int = Field(100, ge=0, description="save a checkpoint every N steps (0: never)")
     max_documents: int = Field(0, ge=0, description="use only the first N documents of each split (0: all)")
-    model_name: str = Field("tiny-llama", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
-                            description="name to register the trained model under")
+    model_name: str = Field(
+        "tiny-llama",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="name to register the trained model under",
+    )
 
     @model_validator(mode="after")
-    def _window_fits_context(self) -> "PretrainParams":
+    def _window_fits_context(self) -> PretrainParams:
         context = SIZES[self.size].max_position_embeddings
         if self.seq_len > context:
             raise ValueError(f"seq_len {self.seq_len} exceeds the {self.size} model's context of {context}")
@@ -86,8 +89,12 @@ def pretrain_optimizer(model: torch.nn.Module, params: PretrainParams, name: str
         return build_optimizer(name, model, lr=params.lr, weight_decay=params.weight_decay)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return build_optimizer("adamw", [{"params": decay, "weight_decay": params.weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}], lr=params.lr, betas=(0.9, 0.95))
+    return build_optimizer(
+        "adamw",
+        [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=params.lr,
+        betas=(0.9, 0.95),
+    )
 
 
 def _texts(dataset: Dataset, split: str, params: PretrainParams) -> list[str]:
@@ -110,8 +117,9 @@ def pretrain(ctx: RunContext, params: PretrainParams, optimizer_name: str = "ada
         tokenizer = train_tokenizer(_texts(ds, "train", params), params.vocab_size, context)
     train_stream = token_stream(tokenizer, _texts(ds, "train", params))
     val_windows = fixed_windows(token_stream(tokenizer, _texts(ds, "val", params)), params.seq_len, params.eval_windows)
-    config = llama_config(params.size, len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = llama_config(
+        params.size, len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     model = build_model(config, ctx.seed).to(ctx.device)
     optimizer = pretrain_optimizer(model, params, optimizer_name)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -147,14 +155,30 @@ def pretrain(ctx: RunContext, params: PretrainParams, optimizer_name: str = "ada
             history.append({"step": done, **row})
             model.train()
         ctx.log(done, **row)
-        ctx.progress(done, params.steps, f"step {done}: loss {row['train_loss']:.3f}"
-                     + (f", val ppl {row['val_ppl']:.2f}" if "val_ppl" in row else ""))
+        ctx.progress(
+            done,
+            params.steps,
+            f"step {done}: loss {row['train_loss']:.3f}"
+            + (f", val ppl {row['val_ppl']:.2f}" if "val_ppl" in row else ""),
+        )
         if params.checkpoint_every and (done % params.checkpoint_every == 0 or done == params.steps):
             ctx.save_checkpoint(_state(model, optimizer, generator, done, history, tokenizer), done)
     return Pretrained(model.eval(), tokenizer, history, val_loss, optimizer_state_bytes(optimizer))
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,
-           history: list[dict[str, float]], tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "step": step, "history": history, "tokenizer": tokenizer.backend_tokenizer.to_str()}
+def _state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    step: int,
+    history: list[dict[str, float]],
+    tokenizer: PreTrainedTokenizerFast,
+) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "step": step,
+        "history": history,
+        "tokenizer": tokenizer.backend_tokenizer.to_str(),
+    }

@@ -27,9 +27,10 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,8 +48,9 @@ class SparseTree:
 
     def __post_init__(self) -> None:
         known = set(self.paths)
-        if len(known) != len(self.paths) or any(len(p) == 0 or (len(p) > 1 and p[:-1] not in known)
-                                                for p in self.paths):
+        if len(known) != len(self.paths) or any(
+            len(p) == 0 or (len(p) > 1 and p[:-1] not in known) for p in self.paths
+        ):
             raise ValueError("a sparse tree's paths must be distinct, non-empty and closed under prefixes")
         object.__setattr__(self, "paths", tuple(sorted(self.paths, key=lambda p: (len(p), p))))
 
@@ -83,7 +85,7 @@ class SparseTree:
             kids[parent].append(i)
         return kids
 
-    def truncated(self, depth: int) -> "SparseTree":
+    def truncated(self, depth: int) -> SparseTree:
         """The paths of at most `depth` guesses (a step near max_tokens)."""
         return SparseTree(tuple(p for p in self.paths if len(p) <= depth))
 
@@ -205,8 +207,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure_tree_latency(model: "PreTrainedModel", m: int, sizes: Sequence[int], context: int = 64,
-                         repeats: int = 3) -> dict[int, float]:
+def measure_tree_latency(
+    model: PreTrainedModel, m: int, sizes: Sequence[int], context: int = 64, repeats: int = 3
+) -> dict[int, float]:
     """Seconds of one verification forward (N + 1 nodes, each with m prompt tokens, over a cache of `context`
     tokens) on this machine, for each N in `sizes`: the fastest of `repeats` after a warm-up round."""
     from transformers import DynamicCache
@@ -228,9 +231,10 @@ def measure_tree_latency(model: "PreTrainedModel", m: int, sizes: Sequence[int],
         for n, q, x, mask, positions in steps:
             _sync(device)
             start = time.perf_counter()
-            hidden = decoder(inputs_embeds=x, cache=cache, use_cache=True, attention_mask=mask,
-                             position_ids=positions).last_hidden_state[0]
-            head(hidden[:n + 1 + m])  # as decoding: the nodes' logits and one prompt group's
+            hidden = decoder(
+                inputs_embeds=x, cache=cache, use_cache=True, attention_mask=mask, position_ids=positions
+            ).last_hidden_state[0]
+            head(hidden[: n + 1 + m])  # as decoding: the nodes' logits and one prompt group's
             _sync(device)
             if r:  # the first round warms up
                 times[n].append(time.perf_counter() - start)
@@ -244,13 +248,18 @@ def latency_envelope(measured: dict[int, float]) -> dict[int, float]:
     return {n: min(t for size, t in measured.items() if size >= n) for n in measured}
 
 
-def hardware_aware_tree(model: "PreTrainedModel", rates: torch.Tensor, sizes: Sequence[int] = TREE_SIZES,
-                        context: int = 128, repeats: int = 3) -> TreeChoice:
+def hardware_aware_tree(
+    model: PreTrainedModel,
+    rates: torch.Tensor,
+    sizes: Sequence[int] = TREE_SIZES,
+    context: int = 128,
+    repeats: int = 3,
+) -> TreeChoice:
     """Measure the verification latency of every size (up to the number of rank paths `rates` allows) on this
     machine and keep the tree with the most expected tokens per second (§3.4), from the times'
     `latency_envelope`."""
     m, k = rates.shape
-    possible = sum(k ** d for d in range(1, m + 1))
+    possible = sum(k**d for d in range(1, m + 1))
     sizes = sorted({min(n, possible) for n in sizes if n >= 1})
     latency = latency_envelope(measure_tree_latency(model, m, sizes, context, repeats))
     best, speed = choose_tree_size(rates, latency)

@@ -33,8 +33,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +65,22 @@ class RetrievalRecipe:
 
 
 RETRIEVAL_RECIPES: dict[bool, RetrievalRecipe] = {
-    False: RetrievalRecipe(stages=((250, (64,)), (100, (128, 256, 512))), tokens_per_step=2048, lr=1e-3,
-                           key_weight=4.0, train_tokens=400_000),
-    True: RetrievalRecipe(stages=((4, (48,)), (2, (64,))), tokens_per_step=256, lr=3e-3, key_weight=4.0,
-                          train_tokens=4_000),
+    False: RetrievalRecipe(
+        stages=((250, (64,)), (100, (128, 256, 512))),
+        tokens_per_step=2048,
+        lr=1e-3,
+        key_weight=4.0,
+        train_tokens=400_000,
+    ),
+    True: RetrievalRecipe(
+        stages=((4, (48,)), (2, (64,))), tokens_per_step=256, lr=3e-3, key_weight=4.0, train_tokens=4_000
+    ),
 }
 
 
-def needle_batch(tokenizer, pieces: NeedleTokens, stream: torch.Tensor, length: int, batch: int,
-                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def needle_batch(
+    tokenizer, pieces: NeedleTokens, stream: torch.Tensor, length: int, batch: int, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch` tuning sequences of `length` tokens, [B, L], and the mask of the answer's key tokens, [B, L]: code
     cut at a random offset of `stream`, a needle at a uniform random depth, the question and the key at the end."""
     rows, masks = [], []
@@ -81,15 +88,16 @@ def needle_batch(tokenizer, pieces: NeedleTokens, stream: torch.Tensor, length: 
         key = text_ids(tokenizer, str(rng.randrange(10000, 100000)))
         filler = pieces.filler(length, key) - len(key)
         start = rng.randrange(0, len(stream) - filler)
-        code = stream[start: start + filler].tolist()
+        code = stream[start : start + filler].tolist()
         ids = pieces.prompt(code, rng.random(), key) + key
         rows.append(ids)
         masks.append([False] * (length - len(key)) + [True] * len(key))
     return torch.tensor(rows, dtype=torch.long), torch.tensor(masks)
 
 
-def retrieval_loss(model: nn.Module, ids: torch.Tensor, key_mask: torch.Tensor, key_weight: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_loss(
+    model: nn.Module, ids: torch.Tensor, key_mask: torch.Tensor, key_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, mean CE on the key tokens): next-token CE on every token + key_weight × the key tokens' CE."""
     logits = model(input_ids=ids[:, :-1]).logits.float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
@@ -99,8 +107,13 @@ def retrieval_loss(model: nn.Module, ids: torch.Tensor, key_mask: torch.Tensor, 
     return ce.mean() + key_weight * key_loss, key_loss
 
 
-def tune_for_retrieval(model: nn.Module, tokenizer, stream: torch.Tensor, recipe: RetrievalRecipe,
-                       on_step: Callable[[int, float], None] = lambda step, key_loss: None) -> list[float]:
+def tune_for_retrieval(
+    model: nn.Module,
+    tokenizer,
+    stream: torch.Tensor,
+    recipe: RetrievalRecipe,
+    on_step: Callable[[int, float], None] = lambda step, key_loss: None,
+) -> list[float]:
     """Continue training `model` in place on needle sequences, stage by stage; returns the key-token loss of every
     step."""
     rng = random.Random(recipe.seed)
@@ -147,12 +160,26 @@ def retrieval_model(ctx: RunContext, smoke: bool = False) -> CausalLM:
         lm = load_folder(base_model(ctx, smoke))
         recipe = RETRIEVAL_RECIPES[smoke]
         stream = tuning_stream(lm.tokenizer, load_builtin(BASE_DATASET), recipe)
-        history = tune_for_retrieval(lm.model, lm.tokenizer, stream, recipe, lambda step, loss: ctx.progress(
-            step + 1, recipe.steps, f"retrieval tuning: key loss {loss:.3f}"))
+        history = tune_for_retrieval(
+            lm.model,
+            lm.tokenizer,
+            stream,
+            recipe,
+            lambda step, loss: ctx.progress(step + 1, recipe.steps, f"retrieval tuning: key loss {loss:.3f}"),
+        )
         tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_folder(lm.model, lm.tokenizer, tmp, {"method": "retrieval-tuning", "parent": base_model_name(smoke),
-                                                  "recipe": asdict(recipe), "key_loss_last": history[-1]})
+        save_folder(
+            lm.model,
+            lm.tokenizer,
+            tmp,
+            {
+                "method": "retrieval-tuning",
+                "parent": base_model_name(smoke),
+                "recipe": asdict(recipe),
+                "key_loss_last": history[-1],
+            },
+        )
         try:
             tmp.rename(folder)
         except OSError:  # another process published the same recipe first

@@ -149,9 +149,15 @@ class LL1Grammar:
         return Parse(logprob, tuple(parent), tuple(grandparent), tuple(depth))
 
 
-def layered_grammar(levels: int = 5, per_level: int = 4, num_terminals: int = 16, rules_per_nonterminal: int = 4,
-                    child_probs: tuple[float, float, float] = (0.1, 0.4, 0.5), concentration: float = 1.0,
-                    seed: int = 0) -> LL1Grammar:
+def layered_grammar(
+    levels: int = 5,
+    per_level: int = 4,
+    num_terminals: int = 16,
+    rules_per_nonterminal: int = 4,
+    child_probs: tuple[float, float, float] = (0.1, 0.4, 0.5),
+    concentration: float = 1.0,
+    seed: int = 0,
+) -> LL1Grammar:
     """A random LL(1) grammar: one start symbol, then `levels − 1` levels of `per_level` nonterminals.
 
     Each nonterminal gets `rules_per_nonterminal` rules with distinct first terminals (shared across

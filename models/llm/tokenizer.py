@@ -12,8 +12,8 @@ the tiny model can sit behind `/v1/chat/completions` like a real instruction mod
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -31,26 +31,36 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, model_max_length: int = 1024,
-                    min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 4096, model_max_length: int = 1024, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     """Train byte-level BPE on `texts`; the 256 byte symbols and the special tokens are always in the vocabulary."""
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size must exceed the 256 byte symbols plus {len(SPECIAL_TOKENS)} special tokens")
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(texts, trainer=trainer)
     return wrap(core, model_max_length)
 
 
 def wrap(core: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
     """The HF face of a `tokenizers.Tokenizer`: named special tokens and the chat template."""
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=EOS, eos_token=EOS, pad_token=PAD,
-                                  model_max_length=model_max_length,
-                                  additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS, PAD)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=model_max_length,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS, PAD)],
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

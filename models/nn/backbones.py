@@ -8,7 +8,8 @@ the built-in datasets (8×8 digits, 20-feature tables): a full training run take
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,8 +31,9 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
 
-def mlp(in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256),
-        activation: Literal["relu", "tanh"] = "relu") -> Classifier:
+def mlp(
+    in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256), activation: Literal["relu", "tanh"] = "relu"
+) -> Classifier:
     """Fully connected network on flattened inputs: (Linear → activation) per hidden width → Linear."""
     act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
     layers: list[nn.Module] = [nn.Flatten()]
@@ -42,8 +44,9 @@ def mlp(in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256),
     return Classifier(nn.Sequential(*layers), width, num_classes)
 
 
-def small_cnn(in_channels: int, num_classes: int, width: int = 32, blocks: int = 4, image_size: int = 8,
-              global_pool: bool = True) -> Classifier:
+def small_cnn(
+    in_channels: int, num_classes: int, width: int = 32, blocks: int = 4, image_size: int = 8, global_pool: bool = True
+) -> Classifier:
     """Conv-4 style network (Vinyals et al. 2016): conv-BN-ReLU blocks, pooling while the map allows.
 
     On 8×8 digits two of the four blocks pool (8 → 4 → 2); a global average pool then gives a
@@ -65,8 +68,9 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 32, blocks: int =
     return Classifier(nn.Sequential(*layers, nn.Flatten()), width * size * size, num_classes)
 
 
-def build_backbone(kind: Literal["mlp", "cnn"], input_shape: Sequence[int], num_classes: int,
-                   hidden: int = 256, depth: int = 2) -> Classifier:
+def build_backbone(
+    kind: Literal["mlp", "cnn"], input_shape: Sequence[int], num_classes: int, hidden: int = 256, depth: int = 2
+) -> Classifier:
     """The backbone a classification method asks for, sized to one example's shape.
 
     `input_shape` is `[C, H, W]` for image datasets and `[D]` for tables; a CNN needs images.

@@ -32,8 +32,15 @@ def fake_quantize(x: torch.Tensor, bits: int = 4, group_size: int = 64) -> torch
 class QLinear(nn.Linear):
     """`nn.Linear` whose weight and input are fake-quantised to `bits` (INT4 by default) in the forward."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
-                 weight_group: int = 256, act_group: int = 64):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 4,
+        weight_group: int = 256,
+        act_group: int = 64,
+    ):
         super().__init__(in_features, out_features, bias=bias)
         self.bits, self.weight_group, self.act_group = bits, weight_group, act_group
 
@@ -42,16 +49,16 @@ class QLinear(nn.Linear):
         return F.linear(fake_quantize(x, self.bits, self.act_group), w, self.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, weight_group: int = 256, act_group: int = 64
-                    ) -> "QLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, weight_group: int = 256, act_group: int = 64) -> QLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, weight_group, act_group)
         q.weight = linear.weight
         q.bias = linear.bias
         return q
 
 
-def quantize_linears(model: nn.Module, bits: int = 4, weight_group: int = 256, act_group: int = 64,
-                     skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+def quantize_linears(
+    model: nn.Module, bits: int = 4, weight_group: int = 256, act_group: int = 64, skip: tuple[str, ...] = ("lm_head",)
+) -> nn.Module:
     """Swap every `nn.Linear` (except those whose name contains a `skip` entry) for a `QLinear` sharing its
     parameters, in place; the paper keeps the output head in full precision."""
     for name, module in list(model.named_modules()):

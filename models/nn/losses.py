@@ -32,8 +32,9 @@ class BatchLoss(nn.Module):
 
     needs: frozenset[str] = frozenset()
 
-    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 

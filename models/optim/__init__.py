@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from typing import Any, Iterable, Literal, get_args
+from collections.abc import Iterable
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -22,12 +23,20 @@ from torch import nn
 from models.optim.frugal import FRUGAL, projectable_param_groups
 from models.optim.stable_spam import StableSPAM
 
-OptimizerName = Literal["adamw", "sgd", "adafactor", "signsgd", "frugal", "stable-spam", "spam", "galore-adamw",
-                        "badam"]
+OptimizerName = Literal[
+    "adamw", "sgd", "adafactor", "signsgd", "frugal", "stable-spam", "spam", "galore-adamw", "badam"
+]
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
-__all__ = ["FRUGAL", "OPTIMIZERS", "OptimizerName", "StableSPAM", "build_optimizer", "optimizer_state_bytes",
-           "projectable_param_groups"]
+__all__ = [
+    "FRUGAL",
+    "OPTIMIZERS",
+    "OptimizerName",
+    "StableSPAM",
+    "build_optimizer",
+    "optimizer_state_bytes",
+    "projectable_param_groups",
+]
 
 
 class UnknownOptimizerError(ValueError):
@@ -42,12 +51,25 @@ def _proj_groups(target: nn.Module | Iterable[Any]) -> list[dict[str, Any]]:
     if isinstance(target, nn.Module):
         return projectable_param_groups(target)
     params = _params(target)
-    return [g for g in ({"params": [p for p in params if p.ndim != 2], "is_proj_params": False},
-                        {"params": [p for p in params if p.ndim == 2], "is_proj_params": True}) if g["params"]]
+    return [
+        g
+        for g in (
+            {"params": [p for p in params if p.ndim != 2], "is_proj_params": False},
+            {"params": [p for p in params if p.ndim == 2], "is_proj_params": True},
+        )
+        if g["params"]
+    ]
 
 
-def _galore(target: nn.Module | Iterable[Any], lr: float, weight_decay: float, density: float = 0.25,
-            update_gap: int = 200, scale: float = 1.0, **kw: Any) -> torch.optim.Optimizer:
+def _galore(
+    target: nn.Module | Iterable[Any],
+    lr: float,
+    weight_decay: float,
+    density: float = 0.25,
+    update_gap: int = 200,
+    scale: float = 1.0,
+    **kw: Any,
+) -> torch.optim.Optimizer:
     """GaLore-AdamW at rank round(ρ·min(m, n)) of the smallest projectable matrix (equal memory to FRUGAL ρ)."""
     from galore_torch import GaLoreAdamW
 
@@ -59,8 +81,14 @@ def _galore(target: nn.Module | Iterable[Any], lr: float, weight_decay: float, d
     return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, **kw)
 
 
-def _badam(target: nn.Module | Iterable[Any], lr: float, weight_decay: float, update_gap: int = 100,
-           block_order: str = "descending", **kw: Any) -> torch.optim.Optimizer:
+def _badam(
+    target: nn.Module | Iterable[Any],
+    lr: float,
+    weight_decay: float,
+    update_gap: int = 100,
+    block_order: str = "descending",
+    **kw: Any,
+) -> torch.optim.Optimizer:
     """BAdam (Luo et al. 2024): block coordinate descent with Adam on one transformer layer at a time; the
     embedding and the head/norms are blocks too, as needed when training from scratch."""
     from badam import BlockOptimizer
@@ -78,12 +106,20 @@ def _badam(target: nn.Module | Iterable[Any], lr: float, weight_decay: float, up
     base = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay, **kw)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "expects fp16/bf16 weights": we train in fp32 on CPU on purpose
-        return QuietBlockOptimizer(base, named, switch_block_every=update_gap, switch_mode=block_order,
-                                   include_embedding=True, include_lm_head=True, verbose=0)
+        return QuietBlockOptimizer(
+            base,
+            named,
+            switch_block_every=update_gap,
+            switch_mode=block_order,
+            include_embedding=True,
+            include_lm_head=True,
+            verbose=0,
+        )
 
 
-def build_optimizer(name: str, target: nn.Module | Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0,
-                    **kw: Any) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, target: nn.Module | Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, **kw: Any
+) -> torch.optim.Optimizer:
     """The optimizer `name` over `target` (a model, or parameters/param groups); `kw` are its own options
     (e.g. FRUGAL's `density`, `projection`, `update_gap`; Stable-SPAM's `gamma1`, `reset_interval`)."""
     if name == "adamw":

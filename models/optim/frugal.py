@@ -28,7 +28,8 @@ grow with ρ.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -45,8 +46,10 @@ RIGHT, LEFT, COLUMNS, ROWS, RANDK, BLOCK = range(6)
 
 # -- projectors: P G (down) and Pᵀ X (up), with P stored as tensors in the parameter's state --------
 
-def choose_projector(grad: torch.Tensor, kind: Projection, density: float, generator: torch.Generator
-                     ) -> dict[str, Any]:
+
+def choose_projector(
+    grad: torch.Tensor, kind: Projection, density: float, generator: torch.Generator
+) -> dict[str, Any]:
     """A new subspace for one matrix gradient, as state entries (tensors and strings only)."""
     rows, cols = grad.shape
     if kind == "svd":
@@ -98,27 +101,43 @@ def split_gradient(grad: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Ten
     return full, grad - full
 
 
-def projectable_param_groups(model: nn.Module, exclude: tuple[str, ...] = ("lm_head", "embed")
-                             ) -> list[dict[str, Any]]:
+def projectable_param_groups(model: nn.Module, exclude: tuple[str, ...] = ("lm_head", "embed")) -> list[dict[str, Any]]:
     """The reference's split: weights of `nn.Linear` layers are projectable; everything else (biases,
     norms, embeddings, the output head named in `exclude`) is a regular AdamW parameter."""
-    proj = [m.weight for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m.weight.requires_grad and not any(e in name for e in exclude)]
+    proj = [
+        m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.weight.requires_grad and not any(e in name for e in exclude)
+    ]
     proj_ids = {id(p) for p in proj}
     regular = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
-    return [g for g in ({"params": regular, "is_proj_params": False}, {"params": proj, "is_proj_params": True})
-            if g["params"]]
+    return [
+        g
+        for g in ({"params": regular, "is_proj_params": False}, {"params": proj, "is_proj_params": True})
+        if g["params"]
+    ]
 
 
 class FRUGAL(SubspaceOptimizer):
     """FRUGAL over param groups flagged `is_proj_params` (see `projectable_param_groups`); a flat list of
     tensors treats every 2-D tensor as projectable."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, density: float = 0.25, update_gap: int = 200,
-                 projection: Projection = "svd", state_free: StateFreeRule = "sign_sgd",
-                 proj_lr_scale: float = 1.0, free_lr_scale: float = 1.0, block_order: BlockOrder = "descending",
-                 seed: int = 0):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        density: float = 0.25,
+        update_gap: int = 200,
+        projection: Projection = "svd",
+        state_free: StateFreeRule = "sign_sgd",
+        proj_lr_scale: float = 1.0,
+        free_lr_scale: float = 1.0,
+        block_order: BlockOrder = "descending",
+        seed: int = 0,
+    ):
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"density must lie in [0, 1], got {density}")
         if projection not in PROJECTIONS:
@@ -127,13 +146,25 @@ class FRUGAL(SubspaceOptimizer):
             raise ValueError("update_gap must be at least 1")
         params = list(params)
         if params and isinstance(params[0], torch.Tensor):
-            params = [{"params": [p for p in params if p.ndim != 2], "is_proj_params": False},
-                      {"params": [p for p in params if p.ndim == 2], "is_proj_params": True}]
+            params = [
+                {"params": [p for p in params if p.ndim != 2], "is_proj_params": False},
+                {"params": [p for p in params if p.ndim == 2], "is_proj_params": True},
+            ]
             params = [g for g in params if g["params"]]
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
-                        update_gap=update_gap, projection=projection, state_free=state_free,
-                        proj_lr_scale=proj_lr_scale, free_lr_scale=free_lr_scale, block_order=block_order,
-                        is_proj_params=False)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            density=density,
+            update_gap=update_gap,
+            projection=projection,
+            state_free=state_free,
+            proj_lr_scale=proj_lr_scale,
+            free_lr_scale=free_lr_scale,
+            block_order=block_order,
+            is_proj_params=False,
+        )
         super().__init__(params, defaults, seed)
         for group in self.param_groups:
             group.setdefault("next_block", -1)
@@ -173,15 +204,17 @@ class FRUGAL(SubspaceOptimizer):
         if state["side"] == BLOCK:
             if state["active"]:
                 state["step"] += 1
-                stateful = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                          group["betas"], group["eps"])
+                stateful = adam_direction(
+                    grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["betas"], group["eps"]
+                )
                 return group["proj_lr_scale"] * stateful
             stateful, free = torch.zeros_like(grad), grad
         else:
             low = project_down(grad, state)
             state["step"] += 1
-            direction = adam_direction(low, state["exp_avg"], state["exp_avg_sq"], state["step"], group["betas"],
-                                       group["eps"])
+            direction = adam_direction(
+                low, state["exp_avg"], state["exp_avg_sq"], state["step"], group["betas"], group["eps"]
+            )
             stateful = project_up(direction, state, grad.shape)
             free = grad - project_up(low, state, grad.shape)
         update = group["proj_lr_scale"] * stateful

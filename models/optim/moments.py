@@ -9,13 +9,20 @@ correction), so "full density equals AdamW" holds to float32 rounding.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
-def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
-                   betas: tuple[float, float], eps: float) -> torch.Tensor:
+def adam_direction(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    betas: tuple[float, float],
+    eps: float,
+) -> torch.Tensor:
     """Update the moments in place and return m̂/(√v̂+ε) scaled as AdamW does (bias-corrected).
 
     `step` is the 1-based count of updates these moments have seen, including this one. The result is
@@ -60,8 +67,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if not state:
             state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         state["step"] += 1
-        direction = adam_direction(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["betas"],
-                                   group["eps"])
+        direction = adam_direction(
+            p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["betas"], group["eps"]
+        )
         decay_weights(p, group["lr"], group["weight_decay"])
         p.sub_(group["lr"] * direction)
 

@@ -23,7 +23,8 @@ weight decay is not applied to U, V, Σ.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ class SSTLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "SSTLinear":
+    def from_linear(cls, linear: nn.Linear) -> SSTLinear:
         return cls(linear.weight, linear.bias)
 
     def dense_weight(self) -> torch.Tensor:
@@ -121,17 +122,32 @@ class SSTAdam(SubspaceOptimizer):
     ⌈k/r⌉ iterations and ends with a re-SVD.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 16, iteration_steps: int = 200,
-                 seed: int = 0):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
-                        iteration_steps=iteration_steps, sst=False)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 16,
+        iteration_steps: int = 200,
+        seed: int = 0,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            iteration_steps=iteration_steps,
+            sst=False,
+        )
         super().__init__(params, defaults, seed)
         if any(g["sst"] and len(g["params"]) != 3 for g in self.param_groups):
             raise ValueError("an SST group holds exactly (u, s, v) of one SSTLinear")
 
     @classmethod
-    def for_model(cls, model: nn.Module, **kw: Any) -> "SSTAdam":
+    def for_model(cls, model: nn.Module, **kw: Any) -> SSTAdam:
         sst = [m for m in model.modules() if isinstance(m, SSTLinear)]
         spectral = {id(p) for m in sst for p in (m.u, m.s, m.v)}
         regular = [p for p in model.parameters() if p.requires_grad and id(p) not in spectral]
@@ -146,12 +162,19 @@ class SSTAdam(SubspaceOptimizer):
         iteration = group["step"] // group["iteration_steps"]
         if iteration > 0 and iteration % math.ceil(k / r) == 0:
             resvd(u, s, v)
-        active = torch.multinomial(sampling_probabilities(s.detach()), r, replacement=False,
-                                   generator=self._generator).to(s.device)
+        active = torch.multinomial(
+            sampling_probabilities(s.detach()), r, replacement=False, generator=self._generator
+        ).to(s.device)
         state = self.state[u]
         state.clear()
-        state.update(indices=active, step=0, m_u=u.new_zeros(u.shape[0], r), v_u=u.new_zeros(u.shape[0], r),
-                     m_v=v.new_zeros(v.shape[0], r), v_v=v.new_zeros(v.shape[0], r))
+        state.update(
+            indices=active,
+            step=0,
+            m_u=u.new_zeros(u.shape[0], r),
+            v_u=u.new_zeros(u.shape[0], r),
+            m_v=v.new_zeros(v.shape[0], r),
+            v_v=v.new_zeros(v.shape[0], r),
+        )
 
     def _sst_step(self, group: dict[str, Any]) -> None:
         u, s, v = group["params"]
@@ -169,8 +192,9 @@ class SSTAdam(SubspaceOptimizer):
         for factor, m, sq in ((u, "m_u", "v_u"), (v, "m_v", "v_v")):
             if factor.grad is None:
                 continue
-            columns = factor[:, idx] - lr * adam_direction(factor.grad[:, idx], state[m], state[sq], state["step"],
-                                                           betas, eps)
+            columns = factor[:, idx] - lr * adam_direction(
+                factor.grad[:, idx], state[m], state[sq], state["step"], betas, eps
+            )
             factor[:, idx] = F.normalize(columns, dim=0)
 
     @torch.no_grad()

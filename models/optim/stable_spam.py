@@ -24,7 +24,8 @@ safetensors checkpoint.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -39,8 +40,15 @@ def ada_clip(grad: torch.Tensor, max_avg: torch.Tensor, theta: float, total_step
     return torch.where(grad.abs() > bound, grad / max_grad * bound, grad)
 
 
-def ada_gn(grad: torch.Tensor, norm_avg: torch.Tensor, norm_sq_avg: torch.Tensor, gamma1: float, gamma2: float,
-           total_step: int, eps: float) -> torch.Tensor:
+def ada_gn(
+    grad: torch.Tensor,
+    norm_avg: torch.Tensor,
+    norm_sq_avg: torch.Tensor,
+    gamma1: float,
+    gamma2: float,
+    total_step: int,
+    eps: float,
+) -> torch.Tensor:
     """AdaGN (Eq. 3): rescale g to the bias-corrected running norm m̂/(√v̂+ε); norms kept in place."""
     norm = torch.linalg.vector_norm(grad)
     norm_avg.lerp_(norm, 1.0 - gamma1)
@@ -62,14 +70,34 @@ def cosine_factor(step: int, total_steps: int | None, eta_min: float) -> float:
 class StableSPAM(torch.optim.Optimizer):
     """Stable-SPAM (defaults: the paper's INT4 settings γ₁ = 0.7, γ₂ = 0.9, θ = 0.999)."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 gamma1: float = 0.7, gamma2: float = 0.9, theta: float = 0.999, reset_interval: int = 500,
-                 eps: float = 1e-8, weight_decay: float = 0.0, total_T: int | None = None, eta_min: float = 0.5):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        gamma1: float = 0.7,
+        gamma2: float = 0.9,
+        theta: float = 0.999,
+        reset_interval: int = 500,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        total_T: int | None = None,
+        eta_min: float = 0.5,
+    ):
         if reset_interval < 1:
             raise ValueError("reset_interval must be at least 1")
-        defaults = dict(lr=lr, betas=tuple(betas), gamma1=gamma1, gamma2=gamma2, theta=theta,
-                        reset_interval=reset_interval, eps=eps, weight_decay=weight_decay, total_T=total_T,
-                        eta_min=eta_min)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            gamma1=gamma1,
+            gamma2=gamma2,
+            theta=theta,
+            reset_interval=reset_interval,
+            eps=eps,
+            weight_decay=weight_decay,
+            total_T=total_T,
+            eta_min=eta_min,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             group.setdefault("step", 0)  # Adam's step, restarted at each reset
@@ -79,8 +107,13 @@ class StableSPAM(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             scalar = torch.zeros((), dtype=p.dtype, device=p.device)
-            state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p), max_avg=scalar.clone(),
-                         norm_avg=scalar.clone(), norm_sq_avg=scalar.clone())
+            state.update(
+                exp_avg=torch.zeros_like(p),
+                exp_avg_sq=torch.zeros_like(p),
+                max_avg=scalar.clone(),
+                norm_avg=scalar.clone(),
+                norm_sq_avg=scalar.clone(),
+            )
         return state
 
     @torch.no_grad()
@@ -104,9 +137,17 @@ class StableSPAM(torch.optim.Optimizer):
                 grad = ada_clip(p.grad, state["max_avg"], group["theta"], total)
                 if not torch.any(grad):  # a zero gradient has no direction to rescale
                     continue
-                grad = ada_gn(grad, state["norm_avg"], state["norm_sq_avg"], group["gamma1"] * scale,
-                              group["gamma2"], total, group["eps"])
-                direction = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], group["step"], betas,
-                                           group["eps"])
+                grad = ada_gn(
+                    grad,
+                    state["norm_avg"],
+                    state["norm_sq_avg"],
+                    group["gamma1"] * scale,
+                    group["gamma2"],
+                    total,
+                    group["eps"],
+                )
+                direction = adam_direction(
+                    grad, state["exp_avg"], state["exp_avg_sq"], group["step"], betas, group["eps"]
+                )
                 p.add_(direction, alpha=-group["lr"])
         return loss

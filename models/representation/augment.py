@@ -22,12 +22,12 @@ from models.datasets import Dataset
 class ViewRecipe:
     """Ranges of the random transforms at strength 1; `ops` picks which are applied."""
 
-    min_scale: float = 0.6      # crop side as a fraction of the image (zoom in by up to 1/0.6)
+    min_scale: float = 0.6  # crop side as a fraction of the image (zoom in by up to 1/0.6)
     max_rotation: float = 20.0  # degrees
-    max_shift: float = 0.15     # fraction of the half-width
+    max_shift: float = 0.15  # fraction of the half-width
     noise_std: float = 0.1
     erase_prob: float = 0.5
-    erase_max: float = 0.4      # erased square side as a fraction of the image
+    erase_max: float = 0.4  # erased square side as a fraction of the image
     ops: tuple[str, ...] = ("crop", "rotate", "noise", "erase")
     strength: float = 1.0
 
@@ -55,8 +55,13 @@ def random_view(x: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator)
         left = (torch.rand(b, generator=generator) * (w - side + 1)).long()
         erase = torch.rand(b, generator=generator) < recipe.erase_prob
         rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
-        box = ((rows >= top[:, None, None]) & (rows < (top + side)[:, None, None])
-               & (cols >= left[:, None, None]) & (cols < (left + side)[:, None, None]) & erase[:, None, None])
+        box = (
+            (rows >= top[:, None, None])
+            & (rows < (top + side)[:, None, None])
+            & (cols >= left[:, None, None])
+            & (cols < (left + side)[:, None, None])
+            & erase[:, None, None]
+        )
         out = out.masked_fill(box[:, None].to(out.device), 0.0)
     return out.clamp(0.0, 1.0)
 

@@ -3,7 +3,8 @@
 A method supplies an `objective(model, view1, view2, labels, generator) -> loss` (everything it
 learns — heads, temperature networks, gates — lives in `model`; `labels` are the batch's labels
 when the method is given any, for supervised variants; `generator` is the run's one seeded
-generator, for any sampling the objective does); the loop draws two views per image with it, steps Adam, and does the RunContext chores: metrics and progress per epoch,
+generator, for any sampling the objective does); the loop draws two views per image with it, steps
+Adam, and does the RunContext chores: metrics and progress per epoch,
 cancellation checked every batch, checkpoints every `checkpoint_every` epochs holding all that
 decides the rest of the run (weights, optimizer moments, the generator, the history), and
 resumption from the last one, so a resumed run ends identical to an uninterrupted one.
@@ -11,8 +12,9 @@ resumption from the last one, so a resumed run ends identical to an uninterrupte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,15 +40,26 @@ def simclr_objective(temperature: float) -> Objective:
     return lambda model, v1, v2, labels, generator: nt_xent(model(v1)[0], model(v2)[0], temperature)
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int,
-                   history: list[dict[str, float]]) -> dict[str, Any]:
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    step: int,
+    history: list[dict[str, float]],
+) -> dict[str, Any]:
     """Everything that decides the rest of a run: weights, optimizer moments, the generator, the history."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "step": step, "history": history}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "step": step,
+        "history": history,
+    }
 
 
-def resume(ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
-           ) -> tuple[int, list[dict[str, float]]]:
+def resume(
+    ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> tuple[int, list[dict[str, float]]]:
     """Load the last checkpoint into the training objects; (step reached, history), or (0, []) if none."""
     checkpoint = ctx.load_checkpoint()
     if checkpoint is None:
@@ -58,9 +71,16 @@ def resume(ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer, 
     return int(state["step"]), list(state["history"])
 
 
-def fit_contrastive(ctx: RunContext, model: nn.Module, objective: Objective, x: torch.Tensor, recipe: ViewRecipe,
-                    schedule: ContrastiveSchedule, epoch_metrics: Callable[[], dict[str, float]] | None = None,
-                    labels: torch.Tensor | None = None) -> list[dict[str, float]] | None:
+def fit_contrastive(
+    ctx: RunContext,
+    model: nn.Module,
+    objective: Objective,
+    x: torch.Tensor,
+    recipe: ViewRecipe,
+    schedule: ContrastiveSchedule,
+    epoch_metrics: Callable[[], dict[str, float]] | None = None,
+    labels: torch.Tensor | None = None,
+) -> list[dict[str, float]] | None:
     """Train on the images `x` ([N, C, H, W]); the per-epoch history, or None when cancelled."""
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -74,7 +94,7 @@ def fit_contrastive(ctx: RunContext, model: nn.Module, objective: Objective, x: 
         for begin in range(0, len(x) - 1, schedule.batch_size):  # a batch of 1 has no negatives
             if ctx.cancelled():
                 return None
-            index = order[begin:begin + schedule.batch_size]
+            index = order[begin : begin + schedule.batch_size]
             if len(index) < 2:
                 continue
             v1, v2 = (random_view(x[index], recipe, generator).to(ctx.device) for _ in range(2))

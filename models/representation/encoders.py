@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -34,8 +35,15 @@ def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 class ContrastiveEncoder(nn.Module):
     """Body f and one or more projection heads g_h; `forward` returns one projection per head."""
 
-    def __init__(self, in_channels: int = 1, width: int = 64, image_size: int = 16, proj_hidden: int = 128,
-                 proj_dim: int = 64, heads: int = 1):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        width: int = 64,
+        image_size: int = 16,
+        proj_hidden: int = 128,
+        proj_dim: int = 64,
+        heads: int = 1,
+    ):
         super().__init__()
         self.config = {"in_channels": in_channels, "width": width, "image_size": image_size}
         self.body = cnn_body(in_channels, width, image_size)
@@ -54,7 +62,7 @@ def embed(body: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Ten
     """Features of `x` in eval mode, batch by batch."""
     was_training = body.training
     body.eval()
-    out = torch.cat([body(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    out = torch.cat([body(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     body.train(was_training)
     return out
 
@@ -75,4 +83,3 @@ def load_encoder(folder: Path) -> tuple[nn.Module, dict]:
     body = cnn_body(config["in_channels"], config["width"], config["image_size"])
     body.load_state_dict(load_file(str(folder / WEIGHTS)))
     return body.eval(), config
-

@@ -43,15 +43,22 @@ def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
-def linear_probe_accuracy(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, test_y: np.ndarray,
-                          c: float = 1.0) -> float:
+def linear_probe_accuracy(
+    train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, test_y: np.ndarray, c: float = 1.0
+) -> float:
     scaler = StandardScaler().fit(train_z)
     clf = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(train_z), train_y)
     return float((clf.predict(scaler.transform(test_z)) == test_y).mean())
 
 
-def knn_accuracy(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, test_y: np.ndarray,
-                 k: int = 20, temperature: float = 0.1) -> float:
+def knn_accuracy(
+    train_z: np.ndarray,
+    train_y: np.ndarray,
+    test_z: np.ndarray,
+    test_y: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.1,
+) -> float:
     """Weighted cosine k-NN: class score Σ_{j∈kNN(i), y_j=c} exp(cos(z_i, z_j)/T)."""
     a = torch.nn.functional.normalize(torch.as_tensor(test_z, dtype=torch.float32), dim=1)
     b = torch.nn.functional.normalize(torch.as_tensor(train_z, dtype=torch.float32), dim=1)
@@ -62,8 +69,9 @@ def knn_accuracy(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, t
     return float((votes.argmax(1).numpy() == test_y).mean())
 
 
-def sklearn_knn(query: torch.Tensor, k: int, reference: torch.Tensor, ref_includes_query: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def sklearn_knn(
+    query: torch.Tensor, k: int, reference: torch.Tensor, ref_includes_query: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """pytorch-metric-learning's `knn_func` interface on scikit-learn's exact neighbours (Euclidean)."""
     nn_ = NearestNeighbors(n_neighbors=min(k + int(ref_includes_query), len(reference)))
     dist, idx = nn_.fit(reference.cpu().numpy()).kneighbors(query.cpu().numpy())
@@ -88,8 +96,12 @@ def retrieval_metrics(z: np.ndarray, y: np.ndarray, ks: tuple[int, ...] = RECALL
     _, idx = sklearn_knn(zt, max(ks), zt, ref_includes_query=True)
     hit = yt[idx] == yt[:, None]
     out = {f"recall_at_{k}": float(hit[:, :k].any(1).float().mean()) for k in ks}
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), device=torch.device("cpu"),
-                              knn_func=sklearn_knn, kmeans_func=sklearn_kmeans)
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        device=torch.device("cpu"),
+        knn_func=sklearn_knn,
+        kmeans_func=sklearn_kmeans,
+    )
     pml = calc.get_accuracy(zt, yt)
     out["map_at_r"] = float(pml["mean_average_precision_at_r"])
     out["pml_precision_at_1"] = float(pml["precision_at_1"])
@@ -123,12 +135,20 @@ def zero_shot_metrics(z: torch.Tensor | np.ndarray, y: np.ndarray, seed: int = 0
     (the zero-shot retrieval protocol when `z` holds classes unseen in training)."""
     z, y = np.asarray(z, dtype=np.float64), np.asarray(y)
     clusters = sklearn_kmeans(torch.from_numpy(z), len(np.unique(y)), seed)
-    return {"nmi": float(normalized_mutual_info_score(y, clusters)), "ari": float(adjusted_rand_score(y, clusters)),
-            **retrieval_metrics(z, y)}
+    return {
+        "nmi": float(normalized_mutual_info_score(y, clusters)),
+        "ari": float(adjusted_rand_score(y, clusters)),
+        **retrieval_metrics(z, y),
+    }
 
 
-def evaluate_embeddings(train_z: torch.Tensor | np.ndarray, train_y: np.ndarray, test_z: torch.Tensor | np.ndarray,
-                        test_y: np.ndarray, seed: int = 0) -> EmbeddingReport:
+def evaluate_embeddings(
+    train_z: torch.Tensor | np.ndarray,
+    train_y: np.ndarray,
+    test_z: torch.Tensor | np.ndarray,
+    test_y: np.ndarray,
+    seed: int = 0,
+) -> EmbeddingReport:
     """Linear probe and k-NN (fit on train, scored on test); clustering, retrieval and RankMe on test."""
     tr, te = np.asarray(train_z, dtype=np.float64), np.asarray(test_z, dtype=np.float64)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
@@ -136,11 +156,15 @@ def evaluate_embeddings(train_z: torch.Tensor | np.ndarray, train_y: np.ndarray,
     return EmbeddingReport(
         linear_probe_acc=linear_probe_accuracy(tr, train_y, te, test_y),
         knn_acc=knn_accuracy(tr, train_y, te, test_y),
-        nmi=unseen["nmi"], ari=unseen["ari"],
+        nmi=unseen["nmi"],
+        ari=unseen["ari"],
         **{f"recall_at_{k}": unseen[f"recall_at_{k}"] for k in RECALL_AT},
         map_at_r=unseen["map_at_r"],
         rankme=rankme(torch.from_numpy(te)),
-        num_train=len(tr), num_test=len(te), dim=te.shape[1])
+        num_train=len(tr),
+        num_test=len(te),
+        dim=te.shape[1],
+    )
 
 
 def embedding_figure(z: np.ndarray, y: np.ndarray, title: str = "", method: str = "tsne", seed: int = 0) -> Figure:

@@ -29,8 +29,9 @@ def positive_index(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float | torch.Tensor = 0.5,
-            reduction: Reduction = "mean") -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float | torch.Tensor = 0.5, reduction: Reduction = "mean"
+) -> torch.Tensor:
     """−log( e^{s_ip/τ_ip} / Σ_{k≠i} e^{s_ik/τ_ik} ) for each of the 2N anchors i (p: i's other view)."""
     n = len(z1)
     logits = cosine_matrix(z1, z2) / temperature
@@ -40,8 +41,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float | torch.Tenso
     return loss.mean() if reduction == "mean" else loss
 
 
-def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                            reduction: Reduction = "mean") -> torch.Tensor:
+def multi_positive_info_nce(
+    logits: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, reduction: Reduction = "mean"
+) -> torch.Tensor:
     """Σ_{j∈P(i)} [log(e^{l_ij} + Σ_{k∈N(i)} e^{l_ik}) − l_ij], averaged over all positive pairs.
 
     Each positive competes only with the negatives, not with the other positives (Hydra's

@@ -22,13 +22,20 @@ CLEAN, NOISY, FAULTY = 0, 1, 2
 
 @dataclass(frozen=True)
 class BadPairSeries:
-    x: torch.Tensor     # [N, C, L]
-    y: torch.Tensor     # [N] motif class
+    x: torch.Tensor  # [N, C, L]
+    y: torch.Tensor  # [N] motif class
     kind: torch.Tensor  # [N] CLEAN / NOISY / FAULTY
 
 
-def bad_pair_series(n: int, classes: int = 5, channels: int = 3, length: int = 64, noisy: float = 0.1,
-                    faulty: float = 0.1, seed: int = 0) -> BadPairSeries:
+def bad_pair_series(
+    n: int,
+    classes: int = 5,
+    channels: int = 3,
+    length: int = 64,
+    noisy: float = 0.1,
+    faulty: float = 0.1,
+    seed: int = 0,
+) -> BadPairSeries:
     rng = np.random.default_rng(seed)
     t = np.arange(24) / 24.0
     mix = np.random.default_rng(1234).normal(size=(classes, channels))  # class → channel weights, fixed
@@ -37,12 +44,12 @@ def bad_pair_series(n: int, classes: int = 5, channels: int = 3, length: int = 6
     for i in range(n):
         start = rng.integers(0, length - len(t))
         motif = np.sin(2 * np.pi * (1 + y[i]) * t) * np.hanning(len(t))
-        x[i, :, start:start + len(t)] += mix[y[i]][:, None] * motif[None]
+        x[i, :, start : start + len(t)] += mix[y[i]][:, None] * motif[None]
     kind = np.full(n, CLEAN)
     order = rng.permutation(n)
     n_noisy, n_faulty = int(round(noisy * n)), int(round(faulty * n))
     kind[order[:n_noisy]] = NOISY
-    kind[order[n_noisy:n_noisy + n_faulty]] = FAULTY
+    kind[order[n_noisy : n_noisy + n_faulty]] = FAULTY
     # a noisy series is all artefact: a large per-channel offset (its fingerprint) plus white noise
     k = int((kind == NOISY).sum())
     x[kind == NOISY] = 3.0 * rng.normal(size=(k, channels, 1)) + rng.normal(size=(k, channels, length))
@@ -54,14 +61,13 @@ def weak_view(x: torch.Tensor, generator: torch.Generator, sigma: float = 1.1) -
     return x * (2.0 + sigma * torch.randn(x.shape[0], x.shape[1], 1, generator=generator))
 
 
-def strong_view(x: torch.Tensor, generator: torch.Generator, max_segments: int = 8, sigma: float = 0.8
-                ) -> torch.Tensor:
+def strong_view(x: torch.Tensor, generator: torch.Generator, max_segments: int = 8, sigma: float = 0.8) -> torch.Tensor:
     """TS-TCC permutation (split into ≤ `max_segments` random segments, shuffled) + jitter N(0, σ²)."""
     out = torch.empty_like(x)
     length = x.shape[-1]
     for i in range(len(x)):
         pieces = int(torch.randint(1, max_segments + 1, (1,), generator=generator))
-        cuts = torch.sort(torch.randperm(length - 1, generator=generator)[:pieces - 1] + 1).values.tolist()
+        cuts = torch.sort(torch.randperm(length - 1, generator=generator)[: pieces - 1] + 1).values.tolist()
         segments = torch.tensor_split(x[i], cuts, dim=-1)
         out[i] = torch.cat([segments[j] for j in torch.randperm(len(segments), generator=generator)], dim=-1)
     return out + sigma * torch.randn(x.shape, generator=generator)

@@ -10,17 +10,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.conftest import FIXTURE_PLUGINS, wait_for
+from tests.conftest import FIXTURE_PLUGINS
 from tests.e2e.test_server import REPO, Server
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 LAPTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -30,7 +37,6 @@ try:
     expect.set_options(timeout=20_000)  # a first /methods call imports every method module: seconds on 2 cores
 except ImportError:  # pragma: no cover - the test extra installs it
     sync_playwright = None
-
 
 
 def _skip_reason() -> str | None:
@@ -46,11 +52,22 @@ class DashboardServer(Server):
     2-core machine outlast the e2e suite's 6-second lease, and this suite tests the page, not the reaper."""
 
     def start(self) -> None:
-        env = {**os.environ, "CRUCIBLE_HOME": str(self.home), "CRUCIBLE_PLUGINS": FIXTURE_PLUGINS,
-               "CRUCIBLE_CANCEL_GRACE_S": "2", "CRUCIBLE_METRIC_FLUSH_S": "0.3", "CRUCIBLE_DEMO_JOB": "false"}
+        env = {
+            **os.environ,
+            "CRUCIBLE_HOME": str(self.home),
+            "CRUCIBLE_PLUGINS": FIXTURE_PLUGINS,
+            "CRUCIBLE_CANCEL_GRACE_S": "2",
+            "CRUCIBLE_METRIC_FLUSH_S": "0.3",
+            "CRUCIBLE_DEMO_JOB": "false",
+        }
         log = open(self.home.parent / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(self.port)],
-                                     cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "up", "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self._await_ready()
 
 
@@ -68,7 +85,7 @@ def dash_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def browser(dash_server: Server) -> Iterator["Browser"]:
+def browser(dash_server: Server) -> Iterator[Browser]:
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         yield b
@@ -76,7 +93,7 @@ def browser(dash_server: Server) -> Iterator["Browser"]:
 
 
 @pytest.fixture
-def page(browser: "Browser", dash_server: Server) -> Iterator["Page"]:
+def page(browser: Browser, dash_server: Server) -> Iterator[Page]:
     """A laptop-sized page on the dashboard; a JavaScript error anywhere fails the test."""
     context = browser.new_context(viewport=LAPTOP, base_url=dash_server.url)
     context.set_default_timeout(20_000)
@@ -97,7 +114,7 @@ def shots() -> Path:
     return out
 
 
-def screenshot(pg: "Page", shots: Path, name: str, **kw: Any) -> Path:
+def screenshot(pg: Page, shots: Path, name: str, **kw: Any) -> Path:
     """A PNG of the page, reduced to a 256-colour palette (a third of the bytes; UI colours survive)."""
     from PIL import Image
 

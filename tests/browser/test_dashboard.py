@@ -19,6 +19,8 @@ from tests.browser.conftest import PHONE, screenshot
 from tests.e2e.test_server import Server
 
 pytest.importorskip("playwright", reason="the Python playwright package is missing (pip install -e '.[test]')")
+from datetime import UTC
+
 from playwright.sync_api import Page, expect  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -36,8 +38,7 @@ def job_id_of(page: Page) -> str:
     return page.url.rsplit("/", 1)[-1]
 
 
-def test_submit_from_form_runs_to_succeeded_with_a_chart(page: Page, dash_server: Server, image_job: str,
-                                                         shots: Path):
+def test_submit_from_form_runs_to_succeeded_with_a_chart(page: Page, dash_server: Server, image_job: str, shots: Path):
     page.goto("/#/submit?method=test-counter")
     expect(page.get_by_label("Method", exact=True)).to_have_value("test-counter")
     expect(page.get_by_label("Dataset", exact=True)).to_be_disabled()  # the fixture method makes its own data
@@ -199,7 +200,7 @@ def test_jobs_list_pages_through_10000_jobs(page: Page, dash_server: Server, sho
     expect(rows.first).to_contain_text("bulk-set")
     assert time.perf_counter() - started < 10  # each filter is one indexed query, not a scan in the page
 
-    for cursor_page in range(3):  # deep pages cost what the first one does
+    for _ in range(3):  # deep pages cost what the first one does
         r = dash_server.http.get("/api/v1/jobs", params={"limit": 50, "cursor": first})
         assert r.status_code == 200 and len(r.json()["items"]) == 50
         first = r.json()["items"][-1]["id"]
@@ -221,19 +222,36 @@ def jobs_count(server: Server) -> int:
 
 def add_finished_jobs(server: Server, n: int) -> None:
     """Rows as finished jobs leave them, written straight to the server's database (fast to make)."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from workers.db import session_scope
     from workers.tables import Job, new_id
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     statuses = ("succeeded", "failed", "cancelled")
     rows: list[dict[str, Any]] = [
-        {"id": new_id(), "method": "test-counter", "dataset": "bulk-set" if i % 2 else None, "mode": "run",
-         "params": {"steps": i}, "resources": {}, "tags": {}, "status": statuses[i % 3], "attempt": 1,
-         "max_attempts": 3, "created_at": now, "started_at": now, "finished_at": now + timedelta(seconds=i % 90),
-         "progress_done": i % 90, "progress_total": 90, "progress_message": "", "seed": 0, "priority": 0,
-         "log_bytes": 0}
-        for i in range(n)]
+        {
+            "id": new_id(),
+            "method": "test-counter",
+            "dataset": "bulk-set" if i % 2 else None,
+            "mode": "run",
+            "params": {"steps": i},
+            "resources": {},
+            "tags": {},
+            "status": statuses[i % 3],
+            "attempt": 1,
+            "max_attempts": 3,
+            "created_at": now,
+            "started_at": now,
+            "finished_at": now + timedelta(seconds=i % 90),
+            "progress_done": i % 90,
+            "progress_total": 90,
+            "progress_message": "",
+            "seed": 0,
+            "priority": 0,
+            "log_bytes": 0,
+        }
+        for i in range(n)
+    ]
     with session_scope(f"sqlite:///{server.home / 'crucible.db'}") as s:
         s.execute(insert(Job), rows)

@@ -7,15 +7,15 @@ the generation instead of finishing it for nobody).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
 import pytest
 
 from tests.e2e.test_server import Server
-from tests.unit.test_deployments import tiny_llm_folder, zip_folder
+from tests.unit.service.test_deployments import tiny_llm_folder, zip_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -29,9 +29,11 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, openai.OpenAI]]:
         blob = zip_folder(tiny_llm_folder(tmp_path / "llm"))
         r = srv.http.post("/api/v1/models", data={"name": "tiny-llm"}, files={"file": ("m.zip", blob)})
         assert r.status_code == 201, r.text
-        r = srv.http.post("/api/v1/deployments", json={"name": "chat", "model": "tiny-llm",
-                                                       "engine": {"max_n": 2, "max_tokens_cap": 200}},
-                         timeout=300)  # the first deployment imports transformers into the server
+        r = srv.http.post(
+            "/api/v1/deployments",
+            json={"name": "chat", "model": "tiny-llm", "engine": {"max_n": 2, "max_tokens_cap": 200}},
+            timeout=300,
+        )  # the first deployment imports transformers into the server
         assert r.status_code == 201, r.text
         yield srv, openai.OpenAI(base_url=f"{srv.url}/v1", api_key=srv.key, max_retries=0, timeout=60)
     finally:
@@ -42,13 +44,13 @@ def test_the_openai_client_chats_streams_and_gets_errors(served):
     srv, client = served
     assert [m.id for m in client.models.list()] == ["chat"]
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
-    reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=12, seed=3, n=2,
-                                           temperature=0.8, top_p=0.9)
+    reply = client.chat.completions.create(
+        model="chat", messages=messages, max_tokens=12, seed=3, n=2, temperature=0.8, top_p=0.9
+    )
     assert len(reply.choices) == 2 and reply.choices[0].message.role == "assistant"
     assert reply.usage.completion_tokens <= 24 and reply.usage.prompt_tokens > 0
     plain = client.chat.completions.create(model="chat", messages=messages, max_tokens=12, seed=3)
-    chunks = list(client.chat.completions.create(model="chat", messages=messages, max_tokens=12, seed=3,
-                                                 stream=True))
+    chunks = list(client.chat.completions.create(model="chat", messages=messages, max_tokens=12, seed=3, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
     text = client.completions.create(model="chat", prompt="import os\n", max_tokens=5, seed=1)
     assert text.object == "text_completion" and text.usage.completion_tokens <= 5
@@ -65,8 +67,14 @@ def test_the_openai_client_chats_streams_and_gets_errors(served):
 
 def test_a_disconnected_stream_frees_the_model(served):
     srv, client = served
-    body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 200, "stream": True,
-            "temperature": 1.0, "stop": ["\u0000never"]}
+    body = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 200,
+        "stream": True,
+        "temperature": 1.0,
+        "stop": ["\u0000never"],
+    }
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {srv.key}"}, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
             for line in r.iter_lines():
@@ -88,8 +96,9 @@ def run_demo(home: Path, demo: str) -> tuple[dict, Server]:
     srv.start()
     api = Api(srv.url, srv.key)
     try:
-        return getattr(demos, f"{demo}_demo")(api, lambda job_id: _follow(api, job_id, quiet=True), print,
-                                              smoke=True), srv
+        return getattr(demos, f"{demo}_demo")(
+            api, lambda job_id: _follow(api, job_id, quiet=True), print, smoke=True
+        ), srv
     except BaseException:
         srv.stop()
         raise

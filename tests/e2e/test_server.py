@@ -12,8 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -40,12 +41,24 @@ class Server:
         self.http = httpx.Client(base_url=self.url, timeout=30)
 
     def start(self) -> None:
-        env = {**os.environ, "CRUCIBLE_HOME": str(self.home), "CRUCIBLE_PLUGINS": FIXTURE_PLUGINS,
-               "CRUCIBLE_HEARTBEAT_S": "0.5", "CRUCIBLE_LEASE_S": "6", "CRUCIBLE_CANCEL_GRACE_S": "2",
-               "CRUCIBLE_METRIC_FLUSH_S": "0.3", "CRUCIBLE_DEMO_JOB": "false"}
+        env = {
+            **os.environ,
+            "CRUCIBLE_HOME": str(self.home),
+            "CRUCIBLE_PLUGINS": FIXTURE_PLUGINS,
+            "CRUCIBLE_HEARTBEAT_S": "0.5",
+            "CRUCIBLE_LEASE_S": "6",
+            "CRUCIBLE_CANCEL_GRACE_S": "2",
+            "CRUCIBLE_METRIC_FLUSH_S": "0.3",
+            "CRUCIBLE_DEMO_JOB": "false",
+        }
         log = open(self.home.parent / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(self.port)],
-                                     cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "up", "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self._await_ready()
 
     def _await_ready(self) -> None:
@@ -111,8 +124,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 def test_a_real_method_job_end_to_end(server: Server):
-    job_id = server.submit(method="ldr", dataset="digits",
-                           params={"noise_rate": 0.4, "epochs": 3, "checkpoint_every": 1})
+    job_id = server.submit(
+        method="ldr", dataset="digits", params={"noise_rate": 0.4, "epochs": 3, "checkpoint_every": 1}
+    )
     job = server.wait_status(job_id, TERMINAL, timeout=240)
     assert job["status"] == "succeeded", job["failure"]
     assert job["progress"]["done"] == job["progress"]["total"] > 0
@@ -140,8 +154,7 @@ def test_cancel_stops_a_running_job_within_seconds(server: Server):
 
 
 def test_a_job_that_ignores_cancel_is_killed_after_the_grace_period(server: Server):
-    job_id = server.submit(method="test-counter", params={"steps": 10_000, "step_seconds": 0.05,
-                                                           "ignore_cancel": True})
+    job_id = server.submit(method="test-counter", params={"steps": 10_000, "step_seconds": 0.05, "ignore_cancel": True})
     server.wait_status(job_id, ("running",))
     server.http.post(f"/api/v1/jobs/{job_id}/cancel")
     assert server.wait_status(job_id, TERMINAL, timeout=60)["status"] == "cancelled"
@@ -179,11 +192,33 @@ def test_a_restarted_server_requeues_and_finishes_a_job_left_running(server: Ser
 def test_cli_submit_follow_shows_progress_and_summary(server: Server):
     # the CLI finds its key where `crucible up` left it (home/admin-key), as on a laptop
     env = {**os.environ, "CRUCIBLE_API_URL": server.url, "CRUCIBLE_HOME": str(server.home), "COLUMNS": "120"}
-    out = subprocess.run([sys.executable, "-m", "api.cli", "submit", "test-counter", "-p", "steps=8",
-                          "-p", "step_seconds=0.1", "--follow"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=180)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "api.cli",
+            "submit",
+            "test-counter",
+            "-p",
+            "steps=8",
+            "-p",
+            "step_seconds=0.1",
+            "--follow",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr
     assert "succeeded" in out.stdout and "value" in out.stdout and "result.json" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "api.cli", "submit", "test-counter", "-p", "steps=0"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "api.cli", "submit", "test-counter", "-p", "steps=0"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1 and "/params/steps" in bad.stderr

@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -118,9 +119,13 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     redis_url = SERVICES["CRUCIBLE_TEST_REDIS_URL"] + "/1"
     redis.Redis.from_url(redis_url).flushdb()
     with fresh_database() as url:
-        s = make_settings(tmp_path_factory.mktemp("stack") / "home", database_url=url, redis_url=redis_url,
-                          storage_url=f"s3://{SERVICES['CRUCIBLE_TEST_S3_BUCKET']}/t-{uuid.uuid4().hex[:12]}",
-                          s3_endpoint=SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"])
+        s = make_settings(
+            tmp_path_factory.mktemp("stack") / "home",
+            database_url=url,
+            redis_url=redis_url,
+            storage_url=f"s3://{SERVICES['CRUCIBLE_TEST_S3_BUCKET']}/t-{uuid.uuid4().hex[:12]}",
+            s3_endpoint=SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"],
+        )
         upgrade(s.database_url)
         load_plugins(s)
         STACK_HOMES.append(s.home)
@@ -141,9 +146,26 @@ class CeleryWorker:
         self.name = f"{name}@test"
         self.log = open(log_dir / f"worker-{name}.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "worker", "-Q", "cpu", "-c", str(concurrency), "-n", self.name,
-             "--loglevel", "WARNING"],
-            cwd=REPO, env=settings_env(settings), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "worker",
+                "-Q",
+                "cpu",
+                "-c",
+                str(concurrency),
+                "-n",
+                self.name,
+                "--loglevel",
+                "WARNING",
+            ],
+            cwd=REPO,
+            env=settings_env(settings),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None

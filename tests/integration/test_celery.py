@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import func, select
@@ -44,7 +42,9 @@ def owner_of(settings: Settings, job_id: str) -> str | None:
 def completions(settings: Settings, job_id: str) -> int:
     """How many times the job ran to its end (test-counter registers a model version each time)."""
     with session_scope(settings.database_url) as s:
-        return s.scalar(select(func.count()).select_from(RegisteredModel).where(RegisteredModel.source_job_id == job_id))
+        return s.scalar(
+            select(func.count()).select_from(RegisteredModel).where(RegisteredModel.source_job_id == job_id)
+        )
 
 
 def assert_complete_series(server: Server, job_id: str, steps: int) -> None:
@@ -62,7 +62,9 @@ def test_a_job_runs_on_a_celery_worker_with_state_in_postgres_and_objects_in_s3(
     assert_complete_series(server, job_id, 12)
     result = server.http.get(f"/api/v1/jobs/{job_id}/artifacts/result.json").json()
     assert result == {"total": 78.0, "resumed_from": 0}
-    ckpts = [a for a in server.http.get(f"/api/v1/jobs/{job_id}/artifacts").json()["items"] if a["kind"] == "checkpoint"]
+    ckpts = [
+        a for a in server.http.get(f"/api/v1/jobs/{job_id}/artifacts").json()["items"] if a["kind"] == "checkpoint"
+    ]
     assert ckpts and all(len(server.http.get(a["url"]).content) == a["size"] for a in ckpts)
 
 
@@ -104,7 +106,9 @@ def test_cancel_stops_a_job_on_a_worker_and_frees_it(server, workers, stack_sett
     server.wait_status(polite, ("running",), timeout=60)
     assert server.http.post(f"/api/v1/jobs/{polite}/cancel").json()["status"] == "cancelling"
     assert server.wait_status(polite, TERMINAL, timeout=30)["status"] == "cancelled"
-    stubborn = server.submit(method="test-counter", params={"steps": 10_000, "step_seconds": 0.05, "ignore_cancel": True})
+    stubborn = server.submit(
+        method="test-counter", params={"steps": 10_000, "step_seconds": 0.05, "ignore_cancel": True}
+    )
     server.wait_status(stubborn, ("running",), timeout=60)  # the worker (concurrency 1) was freed
     server.http.post(f"/api/v1/jobs/{stubborn}/cancel")
     assert server.wait_status(stubborn, TERMINAL, timeout=60)["status"] == "cancelled"

@@ -10,8 +10,8 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -19,7 +19,6 @@ import torch
 from sqlalchemy import func, select
 
 from tests.conftest import wait_for
-from tests.e2e.test_server import Server
 from tests.integration.conftest import SERVICES
 from tests.integration.test_celery import assert_complete_series, completions, server  # noqa: F401 (fixture)
 from workers import lifecycle
@@ -55,11 +54,18 @@ class Weed:
 
     def start(self) -> None:
         log = open(self.pid_file.parent / "s3.log", "ab")
-        proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         self.pid, self.proc = proc.pid, proc
         self.pid_file.write_text(str(proc.pid))
-        store = S3Store(SERVICES["CRUCIBLE_TEST_S3_BUCKET"], "probe", SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"], max_attempts=1, retry_s=0)
+        store = S3Store(
+            SERVICES["CRUCIBLE_TEST_S3_BUCKET"],
+            "probe",
+            SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"],
+            max_attempts=1,
+            retry_s=0,
+        )
         wait_for(lambda: _answers(store), timeout=60, every=0.2)
 
 
@@ -119,8 +125,14 @@ def test_a_multipart_checkpoint_write_survives_s3_being_down_for_seconds(stack_s
     assert hashlib.sha256(store.get_bytes(rows[0].key)).hexdigest() == rows[0].sha256
     loaded = ctx.load_checkpoint()
     assert loaded is not None and loaded.step == 7 and torch.equal(loaded.state["w"], state["w"])
-    figures("s3 outage during a checkpoint write", bytes=rows[0].size, outage_s=3, write_s=round(took, 1),
-            registered=len(rows), corrupt=0)
+    figures(
+        "s3 outage during a checkpoint write",
+        bytes=rows[0].size,
+        outage_s=3,
+        write_s=round(took, 1),
+        registered=len(rows),
+        corrupt=0,
+    )
 
 
 def test_a_failed_checkpoint_write_registers_nothing(stack_settings, s3_url, weed):
@@ -130,7 +142,7 @@ def test_a_failed_checkpoint_write_registers_nothing(stack_settings, s3_url, wee
     ctx.save_checkpoint({"w": torch.ones(4)}, step=1)
     weed.stop()
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - whichever error the client raises, the checkpoint is refused
             ctx.save_checkpoint({"w": torch.zeros(6 * 1024 * 1024)}, step=2)
     finally:
         weed.start()
@@ -147,24 +159,38 @@ def restart_postgres() -> float:
     started = time.monotonic()
     data = SERVICES["CRUCIBLE_TEST_PG_DATA"]
     # -l: the server must not inherit our pipes (we would wait for it to exit)
-    subprocess.run([*as_user, str(pg_ctl), "-D", data, "-l", f"{data}/server.log", "-m", "fast", "-w", "restart"],
-                   check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=120)
+    subprocess.run(
+        [*as_user, str(pg_ctl), "-D", data, "-l", f"{data}/server.log", "-m", "fast", "-w", "restart"],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
     return time.monotonic() - started
 
 
 def test_jobs_survive_a_postgres_restart(server, workers, stack_settings):  # noqa: F811
     workers("a", concurrency=2)
-    ids = [server.submit(method="test-counter", params={"steps": 40, "step_seconds": 0.1, "checkpoint_every": 5})
-           for _ in range(3)]
+    ids = [
+        server.submit(method="test-counter", params={"steps": 40, "step_seconds": 0.1, "checkpoint_every": 5})
+        for _ in range(3)
+    ]
     wait_for(lambda: sum(server.job(j)["status"] == "running" for j in ids) >= 2, timeout=90)
     time.sleep(1.5)
     down_s = restart_postgres()
     jobs = [server.wait_status(j, TERMINAL, timeout=180) for j in ids]
     lost = [j["id"] for j in jobs if j["status"] != "succeeded"]
     duplicates = sum(max(0, completions(stack_settings, j) - 1) for j in ids)
-    figures("postgres restart mid-run", jobs=len(ids), restarts=1, restart_s=round(down_s, 1),
-            attempts=[j["attempt"] for j in jobs], lost=len(lost), duplicates=duplicates)
+    figures(
+        "postgres restart mid-run",
+        jobs=len(ids),
+        restarts=1,
+        restart_s=round(down_s, 1),
+        attempts=[j["attempt"] for j in jobs],
+        lost=len(lost),
+        duplicates=duplicates,
+    )
     assert not lost, [j["failure"] for j in jobs]
     assert duplicates == 0
     for j in ids:
@@ -189,8 +215,7 @@ def test_200_submissions_from_8_clients_with_reused_keys_each_run_exactly_once(s
 
     def client(n: int) -> None:
         rng = random.Random(n)
-        with httpx.Client(base_url=server.url, timeout=30,
-                          headers={"Authorization": f"Bearer {api_keys[n]}"}) as http:
+        with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {api_keys[n]}"}) as http:
             for _ in range(25):
                 key = rng.choice(keys)
                 body = {"method": "test-counter", "params": {"steps": 2}, "tags": {"key": key}}
@@ -219,8 +244,15 @@ def test_200_submissions_from_8_clients_with_reused_keys_each_run_exactly_once(s
         total_rows = s.scalar(select(func.count()).select_from(Job).where(Job.idempotency_key.in_(stored)))
     lost = [j["id"] for j in jobs if j["status"] != "succeeded"]
     duplicates = sum(max(0, n - 1) for n in runs.values())
-    figures("200 submissions, 8 clients, reused keys", submissions=200, jobs=len(accepted), rows=total_rows,
-            submit_per_s=round(200 / submit_s, 1), lost=len(lost), duplicates=duplicates)
+    figures(
+        "200 submissions, 8 clients, reused keys",
+        submissions=200,
+        jobs=len(accepted),
+        rows=total_rows,
+        submit_per_s=round(200 / submit_s, 1),
+        lost=len(lost),
+        duplicates=duplicates,
+    )
     assert total_rows == len(accepted) == len(by_key)
     assert not lost and set(runs.values()) == {1}
     assert all(j["attempt"] == 1 for j in jobs)

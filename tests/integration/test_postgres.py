@@ -21,7 +21,9 @@ pytestmark = pytest.mark.integration
 def test_migrations_go_up_and_down_on_postgres(pg_url: str):
     upgrade(pg_url)
     engine = create_engine(pg_url)
-    assert {"jobs", "metrics", "artifacts", "models", "datasets", "log_chunks"} <= set(inspect(engine).get_table_names())
+    assert {"jobs", "metrics", "artifacts", "models", "datasets", "log_chunks"} <= set(
+        inspect(engine).get_table_names()
+    )
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"models and migrations disagree on Postgres; add a revision: {diff}"
@@ -37,8 +39,10 @@ def test_metric_replay_upserts_on_postgres(pg_url: str):
     upgrade(pg_url)
     with session_scope(pg_url) as s:
         s.add(Job(id="J" * 26, method="test-counter"))
-    rows = [{"job_id": "J" * 26, "name": "loss", "step": i, "value": float(i), "time": 0.0, "attempt": 1}
-            for i in range(100)]
+    rows = [
+        {"job_id": "J" * 26, "name": "loss", "step": i, "value": float(i), "time": 0.0, "attempt": 1}
+        for i in range(100)
+    ]
     with session_scope(pg_url) as s:
         upsert_metrics(s, rows)
     with session_scope(pg_url) as s:  # a replayed flush (e.g. after a lost commit acknowledgement)

@@ -12,8 +12,11 @@ from models.llm.folder import CausalLM, load_folder
 
 def small_corpus(documents: int = 4) -> Dataset:
     ds = load_builtin("stdlib-code")
-    return Dataset("stdlib-small", "text-corpus", {s: Split({"text": list(ds.splits[s]["text"][:documents])})
-                                                   for s in ("train", "val", "test")})
+    return Dataset(
+        "stdlib-small",
+        "text-corpus",
+        {s: Split({"text": list(ds.splits[s]["text"][:documents])}) for s in ("train", "val", "test")},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from models.context import InMemoryRunContext
 from models.datasets import Dataset
 
 
-def interrupted_and_resumed(run: Callable[[InMemoryRunContext, Any], None], dataset: Dataset, params: Any, seed: int,
-                            stop_after: int) -> tuple[InMemoryRunContext, InMemoryRunContext, InMemoryRunContext]:
+def interrupted_and_resumed(
+    run: Callable[[InMemoryRunContext, Any], None], dataset: Dataset, params: Any, seed: int, stop_after: int
+) -> tuple[InMemoryRunContext, InMemoryRunContext, InMemoryRunContext]:
     """(whole, crashed, resumed): the crashed run is cancelled once epoch `stop_after` is reported, and the
     resumed one starts from the checkpoints it left, as a re-queued attempt finds them in storage."""
     whole = InMemoryRunContext(dataset=dataset, seed=seed)

@@ -46,8 +46,11 @@ def make_celery_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_queues=[Queue(q) for q in QUEUES],
         task_default_queue="cpu",
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S, "queue_order_strategy": "priority",
-                                  "priority_steps": list(range(10))},
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -70,8 +73,9 @@ class CeleryExecutor:
         self.dispatcher = Dispatcher(settings, "celery", self.send, poll_s=poll_s)
 
     def send(self, d: Dispatch) -> None:
-        self.app.send_task(TASK, args=[d.job_id, d.attempt], queue=queue_for(d.resources),
-                           priority=celery_priority(d.priority))
+        self.app.send_task(
+            TASK, args=[d.job_id, d.attempt], queue=queue_for(d.resources), priority=celery_priority(d.priority)
+        )
 
     def start(self) -> None:
         self.dispatcher.start()
@@ -89,8 +93,9 @@ def default_queues() -> list[str]:
     return ["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]
 
 
-def run_worker(settings: Settings, queues: list[str], concurrency: int, name: str | None = None,
-               loglevel: str = "INFO") -> None:
+def run_worker(
+    settings: Settings, queues: list[str], concurrency: int, name: str | None = None, loglevel: str = "INFO"
+) -> None:
     """`crucible worker`: a Celery worker that also dispatches and reaps, so the stack needs no API to recover."""
     executor = CeleryExecutor(settings, poll_s=max(1.0, settings.heartbeat_s))
     app, dispatcher = executor.app, executor.dispatcher
@@ -98,7 +103,9 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int, name: st
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
-        warm_up(settings)  # the fork server imports torch, the runner and plugins and connects now, not at the first job
+        warm_up(
+            settings
+        )  # the fork server imports torch, the runner and plugins and connects now, not at the first job
         dispatcher.start()
 
     @signals.worker_shutting_down.connect(weak=False)
@@ -110,5 +117,20 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int, name: st
 
     # A task only claims, forks and supervises (the job runs in its own forked process), so a thread
     # per task is enough, and threads share the worker's one pre-imported fork server.
-    app.worker_main(["worker", "-P", "threads", "-Q", ",".join(queues), "-c", str(concurrency), "-n", nodename,
-                     "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+    app.worker_main(
+        [
+            "worker",
+            "-P",
+            "threads",
+            "-Q",
+            ",".join(queues),
+            "-c",
+            str(concurrency),
+            "-n",
+            nodename,
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

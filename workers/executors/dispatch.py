@@ -13,9 +13,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import or_, select, update
 
@@ -44,8 +45,14 @@ def queue_for(resources: dict[str, Any]) -> str:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, engine: str, send: Callable[[Dispatch], None], poll_s: float = 0.25,
-                 on_tick: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        engine: str,
+        send: Callable[[Dispatch], None],
+        poll_s: float = 0.25,
+        on_tick: Callable[[], None] | None = None,
+    ):
         self.settings, self.engine, self.send, self.poll_s = settings, engine, send, poll_s
         self.on_tick = on_tick
         self.marker = f"sent:{engine}"
@@ -96,7 +103,9 @@ class Dispatcher:
             rows = s.execute(
                 select(Job.id, Job.attempt, Job.priority, Job.resources)
                 .where(Job.status == "queued", or_(Job.lease_owner.is_(None), Job.lease_expires_at < now))
-                .order_by(Job.priority.desc(), Job.created_at, Job.id).limit(BATCH)).all()
+                .order_by(Job.priority.desc(), Job.created_at, Job.id)
+                .limit(BATCH)
+            ).all()
         sent = 0
         for row in rows:
             if not self._mark_sent(row.id, row.attempt, now):
@@ -111,14 +120,26 @@ class Dispatcher:
 
     def _mark_sent(self, job_id: str, attempt: int, now: Any) -> bool:
         with session_scope(self.settings.database_url) as s:
-            return s.execute(
-                update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued",
-                                  or_(Job.lease_owner.is_(None), Job.lease_expires_at < now))
-                .values(lease_owner=self.marker, lease_expires_at=now + timedelta(seconds=RESEND_AFTER_S))
-                .execution_options(synchronize_session=False)).rowcount == 1
+            return (
+                s.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job_id,
+                        Job.attempt == attempt,
+                        Job.status == "queued",
+                        or_(Job.lease_owner.is_(None), Job.lease_expires_at < now),
+                    )
+                    .values(lease_owner=self.marker, lease_expires_at=now + timedelta(seconds=RESEND_AFTER_S))
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                == 1
+            )
 
     def _unmark(self, job_id: str, attempt: int) -> None:
         with session_scope(self.settings.database_url) as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued",
-                                        Job.lease_owner == self.marker)
-                      .values(lease_owner=None, lease_expires_at=None).execution_options(synchronize_session=False))
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued", Job.lease_owner == self.marker)
+                .values(lease_owner=None, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )

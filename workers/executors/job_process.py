@@ -25,8 +25,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
@@ -51,8 +52,16 @@ def die_with_parent() -> None:
         pass
 
 
-def run_attempt(job_id: str, attempt: int, settings: Settings, owner: str, *, cwd: str | None = None,
-                poll_s: float = 0.5, on_started: Callable[[int], None] | None = None) -> str:
+def run_attempt(
+    job_id: str,
+    attempt: int,
+    settings: Settings,
+    owner: str,
+    *,
+    cwd: str | None = None,
+    poll_s: float = 0.5,
+    on_started: Callable[[int], None] | None = None,
+) -> str:
     """Claim and run one attempt; returns 'skipped' when the job was not ours to run, else how it ended."""
     with session_scope(settings.database_url) as s:
         if not lifecycle.claim(s, job_id, attempt, owner, settings.lease_s):
@@ -63,9 +72,17 @@ def run_attempt(job_id: str, attempt: int, settings: Settings, owner: str, *, cw
     with ThreadPoolExecutor(1) as pool:
         # The first start in a worker waits for its fork server to import torch (seconds on a busy
         # machine); the claimed job's lease is kept alive meanwhile.
-        starting = pool.submit(start_job_process, job_id, attempt, owner, env,
-                               settings.log_dir / f"{job_id}.a{attempt}.log", settings.home / "run",
-                               cwd=cwd if cwd and os.path.isdir(cwd) else None, die_with_server=True)
+        starting = pool.submit(
+            start_job_process,
+            job_id,
+            attempt,
+            owner,
+            env,
+            settings.log_dir / f"{job_id}.a{attempt}.log",
+            settings.home / "run",
+            cwd=cwd if cwd and os.path.isdir(cwd) else None,
+            die_with_server=True,
+        )
         while not starting.done():
             _keep_starting_lease(job_id, attempt, settings)
             wait([starting], timeout=poll_s)
@@ -86,8 +103,14 @@ def _keep_starting_lease(job_id: str, attempt: int, settings: Settings) -> None:
         print(f"[crucible] supervisor of {job_id}: {type(exc).__name__}", file=sys.stderr, flush=True)
 
 
-def supervise(proc: "ForkedJob | subprocess.Popen[bytes]", job_id: str, attempt: int, owner: str, settings: Settings,
-              poll_s: float) -> str:
+def supervise(
+    proc: ForkedJob | subprocess.Popen[bytes],
+    job_id: str,
+    attempt: int,
+    owner: str,
+    settings: Settings,
+    poll_s: float,
+) -> str:
     stop_since: float | None = None  # when we decided the process must stop
     term_at: float | None = None
     while proc.poll() is None:
@@ -123,7 +146,7 @@ def supervise(proc: "ForkedJob | subprocess.Popen[bytes]", job_id: str, attempt:
     return "unknown"
 
 
-def _wait_for_exit(proc: "ForkedJob | subprocess.Popen[bytes]", poll_s: float) -> None:
+def _wait_for_exit(proc: ForkedJob | subprocess.Popen[bytes], poll_s: float) -> None:
     """Sleep one poll interval, waking the moment a forked job exits (its sentinel becomes readable),
     so the worker takes its next job without waiting out the interval."""
     sentinel = getattr(getattr(proc, "process", None), "sentinel", None)
@@ -160,11 +183,20 @@ def preempt(settings: Settings, owner_prefix: str, reason: str) -> list[str]:
                 lifecycle.release_lost(s, job, reason)
                 continue
             moved = s.execute(
-                update(Job).where(Job.id == job.id, Job.attempt == job.attempt, Job.status.in_(("starting", "running")))
-                .values(status="queued", attempt=Job.attempt + 1, max_attempts=Job.max_attempts + 1,
-                        lease_owner=None, lease_expires_at=None, heartbeat_at=utcnow(), error=reason,
-                        failure_code="preempted")
-                .execution_options(synchronize_session=False)).rowcount
+                update(Job)
+                .where(Job.id == job.id, Job.attempt == job.attempt, Job.status.in_(("starting", "running")))
+                .values(
+                    status="queued",
+                    attempt=Job.attempt + 1,
+                    max_attempts=Job.max_attempts + 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    heartbeat_at=utcnow(),
+                    error=reason,
+                    failure_code="preempted",
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
             if moved:
                 requeued.append(job.id)
     return requeued

@@ -137,16 +137,23 @@ class LocalExecutor:
 
     def _dispatch_one(self) -> bool:
         with session_scope(self.settings.database_url) as s:
-            job = s.scalars(select(Job).where(Job.status == "queued")
-                            .order_by(Job.priority.desc(), Job.created_at, Job.id).limit(1)).first()
+            job = s.scalars(
+                select(Job).where(Job.status == "queued").order_by(Job.priority.desc(), Job.created_at, Job.id).limit(1)
+            ).first()
             if job is None:
                 return False
             job_id, attempt = job.id, job.attempt
             if not lifecycle.claim(s, job_id, attempt, self.owner, self.settings.lease_s):
                 return True  # lost the race; look again
         log_path = self.settings.log_dir / f"{job_id}.a{attempt}.log"
-        proc = start_job_process(job_id, attempt, self.owner, {**self.settings.to_env(), "PYTHONUNBUFFERED": "1"},
-                                 log_path, self.settings.home / "run")
+        proc = start_job_process(
+            job_id,
+            attempt,
+            self.owner,
+            {**self.settings.to_env(), "PYTHONUNBUFFERED": "1"},
+            log_path,
+            self.settings.home / "run",
+        )
         self.children[job_id] = _Child(job_id, attempt, proc)
         return True
 

@@ -52,8 +52,13 @@ class RayExecutor:
 
     def start(self) -> None:
         if not ray.is_initialized():
-            ray.init(address=self.settings.ray_address or None, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, runtime_env=runtime_env(self.settings))
+            ray.init(
+                address=self.settings.ray_address or None,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env=runtime_env(self.settings),
+            )
             self._started_ray = True
         address = self.settings.ray_address or ray.get_runtime_context().gcs_address
         self._task_settings = self.settings.model_copy(update={"ray_address": address}).model_dump(mode="json")
@@ -75,7 +80,8 @@ class RayExecutor:
         cpus = float(d.resources.get("cpus", 1) or 1)
         gpus = float(d.resources.get("gpus", 0) or 0)
         ref = run_job_task.options(num_cpus=cpus, num_gpus=gpus, name=f"crucible-job-{d.job_id}").remote(
-            d.job_id, d.attempt, self._task_settings, os.getcwd())
+            d.job_id, d.attempt, self._task_settings, os.getcwd()
+        )
         with self._lock:
             self.refs[d.job_id] = (d.attempt, ref, None)
 

@@ -79,8 +79,11 @@ def tree_search(q: torch.Tensor, k: torch.Tensor, config: HiPConfig) -> torch.Te
         mid = lo + (hi - lo + 1) // 2
         cand_lo, cand_hi = torch.cat([lo, mid], dim=-1), torch.cat([mid, hi], dim=-1)
         representative = ((cand_lo + cand_hi - 1) // 2).clamp(min=0)  # centre block of each half
-        keys = torch.gather(k_blocks.unsqueeze(-4).expand(*lead, n_q, *k_blocks.shape[-3:]), -3,
-                            representative[..., None, None].expand(*representative.shape, *k_blocks.shape[-2:]))
+        keys = torch.gather(
+            k_blocks.unsqueeze(-4).expand(*lead, n_q, *k_blocks.shape[-3:]),
+            -3,
+            representative[..., None, None].expand(*representative.shape, *k_blocks.shape[-2:]),
+        )
         # max over the b_q × b_k dot products of the query block and the representative block
         score = torch.einsum("...qd,...ckd->...cqk", q_blocks, keys).amax(dim=(-1, -2))
         score = score.masked_fill(cand_hi <= cand_lo, NEG_INF)
@@ -100,8 +103,10 @@ def key_sets(q: torch.Tensor, k: torch.Tensor, config: HiPConfig) -> tuple[torch
     starts = torch.arange(n_q, device=device) * config.block_q
     window = starts.view(n_q, 1) + torch.arange(-config.window, config.block_q, device=device)
     sink = torch.arange(config.sink, device=device).expand(n_q, config.sink)
-    index = torch.cat([selected.flatten(-2), sink.expand(*lead, n_q, config.sink),
-                       window.expand(*lead, n_q, window.shape[-1])], dim=-1)
+    index = torch.cat(
+        [selected.flatten(-2), sink.expand(*lead, n_q, config.sink), window.expand(*lead, n_q, window.shape[-1])],
+        dim=-1,
+    )
     index = torch.where((index >= 0) & (index < t), index, -1).sort(dim=-1).values
     duplicate = torch.cat([torch.zeros_like(index[..., :1], dtype=torch.bool), index[..., 1:] == index[..., :-1]], -1)
     valid = (index >= 0) & ~duplicate
@@ -119,8 +124,9 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     keys = torch.gather(k, -2, flat.unsqueeze(-1).expand(*flat.shape, k.shape[-1])).reshape(*lead, n_q, width, -1)
     values = torch.gather(v, -2, flat.unsqueeze(-1).expand(*flat.shape, d_v)).reshape(*lead, n_q, width, d_v)
     bias = torch.zeros(allowed.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-    out, _ = attention_with_lse(_blocks(q, config.block_q), keys, values, scale,
-                                bias=bias.masked_fill(~allowed, NEG_INF))
+    out, _ = attention_with_lse(
+        _blocks(q, config.block_q), keys, values, scale, bias=bias.masked_fill(~allowed, NEG_INF)
+    )
     return out.reshape(*lead, n_q * config.block_q, d_v)[..., :t, :]
 
 

@@ -35,8 +35,13 @@ from typing import Any
 
 import torch
 
-from models.llm.attention.kit import (attention_with_lse, interface_function, last_layers_filter, merge_lse,
-                                     register_attention)
+from models.llm.attention.kit import (
+    attention_with_lse,
+    interface_function,
+    last_layers_filter,
+    merge_lse,
+    register_attention,
+)
 
 NEG_INF = float("-inf")
 
@@ -78,8 +83,9 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if rows == 0 else torch.cat([x, x.new_zeros(*x.shape[:-2], rows, x.shape[-1])], dim=-2)
 
 
-def hyper_attention_noncausal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: HyperConfig,
-                              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def hyper_attention_noncausal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: HyperConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1–4 of the module docstring: q [B, H, n, d], k/v [B, H, m, d] → (o [B, H, n, d], lse [B, H, n])."""
     n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
     blocks = max(1, math.ceil(n / config.block_size))
@@ -95,8 +101,13 @@ def hyper_attention_noncausal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lead = q.shape[:-2]
     key_pad = torch.zeros(bk * blocks, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
     key_pad[m:] = NEG_INF
-    o1, lse1 = attention_with_lse(qs.reshape(*lead, blocks, bq, d), ks.reshape(*lead, blocks, bk, d),
-                                  vs.reshape(*lead, blocks, bk, v.shape[-1]), scale, bias=key_pad.view(blocks, 1, bk))
+    o1, lse1 = attention_with_lse(
+        qs.reshape(*lead, blocks, bq, d),
+        ks.reshape(*lead, blocks, bk, d),
+        vs.reshape(*lead, blocks, bk, v.shape[-1]),
+        scale,
+        bias=key_pad.view(blocks, 1, bk),
+    )
     o1, lse1 = o1.reshape(*lead, blocks * bq, v.shape[-1])[..., :n, :], lse1.reshape(*lead, blocks * bq)[..., :n]
     if config.sample_size > 0:
         samples = torch.randint(0, m, (config.sample_size,), generator=generator).to(q.device)
@@ -112,26 +123,37 @@ def hyper_attention_noncausal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _gather(o1, inverse), torch.gather(lse1, -1, inverse)
 
 
-def hyper_attention_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: HyperConfig,
-                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def hyper_attention_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: HyperConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The causal recursion (Alg. 4): exact below `min_seq_len`, else two causal halves plus the non-causal
     off-diagonal block merged into the second half. q, k, v [B, H, n, d] with n queries at the n key positions."""
     n = q.shape[-2]
     if n <= max(config.min_seq_len, 1):
         return attention_with_lse(q, k, v, scale, causal=True)
     half = n // 2
-    o_top, lse_top = hyper_attention_causal(q[..., :half, :], k[..., :half, :], v[..., :half, :], scale, config,
-                                            generator)
-    o_diag, lse_diag = hyper_attention_causal(q[..., half:, :], k[..., half:, :], v[..., half:, :], scale, config,
-                                              generator)
-    o_off, lse_off = hyper_attention_noncausal(q[..., half:, :], k[..., :half, :], v[..., :half, :], scale, config,
-                                               generator)
+    o_top, lse_top = hyper_attention_causal(
+        q[..., :half, :], k[..., :half, :], v[..., :half, :], scale, config, generator
+    )
+    o_diag, lse_diag = hyper_attention_causal(
+        q[..., half:, :], k[..., half:, :], v[..., half:, :], scale, config, generator
+    )
+    o_off, lse_off = hyper_attention_noncausal(
+        q[..., half:, :], k[..., :half, :], v[..., :half, :], scale, config, generator
+    )
     o_bottom, lse_bottom = merge_lse(o_diag, lse_diag, o_off, lse_off)
     return torch.cat([o_top, o_bottom], dim=-2), torch.cat([lse_top, lse_bottom], dim=-1)
 
 
-def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: HyperConfig,
-                    causal: bool = True, seed: int | None = None) -> torch.Tensor:
+def hyper_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    config: HyperConfig,
+    causal: bool = True,
+    seed: int | None = None,
+) -> torch.Tensor:
     """HyperAttention output [B, H, n, d] (causal: the recursion; else one non-causal approximation)."""
     generator = torch.Generator().manual_seed(config.seed if seed is None else seed)
     fn = hyper_attention_causal if causal else hyper_attention_noncausal
@@ -143,8 +165,9 @@ def register_hyperattention(config: HyperConfig = HyperConfig(), name: str = "hy
     layers; decoding steps and padded batches stay exact): `model.set_attn_implementation(name)`."""
 
     def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, module: Any) -> torch.Tensor:
-        return hyper_attention(q, k, v, scale, config, causal=True,
-                               seed=config.seed * 1009 + int(getattr(module, "layer_idx", 0) or 0))
+        return hyper_attention(
+            q, k, v, scale, config, causal=True, seed=config.seed * 1009 + int(getattr(module, "layer_idx", 0) or 0)
+        )
 
     return register_attention(name, interface_function(prefill, last_layers_filter(config.last_layers)))
 

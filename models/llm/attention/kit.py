@@ -15,7 +15,8 @@ lse = −inf and o = 0, and then simply drops out of the merge.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NEG_INF = float("-inf")
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                       bias: torch.Tensor | None = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention and its lse: q [..., n, d], k/v [..., m, d], `bias` broadcastable to [..., n, m]
     (0 or −inf). `causal` aligns the queries to the *last* n keys (prefill n = m; a continued chunk n < m).
     Rows with no visible key give o = 0, lse = −inf. Computed in float32 (float64 stays float64)."""
@@ -44,8 +51,9 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return out.to(q.dtype), lse
 
 
-def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_lse(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the union of two disjoint key sets from the partial results (module docstring)."""
     lse = torch.logaddexp(lse1, lse2)
     safe = torch.where(torch.isfinite(lse), lse, 0.0)
@@ -63,16 +71,24 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 PrefillFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, Any], torch.Tensor]
 
 
-def interface_function(prefill: PrefillFn, use_for_layer: Callable[[Any], bool]
-                       ) -> Callable[..., tuple[torch.Tensor, None]]:
+def interface_function(
+    prefill: PrefillFn, use_for_layer: Callable[[Any], bool]
+) -> Callable[..., tuple[torch.Tensor, None]]:
     """An `AttentionInterface` function: `prefill(q, k, v, scale, module)` (causal, q [B, H, n, d], n = m) for the
     layers `use_for_layer(module)` accepts; every other call — decoding steps (n < m), other layers, and batches
     with a padding mask (the mask interface is SDPA's, which gives None for a plain causal batch) — is exact SDPA,
     so the cache and generation loop are unchanged (the notes: "prefill only; decoding stays exact")."""
 
-    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                  **kwargs: Any) -> tuple[torch.Tensor, None]:  # transformers' order: kvpress passes dropout 6th
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:  # transformers' order: kvpress passes dropout 6th
         groups = getattr(module, "num_key_value_groups", 1)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -80,9 +96,11 @@ def interface_function(prefill: PrefillFn, use_for_layer: Callable[[Any], bool]
         if attention_mask is None and n == m and use_for_layer(module):
             out = prefill(query, key, value, scale, module)
         elif attention_mask is None:
-            out = F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=n > 1,
-                                                 enable_gqa=False) if n == m or n == 1 else \
-                attention_with_lse(query, key, value, scale, causal=True)[0]
+            out = (
+                F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=n > 1, enable_gqa=False)
+                if n == m or n == 1
+                else attention_with_lse(query, key, value, scale, causal=True)[0]
+            )
         else:
             mask = attention_mask[..., : key.shape[-2]]
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)

@@ -5,8 +5,9 @@ count), so reproductions and `bench/long_context.py` time things the same way.""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -42,8 +43,9 @@ def perplexity_with(model: torch.nn.Module, name: str, windows: torch.Tensor, ba
         return perplexity(model, windows, batch_size)
 
 
-def random_qkv(length: int, heads: int = 1, head_dim: int = 64, seed: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_qkv(
+    length: int, heads: int = 1, head_dim: int = 64, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gaussian q, k, v [1, heads, length, head_dim] for timing (content does not change the cost)."""
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(1, heads, length, head_dim, generator=g) for _ in range(3))  # type: ignore[return-value]

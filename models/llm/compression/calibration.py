@@ -14,8 +14,8 @@ a given architecture's decoder-layer forward, so it works for any Llama-layout m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -56,15 +56,20 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def block_input_stats(model: nn.Module, windows: torch.Tensor, layer: int, batch_size: int = 8) -> dict[str, InputStats]:
+def block_input_stats(
+    model: nn.Module, windows: torch.Tensor, layer: int, batch_size: int = 8
+) -> dict[str, InputStats]:
     """Input statistics of each linear of decoder block `layer`, from the model as it is now."""
     block = decoder_layers(model)[layer]
     linears = block_linears(block)
     device = next(model.parameters()).device
-    stats = {name: InputStats(torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device))
-             for name, lin in linears.items()}
-    handles = [lin.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
-               for name, lin in linears.items()]
+    stats = {
+        name: InputStats(torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device))
+        for name, lin in linears.items()
+    }
+    handles = [
+        lin.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0])) for name, lin in linears.items()
+    ]
 
     def stop(*_: object) -> None:
         raise _StopForward
@@ -88,8 +93,13 @@ def block_input_stats(model: nn.Module, windows: torch.Tensor, layer: int, batch
 LinearEdit = Callable[[int, str, nn.Linear, InputStats], None]
 
 
-def compress_sequentially(model: nn.Module, windows: torch.Tensor, edit: LinearEdit, batch_size: int = 8,
-                          on_block: Callable[[int, int], None] | None = None) -> None:
+def compress_sequentially(
+    model: nn.Module,
+    windows: torch.Tensor,
+    edit: LinearEdit,
+    batch_size: int = 8,
+    on_block: Callable[[int, int], None] | None = None,
+) -> None:
     """For each block in order: gather its linears' input statistics, then `edit(layer, name, linear, stats)`
     each linear in place (prune, quantize, compensate)."""
     layers = decoder_layers(model)

@@ -9,9 +9,10 @@ deployment or a later job (SquareHead after pruning, EoRA after SquareHead) can 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -27,13 +28,19 @@ from models.registry import MethodParams
 class CompressionParams(MethodParams):
     """Fields every compression job has; a method subclasses it."""
 
-    model: str = Field("", description="parent model: a registered name[@version] or an imported folder "
-                                       "(empty: the cached tiny base model)")
+    model: str = Field(
+        "",
+        description="parent model: a registered name[@version] or an imported folder "
+        "(empty: the cached tiny base model)",
+    )
     calibration_windows: int = Field(32, ge=1, le=4096, description="calibration windows from the train split")
     seq_len: int = Field(256, ge=8, le=8192, description="tokens per calibration and evaluation window")
     eval_windows: int = Field(32, ge=1, le=4096, description="held-out windows from the val split for perplexity")
-    output_name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})?$",
-                             description="name to register the result under (empty: <parent>-<method>)")
+    output_name: str = Field(
+        "",
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})?$",
+        description="name to register the result under (empty: <parent>-<method>)",
+    )
 
 
 @dataclass
@@ -63,8 +70,10 @@ def token_sets(ctx: RunContext, lm: CausalLM, params: CompressionParams) -> Toke
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
     limit = getattr(lm.model.config, "max_position_embeddings", params.seq_len)
     seq_len = min(params.seq_len, limit)
-    return TokenSets(split_windows(lm.tokenizer, ds.train["text"], seq_len, params.calibration_windows),
-                     split_windows(lm.tokenizer, ds.val["text"], seq_len, params.eval_windows))
+    return TokenSets(
+        split_windows(lm.tokenizer, ds.train["text"], seq_len, params.calibration_windows),
+        split_windows(lm.tokenizer, ds.val["text"], seq_len, params.eval_windows),
+    )
 
 
 def model_stem(ref: str) -> str:
@@ -72,14 +81,29 @@ def model_stem(ref: str) -> str:
     return Path(ref.partition("@")[0]).name[:80] or "model"
 
 
-def register_compressed(ctx: RunContext, lm: CausalLM, parent_ref: str | None, method_id: str, params: MethodParams,
-                        metrics: Mapping[str, float], name: str = "", extra: Mapping[str, Any] | None = None,
-                        subfolders: Mapping[str, Callable[[Path], Any]] | None = None) -> str:
+def register_compressed(
+    ctx: RunContext,
+    lm: CausalLM,
+    parent_ref: str | None,
+    method_id: str,
+    params: MethodParams,
+    metrics: Mapping[str, float],
+    name: str = "",
+    extra: Mapping[str, Any] | None = None,
+    subfolders: Mapping[str, Callable[[Path], Any]] | None = None,
+) -> str:
     """Save `lm` as an HF folder and register it; the lineage names parent, method, job, params and metrics.
     `subfolders` writes extra parts (e.g. a peft adapter) into named subfolders before registration."""
     name = name or f"{model_stem(parent_ref or method_id)}-{method_id}"
-    lineage = {"parent": parent_ref, "method": method_id, "job_id": ctx.job_id, "seed": ctx.seed,
-               "params": params.model_dump(), "metrics": dict(metrics), **dict(extra or {})}
+    lineage = {
+        "parent": parent_ref,
+        "method": method_id,
+        "job_id": ctx.job_id,
+        "seed": ctx.seed,
+        "params": params.model_dump(),
+        "metrics": dict(metrics),
+        **dict(extra or {}),
+    }
     folder = save_folder(lm.model, lm.tokenizer, ctx.workdir / "registered" / name, lineage)
     for sub, write in (subfolders or {}).items():
         write(folder / sub)

@@ -25,8 +25,9 @@ def linear_name(layer: int, name: str) -> str:
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, windows: torch.Tensor | None, pattern: SparsityPattern, method: PruneMethod,
-                batch_size: int = 8) -> dict[str, torch.Tensor]:
+def prune_model(
+    model: nn.Module, windows: torch.Tensor | None, pattern: SparsityPattern, method: PruneMethod, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
     """Prune every block linear in place; {full module name: keep mask}."""
     masks: dict[str, torch.Tensor] = {}
 

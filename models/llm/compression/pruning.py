@@ -39,7 +39,7 @@ class SparsityPattern:
     m: int = 0
 
     @classmethod
-    def parse(cls, text: str | float) -> "SparsityPattern":
+    def parse(cls, text: str | float) -> SparsityPattern:
         text = str(text).strip()
         if match := re.fullmatch(r"(\d+):(\d+)", text):
             n, m = int(match[1]), int(match[2])
@@ -103,8 +103,9 @@ def damped_inverse_cholesky(gram: torch.Tensor, percdamp: float = 0.01) -> tuple
 
 
 @torch.no_grad()
-def sparsegpt(weight: torch.Tensor, gram: torch.Tensor, pattern: SparsityPattern, blocksize: int = 128,
-              percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt(
+    weight: torch.Tensor, gram: torch.Tensor, pattern: SparsityPattern, blocksize: int = 128, percdamp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Alg. 1): the pruned, OBS-updated weight and its keep mask."""
     w = weight.to(torch.float64).clone()
     hinv, dead = damped_inverse_cholesky(gram, percdamp)
@@ -135,8 +136,9 @@ def sparsegpt(weight: torch.Tensor, gram: torch.Tensor, pattern: SparsityPattern
     return w.to(weight.dtype), ~pruned
 
 
-def prune_weight(weight: torch.Tensor, pattern: SparsityPattern, method: PruneMethod,
-                 gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prune_weight(
+    weight: torch.Tensor, pattern: SparsityPattern, method: PruneMethod, gram: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned weight, keep mask) by one of the three rules; Wanda and SparseGPT need the input Gram matrix."""
     if method == "magnitude":
         keep = pattern_mask(weight.abs(), pattern, per_row=False)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def rtn_scales(weight: torch.Tensor, bits: int, group_size: int = 0, symmetric: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_scales(
+    weight: torch.Tensor, bits: int, group_size: int = 0, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero point, each shaped [rows, groups, 1]."""
     groups = _grouped(weight, group_size)
     if symmetric:  # torchao's choose_qparams_affine(SYMMETRIC): s = max|w| / ((q_max − q_min)/2), z = 0

@@ -15,8 +15,8 @@ Everything outside the decoder blocks' linears (embeddings, norms) counts as den
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from torch import nn
 

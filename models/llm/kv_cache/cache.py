@@ -41,8 +41,9 @@ class CompressedLayer(DynamicLayer):
         self.key_channels: int | None = None  # informative key channels of the first `narrow_slots` slots (ThinK)
         self.narrow_slots = 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.seen += key_states.shape[-2]
         keys, values = super().update(key_states, value_states)
         if self.valid is not None:
@@ -53,8 +54,14 @@ class CompressedLayer(DynamicLayer):
                 forward_kwargs["kv_valid"] = self.valid
         return keys, values
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None,
-                key_channels: int | None = None, narrow_slots: int | None = None) -> None:
+    def replace(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        key_channels: int | None = None,
+        narrow_slots: int | None = None,
+    ) -> None:
         """Swap in the compressed slots for the tokens seen so far (the count of tokens seen is unchanged).
         `key_channels` < d_k: the first `narrow_slots` slots' (all by default) other key channels are zeros a
         channel-pruned layout would not store."""
@@ -81,8 +88,9 @@ class CompressedLayer(DynamicLayer):
         per_slot = self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
         total = self._slots() * per_slot
         if self.key_channels is not None:  # the channel-pruned prefill slots store only their kept key channels
-            total -= self._slots(self.narrow_slots) * (self.keys.shape[-1] - self.key_channels) * \
-                self.keys.element_size()
+            total -= (
+                self._slots(self.narrow_slots) * (self.keys.shape[-1] - self.key_channels) * self.keys.element_size()
+            )
         return total
 
     def _slots(self, first: int | None = None) -> int:
@@ -124,9 +132,16 @@ def dense_kv_bytes(config: Any, tokens: int, batch: int = 1, dtype: torch.dtype 
     return 2 * batch * config.num_hidden_layers * heads * tokens * head_dim * element
 
 
-def headwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, dropout: float = 0.0, kv_valid: torch.Tensor | None = None,
-                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+def headwise_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    kv_valid: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """SDPA that also hides the padded slots of a head-wise variable-length cache (`kv_valid` [B, H_kv, S']).
 
     Layers of such a cache hold different numbers of slots while the model builds one mask from layer 0's sizes,

@@ -51,8 +51,9 @@ def global_local_scores(attention: torch.Tensor, window: int, kernel: int, kv_he
     return glo * align + loc
 
 
-def evict_then_merge(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, centres: int, tau: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def evict_then_merge(
+    keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, centres: int, tau: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 2–4 over the candidates (the tokens before the window): keys/values [B, H, C, d], scores [B, H, C].
     Returns the centres' merged keys and values [B, H, centres, d] (in position order) and each candidate's class
     [B, H, C] (0 = zero class, i = centre i − 1)."""
@@ -104,8 +105,9 @@ class EMS:
     tau: float = 0.5
     needs_attention = True
 
-    def compress(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor,
-                 attention: torch.Tensor | None) -> Compressed:
+    def compress(
+        self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None
+    ) -> Compressed:
         t = keys.shape[2]
         if t <= self.budget:
             return Compressed(keys, values)
@@ -113,6 +115,5 @@ class EMS:
         if window == self.budget:  # no room for centres: everything before the window goes to the zero class
             return Compressed(keys[:, :, -window:], values[:, :, -window:])
         scores = global_local_scores(attention, window, self.kernel, keys.shape[1])
-        k, v, _ = evict_then_merge(keys[:, :, :-window], values[:, :, :-window], scores, self.budget - window,
-                                   self.tau)
+        k, v, _ = evict_then_merge(keys[:, :, :-window], values[:, :, :-window], scores, self.budget - window, self.tau)
         return Compressed(torch.cat([k, keys[:, :, -window:]], dim=2), torch.cat([v, values[:, :, -window:]], dim=2))

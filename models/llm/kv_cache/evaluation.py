@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,28 +44,31 @@ def prefill(model: nn.Module, ids: torch.Tensor, press: Press | None) -> tuple[t
 
 
 @torch.no_grad()
-def continuation_nll(model: nn.Module, windows: torch.Tensor, context: int, press: Press | None,
-                     batch_size: int = 8) -> BudgetResult:
+def continuation_nll(
+    model: nn.Module, windows: torch.Tensor, context: int, press: Press | None, batch_size: int = 8
+) -> BudgetResult:
     """Mean NLL of tokens context..L−1 of each window given the compressed cache of tokens 0..context−1."""
     was_training = model.training
     model.eval()
     total, count, bytes_total = 0.0, 0, 0.0
     for start in range(0, len(windows), batch_size):
-        ids = windows[start: start + batch_size]
+        ids = windows[start : start + batch_size]
         last, cache = prefill(model, ids[:, :context], press)
         bytes_total += cache.kv_bytes()
         logits = torch.cat([last.unsqueeze(1), model(input_ids=ids[:, context:-1], cache=cache).logits], dim=1)
         target = ids[:, context:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                 reduction="sum").item()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="sum"
+        ).item()
         count += target.numel()
     model.train(was_training)
     return BudgetResult(total / max(count, 1), bytes_total / max(len(windows), 1))
 
 
 @torch.no_grad()
-def passkey_hits(model: nn.Module, samples: list[PasskeySample], press: Press | None,
-                 question_in_context: bool = False) -> list[bool]:
+def passkey_hits(
+    model: nn.Module, samples: list[PasskeySample], press: Press | None, question_in_context: bool = False
+) -> list[bool]:
     """Per sample, whether the true key ranks first (`models.llm.passkey.passkey_accuracy`'s criterion) when the
     context (the prompt before its question) is prefilled once into a compressed cache and the question and each
     candidate key are read through a copy of it — kvpress's protocol. Prefilling the question with the context
@@ -82,7 +85,7 @@ def passkey_hits(model: nn.Module, samples: list[PasskeySample], press: Press | 
         scores = []
         for key in sample.candidates:
             ids = torch.cat([sample.prompt[split:], key[:-1]]).unsqueeze(0)
-            logits = model(input_ids=ids, cache=copy.deepcopy(cache)).logits[0, -len(key):]
+            logits = model(input_ids=ids, cache=copy.deepcopy(cache)).logits[0, -len(key) :]
             scores.append(-F.cross_entropy(logits.float(), key, reduction="sum"))
         hits.append(torch.stack(scores).argmax().item() == 0)
     model.train(was_training)
@@ -111,10 +114,16 @@ def passkey_cells(model: nn.Module, samples: list[PasskeySample], press: Press |
     return cells
 
 
-def budget_sweep(model: nn.Module, windows: torch.Tensor, context: int, presses: dict[str, Callable[[int], Press]],
-                 budgets: tuple[int, ...], samples: list[PasskeySample] = (),
-                 on_done: Callable[[str, int], None] = lambda name, budget: None,
-                 passkey_model: nn.Module | None = None) -> dict[str, dict[int, dict]]:
+def budget_sweep(
+    model: nn.Module,
+    windows: torch.Tensor,
+    context: int,
+    presses: dict[str, Callable[[int], Press]],
+    budgets: tuple[int, ...],
+    samples: list[PasskeySample] = (),
+    on_done: Callable[[str, int], None] = lambda name, budget: None,
+    passkey_model: nn.Module | None = None,
+) -> dict[str, dict[int, dict]]:
     """ppl, passkey accuracy (overall and per needle depth) and KV bytes per press name and per-head budget, plus
     the dense row under `"dense"` (budget 0). Passkey runs on `passkey_model` when given (a retrieval-tuned
     variant: `models.llm.retrieval_tuning`), else on `model`. Runs under `HEADWISE_ATTENTION` (plain SDPA unless
@@ -129,8 +138,11 @@ def budget_sweep(model: nn.Module, windows: torch.Tensor, context: int, presses:
         for name, budget, press in runs:
             result = continuation_nll(model, windows, context, press)
             table.setdefault(name, {})[budget] = {
-                "ppl": result.ppl, "nll": result.nll, "kv_bytes": result.kv_bytes,
-                **passkey_cells(passkey_model if passkey_model is not None else model, list(samples), press)}
+                "ppl": result.ppl,
+                "nll": result.nll,
+                "kv_bytes": result.kv_bytes,
+                **passkey_cells(passkey_model if passkey_model is not None else model, list(samples), press),
+            }
             on_done(name, budget)
     finally:
         for m, impl in zip(models, previous):

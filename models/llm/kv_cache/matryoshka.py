@@ -21,8 +21,9 @@ heads zero-masked, and KV bytes count Σ_h (r_K,h + r_V,h) (a ragged layout's si
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ class KVProjection(nn.Module):
         self.register_buffer("rank_v", full.clone())
 
     @classmethod
-    def from_pca(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> "KVProjection":
+    def from_pca(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVProjection:
         """PCA initialisation from per-layer calibration keys/values [N, H, T, d] (post-RoPE keys)."""
         layers, (_, heads, _, head_dim) = len(keys), keys[0].shape
         proj = cls(layers, heads, head_dim)
@@ -112,7 +113,7 @@ class KVProjection(nn.Module):
     def sample_ranks(self, step: int, generator: torch.Generator) -> None:
         """Matryoshka rank sampling: every head's r_K and r_V uniform on {step, 2·step, …, d}."""
         levels = self.shape[2] // step
-        draw = lambda: (torch.randint(1, levels + 1, self.rank_k.shape, generator=generator) * step)  # noqa: E731
+        draw = lambda: torch.randint(1, levels + 1, self.rank_k.shape, generator=generator) * step  # noqa: E731
         self.set_ranks(draw(), draw())
 
     def kv_fraction(self) -> float:
@@ -123,9 +124,16 @@ class KVProjection(nn.Module):
         if u_k is None:
             u_k, u_v = self.bases()
         d = self.shape[2]
-        return {"u_k": u_k[idx], "u_v": u_v[idx], "mu_k": self.mu_k[idx], "mu_v": self.mu_v[idx],
-                "mask_k": rank_mask(self.rank_k[idx], d), "mask_v": rank_mask(self.rank_v[idx], d),
-                "width_k": int(self.rank_k[idx].max()), "width_v": int(self.rank_v[idx].max())}
+        return {
+            "u_k": u_k[idx],
+            "u_v": u_v[idx],
+            "mu_k": self.mu_k[idx],
+            "mu_v": self.mu_v[idx],
+            "mask_k": rank_mask(self.rank_k[idx], d),
+            "mask_v": rank_mask(self.rank_v[idx], d),
+            "width_k": int(self.rank_k[idx].max()),
+            "width_v": int(self.rank_v[idx].max()),
+        }
 
 
 def project_kv(p: dict[str, Any], key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +150,17 @@ def _projection(module: nn.Module) -> KVProjection:
     return projection
 
 
-def matryoshka_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         kv_projected: bool = False, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def matryoshka_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    kv_projected: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """The `AttentionInterface` function: projects k, v (unless a `ProjectedLayer` cache already did) and q, attends
     in the r-dim spaces, and maps the output back (module docstring). The parameter order is transformers' own
     (dropout sixth): kvpress wraps every registered attention function and passes dropout positionally."""
@@ -159,9 +175,13 @@ def matryoshka_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     n, m = q.shape[-2], key.shape[-2]
     if attention_mask is None:
-        out = F.scaled_dot_product_attention(q, key, value, scale=scale, is_causal=n > 1 and n == m) if n in (1, m) \
-            else F.scaled_dot_product_attention(q, key, value, scale=scale, attn_mask=torch.ones(
-                n, m, dtype=torch.bool, device=q.device).tril(m - n))
+        out = (
+            F.scaled_dot_product_attention(q, key, value, scale=scale, is_causal=n > 1 and n == m)
+            if n in (1, m)
+            else F.scaled_dot_product_attention(
+                q, key, value, scale=scale, attn_mask=torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+            )
+        )
     else:
         out = F.scaled_dot_product_attention(q, key, value, scale=scale, attn_mask=attention_mask[..., :m])
     out = out @ u_v.transpose(-1, -2) + p["mu_v"].repeat_interleave(groups, dim=0)[:, None]
@@ -205,8 +225,9 @@ class ProjectedLayer(CompressedLayer):
         self.projection, self.layer_idx = projection, layer_idx
         self.widths = (int(projection.rank_k[layer_idx].sum()), int(projection.rank_v[layer_idx].sum()))
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = project_kv(self.projection.layer(self.layer_idx), key_states, value_states)
         forward_kwargs = kwargs.get("kwargs")
         if isinstance(forward_kwargs, dict):
@@ -233,8 +254,9 @@ PROJECTION_FILE = "kv_projection.safetensors"
 RANKS_FILE = "kv_ranks.json"
 
 
-def save_projection(folder, projection: KVProjection, rank_tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                    ) -> None:
+def save_projection(
+    folder, projection: KVProjection, rank_tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
     """Write the projection (safetensors) and the per-budget rank tables (JSON, keyed by KV fraction) into a model
     folder, so a deployment of that folder can serve `kv_cache: matryoshka-kv`."""
     import json

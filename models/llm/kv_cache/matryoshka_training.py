@@ -13,7 +13,7 @@ greedy per-head rank search for a KV budget (reference: `cal_pcallama_init.py`, 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,9 @@ def calibrate(model: nn.Module, windows: torch.Tensor) -> KVProjection:
     return KVProjection.from_pca(keys, values)
 
 
-def distillation_step(model: nn.Module, projection: KVProjection, ids: torch.Tensor, kl_weight: float = 0.25
-                      ) -> torch.Tensor:
+def distillation_step(
+    model: nn.Module, projection: KVProjection, ids: torch.Tensor, kl_weight: float = 0.25
+) -> torch.Tensor:
     """0.25·KL(teacher ‖ student) + 0.75·CE on one batch at the projection's current ranks."""
     with torch.no_grad():
         teacher = model(input_ids=ids).logits
@@ -64,9 +65,19 @@ def distillation_step(model: nn.Module, projection: KVProjection, ids: torch.Ten
     return kl_weight * kl_loss(student, teacher) + (1 - kl_weight) * ce
 
 
-def train_projection(model: nn.Module, projection: KVProjection, stream: torch.Tensor, *, steps: int,
-                     batch_size: int, seq_len: int, lr: float, rank_step: int, seed: int,
-                     on_step: Callable[[int, float], bool] = lambda step, loss: True) -> list[float]:
+def train_projection(
+    model: nn.Module,
+    projection: KVProjection,
+    stream: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    rank_step: int,
+    seed: int,
+    on_step: Callable[[int, float], bool] = lambda step, loss: True,
+) -> list[float]:
     """Train U (through X) and μ with Matryoshka rank sampling; the model's own weights stay frozen.
     `on_step` returns False to stop (cancellation). Ranks are left at full afterwards."""
     for p in model.parameters():
@@ -98,8 +109,9 @@ def hidden_error(model: nn.Module, projection: KVProjection, windows: torch.Tens
 
 
 @torch.no_grad()
-def greedy_ranks(model: nn.Module, projection: KVProjection, windows: torch.Tensor, fraction: float, cut: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_ranks(
+    model: nn.Module, projection: KVProjection, windows: torch.Tensor, fraction: float, cut: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (rank_k, rank_v) with Σ(r_K + r_V) ≤ fraction·2·L·H·d, found greedily (module docstring). The
     projection's ranks are restored afterwards."""
     saved = projection.rank_k.clone(), projection.rank_v.clone()

@@ -13,9 +13,10 @@ post-RoPE queries [B, H_q, T, d] as the keyword `queries`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -40,8 +41,9 @@ class Compressed:
 class Press(Protocol):
     needs_attention: bool
 
-    def compress(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor,
-                 attention: torch.Tensor | None) -> Compressed: ...
+    def compress(
+        self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None
+    ) -> Compressed: ...
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +51,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def prefill_queries(module: nn.Module, hidden_states: torch.Tensor,
-                    position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def prefill_queries(
+    module: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """The layer's post-RoPE queries [B, H_q, T, d] recomputed from its input (Llama-style q_proj)."""
     b, t, _ = hidden_states.shape
     q = module.q_proj(hidden_states).view(b, t, -1, module.head_dim).transpose(1, 2)
@@ -58,8 +61,12 @@ def prefill_queries(module: nn.Module, hidden_states: torch.Tensor,
     return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
 
 
-def prefill_attention(module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
-                      position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def prefill_attention(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    keys: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
     """Causal softmax attention of the prompt over itself, [B, H_q, T, T], in float32."""
     q = prefill_queries(module, hidden_states, position_embeddings).float()
     groups = q.shape[1] // keys.shape[1]
@@ -79,10 +86,16 @@ def _hook(press: Press):
         layer = cache.layers[module.layer_idx]
         if not isinstance(layer, CompressedLayer) or layer.compressed or layer.seen != hidden.shape[1]:
             return output  # only the initial prefill is compressed (as kvpress); later chunks and decoding append
-        attention = prefill_attention(module, hidden, layer.keys, kwargs["position_embeddings"]) \
-            if press.needs_attention else None
-        extra = {"queries": prefill_queries(module, hidden, kwargs["position_embeddings"])} \
-            if getattr(press, "needs_queries", False) else {}
+        attention = (
+            prefill_attention(module, hidden, layer.keys, kwargs["position_embeddings"])
+            if press.needs_attention
+            else None
+        )
+        extra = (
+            {"queries": prefill_queries(module, hidden, kwargs["position_embeddings"])}
+            if getattr(press, "needs_queries", False)
+            else {}
+        )
         result = press.compress(module, layer.keys, layer.values, attention, **extra)
         layer.replace(result.keys, result.values, result.valid, result.key_channels, result.narrow_slots)
         return output

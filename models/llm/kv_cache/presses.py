@@ -69,11 +69,12 @@ class StreamingLLM:
     def scores(self, keys: torch.Tensor) -> torch.Tensor:
         t = keys.shape[2]
         scores = torch.ones_like(keys[..., 0])
-        scores[:, :, self.sinks: self.sinks + t - self.budget] = 0
+        scores[:, :, self.sinks : self.sinks + t - self.budget] = 0
         return scores
 
-    def compress(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor,
-                 attention: torch.Tensor | None) -> Compressed:
+    def compress(
+        self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None
+    ) -> Compressed:
         if keys.shape[2] <= self.budget:
             return Compressed(keys, values)
         return keep_top(keys, values, self.scores(keys), self.budget)
@@ -84,8 +85,9 @@ class H2O:
     budget: int
     needs_attention = True
 
-    def compress(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor,
-                 attention: torch.Tensor | None) -> Compressed:
+    def compress(
+        self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None
+    ) -> Compressed:
         if keys.shape[2] <= self.budget:
             return Compressed(keys, values)
         return keep_top(keys, values, observed_attention_scores(attention, keys.shape[1]), self.budget)
@@ -101,8 +103,9 @@ class SnapKV:
     def scores(self, keys: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         return snapkv_scores(attention, min(self.window, self.budget), self.kernel, keys.shape[1])
 
-    def compress(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor,
-                 attention: torch.Tensor | None) -> Compressed:
+    def compress(
+        self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None
+    ) -> Compressed:
         if keys.shape[2] <= self.budget:
             return Compressed(keys, values)
         return keep_top(keys, values, self.scores(keys, attention), self.budget)
@@ -127,8 +130,9 @@ class AdaKV:
     alpha: float = 0.2
     needs_attention = True
 
-    def compress(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor,
-                 attention: torch.Tensor | None) -> Compressed:
+    def compress(
+        self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None
+    ) -> Compressed:
         if keys.shape[2] <= self.budget:
             return Compressed(keys, values)
         scores = SnapKV(self.budget, self.window, self.kernel).scores(keys, attention)

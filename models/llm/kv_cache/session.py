@@ -9,8 +9,9 @@ no change. Everything is undone on exit (the serving engine holds the model's lo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +23,9 @@ from models.llm.kv_cache.press import Press, compressing
 
 
 @contextmanager
-def kv_session(model: nn.Module, press: Press | None = None,
-               projection: tuple[KVProjection, Any, Any] | None = None) -> Iterator[list[Any]]:
+def kv_session(
+    model: nn.Module, press: Press | None = None, projection: tuple[KVProjection, Any, Any] | None = None
+) -> Iterator[list[Any]]:
     """Yields the list of caches the model's forwards start (newest last)."""
     caches: list[Any] = []
 

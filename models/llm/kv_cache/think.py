@@ -31,8 +31,7 @@ from torch import nn
 from models.llm.kv_cache.press import Compressed, Press
 
 
-def channel_scores(window_queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def channel_scores(window_queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """ThinK's score of every key channel, [B, H_kv, d]: RMS of the window queries' channel c (over the window and
     the query heads of the KV group) times RMS of the keys' channel c (over the valid slots)."""
     b, h_kv, _, d = keys.shape
@@ -75,18 +74,32 @@ class ThinK:
     def needs_attention(self) -> bool:
         return self.tokens is not None and self.tokens.needs_attention
 
-    def compress(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None,
-                 queries: torch.Tensor | None = None) -> Compressed:
-        kept = self.tokens.compress(module, keys, values, attention) if self.tokens is not None \
+    def compress(
+        self,
+        module: nn.Module,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention: torch.Tensor | None,
+        queries: torch.Tensor | None = None,
+    ) -> Compressed:
+        kept = (
+            self.tokens.compress(module, keys, values, attention)
+            if self.tokens is not None
             else Compressed(keys, values)
+        )
         if self.ratio <= 0:
             return kept
         if kept.valid is not None and self.recent:
             raise ValueError("ThinK keeps recent slots whole only over a token press without head-wise padding")
         if queries is None:
             raise ValueError("ThinK scores channels with the prompt's queries (the hook passes them)")
-        scores = channel_scores(queries[..., -self.window:, :], kept.keys, kept.valid)
+        scores = channel_scores(queries[..., -self.window :, :], kept.keys, kept.valid)
         channels = pruned_channels(scores, self.ratio)
         slots = max(kept.keys.shape[2] - self.recent, 0)
-        return Compressed(zero_channels(kept.keys, channels, slots), kept.values, kept.valid,
-                          key_channels=kept.keys.shape[-1] - channels.shape[-1], narrow_slots=slots)
+        return Compressed(
+            zero_channels(kept.keys, channels, slots),
+            kept.values,
+            kept.valid,
+            key_channels=kept.keys.shape[-1] - channels.shape[-1],
+            narrow_slots=slots,
+        )

@@ -40,8 +40,15 @@ from models.nn.backbones import build_backbone
 from models.nn.losses import BatchLoss
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import (ClassificationData, ClassifierTrainingParams, TrainedClassifier, cpu_threads,
-                             fit_calibrated, predict_logits, save_training_plots)
+from models.training import (
+    ClassificationData,
+    ClassifierTrainingParams,
+    TrainedClassifier,
+    cpu_threads,
+    fit_calibrated,
+    predict_logits,
+    save_training_plots,
+)
 
 Balance = Literal["entropy", "fixed"]
 
@@ -55,8 +62,9 @@ def entropy(log_p: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
-def divergence_weights(log_ps: torch.Tensor, log_pt: torch.Tensor, balance: Balance, omega: float
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def divergence_weights(
+    log_ps: torch.Tensor, log_pt: torch.Tensor, balance: Balance, omega: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_f, w_r) per sample: by the entropy gap (see the module docstring) or constant (1, ω)."""
     if balance == "fixed":
         ones = torch.ones(len(log_ps), device=log_ps.device)
@@ -81,18 +89,21 @@ class BalancedDivergence(BatchLoss):
 
     needs = frozenset({"online_teacher"})
 
-    def __init__(self, balance: Balance = "entropy", omega: float = 1.0,
-                 teacher_term: Literal["reverse", "forward"] = "reverse"):
+    def __init__(
+        self, balance: Balance = "entropy", omega: float = 1.0, teacher_term: Literal["reverse", "forward"] = "reverse"
+    ):
         super().__init__()
         self.balance, self.omega, self.teacher_term = balance, omega, teacher_term
 
-    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         zs, zt = model.student(x), model.teacher(x)
         log_ps, log_pt = F.log_softmax(zs, dim=1), F.log_softmax(zt, dim=1)
         w_f, w_r = divergence_weights(log_ps.detach(), log_pt.detach(), self.balance, self.omega)
-        student = F.cross_entropy(zs, target) + (w_f * kl(log_pt.detach(), log_ps)
-                                                 + w_r * kl(log_ps, log_pt.detach())).mean()
+        student = (
+            F.cross_entropy(zs, target) + (w_f * kl(log_pt.detach(), log_ps) + w_r * kl(log_ps, log_pt.detach())).mean()
+        )
         if self.teacher_term == "reverse":
             teacher_div = kl(log_pt, log_ps.detach())
         else:  # DML: the teacher matches the student's distribution, KL(p_s ‖ p_t)
@@ -101,8 +112,9 @@ class BalancedDivergence(BatchLoss):
 
 
 class BDKDParams(ClassifierTrainingParams):
-    variant: Literal["bd-kd", "dml"] = Field("bd-kd", description="bd-kd: balanced divergences; dml: deep mutual "
-                                                                  "learning (the online-KD baseline)")
+    variant: Literal["bd-kd", "dml"] = Field(
+        "bd-kd", description="bd-kd: balanced divergences; dml: deep mutual learning (the online-KD baseline)"
+    )
     balance: Balance = Field("entropy", description="per-sample weights from the entropy gap, or fixed (1, ω)")
     omega: float = Field(1.0, ge=0.0, le=100.0, description="weight ω of the reverse KL")
     hidden: int = Field(64, ge=8, le=4096, description="student MLP width, or CNN channels")
@@ -132,13 +144,22 @@ def train_bd_kd(ctx: RunContext, params: BDKDParams) -> BDKDResult | None:
     data = trained.data
     test = classification_metrics(predict_logits(trained.model, data.x_test), data.y_test)
     teacher_test = classification_metrics(predict_logits(trained.model.teacher, data.x_test), data.y_test)
-    ctx.log(params.epochs, **{f"test_{k}": v for k, v in test.items()},
-            **{f"teacher_test_{k}": v for k, v in teacher_test.items()})
+    ctx.log(
+        params.epochs,
+        **{f"test_{k}": v for k, v in test.items()},
+        **{f"teacher_test_{k}": v for k, v in teacher_test.items()},
+    )
     return BDKDResult(test, teacher_test, trained)
 
 
-@method("bd-kd", family="classification", task="train", datasets=("image-class", "tabular"), params=BDKDParams,
-        paper="BD-KD: Balancing the Divergences for Online Knowledge Distillation")
+@method(
+    "bd-kd",
+    family="classification",
+    task="train",
+    datasets=("image-class", "tabular"),
+    params=BDKDParams,
+    paper="BD-KD: Balancing the Divergences for Online Knowledge Distillation",
+)
 def run(ctx: RunContext, params: BDKDParams) -> None:
     """Train a teacher and a compact student together (BD-KD or DML); report the student's accuracy, ECE
     and NLL (and the teacher's), learning curves and the student's reliability diagram."""
@@ -150,10 +171,16 @@ def run(ctx: RunContext, params: BDKDParams) -> None:
 
 # -- reproduction -------------------------------------------------------------------------------
 
-@reproduction("bd-kd", claim="the BD-KD student's test ECE is at least 30% lower than the DML student's at no lower "
-                             "accuracy (digits, MLP 512×2 teacher and 64×2 student trained together; weighting rule "
-                             "unverified)",
-              metric="student test ECE (15 bins)", direction="lower", baseline="DML")
+
+@reproduction(
+    "bd-kd",
+    claim="the BD-KD student's test ECE is at least 30% lower than the DML student's at no lower "
+    "accuracy (digits, MLP 512×2 teacher and 64×2 student trained together; weighting rule "
+    "unverified)",
+    metric="student test ECE (15 bins)",
+    direction="lower",
+    baseline="DML",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
     seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
@@ -170,8 +197,11 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     mean = {v: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for v, rows in scores.items()}
     ours, base = mean["bd-kd"], mean["dml"]
     holds = ours["ece"] <= 0.7 * base["ece"] and ours["acc"] >= base["acc"]
-    note = (f"BD-KD student: ECE {ours['ece']:.4f}, acc {ours['acc']:.4f}, NLL {ours['nll']:.3f}; DML student: ECE "
-            f"{base['ece']:.4f}, acc {base['acc']:.4f}, NLL {base['nll']:.3f}; {len(seeds)} seed(s); the entropy-gap "
-            "weighting is this module's reading of the paper (its exact rule could not be retrieved)")
-    return Outcome(ours=ours["ece"], baseline=base["ece"], seeds=len(seeds), holds=holds, note=note,
-                   details={"test": mean})
+    note = (
+        f"BD-KD student: ECE {ours['ece']:.4f}, acc {ours['acc']:.4f}, NLL {ours['nll']:.3f}; DML student: ECE "
+        f"{base['ece']:.4f}, acc {base['acc']:.4f}, NLL {base['nll']:.3f}; {len(seeds)} seed(s); the entropy-gap "
+        "weighting is this module's reading of the paper (its exact rule could not be retrieved)"
+    )
+    return Outcome(
+        ours=ours["ece"], baseline=base["ece"], seeds=len(seeds), holds=holds, note=note, details={"test": mean}
+    )

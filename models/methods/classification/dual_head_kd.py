@@ -44,8 +44,18 @@ from models.nn.losses import BatchLoss, CrossEntropy
 from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import (ClassificationData, ClassifierTrainingParams, SGDSchedule, TrainedClassifier,
-                             classification_data, cpu_threads, fit_calibrated, fit_classifier, predict_logits, save_training_plots)
+from models.training import (
+    ClassificationData,
+    ClassifierTrainingParams,
+    SGDSchedule,
+    TrainedClassifier,
+    classification_data,
+    cpu_threads,
+    fit_calibrated,
+    fit_classifier,
+    predict_logits,
+    save_training_plots,
+)
 
 Variant = Literal["dhkd", "single-head", "kd", "ce"]
 
@@ -54,14 +64,14 @@ def binary_kl_norm(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     """(T²/B)·Σ log cosh((z_s − z_t)/2T), written stably as |d| + log1p(e^{−2|d|}) − log 2 with d = (z_s − z_t)/2T."""
     d = ((student - teacher) / (2 * temperature)).abs()
     log_cosh = d + torch.log1p(torch.exp(-2 * d)) - np.log(2.0)
-    return temperature ** 2 * log_cosh.sum() / len(student)
+    return temperature**2 * log_cosh.sum() / len(student)
 
 
 def softmax_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton et al.: T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)), averaged over the batch."""
     log_q = F.log_softmax(student / temperature, dim=1)
     p = F.softmax(teacher / temperature, dim=1)
-    return temperature ** 2 * F.kl_div(log_q, p, reduction="batchmean")
+    return temperature**2 * F.kl_div(log_q, p, reduction="batchmean")
 
 
 class DualHead(nn.Module):
@@ -71,8 +81,13 @@ class DualHead(nn.Module):
         super().__init__()
         self.body, self.head = student.body, student.head
         d = student.feature_dim
-        self.aux_head = nn.Linear(d, num_classes) if aux == "linear" else nn.Sequential(
-            nn.Linear(d, 200), nn.BatchNorm1d(200), nn.ReLU(), nn.Dropout(0.1), nn.Linear(200, num_classes))
+        self.aux_head = (
+            nn.Linear(d, num_classes)
+            if aux == "linear"
+            else nn.Sequential(
+                nn.Linear(d, 200), nn.BatchNorm1d(200), nn.ReLU(), nn.Dropout(0.1), nn.Linear(200, num_classes)
+            )
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -87,14 +102,28 @@ class Distillation(BatchLoss):
 
     needs = frozenset({"teacher_logits", "sample_ids"})
 
-    def __init__(self, teacher_logits: torch.Tensor, divergence: Literal["binary-kl-norm", "softmax-kd"],
-                 head: Literal["main", "aux"], gamma: float, alpha: float, temperature: float):
+    def __init__(
+        self,
+        teacher_logits: torch.Tensor,
+        divergence: Literal["binary-kl-norm", "softmax-kd"],
+        head: Literal["main", "aux"],
+        gamma: float,
+        alpha: float,
+        temperature: float,
+    ):
         super().__init__()
         self.register_buffer("teacher_logits", teacher_logits)
-        self.divergence, self.head, self.gamma, self.alpha, self.temperature = divergence, head, gamma, alpha, temperature
+        self.divergence, self.head, self.gamma, self.alpha, self.temperature = (
+            divergence,
+            head,
+            gamma,
+            alpha,
+            temperature,
+        )
 
-    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         f = model.features(x)
         main = model.head(f)
         distilled = model.aux_head(f) if self.head == "aux" else main
@@ -104,10 +133,14 @@ class Distillation(BatchLoss):
 
 
 class DualHeadKDParams(ClassifierTrainingParams):
-    variant: Variant = Field("dhkd", description="dhkd: CE on the main head + BinaryKLNorm on the auxiliary head; "
-                                                 "single-head: both on one head; kd: classic softmax KD; ce: no teacher")
-    aux_head: Literal["linear", "mlp"] = Field("linear", description="auxiliary head: linear, or D→200→C with "
-                                                                     "BN/ReLU/dropout 0.1 (the paper's CIFAR head)")
+    variant: Variant = Field(
+        "dhkd",
+        description="dhkd: CE on the main head + BinaryKLNorm on the auxiliary head; "
+        "single-head: both on one head; kd: classic softmax KD; ce: no teacher",
+    )
+    aux_head: Literal["linear", "mlp"] = Field(
+        "linear", description="auxiliary head: linear, or D→200→C with BN/ReLU/dropout 0.1 (the paper's CIFAR head)"
+    )
     gamma: float = Field(1.0, ge=0.0, le=100.0, description="weight γ of the cross-entropy (kd: CRD's 0.1 is used)")
     alpha: float = Field(1.0, ge=0.0, le=100.0, description="weight α of BinaryKLNorm (kd: CRD's 0.9 is used)")
     temperature: float = Field(2.0, gt=0.0, le=100.0, description="BinaryKLNorm temperature T (kd uses T = 4)")
@@ -142,8 +175,9 @@ class DistillResult:
     trained: TrainedClassifier
 
 
-def train_dual_head_kd(ctx: RunContext, params: DualHeadKDParams,
-                       teacher: nn.Module | None = None) -> DistillResult | None:
+def train_dual_head_kd(
+    ctx: RunContext, params: DualHeadKDParams, teacher: nn.Module | None = None
+) -> DistillResult | None:
     """Train (or take) the teacher, then the student with the chosen variant; None if cancelled."""
     ds = ctx.dataset
     teacher_test: dict[str, float] = {}
@@ -163,14 +197,22 @@ def train_dual_head_kd(ctx: RunContext, params: DualHeadKDParams,
     if trained is None:
         return None
     test = classification_metrics(predict_logits(trained.model, trained.data.x_test), trained.data.y_test)
-    ctx.log(params.epochs, **{f"test_{k}": v for k, v in test.items()},
-            **{f"teacher_test_{k}": v for k, v in teacher_test.items()})
+    ctx.log(
+        params.epochs,
+        **{f"test_{k}": v for k, v in test.items()},
+        **{f"teacher_test_{k}": v for k, v in teacher_test.items()},
+    )
     return DistillResult(test, teacher_test, trained)
 
 
-@method("dual-head-kd", family="classification", task="train", datasets=("image-class", "tabular"),
-        params=DualHeadKDParams,
-        paper="Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an Auxiliary Head")
+@method(
+    "dual-head-kd",
+    family="classification",
+    task="train",
+    datasets=("image-class", "tabular"),
+    params=DualHeadKDParams,
+    paper="Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an Auxiliary Head",
+)
 def run(ctx: RunContext, params: DualHeadKDParams) -> None:
     """Train a teacher, then distil it into a small student (DHKD, single head, KD or CE); report the main
     head's accuracy, ECE and NLL, learning curves and a reliability diagram."""
@@ -187,9 +229,14 @@ def run(ctx: RunContext, params: DualHeadKDParams) -> None:
 VARIANTS: tuple[Variant, ...] = ("dhkd", "kd", "single-head", "ce")
 
 
-@reproduction("dual-head-kd", claim="on digits, BinaryKLNorm and CE on one head underperform classic KD, and DHKD's "
-                                    "split heads beat KD (student accuracy, mean over seeds)",
-              metric="student test accuracy", direction="higher", baseline="KD")
+@reproduction(
+    "dual-head-kd",
+    claim="on digits, BinaryKLNorm and CE on one head underperform classic KD, and DHKD's "
+    "split heads beat KD (student accuracy, mean over seeds)",
+    metric="student test accuracy",
+    direction="higher",
+    baseline="KD",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """One teacher per seed (MLP 512×2, ~300k parameters) and a 64×2 student (~9k) per variant, same schedule;
     the teacher's logits are shared by the variants of a seed."""
@@ -214,15 +261,27 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             ctx.progress(i + 1, len(seeds), f"seed {s}")
     mean = {v: float(np.mean(acc[v])) for v in VARIANTS}
     mean_ece = {v: float(np.mean(ece[v])) for v in VARIANTS}
-    panels = {"student test accuracy": {v: (list(range(len(seeds))), acc[v]) for v in VARIANTS},
-              "student test ECE": {v: (list(range(len(seeds))), ece[v]) for v in VARIANTS}}
+    panels = {
+        "student test accuracy": {v: (list(range(len(seeds))), acc[v]) for v in VARIANTS},
+        "student test ECE": {v: (list(range(len(seeds))), ece[v]) for v in VARIANTS},
+    }
     ctx.save_artifact("dual_head_kd_accuracy.png", curves_figure(panels, "seed index", ncols=2), kind="plot")
     holds = mean["single-head"] < mean["kd"] < mean["dhkd"]
-    note = (", ".join(f"{v}: acc {mean[v]:.4f}, ECE {mean_ece[v]:.3f}" for v in VARIANTS)
-            + f"; teacher acc {np.mean(teacher_acc):.4f}; {len(seeds)} seed(s)")
+    note = (
+        ", ".join(f"{v}: acc {mean[v]:.4f}, ECE {mean_ece[v]:.3f}" for v in VARIANTS)
+        + f"; teacher acc {np.mean(teacher_acc):.4f}; {len(seeds)} seed(s)"
+    )
     gap = float(np.mean(teacher_acc)) - mean["ce"]
     if not holds:
-        note += (f". The teacher is only {100 * gap:.1f} pts above the CE-trained student here, so there is little "
-                 "dark knowledge to transfer and the variants differ by less than the seed-to-seed spread")
-    return Outcome(ours=mean["dhkd"], baseline=mean["kd"], seeds=len(seeds), holds=holds, note=note,
-                   details={"accuracy": acc, "ece": ece, "teacher_accuracy": teacher_acc})
+        note += (
+            f". The teacher is only {100 * gap:.1f} pts above the CE-trained student here, so there is little "
+            "dark knowledge to transfer and the variants differ by less than the seed-to-seed spread"
+        )
+    return Outcome(
+        ours=mean["dhkd"],
+        baseline=mean["kd"],
+        seeds=len(seeds),
+        holds=holds,
+        note=note,
+        details={"accuracy": acc, "ece": ece, "teacher_accuracy": teacher_acc},
+    )

@@ -53,7 +53,7 @@ class SharedVarianceGaussianNB:
         self.mean: np.ndarray | None = None  # [K, D]
         self.m2: np.ndarray | None = None  # per-class sums of squared deviations from the class mean
 
-    def partial_fit(self, x: np.ndarray, y: np.ndarray) -> "SharedVarianceGaussianNB":
+    def partial_fit(self, x: np.ndarray, y: np.ndarray) -> SharedVarianceGaussianNB:
         x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
         if self.mean is None:
             self.mean, self.m2 = np.zeros((self.num_classes, x.shape[1])), np.zeros((self.num_classes, x.shape[1]))
@@ -67,7 +67,7 @@ class SharedVarianceGaussianNB:
             self.count[k] = n_a + n_b
         return self
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> "SharedVarianceGaussianNB":
+    def fit(self, x: np.ndarray, y: np.ndarray) -> SharedVarianceGaussianNB:
         self.count[:], self.mean, self.m2 = 0, None, None
         return self.partial_fit(x, y)
 
@@ -99,8 +99,15 @@ def logistic_regression(c: float = 1.0) -> LogisticRegression:
     return LogisticRegression(C=c, solver="lbfgs", max_iter=1000)
 
 
-def holdout_errors(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                   num_classes: int, var_smoothing: float = 1e-9, c: float = 1.0) -> tuple[float, float]:
+def holdout_errors(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int,
+    var_smoothing: float = 1e-9,
+    c: float = 1.0,
+) -> tuple[float, float]:
     """(NB error, LR error) on the test set after fitting both on the same training sample."""
     nb = SharedVarianceGaussianNB(num_classes, var_smoothing).fit(x_train, y_train)
     with warnings.catch_warnings():
@@ -118,11 +125,17 @@ Shots = Annotated[int, Field(ge=1, le=100_000)]
 
 class GenVsDiscParams(MethodParams):
     features: Literal["raw", "cnn"] = Field(
-        "raw", description="raw: the inputs themselves (pixels in [0,1], or standardised table columns), no "
-                           "training involved; cnn: penultimate features of a Conv-4 CNN trained briefly on a "
-                           "held-out half of the train split, which then plays no part in the curves (images only)")
-    shots: list[Shots] = Field([1, 2, 3, 5, 10, 20, 50], min_length=1, max_length=30,
-                               description="training examples per class at each point of the curve")
+        "raw",
+        description="raw: the inputs themselves (pixels in [0,1], or standardised table columns), no "
+        "training involved; cnn: penultimate features of a Conv-4 CNN trained briefly on a "
+        "held-out half of the train split, which then plays no part in the curves (images only)",
+    )
+    shots: list[Shots] = Field(
+        [1, 2, 3, 5, 10, 20, 50],
+        min_length=1,
+        max_length=30,
+        description="training examples per class at each point of the curve",
+    )
     repeats: int = Field(5, ge=1, le=100, description="random training draws per point (errors are averaged)")
     var_smoothing: float = Field(1e-9, ge=0.0, le=1.0, description="added to the shared NB variance")
     lr_c: float = Field(1.0, gt=0.0, le=1e6, description="inverse L2 strength C of logistic regression")
@@ -130,8 +143,9 @@ class GenVsDiscParams(MethodParams):
     cnn_width: int = Field(32, ge=4, le=512, description="channels of the feature CNN (features='cnn')")
 
 
-def frozen_features(ctx: RunContext, data: ClassificationData, params: GenVsDiscParams
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+def frozen_features(
+    ctx: RunContext, data: ClassificationData, params: GenVsDiscParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(pool x, pool y, test x, test y) as flat float64 arrays; None if cancelled while training a CNN."""
     x, y = data.x_train, data.y_train
     if params.features == "raw":
@@ -174,20 +188,35 @@ def learning_curve(ctx: RunContext, params: GenVsDiscParams) -> tuple[list[dict]
             if ctx.cancelled():
                 return None
             idx = draw_per_class(y_pool, s, rng)
-            errors.append(holdout_errors(x_pool[idx], y_pool[idx], x_test, y_test, data.num_classes,
-                                         params.var_smoothing, params.lr_c))
+            errors.append(
+                holdout_errors(
+                    x_pool[idx], y_pool[idx], x_test, y_test, data.num_classes, params.var_smoothing, params.lr_c
+                )
+            )
             sizes.append(len(idx))
         nb, lr = np.array(errors).T
-        row = {"shots": s, "samples": int(np.mean(sizes)), "nb_error": float(nb.mean()), "nb_std": float(nb.std()),
-               "lr_error": float(lr.mean()), "lr_std": float(lr.std())}
+        row = {
+            "shots": s,
+            "samples": int(np.mean(sizes)),
+            "nb_error": float(nb.mean()),
+            "nb_std": float(nb.std()),
+            "lr_error": float(lr.mean()),
+            "lr_std": float(lr.std()),
+        }
         rows.append(row)
         ctx.log(row["samples"], shots=s, nb_error=row["nb_error"], lr_error=row["lr_error"])
         ctx.progress(i + 1, len(shots), f"{s} shots/class: NB {row['nb_error']:.3f}, LR {row['lr_error']:.3f}")
     return rows, int(x_pool.shape[1])
 
 
-@method("gen-vs-disc", family="classification", task="analyze", datasets=("image-class", "tabular"),
-        params=GenVsDiscParams, paper="Revisiting Discriminative vs. Generative Classifiers: Theory and Implications")
+@method(
+    "gen-vs-disc",
+    family="classification",
+    task="analyze",
+    datasets=("image-class", "tabular"),
+    params=GenVsDiscParams,
+    paper="Revisiting Discriminative vs. Generative Classifiers: Theory and Implications",
+)
 def run(ctx: RunContext, params: GenVsDiscParams) -> None:
     """Error vs training-set size of shared-variance naive Bayes and logistic regression on frozen features."""
     if ctx.dataset is None or ctx.dataset.kind not in ("image-class", "tabular"):
@@ -198,16 +227,25 @@ def run(ctx: RunContext, params: GenVsDiscParams) -> None:
         return
     rows, dim = result
     x = [r["samples"] for r in rows]
-    curves = {"NB (shared σ²)": (x, [r["nb_error"] for r in rows], [r["nb_std"] for r in rows]),
-              "logistic regression": (x, [r["lr_error"] for r in rows], [r["lr_std"] for r in rows])}
+    curves = {
+        "NB (shared σ²)": (x, [r["nb_error"] for r in rows], [r["nb_std"] for r in rows]),
+        "logistic regression": (x, [r["lr_error"] for r in rows], [r["lr_std"] for r in rows]),
+    }
     title = f"{ctx.dataset.name}, {params.features} features ({dim}-d), {params.repeats} draws/point"
-    ctx.save_artifact("learning_curve.png", curves_figure({"test error": curves}, "training examples", logx=True,
-                                                          title=title), kind="plot")
-    ctx.save_artifact("learning_curve.json", {"dataset": ctx.dataset.name, "features": params.features,
-                                              "feature_dim": dim, "rows": rows}, kind="table")
+    ctx.save_artifact(
+        "learning_curve.png",
+        curves_figure({"test error": curves}, "training examples", logx=True, title=title),
+        kind="plot",
+    )
+    ctx.save_artifact(
+        "learning_curve.json",
+        {"dataset": ctx.dataset.name, "features": params.features, "feature_dim": dim, "rows": rows},
+        kind="table",
+    )
 
 
 # -- reproduction: the paper's Gaussian simulation ----------------------------------------------------
+
 
 def gaussian_class_means(num_classes: int, dim: int) -> np.ndarray:
     """μ_0 = −1, μ_k = 2^{k−1} (every coordinate), as in the paper's `generate_data.py`."""
@@ -219,8 +257,9 @@ def coordinate_variance(dim: int) -> np.ndarray:
     return np.where(np.arange(dim) < dim // 2, float(dim), 1.0)
 
 
-def gaussian_sample(num_classes: int, dim: int, per_class: int, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def gaussian_sample(
+    num_classes: int, dim: int, per_class: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """`per_class` draws of each class k from N(μ_k, Σ)."""
     y = np.repeat(np.arange(num_classes), per_class)
     noise = rng.standard_normal((len(y), dim)) * np.sqrt(coordinate_variance(dim))
@@ -240,8 +279,15 @@ def per_class_grid(limit: int) -> list[int]:
     return [s for s in sizes if s <= limit]
 
 
-def simulate(num_classes: int, dim: int, repeats: int, rng: np.random.Generator, tolerance: float = 0.01,
-             max_per_class: int | None = None, test_per_class: int = 1000) -> dict:
+def simulate(
+    num_classes: int,
+    dim: int,
+    repeats: int,
+    rng: np.random.Generator,
+    tolerance: float = 0.01,
+    max_per_class: int | None = None,
+    test_per_class: int = 1000,
+) -> dict:
     """Mean test error of NB and LR on a growing grid of training sizes, until both are within
     `tolerance` of the Bayes error (the paper's stopping rule) or the grid ends."""
     x_test, y_test = gaussian_sample(num_classes, dim, test_per_class, rng)
@@ -251,8 +297,12 @@ def simulate(num_classes: int, dim: int, repeats: int, rng: np.random.Generator,
     for m in per_class_grid(max_per_class or 50 * dim):
         if reached["lr"] is not None and reached["nb"] is not None:
             break
-        errors = np.array([holdout_errors(*gaussian_sample(num_classes, dim, m, rng), x_test, y_test, num_classes)
-                           for _ in range(repeats)]).mean(0)
+        errors = np.array(
+            [
+                holdout_errors(*gaussian_sample(num_classes, dim, m, rng), x_test, y_test, num_classes)
+                for _ in range(repeats)
+            ]
+        ).mean(0)
         curve["samples"].append(m * num_classes)
         for name, err in zip(("nb", "lr"), errors):
             curve[name].append(float(err))
@@ -269,11 +319,15 @@ def loglog_slope(dims: list[int], samples: list[float]) -> float:
 SIMULATION_FULL = {2: (100, 200, 400), 5: (100, 200, 400)}
 
 
-@reproduction("gen-vs-disc", claim="naive Bayes reaches within 1 point of its asymptotic (Bayes) error with far fewer "
-                                   "samples than logistic regression, its sample need growing ~log n against ~n for "
-                                   "LR, and it wins with 2 examples per class",
-              metric="training samples to reach Bayes error + 0.01 (geometric mean over settings)",
-              direction="lower", baseline="logistic regression (lbfgs, C=1)")
+@reproduction(
+    "gen-vs-disc",
+    claim="naive Bayes reaches within 1 point of its asymptotic (Bayes) error with far fewer "
+    "samples than logistic regression, its sample need growing ~log n against ~n for "
+    "LR, and it wins with 2 examples per class",
+    metric="training samples to reach Bayes error + 0.01 (geometric mean over settings)",
+    direction="lower",
+    baseline="logistic regression (lbfgs, C=1)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The paper's Gaussian simulation for K ∈ {2, 5} classes in n ∈ {100, 200, 400} dimensions, 3 draws per
     training size (the paper goes to K = 7, n = 1000 and more draws; this fits in about a CPU minute).
@@ -298,8 +352,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     return _simulation_outcome(ctx, grid, runs, repeats)
 
 
-def _simulation_outcome(ctx: RunContext, grid: dict[int, tuple[int, ...]], runs: dict[tuple[int, int], dict],
-                        repeats: int) -> Outcome:
+def _simulation_outcome(
+    ctx: RunContext, grid: dict[int, tuple[int, ...]], runs: dict[tuple[int, int], dict], repeats: int
+) -> Outcome:
     """Judge the claim from the curves (see `reproduce`), draw them, and keep every number in the details."""
     name = {kn: f"K={kn[0]} n={kn[1]}" for kn in runs}
 
@@ -307,27 +362,46 @@ def _simulation_outcome(ctx: RunContext, grid: dict[int, tuple[int, ...]], runs:
         reached = runs[k, n]["samples_to_target"][model]
         return float(reached if reached is not None else runs[k, n]["curve"]["samples"][-1])
 
-    slopes = {f"K={k}": {m: loglog_slope(list(dims), [need(k, n, m) for n in dims]) for m in ("nb", "lr")}
-              for k, dims in grid.items()}
-    two_shot = {(k, n): {m: r["curve"][m][r["curve"]["samples"].index(2 * k)] for m in ("nb", "lr")}
-                for (k, n), r in runs.items()}
+    slopes = {
+        f"K={k}": {m: loglog_slope(list(dims), [need(k, n, m) for n in dims]) for m in ("nb", "lr")}
+        for k, dims in grid.items()
+    }
+    two_shot = {
+        (k, n): {m: r["curve"][m][r["curve"]["samples"].index(2 * k)] for m in ("nb", "lr")}
+        for (k, n), r in runs.items()
+    }
     censored = [name[kn] for kn, r in runs.items() if None in r["samples_to_target"].values()]
     nb_first = all(need(k, n, "nb") < need(k, n, "lr") for k, n in runs)
     scaling = all(s["lr"] >= 0.7 and s["nb"] <= 0.5 for s in slopes.values())
     few_shot = all(e["nb"] < e["lr"] for e in two_shot.values())
     ours, base = (float(np.exp(np.mean([np.log(need(k, n, m)) for k, n in runs]))) for m in ("nb", "lr"))
 
-    panels = {f"test error, {name[kn]}": {"NB (shared σ²)": (r["curve"]["samples"], r["curve"]["nb"]),
-                                          "logistic regression": (r["curve"]["samples"], r["curve"]["lr"])}
-              for kn, r in runs.items()}
+    panels = {
+        f"test error, {name[kn]}": {
+            "NB (shared σ²)": (r["curve"]["samples"], r["curve"]["nb"]),
+            "logistic regression": (r["curve"]["samples"], r["curve"]["lr"]),
+        }
+        for kn, r in runs.items()
+    }
     ctx.save_artifact("gen_vs_disc_simulation.png", curves_figure(panels, "training samples", logx=True), kind="plot")
-    note = ("log-log slope of samples-to-target vs n: "
-            + "; ".join(f"{k}: NB {s['nb']:.2f}, LR {s['lr']:.2f}" for k, s in slopes.items())
-            + f"; NB first everywhere: {nb_first}; NB better at 2/class everywhere: {few_shot}; {repeats} draws/point"
-            + (f"; never reached (censored): {censored}" if censored else ""))
-    details = {"samples_to_target": {name[kn]: r["samples_to_target"] for kn, r in runs.items()},
-               "target_error": {name[kn]: r["target"] for kn, r in runs.items()}, "loglog_slope": slopes,
-               "two_per_class_error": {name[kn]: e for kn, e in two_shot.items()},
-               "curves": {name[kn]: r["curve"] for kn, r in runs.items()}}
-    return Outcome(ours=ours, baseline=base, seeds=1, holds=nb_first and scaling and few_shot and not censored,
-                   note=note, details=details)
+    note = (
+        "log-log slope of samples-to-target vs n: "
+        + "; ".join(f"{k}: NB {s['nb']:.2f}, LR {s['lr']:.2f}" for k, s in slopes.items())
+        + f"; NB first everywhere: {nb_first}; NB better at 2/class everywhere: {few_shot}; {repeats} draws/point"
+        + (f"; never reached (censored): {censored}" if censored else "")
+    )
+    details = {
+        "samples_to_target": {name[kn]: r["samples_to_target"] for kn, r in runs.items()},
+        "target_error": {name[kn]: r["target"] for kn, r in runs.items()},
+        "loglog_slope": slopes,
+        "two_per_class_error": {name[kn]: e for kn, e in two_shot.items()},
+        "curves": {name[kn]: r["curve"] for kn, r in runs.items()},
+    }
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=1,
+        holds=nb_first and scaling and few_shot and not censored,
+        note=note,
+        details=details,
+    )

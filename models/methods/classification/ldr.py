@@ -111,8 +111,9 @@ class LDRKL(nn.Module):
 class ALDRKL(nn.Module):
     """ALDR-KL: LDR-KL with a per-example λ_i, kept in the buffer `lam` indexed by training position."""
 
-    def __init__(self, num_samples: int, margin: float = 0.1, lam0: float = 10.0, alpha: float = 2.0,
-                 normalize: LogitNorm = "l1"):
+    def __init__(
+        self, num_samples: int, margin: float = 0.1, lam0: float = 10.0, alpha: float = 2.0, normalize: LogitNorm = "l1"
+    ):
         super().__init__()
         if alpha <= 1.0:
             raise ValueError(f"ALDR-KL needs alpha > 1 so that λ stays positive, got {alpha}")
@@ -136,12 +137,19 @@ class ALDRKL(nn.Module):
 
 
 class LDRParams(ClassifierTrainingParams):
-    loss: LossName = Field("aldr-kl", description="training loss: the paper's ALDR-KL or LDR-KL, or a baseline "
-                                                  "(cross-entropy, generalised CE, MAE)")
-    noise_rate: float = Field(0.0, ge=0.0, le=0.9, description="fraction ρ of training labels corrupted "
-                                                                "(train split only; val and test stay clean)")
+    loss: LossName = Field(
+        "aldr-kl",
+        description="training loss: the paper's ALDR-KL or LDR-KL, or a baseline (cross-entropy, generalised CE, MAE)",
+    )
+    noise_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.9,
+        description="fraction ρ of training labels corrupted (train split only; val and test stay clean)",
+    )
     noise_type: Literal["uniform", "class-dependent"] = Field(
-        "uniform", description="uniform: a random class w.p. ρ; class-dependent: y → (y+1) mod K w.p. ρ")
+        "uniform", description="uniform: a random class w.p. ρ; class-dependent: y → (y+1) mod K w.p. ρ"
+    )
     margin: float = Field(0.1, ge=0.0, le=10.0, description="margin c added to every wrong class's logit gap")
     lam: float = Field(10.0, gt=0.0, le=1000.0, description="λ of LDR-KL, or λ₀ (the largest λ_i) of ALDR-KL")
     alpha: float = Field(2.0, gt=1.0, le=1000.0, description="ALDR-KL pull to λ₀; λ_i ∈ [λ₀(1−1/α), λ₀]")
@@ -196,9 +204,14 @@ def train_ldr(ctx: RunContext, params: LDRParams) -> LDRResult | None:
     return LDRResult(test_acc, history)
 
 
-@method("ldr", family="classification", task="train", datasets=("image-class", "tabular"), params=LDRParams,
-        paper="Label Distributionally Robust Losses for Multi-class Classification: Consistency, "
-              "Robustness and Adaptivity")
+@method(
+    "ldr",
+    family="classification",
+    task="train",
+    datasets=("image-class", "tabular"),
+    params=LDRParams,
+    paper="Label Distributionally Robust Losses for Multi-class Classification: Consistency, Robustness and Adaptivity",
+)
 def run(ctx: RunContext, params: LDRParams) -> None:
     """Train a classifier under injected label noise with LDR-KL / ALDR-KL or a baseline loss."""
     with cpu_threads(ctx.resources):
@@ -206,28 +219,43 @@ def run(ctx: RunContext, params: LDRParams) -> None:
     if result is None:
         return
     epochs = list(range(1, len(result.history) + 1))
-    panels = {name: {params.loss: (epochs, [row[name] for row in result.history])}
-              for name in ("train_loss", "val_acc")}
+    panels = {
+        name: {params.loss: (epochs, [row[name] for row in result.history])} for name in ("train_loss", "val_acc")
+    }
     if "lambda_mean" in result.history[0]:
-        panels["λ_i (ALDR-KL)"] = {k: (epochs, [row[k] for row in result.history])
-                                   for k in ("lambda_mean", "lambda_noisy", "lambda_clean") if k in result.history[0]}
+        panels["λ_i (ALDR-KL)"] = {
+            k: (epochs, [row[k] for row in result.history])
+            for k in ("lambda_mean", "lambda_noisy", "lambda_clean")
+            if k in result.history[0]
+        }
     title = f"{params.loss}, {params.noise_type} noise ρ={params.noise_rate}: test acc {result.test_acc:.3f}"
     ctx.save_artifact("curves.png", curves_figure(panels, "epoch", title=title), kind="plot")
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
-SETTINGS_FULL = (("uniform", 0.0), ("uniform", 0.2), ("uniform", 0.4), ("uniform", 0.6),
-                 ("class-dependent", 0.1), ("class-dependent", 0.3))
+SETTINGS_FULL = (
+    ("uniform", 0.0),
+    ("uniform", 0.2),
+    ("uniform", 0.4),
+    ("uniform", 0.6),
+    ("class-dependent", 0.1),
+    ("class-dependent", 0.3),
+)
 LOSSES_FULL: tuple[LossName, ...] = ("aldr-kl", "ldr-kl", "ce", "gce", "mae")
 # Ablation, not a competitor: ALDR-KL with λ_i pinned to λ₀ (α = 1000 keeps λ_i within 0.1% of λ₀), which
 # separates the effect of adapting λ_i from that of ALDR-KL's ‖z‖₁ logit normalisation.
 FIXED_LAMBDA = "aldr-kl, λ fixed"
 
 
-@reproduction("ldr", claim="ALDR-KL is best or within 1 point of the best loss in at least 4 of 6 label-noise "
-                           "settings on digits, and beats cross-entropy on average under noise",
-              metric="test accuracy under label noise", direction="higher", baseline="cross-entropy")
+@reproduction(
+    "ldr",
+    claim="ALDR-KL is best or within 1 point of the best loss in at least 4 of 6 label-noise "
+    "settings on digits, and beats cross-entropy on average under noise",
+    metric="test accuracy under label noise",
+    direction="higher",
+    baseline="cross-entropy",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The notes' protocol on digits: the default MLP and schedule per (loss, noise setting, seed), clean
     test accuracy averaged over seeds. Every loss gets the same optimiser and budget (30 epochs)."""
@@ -256,13 +284,21 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ours = float(np.mean([acc[k]["aldr-kl"] for k in noisy]))
     base = float(np.mean([acc[k]["ce"] for k in noisy]))
     need = math.ceil(2 * len(acc) / 3)
-    note = (f"ALDR-KL within 1 pt of the best loss in {sum(near_best.values())}/{len(acc)} settings (needs {need}); "
-            f"mean over noisy settings {ours:.3f} vs CE {base:.3f}; {len(seeds)} seed(s)")
+    note = (
+        f"ALDR-KL within 1 pt of the best loss in {sum(near_best.values())}/{len(acc)} settings (needs {need}); "
+        f"mean over noisy settings {ours:.3f} vs CE {base:.3f}; {len(seeds)} seed(s)"
+    )
     if not smoke:
         pinned = float(np.mean([acc[k][FIXED_LAMBDA] for k in noisy]))
         note += f"; with λ_i pinned to λ₀ ALDR-KL scores {pinned:.3f} (adapting λ_i adds {ours - pinned:+.3f})"
-    return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=ours > base and sum(near_best.values()) >= need,
-                   note=note, details={"accuracy": acc, "aldr_near_best": near_best})
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=len(seeds),
+        holds=ours > base and sum(near_best.values()) >= need,
+        note=note,
+        details={"accuracy": acc, "aldr_near_best": near_best},
+    )
 
 
 def _accuracy_figure(acc: dict[str, dict[str, float]]) -> Figure:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,13 @@ from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
-from models.conformal import (LabelPowersetICP, Measure, PredictionSetTooLarge, binary_relevance_p_values,
-                              binary_relevance_sets)
+from models.conformal import (
+    LabelPowersetICP,
+    Measure,
+    PredictionSetTooLarge,
+    binary_relevance_p_values,
+    binary_relevance_sets,
+)
 from models.context import InMemoryRunContext, RunContext, shared_cache_dir
 from models.datasets import Dataset, load_builtin
 from models.datasets.stdlib_docstrings import build_stdlib_docstrings
@@ -59,15 +65,26 @@ class MultiLabelBCE(nn.Module):
 
 
 class LPICPParams(ClassifierTrainingParams):
-    embedder: Embedder = Field("minilm", description="text features: packaged all-MiniLM-L6-v2 sentence embeddings "
-                                                     "(contextual) or TF-IDF (non-contextual)")
-    measure: Measure = Field("l2", description="nonconformity: l2 = ‖Y − ô‖₂² (the paper's Euclidean), "
-                                               "l1 = Σ_l |Y_l − ô_l|, nll = −Σ_l log P̂(Y_l)")
-    epsilons: list[float] = Field(default_factory=lambda: list(CLAIM_EPSILONS), min_length=1, max_length=20,
-                                  description="significance levels ε; prediction sets Γ^ε = {Y : p(Y) > ε}")
+    embedder: Embedder = Field(
+        "minilm",
+        description="text features: packaged all-MiniLM-L6-v2 sentence embeddings "
+        "(contextual) or TF-IDF (non-contextual)",
+    )
+    measure: Measure = Field(
+        "l2",
+        description="nonconformity: l2 = ‖Y − ô‖₂² (the paper's Euclidean), "
+        "l1 = Σ_l |Y_l − ô_l|, nll = −Σ_l log P̂(Y_l)",
+    )
+    epsilons: list[float] = Field(
+        default_factory=lambda: list(CLAIM_EPSILONS),
+        min_length=1,
+        max_length=20,
+        description="significance levels ε; prediction sets Γ^ε = {Y : p(Y) > ε}",
+    )
     max_labels: int = Field(0, ge=0, le=62, description="keep only the first N label columns (0: all)")
-    brute_force_max_labels: int = Field(12, ge=0, le=20, description="also enumerate all 2^L sets when L ≤ this, "
-                                                                     "and check the pruned sets equal them")
+    brute_force_max_labels: int = Field(
+        12, ge=0, le=20, description="also enumerate all 2^L sets when L ≤ this, and check the pruned sets equal them"
+    )
     max_set_size: int = Field(200_000, ge=1, le=10_000_000, description="refuse a prediction set larger than this")
     # the MLP on embeddings: one hidden layer, AdamW (the family kit's loop), no selection on the calibration split
     hidden: int = Field(256, ge=8, le=4096, description="MLP width")
@@ -95,8 +112,10 @@ class MultiLabelData:
 def multilabel_data(ds: Dataset, embedder: Embedder, cache_dir: Any = None, max_labels: int = 0) -> MultiLabelData:
     """Embed the `text` column of every split; labels from the multi-hot `labels` column (first `max_labels`)."""
     if ds.kind != "text-corpus" or any("labels" not in split or "text" not in split for _, split in ds):
-        raise ValueError("lp-icp needs a multi-label text dataset: columns `text` and multi-hot `labels` [N, L] "
-                         "in every split (e.g. the built-in 'stdlib-docstrings')")
+        raise ValueError(
+            "lp-icp needs a multi-label text dataset: columns `text` and multi-hot `labels` [N, L] "
+            "in every split (e.g. the built-in 'stdlib-docstrings')"
+        )
     texts = {s: list(ds.splits[s]["text"]) for s in SPLITS}
     if embedder == "minilm":
         x = {s: minilm_embeddings(texts[s], cache_dir) for s in SPLITS}
@@ -143,8 +162,9 @@ def binomial_limit(epsilon: float, n_test: int, n_cal: int) -> float:
     return epsilon + TOLERANCE_Z * math.sqrt(epsilon * (1 - epsilon) * (1 / n_test + 1 / (n_cal + 1)))
 
 
-def evaluate_sets(icp: LabelPowersetICP, probs: np.ndarray, labels: np.ndarray, epsilon: float,
-                  brute_force: bool, limit: int) -> dict[str, Any]:
+def evaluate_sets(
+    icp: LabelPowersetICP, probs: np.ndarray, labels: np.ndarray, epsilon: float, brute_force: bool, limit: int
+) -> dict[str, Any]:
     """One ε on the test split: error, set sizes, label sets scored, and (small L) agreement with brute force.
 
     The error comes from the true sets' p-values (p(Y) ≤ ε ⇔ Y ∉ Γ^ε); a set larger than `limit` is not
@@ -173,23 +193,31 @@ def evaluate_sets(icp: LabelPowersetICP, probs: np.ndarray, labels: np.ndarray, 
             brute_s += time.perf_counter() - start
             identical += pred.same_as(full)
     n, sizes_a = len(labels), np.asarray(sizes, dtype=np.float64)
-    row = {"epsilon": epsilon, "error": float((icp.p_values(probs, labels) <= epsilon).mean()),
-           "error_limit": binomial_limit(epsilon, n, icp.size),
-           "mean_size": float(sizes_a.mean()), "median_size": float(np.median(sizes_a)),
-           "singletons": float((sizes_a == 1).mean()), "empty": float((sizes_a == 0).mean()),
-           "over_limit": over / n, "evaluations": float(np.mean(evaluations)),
-           "uncertain_labels": float(np.mean(uncertain)) if uncertain else float("nan"),
-           "elimination_sets": float(np.mean(np.exp2(uncertain))) if uncertain else float("nan"),
-           "hamming_ball_sets": float(np.mean(ball)) if ball else float("nan"),
-           "all_sets": float(2.0 ** labels.shape[1]), "pruned_ms": 1e3 * fast_s / n}
+    row = {
+        "epsilon": epsilon,
+        "error": float((icp.p_values(probs, labels) <= epsilon).mean()),
+        "error_limit": binomial_limit(epsilon, n, icp.size),
+        "mean_size": float(sizes_a.mean()),
+        "median_size": float(np.median(sizes_a)),
+        "singletons": float((sizes_a == 1).mean()),
+        "empty": float((sizes_a == 0).mean()),
+        "over_limit": over / n,
+        "evaluations": float(np.mean(evaluations)),
+        "uncertain_labels": float(np.mean(uncertain)) if uncertain else float("nan"),
+        "elimination_sets": float(np.mean(np.exp2(uncertain))) if uncertain else float("nan"),
+        "hamming_ball_sets": float(np.mean(ball)) if ball else float("nan"),
+        "all_sets": float(2.0 ** labels.shape[1]),
+        "pruned_ms": 1e3 * fast_s / n,
+    }
     row["valid"] = row["error"] <= row["error_limit"]
     if brute_force:
         row |= {"identical_to_brute_force": identical / n, "brute_force_ms": 1e3 * brute_s / n}
     return row
 
 
-def coverage_curve(icp: LabelPowersetICP, probs: np.ndarray, labels: np.ndarray,
-                   epsilons: Sequence[float]) -> list[float]:
+def coverage_curve(
+    icp: LabelPowersetICP, probs: np.ndarray, labels: np.ndarray, epsilons: Sequence[float]
+) -> list[float]:
     """Empirical coverage P(p(Y_true) > ε) per ε, from the true sets' p-values alone (no set enumeration)."""
     p_true = icp.p_values(probs, labels)
     return [float((p_true > e).mean()) for e in epsilons]
@@ -199,27 +227,46 @@ def binary_relevance_row(br_p_values: np.ndarray, labels: np.ndarray, epsilon: f
     """The baseline's error and set sizes (label sets in the product of per-label sets) at one ε."""
     sets = binary_relevance_sets(br_p_values, epsilon)
     sizes = sets.sizes()
-    return {"epsilon": epsilon, "error": float(1 - sets.covers(labels).mean()),
-            "mean_size": float(sizes.mean()), "median_size": float(np.median(sizes)),
-            "singletons": float((sizes == 1).mean()), "empty": float((sizes == 0).mean())}
+    return {
+        "epsilon": epsilon,
+        "error": float(1 - sets.covers(labels).mean()),
+        "mean_size": float(sizes.mean()),
+        "median_size": float(np.median(sizes)),
+        "singletons": float((sizes == 1).mean()),
+        "empty": float((sizes == 0).mean()),
+    }
 
 
-def save_scorer(ctx: RunContext, params: LPICPParams, scorer: Scorer, icp: LabelPowersetICP,
-                data: MultiLabelData) -> str:
+def save_scorer(
+    ctx: RunContext, params: LPICPParams, scorer: Scorer, icp: LabelPowersetICP, data: MultiLabelData
+) -> str:
     """Register the MLP and the sorted calibration scores (safetensors) with the config that rebuilds them."""
     folder = ctx.workdir / "lp-icp-model"
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.contiguous() for k, v in scorer.model.state_dict().items()}
     tensors["calibration_scores"] = torch.from_numpy(icp.calibration_scores.copy())
     save_file(tensors, str(folder / "model.safetensors"))
-    config = {"method": "lp-icp", "embedder": params.embedder, "measure": params.measure, "hidden": params.hidden,
-              "depth": params.depth, "label_names": data.label_names, "in_features": int(data.x["train"].shape[1])}
+    config = {
+        "method": "lp-icp",
+        "embedder": params.embedder,
+        "measure": params.measure,
+        "hidden": params.hidden,
+        "depth": params.depth,
+        "label_names": data.label_names,
+        "in_features": int(data.x["train"].shape[1]),
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return ctx.register_model("lp-icp", folder, config)
 
 
-@method("lp-icp", family="classification", task="train", datasets=("text-corpus",), params=LPICPParams,
-        paper="Well-calibrated Confidence Measures for Multi-label Text Classification with a Large Number of Labels")
+@method(
+    "lp-icp",
+    family="classification",
+    task="train",
+    datasets=("text-corpus",),
+    params=LPICPParams,
+    paper="Well-calibrated Confidence Measures for Multi-label Text Classification with a Large Number of Labels",
+)
 def run(ctx: RunContext, params: LPICPParams) -> None:
     """Train a multi-label text scorer and wrap it in label-powerset ICP with exact pruned prediction sets."""
     if ctx.dataset is None:
@@ -238,7 +285,9 @@ def run(ctx: RunContext, params: LPICPParams) -> None:
             row = evaluate_sets(icp, scorer.probs["test"], data.y["test"], eps, brute, params.max_set_size)
             rows.append(row)
             ctx.log(i, **{k: float(v) for k, v in row.items()})
-            ctx.progress(i + 1, len(params.epsilons), f"ε={eps}: error {row['error']:.3f}, mean size {row['mean_size']:.1f}")
+            ctx.progress(
+                i + 1, len(params.epsilons), f"ε={eps}: error {row['error']:.3f}, mean size {row['mean_size']:.1f}"
+            )
     grid = list(np.round(np.linspace(0.01, 0.5, 50), 4))
     curves = {"LP-ICP": coverage_curve(icp, scorer.probs["test"], data.y["test"], grid)}
     ctx.save_artifact("calibration.png", calibration_figure(grid, curves, len(data.y["test"]), icp.size), kind="plot")
@@ -252,8 +301,11 @@ def calibration_figure(epsilons: Sequence[float], coverage: dict[str, list[float
     panel: dict[str, tuple[list[float], list[float]]] = {name: (nominal, cov) for name, cov in coverage.items()}
     panel["nominal (1 − ε)"] = (nominal, nominal)
     panel[f"tolerance (z = {TOLERANCE_Z})"] = (nominal, [1 - binomial_limit(e, n_test, n_cal) for e in epsilons])
-    return curves_figure({"empirical coverage": panel}, "nominal coverage 1 − ε",
-                         title=f"LP-ICP calibration ({n_test} test, {n_cal} calibration examples)")
+    return curves_figure(
+        {"empirical coverage": panel},
+        "nominal coverage 1 − ε",
+        title=f"LP-ICP calibration ({n_test} test, {n_cal} calibration examples)",
+    )
 
 
 # -- reproduction -------------------------------------------------------------------------------
@@ -272,8 +324,10 @@ class Arm:
     icp: LabelPowersetICP
 
     def rows(self, epsilons: Sequence[float], brute_force: bool, limit: int) -> list[dict[str, Any]]:
-        return [evaluate_sets(self.icp, self.scorer.probs["test"], self.data.y["test"], e, brute_force, limit)
-                for e in epsilons]
+        return [
+            evaluate_sets(self.icp, self.scorer.probs["test"], self.data.y["test"], e, brute_force, limit)
+            for e in epsilons
+        ]
 
     def coverage(self) -> list[float]:
         return coverage_curve(self.icp, self.scorer.probs["test"], self.data.y["test"], GRID)
@@ -285,12 +339,16 @@ def fit_arm(ds: Dataset, params: LPICPParams, seed: int, cache_dir: Any) -> Arm:
     return Arm(data, scorer, LabelPowersetICP.calibrate(scorer.probs["val"], data.y["val"], params.measure))
 
 
-@reproduction("lp-icp", claim="On standard-library docstrings with 40 labels (2^40 label sets) LP-ICP is valid "
-                              "(test error ≤ ε within binomial tolerance at ε = 0.05, 0.1, 0.2), its pruned search "
-                              "returns exactly brute force's sets at 12 labels while scoring ≤ 10% of the 2^12 "
-                              "label sets, and its sets are smaller than binary-relevance ICP's",
-              metric="median prediction-set size at ε = 0.1 (label sets, 40 labels)", direction="lower",
-              baseline="binary-relevance ICP (crepes per label, Bonferroni ε/L)")
+@reproduction(
+    "lp-icp",
+    claim="On standard-library docstrings with 40 labels (2^40 label sets) LP-ICP is valid "
+    "(test error ≤ ε within binomial tolerance at ε = 0.05, 0.1, 0.2), its pruned search "
+    "returns exactly brute force's sets at 12 labels while scoring ≤ 10% of the 2^12 "
+    "label sets, and its sets are smaller than binary-relevance ICP's",
+    metric="median prediction-set size at ε = 0.1 (label sets, 40 labels)",
+    direction="lower",
+    baseline="binary-relevance ICP (crepes per label, Bonferroni ε/L)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """MiniLM embeddings + MLP scorer per seed on 40 labels (validity, set sizes vs BR-ICP) and on the 12 most
     used labels (pruned vs brute force); a TF-IDF scorer, and the `l1` and `nll` measures on the first seed's
@@ -318,14 +376,19 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             ctx.progress(i + 1, len(seeds) + 1, f"seed {s}: scorers on {full.data.num_labels} and {small} labels")
         tfidf = fit_arm(ds, LPICPParams(**{**base, "embedder": "tfidf"}), seed, cache)
         main = "TF-IDF" if smoke else "MiniLM"  # smoke runs use TF-IDF throughout, for speed
-        sizes = {f"LP-ICP ({main})": first.rows(SIZE_EPSILONS, False, limit),
-                 "LP-ICP (TF-IDF)": tfidf.rows(SIZE_EPSILONS, False, limit)}
+        sizes = {
+            f"LP-ICP ({main})": first.rows(SIZE_EPSILONS, False, limit),
+            "LP-ICP (TF-IDF)": tfidf.rows(SIZE_EPSILONS, False, limit),
+        }
         for measure in ("l1", "nll"):
             icp = LabelPowersetICP.calibrate(first.scorer.probs["val"], first.data.y["val"], measure)
             sizes[f"LP-ICP ({main}, {measure})"] = Arm(first.data, first.scorer, icp).rows(SIZE_EPSILONS, False, limit)
         sizes[f"BR-ICP ({main})"] = [binary_relevance_row(first_br, test_y, e) for e in SIZE_EPSILONS]
-    coverage = {f"LP-ICP ({main})": first.coverage(), "LP-ICP (TF-IDF)": tfidf.coverage(),
-                f"BR-ICP ({main})": [1 - binary_relevance_row(first_br, test_y, e)["error"] for e in GRID]}
+    coverage = {
+        f"LP-ICP ({main})": first.coverage(),
+        "LP-ICP (TF-IDF)": tfidf.coverage(),
+        f"BR-ICP ({main})": [1 - binary_relevance_row(first_br, test_y, e)["error"] for e in GRID],
+    }
     n_test, n_cal = len(test_y), first.icp.size
     ctx.save_artifact("calibration.png", calibration_figure(GRID, coverage, n_test, n_cal), kind="plot")
     ctx.save_artifact("set_sizes.png", _sizes_figure(sizes, full.data.num_labels), kind="plot")
@@ -333,8 +396,15 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     return _outcome(lp, br, exact, sizes, small, full.data.num_labels, len(seeds))
 
 
-def _outcome(lp: dict[int, list[dict]], br: dict[int, list[dict]], exact: dict[int, list[dict]],
-             sizes: dict[str, list[dict]], small: int, num_labels: int, n_seeds: int) -> Outcome:
+def _outcome(
+    lp: dict[int, list[dict]],
+    br: dict[int, list[dict]],
+    exact: dict[int, list[dict]],
+    sizes: dict[str, list[dict]],
+    small: int,
+    num_labels: int,
+    n_seeds: int,
+) -> Outcome:
     at = CLAIM_EPSILONS.index(0.1)
     valid = all(r["valid"] for rows in (*lp.values(), *exact.values()) for r in rows)
     identical = all(r["identical_to_brute_force"] == 1.0 for rows in exact.values() for r in rows)
@@ -344,33 +414,57 @@ def _outcome(lp: dict[int, list[dict]], br: dict[int, list[dict]], exact: dict[i
     base = float(np.mean([rows[at]["median_size"] for rows in br.values()]))
 
     def per_eps(table: dict[int, list[dict]], key: str, fmt: str) -> str:
-        return ", ".join(f"ε={e}: " + "/".join(format(rows[j][key], fmt) for rows in table.values())
-                         for j, e in enumerate(CLAIM_EPSILONS))
+        return ", ".join(
+            f"ε={e}: " + "/".join(format(rows[j][key], fmt) for rows in table.values())
+            for j, e in enumerate(CLAIM_EPSILONS)
+        )
 
     first = next(iter(lp.values()))
     limits = ", ".join(f"{r['error_limit']:.3f}" for r in first)
     scored = ", ".join(f"{r['evaluations']:.0f}" for r in first)
     free = "/".join(f"{r['uncertain_labels']:.1f}" for r in first)
     ball = ", ".join(f"{r['hamming_ball_sets']:.3g}" for r in first)
-    by_arm = "; ".join(f"{name} " + "/".join(format(r["median_size"], ".3g") for r in rows)
-                       for name, rows in sizes.items())
-    note = (f"{n_seeds} seed(s). {num_labels}-label test error (per seed) {per_eps(lp, 'error', '.3f')} (tolerance {limits}); "
-            f"{small}-label error {per_eps(exact, 'error', '.3f')}. Pruned = brute force on every test example: "
-            f"{identical}; label sets scored at most {100 * fraction:.1f}% of 2^{small}. Median set size LP-ICP "
-            f"{per_eps(lp, 'median_size', '.0f')} vs BR-ICP {per_eps(br, 'median_size', '.3g')}. At {num_labels} labels the "
-            f"pruned search scores {scored} label sets per example, where the paper's Hamming-ball bound keeps {ball} "
-            f"candidates and eliminating unflippable labels alone leaves 2^({free}). Median sizes at ε = "
-            f"{', '.join(map(str, SIZE_EPSILONS))}: {by_arm} (the paper's contextual > non-contextual claim is "
-            f"judged by these sizes).")
-    return Outcome(ours=ours, baseline=base, seeds=n_seeds, holds=valid and identical and smaller
-                   and fraction <= MAX_EVALUATED_FRACTION, note=note,
-                   details={"lp_icp": lp, "binary_relevance": br, "brute_force_check": exact, "sizes": sizes,
-                            "valid": valid, "identical": identical, "max_evaluated_fraction": fraction,
-                            "smaller_than_br": smaller})
+    by_arm = "; ".join(
+        f"{name} " + "/".join(format(r["median_size"], ".3g") for r in rows) for name, rows in sizes.items()
+    )
+    note = (
+        f"{n_seeds} seed(s). {num_labels}-label test error (per seed) {per_eps(lp, 'error', '.3f')} "
+        f"(tolerance {limits}); "
+        f"{small}-label error {per_eps(exact, 'error', '.3f')}. Pruned = brute force on every test example: "
+        f"{identical}; label sets scored at most {100 * fraction:.1f}% of 2^{small}. Median set size LP-ICP "
+        f"{per_eps(lp, 'median_size', '.0f')} vs BR-ICP {per_eps(br, 'median_size', '.3g')}. "
+        f"At {num_labels} labels the "
+        f"pruned search scores {scored} label sets per example, where the paper's Hamming-ball bound keeps {ball} "
+        f"candidates and eliminating unflippable labels alone leaves 2^({free}). Median sizes at ε = "
+        f"{', '.join(map(str, SIZE_EPSILONS))}: {by_arm} (the paper's contextual > non-contextual claim is "
+        f"judged by these sizes)."
+    )
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=n_seeds,
+        holds=valid and identical and smaller and fraction <= MAX_EVALUATED_FRACTION,
+        note=note,
+        details={
+            "lp_icp": lp,
+            "binary_relevance": br,
+            "brute_force_check": exact,
+            "sizes": sizes,
+            "valid": valid,
+            "identical": identical,
+            "max_evaluated_fraction": fraction,
+            "smaller_than_br": smaller,
+        },
+    )
 
 
 def _sizes_figure(sizes: dict[str, list[dict]], num_labels: int) -> Figure:
-    panel = {name: ([r["epsilon"] for r in rows], [max(r["median_size"], 0.5) for r in rows])
-             for name, rows in sizes.items()}
-    return curves_figure({"median prediction-set size (label sets)": panel}, "significance level ε", logy=True,
-                         title=f"LP-ICP vs binary-relevance ICP, {num_labels} labels")
+    panel = {
+        name: ([r["epsilon"] for r in rows], [max(r["median_size"], 0.5) for r in rows]) for name, rows in sizes.items()
+    }
+    return curves_figure(
+        {"median prediction-set size (label sets)": panel},
+        "significance level ε",
+        logy=True,
+        title=f"LP-ICP vs binary-relevance ICP, {num_labels} labels",
+    )

@@ -50,8 +50,15 @@ from models.optim import OptimizerName
 from models.plots import curves_figure, reliability_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import (ClassificationData, SGDSchedule, TrainedClassifier, cpu_threads, fit_classifier,
-                             predict_logits, save_training_plots)
+from models.training import (
+    ClassificationData,
+    SGDSchedule,
+    TrainedClassifier,
+    cpu_threads,
+    fit_classifier,
+    predict_logits,
+    save_training_plots,
+)
 
 FirstOrder = Literal["cls", "mean"]
 
@@ -73,8 +80,15 @@ def downsampled_side(d: int) -> int:
 class MomentProbe(nn.Module):
     """MP head on frozen tokens [B, 1 + L, D] ([CLS] first); `second_order=False` is the linear probe."""
 
-    def __init__(self, dim: int, num_classes: int, hidden: int = 256, heads: int = 4, first_order: FirstOrder = "cls",
-                 second_order: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        hidden: int = 256,
+        heads: int = 4,
+        first_order: FirstOrder = "cls",
+        second_order: bool = True,
+    ):
         super().__init__()
         if hidden % heads or heads < 2:
             raise ValueError(f"hidden {hidden} must split into ≥ 2 heads of equal width, got {heads} heads")
@@ -86,8 +100,11 @@ class MomentProbe(nn.Module):
             pairs, side = heads - 1, downsampled_side(hidden // heads)
             self.proj = nn.Linear(dim, hidden)
             self.ln = nn.LayerNorm(hidden // heads)
-            self.down = nn.Sequential(nn.Conv2d(pairs, pairs, 3, stride=2, bias=False), nn.GELU(),
-                                      nn.Conv2d(pairs, pairs, 3, stride=2, bias=False))
+            self.down = nn.Sequential(
+                nn.Conv2d(pairs, pairs, 3, stride=2, bias=False),
+                nn.GELU(),
+                nn.Conv2d(pairs, pairs, 3, stride=2, bias=False),
+            )
             self.classifier2 = nn.Linear(pairs * side * side, num_classes)
 
     @property
@@ -174,8 +191,9 @@ def pretrain_backbone(pools: ClassPools, params: BackboneParams, seed: int, devi
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (pools.base[s] for s in ("train", "val", "test"))
     data = ClassificationData(x_tr, y_tr, x_va, y_va, x_te, y_te, pools.num_base).to(device)
     torch.manual_seed(seed)
-    vit = TinyViT(x_tr.shape[1], x_tr.shape[-1], pools.num_base, params.patch, params.vit_dim, params.vit_depth,
-                  params.vit_heads).to(device)
+    vit = TinyViT(
+        x_tr.shape[1], x_tr.shape[-1], pools.num_base, params.patch, params.vit_dim, params.vit_depth, params.vit_heads
+    ).to(device)
     schedule = SGDSchedule(params.pretrain_epochs, 64, 1e-3, weight_decay=0.05, optimizer_name="adamw")
     fit_classifier(InMemoryRunContext(seed=seed), vit, CrossEntropy(), data, schedule)
     vit.eval().requires_grad_(False)
@@ -192,8 +210,7 @@ def frozen_tokens(vit: TinyViT, x: torch.Tensor, batch_size: int = 512) -> torch
 
 class MomentProbingParams(BackboneParams):
     probe: Literal["mp", "lp"] = Field("mp", description="moment probing, or the linear probe on the first moment")
-    novel_classes: int = Field(5, ge=2, le=1000, description="the last N classes are unseen in pre-training and "
-                                                             "probed")
+    novel_classes: int = Field(5, ge=2, le=1000, description="the last N classes are unseen in pre-training and probed")
     shots: int | None = Field(10, ge=1, le=100_000, description="labelled probe images per novel class (None: all)")
     hidden: int = Field(256, ge=16, le=4096, description="MHC³ projection width (paper: 512 for D = 768)")
     heads: int = Field(4, ge=2, le=64, description="MHC³ heads; adjacent pairs give heads − 1 covariance maps")
@@ -206,8 +223,14 @@ class MomentProbingParams(BackboneParams):
     checkpoint_every: int = Field(25, ge=0, le=10_000, description="save a probe checkpoint every N epochs (0: never)")
 
     def schedule(self) -> SGDSchedule:
-        return SGDSchedule(self.epochs, self.batch_size, self.lr, weight_decay=self.weight_decay,
-                           checkpoint_every=self.checkpoint_every, optimizer_name=self.optimizer)
+        return SGDSchedule(
+            self.epochs,
+            self.batch_size,
+            self.lr,
+            weight_decay=self.weight_decay,
+            checkpoint_every=self.checkpoint_every,
+            optimizer_name=self.optimizer,
+        )
 
 
 @dataclass
@@ -220,13 +243,22 @@ def train_probe(ctx: RunContext, params: MomentProbingParams, vit: TinyViT, pool
     """Fit the probe on frozen tokens of K shots per novel class; score the novel test split (None if cancelled)."""
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (pools.novel[s] for s in ("train", "val", "test"))
     chosen = sample_shots(y_tr, params.shots, ctx.seed)
-    tokens = {s: frozen_tokens(vit, x.to(ctx.device)) for s, x in (("train", x_tr[chosen]), ("val", x_va),
-                                                                     ("test", x_te))}
-    data = ClassificationData(tokens["train"], y_tr[chosen].to(ctx.device), tokens["val"], y_va.to(ctx.device),
-                              tokens["test"], y_te.to(ctx.device), pools.num_novel)
+    tokens = {
+        s: frozen_tokens(vit, x.to(ctx.device)) for s, x in (("train", x_tr[chosen]), ("val", x_va), ("test", x_te))
+    }
+    data = ClassificationData(
+        tokens["train"],
+        y_tr[chosen].to(ctx.device),
+        tokens["val"],
+        y_va.to(ctx.device),
+        tokens["test"],
+        y_te.to(ctx.device),
+        pools.num_novel,
+    )
     torch.manual_seed(ctx.seed)
-    head = MomentProbe(vit.dim, pools.num_novel, params.hidden, params.heads, params.first_order,
-                       second_order=params.probe == "mp").to(ctx.device)
+    head = MomentProbe(
+        vit.dim, pools.num_novel, params.hidden, params.heads, params.first_order, second_order=params.probe == "mp"
+    ).to(ctx.device)
 
     def val_calibration() -> dict[str, float]:
         m = classification_metrics(predict_logits(head, data.x_val), data.y_val)
@@ -240,8 +272,14 @@ def train_probe(ctx: RunContext, params: MomentProbingParams, vit: TinyViT, pool
     return ProbeResult(test, TrainedClassifier(head, data, history))
 
 
-@method("moment-probing", family="classification", task="train", datasets=("image-class",),
-        params=MomentProbingParams, paper="Tuning Pre-trained Model via Moment Probing")
+@method(
+    "moment-probing",
+    family="classification",
+    task="train",
+    datasets=("image-class",),
+    params=MomentProbingParams,
+    paper="Tuning Pre-trained Model via Moment Probing",
+)
 def run(ctx: RunContext, params: MomentProbingParams) -> None:
     """Pre-train a tiny ViT on the base classes, freeze it, probe the novel classes with MP or LP from K shots;
     test accuracy, ECE/MCE and NLL, learning curves and a reliability diagram."""
@@ -263,10 +301,14 @@ def run(ctx: RunContext, params: MomentProbingParams) -> None:
 SHOTS = (5, 10, 20)
 
 
-@reproduction("moment-probing", claim="on a frozen ViT pre-trained on digits 0–4, moment probing beats linear probing "
-                                      "on the unseen digits 5–9 by ≥ 2 points at 5, 10 and 20 shots per class",
-              metric="test accuracy on novel classes (mean over shots and seeds)", direction="higher",
-              baseline="linear probing ([CLS])")
+@reproduction(
+    "moment-probing",
+    claim="on a frozen ViT pre-trained on digits 0–4, moment probing beats linear probing "
+    "on the unseen digits 5–9 by ≥ 2 points at 5, 10 and 20 shots per class",
+    metric="test accuracy on novel classes (mean over shots and seeds)",
+    direction="higher",
+    baseline="linear probing ([CLS])",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """One backbone per seed; per K, both probes see the same K shots and the same schedule; accuracy and
     calibration on the novel test split, averaged over 3 seeds (backbone and shots both vary)."""
@@ -294,24 +336,40 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
                     scores[arm].setdefault(k, []).append(result.test)
                     if s == seed and k == shots[0] and arm != "lp-mean":
                         t = result.trained
-                        diagrams[f"{arm.upper()}, {k}-shot"] = reliability_bins(predict_logits(t.model, t.data.x_test),
-                                                                                t.data.y_test)
+                        diagrams[f"{arm.upper()}, {k}-shot"] = reliability_bins(
+                            predict_logits(t.model, t.data.x_test), t.data.y_test
+                        )
             ctx.progress(i + 1, len(seeds), f"seed {s}")
-    mean = {p: {k: {m: float(np.mean([r[m] for r in rows])) for m in rows[0]} for k, rows in by_k.items()}
-            for p, by_k in scores.items()}
+    mean = {
+        p: {k: {m: float(np.mean([r[m] for r in rows])) for m in rows[0]} for k, rows in by_k.items()}
+        for p, by_k in scores.items()
+    }
     ctx.save_artifact("moment_probing_reliability.png", reliability_figure(diagrams), kind="plot")
     series = {p.upper(): (list(shots), [mean[p][k]["acc"] for k in shots]) for p in mean}
-    ctx.save_artifact("moment_probing_accuracy.png", curves_figure({"novel-class test accuracy": series}, "shots K"),
-                      kind="plot")
+    ctx.save_artifact(
+        "moment_probing_accuracy.png", curves_figure({"novel-class test accuracy": series}, "shots K"), kind="plot"
+    )
     gains = {k: mean["mp"][k]["acc"] - mean["lp"][k]["acc"] for k in shots}
     ours = float(np.mean([mean["mp"][k]["acc"] for k in shots]))
     base = float(np.mean([mean["lp"][k]["acc"] for k in shots]))
-    note = "; ".join(f"{k}-shot: MP {mean['mp'][k]['acc']:.3f} (ECE {mean['mp'][k]['ece']:.3f}) vs LP "
-                     f"{mean['lp'][k]['acc']:.3f} (ECE {mean['lp'][k]['ece']:.3f})" for k in shots)
-    note += "; ablation LP on the mean patch token: " + ", ".join(f"{k}-shot {mean['lp-mean'][k]['acc']:.3f}"
-                                                                  for k in shots)
+    note = "; ".join(
+        f"{k}-shot: MP {mean['mp'][k]['acc']:.3f} (ECE {mean['mp'][k]['ece']:.3f}) vs LP "
+        f"{mean['lp'][k]['acc']:.3f} (ECE {mean['lp'][k]['ece']:.3f})"
+        for k in shots
+    )
+    note += "; ablation LP on the mean patch token: " + ", ".join(
+        f"{k}-shot {mean['lp-mean'][k]['acc']:.3f}" for k in shots
+    )
     note += f"; backbone base-class test acc {np.mean(base_acc):.3f}; {len(seeds)} seed(s)"
-    return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=all(g >= 0.02 for g in gains.values()),
-                   note=note, details={"mean": {p: {str(k): v for k, v in by_k.items()} for p, by_k in mean.items()},
-                                       "gain_per_shot": {str(k): g for k, g in gains.items()},
-                                       "backbone_base_test_acc": base_acc})
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=len(seeds),
+        holds=all(g >= 0.02 for g in gains.values()),
+        note=note,
+        details={
+            "mean": {p: {str(k): v for k, v in by_k.items()} for p, by_k in mean.items()},
+            "gain_per_shot": {str(k): g for k, g in gains.items()},
+            "backbone_base_test_acc": base_acc,
+        },
+    )

@@ -43,8 +43,14 @@ from models.nn.losses import BatchLoss, CrossEntropy
 from models.plots import reliability_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import (ClassifierTrainingParams, TrainedClassifier, cpu_threads, fit_calibrated,
-                             predict_logits, save_training_plots)
+from models.training import (
+    ClassifierTrainingParams,
+    TrainedClassifier,
+    cpu_threads,
+    fit_calibrated,
+    predict_logits,
+    save_training_plots,
+)
 
 LossName = Literal["mndcg", "mrl", "mixup", "label-smoothing", "ce"]
 
@@ -72,19 +78,25 @@ def confidence(logits: torch.Tensor, rank_on: Literal["confidence", "logit"]) ->
     return (F.softmax(logits, dim=1) if rank_on == "confidence" else logits).max(dim=1).values
 
 
-def mixup_ranking_loss(raw_logits: torch.Tensor, mixed_logits: torch.Tensor, mixed_targets: torch.Tensor,
-                       margin: float, rank_on: Literal["confidence", "logit"] = "confidence") -> torch.Tensor:
+def mixup_ranking_loss(
+    raw_logits: torch.Tensor,
+    mixed_logits: torch.Tensor,
+    mixed_targets: torch.Tensor,
+    margin: float,
+    rank_on: Literal["confidence", "logit"] = "confidence",
+) -> torch.Tensor:
     """mean_i 𝟙[x̃_i mixes two classes]·max(0, c(x̃_i) − c(x_i) + m); a one-hot mixture (same class) is masked."""
     different = (mixed_targets == 1.0).sum(dim=1) == 0
     hinge = F.relu(confidence(mixed_logits, rank_on) - confidence(raw_logits, rank_on) + margin)
     return (different * hinge).mean()
 
 
-def folded_ndcg(raw_logits: torch.Tensor, mixed_logits: list[torch.Tensor],
-                mixed_targets: list[torch.Tensor]) -> torch.Tensor:
+def folded_ndcg(
+    raw_logits: torch.Tensor, mixed_logits: list[torch.Tensor], mixed_targets: list[torch.Tensor]
+) -> torch.Tensor:
     """Per-sample min(DCG/IDCG, IDCG/DCG) of the list (raw, mixtures…) ordered by relevance (label weight)."""
-    conf = torch.stack([confidence(z, "confidence") for z in mixed_logits], dim=1)      # [B, M]
-    relevance = torch.stack([t.max(dim=1).values for t in mixed_targets], dim=1)         # [B, M]
+    conf = torch.stack([confidence(z, "confidence") for z in mixed_logits], dim=1)  # [B, M]
+    relevance = torch.stack([t.max(dim=1).values for t in mixed_targets], dim=1)  # [B, M]
     order = torch.argsort(relevance, dim=1, descending=True)
     conf = torch.cat([confidence(raw_logits, "confidence")[:, None], conf.gather(1, order)], dim=1)
     relevance = torch.cat([torch.ones_like(relevance[:, :1]), relevance.gather(1, order)], dim=1)
@@ -102,8 +114,9 @@ class MixupCrossEntropy(BatchLoss):
         super().__init__()
         self.num_classes, self.alpha = num_classes, alpha
 
-    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         mixed = mixup(x, target, self.num_classes, self.alpha)
         return F.cross_entropy(model(mixed.x), mixed.targets)
 
@@ -113,13 +126,26 @@ class MixupRanking(BatchLoss):
 
     needs = frozenset({"mixup"})
 
-    def __init__(self, num_classes: int, alpha: float = 1.0, weight: float = 0.1, margin: float = 0.1,
-                 rank_on: Literal["confidence", "logit"] = "confidence"):
+    def __init__(
+        self,
+        num_classes: int,
+        alpha: float = 1.0,
+        weight: float = 0.1,
+        margin: float = 0.1,
+        rank_on: Literal["confidence", "logit"] = "confidence",
+    ):
         super().__init__()
-        self.num_classes, self.alpha, self.weight, self.margin, self.rank_on = num_classes, alpha, weight, margin, rank_on
+        self.num_classes, self.alpha, self.weight, self.margin, self.rank_on = (
+            num_classes,
+            alpha,
+            weight,
+            margin,
+            rank_on,
+        )
 
-    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         mixed = mixup(x, target, self.num_classes, self.alpha)
         logits, mixed_logits = model(x), model(mixed.x)  # separate passes, as the reference (batch-norm statistics)
         ranking = mixup_ranking_loss(logits, mixed_logits, mixed.targets, self.margin, self.rank_on)
@@ -135,8 +161,9 @@ class MixupNDCG(BatchLoss):
         super().__init__()
         self.num_classes, self.alpha, self.weight, self.num_mixups = num_classes, alpha, weight, num_mixups
 
-    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         mixes = [mixup(x, target, self.num_classes, self.alpha) for _ in range(self.num_mixups)]
         logits = model(x)
         mixed_logits = model(torch.cat([m.x for m in mixes])).split(len(x))  # the M mixtures in one pass, as released
@@ -154,14 +181,17 @@ class LabelSmoothing(nn.Module):
 
 
 class RankMixupParams(ClassifierTrainingParams):
-    loss: LossName = Field("mndcg", description="RankMixup's M-NDCG or MRL, or a baseline (mixup, label "
-                                                "smoothing, cross-entropy)")
-    mixup_alpha: float = Field(2.0, gt=0.0, le=100.0, description="Beta(a, a) of the mixing coefficient λ "
-                                                                  "(paper: 2 CIFAR, 1 Tiny-ImageNet)")
+    loss: LossName = Field(
+        "mndcg", description="RankMixup's M-NDCG or MRL, or a baseline (mixup, label smoothing, cross-entropy)"
+    )
+    mixup_alpha: float = Field(
+        2.0, gt=0.0, le=100.0, description="Beta(a, a) of the mixing coefficient λ (paper: 2 CIFAR, 1 Tiny-ImageNet)"
+    )
     weight: float = Field(0.1, ge=0.0, le=100.0, description="weight α of the ranking term (paper: 0.1)")
     margin: float = Field(0.1, ge=0.0, le=10.0, description="MRL margin m, in the units of what is ranked")
     rank_on: Literal["confidence", "logit"] = Field(
-        "confidence", description="MRL ranks confidences (the paper) or max logits (the released code)")
+        "confidence", description="MRL ranks confidences (the paper) or max logits (the released code)"
+    )
     num_mixups: int = Field(3, ge=1, le=16, description="mixtures per sample for M-NDCG (paper: 3)")
     smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label-smoothing ε (loss='label-smoothing')")
 
@@ -193,8 +223,14 @@ def train_rankmixup(ctx: RunContext, params: RankMixupParams) -> RankMixupResult
     return RankMixupResult(test, trained)
 
 
-@method("rankmixup", family="classification", task="train", datasets=("image-class", "tabular"),
-        params=RankMixupParams, paper="RankMixup: Ranking-Based Mixup Training for Network Calibration")
+@method(
+    "rankmixup",
+    family="classification",
+    task="train",
+    datasets=("image-class", "tabular"),
+    params=RankMixupParams,
+    paper="RankMixup: Ranking-Based Mixup Training for Network Calibration",
+)
 def run(ctx: RunContext, params: RankMixupParams) -> None:
     """Train with M-NDCG, MRL or a baseline; report accuracy, ECE/MCE and NLL, with learning curves and a
     reliability diagram of the test split."""
@@ -216,9 +252,14 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-@reproduction("rankmixup", claim="M-NDCG has lower test ECE than cross-entropy, mixup and label smoothing on digits, "
-                                 "with accuracy within 1 point of cross-entropy",
-              metric="test ECE (15 bins)", direction="lower", baseline="mixup")
+@reproduction(
+    "rankmixup",
+    claim="M-NDCG has lower test ECE than cross-entropy, mixup and label smoothing on digits, "
+    "with accuracy within 1 point of cross-entropy",
+    metric="test ECE (15 bins)",
+    direction="lower",
+    baseline="mixup",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The default MLP and schedule per variant and seed (same budget for all), test metrics averaged
     over seeds; one reliability diagram per variant (first seed)."""
@@ -238,15 +279,23 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
                 scores.setdefault(name, []).append(result.test)
                 if s == seed:
                     trained = result.trained
-                    diagrams[name] = reliability_bins(predict_logits(trained.model, trained.data.x_test),
-                                                      trained.data.y_test)
+                    diagrams[name] = reliability_bins(
+                        predict_logits(trained.model, trained.data.x_test), trained.data.y_test
+                    )
             ctx.progress(i + 1, len(names), name)
     mean = {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for name, rows in scores.items()}
-    ctx.save_artifact("rankmixup_reliability.png", reliability_figure(diagrams, title=f"digits, seed {seed}"),
-                      kind="plot")
+    ctx.save_artifact(
+        "rankmixup_reliability.png", reliability_figure(diagrams, title=f"digits, seed {seed}"), kind="plot"
+    )
     ours = mean["M-NDCG"]
     lower_ece = all(ours["ece"] < mean[b]["ece"] for b in ("CE", "mixup", "label smoothing"))
     similar_acc = ours["acc"] >= mean["CE"]["acc"] - 0.01
     note = "; ".join(f"{n}: ECE {m['ece']:.4f}, acc {m['acc']:.3f}, NLL {m['nll']:.3f}" for n, m in mean.items())
-    return Outcome(ours=ours["ece"], baseline=mean["mixup"]["ece"], seeds=len(seeds), holds=lower_ece and similar_acc,
-                   note=f"{note}; {len(seeds)} seed(s)", details={"test": mean})
+    return Outcome(
+        ours=ours["ece"],
+        baseline=mean["mixup"]["ece"],
+        seeds=len(seeds),
+        holds=lower_ece and similar_acc,
+        note=f"{note}; {len(seeds)} seed(s)",
+        details={"test": mean},
+    )

@@ -32,7 +32,8 @@ it were the query itself). The paper's miniImageNet setting (Conv-4/ResNet-12, 8
 digits: classes 0–4 meta-train, 5–9 are never seen until the 5-way test episodes. The embedding is the
 kit's conv-BN-ReLU-pool stack with its last map flattened, as ProtoNet's Conv-4, but two blocks deep
 (5-way 5-shot novel-class accuracy in our trials: four blocks with a global average pool ≈ 56%, four
-blocks flattened ≈ 70%, two blocks flattened ≈ 88%; on 8×8 inputs only two blocks can pool); training is 6 × 50 episodes with AdamW, since validation accuracy on
+blocks flattened ≈ 70%, two blocks flattened ≈ 88%; on 8×8 inputs only two blocks can pool); training
+is 6 × 50 episodes with AdamW, since validation accuracy on
 novel classes stops rising after about 100 episodes with only 5 base classes to learn from.
 """
 
@@ -49,8 +50,15 @@ from torch import nn
 
 from models.context import InMemoryRunContext, RunContext
 from models.datasets import Dataset, load_builtin
-from models.episodes import (EpisodeEvaluation, EpisodeSampler, EpisodeSpec, evaluate_episodes, mean_ci95,
-                             prototype_logits, squared_distances)
+from models.episodes import (
+    EpisodeEvaluation,
+    EpisodeSampler,
+    EpisodeSpec,
+    evaluate_episodes,
+    mean_ci95,
+    prototype_logits,
+    squared_distances,
+)
 from models.metrics import classification_metrics, reliability_bins
 from models.nn.backbones import small_cnn
 from models.nn.losses import BatchLoss
@@ -62,9 +70,13 @@ from models.training import ClassificationData, SGDSchedule, cpu_threads, fit_cl
 
 Term = Literal["ce", "proto-triplet", "icnn"]
 LossName = Literal["protonet", "proto-triplet", "icnn", "proto-triplet+icnn"]
-TERMS: dict[str, tuple[Term, ...]] = {"protonet": ("ce",), "proto-triplet": ("ce", "proto-triplet"),
-                                      "icnn": ("ce", "icnn"), "proto-triplet+icnn": ("ce", "proto-triplet", "icnn")}
-DIST_EPS = 1e-6   # inside the square root of every distance, as released
+TERMS: dict[str, tuple[Term, ...]] = {
+    "protonet": ("ce",),
+    "proto-triplet": ("ce", "proto-triplet"),
+    "icnn": ("ce", "icnn"),
+    "proto-triplet+icnn": ("ce", "proto-triplet", "icnn"),
+}
+DIST_EPS = 1e-6  # inside the square root of every distance, as released
 SCORE_EPS = 1e-7  # in the ICNN score's divisions, as released
 
 
@@ -73,8 +85,9 @@ def distances(a: torch.Tensor, b: torch.Tensor, eps: float = DIST_EPS) -> torch.
     return (squared_distances(a, b) + eps).sqrt()
 
 
-def proto_triplet_loss(queries: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, margin: float = 0.5,
-                       eps: float = DIST_EPS) -> torch.Tensor:
+def proto_triplet_loss(
+    queries: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, margin: float = 0.5, eps: float = DIST_EPS
+) -> torch.Tensor:
     """mean_q max(0, d(q, c_y) − min_{k≠y} d(q, c_k) + m): anchor = query, positive = its prototype,
     negative = the hardest (nearest) other prototype."""
     d = distances(queries, prototypes, eps)
@@ -84,8 +97,9 @@ def proto_triplet_loss(queries: torch.Tensor, labels: torch.Tensor, prototypes: 
     return F.relu(positive - negative + margin).mean()
 
 
-def icnn_score(z: torch.Tensor, y: torch.Tensor, k: int = 4, ipc: int | None = None,
-               eps: float = SCORE_EPS) -> torch.Tensor:
+def icnn_score(
+    z: torch.Tensor, y: torch.Tensor, k: int = 4, ipc: int | None = None, eps: float = SCORE_EPS
+) -> torch.Tensor:
     """The ICNN score of points `z` with labels `y` (module docstring); a 0-d tensor in [0, 1]."""
     n = len(z)
     if k + 2 >= n:
@@ -104,15 +118,16 @@ def icnn_score(z: torch.Tensor, y: torch.Tensor, k: int = 4, ipc: int | None = N
     other_d = near[:, :k] * other_k
     other_d = other_d / (other_d.max() + eps)
     other_count = other_k.sum(1)
-    inter = ((other_d.sum(1) / (other_count + eps)).sum() / (torch.count_nonzero(other_count) + eps))
+    inter = (other_d.sum(1) / (other_count + eps)).sum() / (torch.count_nonzero(other_count) + eps)
     if not other_k.any():  # no other-class neighbour anywhere: perfect separation, as released
         inter = (inter - 1).abs()
     gamma = same_k.mean() if k + 2 < n else torch.ones((), device=z.device)
     return ((intra + inter) / 2 + gamma) / 2
 
 
-def protonet_loss(support: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor,
-                  temperature: float = 1.0) -> torch.Tensor:
+def protonet_loss(
+    support: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     logits, _ = prototype_logits(support, queries, temperature)
     return F.cross_entropy(logits, labels)
 
@@ -125,8 +140,15 @@ class EpisodicLoss(BatchLoss):
 
     needs = frozenset({"episode"})
 
-    def __init__(self, spec: EpisodeSpec, terms: tuple[Term, ...] = ("ce",), margin: float = 0.5, icnn_k: int = 4,
-                 icnn_on: Literal["episode", "support"] = "episode", temperature: float = 1.0):
+    def __init__(
+        self,
+        spec: EpisodeSpec,
+        terms: tuple[Term, ...] = ("ce",),
+        margin: float = 0.5,
+        icnn_k: int = 4,
+        icnn_on: Literal["episode", "support"] = "episode",
+        temperature: float = 1.0,
+    ):
         super().__init__()
         if not terms:
             raise ValueError("EpisodicLoss needs at least one term")
@@ -148,13 +170,18 @@ class EpisodicLoss(BatchLoss):
             if self.icnn_on == "support":
                 score = icnn_score(flat_support, y_support, self.icnn_k)
             else:
-                score = icnn_score(torch.cat([flat_support, queries]), torch.cat([y_support, y_query]), self.icnn_k,
-                                   ipc=self.spec.shot + self.spec.query)
+                score = icnn_score(
+                    torch.cat([flat_support, queries]),
+                    torch.cat([y_support, y_query]),
+                    self.icnn_k,
+                    ipc=self.spec.shot + self.spec.query,
+                )
             out["icnn"] = -torch.log(score)
         return out
 
-    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         parts = self.parts(model(x))
         return sum(parts.values()) / len(parts)
 
@@ -179,32 +206,50 @@ def few_shot_split(ds: Dataset, novel_classes: int) -> ClassificationData:
     y_test = np.concatenate([ys["train"][~base], ys["test"][ys["test"] >= n_base]]) - n_base
     val = ys["val"] >= n_base
     t = torch.from_numpy
-    return ClassificationData(t(xs["train"][base]), t(ys["train"][base]), t(xs["val"][val]), t(ys["val"][val] - n_base),
-                              t(x_test), t(y_test), num_classes=n_base)
+    return ClassificationData(
+        t(xs["train"][base]),
+        t(ys["train"][base]),
+        t(xs["val"][val]),
+        t(ys["val"][val] - n_base),
+        t(x_test),
+        t(y_test),
+        num_classes=n_base,
+    )
 
 
 # -- the method --------------------------------------------------------------------------------------
 
 
 class SusanaParams(MethodParams):
-    loss: LossName = Field("proto-triplet+icnn", description="ProtoNet's episode CE alone ('protonet') or averaged "
-                                                             "with Proto-Triplet and/or ICNN")
+    loss: LossName = Field(
+        "proto-triplet+icnn",
+        description="ProtoNet's episode CE alone ('protonet') or averaged with Proto-Triplet and/or ICNN",
+    )
     novel_classes: int = Field(5, ge=2, le=1000, description="the last N classes are held out for meta-testing")
     way: int = Field(5, ge=2, le=100, description="classes per episode (training and test)")
     shot: int = Field(5, ge=1, le=100, description="support examples per class in training episodes")
     query: int = Field(15, ge=1, le=100, description="query examples per class per episode")
     test_shots: list[int] = Field([1, 5], min_length=1, description="K of the K-shot test episodes")
     test_episodes: int = Field(600, ge=2, le=100_000, description="test episodes per K (the literature's 600)")
-    val_episodes: int = Field(100, ge=2, le=100_000, description="validation episodes per epoch (novel classes' "
-                                                                 "val split, 5 queries per class)")
+    val_episodes: int = Field(
+        100,
+        ge=2,
+        le=100_000,
+        description="validation episodes per epoch (novel classes' val split, 5 queries per class)",
+    )
     episodes_per_epoch: int = Field(50, ge=1, le=100_000, description="training episodes per epoch")
     epochs: int = Field(6, ge=1, le=1000, description="epochs; the learning rate drops ÷10 at 50% and 75%")
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="initial learning rate")
     optimizer: OptimizerName = Field("adamw", description="optimizer (models/optim)")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="weight decay")
     width: int = Field(32, ge=4, le=1024, description="channels of the Conv-4 embedding network")
-    blocks: int = Field(2, ge=1, le=8, description="conv-BN-ReLU-pool blocks of the embedding (Conv-4 has 4; on 8×8 "
-                                                   "digits the two that pool are the ones that count)")
+    blocks: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="conv-BN-ReLU-pool blocks of the embedding (Conv-4 has 4; on 8×8 "
+        "digits the two that pool are the ones that count)",
+    )
     margin: float = Field(0.5, ge=0.0, le=100.0, description="Proto-Triplet margin m (paper: 0.5)")
     icnn_k: int = Field(4, ge=1, le=100, description="neighbours k of the ICNN score (paper: 4)")
     icnn_on: Literal["episode", "support"] = Field("episode", description="ICNN over the whole episode or the support")
@@ -215,8 +260,14 @@ class SusanaParams(MethodParams):
         return EpisodeSpec(self.way, self.shot if shot is None else shot, self.query)
 
     def schedule(self) -> SGDSchedule:
-        return SGDSchedule(self.epochs, self.spec().size, self.lr, weight_decay=self.weight_decay,
-                           checkpoint_every=self.checkpoint_every, optimizer_name=self.optimizer)
+        return SGDSchedule(
+            self.epochs,
+            self.spec().size,
+            self.lr,
+            weight_decay=self.weight_decay,
+            checkpoint_every=self.checkpoint_every,
+            optimizer_name=self.optimizer,
+        )
 
 
 @dataclass
@@ -227,8 +278,11 @@ class SusanaResult:
 
     def summary(self, shot: int) -> dict[str, float]:
         ev = self.test[shot]
-        return {"acc": ev.mean, "ci95": ev.ci95, **{k: v for k, v in classification_metrics(ev.logits, ev.labels).items()
-                                                      if k != "acc"}}
+        return {
+            "acc": ev.mean,
+            "ci95": ev.ci95,
+            **{k: v for k, v in classification_metrics(ev.logits, ev.labels).items() if k != "acc"},
+        }
 
 
 def train_susana(ctx: RunContext, params: SusanaParams) -> SusanaResult | None:
@@ -242,31 +296,59 @@ def train_susana(ctx: RunContext, params: SusanaParams) -> SusanaResult | None:
     channels, height, width = data.input_shape
     model = small_cnn(channels, 1, params.width, params.blocks, min(height, width), global_pool=False).body
     model = model.to(ctx.device)  # the embedding f; no classifier head
-    loss_fn = EpisodicLoss(params.spec(), TERMS[params.loss], params.margin, params.icnn_k, params.icnn_on,
-                           params.temperature)
+    loss_fn = EpisodicLoss(
+        params.spec(), TERMS[params.loss], params.margin, params.icnn_k, params.icnn_on, params.temperature
+    )
 
     def val_accuracy() -> float:
         z = predict_logits(model, data.x_val)
-        return evaluate_episodes(z, data.y_val, EpisodeSpec(params.way, params.shot, min(params.query, 5)),
-                                 params.val_episodes,
-                                 seed=12345, temperature=params.temperature).mean
+        return evaluate_episodes(
+            z,
+            data.y_val,
+            EpisodeSpec(params.way, params.shot, min(params.query, 5)),
+            params.val_episodes,
+            seed=12345,
+            temperature=params.temperature,
+        ).mean
 
-    history = fit_classifier(ctx, model, loss_fn, data, params.schedule(), batches=EpisodeSampler(
-        params.spec(), params.episodes_per_epoch), val_accuracy=val_accuracy)
+    history = fit_classifier(
+        ctx,
+        model,
+        loss_fn,
+        data,
+        params.schedule(),
+        batches=EpisodeSampler(params.spec(), params.episodes_per_epoch),
+        val_accuracy=val_accuracy,
+    )
     if history is None:
         return None
     z = predict_logits(model, data.x_test)
-    test = {k: evaluate_episodes(z, data.y_test, params.spec(k), params.test_episodes, seed=ctx.seed + 10_000 * k,
-                                 temperature=params.temperature) for k in params.test_shots}
+    test = {
+        k: evaluate_episodes(
+            z,
+            data.y_test,
+            params.spec(k),
+            params.test_episodes,
+            seed=ctx.seed + 10_000 * k,
+            temperature=params.temperature,
+        )
+        for k in params.test_shots
+    }
     result = SusanaResult(model, history, test)
     for k in params.test_shots:
         ctx.log(params.epochs, **{f"test_{name}_{k}shot": v for name, v in result.summary(k).items()})
     return result
 
 
-@method("susana", family="classification", task="train", datasets=("image-class",), params=SusanaParams,
-        paper="SuSana Distancia is all you need: Enforcing class separability in metric learning via two novel "
-              "distance-based loss functions for few-shot image classification")
+@method(
+    "susana",
+    family="classification",
+    task="train",
+    datasets=("image-class",),
+    params=SusanaParams,
+    paper="SuSana Distancia is all you need: Enforcing class separability in metric learning via two novel "
+    "distance-based loss functions for few-shot image classification",
+)
 def run(ctx: RunContext, params: SusanaParams) -> None:
     """Episodic few-shot training (ProtoNet ± Proto-Triplet/ICNN); K-shot accuracy ± 95% CI, ECE and NLL on novel
     classes, with learning curves and a reliability diagram of the test queries."""
@@ -276,8 +358,9 @@ def run(ctx: RunContext, params: SusanaParams) -> None:
         return
     epochs = list(range(1, len(result.history) + 1))
     panels = {k: {params.loss: (epochs, [row[k] for row in result.history])} for k in ("train_loss", "val_acc")}
-    ctx.save_artifact("curves.png", curves_figure(panels, "epoch", title=f"{params.loss}: val = novel-class episodes"),
-                      kind="plot")
+    ctx.save_artifact(
+        "curves.png", curves_figure(panels, "epoch", title=f"{params.loss}: val = novel-class episodes"), kind="plot"
+    )
     diagrams = {f"{k}-shot": reliability_bins(ev.logits, ev.labels) for k, ev in result.test.items()}
     ctx.save_artifact("reliability.png", reliability_figure(diagrams, title=params.loss), kind="plot")
 
@@ -287,16 +370,21 @@ def run(ctx: RunContext, params: SusanaParams) -> None:
 VARIANTS: tuple[LossName, ...] = ("protonet", "proto-triplet", "icnn", "proto-triplet+icnn")
 
 
-@reproduction("susana", claim="adding Proto-Triplet and ICNN to ProtoNet raises 5-way 5-shot accuracy on unseen "
-                              "classes by ≥ 1 point with non-overlapping 95% CIs (digits: 5 base, 5 novel classes)",
-              metric="5-way 5-shot accuracy on novel classes", direction="higher", baseline="protonet")
+@reproduction(
+    "susana",
+    claim="adding Proto-Triplet and ICNN to ProtoNet raises 5-way 5-shot accuracy on unseen "
+    "classes by ≥ 1 point with non-overlapping 95% CIs (digits: 5 base, 5 novel classes)",
+    metric="5-way 5-shot accuracy on novel classes",
+    direction="higher",
+    baseline="protonet",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """Same Conv-4, episodes and budget for each variant and seed; the test episodes are identical across
     variants (paired). Accuracy pooled over seeds × 600 episodes, with the 95% CI over those episodes."""
     ds = load_builtin("digits")
     seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
     variants = ("protonet", "proto-triplet+icnn") if smoke else VARIANTS
-    budget = ({"epochs": 1, "episodes_per_epoch": 3, "test_episodes": 20, "width": 16} if smoke else {})
+    budget = {"epochs": 1, "episodes_per_epoch": 3, "test_episodes": 20, "width": 16} if smoke else {}
     accs: dict[str, dict[int, list[np.ndarray]]] = {}
     calibration: dict[str, dict[str, float]] = {}
     diagrams = {}
@@ -317,25 +405,43 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     data = few_shot_split(ds, SusanaParams().novel_classes)
     for s in seeds:  # reference: ProtoNet on raw pixels, on the very episodes the trained embeddings were scored on
         for k in (1, 5):
-            ev = evaluate_episodes(data.x_test.flatten(1), data.y_test, SusanaParams().spec(k), budget.get(
-                "test_episodes", SusanaParams().test_episodes), seed=s + 10_000 * k)
+            ev = evaluate_episodes(
+                data.x_test.flatten(1),
+                data.y_test,
+                SusanaParams().spec(k),
+                budget.get("test_episodes", SusanaParams().test_episodes),
+                seed=s + 10_000 * k,
+            )
             accs.setdefault("raw pixels (no training)", {}).setdefault(k, []).append(ev.accuracies)
-    table = {name: {f"{k}-shot": mean_ci95(np.concatenate(runs)) for k, runs in by_k.items()}
-             for name, by_k in accs.items()}
-    ctx.save_artifact("susana_reliability_5shot.png", reliability_figure(diagrams, title=f"5-shot, seed {seed}"),
-                      kind="plot")
+    table = {
+        name: {f"{k}-shot": mean_ci95(np.concatenate(runs)) for k, runs in by_k.items()} for name, by_k in accs.items()
+    }
+    ctx.save_artifact(
+        "susana_reliability_5shot.png", reliability_figure(diagrams, title=f"5-shot, seed {seed}"), kind="plot"
+    )
     ctx.save_artifact("susana_accuracy.png", _accuracy_figure(table), kind="plot")
     (ours, ours_ci), (base, base_ci) = table["proto-triplet+icnn"]["5-shot"], table["protonet"]["5-shot"]
     holds = ours - base >= 0.01 and ours - ours_ci > base + base_ci
-    note = "; ".join(f"{n}: " + ", ".join(f"{k} {m:.4f}±{h:.4f}" for k, (m, h) in row.items())
-                     + (f", 5-shot ECE {calibration[n]['ece']:.3f}" if n in calibration else "")
-                     for n, row in table.items())
-    return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=holds, note=note + f"; {len(seeds)} seed(s)",
-                   details={"accuracy_ci95": table, "calibration_5shot_first_seed": calibration})
+    note = "; ".join(
+        f"{n}: "
+        + ", ".join(f"{k} {m:.4f}±{h:.4f}" for k, (m, h) in row.items())
+        + (f", 5-shot ECE {calibration[n]['ece']:.3f}" if n in calibration else "")
+        for n, row in table.items()
+    )
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=len(seeds),
+        holds=holds,
+        note=note + f"; {len(seeds)} seed(s)",
+        details={"accuracy_ci95": table, "calibration_5shot_first_seed": calibration},
+    )
 
 
 def _accuracy_figure(table: dict[str, dict[str, tuple[float, float]]]):
     shots = sorted({int(k.split("-")[0]) for row in table.values() for k in row})
-    series = {name: (shots, [row[f"{k}-shot"][0] for k in shots], [row[f"{k}-shot"][1] for k in shots])
-              for name, row in table.items()}
+    series = {
+        name: (shots, [row[f"{k}-shot"][0] for k in shots], [row[f"{k}-shot"][1] for k in shots])
+        for name, row in table.items()
+    }
     return curves_figure({"accuracy on novel classes (± 95% CI)": series}, "shots K (5-way)")

@@ -26,14 +26,14 @@ informativeness condition allows — the unit test checks that invariance.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from pydantic import Field
 from sklearn.decomposition import FactorAnalysis
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import Ridge, RidgeCV
+from sklearn.linear_model import RidgeCV
 
 from models.context import RunContext
 from models.plots import curves_figure
@@ -53,7 +53,7 @@ class FactorModel:
     label_noise: float
 
     @classmethod
-    def random(cls, d: int, r: int, noise: float, label_noise: float, rng: np.random.Generator) -> "FactorModel":
+    def random(cls, d: int, r: int, noise: float, label_noise: float, rng: np.random.Generator) -> FactorModel:
         return cls(rng.normal(size=(d, r)) / np.sqrt(r), rng.normal(size=r), noise, label_noise)
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -67,10 +67,10 @@ class FactorModel:
         d = self.loadings.shape[0]
         b = float(predict(np.zeros((1, d)))[0])
         w = predict(np.eye(d)) - b
-        cov_x = self.loadings @ self.loadings.T + self.noise ** 2 * np.eye(d)
+        cov_x = self.loadings @ self.loadings.T + self.noise**2 * np.eye(d)
         cov_xy = self.loadings @ self.theta
-        var_y = self.theta @ self.theta + self.label_noise ** 2
-        risk = var_y - 2 * w @ cov_xy + w @ cov_x @ w + b ** 2
+        var_y = self.theta @ self.theta + self.label_noise**2
+        risk = var_y - 2 * w @ cov_xy + w @ cov_x @ w + b**2
         bayes = var_y - cov_xy @ np.linalg.solve(cov_x, cov_xy)
         return float(risk - bayes)
 
@@ -99,13 +99,15 @@ class UnsupPretrainParams(MethodParams):
     noise: float = Field(1.0, gt=0.0, le=100.0, description="observation noise σ")
     label_noise: float = Field(0.1, ge=0.0, le=100.0, description="label noise σ_y")
     unlabeled: int = Field(20000, ge=10, le=1_000_000, description="unlabeled sample size m")
-    labeled: list[int] = Field([10, 20, 50, 100, 200, 500, 1000], min_length=1, max_length=30,
-                               description="labeled sample sizes n to sweep")
+    labeled: list[int] = Field(
+        [10, 20, 50, 100, 200, 500, 1000], min_length=1, max_length=30, description="labeled sample sizes n to sweep"
+    )
     repeats: int = Field(3, ge=1, le=100, description="independent draws per n (fresh labels and unlabeled data)")
 
 
-def excess_risk_curves(params: UnsupPretrainParams, seed: int,
-                       progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, np.ndarray]:
+def excess_risk_curves(
+    params: UnsupPretrainParams, seed: int, progress: Callable[[int, int], None] = lambda done, total: None
+) -> dict[str, np.ndarray]:
     """Excess risk [repeats, len(labeled)] of two-stage learning and of supervised ridge."""
     rng = np.random.default_rng(seed)
     model = FactorModel.random(params.dim, params.latent_dim, params.noise, params.label_noise, rng)
@@ -125,8 +127,14 @@ def loglog_slope(n: list[int], risk: np.ndarray) -> float:
     return float(np.polyfit(np.log(n), np.log(risk), 1)[0])
 
 
-@method("unsup-pretrain", family="classification", task="analyze", datasets=(), params=UnsupPretrainParams,
-        paper="On the Provable Advantage of Unsupervised Pretraining")
+@method(
+    "unsup-pretrain",
+    family="classification",
+    task="analyze",
+    datasets=(),
+    params=UnsupPretrainParams,
+    paper="On the Provable Advantage of Unsupervised Pretraining",
+)
 def run(ctx: RunContext, params: UnsupPretrainParams) -> None:
     """Excess risk against the number of labels n: factor-model MLE on m unlabeled samples + ridge on the
     posterior means, against ridge on the raw inputs; log-log curves as a PNG, one metric point per n."""
@@ -138,40 +146,79 @@ def run(ctx: RunContext, params: UnsupPretrainParams) -> None:
         ctx.log(n, excess_risk_two_stage=mean["two-stage (MLE + ERM)"][j], excess_risk_supervised=mean["supervised"][j])
     panels = {"excess risk": {k: (params.labeled, list(v), list(curves[k].std(axis=0))) for k, v in mean.items()}}
     title = f"factor model d={params.dim}, r={params.latent_dim}, m={params.unlabeled}"
-    ctx.save_artifact("excess_risk.png", curves_figure(panels, "labeled samples n", logx=True, logy=True, title=title),
-                      kind="plot")
+    ctx.save_artifact(
+        "excess_risk.png", curves_figure(panels, "labeled samples n", logx=True, logy=True, title=title), kind="plot"
+    )
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
-@reproduction("unsup-pretrain", claim="with m = 20k unlabeled samples, MLE pretraining + ERM has lower excess risk "
-                                      "than supervised learning at every n ≤ 1000 (d = 200, r = 5), and its excess "
-                                      "risk at n = 1000 falls as m grows",
-              metric="excess risk at n = 50 (mean over draws)", direction="lower", baseline="supervised ridge on x")
+
+@reproduction(
+    "unsup-pretrain",
+    claim="with m = 20k unlabeled samples, MLE pretraining + ERM has lower excess risk "
+    "than supervised learning at every n ≤ 1000 (d = 200, r = 5), and its excess "
+    "risk at n = 1000 falls as m grows",
+    metric="excess risk at n = 50 (mean over draws)",
+    direction="lower",
+    baseline="supervised ridge on x",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
-    params = (UnsupPretrainParams(dim=50, unlabeled=1000, labeled=[20, 100], repeats=1) if smoke
-              else UnsupPretrainParams())
+    params = (
+        UnsupPretrainParams(dim=50, unlabeled=1000, labeled=[20, 100], repeats=1) if smoke else UnsupPretrainParams()
+    )
     curves = excess_risk_curves(params, seed)
     ours, base = curves["two-stage (MLE + ERM)"].mean(0), curves["supervised"].mean(0)
     at = params.labeled.index(50) if 50 in params.labeled else 0
     # The C_Φ/m term is seen where the head's C_Ψ/n term is small: at the largest n, with more draws.
     m_grid = [200, 2000, 20000] if not smoke else [200, 2000]
     n_for_m = params.labeled[-1]
-    by_m = [float(excess_risk_curves(params.model_copy(update={"unlabeled": m, "labeled": [n_for_m],
-                                                              "repeats": 2 * params.repeats}), seed)
-                  ["two-stage (MLE + ERM)"].mean()) for m in m_grid]
-    ctx.save_artifact("excess_risk.png", curves_figure(
-        {"excess risk vs n": {k: (params.labeled, list(v.mean(0))) for k, v in curves.items()},
-         f"two-stage excess risk vs m (n = {n_for_m})": {"two-stage": (m_grid, by_m)}},
-        "sample size", logx=True, logy=True, ncols=2), kind="plot")
+    by_m = [
+        float(
+            excess_risk_curves(
+                params.model_copy(update={"unlabeled": m, "labeled": [n_for_m], "repeats": 2 * params.repeats}), seed
+            )["two-stage (MLE + ERM)"].mean()
+        )
+        for m in m_grid
+    ]
+    ctx.save_artifact(
+        "excess_risk.png",
+        curves_figure(
+            {
+                "excess risk vs n": {k: (params.labeled, list(v.mean(0))) for k, v in curves.items()},
+                f"two-stage excess risk vs m (n = {n_for_m})": {"two-stage": (m_grid, by_m)},
+            },
+            "sample size",
+            logx=True,
+            logy=True,
+            ncols=2,
+        ),
+        kind="plot",
+    )
     wins = bool(np.all(ours < base))
     falls_with_m = bool(np.all(np.diff(by_m) < 0))
     slopes = {k: loglog_slope(params.labeled, v.mean(0)) for k, v in curves.items()}
-    note = (f"two-stage below supervised at {int(np.sum(ours < base))}/{len(ours)} n; ratio at n={params.labeled[at]}: "
-            f"{base[at] / ours[at]:.1f}×; two-stage excess risk at n={n_for_m} vs m: "
-            + ", ".join(f"m={m}: {r:.4f}" for m, r in zip(m_grid, by_m)) + "; "
-            f"log-log slopes in n: " + ", ".join(f"{k} {s:.2f}" for k, s in slopes.items())
-            + " (squared loss: the −½ of the paper's generic bound is a worst case, −1 is the parametric rate)")
-    return Outcome(ours=float(ours[at]), baseline=float(base[at]), seeds=params.repeats, holds=wins and falls_with_m,
-                   note=note, details={"labeled": params.labeled, "two_stage": ours.tolist(), "supervised": base.tolist(),
-                                       "unlabeled_grid": m_grid, "two_stage_by_m": by_m, "slopes": slopes})
+    note = (
+        f"two-stage below supervised at {int(np.sum(ours < base))}/{len(ours)} n; ratio at n={params.labeled[at]}: "
+        f"{base[at] / ours[at]:.1f}×; two-stage excess risk at n={n_for_m} vs m: "
+        + ", ".join(f"m={m}: {r:.4f}" for m, r in zip(m_grid, by_m))
+        + "; "
+        "log-log slopes in n: "
+        + ", ".join(f"{k} {s:.2f}" for k, s in slopes.items())
+        + " (squared loss: the −½ of the paper's generic bound is a worst case, −1 is the parametric rate)"
+    )
+    return Outcome(
+        ours=float(ours[at]),
+        baseline=float(base[at]),
+        seeds=params.repeats,
+        holds=wins and falls_with_m,
+        note=note,
+        details={
+            "labeled": params.labeled,
+            "two_stage": ours.tolist(),
+            "supervised": base.tolist(),
+            "unlabeled_grid": m_grid,
+            "two_stage_by_m": by_m,
+            "slopes": slopes,
+        },
+    )

@@ -43,8 +43,14 @@ class APGParams(SamplingParams):
         return GuidanceSpec("apg", self.guidance_scale, self.eta, r, self.momentum)
 
 
-@method("apg", family="diffusion", task="sample", paper="Eliminating Oversaturation and Artifacts of High Guidance "
-        "Scales in Diffusion Models", datasets=("image-class",), params=APGParams)
+@method(
+    "apg",
+    family="diffusion",
+    task="sample",
+    paper="Eliminating Oversaturation and Artifacts of High Guidance Scales in Diffusion Models",
+    datasets=("image-class",),
+    params=APGParams,
+)
 def run(ctx: RunContext, params: APGParams) -> None:
     """Sample every digit with adaptive projected guidance and score the images against the real set."""
     with cpu_threads(ctx.resources):
@@ -56,9 +62,14 @@ SCALES_FULL = (4.0, 8.0)
 APG_ARM = dict(eta=0.0, norm_threshold=2.0, momentum=-0.5)
 
 
-@reproduction("apg", claim="At high guidance scales (w ≥ 4) APG keeps CFG's accuracy (within 2 points) with "
-              "less oversaturation, lower FD and higher recall", metric="FD on classifier features (mean over w)",
-              direction="lower", baseline="cfg")
+@reproduction(
+    "apg",
+    claim="At high guidance scales (w ≥ 4) APG keeps CFG's accuracy (within 2 points) with "
+    "less oversaturation, lower FD and higher recall",
+    metric="FD on classifier features (mean over w)",
+    direction="lower",
+    baseline="cfg",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     with cpu_threads(ctx.resources):
         parts = base_model(ctx, smoke)
@@ -66,8 +77,10 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         scales = (4.0,) if smoke else SCALES_FULL
         seeds = [seed] if smoke else [seed, seed + 1]
         per_class, steps = (2, 3) if smoke else (16, 20)
-        arms = {"cfg": lambda w: GuidanceSpec("cfg", w),
-                "apg": lambda w: GuidanceSpec("apg", w, APG_ARM["eta"], APG_ARM["norm_threshold"], APG_ARM["momentum"])}
+        arms = {
+            "cfg": lambda w: GuidanceSpec("cfg", w),
+            "apg": lambda w: GuidanceSpec("apg", w, APG_ARM["eta"], APG_ARM["norm_threshold"], APG_ARM["momentum"]),
+        }
         scores: dict[str, dict[str, list[dict[str, float]]]] = {arm: {} for arm in arms}
         grids, norms = {}, {}
         jobs = [(w, arm, s) for w in scales for arm in arms for s in seeds]
@@ -77,30 +90,50 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             result, labels = sample_classes(parts, arms[arm](w), per_class, steps=steps, seed=s)
             scores[arm].setdefault(str(w), []).append(kit.score(result.images, result.raw, labels))
             if s == seed:
-                grids[f"{arm.upper()} w={w:g}"] = result.images[::max(1, per_class // 4)][:40]
+                grids[f"{arm.upper()} w={w:g}"] = result.images[:: max(1, per_class // 4)][:40]
                 if result.diff_norm:
                     norms[f"w={w:g}"] = (list(range(len(result.diff_norm))), result.diff_norm)
             ctx.progress(i + 1, len(jobs), f"{arm} w={w:g} seed {s}")
-    mean = {arm: {w: {k: statistics.fmean(r[k] for r in runs) for k in runs[0]} for w, runs in by_w.items()}
-            for arm, by_w in scores.items()}
-    ctx.save_artifact("apg_vs_cfg.png", labelled_grids(grids, nrow=4, ncols=len(arms), title="CFG vs APG (DDIM)"),
-                      kind="image")
+    mean = {
+        arm: {w: {k: statistics.fmean(r[k] for r in runs) for k in runs[0]} for w, runs in by_w.items()}
+        for arm, by_w in scores.items()
+    }
+    ctx.save_artifact(
+        "apg_vs_cfg.png", labelled_grids(grids, nrow=4, ncols=len(arms), title="CFG vs APG (DDIM)"), kind="image"
+    )
     if norms:
         ctx.save_artifact("apg_diff_norm.png", curves_figure({"mean ‖ΔD̄‖ (APG)": norms}, "DDIM step"), kind="plot")
-    per_w = {w: {"fd": mean["apg"][w]["fd"] < mean["cfg"][w]["fd"],
-                 "saturation": mean["apg"][w]["saturation_gap"] < mean["cfg"][w]["saturation_gap"],
-                 "recall": mean["apg"][w]["recall"] > mean["cfg"][w]["recall"],
-                 "accuracy": mean["apg"][w]["accuracy"] >= mean["cfg"][w]["accuracy"] - 0.02}
-             for w in mean["cfg"]}
+    per_w = {
+        w: {
+            "fd": mean["apg"][w]["fd"] < mean["cfg"][w]["fd"],
+            "saturation": mean["apg"][w]["saturation_gap"] < mean["cfg"][w]["saturation_gap"],
+            "recall": mean["apg"][w]["recall"] > mean["cfg"][w]["recall"],
+            "accuracy": mean["apg"][w]["accuracy"] >= mean["cfg"][w]["accuracy"] - 0.02,
+        }
+        for w in mean["cfg"]
+    }
     holds = all(all(v.values()) for v in per_w.values())
     failed = sorted({f"{k} at w={w}" for w, v in per_w.items() for k, ok in v.items() if not ok})
-    note = (f"{len(seeds)} seed(s) × {10 * per_class} images per arm, {steps} DDIM steps; APG η={APG_ARM['eta']}, "
-            f"r={APG_ARM['norm_threshold']}, β={APG_ARM['momentum']}; real saturation {kit.real_saturation:.3f}. "
-            + ("All four criteria hold at every w." if holds else f"Fails: {', '.join(failed)}. ") + _accuracy_note(mean))
-    return Outcome(ours=statistics.fmean(m["fd"] for m in mean["apg"].values()),
-                   baseline=statistics.fmean(m["fd"] for m in mean["cfg"].values()), seeds=len(seeds), holds=holds,
-                   note=note, details={"scores": mean, "criteria": per_w, "real_saturation": kit.real_saturation,
-                                       "apg": APG_ARM, "scales": list(scales)})
+    note = (
+        f"{len(seeds)} seed(s) × {10 * per_class} images per arm, {steps} DDIM steps; APG η={APG_ARM['eta']}, "
+        f"r={APG_ARM['norm_threshold']}, β={APG_ARM['momentum']}; real saturation {kit.real_saturation:.3f}. "
+        + ("All four criteria hold at every w." if holds else f"Fails: {', '.join(failed)}. ")
+        + _accuracy_note(mean)
+    )
+    return Outcome(
+        ours=statistics.fmean(m["fd"] for m in mean["apg"].values()),
+        baseline=statistics.fmean(m["fd"] for m in mean["cfg"].values()),
+        seeds=len(seeds),
+        holds=holds,
+        note=note,
+        details={
+            "scores": mean,
+            "criteria": per_w,
+            "real_saturation": kit.real_saturation,
+            "apg": APG_ARM,
+            "scales": list(scales),
+        },
+    )
 
 
 def _accuracy_note(mean: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -113,7 +146,9 @@ def _accuracy_note(mean: dict[str, dict[str, dict[str, float]]]) -> str:
     w = short[-1]
     lower = [v for v in ws if float(v) < float(w) and mean["cfg"][v]["accuracy"] <= mean["apg"][w]["accuracy"]]
     acc = ", ".join(f"CFG w={v}: {mean['cfg'][v]['accuracy']:.3f}" for v in ws)
-    return (f"APG's accuracy at w={w} is {mean['apg'][w]['accuracy']:.3f} ({acc})"
-            + (f", above CFG's at w={lower[-1]}" if lower else "")
-            + ": dropping the parallel part (η=0) and capping ‖ΔD̄‖ weaken the guidance, so APG needs a larger w "
-              "for CFG's class adherence; larger w was not swept.")
+    return (
+        f"APG's accuracy at w={w} is {mean['apg'][w]['accuracy']:.3f} ({acc})"
+        + (f", above CFG's at w={lower[-1]}" if lower else "")
+        + ": dropping the parallel part (η=0) and capping ‖ΔD̄‖ weaken the guidance, so APG needs a larger w "
+        "for CFG's class adherence; larger w was not swept."
+    )

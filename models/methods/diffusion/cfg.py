@@ -13,8 +13,14 @@ from models.registry import method
 from models.training import cpu_threads
 
 
-@method("cfg", family="diffusion", task="sample", paper="Classifier-Free Diffusion Guidance",
-        datasets=("image-class",), params=SamplingParams)
+@method(
+    "cfg",
+    family="diffusion",
+    task="sample",
+    paper="Classifier-Free Diffusion Guidance",
+    datasets=("image-class",),
+    params=SamplingParams,
+)
 def run(ctx: RunContext, params: SamplingParams) -> None:
     """Sample every digit with classifier-free guidance and score the images (FD, precision/recall, saturation)."""
     with cpu_threads(ctx.resources):

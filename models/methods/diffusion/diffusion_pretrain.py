@@ -34,9 +34,17 @@ class PretrainParams(MethodParams):
     grid_per_class: int = Field(8, ge=1, le=32)
 
     def config(self, seed: int) -> PretrainConfig:
-        return PretrainConfig(widths=tuple(self.widths), steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                              ema_decay=self.ema_decay, null_prob=self.null_prob, attr_drop_prob=self.attr_drop_prob,
-                              seed=seed, checkpoint_every=self.checkpoint_every)
+        return PretrainConfig(
+            widths=tuple(self.widths),
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            ema_decay=self.ema_decay,
+            null_prob=self.null_prob,
+            attr_drop_prob=self.attr_drop_prob,
+            seed=seed,
+            checkpoint_every=self.checkpoint_every,
+        )
 
 
 def _grid(parts: DiffusionParts, per_class: int, seed: int) -> bytes:
@@ -45,20 +53,31 @@ def _grid(parts: DiffusionParts, per_class: int, seed: int) -> bytes:
     return image_grid(result.images, nrow=per_class)
 
 
-@method("diffusion-pretrain", family="diffusion", task="train", paper="Denoising Diffusion Probabilistic Models "
-        "(base model for the diffusion family)", datasets=("image-class",), params=PretrainParams)
+@method(
+    "diffusion-pretrain",
+    family="diffusion",
+    task="train",
+    paper="Denoising Diffusion Probabilistic Models (base model for the diffusion family)",
+    datasets=("image-class",),
+    params=PretrainParams,
+)
 def run(ctx: RunContext, params: PretrainParams) -> None:
     """Train the small prompt-conditioned diffusers U-Net on coloured digits and register it."""
     config = params.config(ctx.seed)
     with cpu_threads(ctx.resources):
+
         def on_checkpoint(step: int, ema: DiffusionParts) -> None:
-            ctx.save_artifact(f"samples/step-{step:06d}.png", _grid(ema.eval(), params.grid_per_class, ctx.seed),
-                              kind="image")
+            ctx.save_artifact(
+                f"samples/step-{step:06d}.png", _grid(ema.eval(), params.grid_per_class, ctx.seed), kind="image"
+            )
             ema.unet.train()
 
         parts = train_denoiser(ctx, config, on_step=on_checkpoint)
         folder = save_parts(parts, ctx.workdir / "model")
         ctx.save_artifact("samples/final.png", _grid(parts, params.grid_per_class, ctx.seed), kind="image")
-        ref = ctx.register_model(f"diffusion-pretrain-{ctx.job_id}", folder,
-                                 {"method": "diffusion-pretrain", **parts.info.get("training", {})})
+        ref = ctx.register_model(
+            f"diffusion-pretrain-{ctx.job_id}",
+            folder,
+            {"method": "diffusion-pretrain", **parts.info.get("training", {})},
+        )
         ctx.progress(config.steps, config.steps, f"registered {ref}")

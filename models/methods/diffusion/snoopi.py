@@ -21,8 +21,6 @@ Reproduction (the notes' protocol shrunk to CPU minutes; choices fixed before me
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 from pydantic import Field, model_validator
 
@@ -60,15 +58,22 @@ class SnoopiParams(MethodParams):
     nasa_alpha: float = Field(DEFAULT_ALPHA, ge=0.0, le=2.0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "SnoopiParams":
+    def _ordered(self) -> SnoopiParams:
         if self.kappa_min > self.kappa_max:
             raise ValueError("kappa_min must not exceed kappa_max")
         return self
 
     def config(self, seed: int) -> VSDConfig:
-        return VSDConfig(kappa_range=(self.kappa_min, self.kappa_max), steps=self.steps, batch_size=self.batch_size,
-                         lr=self.lr, lora_lr=self.lora_lr, lora_rank=self.lora_rank, lora_alpha=2.0 * self.lora_rank,
-                         seed=seed)
+        return VSDConfig(
+            kappa_range=(self.kappa_min, self.kappa_max),
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lora_lr=self.lora_lr,
+            lora_rank=self.lora_rank,
+            lora_alpha=2.0 * self.lora_rank,
+            seed=seed,
+        )
 
 
 def class_only(per_class: int) -> torch.Tensor:
@@ -77,8 +82,14 @@ def class_only(per_class: int) -> torch.Tensor:
     return torch.stack([digits, torch.full_like(digits, NULL[1]), torch.full_like(digits, NULL[2])], 1)
 
 
-@method("snoopi", family="diffusion", task="train", paper="SNOOPI: Supercharged One-step Diffusion Distillation "
-        "with Proper Guidance", datasets=("image-class",), params=SnoopiParams)
+@method(
+    "snoopi",
+    family="diffusion",
+    task="train",
+    paper="SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance",
+    datasets=("image-class",),
+    params=SnoopiParams,
+)
 def run(ctx: RunContext, params: SnoopiParams) -> None:
     """Distil the teacher into a one-step student (PG-SB; SwiftBrush when κ_min = κ_max), score it, save
     grids (with NASA when a negative prompt is given) and register the student."""
@@ -106,8 +117,15 @@ def _negative_tokens(text: str) -> list[int]:
 
 
 # -- reproduction -------------------------------------------------------------------------------
-def _distil(ctx: RunContext, teacher: DiffusionParts, kit: EvaluationKit, config: VSDConfig, tokens: torch.Tensor,
-            seed: int, eval_every: int) -> tuple[DiffusionParts, dict[str, float], list[tuple[int, float]]]:
+def _distil(
+    ctx: RunContext,
+    teacher: DiffusionParts,
+    kit: EvaluationKit,
+    config: VSDConfig,
+    tokens: torch.Tensor,
+    seed: int,
+    eval_every: int,
+) -> tuple[DiffusionParts, dict[str, float], list[tuple[int, float]]]:
     """Train one arm; FD along training (every `eval_every` steps) and the final scores."""
     fd_curve: list[tuple[int, float]] = []
 
@@ -120,13 +138,15 @@ def _distil(ctx: RunContext, teacher: DiffusionParts, kit: EvaluationKit, config
     return student, kit.score(to_unit(raw), raw, tokens[:, 0]), fd_curve
 
 
-def _nasa_arms(student: DiffusionParts, kit: EvaluationKit, tokens: torch.Tensor, seed: int,
-               colours: tuple[str, ...] = COLOURS) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+def _nasa_arms(
+    student: DiffusionParts, kit: EvaluationKit, tokens: torch.Tensor, seed: int, colours: tuple[str, ...] = COLOURS
+) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
     """Per arm (none, NASA, negative CFG): how often the negative colour dominates, its mean pixel share,
     accuracy and FD, pooled over the negative colours."""
     arms = {"none": {}, "nasa": {"alpha": DEFAULT_ALPHA}, "cfg": {"cfg_scale": NEGATIVE_CFG_SCALE}}
-    pooled: dict[str, dict[str, list[torch.Tensor]]] = {a: {"hit": [], "share": [], "images": [], "raw": []}
-                                                        for a in arms}
+    pooled: dict[str, dict[str, list[torch.Tensor]]] = {
+        a: {"hit": [], "share": [], "images": [], "raw": []} for a in arms
+    }
     for k, colour in enumerate(colours):
         negative = torch.tensor(prompt_tokens(None, colour, None))
         for arm, kwargs in arms.items():
@@ -141,17 +161,25 @@ def _nasa_arms(student: DiffusionParts, kit: EvaluationKit, tokens: torch.Tensor
     for arm, p in pooled.items():
         images, raw = torch.cat(p["images"]), torch.cat(p["raw"])
         s = kit.score(images, raw, labels)
-        out[arm] = {"negative_colour_rate": torch.cat(p["hit"]).mean().item(),
-                    "negative_pixel_share": torch.cat(p["share"]).mean().item(),
-                    "accuracy": s["accuracy"], "fd": s["fd"]}
+        out[arm] = {
+            "negative_colour_rate": torch.cat(p["hit"]).mean().item(),
+            "negative_pixel_share": torch.cat(p["share"]).mean().item(),
+            "accuracy": s["accuracy"],
+            "fd": s["fd"],
+        }
     first = {arm: p["images"][0] for arm, p in pooled.items()}  # negative "red"
     return out, first
 
 
-@reproduction("snoopi", claim="PG-SB (random guidance scale in the VSD loss) gives a better one-step student than "
-              "fixed-scale SwiftBrush at the same budget (lower FD, accuracy within 2 points), and NASA removes a "
-              "negative-prompt colour from one-step samples more often than no negative or negative-prompt CFG",
-              metric="one-step FD on classifier features", direction="lower", baseline="swiftbrush (fixed κ=4.5)")
+@reproduction(
+    "snoopi",
+    claim="PG-SB (random guidance scale in the VSD loss) gives a better one-step student than "
+    "fixed-scale SwiftBrush at the same budget (lower FD, accuracy within 2 points), and NASA removes a "
+    "negative-prompt colour from one-step samples more often than no negative or negative-prompt CFG",
+    metric="one-step FD on classifier features",
+    direction="lower",
+    baseline="swiftbrush (fixed κ=4.5)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     steps, batch, per_class, nasa_per_class = (2, 4, 2, 1) if smoke else (100, 8, 20, 10)
     with cpu_threads(ctx.resources):
@@ -165,33 +193,59 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             eval_every = 0 if smoke else steps // 4
             students[arm], scores[arm], curve = _distil(ctx, teacher, kit, config, tokens, seed, eval_every)
             curves[arm] = ([s for s, _ in curve], [v for _, v in curve])
-            grids[f"{arm.upper()} κ={'U(%g,%g)' % kappa if kappa[0] != kappa[1] else '%g' % kappa[0]}"] = \
-                to_unit(one_step_sample(students[arm], tokens, seed + 17))[:: max(1, per_class // 4)][:40]
+            scale = f"U({kappa[0]:g},{kappa[1]:g})" if kappa[0] != kappa[1] else f"{kappa[0]:g}"
+            grids[f"{arm.upper()} κ={scale}"] = to_unit(one_step_sample(students[arm], tokens, seed + 17))[
+                :: max(1, per_class // 4)
+            ][:40]
             ctx.progress(j + 1, len(arms) + 1, arm)
         colours = COLOURS[:2] if smoke else COLOURS
         nasa, first = _nasa_arms(students["pg-sb"], kit, class_only(nasa_per_class), seed, colours)
         ctx.progress(len(arms) + 1, len(arms) + 1, "nasa")
-    ctx.save_artifact("pgsb_vs_sb.png", labelled_grids(grids, nrow=4, ncols=2, title="one-step students"),
-                      kind="image")
-    ctx.save_artifact("nasa_negative_red.png", labelled_grids(
-        {"no negative": first["none"], f"NASA α={DEFAULT_ALPHA} (neg. red)": first["nasa"],
-         f"neg. CFG s={NEGATIVE_CFG_SCALE} (neg. red)": first["cfg"]}, nrow=nasa_per_class, ncols=3), kind="image")
+    ctx.save_artifact("pgsb_vs_sb.png", labelled_grids(grids, nrow=4, ncols=2, title="one-step students"), kind="image")
+    ctx.save_artifact(
+        "nasa_negative_red.png",
+        labelled_grids(
+            {
+                "no negative": first["none"],
+                f"NASA α={DEFAULT_ALPHA} (neg. red)": first["nasa"],
+                f"neg. CFG s={NEGATIVE_CFG_SCALE} (neg. red)": first["cfg"],
+            },
+            nrow=nasa_per_class,
+            ncols=3,
+        ),
+        kind="image",
+    )
     ctx.save_artifact("pgsb_fd_curve.png", curves_figure({"one-step FD": curves}, "distillation step"), kind="plot")
     pg, sb = scores["pg-sb"], scores["sb"]
     pgsb_holds = pg["fd"] < sb["fd"] and pg["accuracy"] >= sb["accuracy"] - 0.02
     rate = {a: v["negative_colour_rate"] for a, v in nasa.items()}
-    nasa_holds = (rate["nasa"] < rate["none"] and rate["nasa"] < rate["cfg"]
-                  and nasa["nasa"]["accuracy"] >= nasa["none"]["accuracy"] - 0.02)
-    note = (f"1 seed; {steps} distillation steps at batch {batch} per arm (the paper: thousands at 64+ on SD), "
-            f"{10 * per_class} one-step images. PG-SB FD {pg['fd']:.1f}, acc {pg['accuracy']:.3f}, |sat gap| "
-            f"{pg['saturation_gap']:.3f} vs SB FD {sb['fd']:.1f}, acc {sb['accuracy']:.3f}, |sat gap| "
-            f"{sb['saturation_gap']:.3f}: {'holds' if pgsb_holds else 'does not hold'}. NASA on the PG-SB student "
-            f"(negative colour dominates): none {rate['none']:.3f}, NASA {rate['nasa']:.3f}, neg. CFG "
-            f"{rate['cfg']:.3f}; accuracy none {nasa['none']['accuracy']:.3f}, NASA {nasa['nasa']['accuracy']:.3f}: "
-            f"{'holds' if nasa_holds else 'does not hold'}.")
-    return Outcome(ours=pg["fd"], baseline=sb["fd"], seeds=1, holds=pgsb_holds and nasa_holds, note=note,
-                   details={"scores": scores, "fd_curves": {a: list(zip(*c)) for a, c in curves.items()},
-                            "nasa": nasa, "pgsb_holds": pgsb_holds, "nasa_holds": nasa_holds,
-                            "kappa": {"pg-sb": list(PG_SB_RANGE), "sb": SB_SCALE},
-                            "real_saturation": kit.real_saturation})
-
+    nasa_holds = (
+        rate["nasa"] < rate["none"]
+        and rate["nasa"] < rate["cfg"]
+        and nasa["nasa"]["accuracy"] >= nasa["none"]["accuracy"] - 0.02
+    )
+    note = (
+        f"1 seed; {steps} distillation steps at batch {batch} per arm (the paper: thousands at 64+ on SD), "
+        f"{10 * per_class} one-step images. PG-SB FD {pg['fd']:.1f}, acc {pg['accuracy']:.3f}, |sat gap| "
+        f"{pg['saturation_gap']:.3f} vs SB FD {sb['fd']:.1f}, acc {sb['accuracy']:.3f}, |sat gap| "
+        f"{sb['saturation_gap']:.3f}: {'holds' if pgsb_holds else 'does not hold'}. NASA on the PG-SB student "
+        f"(negative colour dominates): none {rate['none']:.3f}, NASA {rate['nasa']:.3f}, neg. CFG "
+        f"{rate['cfg']:.3f}; accuracy none {nasa['none']['accuracy']:.3f}, NASA {nasa['nasa']['accuracy']:.3f}: "
+        f"{'holds' if nasa_holds else 'does not hold'}."
+    )
+    return Outcome(
+        ours=pg["fd"],
+        baseline=sb["fd"],
+        seeds=1,
+        holds=pgsb_holds and nasa_holds,
+        note=note,
+        details={
+            "scores": scores,
+            "fd_curves": {a: list(zip(*c)) for a, c in curves.items()},
+            "nasa": nasa,
+            "pgsb_holds": pgsb_holds,
+            "nasa_holds": nasa_holds,
+            "kappa": {"pg-sb": list(PG_SB_RANGE), "sb": SB_SCALE},
+            "real_saturation": kit.real_saturation,
+        },
+    )

@@ -23,22 +23,39 @@ from models.training import cpu_threads
 
 
 class LMPretrainParams(PretrainParams):
-    optimizer: OptimizerName = Field("adamw", description="optimizer (models/optim): AdamW with nanoGPT's decay "
-                                                          "groups, or e.g. frugal, stable-spam, galore-adamw, badam "
-                                                          "with their defaults at this lr")
+    optimizer: OptimizerName = Field(
+        "adamw",
+        description="optimizer (models/optim): AdamW with nanoGPT's decay "
+        "groups, or e.g. frugal, stable-spam, galore-adamw, badam "
+        "with their defaults at this lr",
+    )
 
 
-@method("lm-pretrain", family="llm", task="train", datasets=("text-corpus",), params=LMPretrainParams,
-        paper="Baseline job: causal-LM pre-training of a tiny Llama (Touvron et al., LLaMA, 2023 architecture)")
+@method(
+    "lm-pretrain",
+    family="llm",
+    task="train",
+    datasets=("text-corpus",),
+    params=LMPretrainParams,
+    paper="Baseline job: causal-LM pre-training of a tiny Llama (Touvron et al., LLaMA, 2023 architecture)",
+)
 def run(ctx: RunContext, params: LMPretrainParams) -> None:
     """Pre-train a tiny Llama with its own BPE tokenizer; register the HF folder with its val perplexity."""
     with cpu_threads(ctx.resources):
         result = pretrain(ctx, params, params.optimizer)
     if result is None:
         return
-    lineage = {"method": "lm-pretrain", "job_id": ctx.job_id, "parent": None,
-               "dataset": ctx.dataset.name if ctx.dataset else None, "seed": ctx.seed, "params": params.model_dump(),
-               "parameters": parameter_count(result.model), "val_loss": result.val_loss, "val_ppl": result.val_ppl}
+    lineage = {
+        "method": "lm-pretrain",
+        "job_id": ctx.job_id,
+        "parent": None,
+        "dataset": ctx.dataset.name if ctx.dataset else None,
+        "seed": ctx.seed,
+        "params": params.model_dump(),
+        "parameters": parameter_count(result.model),
+        "val_loss": result.val_loss,
+        "val_ppl": result.val_ppl,
+    }
     folder = save_folder(result.model, result.tokenizer, ctx.workdir / params.model_name, lineage)
     ref = ctx.register_model(params.model_name, folder, lineage)
     ctx.log(params.steps, final_val_ppl=result.val_ppl, optimizer_state_bytes=result.optimizer_bytes)

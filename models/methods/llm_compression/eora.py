@@ -35,8 +35,14 @@ from torch import nn
 
 from models.context import RunContext
 from models.llm.compression.calibration import InputStats, compress_sequentially
-from models.llm.compression.job import (CompressionParams, TokenSets, load_parent, model_stem,
-                                        register_compressed, token_sets)
+from models.llm.compression.job import (
+    CompressionParams,
+    TokenSets,
+    load_parent,
+    model_stem,
+    register_compressed,
+    token_sets,
+)
 from models.llm.compression.oneshot import linear_name, prune_model, quantize_model
 from models.llm.compression.pruning import SPARSITY_PATTERN, SparsityPattern
 from models.llm.evaluation import perplexity
@@ -89,8 +95,9 @@ class Compensated:
 
 
 @torch.no_grad()
-def compensate(compressed: nn.Module, dense: nn.Module, windows: torch.Tensor, rank: int, kind: Compensation,
-               batch_size: int = 8) -> Compensated:
+def compensate(
+    compressed: nn.Module, dense: nn.Module, windows: torch.Tensor, rank: int, kind: Compensation, batch_size: int = 8
+) -> Compensated:
     """Add rank-r compensation to every block linear of `compressed` in place (merged: Ŵ + BA), block by
     block, the covariance of block l taken through blocks < l already compensated."""
     dense_weights = {n: m.weight for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
@@ -113,8 +120,15 @@ def peft_adapter(compressed: nn.Module, factors: dict[str, tuple[torch.Tensor, t
     """A peft LoRA model over a copy of the compressed model with lora_A = A, lora_B = B and scaling 1."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(factors),
-                        init_lora_weights=False, bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=sorted(factors),
+        init_lora_weights=False,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(copy.deepcopy(compressed), config)
     modules = dict(model.base_model.model.named_modules())
     with torch.no_grad():
@@ -127,8 +141,11 @@ def peft_adapter(compressed: nn.Module, factors: dict[str, tuple[torch.Tensor, t
 
 
 class EoRAParams(CompressionParams):
-    compressed_model: str = Field("", description="a compressed version of `model` to compensate (registered ref "
-                                                  "or folder); empty: compress `model` here with `compression`")
+    compressed_model: str = Field(
+        "",
+        description="a compressed version of `model` to compensate (registered ref "
+        "or folder); empty: compress `model` here with `compression`",
+    )
     compression: Compression = Field("rtn", description="how to compress when no compressed_model is given")
     bits: int = Field(3, ge=2, le=8, description="RTN bits (compression='rtn')")
     group_size: int = Field(0, ge=0, le=4096, description="RTN group size (0: one scale per row)")
@@ -151,8 +168,14 @@ def compression_label(params: EoRAParams) -> str:
     return f"rtn {params.bits}-bit" if params.compression == "rtn" else f"{params.compression} {params.sparsity}"
 
 
-@method("eora", family="llm-compression", task="compress", datasets=("text-corpus",), params=EoRAParams,
-        paper="EoRA: Training-free Compensation for Compressed LLM with Eigenspace Low-Rank Approximation")
+@method(
+    "eora",
+    family="llm-compression",
+    task="compress",
+    datasets=("text-corpus",),
+    params=EoRAParams,
+    paper="EoRA: Training-free Compensation for Compressed LLM with Eigenspace Low-Rank Approximation",
+)
 def run(ctx: RunContext, params: EoRAParams) -> None:
     """Compensate a quantized or pruned LLM with eigenspace low-rank factors (or plain SVD); register it."""
     with cpu_threads(ctx.resources):
@@ -169,15 +192,31 @@ def run(ctx: RunContext, params: EoRAParams) -> None:
         base_for_adapter = copy.deepcopy(compressed)
         result = compensate(compressed, parent.lm.model, sets.calibration, params.rank, params.compensation)
         ppl = perplexity(compressed, sets.evaluation)
-    metrics = {"val_ppl": ppl, "val_ppl_compressed": ppl_compressed, "val_ppl_parent": ppl_dense,
-               "extra_parameters": result.extra_parameters}
+    metrics = {
+        "val_ppl": ppl,
+        "val_ppl_compressed": ppl_compressed,
+        "val_ppl_parent": ppl_dense,
+        "extra_parameters": result.extra_parameters,
+    }
     ctx.log(0, **metrics)
     lm = CausalLM(compressed, parent.lm.tokenizer, parent.lm.path)
     extra = {"compressed_from": params.compressed_model or compression_label(params)}
     name = params.output_name or f"{model_stem(parent.ref)}-{params.compensation}-r{params.rank}"
-    ref = register_compressed(ctx, lm, parent.ref, "eora", params, metrics, name, extra,
-                              subfolders={"eora-adapter": lambda folder: peft_adapter(
-                                  base_for_adapter, result.factors, params.rank).save_pretrained(str(folder))})
+    ref = register_compressed(
+        ctx,
+        lm,
+        parent.ref,
+        "eora",
+        params,
+        metrics,
+        name,
+        extra,
+        subfolders={
+            "eora-adapter": lambda folder: peft_adapter(base_for_adapter, result.factors, params.rank).save_pretrained(
+                str(folder)
+            )
+        },
+    )
     ctx.progress(3, 3, f"registered {ref}: val ppl {ppl_compressed:.2f} → {ppl:.2f} (parent {ppl_dense:.2f})")
 
 
@@ -186,13 +225,16 @@ def run(ctx: RunContext, params: EoRAParams) -> None:
 
 def eora_grid(ctx: RunContext, smoke: bool) -> dict[str, dict[str, float]]:
     """ppl of compressed-only, SVD and EoRA at each rank, for 3-bit RTN and Wanda 2:4 of the base model."""
-    params = EoRAParams(calibration_windows=4 if smoke else 32, seq_len=32 if smoke else 256,
-                        eval_windows=4 if smoke else 32)
+    params = EoRAParams(
+        calibration_windows=4 if smoke else 32, seq_len=32 if smoke else 256, eval_windows=4 if smoke else 32
+    )
     parent = load_parent(ctx, "", smoke)
     sets: TokenSets = token_sets(ctx, parent.lm, params)
     ranks = (4,) if smoke else (4, 8, 16)
-    settings = [params.model_copy(update={"compression": "rtn", "bits": 3}),
-                params.model_copy(update={"compression": "wanda", "sparsity": "2:4"})]
+    settings = [
+        params.model_copy(update={"compression": "rtn", "bits": 3}),
+        params.model_copy(update={"compression": "wanda", "sparsity": "2:4"}),
+    ]
     table: dict[str, dict[str, float]] = {"dense": {"ppl": perplexity(parent.lm.model, sets.evaluation)}}
     total, done = len(settings) * (1 + 2 * len(ranks)), 0
     for setting in settings:
@@ -210,10 +252,14 @@ def eora_grid(ctx: RunContext, smoke: bool) -> dict[str, dict[str, float]]:
     return table
 
 
-@reproduction("eora", claim="EoRA beats plain SVD compensation at equal rank: ppl(EoRA) < ppl(SVD) < ppl(compressed) "
-                            "for every rank and both 3-bit RTN and Wanda 2:4",
-              metric="val perplexity (mean over ranks and compressions)", direction="lower",
-              baseline="SVD compensation")
+@reproduction(
+    "eora",
+    claim="EoRA beats plain SVD compensation at equal rank: ppl(EoRA) < ppl(SVD) < ppl(compressed) "
+    "for every rank and both 3-bit RTN and Wanda 2:4",
+    metric="val perplexity (mean over ranks and compressions)",
+    direction="lower",
+    baseline="SVD compensation",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The notes' protocol on the cached tiny base: 32×256 calibration tokens, r ∈ {4, 8, 16}. Training-free and
     deterministic, so one seed."""
@@ -222,14 +268,28 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         table = eora_grid(ctx, smoke)
     rows = {k: v for k, v in table.items() if k != "dense"}
     ranks = sorted({int(k.split("=")[1]) for row in rows.values() for k in row if "=" in k})
-    ordered = {f"{label} r={r}": row[f"eora r={r}"] < row[f"svd r={r}"] < row["compressed"]
-               for label, row in rows.items() for r in ranks}
+    ordered = {
+        f"{label} r={r}": row[f"eora r={r}"] < row[f"svd r={r}"] < row["compressed"]
+        for label, row in rows.items()
+        for r in ranks
+    }
     ours = sum(row[f"eora r={r}"] for row in rows.values() for r in ranks) / (len(rows) * len(ranks))
     base = sum(row[f"svd r={r}"] for row in rows.values() for r in ranks) / (len(rows) * len(ranks))
-    panels = {f"val ppl, {label}": {kind: (ranks, [row[f"{kind} r={r}"] for r in ranks]) for kind in ("svd", "eora")}
-              | {"compressed": (ranks, [row["compressed"]] * len(ranks))} for label, row in rows.items()}
+    panels = {
+        f"val ppl, {label}": {kind: (ranks, [row[f"{kind} r={r}"] for r in ranks]) for kind in ("svd", "eora")}
+        | {"compressed": (ranks, [row["compressed"]] * len(ranks))}
+        for label, row in rows.items()
+    }
     ctx.save_artifact("eora_vs_svd.png", curves_figure(panels, "rank r", ncols=2), kind="plot")
-    note = (f"ordering EoRA < SVD < compressed holds in {sum(ordered.values())}/{len(ordered)} settings; dense ppl "
-            f"{table['dense']['ppl']:.2f}; training-free and deterministic ({time.perf_counter() - start:.0f}s)")
-    return Outcome(ours=ours, baseline=base, seeds=1, holds=all(ordered.values()), note=note,
-                   details={"ppl": table, "ordered": ordered})
+    note = (
+        f"ordering EoRA < SVD < compressed holds in {sum(ordered.values())}/{len(ordered)} settings; dense ppl "
+        f"{table['dense']['ppl']:.2f}; training-free and deterministic ({time.perf_counter() - start:.0f}s)"
+    )
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=1,
+        holds=all(ordered.values()),
+        note=note,
+        details={"ppl": table, "ordered": ordered},
+    )

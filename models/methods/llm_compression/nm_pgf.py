@@ -98,8 +98,9 @@ class NMGradientFlow(nn.Module):
         return _DecayingMask.apply(weight, keep, self.beta)
 
 
-def beta_at(step: int, total: int, recipe: Recipe, decay_fraction: float = 0.65, finetune_fraction: float = 0.15
-            ) -> float:
+def beta_at(
+    step: int, total: int, recipe: Recipe, decay_fraction: float = 0.65, finetune_fraction: float = 0.15
+) -> float:
     """β(t): 1 → 0.01 by `decay_fraction`·T (exponential, κ = ln 100/(0.65T)) or 1 → 0 (linear); 0 in the
     final `finetune_fraction` of training (binary mask); always 0 for SR-STE (its forward is binary)."""
     if recipe == "srste" or step >= (1.0 - finetune_fraction) * total:
@@ -131,8 +132,10 @@ def finalize(model: nn.Module, flows: dict[str, NMGradientFlow]) -> None:
 
 
 class PGFParams(MethodParams):
-    recipe: Recipe = Field("mdgf-exp", description="mdgf-exp / mdgf-linear (decaying mask, the paper), srste "
-                                                   "(the baseline) or dense (no sparsity)")
+    recipe: Recipe = Field(
+        "mdgf-exp",
+        description="mdgf-exp / mdgf-linear (decaying mask, the paper), srste (the baseline) or dense (no sparsity)",
+    )
     nm_ff: str = Field("1:16", pattern=NM_PATTERN, description="N:M of the MLP projections")
     nm_attn: str = Field("1:8", pattern=NM_PATTERN, description="N:M of the attention projections")
     size: SizeName = Field("micro", description="model size (FFN widened to 4d so widths split into groups of M)")
@@ -154,8 +157,9 @@ def train_nm(ctx: RunContext, params: PGFParams, smoke: bool = False) -> tuple[C
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
     stream = token_stream(tokenizer, ds.train["text"], max_tokens=params.train_tokens)
     evaluation = split_windows(tokenizer, ds.val["text"], params.seq_len, params.eval_windows)
-    config = llama_config(params.size, len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = llama_config(
+        params.size, len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     config.intermediate_size = 4 * SIZES[params.size].hidden_size
     model = build_model(config, ctx.seed)
     flows = sparsify(model, params.nm_ff, params.nm_attn, params.recipe) if params.recipe != "dense" else {}
@@ -167,15 +171,24 @@ def train_nm(ctx: RunContext, params: PGFParams, smoke: bool = False) -> tuple[C
         if step % 10 == 0:
             ctx.log(step + 1, beta=beta)
 
-    schedule = FinetuneSchedule(params.steps, params.batch_size, params.seq_len, params.lr,
-                                warmup_steps=min(20, params.steps), checkpoint_every=params.checkpoint_every)
+    schedule = FinetuneSchedule(
+        params.steps,
+        params.batch_size,
+        params.seq_len,
+        params.lr,
+        warmup_steps=min(20, params.steps),
+        checkpoint_every=params.checkpoint_every,
+    )
     if finetune(ctx, model, None, stream, LossWeights(1.0, 0.0, 0.0), {}, schedule, set_beta) is None:
         return None
     finalize(model, flows)
     ff, attn = SparsityPattern.parse(params.nm_ff), SparsityPattern.parse(params.nm_attn)
     formats = {name: LinearFormat(pattern=ff if ".mlp." in name else attn) for name in flows}
-    metrics = {"val_ppl": perplexity(model, evaluation), "packed_bytes": packed_bytes(model, formats),
-               "linear_density": _density(model, flows)}
+    metrics = {
+        "val_ppl": perplexity(model, evaluation),
+        "packed_bytes": packed_bytes(model, formats),
+        "linear_density": _density(model, flows),
+    }
     return CausalLM(model.eval(), tokenizer, None), metrics
 
 
@@ -185,8 +198,14 @@ def _density(model: nn.Module, flows: dict[str, NMGradientFlow]) -> float:
     return float(sum((w != 0).sum().item() for w in weights) / sum(w.numel() for w in weights))
 
 
-@method("nm-pgf", family="llm-compression", task="train", datasets=("text-corpus",), params=PGFParams,
-        paper="Progressive Gradient Flow for Robust N:M Sparsity Training in Transformers")
+@method(
+    "nm-pgf",
+    family="llm-compression",
+    task="train",
+    datasets=("text-corpus",),
+    params=PGFParams,
+    paper="Progressive Gradient Flow for Robust N:M Sparsity Training in Transformers",
+)
 def run(ctx: RunContext, params: PGFParams) -> None:
     """Train an N:M-sparse Llama with a decaying mask (MDGF) or SR-STE; register the finished sparse model."""
     with cpu_threads(ctx.resources):
@@ -196,23 +215,31 @@ def run(ctx: RunContext, params: PGFParams) -> None:
     lm, metrics = result
     ctx.log(params.steps, **metrics)
     name = params.output_name or f"nm-pgf-{params.recipe}-{params.nm_ff.replace(':', 'of')}"
-    ref = register_compressed(ctx, lm, None, "nm-pgf", params, metrics, name,
-                              {"nm_ff": params.nm_ff, "nm_attn": params.nm_attn})
+    ref = register_compressed(
+        ctx, lm, None, "nm-pgf", params, metrics, name, {"nm_ff": params.nm_ff, "nm_attn": params.nm_attn}
+    )
     ctx.progress(params.steps, params.steps, f"registered {ref}: val ppl {metrics['val_ppl']:.2f}")
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
 
-@reproduction("nm-pgf", claim="at ≥80% sparsity (FF 1:16, attention 1:8) the decaying mask (MDGF-Exp) trains a better "
-                              "N:M model than SR-STE: mean val ppl over seeds MDGF-Exp ≤ SR-STE",
-              metric="val perplexity of the finished N:M model (mean over seeds)", direction="lower",
-              baseline="SR-STE")
+@reproduction(
+    "nm-pgf",
+    claim="at ≥80% sparsity (FF 1:16, attention 1:8) the decaying mask (MDGF-Exp) trains a better "
+    "N:M model than SR-STE: mean val ppl over seeds MDGF-Exp ≤ SR-STE",
+    metric="val perplexity of the finished N:M model (mean over seeds)",
+    direction="lower",
+    baseline="SR-STE",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """Micro Llama from scratch on stdlib-code, 3 seeds × {MDGF-Exp, SR-STE}, plus one dense run for scale."""
     start = time.perf_counter()
-    budget = {"steps": 4, "batch_size": 2, "seq_len": 16, "train_tokens": 2000, "eval_windows": 2} if smoke else \
-        {"steps": 300, "batch_size": 8, "seq_len": 64, "train_tokens": 300_000, "eval_windows": 32}
+    budget = (
+        {"steps": 4, "batch_size": 2, "seq_len": 16, "train_tokens": 2000, "eval_windows": 2}
+        if smoke
+        else {"steps": 300, "batch_size": 8, "seq_len": 64, "train_tokens": 300_000, "eval_windows": 32}
+    )
     seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
     runs = [(recipe, s) for recipe in ("mdgf-exp", "srste") for s in seeds] + [("dense", seed)]
     ppl: dict[str, list[float]] = {}
@@ -230,7 +257,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             ctx.progress(i + 1, len(runs), f"{recipe} seed {s}: val ppl {result[1]['val_ppl']:.2f}")
     ours, base = float(np.mean(ppl["mdgf-exp"])), float(np.mean(ppl["srste"]))
     ctx.save_artifact("nm_pgf_training.png", curves_figure({"train loss": curves}, "step"), kind="plot")
-    note = (f"MDGF-Exp {ours:.2f} ± {np.std(ppl['mdgf-exp']):.2f} vs SR-STE {base:.2f} ± {np.std(ppl['srste']):.2f} "
-            f"over {len(seeds)} seed(s); dense {ppl['dense'][0]:.2f}; {budget['steps']} steps from scratch "
-            f"({time.perf_counter() - start:.0f}s)")
+    note = (
+        f"MDGF-Exp {ours:.2f} ± {np.std(ppl['mdgf-exp']):.2f} vs SR-STE {base:.2f} ± {np.std(ppl['srste']):.2f} "
+        f"over {len(seeds)} seed(s); dense {ppl['dense'][0]:.2f}; {budget['steps']} steps from scratch "
+        f"({time.perf_counter() - start:.0f}s)"
+    )
     return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=ours <= base, note=note, details={"ppl": ppl})

@@ -28,8 +28,9 @@ import copy
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import networkx as nx
 import numpy as np
@@ -83,8 +84,9 @@ def spectral_nmf_clusters(embeddings: np.ndarray, k: int, seed: int) -> np.ndarr
 
 
 @torch.no_grad()
-def response_jsd(original: nn.Module, pruned: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
-                 batch_size: int = 16) -> torch.Tensor:
+def response_jsd(
+    original: nn.Module, pruned: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 16
+) -> torch.Tensor:
     """Per example, the mean over response tokens of JSD(p_orig ‖ p_pruned) of the next-token distributions."""
     out = []
     for start in range(0, len(ids), batch_size):
@@ -107,8 +109,10 @@ def allocate_budget(cds: dict[int, float], budget: int) -> dict[int, int]:
     return {c: int(math.floor(budget * v / total)) for c, v in cds.items()}
 
 
-_STOPWORDS = frozenset("""a an and are as at be by for from has have if in into is it its of on or that the this to was
-were will with write return returns function module def self none true false of given""".split())
+_STOPWORDS = frozenset(
+    """a an and are as at be by for from has have if in into is it its of on or that the this to was
+were will with write return returns function module def self none true false of given""".split()
+)
 
 
 def rake_concepts(text: str, top: int = 5) -> list[str]:
@@ -158,8 +162,9 @@ class Selection:
     dropped_conflicts: int
 
 
-def paser_select(items: Sequence[Instruction], jsd: torch.Tensor, lengths: torch.Tensor, clusters: np.ndarray,
-                 budget: int) -> Selection:
+def paser_select(
+    items: Sequence[Instruction], jsd: torch.Tensor, lengths: torch.Tensor, clusters: np.ndarray, budget: int
+) -> Selection:
     """Steps 2–4: cluster degradation, budget allocation, efficiency-greedy choice with the concept filter."""
     ids = sorted(set(clusters.tolist()))
     cds = {c: float(jsd[torch.from_numpy(clusters == c)].mean()) for c in ids}
@@ -189,21 +194,37 @@ def instruction_nll(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, b
         for start in range(0, len(ids), batch_size):
             logits = model(input_ids=ids[start : start + batch_size]).logits[:, :-1].float()
             y = labels[start : start + batch_size, 1:]
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
-                                     reduction="sum").item()
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
             count += int((y != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
-def recover(pruned: nn.Module, ids: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float, rank: int,
-            seed: int, batch_size: int = 4) -> nn.Module:
+def recover(
+    pruned: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    lr: float,
+    rank: int,
+    seed: int,
+    batch_size: int = 4,
+) -> nn.Module:
     """LoRA recovery on the selected instructions (loss on responses), merged into a plain model."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(pruned), LoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        copy.deepcopy(pruned),
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -243,12 +264,20 @@ class Recovery:
 def instruction_sets(ctx: RunContext, params: PASERParams) -> tuple[list[Instruction], list[Instruction]]:
     """(selection pool from the train split, held-out instructions from the val split)."""
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
-    return (instructions_from(ds.train["text"], params.pool_per_capability, seed=0),
-            instructions_from(ds.val["text"], max(2, params.pool_per_capability // 3), seed=0))
+    return (
+        instructions_from(ds.train["text"], params.pool_per_capability, seed=0),
+        instructions_from(ds.val["text"], max(2, params.pool_per_capability // 3), seed=0),
+    )
 
 
-def select_and_recover(ctx: RunContext, original: CausalLM, pruned: nn.Module, params: PASERParams,
-                       pool: Sequence[Instruction], held_out: Sequence[Instruction]) -> Recovery:
+def select_and_recover(
+    ctx: RunContext,
+    original: CausalLM,
+    pruned: nn.Module,
+    params: PASERParams,
+    pool: Sequence[Instruction],
+    held_out: Sequence[Instruction],
+) -> Recovery:
     """Select from `pool` by the params' rule, recover with LoRA, score held-out response NLL per capability."""
     ids, labels = encode_instructions(original.tokenizer, pool, params.max_len)
     fits = (labels != IGNORE_INDEX).any(1)  # drop examples whose prompt alone fills max_len
@@ -260,16 +289,22 @@ def select_and_recover(ctx: RunContext, original: CausalLM, pruned: nn.Module, p
     if params.selection == "random":
         selected = sorted(np.random.default_rng(ctx.seed).choice(len(pool), budget, replace=False).tolist())
     else:
-        clusters = spectral_nmf_clusters(embed_texts([p.instruction for p in pool], params.embedder),
-                                         min(params.clusters, len(pool) - 1), ctx.seed)
+        clusters = spectral_nmf_clusters(
+            embed_texts([p.instruction for p in pool], params.embedder), min(params.clusters, len(pool) - 1), ctx.seed
+        )
         jsd = response_jsd(original.model, pruned, ids, labels)
         lengths = (ids != original.tokenizer.pad_token_id).sum(1)
         chosen = paser_select(pool, jsd, lengths, clusters, budget)
         selected = chosen.indices
-        details |= {"cds": chosen.cds, "budgets": chosen.budgets, "dropped_conflicts": chosen.dropped_conflicts,
-                    "cluster_capabilities": _cluster_capabilities(pool, clusters)}
-    details["selected_capabilities"] = {c: sum(pool[i].capability == c for i in selected)
-                                        for c in sorted({p.capability for p in pool})}
+        details |= {
+            "cds": chosen.cds,
+            "budgets": chosen.budgets,
+            "dropped_conflicts": chosen.dropped_conflicts,
+            "cluster_capabilities": _cluster_capabilities(pool, clusters),
+        }
+    details["selected_capabilities"] = {
+        c: sum(pool[i].capability == c for i in selected) for c in sorted({p.capability for p in pool})
+    }
     model = recover(pruned, ids[selected], labels[selected], params.epochs, params.lr, params.lora_rank, ctx.seed)
     nll = {}
     for capability in sorted({p.capability for p in held_out}):
@@ -295,8 +330,14 @@ def load_pruned(ctx: RunContext, parent: CausalLM, params: PASERParams) -> nn.Mo
     return model
 
 
-@method("paser", family="llm-compression", task="select", datasets=("text-corpus",), params=PASERParams,
-        paper="PASER: Post-Training Data Selection for Efficient Pruned Large Language Model Recovery")
+@method(
+    "paser",
+    family="llm-compression",
+    task="select",
+    datasets=("text-corpus",),
+    params=PASERParams,
+    paper="PASER: Post-Training Data Selection for Efficient Pruned Large Language Model Recovery",
+)
 def run(ctx: RunContext, params: PASERParams) -> None:
     """Select recovery instructions where pruning hurt most (by capability cluster), recover with LoRA, register."""
     with cpu_threads(ctx.resources):
@@ -309,26 +350,53 @@ def run(ctx: RunContext, params: PASERParams) -> None:
     ctx.log(0, heldout_nll=result.nll["all"], heldout_nll_pruned=pruned_nll, selected=len(result.selected))
     ctx.save_artifact("selection.json", {"selected": result.selected, **result.details}, kind="json")
     name = params.output_name or f"{model_stem(parent.ref)}-{params.selection}-recovered"
-    ref = register_compressed(ctx, CausalLM(result.model, parent.lm.tokenizer, parent.lm.path),
-                              params.pruned_model or parent.ref, "paser", params,
-                              {"heldout_nll": result.nll["all"], "heldout_nll_pruned": pruned_nll}, name,
-                              {"selected": len(result.selected)})
+    ref = register_compressed(
+        ctx,
+        CausalLM(result.model, parent.lm.tokenizer, parent.lm.path),
+        params.pruned_model or parent.ref,
+        "paser",
+        params,
+        {"heldout_nll": result.nll["all"], "heldout_nll_pruned": pruned_nll},
+        name,
+        {"selected": len(result.selected)},
+    )
     ctx.progress(3, 3, f"registered {ref}: held-out response NLL {pruned_nll:.3f} → {result.nll['all']:.3f}")
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
 
-@reproduction("paser", claim="with 10% of the instruction pool, PASER-selected recovery data restores a 50%-Wanda-pruned "
-                             "model better than random selection of the same budget (mean over 3 seeds)",
-              metric="held-out instruction response NLL after LoRA recovery (mean over seeds)", direction="lower",
-              baseline="random selection")
+@reproduction(
+    "paser",
+    claim="with 10% of the instruction pool, PASER-selected recovery data restores a 50%-Wanda-pruned "
+    "model better than random selection of the same budget (mean over 3 seeds)",
+    metric="held-out instruction response NLL after LoRA recovery (mean over seeds)",
+    direction="lower",
+    baseline="random selection",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The cached base pruned to 50% with Wanda; per seed, PASER vs random selection of the same B = 10%."""
-    budget = {"pool_per_capability": 12, "calibration_windows": 2, "seq_len": 32, "max_len": 48, "clusters": 3,
-              "embedder": "tfidf", "budget": 0.25} if smoke else \
-        {"pool_per_capability": 150, "calibration_windows": 16, "seq_len": 128, "max_len": 128, "clusters": 10,
-         "embedder": "minilm", "epochs": 2}
+    budget = (
+        {
+            "pool_per_capability": 12,
+            "calibration_windows": 2,
+            "seq_len": 32,
+            "max_len": 48,
+            "clusters": 3,
+            "embedder": "tfidf",
+            "budget": 0.25,
+        }
+        if smoke
+        else {
+            "pool_per_capability": 150,
+            "calibration_windows": 16,
+            "seq_len": 128,
+            "max_len": 128,
+            "clusters": 10,
+            "embedder": "minilm",
+            "epochs": 2,
+        }
+    )
     seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
     params = PASERParams(**budget)
     results: dict[str, list[float]] = {"paser": [], "random": []}
@@ -343,14 +411,18 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
                 run_params = params.model_copy(update={"selection": selection})
                 out = select_and_recover(inner, parent, pruned, run_params, pool, held_out)
                 results[selection].append(out.nll["all"])
-                details.setdefault(selection, []).append({"nll": out.nll, **{k: v for k, v in out.details.items()
-                                                                             if k != "cluster_capabilities"}})
+                details.setdefault(selection, []).append(
+                    {"nll": out.nll, **{k: v for k, v in out.details.items() if k != "cluster_capabilities"}}
+                )
                 if selection == "paser" and s == seed:
                     details["cluster_capabilities"] = out.details.get("cluster_capabilities")
             ctx.progress(i + 1, len(seeds), f"seed {s}")
     ours, base = float(np.mean(results["paser"])), float(np.mean(results["random"]))
-    note = (f"held-out response NLL PASER {ours:.4f} vs random {base:.4f} over {len(seeds)} seed(s) "
-            f"(per seed {[round(v, 4) for v in results['paser']]} vs {[round(v, 4) for v in results['random']]}); "
-            f"synthetic code-instruction pool, {params.epochs} LoRA epoch(s)")
-    return Outcome(ours=ours, baseline=base, seeds=len(seeds), note=note, details=json.loads(json.dumps(details,
-                                                                                                       default=str)))
+    note = (
+        f"held-out response NLL PASER {ours:.4f} vs random {base:.4f} over {len(seeds)} seed(s) "
+        f"(per seed {[round(v, 4) for v in results['paser']]} vs {[round(v, 4) for v in results['random']]}); "
+        f"synthetic code-instruction pool, {params.epochs} LoRA epoch(s)"
+    )
+    return Outcome(
+        ours=ours, baseline=base, seeds=len(seeds), note=note, details=json.loads(json.dumps(details, default=str))
+    )

@@ -42,11 +42,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.context import RunContext
+from models.datasets import load_builtin
 from models.llm.compression.job import CompressionParams, load_parent, model_stem, register_compressed, token_sets
+from models.llm.data import random_windows, sampled_stream
 from models.llm.evaluation import perplexity
 from models.llm.folder import CausalLM, decoder_layers
-from models.datasets import load_builtin
-from models.llm.data import random_windows, sampled_stream
 from models.registry import method
 from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
@@ -157,6 +157,7 @@ class PATModules(nn.Module):
             if isinstance(output, tuple):  # attention returns (output, weights)
                 return (hsm(output[0], self.mask.values()), *output[1:])
             return hsm(output, self.mask.values())
+
         return apply
 
     def regulariser(self, target: int) -> torch.Tensor:
@@ -168,8 +169,9 @@ class PATModules(nn.Module):
 
 
 @torch.no_grad()
-def slice_hidden(model: LlamaForCausalLM, kept: torch.Tensor, transforms: dict[str, torch.Tensor] | None = None
-                 ) -> LlamaForCausalLM:
+def slice_hidden(
+    model: LlamaForCausalLM, kept: torch.Tensor, transforms: dict[str, torch.Tensor] | None = None
+) -> LlamaForCausalLM:
     """A Llama with hidden size |kept|: optional D×D maps folded into the residual writers (embedding rows,
     o_proj, down_proj), every matrix sliced to the kept channels, RMSNorm gains × √(D/D') and ε × D/D'
     (√(Σx²/D' + ε D/D') = √(D/D')·√(Σx²/D + ε), so the narrow model computes exactly what the masked one does)."""
@@ -179,9 +181,15 @@ def slice_hidden(model: LlamaForCausalLM, kept: torch.Tensor, transforms: dict[s
     # A tied input/output embedding stays tied unless a map is folded into the embedding (then the two differ);
     # untying it anyway would store the vocabulary matrix twice and make the narrowed model bigger than the base.
     tied = model.lm_head.weight is model.model.embed_tokens.weight and "embed" not in transforms
-    new_config = LlamaConfig(**{**config.to_dict(), "hidden_size": d_new, "head_dim": config.hidden_size
-                                // config.num_attention_heads, "tie_word_embeddings": tied,
-                                "rms_norm_eps": config.rms_norm_eps * d / d_new})
+    new_config = LlamaConfig(
+        **{
+            **config.to_dict(),
+            "hidden_size": d_new,
+            "head_dim": config.hidden_size // config.num_attention_heads,
+            "tie_word_embeddings": tied,
+            "rms_norm_eps": config.rms_norm_eps * d / d_new,
+        }
+    )
     new_config.architectures = ["LlamaForCausalLM"]
     small = LlamaForCausalLM(new_config).to(model.dtype)
     gain = math.sqrt(d / d_new)
@@ -208,8 +216,9 @@ def slice_hidden(model: LlamaForCausalLM, kept: torch.Tensor, transforms: dict[s
 
 class PATParams(CompressionParams):
     hidden_size: int = Field(96, ge=1, description="target width D' of the residual stream")
-    baseline: bool = Field(False, description="LoRA tuning then activation-energy channel pruning (the baseline) "
-                                              "instead of PAT")
+    baseline: bool = Field(
+        False, description="LoRA tuning then activation-energy channel pruning (the baseline) instead of PAT"
+    )
     steps: int = Field(300, ge=2, le=100_000, description="tuning steps T_g")
     batch_size: int = Field(4, ge=1, le=512, description="windows per step")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate of LoRA, HSMs and mask logits")
@@ -235,8 +244,16 @@ def tune(ctx: RunContext, lm: CausalLM, params: PATParams, calibration: torch.Te
         raise ValueError(f"hidden_size must be between 1 and the model's {hidden - 1}")
     torch.manual_seed(ctx.seed)
     pat = PATModules(base, params.hsm_rank, params.steps) if not params.baseline else None
-    model = get_peft_model(base, LoraConfig(r=params.lora_rank, lora_alpha=2 * params.lora_rank, lora_dropout=0.0,
-                                            target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=params.lora_rank,
+            lora_alpha=2 * params.lora_rank,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        ),
+    )
     trainable = [p for p in model.parameters() if p.requires_grad] + (list(pat.parameters()) if pat else [])
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
@@ -260,8 +277,11 @@ def tune(ctx: RunContext, lm: CausalLM, params: PATParams, calibration: torch.Te
         ctx.progress(step + 1, params.steps, f"step {step + 1}: ce {loss.item():.3f}")
     merged = model.merge_and_unload().eval()
     if pat is None:
-        return Tuned(slice_hidden(merged, channel_energy(merged, calibration).topk(params.hidden_size).indices.sort()
-                                  .values), torch.tensor([]), history)
+        return Tuned(
+            slice_hidden(merged, channel_energy(merged, calibration).topk(params.hidden_size).indices.sort().values),
+            torch.tensor([]),
+            history,
+        )
     ctx.log(params.steps, mask_channels_at_end=len(pat.mask.kept()))
     pat.mask.binary, pat.mask.width = True, params.hidden_size
     kept = pat.mask.kept(params.hidden_size)
@@ -289,8 +309,14 @@ def tokens_per_second(model: nn.Module, windows: torch.Tensor, repeats: int = 5)
     return windows.numel() / best
 
 
-@method("pat", family="llm-compression", task="compress", datasets=("text-corpus",), params=PATParams,
-        paper="PAT: Pruning-Aware Tuning for Large Language Models")
+@method(
+    "pat",
+    family="llm-compression",
+    task="compress",
+    datasets=("text-corpus",),
+    params=PATParams,
+    paper="PAT: Pruning-Aware Tuning for Large Language Models",
+)
 def run(ctx: RunContext, params: PATParams) -> None:
     """Tune with LoRA while hybrid sparsification modules learn which hidden channels to drop; register the
     merged, genuinely narrower Llama."""
@@ -300,30 +326,62 @@ def run(ctx: RunContext, params: PATParams) -> None:
         tuned = tune(ctx, parent.lm, params, sets.calibration)
         if tuned is None:
             return
-        metrics = {"val_ppl": perplexity(tuned.model, sets.evaluation),
-                   "val_ppl_parent": perplexity(parent.lm.model, sets.evaluation),
-                   "hidden_size": tuned.model.config.hidden_size,
-                   "parameters": sum(p.numel() for p in tuned.model.parameters())}
+        metrics = {
+            "val_ppl": perplexity(tuned.model, sets.evaluation),
+            "val_ppl_parent": perplexity(parent.lm.model, sets.evaluation),
+            "hidden_size": tuned.model.config.hidden_size,
+            "parameters": sum(p.numel() for p in tuned.model.parameters()),
+        }
     ctx.log(params.steps, **metrics)
     kind = "lora-prune" if params.baseline else "pat"
     name = params.output_name or f"{model_stem(parent.ref)}-{kind}-d{tuned.model.config.hidden_size}"
-    ref = register_compressed(ctx, CausalLM(tuned.model, parent.lm.tokenizer, parent.lm.path), parent.ref, "pat",
-                              params, metrics, name, {"kept_channels": tuned.kept.tolist()})
+    ref = register_compressed(
+        ctx,
+        CausalLM(tuned.model, parent.lm.tokenizer, parent.lm.path),
+        parent.ref,
+        "pat",
+        params,
+        metrics,
+        name,
+        {"kept_channels": tuned.kept.tolist()},
+    )
     ctx.progress(params.steps, params.steps, f"registered {ref}: val ppl {metrics['val_ppl']:.2f}")
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
 
-@reproduction("pat", claim="pruning during tuning beats pruning after tuning: at D'=96/128, PAT's merged model has "
-                           "lower val ppl than LoRA-then-prune, within 5% of dense, and ≥1.1× the dense throughput",
-              metric="val perplexity of the narrowed model", direction="lower", baseline="LoRA then channel pruning")
+@reproduction(
+    "pat",
+    claim="pruning during tuning beats pruning after tuning: at D'=96/128, PAT's merged model has "
+    "lower val ppl than LoRA-then-prune, within 5% of dense, and ≥1.1× the dense throughput",
+    metric="val perplexity of the narrowed model",
+    direction="lower",
+    baseline="LoRA then channel pruning",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """Both recipes tune the cached base for the same steps on the same data, then are narrowed to D' channels."""
-    budget = {"calibration_windows": 2, "seq_len": 32, "eval_windows": 2, "steps": 4, "batch_size": 2,
-              "train_tokens": 2000, "hidden_size": 48} if smoke else \
-        {"calibration_windows": 8, "seq_len": 128, "eval_windows": 32, "steps": 300, "batch_size": 4,
-         "train_tokens": 200_000, "hidden_size": 96}
+    budget = (
+        {
+            "calibration_windows": 2,
+            "seq_len": 32,
+            "eval_windows": 2,
+            "steps": 4,
+            "batch_size": 2,
+            "train_tokens": 2000,
+            "hidden_size": 48,
+        }
+        if smoke
+        else {
+            "calibration_windows": 8,
+            "seq_len": 128,
+            "eval_windows": 32,
+            "steps": 300,
+            "batch_size": 4,
+            "train_tokens": 200_000,
+            "hidden_size": 96,
+        }
+    )
     with cpu_threads(ctx.resources):
         parent = load_parent(ctx, "", smoke)
         params = PATParams(**budget)
@@ -335,13 +393,26 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             results["lora-prune" if baseline else "pat"] = tuned.model
         ppl = {k: perplexity(m, sets.evaluation) for k, m in results.items()}
         ppl["dense"] = perplexity(parent.lm.model, sets.evaluation)
-        speed = {k: tokens_per_second(m, sets.evaluation[:4]) for k, m in
-                 (("dense", parent.lm.model), ("pat", results["pat"]))}
+        speed = {
+            k: tokens_per_second(m, sets.evaluation[:4])
+            for k, m in (("dense", parent.lm.model), ("pat", results["pat"]))
+        }
     speedup = speed["pat"] / speed["dense"]
-    checks = {"beats baseline": ppl["pat"] < ppl["lora-prune"], "within 5% of dense": ppl["pat"] <= 1.05 * ppl["dense"],
-              "≥1.1× faster": speedup >= 1.1}
-    note = (f"PAT {ppl['pat']:.2f} vs LoRA-then-prune {ppl['lora-prune']:.2f} vs dense {ppl['dense']:.2f} at "
-            f"D'={params.hidden_size}/{parent.lm.model.config.hidden_size}; prefill speed-up {speedup:.2f}×; "
-            f"checks: {', '.join(f'{k}: {v}' for k, v in checks.items())}; one seed")
-    return Outcome(ours=ppl["pat"], baseline=ppl["lora-prune"], seeds=1, holds=all(checks.values()), note=note,
-                   details={"ppl": ppl, "tokens_per_second": speed, "checks": checks})
+    checks = {
+        "beats baseline": ppl["pat"] < ppl["lora-prune"],
+        "within 5% of dense": ppl["pat"] <= 1.05 * ppl["dense"],
+        "≥1.1× faster": speedup >= 1.1,
+    }
+    note = (
+        f"PAT {ppl['pat']:.2f} vs LoRA-then-prune {ppl['lora-prune']:.2f} vs dense {ppl['dense']:.2f} at "
+        f"D'={params.hidden_size}/{parent.lm.model.config.hidden_size}; prefill speed-up {speedup:.2f}×; "
+        f"checks: {', '.join(f'{k}: {v}' for k, v in checks.items())}; one seed"
+    )
+    return Outcome(
+        ours=ppl["pat"],
+        baseline=ppl["lora-prune"],
+        seeds=1,
+        holds=all(checks.values()),
+        note=note,
+        details={"ppl": ppl, "tokens_per_second": speed, "checks": checks},
+    )

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import Field
 
 from models.context import InMemoryRunContext, RunContext
+from models.datasets import load_builtin
 from models.llm.compression.job import CompressionParams, load_parent, model_stem, register_compressed, token_sets
 from models.llm.compression.oneshot import prune_model
 from models.llm.compression.pruning import SPARSITY_PATTERN, PruneMethod, SparsityPattern
@@ -29,45 +30,73 @@ from models.llm.data import sampled_stream
 from models.llm.distillation import FinetuneSchedule, LossWeights, finetune
 from models.llm.evaluation import perplexity
 from models.llm.folder import CausalLM
-from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 Objective = Literal["squarehead", "ce", "kl"]
-OBJECTIVES: dict[str, LossWeights] = {"squarehead": LossWeights(1.0, 0.0, 1.0), "ce": LossWeights(1.0, 0.0, 0.0),
-                                      "kl": LossWeights(0.0, 1.0, 0.0)}
+OBJECTIVES: dict[str, LossWeights] = {
+    "squarehead": LossWeights(1.0, 0.0, 1.0),
+    "ce": LossWeights(1.0, 0.0, 0.0),
+    "kl": LossWeights(0.0, 1.0, 0.0),
+}
 
 
 class SquareHeadParams(CompressionParams):
     sparsity: str = Field("0.5", pattern=SPARSITY_PATTERN, description="a fraction like 0.7, or N:M like 2:4")
     prune_method: PruneMethod = Field("sparsegpt", description="one-shot pruning that initialises the student")
-    objective: Objective = Field("squarehead", description="squarehead (CE + normalised feature MSE, the paper), "
-                                                           "or the baselines ce (CE only) and kl (logit KL only)")
+    objective: Objective = Field(
+        "squarehead",
+        description="squarehead (CE + normalised feature MSE, the paper), "
+        "or the baselines ce (CE only) and kl (logit KL only)",
+    )
     steps: int = Field(150, ge=0, le=100_000, description="fine-tuning steps (0: one-shot pruning only)")
     batch_size: int = Field(4, ge=1, le=512, description="windows per step")
-    lr: float = Field(1e-4, gt=0.0, le=1.0, description="peak AdamW learning rate (linear warm-up and decay); the "
-                                                        "paper's for 60%, 80% and N:M")
-    train_tokens: int = Field(200_000, ge=1000, description="fine-tuning tokens sampled from the train split's documents")
+    lr: float = Field(
+        1e-4,
+        gt=0.0,
+        le=1.0,
+        description="peak AdamW learning rate (linear warm-up and decay); the paper's for 60%, 80% and N:M",
+    )
+    train_tokens: int = Field(
+        200_000, ge=1000, description="fine-tuning tokens sampled from the train split's documents"
+    )
     checkpoint_every: int = Field(50, ge=0, description="save a checkpoint every N steps (0: never)")
 
 
-def sparse_finetune(ctx: RunContext, teacher: CausalLM, params: SquareHeadParams, student: CausalLM | None = None,
-                    masks: dict | None = None) -> tuple[CausalLM, dict, dict[str, float]] | None:
+def sparse_finetune(
+    ctx: RunContext,
+    teacher: CausalLM,
+    params: SquareHeadParams,
+    student: CausalLM | None = None,
+    masks: dict | None = None,
+) -> tuple[CausalLM, dict, dict[str, float]] | None:
     """Prune (unless a pruned student and masks are given) and fine-tune; (student, masks, metrics) or None."""
     sets = token_sets(ctx, teacher, params)
     pattern = SparsityPattern.parse(params.sparsity)
     if student is None:
         student = CausalLM(copy.deepcopy(teacher.model), teacher.tokenizer, teacher.path)
         masks = prune_model(student.model, sets.calibration, pattern, params.prune_method)
-    metrics = {"val_ppl_parent": perplexity(teacher.model, sets.evaluation),
-               "val_ppl_oneshot": perplexity(student.model, sets.evaluation)}
+    metrics = {
+        "val_ppl_parent": perplexity(teacher.model, sets.evaluation),
+        "val_ppl_oneshot": perplexity(student.model, sets.evaluation),
+    }
     if params.steps:
-        ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
+        ds = (
+            ctx.dataset
+            if ctx.dataset is not None and ctx.dataset.kind == "text-corpus"
+            else load_builtin("stdlib-code")
+        )
         stream = sampled_stream(teacher.tokenizer, ds.train["text"], params.train_tokens)
-        schedule = FinetuneSchedule(params.steps, params.batch_size, sets.calibration.shape[1], params.lr,
-                                    warmup_steps=min(10, params.steps), checkpoint_every=params.checkpoint_every)
+        schedule = FinetuneSchedule(
+            params.steps,
+            params.batch_size,
+            sets.calibration.shape[1],
+            params.lr,
+            warmup_steps=min(10, params.steps),
+            checkpoint_every=params.checkpoint_every,
+        )
         if finetune(ctx, student.model, teacher.model, stream, OBJECTIVES[params.objective], masks, schedule) is None:
             return None
     metrics["val_ppl"] = perplexity(student.model, sets.evaluation)
@@ -76,8 +105,14 @@ def sparse_finetune(ctx: RunContext, teacher: CausalLM, params: SquareHeadParams
     return student, masks, metrics
 
 
-@method("squarehead", family="llm-compression", task="compress", datasets=("text-corpus",), params=SquareHeadParams,
-        paper="Sparse Finetuning for Inference Acceleration of Large Language Models")
+@method(
+    "squarehead",
+    family="llm-compression",
+    task="compress",
+    datasets=("text-corpus",),
+    params=SquareHeadParams,
+    paper="Sparse Finetuning for Inference Acceleration of Large Language Models",
+)
 def run(ctx: RunContext, params: SquareHeadParams) -> None:
     """Prune an LLM one-shot with SparseGPT, then fine-tune it with SquareHead distillation (masks fixed)."""
     with cpu_threads(ctx.resources):
@@ -87,27 +122,52 @@ def run(ctx: RunContext, params: SquareHeadParams) -> None:
         return
     student, masks, metrics = result
     ctx.log(params.steps, **metrics)
-    name = params.output_name or f"{model_stem(parent.ref)}-{params.objective}-{str(params.sparsity).replace(':', 'of')}"
-    ref = register_compressed(ctx, student, parent.ref, "squarehead", params, metrics, name,
-                              {"sparsity": params.sparsity, "pruned_linears": len(masks)})
-    ctx.progress(params.steps, max(params.steps, 1), f"registered {ref}: val ppl {metrics['val_ppl_oneshot']:.2f} "
-                                                     f"one-shot → {metrics['val_ppl']:.2f}")
+    name = (
+        params.output_name or f"{model_stem(parent.ref)}-{params.objective}-{str(params.sparsity).replace(':', 'of')}"
+    )
+    ref = register_compressed(
+        ctx,
+        student,
+        parent.ref,
+        "squarehead",
+        params,
+        metrics,
+        name,
+        {"sparsity": params.sparsity, "pruned_linears": len(masks)},
+    )
+    ctx.progress(
+        params.steps,
+        max(params.steps, 1),
+        f"registered {ref}: val ppl {metrics['val_ppl_oneshot']:.2f} one-shot → {metrics['val_ppl']:.2f}",
+    )
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
 
-@reproduction("squarehead", claim="SquareHead recovers a pruned model where CE fails: val ppl SquareHead < KL < CE at "
-                                  "70% unstructured and 2:4 sparsity (same SparseGPT start, steps and data)",
-              metric="val perplexity after sparse fine-tuning (mean of 70% and 2:4)", direction="lower",
-              baseline="CE-only fine-tuning")
+@reproduction(
+    "squarehead",
+    claim="SquareHead recovers a pruned model where CE fails: val ppl SquareHead < KL < CE at "
+    "70% unstructured and 2:4 sparsity (same SparseGPT start, steps and data)",
+    metric="val perplexity after sparse fine-tuning (mean of 70% and 2:4)",
+    direction="lower",
+    baseline="CE-only fine-tuning",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """Per sparsity: one SparseGPT student, fine-tuned three times (CE, KL, SquareHead) for the same steps."""
     start = time.perf_counter()
-    base = {"calibration_windows": 4, "seq_len": 32, "eval_windows": 4, "steps": 3, "batch_size": 2,
-            "train_tokens": 2000} if smoke else \
-        {"calibration_windows": 32, "seq_len": 128, "eval_windows": 32, "steps": 100, "batch_size": 4,
-         "train_tokens": 200_000}
+    base = (
+        {"calibration_windows": 4, "seq_len": 32, "eval_windows": 4, "steps": 3, "batch_size": 2, "train_tokens": 2000}
+        if smoke
+        else {
+            "calibration_windows": 32,
+            "seq_len": 128,
+            "eval_windows": 32,
+            "steps": 100,
+            "batch_size": 4,
+            "train_tokens": 200_000,
+        }
+    )
     sparsities = ("2:4",) if smoke else ("0.7", "2:4")
     table: dict[str, dict[str, float]] = {}
     with cpu_threads(ctx.resources):
@@ -126,18 +186,33 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
                 result = sparse_finetune(inner, teacher, params, student, masks)
                 assert result is not None
                 table[sparsity][objective] = result[2]["val_ppl"]
-                ctx.progress(len(table) * 3 - 3 + ("ce", "kl", "squarehead").index(objective) + 1,
-                             3 * len(sparsities), f"{sparsity}: {objective}")
+                ctx.progress(
+                    len(table) * 3 - 3 + ("ce", "kl", "squarehead").index(objective) + 1,
+                    3 * len(sparsities),
+                    f"{sparsity}: {objective}",
+                )
     claimed = [s for s in sparsities if s in ("0.7", "2:4")]
     ordered = {s: table[s]["squarehead"] < table[s]["kl"] < table[s]["ce"] for s in claimed}
     ours = sum(table[s]["squarehead"] for s in claimed) / len(claimed)
     ce = sum(table[s]["ce"] for s in claimed) / len(claimed)
     kinds = ("one-shot", "ce", "kl", "squarehead")
-    ctx.save_artifact("squarehead_recovery.png", curves_figure(
-        {f"val ppl, sparsity {s}": {k: ([0], [table[s][k]]) for k in kinds} for s in sparsities}, "", ncols=3),
-        kind="plot")
-    note = (f"ordering SquareHead < KL < CE holds at {[s for s, ok in ordered.items() if ok]} of {claimed}; "
-            f"{base['steps']} steps of {base['batch_size']}×{base['seq_len']} tokens per run; one seed "
-            f"({time.perf_counter() - start:.0f}s)")
-    return Outcome(ours=ours, baseline=ce, seeds=1, holds=all(ordered.values()), note=note,
-                   details={"ppl": table, "ordered": ordered})
+    ctx.save_artifact(
+        "squarehead_recovery.png",
+        curves_figure(
+            {f"val ppl, sparsity {s}": {k: ([0], [table[s][k]]) for k in kinds} for s in sparsities}, "", ncols=3
+        ),
+        kind="plot",
+    )
+    note = (
+        f"ordering SquareHead < KL < CE holds at {[s for s, ok in ordered.items() if ok]} of {claimed}; "
+        f"{base['steps']} steps of {base['batch_size']}×{base['seq_len']} tokens per run; one seed "
+        f"({time.perf_counter() - start:.0f}s)"
+    )
+    return Outcome(
+        ours=ours,
+        baseline=ce,
+        seeds=1,
+        holds=all(ordered.values()),
+        note=note,
+        details={"ppl": table, "ordered": ordered},
+    )

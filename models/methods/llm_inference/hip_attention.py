@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import time
 
-import torch
 from pydantic import Field
 
 from models.context import RunContext
 from models.datasets import load_builtin
 from models.llm.attention.hip import HiPConfig, register_hip
-from models.llm.attention.measure import (AttentionEvalParams, attention_implementation, held_out_windows,
-                                          perplexity_with)
+from models.llm.attention.measure import (
+    AttentionEvalParams,
+    attention_implementation,
+    held_out_windows,
+    perplexity_with,
+)
 from models.llm.base import RECIPES, base_model
 from models.llm.data import token_stream
 from models.llm.folder import CausalLM, load_folder
@@ -45,18 +48,26 @@ def configs(params: HiPParams) -> dict[str, HiPConfig]:
     return {"hip": hip, "streaming-llm": streaming}
 
 
-def compare(ctx: RunContext, lm: CausalLM, params: HiPParams, tag: str, passkey_lm: CausalLM | None = None
-            ) -> dict[str, dict[str, float]]:
+def compare(
+    ctx: RunContext, lm: CausalLM, params: HiPParams, tag: str, passkey_lm: CausalLM | None = None
+) -> dict[str, dict[str, float]]:
     """ppl and passkey accuracy for dense, HiP and StreamingLLM on the job's (or stdlib-code's) val split; the
     passkey on `passkey_lm` when given (a model that can retrieve at all, e.g. the retrieval-tuned base)."""
     context = lm.model.config.max_position_embeddings
     windows = held_out_windows(ctx, lm.tokenizer, context, params.seq_len, params.eval_windows)
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
     stream = token_stream(lm.tokenizer, ds.val["text"], max_tokens=40 * min(params.seq_len, context))
-    samples = passkey_samples(lm.tokenizer, stream, min(params.seq_len, context) - 8, (0.1, 0.3, 0.5),
-                              params.passkey_per_depth, seed=ctx.seed or 0)
-    names = {"dense": "sdpa"} | {label: register_hip(cfg, f"hip-{tag}-{label}")
-                                 for label, cfg in configs(params).items()}
+    samples = passkey_samples(
+        lm.tokenizer,
+        stream,
+        min(params.seq_len, context) - 8,
+        (0.1, 0.3, 0.5),
+        params.passkey_per_depth,
+        seed=ctx.seed or 0,
+    )
+    names = {"dense": "sdpa"} | {
+        label: register_hip(cfg, f"hip-{tag}-{label}") for label, cfg in configs(params).items()
+    }
     retriever = passkey_lm or lm
     table: dict[str, dict[str, float]] = {}
     for i, (label, name) in enumerate(names.items()):
@@ -68,8 +79,14 @@ def compare(ctx: RunContext, lm: CausalLM, params: HiPParams, tag: str, passkey_
     return table
 
 
-@method("hip-attention", family="llm-inference", task="evaluate", datasets=("text-corpus",), params=HiPParams,
-        paper="HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning")
+@method(
+    "hip-attention",
+    family="llm-inference",
+    task="evaluate",
+    datasets=("text-corpus",),
+    params=HiPParams,
+    paper="HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
+)
 def run(ctx: RunContext, params: HiPParams) -> None:
     """Held-out perplexity and passkey accuracy with HiP vs dense attention and StreamingLLM at the same budget."""
     with cpu_threads(ctx.resources):
@@ -77,27 +94,37 @@ def run(ctx: RunContext, params: HiPParams) -> None:
         table = compare(ctx, lm, params, f"job-{ctx.job_id or 'local'}")
     metrics = {f"{key}_{label}".replace("-", "_"): value for label, row in table.items() for key, value in row.items()}
     ctx.log(0, **metrics)
-    ctx.progress(3, 3, f"ppl dense {table['dense']['ppl']:.3f}, HiP {table['hip']['ppl']:.3f}, "
-                       f"StreamingLLM {table['streaming-llm']['ppl']:.3f}")
+    ctx.progress(
+        3,
+        3,
+        f"ppl dense {table['dense']['ppl']:.3f}, HiP {table['hip']['ppl']:.3f}, "
+        f"StreamingLLM {table['streaming-llm']['ppl']:.3f}",
+    )
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
 
-@reproduction("hip-attention", claim="HiP keeps near-dense perplexity with k ≪ T, better than StreamingLLM at the "
-                                     "same number of keys: Δppl(HiP) < Δppl(StreamingLLM) and passkey accuracy "
-                                     "≥ 90% of dense",
-              metric="held-out ppl (T=256, k=32, b_q=16, b_k=2, window 16, 4 sinks)", direction="lower",
-              baseline="StreamingLLM (4 sinks + 48-token window)")
+@reproduction(
+    "hip-attention",
+    claim="HiP keeps near-dense perplexity with k ≪ T, better than StreamingLLM at the "
+    "same number of keys: Δppl(HiP) < Δppl(StreamingLLM) and passkey accuracy "
+    "≥ 90% of dense",
+    metric="held-out ppl (T=256, k=32, b_q=16, b_k=2, window 16, 4 sinks)",
+    direction="lower",
+    baseline="StreamingLLM (4 sinks + 48-token window)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The notes' protocol (TL-S at T=1024, k=128, b_q=32, b_k=2, window 64) scaled to the tiny base's
     pre-training length of 256 tokens (at its 512-token maximum context every sparse pattern beats dense, because
     the base never saw positions past 256, which confounds the comparison): each query sees ≤ 4 + 32 + 16 + 16
     of up to 256 keys. Training-free and deterministic."""
     start = time.perf_counter()
-    params = HiPParams(top_k=8, block_q=8, block_k=2, window=8, sink=2, seq_len=64, eval_windows=2,
-                       passkey_per_depth=1) if smoke else \
-        HiPParams(seq_len=256, top_k=32, block_q=16, block_k=2, window=16, sink=4, passkey_per_depth=6)
+    params = (
+        HiPParams(top_k=8, block_q=8, block_k=2, window=8, sink=2, seq_len=64, eval_windows=2, passkey_per_depth=1)
+        if smoke
+        else HiPParams(seq_len=256, top_k=32, block_q=16, block_k=2, window=16, sink=4, passkey_per_depth=6)
+    )
     with cpu_threads(ctx.resources):
         lm = load_folder(base_model(ctx, smoke))
         # the base cannot retrieve at all (dense passkey at chance), so the passkey half runs on the same base
@@ -108,17 +135,31 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ppl_holds = hip["ppl"] - dense["ppl"] < streaming["ppl"] - dense["ppl"]
     passkey_holds = hip["passkey"] >= 0.9 * dense["passkey"]
     chance, n_samples = 1 / 5, 3 * params.passkey_per_depth
-    note = (f"windows of {params.seq_len} tokens (the base was pre-trained on "
-            f"{RECIPES[smoke].seq_len}-token windows); "
-            f"ppl dense {dense['ppl']:.3f}, HiP {hip['ppl']:.3f}, StreamingLLM {streaming['ppl']:.3f}; passkey "
-            f"on the retrieval-tuned base (rank of the true key among 5, chance {chance:.0%}) dense {dense['passkey']:.0%}, HiP "
-            f"{hip['passkey']:.0%}, StreamingLLM {streaming['passkey']:.0%}"
-            + (" — dense is within 2 standard errors of chance, so the passkey half of the claim is untestable here"
-               if dense["passkey"] <= chance + 2 * (chance * (1 - chance) / max(n_samples, 1)) ** 0.5
-               else "")
-            + ("" if ppl_holds else "; HiP's Δppl exceeds StreamingLLM's: with no long-range retrieval in the base, "
-               "the window tokens HiP gives up for tree-selected blocks are worth more than the blocks")
-            + f"; {time.perf_counter() - start:.0f}s")
-    return Outcome(ours=hip["ppl"], baseline=streaming["ppl"], seeds=1, holds=ppl_holds and passkey_holds,
-                   note=note, details={"table": table, "ppl_holds": ppl_holds, "passkey_holds": passkey_holds,
-                                       "params": params.model_dump()})
+    note = (
+        f"windows of {params.seq_len} tokens (the base was pre-trained on "
+        f"{RECIPES[smoke].seq_len}-token windows); "
+        f"ppl dense {dense['ppl']:.3f}, HiP {hip['ppl']:.3f}, StreamingLLM {streaming['ppl']:.3f}; passkey "
+        f"on the retrieval-tuned base (rank of the true key among 5, chance {chance:.0%}) "
+        f"dense {dense['passkey']:.0%}, HiP "
+        f"{hip['passkey']:.0%}, StreamingLLM {streaming['passkey']:.0%}"
+        + (
+            " — dense is within 2 standard errors of chance, so the passkey half of the claim is untestable here"
+            if dense["passkey"] <= chance + 2 * (chance * (1 - chance) / max(n_samples, 1)) ** 0.5
+            else ""
+        )
+        + (
+            ""
+            if ppl_holds
+            else "; HiP's Δppl exceeds StreamingLLM's: with no long-range retrieval in the base, "
+            "the window tokens HiP gives up for tree-selected blocks are worth more than the blocks"
+        )
+        + f"; {time.perf_counter() - start:.0f}s"
+    )
+    return Outcome(
+        ours=hip["ppl"],
+        baseline=streaming["ppl"],
+        seeds=1,
+        holds=ppl_holds and passkey_holds,
+        note=note,
+        details={"table": table, "ppl_holds": ppl_holds, "passkey_holds": passkey_holds, "params": params.model_dump()},
+    )

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import time
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from models.context import RunContext
 from models.llm.attention.hyperattention import HyperConfig, hyper_attention, register_hyperattention
-from models.llm.attention.measure import (AttentionEvalParams, best_time, held_out_windows, perplexity_with,
-                                          random_qkv)
+from models.llm.attention.measure import AttentionEvalParams, best_time, held_out_windows, perplexity_with, random_qkv
 from models.llm.base import RECIPES, base_model
 from models.llm.folder import load_folder
 from models.plots import curves_figure
@@ -37,27 +35,43 @@ class HyperAttentionParams(AttentionEvalParams):
 
 
 def hyper_config(params: HyperAttentionParams, seed: int) -> HyperConfig:
-    return HyperConfig(params.block_size, params.sample_size, params.lsh_bits, params.min_seq_len,
-                       params.last_layers or None, seed=seed)
+    return HyperConfig(
+        params.block_size,
+        params.sample_size,
+        params.lsh_bits,
+        params.min_seq_len,
+        params.last_layers or None,
+        seed=seed,
+    )
 
 
-def one_layer_times(length: int, config: HyperConfig, heads: int = 1, head_dim: int = 64, repeats: int = 2
-                    ) -> dict[str, float]:
+def one_layer_times(
+    length: int, config: HyperConfig, heads: int = 1, head_dim: int = 64, repeats: int = 2
+) -> dict[str, float]:
     """Seconds of one causal attention call at `length`: SDPA and HyperAttention, same inputs, same thread."""
     q, k, v = random_qkv(length, heads, head_dim)
-    scale = head_dim ** -0.5
-    return {"sdpa": best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats),
-            "hyperattention": best_time(lambda: hyper_attention(q, k, v, scale, config), repeats)}
+    scale = head_dim**-0.5
+    return {
+        "sdpa": best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats),
+        "hyperattention": best_time(lambda: hyper_attention(q, k, v, scale, config), repeats),
+    }
 
 
-@method("hyperattention", family="llm-inference", task="evaluate", datasets=("text-corpus",),
-        params=HyperAttentionParams, paper="HyperAttention: Long-context Attention in Near-Linear Time")
+@method(
+    "hyperattention",
+    family="llm-inference",
+    task="evaluate",
+    datasets=("text-corpus",),
+    params=HyperAttentionParams,
+    paper="HyperAttention: Long-context Attention in Near-Linear Time",
+)
 def run(ctx: RunContext, params: HyperAttentionParams) -> None:
     """Held-out perplexity with HyperAttention vs exact attention, and one-layer time vs SDPA."""
     with cpu_threads(ctx.resources):
         lm = load_folder(ctx.load_model(params.model) if params.model else base_model(ctx))
-        windows = held_out_windows(ctx, lm.tokenizer, lm.model.config.max_position_embeddings, params.seq_len,
-                                   params.eval_windows)
+        windows = held_out_windows(
+            ctx, lm.tokenizer, lm.model.config.max_position_embeddings, params.seq_len, params.eval_windows
+        )
         config = hyper_config(params, ctx.seed or 0)
         name = register_hyperattention(config, name=f"hyperattention-job-{ctx.job_id or 'local'}")
         ctx.progress(0, 3, "exact perplexity")
@@ -68,8 +82,11 @@ def run(ctx: RunContext, params: HyperAttentionParams) -> None:
         if params.timing_length:
             ctx.progress(2, 3, f"one-layer timing at {params.timing_length}")
             times = one_layer_times(params.timing_length, config)
-            metrics |= {"sdpa_seconds": times["sdpa"], "hyper_seconds": times["hyperattention"],
-                        "speedup": times["sdpa"] / times["hyperattention"]}
+            metrics |= {
+                "sdpa_seconds": times["sdpa"],
+                "hyper_seconds": times["hyperattention"],
+                "speedup": times["sdpa"] / times["hyperattention"],
+            }
     ctx.log(0, **metrics)
     ctx.progress(3, 3, f"ppl {exact:.3f} → {approx:.3f} with HyperAttention (b={params.block_size})")
 
@@ -77,10 +94,15 @@ def run(ctx: RunContext, params: HyperAttentionParams) -> None:
 # -- reproduction -------------------------------------------------------------------------------
 
 
-@reproduction("hyperattention", claim="HyperAttention costs little perplexity, the cost grows with the number ℓ of "
-                                      "patched final layers, and one causal attention layer runs ≥3× faster than "
-                                      "exact attention at long sequence length",
-              metric="held-out ppl, all layers patched (b=m=64)", direction="lower", baseline="exact attention (SDPA)")
+@reproduction(
+    "hyperattention",
+    claim="HyperAttention costs little perplexity, the cost grows with the number ℓ of "
+    "patched final layers, and one causal attention layer runs ≥3× faster than "
+    "exact attention at long sequence length",
+    metric="held-out ppl, all layers patched (b=m=64)",
+    direction="lower",
+    baseline="exact attention (SDPA)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The tiny base at its full context (512 tokens, recursion down to 64 so most key pairs are approximated),
     b = m ∈ {32, 64, 128} in all layers and ℓ = 1…4 at b = 32; then one head (d = 64) timed at 2k, 8k and 16k
@@ -95,15 +117,16 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         layers = lm.model.config.num_hidden_layers
         exact = perplexity_with(lm.model, "sdpa", windows)
         by_block: dict[int, float] = {}
-        for b in ((16,) if smoke else (32, 64, 128)):
+        for b in (16,) if smoke else (32, 64, 128):
             name = register_hyperattention(HyperConfig(b, b, min_seq_len=min_len, seed=seed), f"hyper-repro-b{b}")
             by_block[b] = perplexity_with(lm.model, name, windows)
             ctx.progress(len(by_block), 8, f"b={b}: ppl {by_block[b]:.3f} (exact {exact:.3f})")
         b_layers = 16 if smoke else 32
         by_layers: dict[int, float] = {}
         for ell in range(1, layers + 1):
-            name = register_hyperattention(HyperConfig(b_layers, b_layers, min_seq_len=min_len, last_layers=ell,
-                                                       seed=seed), f"hyper-repro-l{ell}")
+            name = register_hyperattention(
+                HyperConfig(b_layers, b_layers, min_seq_len=min_len, last_layers=ell, seed=seed), f"hyper-repro-l{ell}"
+            )
             by_layers[ell] = perplexity_with(lm.model, name, windows)
         lengths = (512, 1024) if smoke else (2048, 8192, 16384)
         timing_config = HyperConfig(128, 128, min_seq_len=128 if smoke else 512, seed=seed)
@@ -116,21 +139,42 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ours = by_block[64] if 64 in by_block else next(iter(by_block.values()))
     ells, blocks = sorted(by_layers), sorted(by_block)
     curve = f"HyperAttention b=m={b_layers}"
-    panels = {"val ppl vs patched final layers ℓ": {curve: (ells, [by_layers[e] for e in ells]),
-                                                   "exact": (ells, [exact] * len(ells))},
-              "val ppl vs block size (all layers)": {"HyperAttention": (blocks, [by_block[b] for b in blocks]),
-                                                     "exact": (blocks, [exact] * len(blocks))}}
+    panels = {
+        "val ppl vs patched final layers ℓ": {
+            curve: (ells, [by_layers[e] for e in ells]),
+            "exact": (ells, [exact] * len(ells)),
+        },
+        "val ppl vs block size (all layers)": {
+            "HyperAttention": (blocks, [by_block[b] for b in blocks]),
+            "exact": (blocks, [exact] * len(blocks)),
+        },
+    }
     ctx.save_artifact("hyperattention_ppl.png", curves_figure(panels, "ℓ / block size", ncols=2), kind="plot")
-    note = (f"windows of {windows.shape[1]} tokens (the base was pre-trained on "
-            f"{RECIPES[smoke].seq_len}-token windows); "
-            f"ppl exact {exact:.3f}; all layers b=m: " + ", ".join(f"{b}→{p:.3f}" for b, p in by_block.items())
-            + f"; Δppl by ℓ (b={b_layers}): " + ", ".join(f"{d:+.3f}" for d in deltas)
-            + f" ({'monotone' if monotone else 'NOT monotone'}); one layer at T={longest} (1 head, d=64, "
-            f"b=m=128, min_seq_len {timing_config.min_seq_len}): SDPA {times[longest]['sdpa'] * 1e3:.0f} ms vs "
-            f"HyperAttention {times[longest]['hyperattention'] * 1e3:.0f} ms = {speedup:.2f}× "
-            f"({'≥' if speedup >= 3 else '<'} the claimed 3×; the paper's 3× is at 16k+ against FlashAttention on "
-            f"GPU, "
-            f"here pure-torch CPU against fused SDPA); {time.perf_counter() - start:.0f}s")
-    return Outcome(ours=ours, baseline=exact, seeds=1, holds=monotone and speedup >= 3, note=note,
-                   details={"ppl_exact": exact, "ppl_by_block": by_block, "ppl_by_last_layers": by_layers,
-                            "times": {str(k): v for k, v in times.items()}, "speedup": speedup})
+    note = (
+        f"windows of {windows.shape[1]} tokens (the base was pre-trained on "
+        f"{RECIPES[smoke].seq_len}-token windows); "
+        f"ppl exact {exact:.3f}; all layers b=m: "
+        + ", ".join(f"{b}→{p:.3f}" for b, p in by_block.items())
+        + f"; Δppl by ℓ (b={b_layers}): "
+        + ", ".join(f"{d:+.3f}" for d in deltas)
+        + f" ({'monotone' if monotone else 'NOT monotone'}); one layer at T={longest} (1 head, d=64, "
+        f"b=m=128, min_seq_len {timing_config.min_seq_len}): SDPA {times[longest]['sdpa'] * 1e3:.0f} ms vs "
+        f"HyperAttention {times[longest]['hyperattention'] * 1e3:.0f} ms = {speedup:.2f}× "
+        f"({'≥' if speedup >= 3 else '<'} the claimed 3×; the paper's 3× is at 16k+ against FlashAttention on "
+        f"GPU, "
+        f"here pure-torch CPU against fused SDPA); {time.perf_counter() - start:.0f}s"
+    )
+    return Outcome(
+        ours=ours,
+        baseline=exact,
+        seeds=1,
+        holds=monotone and speedup >= 3,
+        note=note,
+        details={
+            "ppl_exact": exact,
+            "ppl_by_block": by_block,
+            "ppl_by_last_layers": by_layers,
+            "times": {str(k): v for k, v in times.items()},
+            "speedup": speedup,
+        },
+    )

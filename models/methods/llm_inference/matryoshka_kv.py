@@ -39,8 +39,9 @@ class MatryoshkaKVParams(MethodParams):
     lr: float = Field(1e-3, gt=0, le=1.0)
     rank_step: int = Field(4, ge=1, le=1024, description="ranks are sampled from {step, 2·step, …, head_dim}")
     cut: int = Field(8, ge=1, le=1024, description="rank removed per greedy step (the paper's 32 of 128)")
-    fractions: list[float] = Field([0.5], min_length=1, description="KV budgets (fraction of the dense cache) "
-                                                                     "to search per-head ranks for")
+    fractions: list[float] = Field(
+        [0.5], min_length=1, description="KV budgets (fraction of the dense cache) to search per-head ranks for"
+    )
     calibration_windows: int = Field(8, ge=1, le=4096, description="windows for PCA")
     search_windows: int = Field(2, ge=1, le=4096, description="windows for the greedy rank search")
     eval_windows: int = Field(16, ge=1, le=4096)
@@ -76,9 +77,18 @@ def fit_and_measure(ctx: RunContext, folder, params: MatryoshkaKVParams, seed: i
     pca_curve = uniform_curve(model, pca, windows, ranks)
     trained = copy.deepcopy(pca)
     ctx.progress(1, 4, "training")
-    losses = train_projection(model, trained, stream, steps=params.steps, batch_size=params.batch_size,
-                              seq_len=params.seq_len, lr=params.lr, rank_step=params.rank_step, seed=seed,
-                              on_step=lambda s, loss: (ctx.log(s, train_loss=loss), not ctx.cancelled())[1])
+    losses = train_projection(
+        model,
+        trained,
+        stream,
+        steps=params.steps,
+        batch_size=params.batch_size,
+        seq_len=params.seq_len,
+        lr=params.lr,
+        rank_step=params.rank_step,
+        seed=seed,
+        on_step=lambda s, loss: (ctx.log(s, train_loss=loss), not ctx.cancelled())[1],
+    )
     trained_curve = uniform_curve(model, trained, windows, ranks)
     ctx.progress(2, 4, "rank search")
     searched = {}
@@ -90,49 +100,95 @@ def fit_and_measure(ctx: RunContext, folder, params: MatryoshkaKVParams, seed: i
         searched[fraction] = {"ppl": ppl, "rank_k": rank_k, "rank_v": rank_v, "fraction": trained.kv_fraction()}
         trained.set_ranks(head_dim, head_dim)
     ctx.progress(3, 4, "measured")
-    return {"dense": dense, "ranks": ranks, "pca": pca_curve, "trained": trained_curve, "searched": searched,
-            "losses": losses, "projection": trained, "head_dim": head_dim, "lm": lm}
+    return {
+        "dense": dense,
+        "ranks": ranks,
+        "pca": pca_curve,
+        "trained": trained_curve,
+        "searched": searched,
+        "losses": losses,
+        "projection": trained,
+        "head_dim": head_dim,
+        "lm": lm,
+    }
 
 
-@method("matryoshka-kv", family="llm-inference", task="compress", datasets=("text-corpus",),
-        params=MatryoshkaKVParams,
-        paper="MatryoshkaKV: Adaptive KV Compression via Trainable Orthogonal Projection")
+@method(
+    "matryoshka-kv",
+    family="llm-inference",
+    task="compress",
+    datasets=("text-corpus",),
+    params=MatryoshkaKVParams,
+    paper="MatryoshkaKV: Adaptive KV Compression via Trainable Orthogonal Projection",
+)
 def run(ctx: RunContext, params: MatryoshkaKVParams) -> None:
     """Fit, search ranks, measure against PCA, and register a folder a deployment can serve compressed."""
     with cpu_threads(ctx.resources):
         folder = ctx.load_model(params.model) if params.model else base_model(ctx)
         result = fit_and_measure(ctx, folder, params, ctx.seed or 0)
     fractions = [r / result["head_dim"] for r in result["ranks"]]
-    ctx.log(params.steps, val_ppl_dense=result["dense"],
-            **{f"val_ppl_pca_r{r}": p for r, p in zip(result["ranks"], result["pca"])},
-            **{f"val_ppl_trained_r{r}": p for r, p in zip(result["ranks"], result["trained"])},
-            **{f"val_ppl_searched_{int(f * 100)}pct": s["ppl"] for f, s in result["searched"].items()})
-    panels = {"val ppl": {"PCA": (fractions, result["pca"]), "trained (one checkpoint)": (fractions, result["trained"]),
-                          "dense": (fractions, [result["dense"]] * len(fractions))}}
+    ctx.log(
+        params.steps,
+        val_ppl_dense=result["dense"],
+        **{f"val_ppl_pca_r{r}": p for r, p in zip(result["ranks"], result["pca"])},
+        **{f"val_ppl_trained_r{r}": p for r, p in zip(result["ranks"], result["trained"])},
+        **{f"val_ppl_searched_{int(f * 100)}pct": s["ppl"] for f, s in result["searched"].items()},
+    )
+    panels = {
+        "val ppl": {
+            "PCA": (fractions, result["pca"]),
+            "trained (one checkpoint)": (fractions, result["trained"]),
+            "dense": (fractions, [result["dense"]] * len(fractions)),
+        }
+    }
     ctx.save_artifact("matryoshka_kv_ppl.png", curves_figure(panels, "KV fraction (uniform ranks)"), kind="plot")
     out = ctx.workdir / "matryoshka-kv-model"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(folder, out)
     tables = {f"{f:g}": (s["rank_k"], s["rank_v"]) for f, s in result["searched"].items()}
     save_projection(out, result["projection"], tables)
-    ctx.register_model(params.model_name, out, {"method": "matryoshka-kv", "parent": str(params.model or "base"),
-                                                "fractions": list(tables), "head_dim": result["head_dim"]})
+    ctx.register_model(
+        params.model_name,
+        out,
+        {
+            "method": "matryoshka-kv",
+            "parent": str(params.model or "base"),
+            "fractions": list(tables),
+            "head_dim": result["head_dim"],
+        },
+    )
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
 
-@reproduction("matryoshka-kv", claim="Trained orthogonal projections hold quality where PCA collapses, heterogeneous "
-                                     "(searched) ranks beat uniform ranks, and one checkpoint serves every rank: at "
-                                     "50% KV, trained Δppl ≤ ½ PCA Δppl and searched ≤ uniform",
-              metric="held-out ppl at 50% KV (uniform rank 16 of 32)", direction="lower",
-              baseline="PCA projection at the same ranks")
+@reproduction(
+    "matryoshka-kv",
+    claim="Trained orthogonal projections hold quality where PCA collapses, heterogeneous "
+    "(searched) ranks beat uniform ranks, and one checkpoint serves every rank: at "
+    "50% KV, trained Δppl ≤ ½ PCA Δppl and searched ≤ uniform",
+    metric="held-out ppl at 50% KV (uniform rank 16 of 32)",
+    direction="lower",
+    baseline="PCA projection at the same ranks",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The notes' protocol (TL-S, ranks 8…64 of 128, 64 calibration sequences, 150 steps of 8×256, teacher = the
     frozen model) on the tiny base (head_dim 32: ranks 8…32, rank step 4, greedy cut 8), 8 calibration windows."""
     start = time.perf_counter()
-    params = MatryoshkaKVParams(seq_len=32, steps=3, batch_size=2, calibration_windows=2, search_windows=1,
-                                eval_windows=2, train_tokens=5000, cut=8) if smoke else MatryoshkaKVParams()
+    params = (
+        MatryoshkaKVParams(
+            seq_len=32,
+            steps=3,
+            batch_size=2,
+            calibration_windows=2,
+            search_windows=1,
+            eval_windows=2,
+            train_tokens=5000,
+            cut=8,
+        )
+        if smoke
+        else MatryoshkaKVParams()
+    )
     with cpu_threads(ctx.resources):
         result = fit_and_measure(ctx, base_model(ctx, smoke), params, seed)
     ranks, dense = result["ranks"], result["dense"]
@@ -141,14 +197,31 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     searched = result["searched"][0.5]["ppl"]
     quality_holds = trained - dense <= 0.5 * (pca - dense)
     hetero_holds = searched <= trained
-    note = (f"dense ppl {dense:.2f}; uniform ranks {ranks} of {result['head_dim']}: PCA "
-            + ", ".join(f"{p:.2f}" for p in result["pca"]) + "; trained (one checkpoint) "
-            + ", ".join(f"{p:.2f}" for p in result["trained"])
-            + f"; at 50%: Δppl trained {trained - dense:+.2f} vs PCA {pca - dense:+.2f} "
-            f"({'≤' if quality_holds else '>'} half), searched per-head ranks {searched:.2f} vs uniform {trained:.2f} "
-            f"(K ranks {result['searched'][0.5]['rank_k'].tolist()}, V ranks {result['searched'][0.5]['rank_v'].tolist()}); "
-            f"{params.steps} steps, final loss {result['losses'][-1] if result['losses'] else float('nan'):.3f}; "
-            f"{time.perf_counter() - start:.0f}s")
-    return Outcome(ours=trained, baseline=pca, seeds=1, holds=quality_holds and hetero_holds, note=note,
-                   details={"dense": dense, "ranks": ranks, "pca": result["pca"], "trained": result["trained"],
-                            "searched_50": searched, "quality_holds": quality_holds, "hetero_holds": hetero_holds})
+    note = (
+        f"dense ppl {dense:.2f}; uniform ranks {ranks} of {result['head_dim']}: PCA "
+        + ", ".join(f"{p:.2f}" for p in result["pca"])
+        + "; trained (one checkpoint) "
+        + ", ".join(f"{p:.2f}" for p in result["trained"])
+        + f"; at 50%: Δppl trained {trained - dense:+.2f} vs PCA {pca - dense:+.2f} "
+        f"({'≤' if quality_holds else '>'} half), searched per-head ranks {searched:.2f} vs uniform {trained:.2f} "
+        f"(K ranks {result['searched'][0.5]['rank_k'].tolist()}, "
+        f"V ranks {result['searched'][0.5]['rank_v'].tolist()}); "
+        f"{params.steps} steps, final loss {result['losses'][-1] if result['losses'] else float('nan'):.3f}; "
+        f"{time.perf_counter() - start:.0f}s"
+    )
+    return Outcome(
+        ours=trained,
+        baseline=pca,
+        seeds=1,
+        holds=quality_holds and hetero_holds,
+        note=note,
+        details={
+            "dense": dense,
+            "ranks": ranks,
+            "pca": result["pca"],
+            "trained": result["trained"],
+            "searched_50": searched,
+            "quality_holds": quality_holds,
+            "hetero_holds": hetero_holds,
+        },
+    )

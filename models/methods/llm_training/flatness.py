@@ -23,8 +23,8 @@ exposes the structure decides the accuracy. The paper's own PCFG downstream task
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -56,16 +56,24 @@ class FlatnessParams(MethodParams):
     grammar_seed: int = Field(0, ge=0, description="seed of the random grammar (the language, not the model)")
     size: SizeName = Field("micro", description="tiny Llama size (models/llm/model.py)")
     optimizer: OptimizerName = Field("adamw", description="pre-training optimizer (models/optim registry)")
-    lr: float = Field(2e-3, gt=0.0, le=10.0, description="learning rate after warm-up (constant: the noise that "
-                                                         "flattens keeps acting past convergence)")
+    lr: float = Field(
+        2e-3,
+        gt=0.0,
+        le=10.0,
+        description="learning rate after warm-up (constant: the noise that flattens keeps acting past convergence)",
+    )
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="momentum when optimizer is sgd")
     beta2: float = Field(0.98, ge=0.0, lt=1.0, description="second-moment decay when optimizer is adamw")
     warmup_steps: int = Field(50, ge=0)
-    grad_clip: float = Field(1.0, ge=0.0, description="global gradient-norm clip (0: none); keeps Adam's loss "
-                                                      "spikes from landing on a measurement")
+    grad_clip: float = Field(
+        1.0,
+        ge=0.0,
+        description="global gradient-norm clip (0: none); keeps Adam's loss spikes from landing on a measurement",
+    )
     batch_size: int = Field(64, ge=1, le=4096, description="fresh sentences per step")
-    measure_at: list[int] = Field([300, 600, 900], description="steps at which loss, Tr H and probes are measured "
-                                                            "(the last is the run's length)")
+    measure_at: list[int] = Field(
+        [300, 600, 900], description="steps at which loss, Tr H and probes are measured (the last is the run's length)"
+    )
     eval_sentences: int = Field(1024, ge=16, description="held-out sentences for the pre-training loss")
     hessian_sentences: int = Field(128, ge=1, description="held-out sentences the Hessian trace is taken on")
     hessian_probes: int = Field(8, ge=1, le=1000, description="Rademacher probes of Hutchinson's estimator")
@@ -101,17 +109,26 @@ class Measurement:
         return float(np.mean(list(self.probe.values())))
 
     def row(self) -> dict[str, float | str | int]:
-        return {"model": self.label, "step": self.step, "loss": round(self.loss, 5), "gap": round(self.gap, 5),
-                "trace": round(self.trace.mean, 3), "trace_stderr": round(self.trace.stderr, 3),
-                "downstream": round(self.downstream, 4), **{f"probe_{k}": round(v, 4) for k, v in self.probe.items()},
-                "parameters": self.parameters}
+        return {
+            "model": self.label,
+            "step": self.step,
+            "loss": round(self.loss, 5),
+            "gap": round(self.gap, 5),
+            "trace": round(self.trace.mean, 3),
+            "trace_stderr": round(self.trace.stderr, 3),
+            "downstream": round(self.downstream, 4),
+            **{f"probe_{k}": round(v, 4) for k, v in self.probe.items()},
+            "parameters": self.parameters,
+        }
 
 
 # -- data -------------------------------------------------------------------------------------------
 
+
 def grammar_of(params: FlatnessParams) -> LL1Grammar:
-    return layered_grammar(params.levels, params.per_level, params.num_terminals, params.rules_per_nonterminal,
-                           seed=params.grammar_seed)
+    return layered_grammar(
+        params.levels, params.per_level, params.num_terminals, params.rules_per_nonterminal, seed=params.grammar_seed
+    )
 
 
 def encode(sentences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,18 +156,22 @@ class HeldOut:
     probe_test: list[list[int]]
 
     @classmethod
-    def draw(cls, grammar: LL1Grammar, params: FlatnessParams) -> "HeldOut":
-        return cls(encode(sentences(grammar, params.eval_sentences, 10_001)),
-                   encode(sentences(grammar, params.hessian_sentences, 10_002)),
-                   sentences(grammar, params.probe_train_sentences, 10_003),
-                   sentences(grammar, params.probe_test_sentences, 10_004))
+    def draw(cls, grammar: LL1Grammar, params: FlatnessParams) -> HeldOut:
+        return cls(
+            encode(sentences(grammar, params.eval_sentences, 10_001)),
+            encode(sentences(grammar, params.hessian_sentences, 10_002)),
+            sentences(grammar, params.probe_train_sentences, 10_003),
+            sentences(grammar, params.probe_test_sentences, 10_004),
+        )
 
 
 # -- model and training ---------------------------------------------------------------------------
 
+
 def fresh_model(grammar: LL1Grammar, size: SizeName, seed: int) -> LlamaForCausalLM:
-    return build_model(llama_config(size, grammar.num_terminals + FIRST_TERMINAL, eos_token_id=EOS,
-                                    pad_token_id=PAD), seed)
+    return build_model(
+        llama_config(size, grammar.num_terminals + FIRST_TERMINAL, eos_token_id=EOS, pad_token_id=PAD), seed
+    )
 
 
 def optimizer_for(model: torch.nn.Module, params: FlatnessParams) -> torch.optim.Optimizer:
@@ -158,8 +179,14 @@ def optimizer_for(model: torch.nn.Module, params: FlatnessParams) -> torch.optim
     return build_optimizer(params.optimizer, model, lr=params.lr, **extra)
 
 
-def pretrain(model: LlamaForCausalLM, grammar: LL1Grammar, params: FlatnessParams, seed: int,
-             at_step: Callable[[int], None], cancelled: Callable[[], bool] = lambda: False) -> list[float] | None:
+def pretrain(
+    model: LlamaForCausalLM,
+    grammar: LL1Grammar,
+    params: FlatnessParams,
+    seed: int,
+    at_step: Callable[[int], None],
+    cancelled: Callable[[], bool] = lambda: False,
+) -> list[float] | None:
     """Train on fresh sentences (linear warm-up, then a constant rate); `at_step(s)` runs at each of
     `params.measure_at`. Returns the training losses, or None when cancelled."""
     opt = optimizer_for(model, params)
@@ -186,24 +213,31 @@ def pretrain(model: LlamaForCausalLM, grammar: LL1Grammar, params: FlatnessParam
 
 # -- the three measurements -----------------------------------------------------------------------
 
+
 @torch.no_grad()
 def pretraining_loss(model: LlamaForCausalLM, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
     model.eval()
     return model(input_ids=batch[0], labels=batch[1]).loss.item()
 
 
-def hessian_trace(model: LlamaForCausalLM, batch: tuple[torch.Tensor, torch.Tensor], probes: int,
-                  seed: int) -> TraceEstimate:
+def hessian_trace(
+    model: LlamaForCausalLM, batch: tuple[torch.Tensor, torch.Tensor], probes: int, seed: int
+) -> TraceEstimate:
     """Tr ∇²L of the mean next-token loss on `batch` (every parameter; tied embeddings counted once)."""
     model.eval()  # no dropout in the tiny Llama; eval() only keeps the measurement deterministic
     with attention_implementation(model, "eager"):
-        return hutchinson_trace(lambda: model(input_ids=batch[0], labels=batch[1]).loss, list(model.parameters()),
-                                probes, torch.Generator().manual_seed(seed))
+        return hutchinson_trace(
+            lambda: model(input_ids=batch[0], labels=batch[1]).loss,
+            list(model.parameters()),
+            probes,
+            torch.Generator().manual_seed(seed),
+        )
 
 
 @torch.no_grad()
-def token_features(model: LlamaForCausalLM, grammar: LL1Grammar, sents: list[list[int]]
-                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def token_features(
+    model: LlamaForCausalLM, grammar: LL1Grammar, sents: list[list[int]]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The final hidden state at every terminal token and the generator's latent labels there."""
     model.eval()
     ids, _ = encode(sents)
@@ -224,15 +258,29 @@ def probe_accuracy(model: LlamaForCausalLM, grammar: LL1Grammar, held: HeldOut) 
     return {t: linear_probe_accuracy(train_z, train_y[t], test_z, test_y[t]) for t in TASKS}
 
 
-def measure(label: str, step: int, model: LlamaForCausalLM, grammar: LL1Grammar, held: HeldOut,
-            params: FlatnessParams, seed: int) -> Measurement:
-    return Measurement(label, step, pretraining_loss(model, held.loss), grammar.optimal_loss(),
-                       hessian_trace(model, held.hessian, params.hessian_probes, seed),
-                       probe_accuracy(model, grammar, held), parameter_count(model))
+def measure(
+    label: str,
+    step: int,
+    model: LlamaForCausalLM,
+    grammar: LL1Grammar,
+    held: HeldOut,
+    params: FlatnessParams,
+    seed: int,
+) -> Measurement:
+    return Measurement(
+        label,
+        step,
+        pretraining_loss(model, held.loss),
+        grammar.optimal_loss(),
+        hessian_trace(model, held.hessian, params.hessian_probes, seed),
+        probe_accuracy(model, grammar, held),
+        parameter_count(model),
+    )
 
 
-def train_and_measure(label: str, params: FlatnessParams, seed: int, grammar: LL1Grammar, held: HeldOut,
-                      ctx: RunContext | None = None) -> tuple[list[Measurement], list[float]] | None:
+def train_and_measure(
+    label: str, params: FlatnessParams, seed: int, grammar: LL1Grammar, held: HeldOut, ctx: RunContext | None = None
+) -> tuple[list[Measurement], list[float]] | None:
     """One recipe from scratch, measured at every step of `params.measure_at`."""
     model = fresh_model(grammar, params.size, seed)
     out: list[Measurement] = []
@@ -241,17 +289,29 @@ def train_and_measure(label: str, params: FlatnessParams, seed: int, grammar: LL
         out.append(measure(f"{label}@{step}", step, model, grammar, held, params, seed))
         if ctx is not None:
             m = out[-1]
-            ctx.log(step, loss=m.loss, loss_gap=m.gap, hessian_trace=m.trace.mean,
-                    hessian_trace_stderr=m.trace.stderr, downstream=m.downstream,
-                    **{f"probe_{k}": v for k, v in m.probe.items()})
+            ctx.log(
+                step,
+                loss=m.loss,
+                loss_gap=m.gap,
+                hessian_trace=m.trace.mean,
+                hessian_trace_stderr=m.trace.stderr,
+                downstream=m.downstream,
+                **{f"probe_{k}": v for k, v in m.probe.items()},
+            )
             ctx.progress(step, params.measure_at[-1], f"{label} step {step}: gap {m.gap:.4f}, Tr H {m.trace.mean:.1f}")
 
     losses = pretrain(model, grammar, params, seed, at_step, ctx.cancelled if ctx is not None else lambda: False)
     return None if losses is None else (out, losses)
 
 
-@method("flatness", family="llm-training", task="analyze", datasets=(), params=FlatnessParams,
-        paper="Same Pre-training Loss, Better Downstream: Implicit Bias Matters for Language Models")
+@method(
+    "flatness",
+    family="llm-training",
+    task="analyze",
+    datasets=(),
+    params=FlatnessParams,
+    paper="Same Pre-training Loss, Better Downstream: Implicit Bias Matters for Language Models",
+)
 def run(ctx: RunContext, params: FlatnessParams) -> None:
     """Pre-train a tiny Llama on a synthetic PCFG language; log loss vs the exact optimum, Tr H and probe accuracy."""
     with cpu_threads(ctx.resources):
@@ -261,18 +321,37 @@ def run(ctx: RunContext, params: FlatnessParams) -> None:
     if result is None:
         return
     measurements, losses = result
-    ctx.save_artifact("measurements.json", {"optimal_loss": grammar.optimal_loss(),
-                                            "models": [m.row() for m in measurements]}, kind="table")
+    ctx.save_artifact(
+        "measurements.json",
+        {"optimal_loss": grammar.optimal_loss(), "models": [m.row() for m in measurements]},
+        kind="table",
+    )
     steps = list(range(1, len(losses) + 1))
-    ctx.save_artifact("curves.png", curves_figure(
-        {"train loss − optimal (nats/token)": {"train": (steps, [x - grammar.optimal_loss() for x in losses])},
-         "Tr ∇²L": {"held-out": ([m.step for m in measurements], [m.trace.mean for m in measurements],
-                                 [m.trace.stderr for m in measurements])},
-         "probe accuracy": {t: ([m.step for m in measurements], [m.probe[t] for m in measurements]) for t in TASKS}},
-        "step", title=f"flatness: {params.size} Llama, {params.optimizer}"), kind="plot")
+    ctx.save_artifact(
+        "curves.png",
+        curves_figure(
+            {
+                "train loss − optimal (nats/token)": {"train": (steps, [x - grammar.optimal_loss() for x in losses])},
+                "Tr ∇²L": {
+                    "held-out": (
+                        [m.step for m in measurements],
+                        [m.trace.mean for m in measurements],
+                        [m.trace.stderr for m in measurements],
+                    )
+                },
+                "probe accuracy": {
+                    t: ([m.step for m in measurements], [m.probe[t] for m in measurements]) for t in TASKS
+                },
+            },
+            "step",
+            title=f"flatness: {params.size} Llama, {params.optimizer}",
+        ),
+        kind="plot",
+    )
 
 
 # -- reproduction -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -283,8 +362,11 @@ class Arm:
 
 
 def arms() -> tuple[Arm, ...]:
-    return (Arm("adamw-micro"), Arm("adamw-tiny", {"size": "tiny"}),
-            Arm("adafactor-micro", {"optimizer": "adafactor", "lr": 1e-2}))
+    return (
+        Arm("adamw-micro"),
+        Arm("adamw-tiny", {"size": "tiny"}),
+        Arm("adafactor-micro", {"optimizer": "adafactor", "lr": 1e-2}),
+    )
 
 
 def rank_correlation(x: list[float], y: list[float]) -> float:
@@ -300,8 +382,17 @@ MIN_SPEARMAN = 0.6
 def protocol(smoke: bool) -> FlatnessParams:
     """The shared recipe; every arm trains to the first measurement (convergence), then on."""
     if smoke:
-        return FlatnessParams(levels=2, measure_at=[2, 4], batch_size=4, warmup_steps=1, eval_sentences=16,
-                              hessian_sentences=4, hessian_probes=1, probe_train_sentences=6, probe_test_sentences=6)
+        return FlatnessParams(
+            levels=2,
+            measure_at=[2, 4],
+            batch_size=4,
+            warmup_steps=1,
+            eval_sentences=16,
+            hessian_sentences=4,
+            hessian_probes=1,
+            probe_train_sentences=6,
+            probe_test_sentences=6,
+        )
     return FlatnessParams()
 
 
@@ -316,8 +407,7 @@ def arm_params(base: FlatnessParams, arm: Arm) -> FlatnessParams:
 def correlations(models: list[Measurement]) -> tuple[float, float]:
     """Spearman(−Tr H, downstream) and Spearman(−loss, downstream): does flatness, or the loss, rank transfer?"""
     down = [m.downstream for m in models]
-    return (rank_correlation([-m.trace.mean for m in models], down),
-            rank_correlation([-m.loss for m in models], down))
+    return (rank_correlation([-m.trace.mean for m in models], down), rank_correlation([-m.loss for m in models], down))
 
 
 def why_not(models: list[Measurement], test_tokens: int) -> str:
@@ -326,20 +416,30 @@ def why_not(models: list[Measurement], test_tokens: int) -> str:
     stderr = math.sqrt(max(np.mean(down) * (1 - np.mean(down)), 1e-12) / test_tokens)
     sharpest = max(models, key=lambda m: m.trace.mean)
     median = float(np.median(down))
-    return (f" Among the same-loss models probe accuracy spans {min(down):.3f}–{max(down):.3f} (binomial s.e. of one "
-            f"accuracy ≈ {stderr:.3f} over {test_tokens} test tokens). The sharpest ({sharpest.label}, Tr H "
-            f"{sharpest.trace.mean:.0f}) reaches probe accuracy {sharpest.downstream:.3f} against a median of "
-            f"{median:.3f}" + (": at this scale a model at the optimal loss exposes the parse linearly however sharp "
-                               "its minimum." if sharpest.downstream >= median else "."))
+    return (
+        f" Among the same-loss models probe accuracy spans {min(down):.3f}–{max(down):.3f} (binomial s.e. of one "
+        f"accuracy ≈ {stderr:.3f} over {test_tokens} test tokens). The sharpest ({sharpest.label}, Tr H "
+        f"{sharpest.trace.mean:.0f}) reaches probe accuracy {sharpest.downstream:.3f} against a median of "
+        f"{median:.3f}"
+        + (
+            ": at this scale a model at the optimal loss exposes the parse linearly however sharp its minimum."
+            if sharpest.downstream >= median
+            else "."
+        )
+    )
 
 
-@reproduction("flatness", claim="among tiny Llamas at the same near-optimal pre-training loss on a synthetic PCFG "
-                                "language (made to differ by continued training, model size and optimizer), the "
-                                "flatter ones (lower Hutchinson Tr ∇²L) transfer better: Spearman(−Tr H, probe "
-                                "accuracy) ≥ 0.6 and above the loss's own rank correlation, and Tr H falls with "
-                                "continued training",
-              metric="Spearman rank correlation with downstream probe accuracy", direction="higher",
-              baseline="Spearman(−pre-training loss, probe accuracy)")
+@reproduction(
+    "flatness",
+    claim="among tiny Llamas at the same near-optimal pre-training loss on a synthetic PCFG "
+    "language (made to differ by continued training, model size and optimizer), the "
+    "flatter ones (lower Hutchinson Tr ∇²L) transfer better: Spearman(−Tr H, probe "
+    "accuracy) ≥ 0.6 and above the loss's own rank correlation, and Tr H falls with "
+    "continued training",
+    metric="Spearman rank correlation with downstream probe accuracy",
+    direction="higher",
+    baseline="Spearman(−pre-training loss, probe accuracy)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """One grammar (exact optimal loss), three recipes from the same seed: AdamW micro Llama measured at
     convergence (300 steps) and after 2× and 3× the steps; a tiny Llama (d=128, 4 layers) with AdamW and a micro
@@ -367,16 +467,29 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     flattens = last.trace.mean < first.trace.mean
     spread = max(m.loss for m in same_loss) - min(m.loss for m in same_loss) if same_loss else float("nan")
     holds = bool(len(same_loss) >= MIN_MODELS and rho_trace >= MIN_SPEARMAN and rho_trace > rho_loss and flattens)
-    note = (f"optimal loss {grammar.optimal_loss():.4f} nats/token; {len(same_loss)} of {len(models)} models within "
-            f"{CONVERGED_NATS} nats of it (loss spread {spread:.4f}). "
-            + "; ".join(f"{m.label}: gap {m.gap:+.4f}, Tr H {m.trace.mean:.1f}±{m.trace.stderr:.1f}, probe "
-                        f"{m.downstream:.3f}" for m in models)
-            + f". Continued AdamW training: Tr H {first.trace.mean:.1f} → {last.trace.mean:.1f}, probe "
-              f"{first.downstream:.3f} → {last.downstream:.3f}. One seed; Spearman over {len(same_loss)} models.")
+    note = (
+        f"optimal loss {grammar.optimal_loss():.4f} nats/token; {len(same_loss)} of {len(models)} models within "
+        f"{CONVERGED_NATS} nats of it (loss spread {spread:.4f}). "
+        + "; ".join(
+            f"{m.label}: gap {m.gap:+.4f}, Tr H {m.trace.mean:.1f}±{m.trace.stderr:.1f}, probe {m.downstream:.3f}"
+            for m in models
+        )
+        + f". Continued AdamW training: Tr H {first.trace.mean:.1f} → {last.trace.mean:.1f}, probe "
+        f"{first.downstream:.3f} → {last.downstream:.3f}. One seed; Spearman over {len(same_loss)} models."
+    )
     if len(same_loss) < MIN_MODELS:
         note += f" Fewer than {MIN_MODELS} models reached the optimal loss within {CONVERGED_NATS} nats."
     if not holds and same_loss:
         note += why_not(same_loss, sum(map(len, held.probe_test)))
-    return Outcome(ours=rho_trace, baseline=rho_loss, seeds=1, holds=holds, note=note,
-                   details={"optimal_loss": grammar.optimal_loss(), "models": [m.row() for m in models],
-                            "same_loss_models": [m.label for m in same_loss]})
+    return Outcome(
+        ours=rho_trace,
+        baseline=rho_loss,
+        seeds=1,
+        holds=holds,
+        note=note,
+        details={
+            "optimal_loss": grammar.optimal_loss(),
+            "models": [m.row() for m in models],
+            "same_loss_models": [m.label for m in same_loss],
+        },
+    )

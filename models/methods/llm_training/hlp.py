@@ -23,7 +23,6 @@ length in tokens; plus left-to-right perplexity on held-out windows (HLP must no
 from __future__ import annotations
 
 import ast
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +49,11 @@ FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
 class HLPParams(MethodParams):
-    base: str = Field("", description="registered model to start from (name@version or a local folder); "
-                                      "empty: the cached tiny base model")
+    base: str = Field(
+        "",
+        description="registered model to start from (name@version or a local folder); "
+        "empty: the cached tiny base model",
+    )
     hlp_weight: float = Field(1.0, ge=0.0, le=100.0, description="λ: weight of the horizon-length loss (0: FIM-NTP)")
     fim_rate: float = Field(0.9, ge=0.0, le=1.0, description="fraction of training examples in FIM (PSM) form")
     steps: int = Field(120, ge=1, le=1_000_000, description="optimizer steps")
@@ -64,6 +66,7 @@ class HLPParams(MethodParams):
 
 
 # -- FIM data -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Infill:
@@ -110,8 +113,9 @@ class FimFormat:
         return [self.pre, *prefix[len(prefix) - keep_p :], self.suf, *suffix[:keep_s], self.mid]
 
 
-def fim_example(fmt: FimFormat, ids: tuple[list[int], list[int], list[int]], seq_len: int
-                ) -> tuple[list[int], int, int]:
+def fim_example(
+    fmt: FimFormat, ids: tuple[list[int], list[int], list[int]], seq_len: int
+) -> tuple[list[int], int, int]:
     """(tokens, index of `<mid>`, M): the PSM sequence with the whole middle and `<eoi>` kept."""
     prefix, middle, suffix = ids
     middle = middle[: seq_len // 2]
@@ -135,8 +139,15 @@ class FimBatch:
 class FimSampler:
     """Training batches: FIM examples at `fim_rate`, otherwise plain windows; all randomness from `seed`."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, fmt: FimFormat, texts: list[str], seq_len: int,
-                 fim_rate: float, seed: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        fmt: FimFormat,
+        texts: list[str],
+        seq_len: int,
+        fim_rate: float,
+        seed: int,
+    ):
         self.tokenizer, self.fmt, self.seq_len, self.fim_rate = tokenizer, fmt, seq_len, fim_rate
         self.texts = [t for t in texts if t.count("\n") >= 8]
         self.stream = token_stream(tokenizer, self.texts[:40])
@@ -156,8 +167,9 @@ class FimSampler:
     def batch(self, size: int) -> FimBatch:
         pad = self.tokenizer.pad_token_id
         shape = (size, self.seq_len)
-        out = FimBatch(torch.full(shape, pad), torch.full(shape, -100), torch.zeros(shape, dtype=torch.bool),
-                       torch.zeros(shape))
+        out = FimBatch(
+            torch.full(shape, pad), torch.full(shape, -100), torch.zeros(shape, dtype=torch.bool), torch.zeros(shape)
+        )
         for i in range(size):
             tokens, mid, m = self.example()
             out.input_ids[i, : len(tokens)] = torch.tensor(tokens)
@@ -170,6 +182,7 @@ class FimSampler:
 
 # -- training -----------------------------------------------------------------------------------
 
+
 def fim_losses(model: PreTrainedModel, head: nn.Module | None, batch: FimBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_NTP, L_HLP); L_HLP is 0 (and the head unused) when `head` is None."""
     out = model(input_ids=batch.input_ids, output_hidden_states=head is not None)
@@ -181,8 +194,13 @@ def fim_losses(model: PreTrainedModel, head: nn.Module | None, batch: FimBatch) 
     return ntp, (predicted[batch.horizon_mask] - batch.horizon_target[batch.horizon_mask]).abs().mean()
 
 
-def train_fim(model: PreTrainedModel, head: nn.Module | None, sampler: FimSampler, params: HLPParams,
-              ctx: RunContext | None = None) -> list[dict[str, float]] | None:
+def train_fim(
+    model: PreTrainedModel,
+    head: nn.Module | None,
+    sampler: FimSampler,
+    params: HLPParams,
+    ctx: RunContext | None = None,
+) -> list[dict[str, float]] | None:
     """FIM training with (head given) or without the HLP loss; the per-step losses, None if cancelled."""
     trainable = [*model.parameters(), *(head.parameters() if head is not None else [])]
     opt = torch.optim.AdamW(trainable, lr=params.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -209,6 +227,7 @@ def train_fim(model: PreTrainedModel, head: nn.Module | None, sampler: FimSample
 
 
 # -- evaluation ---------------------------------------------------------------------------------
+
 
 def eval_infills(texts: list[str], n: int, seed: int = 1234) -> list[Infill]:
     """`n` held-out tasks from documents that parse (so a parse failure is the infill's fault)."""
@@ -237,16 +256,28 @@ def parses(source: str) -> bool:
 
 
 @torch.no_grad()
-def evaluate_fim(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, fmt: FimFormat, tasks: list[Infill],
-                 seq_len: int, max_new_tokens: int) -> dict[str, float]:
+def evaluate_fim(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    fmt: FimFormat,
+    tasks: list[Infill],
+    seq_len: int,
+    max_new_tokens: int,
+) -> dict[str, float]:
     """Greedy infilling until `<eoi>` with no post-processing: exact match, parse rate, |L̂ − L| in tokens."""
     model.eval()
     exact, parsed, length_error = [], [], []
     for task in tasks:
         prefix, middle, suffix = encode_documents(tokenizer, [task.prefix, task.middle, task.suffix])
         prompt = torch.tensor([fmt.prompt(prefix, suffix, seq_len - max_new_tokens)])
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=fmt.eoi, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=fmt.eoi,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         generated = out[0, prompt.shape[1] :].tolist()
         if fmt.eoi in generated:
             generated = generated[: generated.index(fmt.eoi)]
@@ -254,11 +285,15 @@ def evaluate_fim(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, fmt
         exact.append(text == task.middle)
         parsed.append(parses(task.prefix + text + task.suffix))
         length_error.append(abs(len(generated) - len(middle)))
-    return {"exact_match": float(np.mean(exact)), "parse_rate": float(np.mean(parsed)),
-            "length_error": float(np.mean(length_error))}
+    return {
+        "exact_match": float(np.mean(exact)),
+        "parse_rate": float(np.mean(parsed)),
+        "length_error": float(np.mean(length_error)),
+    }
 
 
 # -- the job ------------------------------------------------------------------------------------
+
 
 @dataclass
 class HLPResult:
@@ -268,8 +303,9 @@ class HLPResult:
     metrics: dict[str, float]
 
 
-def train_and_evaluate(ctx: RunContext, params: HLPParams, base_folder: Path, texts: dict[str, list[str]]
-                       ) -> HLPResult | None:
+def train_and_evaluate(
+    ctx: RunContext, params: HLPParams, base_folder: Path, texts: dict[str, list[str]]
+) -> HLPResult | None:
     loaded = load_folder(base_folder)
     model, tokenizer = loaded.model.float(), loaded.tokenizer
     ids = add_fim_tokens(model, tokenizer)
@@ -280,8 +316,9 @@ def train_and_evaluate(ctx: RunContext, params: HLPParams, base_folder: Path, te
     history = train_fim(model, head, sampler, params, ctx)
     if history is None:
         return None
-    metrics = evaluate_fim(model, tokenizer, fmt, eval_infills(texts["val"], params.eval_infills), params.seq_len,
-                           params.max_new_tokens)
+    metrics = evaluate_fim(
+        model, tokenizer, fmt, eval_infills(texts["val"], params.eval_infills), params.seq_len, params.max_new_tokens
+    )
     windows = split_windows(tokenizer, texts["val"], min(params.seq_len, 128), 16)
     metrics["ppl"] = perplexity(model, windows)
     ctx.log(params.steps, **metrics)
@@ -297,19 +334,28 @@ def corpus_texts(ctx: RunContext) -> dict[str, list[str]]:
     return {split: list(ds.splits[split]["text"]) for split in ("train", "val")}
 
 
-@method("hlp", family="llm-training", task="train", datasets=("text-corpus",), params=HLPParams,
-        paper="Horizon-Length Prediction: Advancing Fill-in-the-Middle Capabilities for Code Generation with "
-              "Lookahead Planning")
+@method(
+    "hlp",
+    family="llm-training",
+    task="train",
+    datasets=("text-corpus",),
+    params=HLPParams,
+    paper="Horizon-Length Prediction: Advancing Fill-in-the-Middle Capabilities for Code Generation with "
+    "Lookahead Planning",
+)
 def run(ctx: RunContext, params: HLPParams) -> None:
-    """FIM-train a code LM with the horizon-length head; register it (head dropped) with EM, parse rate, length error."""
+    """FIM-train a code LM with the horizon-length head; register it (head dropped) with EM, parse rate and
+    length error."""
     with cpu_threads(ctx.resources):
         folder = Path(ctx.load_model(params.base)) if params.base else base_model(ctx)
         result = train_and_evaluate(ctx, params, folder, corpus_texts(ctx))
     if result is None:
         return
     steps = list(range(1, len(result.history) + 1))
-    panels = {k: {"hlp" if params.hlp_weight else "fim-ntp": (steps, [h[k] for h in result.history])}
-              for k in ("ntp_loss", "hlp_loss")}
+    panels = {
+        k: {"hlp" if params.hlp_weight else "fim-ntp": (steps, [h[k] for h in result.history])}
+        for k in ("ntp_loss", "hlp_loss")
+    }
     ctx.save_artifact("curves.png", curves_figure(panels, "step", title="FIM training"), kind="plot")
     lineage = {"method": "hlp", "job_id": ctx.job_id, "parent": str(folder), **params.model_dump(), **result.metrics}
     out = save_folder(result.model, result.tokenizer, ctx.workdir / params.model_name, lineage)
@@ -318,14 +364,19 @@ def run(ctx: RunContext, params: HLPParams) -> None:
 
 # -- reproduction -------------------------------------------------------------------------------
 
-@reproduction("hlp", claim="FIM training with horizon-length prediction raises exact match or parse rate by ≥2 "
-                           "points over FIM next-token prediction alone, lowers the infill length error, and costs "
-                           "≤2% perplexity (greedy infilling, no post-processing)",
-              metric="parse rate of held-out 1–5-line infills", direction="higher", baseline="FIM-NTP (λ=0)")
+
+@reproduction(
+    "hlp",
+    claim="FIM training with horizon-length prediction raises exact match or parse rate by ≥2 "
+    "points over FIM next-token prediction alone, lowers the infill length error, and costs "
+    "≤2% perplexity (greedy infilling, no post-processing)",
+    metric="parse rate of held-out 1–5-line infills",
+    direction="higher",
+    baseline="FIM-NTP (λ=0)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """Both arms start from the cached tiny base model and see the same batches (same seed)."""
-    params = (HLPParams(steps=3, batch_size=2, seq_len=64, eval_infills=3, max_new_tokens=6) if smoke
-              else HLPParams())
+    params = HLPParams(steps=3, batch_size=2, seq_len=64, eval_infills=3, max_new_tokens=6) if smoke else HLPParams()
     from models.context import InMemoryRunContext
 
     results = {}
@@ -334,17 +385,25 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         texts = corpus_texts(ctx)
         for name, weight in (("fim-ntp", 0.0), ("hlp", 1.0)):
             inner = InMemoryRunContext(seed=seed, resources=ctx.resources)
-            results[name] = train_and_evaluate(inner, params.model_copy(update={"hlp_weight": weight}), folder,
-                                               texts).metrics
+            results[name] = train_and_evaluate(
+                inner, params.model_copy(update={"hlp_weight": weight}), folder, texts
+            ).metrics
             ctx.progress(len(results), 2, name)
     ours, base = results["hlp"], results["fim-ntp"]
     gain = max(ours["parse_rate"] - base["parse_rate"], ours["exact_match"] - base["exact_match"])
     holds = bool(gain >= 0.02 and ours["length_error"] < base["length_error"] and ours["ppl"] <= 1.02 * base["ppl"])
-    note = (f"HLP vs FIM-NTP: EM {ours['exact_match']:.3f} vs {base['exact_match']:.3f}, parse {ours['parse_rate']:.3f} "
-            f"vs {base['parse_rate']:.3f}, |L̂−L| {ours['length_error']:.2f} vs {base['length_error']:.2f} tokens, "
-            f"ppl {ours['ppl']:.2f} vs {base['ppl']:.2f}; {params.steps} steps, {params.eval_infills} infills, one seed."
-            + ("" if holds else f" With {params.eval_infills} infills one task is {100 / params.eval_infills:.1f} "
-               f"points, and a 1.3M-parameter model after {params.steps} FIM steps rarely completes a middle exactly, "
-               f"so the parse-rate and EM differences are within a few tasks of each other."))
-    return Outcome(ours=ours["parse_rate"], baseline=base["parse_rate"], seeds=1, holds=holds, note=note,
-                   details=results)
+    note = (
+        f"HLP vs FIM-NTP: EM {ours['exact_match']:.3f} vs {base['exact_match']:.3f}, parse {ours['parse_rate']:.3f} "
+        f"vs {base['parse_rate']:.3f}, |L̂−L| {ours['length_error']:.2f} vs {base['length_error']:.2f} tokens, "
+        f"ppl {ours['ppl']:.2f} vs {base['ppl']:.2f}; {params.steps} steps, {params.eval_infills} infills, one seed."
+        + (
+            ""
+            if holds
+            else f" With {params.eval_infills} infills one task is {100 / params.eval_infills:.1f} "
+            f"points, and a 1.3M-parameter model after {params.steps} FIM steps rarely completes a middle exactly, "
+            f"so the parse-rate and EM differences are within a few tasks of each other."
+        )
+    )
+    return Outcome(
+        ours=ours["parse_rate"], baseline=base["parse_rate"], seeds=1, holds=holds, note=note, details=results
+    )

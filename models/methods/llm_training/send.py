@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -54,6 +53,7 @@ class SeNDParams(MethodParams):
 
 # -- data ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Fact:
     entity: str
@@ -81,6 +81,7 @@ def fictional_facts(n: int, seed: int = 0) -> list[Fact]:
 
 # -- sensitive-neuron dropout -------------------------------------------------------------------------
 
+
 class UnitMask:
     """Zero chosen MLP units of every decoder layer (a forward pre-hook on `down_proj`), and record their
     activations at the last token when `recording`."""
@@ -91,7 +92,9 @@ class UnitMask:
         self.keep = [torch.ones(units) for _ in self.layers]
         self.recorded: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.recording = False
-        self.handles = [layer.mlp.down_proj.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        self.handles = [
+            layer.mlp.down_proj.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)
+        ]
 
     def _hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
@@ -99,6 +102,7 @@ class UnitMask:
             if self.recording:
                 self.recorded[i].append(x[:, -1].detach().clone())
             return (x,)
+
         return hook
 
     def drop(self, units_per_layer: list[torch.Tensor]) -> None:
@@ -124,6 +128,7 @@ def most_sensitive(history: torch.Tensor, fraction: float) -> torch.Tensor:
 
 # -- training and evaluation -----------------------------------------------------------------------
 
+
 def fact_batches(tokenizer: PreTrainedTokenizerFast, facts: list[Fact], batch_size: int, rng: random.Random):
     order = list(range(len(facts)))
     rng.shuffle(order)
@@ -140,8 +145,9 @@ def fact_batches(tokenizer: PreTrainedTokenizerFast, facts: list[Fact], batch_si
 
 
 @torch.no_grad()
-def tracking_activations(model: nn.Module, mask: UnitMask, tokenizer: PreTrainedTokenizerFast,
-                         tracking: list[Fact]) -> torch.Tensor:
+def tracking_activations(
+    model: nn.Module, mask: UnitMask, tokenizer: PreTrainedTokenizerFast, tracking: list[Fact]
+) -> torch.Tensor:
     """[layers, examples, units] activations at the last prompt token (masked units read 0)."""
     mask.recorded = [[] for _ in mask.layers]
     mask.recording = True
@@ -151,8 +157,15 @@ def tracking_activations(model: nn.Module, mask: UnitMask, tokenizer: PreTrained
     return torch.stack([torch.cat(r) for r in mask.recorded])
 
 
-def train_facts(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, facts: list[Fact], tracking: list[Fact],
-                params: SeNDParams, seed: int, ctx: RunContext | None = None) -> list[float] | None:
+def train_facts(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    facts: list[Fact],
+    tracking: list[Fact],
+    params: SeNDParams,
+    seed: int,
+    ctx: RunContext | None = None,
+) -> list[float] | None:
     """Train on the facts with SeND (drop_fraction > 0) or plainly; the per-epoch mean loss, None if cancelled."""
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0)
     mask = UnitMask(model)
@@ -186,18 +199,30 @@ def train_facts(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, fac
 
 
 @torch.no_grad()
-def answer_embeddings(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, fact: Fact, samples: int,
-                      generator_seed: int) -> tuple[torch.Tensor, bool]:
+def answer_embeddings(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, fact: Fact, samples: int, generator_seed: int
+) -> tuple[torch.Tensor, bool]:
     """K sampled answers' penultimate-layer states at their second-to-last token [K, d], and whether the
     greedy answer is exactly right."""
     prompt = torch.tensor([encode_documents(tokenizer, [fact.prompt])[0]])
-    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)
+    greedy = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     correct = tokenizer.decode(greedy[0, prompt.shape[1] :]).startswith(f" {fact.value}.")
     torch.manual_seed(generator_seed)
-    sampled = model.generate(prompt.repeat(samples, 1), attention_mask=torch.ones(samples, prompt.shape[1]),
-                             max_new_tokens=6, do_sample=True, temperature=1.0, top_k=0,
-                             pad_token_id=tokenizer.pad_token_id)
+    sampled = model.generate(
+        prompt.repeat(samples, 1),
+        attention_mask=torch.ones(samples, prompt.shape[1]),
+        max_new_tokens=6,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     states = model(input_ids=sampled, output_hidden_states=True).hidden_states[-2]
     return states[:, -2].float(), correct
 
@@ -213,8 +238,9 @@ class FactScores:
     exact: list[float]
 
 
-def score_queries(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, queries: list[Fact],
-                  params: SeNDParams, seed: int) -> FactScores:
+def score_queries(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, queries: list[Fact], params: SeNDParams, seed: int
+) -> FactScores:
     ees, exact, correct = [], [], []
     for i, fact in enumerate(queries):
         z, ok = answer_embeddings(model, tokenizer, fact, params.samples, seed * 1000 + i)
@@ -237,50 +263,80 @@ def train_and_score(params: SeNDParams, seed: int, ctx: RunContext | None = None
     n_query = max(2, int(params.query_fraction * len(facts)))
     queries, tracking = facts[:n_query], facts[n_query : 2 * n_query]
     tokenizer = train_tokenizer([f.text for f in facts], 400)
-    model = build_model(llama_config("micro", len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id), seed)
+    model = build_model(
+        llama_config("micro", len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        seed,
+    )
     losses = train_facts(model, tokenizer, facts, tracking, params, seed, ctx)
     if losses is None:
         return None
     return SeNDRun(model, losses, score_queries(model, tokenizer, queries, params, seed))
 
 
-@method("send", family="llm-training", task="train", datasets=(), params=SeNDParams,
-        paper="Hallucination Detox: Sensitive Neuron Dropout (SeND) for Large Language Model Training")
+@method(
+    "send",
+    family="llm-training",
+    task="train",
+    datasets=(),
+    params=SeNDParams,
+    paper="Hallucination Detox: Sensitive Neuron Dropout (SeND) for Large Language Model Training",
+)
 def run(ctx: RunContext, params: SeNDParams) -> None:
     """Train a micro Llama on fictional facts with sensitive-neuron dropout; log accuracy and mean EES."""
     with cpu_threads(ctx.resources):
         result = train_and_score(params, ctx.seed, ctx)
     if result is not None:
-        ctx.log(params.epochs, accuracy=result.scores.accuracy, ees=float(np.mean(result.scores.ees)),
-                eigenscore=float(np.mean(result.scores.exact)))
+        ctx.log(
+            params.epochs,
+            accuracy=result.scores.accuracy,
+            ees=float(np.mean(result.scores.ees)),
+            eigenscore=float(np.mean(result.scores.exact)),
+        )
 
 
-@reproduction("send", claim="training with sensitive-neuron dropout lowers the (Efficient) EigenScore of sampled "
-                            "answers without lowering fact-recall accuracy, and EES tracks exact EigenScore "
-                            "(Pearson ≥ 0.9)",
-              metric="mean EES over queries (lower: less hallucination)", direction="lower",
-              baseline="normal training (drop_fraction 0)")
+@reproduction(
+    "send",
+    claim="training with sensitive-neuron dropout lowers the (Efficient) EigenScore of sampled "
+    "answers without lowering fact-recall accuracy, and EES tracks exact EigenScore "
+    "(Pearson ≥ 0.9)",
+    metric="mean EES over queries (lower: less hallucination)",
+    direction="lower",
+    baseline="normal training (drop_fraction 0)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """100 fictional facts, a micro Llama from scratch, 30 epochs with and without SeND (the notes' 300 facts
     and 6 epochs left recall at 0% for both arms), same seed and batches; 10 queries × K=10 sampled answers."""
     params = SeNDParams(facts=24, epochs=3, samples=3) if smoke else SeNDParams()
     with cpu_threads(ctx.resources):
-        runs = {name: train_and_score(params.model_copy(update={"drop_fraction": frac}), seed)
-                for name, frac in (("normal", 0.0), ("send", params.drop_fraction))}
+        runs = {
+            name: train_and_score(params.model_copy(update={"drop_fraction": frac}), seed)
+            for name, frac in (("normal", 0.0), ("send", params.drop_fraction))
+        }
     ours, base = runs["send"].scores, runs["normal"].scores
     both_ees = ours.ees + base.ees
     both_exact = ours.exact + base.exact
     pearson = float(np.corrcoef(both_ees, both_exact)[0, 1]) if len(set(both_exact)) > 1 else float("nan")
     ees_ours, ees_base = float(np.mean(ours.ees)), float(np.mean(base.ees))
     holds = bool(ees_ours < ees_base and ours.accuracy >= base.accuracy and pearson >= 0.9)
-    note = (f"SeND vs normal: EES {ees_ours:.3f} vs {ees_base:.3f}, exact ES {np.mean(ours.exact):.3f} vs "
-            f"{np.mean(base.exact):.3f}, accuracy {ours.accuracy:.3f} vs {base.accuracy:.3f}; Pearson(EES, exact ES) "
-            f"{pearson:.3f} over {len(both_ees)} queries; final train loss {runs['send'].losses[-1]:.3f} vs "
-            f"{runs['normal'].losses[-1]:.3f}; one seed."
-            + ("" if holds else f" A 0.13M-parameter model trained from scratch recalls few of the facts (unlike the "
-               f"paper's pre-trained Pythia), so most sampled answers are hallucinated in both arms; and with K="
-               f"{params.samples} answers in d=64 the log-determinant has rank {params.samples - 1}, estimated from 20 "
-               f"Hutchinson probes whose noise is of the order of the spread of EigenScore across queries."))
-    return Outcome(ours=ees_ours, baseline=ees_base, seeds=1, holds=holds, note=note,
-                   details={"pearson": pearson, "accuracy": {"send": ours.accuracy, "normal": base.accuracy}})
+    note = (
+        f"SeND vs normal: EES {ees_ours:.3f} vs {ees_base:.3f}, exact ES {np.mean(ours.exact):.3f} vs "
+        f"{np.mean(base.exact):.3f}, accuracy {ours.accuracy:.3f} vs {base.accuracy:.3f}; Pearson(EES, exact ES) "
+        f"{pearson:.3f} over {len(both_ees)} queries; final train loss {runs['send'].losses[-1]:.3f} vs "
+        f"{runs['normal'].losses[-1]:.3f}; one seed."
+        + (
+            ""
+            if holds
+            else f" A 0.13M-parameter model trained from scratch recalls few of the facts (unlike the "
+            f"paper's pre-trained Pythia), so most sampled answers are hallucinated in both arms; and with K="
+            f"{params.samples} answers in d=64 the log-determinant has rank {params.samples - 1}, estimated from 20 "
+            f"Hutchinson probes whose noise is of the order of the spread of EigenScore across queries."
+        )
+    )
+    return Outcome(
+        ours=ees_ours,
+        baseline=ees_base,
+        seeds=1,
+        holds=holds,
+        note=note,
+        details={"pearson": pearson, "accuracy": {"send": ours.accuracy, "normal": base.accuracy}},
+    )

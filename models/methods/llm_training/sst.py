@@ -13,7 +13,7 @@ methods and full-rank training (67.6% on OPT-125M, 97.4% on LLaMA-1.3B).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,8 +23,17 @@ from pydantic import Field
 from torch import nn
 
 from models.context import RunContext
-from models.lm_training import (CodeCorpus, LMRun, LMTrainingParams, builtin_code_corpus, code_corpus,
-                                describe_runs, finish_lm_job, fresh_llama, train_lm)
+from models.lm_training import (
+    CodeCorpus,
+    LMRun,
+    LMTrainingParams,
+    builtin_code_corpus,
+    code_corpus,
+    describe_runs,
+    finish_lm_job,
+    fresh_llama,
+    train_lm,
+)
 from models.optim.sst import SSTAdam, to_dense, to_sst
 from models.registry import method
 from models.reproduction import Outcome, reproduction
@@ -35,20 +44,36 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 class SSTParams(LMTrainingParams):
     rank: int = Field(8, ge=1, le=4096, description="r: singular-vector pairs trained per iteration")
-    iteration_steps: int = Field(25, ge=1, description="T₃: steps per iteration (then new vectors are sampled); "
-                                                       "a round of ⌈k/r⌉ iterations ends with a re-SVD")
+    iteration_steps: int = Field(
+        25,
+        ge=1,
+        description="T₃: steps per iteration (then new vectors are sampled); "
+        "a round of ⌈k/r⌉ iterations ends with a re-SVD",
+    )
     model_name: str = Field("sst-llama", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-@method("sst", family="llm-training", task="train", datasets=("text-corpus",), params=SSTParams,
-        paper="Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks")
+@method(
+    "sst",
+    family="llm-training",
+    task="train",
+    datasets=("text-corpus",),
+    params=SSTParams,
+    paper="Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks",
+)
 def run(ctx: RunContext, params: SSTParams) -> None:
     """Pre-train a tiny Llama with sparse spectral training; export and register the dense model."""
     with cpu_threads(ctx.resources):
         corpus = code_corpus(ctx.dataset, params)
         model = to_sst(fresh_llama(corpus, params, ctx.seed))
-        opt = SSTAdam.for_model(model, lr=params.lr, weight_decay=params.weight_decay, rank=params.rank,
-                                iteration_steps=params.iteration_steps, seed=ctx.seed)
+        opt = SSTAdam.for_model(
+            model,
+            lr=params.lr,
+            weight_decay=params.weight_decay,
+            rank=params.rank,
+            iteration_steps=params.iteration_steps,
+            seed=ctx.seed,
+        )
         result = train_lm(model, opt, corpus, params, ctx.seed, ctx)
     if result is not None:
         finish_lm_job(ctx, to_dense(model), corpus, result, params.model_name, {"method": "sst", **params.model_dump()})
@@ -56,13 +81,15 @@ def run(ctx: RunContext, params: SSTParams) -> None:
 
 # -- baselines ----------------------------------------------------------------------------------
 
+
 def lora_llama(corpus: CodeCorpus, params: LMTrainingParams, seed: int, rank: int) -> nn.Module:
     """A fresh Llama whose decoder projections are frozen and adapted by rank-r LoRA (α = r, no dropout);
     embeddings and norms stay trainable."""
     base = fresh_llama(corpus, params, seed)
     torch.manual_seed(seed)  # peft draws the LoRA A matrices from torch's global generator
-    model = get_peft_model(base,
-                           LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+    model = get_peft_model(
+        base, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(PROJECTIONS))
+    )
     for name, p in model.named_parameters():
         if "embed_tokens" in name or "norm" in name:
             p.requires_grad_(True)
@@ -72,6 +99,7 @@ def lora_llama(corpus: CodeCorpus, params: LMTrainingParams, seed: int, rank: in
 def relora_restarts(model: nn.Module, opt: torch.optim.Optimizer, every: int) -> Callable[[int], None]:
     """ReLoRA*'s restart after every `every` steps: merge BA into W, re-initialise A (Kaiming) and B (0), and
     clear the Adam state of the adapters."""
+
     def restart(step: int) -> None:
         if step % every:
             return
@@ -82,6 +110,7 @@ def relora_restarts(model: nn.Module, opt: torch.optim.Optimizer, every: int) ->
                     module.reset_lora_parameters("default", True)
                     for adapter in (module.lora_A["default"], module.lora_B["default"]):
                         opt.state.pop(adapter.weight, None)
+
     return restart
 
 
@@ -92,13 +121,15 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 def arm(name: str, corpus: CodeCorpus, params: SSTParams, seed: int) -> LMRun:
     if name == "sst":
         model = to_sst(fresh_llama(corpus, params, seed))
-        opt = SSTAdam.for_model(model, lr=params.lr, rank=params.rank, iteration_steps=params.iteration_steps,
-                                seed=seed)
+        opt = SSTAdam.for_model(
+            model, lr=params.lr, rank=params.rank, iteration_steps=params.iteration_steps, seed=seed
+        )
         return train_lm(model, opt, corpus, params, seed)
     if name == "full-rank":
         model = fresh_llama(corpus, params, seed)
-        return train_lm(model, torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0), corpus,
-                        params, seed)
+        return train_lm(
+            model, torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0), corpus, params, seed
+        )
     model = lora_llama(corpus, params, seed, params.rank)
     opt = torch.optim.AdamW(trainable(model), lr=params.lr, weight_decay=0.0)
     restart = relora_restarts(model, opt, params.iteration_steps * 4) if name == "relora" else None
@@ -108,15 +139,32 @@ def arm(name: str, corpus: CodeCorpus, params: SSTParams, seed: int) -> LMRun:
 ARMS = ("full-rank", "lora", "relora", "sst")
 
 
-@reproduction("sst", claim="at the same rank, SST closes at least half of the perplexity gap between the better "
-                           "of LoRA and ReLoRA* and full-rank training of a tiny Llama",
-              metric="held-out perplexity after pre-training", direction="lower", baseline="best of LoRA and ReLoRA*")
+@reproduction(
+    "sst",
+    claim="at the same rank, SST closes at least half of the perplexity gap between the better "
+    "of LoRA and ReLoRA* and full-rank training of a tiny Llama",
+    metric="held-out perplexity after pre-training",
+    direction="lower",
+    baseline="best of LoRA and ReLoRA*",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """A micro Llama (d=64: k=64 per matrix) pre-trained from scratch on stdlib-code at rank r=8 (the notes'
     r=16 of d=128, scaled), T₃=25 steps per iteration (re-SVD every 8 iterations), ReLoRA* restarting every
     100 steps; all arms with AdamW's lr, schedule, batches and seed."""
-    params = (SSTParams(steps=6, batch_size=4, seq_len=32, max_documents=8, eval_windows=2, warmup_steps=2,
-                        iteration_steps=2, rank=4) if smoke else SSTParams(steps=250, grad_clip=1.0))
+    params = (
+        SSTParams(
+            steps=6,
+            batch_size=4,
+            seq_len=32,
+            max_documents=8,
+            eval_windows=2,
+            warmup_steps=2,
+            iteration_steps=2,
+            rank=4,
+        )
+        if smoke
+        else SSTParams(steps=250, grad_clip=1.0)
+    )
     seeds = [seed]
     runs: dict[str, list[LMRun]] = {}
     with cpu_threads(ctx.resources):
@@ -133,12 +181,24 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     gap = low_rank - ppl["full-rank"]
     closed = (low_rank - ppl["sst"]) / gap if gap > 0 else float("nan")
     holds = bool(gap > 0 and closed >= 0.5)
-    note = (f"perplexity: full-rank {ppl['full-rank']:.2f}, LoRA {ppl['lora']:.2f}, ReLoRA* {ppl['relora']:.2f}, "
-            f"SST {ppl['sst']:.2f}; SST closes {closed:.0%} of the low-rank gap (paper: 67.6–97.4%). Optimizer-state "
-            f"bytes SST/full-rank {table['sst']['state_bytes'] / table['full-rank']['state_bytes']:.2f}."
-            + ("" if holds else f" At this scale each matrix has k=64 directions and SST trains r={params.rank} of them "
-               f"for {params.iteration_steps} steps at a time, so in {params.steps} steps a singular vector is "
-               f"updated for about {params.steps * params.rank // 64} steps on average while full-rank training moves all "
-               f"of them every step; the paper's runs are thousands of steps long."))
-    return Outcome(ours=ppl["sst"], baseline=low_rank, seeds=len(seeds), holds=holds, note=note,
-                   details={"arms": table, "gap_closed": closed})
+    note = (
+        f"perplexity: full-rank {ppl['full-rank']:.2f}, LoRA {ppl['lora']:.2f}, ReLoRA* {ppl['relora']:.2f}, "
+        f"SST {ppl['sst']:.2f}; SST closes {closed:.0%} of the low-rank gap (paper: 67.6–97.4%). Optimizer-state "
+        f"bytes SST/full-rank {table['sst']['state_bytes'] / table['full-rank']['state_bytes']:.2f}."
+        + (
+            ""
+            if holds
+            else f" At this scale each matrix has k=64 directions and SST trains r={params.rank} of them "
+            f"for {params.iteration_steps} steps at a time, so in {params.steps} steps a singular vector is "
+            f"updated for about {params.steps * params.rank // 64} steps on average while full-rank training moves all "
+            f"of them every step; the paper's runs are thousands of steps long."
+        )
+    )
+    return Outcome(
+        ours=ppl["sst"],
+        baseline=low_rank,
+        seeds=len(seeds),
+        holds=holds,
+        note=note,
+        details={"arms": table, "gap_closed": closed},
+    )

@@ -12,8 +12,16 @@ from __future__ import annotations
 from pydantic import Field
 
 from models.context import RunContext
-from models.lm_training import (LMRun, LMTrainingParams, builtin_code_corpus, code_corpus, describe_runs,
-                                finish_lm_job, fresh_llama, train_lm)
+from models.lm_training import (
+    LMRun,
+    LMTrainingParams,
+    builtin_code_corpus,
+    code_corpus,
+    describe_runs,
+    finish_lm_job,
+    fresh_llama,
+    train_lm,
+)
 from models.nn.fake_quant import quantize_linears
 from models.optim import build_optimizer
 from models.registry import method
@@ -35,16 +43,29 @@ def quantized_llama(corpus, params: LMTrainingParams, seed: int, bits: int):
     return quantize_linears(model, bits=bits) if bits < 16 else model
 
 
-@method("stable-spam", family="llm-training", task="train", datasets=("text-corpus",), params=StableSpamParams,
-        paper="Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam")
+@method(
+    "stable-spam",
+    family="llm-training",
+    task="train",
+    datasets=("text-corpus",),
+    params=StableSpamParams,
+    paper="Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam",
+)
 def run(ctx: RunContext, params: StableSpamParams) -> None:
     """Pre-train a (simulated) low-bit tiny Llama with Stable-SPAM; logs loss and gradient-norm traces."""
     with cpu_threads(ctx.resources):
         corpus = code_corpus(ctx.dataset, params)
         model = quantized_llama(corpus, params, ctx.seed, params.bits)
-        opt = build_optimizer("stable-spam", model, lr=params.lr, weight_decay=params.weight_decay,
-                              gamma1=params.gamma1, gamma2=params.gamma2, theta=params.theta,
-                              reset_interval=params.reset_interval)
+        opt = build_optimizer(
+            "stable-spam",
+            model,
+            lr=params.lr,
+            weight_decay=params.weight_decay,
+            gamma1=params.gamma1,
+            gamma2=params.gamma2,
+            theta=params.theta,
+            reset_interval=params.reset_interval,
+        )
         result = train_lm(model, opt, corpus, params, ctx.seed, ctx)
     if result is not None:
         # the registered folder holds the full-precision master weights (the QLinear swap shares them)
@@ -71,26 +92,38 @@ def why_not(high: dict[str, dict], holds: bool) -> str:
         return ""
     reasons = []
     if not any(high[n]["diverged"] for n in high):
-        reasons.append(" No arm diverged at lr 4e-3 on this 0.13M-parameter model in so few steps, so the test "
-                       "reduces to final loss; the paper's INT4 runs, where Adam's loss spikes, are LLaMA models "
-                       "trained for thousands of steps.")
+        reasons.append(
+            " No arm diverged at lr 4e-3 on this 0.13M-parameter model in so few steps, so the test "
+            "reduces to final loss; the paper's INT4 runs, where Adam's loss spikes, are LLaMA models "
+            "trained for thousands of steps."
+        )
     if high["stable-spam"]["grad_norm_p99"] > min(high["adamw"]["grad_norm_p99"], high["spam"]["grad_norm_p99"]):
-        reasons.append(" The p99 statistic is of the raw gradient, which AdaClip/AdaGN rescale only inside the "
-                       "update; the arms' raw gradient norms differ by trajectory, not by a spike the optimizer "
-                       "suppressed.")
+        reasons.append(
+            " The p99 statistic is of the raw gradient, which AdaClip/AdaGN rescale only inside the "
+            "update; the arms' raw gradient norms differ by trajectory, not by a spike the optimizer "
+            "suppressed."
+        )
     return "".join(reasons)
 
 
-@reproduction("stable-spam", claim="in simulated INT4 pre-training at a high learning rate (4e-3), Adam or SPAM "
-                                   "diverges or ends ≥0.1 nats worse while Stable-SPAM does not, and Stable-SPAM has "
-                                   "the lowest 99th-percentile gradient norm",
-              metric="held-out loss (nats/token) at lr 4e-3, INT4", direction="lower", baseline="best of Adam and SPAM")
+@reproduction(
+    "stable-spam",
+    claim="in simulated INT4 pre-training at a high learning rate (4e-3), Adam or SPAM "
+    "diverges or ends ≥0.1 nats worse while Stable-SPAM does not, and Stable-SPAM has "
+    "the lowest 99th-percentile gradient norm",
+    metric="held-out loss (nats/token) at lr 4e-3, INT4",
+    direction="lower",
+    baseline="best of Adam and SPAM",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """A micro Llama with INT4 weights and activations (STE) pre-trained on stdlib-code with Adam, SPAM and
     Stable-SPAM at lr 4e-3, plus Adam at 1e-3 as the low-rate reference; no gradient clipping; the same
     batches and seed for every arm."""
-    params = (LMTrainingParams(steps=6, batch_size=4, seq_len=32, max_documents=8, eval_windows=2, warmup_steps=2)
-              if smoke else LMTrainingParams(steps=200, warmup_steps=10))
+    params = (
+        LMTrainingParams(steps=6, batch_size=4, seq_len=32, max_documents=8, eval_windows=2, warmup_steps=2)
+        if smoke
+        else LMTrainingParams(steps=200, warmup_steps=10)
+    )
     reset_interval = 4 if smoke else 100
     runs: dict[str, list[LMRun]] = {}
     arms = (("adamw", LOW_LR), ("adamw", HIGH_LR), ("spam", HIGH_LR), ("stable-spam", HIGH_LR))
@@ -110,8 +143,14 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     unstable = any(high[b]["diverged"] or high[b]["val_loss"] >= ours["val_loss"] + GAP_NATS for b in ("adamw", "spam"))
     lowest_spikes = ours["grad_norm_p99"] <= min(high["adamw"]["grad_norm_p99"], high["spam"]["grad_norm_p99"])
     holds = bool(unstable and not ours["diverged"] and lowest_spikes)
-    note = ("at lr 4e-3: " + ", ".join(f"{n} loss {high[n]['val_loss']:.3f} (p99 grad norm {high[n]['grad_norm_p99']:.2f}"
-                                       f"{', diverged' if high[n]['diverged'] else ''})" for n in high)
-            + f"; Adam at lr 1e-3: loss {table[f'adamw lr={LOW_LR:g}']['val_loss']:.3f}. Momentum reset every "
-            f"{reset_interval} steps (the paper's 500 scaled to a {params.steps}-step run)." + why_not(high, holds))
+    note = (
+        "at lr 4e-3: "
+        + ", ".join(
+            f"{n} loss {high[n]['val_loss']:.3f} (p99 grad norm {high[n]['grad_norm_p99']:.2f}"
+            f"{', diverged' if high[n]['diverged'] else ''})"
+            for n in high
+        )
+        + f"; Adam at lr 1e-3: loss {table[f'adamw lr={LOW_LR:g}']['val_loss']:.3f}. Momentum reset every "
+        f"{reset_interval} steps (the paper's 500 scaled to a {params.steps}-step run)." + why_not(high, holds)
+    )
     return Outcome(ours=ours["val_loss"], baseline=baseline, seeds=1, holds=holds, note=note, details={"arms": table})

@@ -31,12 +31,12 @@ from models.context import InMemoryRunContext, RunContext
 from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
 from models.representation.augment import ViewRecipe, image_splits
 from models.representation.contrastive import ContrastiveSchedule, fit_contrastive, simclr_objective
 from models.representation.encoders import ContrastiveEncoder, embed, save_encoder
 from models.representation.evaluation import embedding_figure, evaluate_embeddings
 from models.representation.losses import nt_xent
+from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 
@@ -64,8 +64,9 @@ class AMCLModel(ContrastiveEncoder):
         self.temperatures = nn.ModuleList(PairTemperature(proj_dim, tau_min, tau_max) for _ in range(heads))
 
 
-def amcl_loss(z1s: list[torch.Tensor], z2s: list[torch.Tensor], temperatures: list[torch.Tensor], beta: float
-              ) -> torch.Tensor:
+def amcl_loss(
+    z1s: list[torch.Tensor], z2s: list[torch.Tensor], temperatures: list[torch.Tensor], beta: float
+) -> torch.Tensor:
     """Σ_h [NT-Xent with per-pair τ_h + β·mean Ω(τ_h)] over heads (τ_h: [2N, 2N])."""
     total = 0.0
     for z1, z2, tau in zip(z1s, z2s, temperatures):
@@ -79,6 +80,7 @@ def amcl_objective(beta: float):
         z1s, z2s = model(v1), model(v2)
         taus = [t(torch.cat([a, b])) for t, a, b in zip(model.temperatures, z1s, z2s)]
         return amcl_loss(z1s, z2s, taus, beta)
+
     return objective
 
 
@@ -89,8 +91,11 @@ class AMCLParams(MethodParams):
     tau_max: float = Field(2.0, gt=0.0, le=100.0, description="upper bound of every pair temperature")
     baseline: bool = Field(False, description="train single-head SimCLR with the fixed temperature instead")
     temperature: float = Field(0.2, gt=0.0, le=10.0, description="SimCLR's fixed τ (baseline only)")
-    augmentations: str = Field("crop,rotate,noise,erase", pattern=r"^(crop|rotate|noise|erase)(,(crop|rotate|noise|erase))*$",
-                               description="comma-separated view transforms")
+    augmentations: str = Field(
+        "crop,rotate,noise,erase",
+        pattern=r"^(crop|rotate|noise|erase)(,(crop|rotate|noise|erase))*$",
+        description="comma-separated view transforms",
+    )
     width: int = Field(32, ge=4, le=512, description="CNN channels (= representation size)")
     proj_dim: int = Field(64, ge=2, le=2048, description="projection size D of every head")
     epochs: int = Field(10, ge=1, le=1000, description="training epochs")
@@ -111,7 +116,9 @@ def train_amcl(ctx: RunContext, params: AMCLParams):
     model = AMCLModel(heads, params.width, params.proj_dim, params.tau_min, params.tau_max).to(ctx.device)
     objective = simclr_objective(params.temperature) if params.baseline else amcl_objective(params.beta)
     recipe = ViewRecipe(ops=tuple(params.augmentations.split(",")))
-    schedule = ContrastiveSchedule(params.epochs, params.batch_size, params.lr, checkpoint_every=params.checkpoint_every)
+    schedule = ContrastiveSchedule(
+        params.epochs, params.batch_size, params.lr, checkpoint_every=params.checkpoint_every
+    )
     x = splits["train"][0]
 
     @torch.no_grad()
@@ -128,8 +135,14 @@ def train_amcl(ctx: RunContext, params: AMCLParams):
     return None if history is None else (model, splits, history)
 
 
-@method("amcl", family="representation", task="train", datasets=("image-class",), params=AMCLParams,
-        paper="Adaptive Multi-head Contrastive Learning")
+@method(
+    "amcl",
+    family="representation",
+    task="train",
+    datasets=("image-class",),
+    params=AMCLParams,
+    paper="Adaptive Multi-head Contrastive Learning",
+)
 def run(ctx: RunContext, params: AMCLParams) -> None:
     """SimCLR with several projection heads and adaptive per-pair temperatures (reconstructed loss)."""
     with cpu_threads(ctx.resources):
@@ -144,8 +157,13 @@ def run(ctx: RunContext, params: AMCLParams) -> None:
         epochs = list(range(1, len(history) + 1))
         panels = {k: {"amcl": (epochs, [r[k] for r in history])} for k in ("train_loss", "tau_mean") if k in history[0]}
         ctx.save_artifact("curves.png", curves_figure(panels, "epoch"), kind="plot")
-        ctx.save_artifact("embedding.png", embedding_figure(z_te.numpy(), y_te.numpy(),
-                          f"probe {report['linear_probe_acc']:.3f}", params.plot, ctx.seed), kind="plot")
+        ctx.save_artifact(
+            "embedding.png",
+            embedding_figure(
+                z_te.numpy(), y_te.numpy(), f"probe {report['linear_probe_acc']:.3f}", params.plot, ctx.seed
+            ),
+            kind="plot",
+        )
         ctx.save_artifact("report.json", report, kind="json")
         folder = save_encoder(ctx.workdir / "encoder", model, {"method": "amcl", **params.model_dump()})
         ctx.register_model(f"amcl-{ctx.job_id}", folder, {"method": "amcl", **report})
@@ -153,9 +171,15 @@ def run(ctx: RunContext, params: AMCLParams) -> None:
 
 # -- reproduction -------------------------------------------------------------------------------
 
-@reproduction("amcl", claim="AMCL (3 heads, adaptive temperatures) beats single-head SimCLR by ≥ 1 linear-probe "
-                            "point on digits with the full augmentation set",
-              metric="linear-probe accuracy (test)", direction="higher", baseline="single-head SimCLR, τ = 0.2")
+
+@reproduction(
+    "amcl",
+    claim="AMCL (3 heads, adaptive temperatures) beats single-head SimCLR by ≥ 1 linear-probe "
+    "point on digits with the full augmentation set",
+    metric="linear-probe accuracy (test)",
+    direction="higher",
+    baseline="single-head SimCLR, τ = 0.2",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
     seeds = [seed] if smoke else [seed, seed + 1]
@@ -167,20 +191,34 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             for name, baseline in (("amcl", False), ("simclr", True)):
                 if ctx.cancelled():
                     raise InterruptedError("reproduction cancelled")
-                model, splits, history = train_amcl(InMemoryRunContext(dataset=ds, seed=s),
-                                                    AMCLParams(baseline=baseline, **budget))
+                model, splits, history = train_amcl(
+                    InMemoryRunContext(dataset=ds, seed=s), AMCLParams(baseline=baseline, **budget)
+                )
                 if not baseline:
                     tau_mean.append(history[-1]["tau_mean"])
                 (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
-                acc[name].append(evaluate_embeddings(embed(model.body, x_tr), y_tr.numpy(), embed(model.body, x_te),
-                                                     y_te.numpy()).linear_probe_acc)
+                acc[name].append(
+                    evaluate_embeddings(
+                        embed(model.body, x_tr), y_tr.numpy(), embed(model.body, x_te), y_te.numpy()
+                    ).linear_probe_acc
+                )
             ctx.progress(i + 1, len(seeds), f"seed {s}")
     ours, base = float(np.mean(acc["amcl"])), float(np.mean(acc["simclr"]))
-    note = (f"probe AMCL {ours:.3f} vs SimCLR {base:.3f} over {len(seeds)} seed(s); mean learnt pair temperature "
-            f"{np.mean(tau_mean):.3f} (Ω's minimum 2/D = {2 / AMCLParams().proj_dim:.3f}); loss reconstructed")
+    note = (
+        f"probe AMCL {ours:.3f} vs SimCLR {base:.3f} over {len(seeds)} seed(s); mean learnt pair temperature "
+        f"{np.mean(tau_mean):.3f} (Ω's minimum 2/D = {2 / AMCLParams().proj_dim:.3f}); loss reconstructed"
+    )
     if ours < base + 0.01:
-        note += ("; not evidence against the paper: the loss here is our reconstruction of equations we could not "
-                 "read, and at 10 epochs on 1,078 digits the adaptive temperatures have not shown an edge over a "
-                 "single fixed τ = 0.2")
-    return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=ours >= base + 0.01, note=note,
-                   details={"probe": acc, "tau_mean": tau_mean})
+        note += (
+            "; not evidence against the paper: the loss here is our reconstruction of equations we could not "
+            "read, and at 10 epochs on 1,078 digits the adaptive temperatures have not shown an edge over a "
+            "single fixed τ = 0.2"
+        )
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=len(seeds),
+        holds=ours >= base + 0.01,
+        note=note,
+        details={"probe": acc, "tau_mean": tau_mean},
+    )

@@ -34,13 +34,12 @@ from torch import nn
 from models.context import InMemoryRunContext, RunContext
 from models.plots import curves_figure
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
 from models.representation.contrastive import resume, training_state
 from models.representation.encoders import embed, projection_head
-from models.representation.evaluation import embedding_figure, evaluate_embeddings
+from models.representation.evaluation import evaluate_embeddings
 from models.representation.losses import nt_xent
-from models.representation.series import (CLEAN, FAULTY, NOISY, SeriesEncoder, bad_pair_series, strong_view,
-                                          weak_view)
+from models.representation.series import CLEAN, FAULTY, NOISY, SeriesEncoder, bad_pair_series, strong_view, weak_view
+from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 
@@ -59,7 +58,7 @@ class PairMemory(nn.Module):
     def summary(self, epoch: int) -> torch.Tensor:
         """m_i over epochs 0..epoch, weighted (1 + e)/E."""
         weights = (1.0 + torch.arange(epoch + 1, dtype=self.losses.dtype)) / self.losses.shape[0]
-        return (weights[:, None] * self.losses[:epoch + 1]).mean(0)
+        return (weights[:, None] * self.losses[: epoch + 1]).mean(0)
 
     def update(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Refresh μ, σ from m after `epoch`; the noisy and faulty flags."""
@@ -119,8 +118,12 @@ class DBPMModel(nn.Module):
 def train_dbpm(ctx: RunContext, params: DBPMParams) -> tuple[DBPMModel, BadPairSeriesSplit, list] | None:
     data = BadPairSeriesSplit.generate(params, ctx.seed)
     torch.manual_seed(ctx.seed)
-    memory = PairMemory(params.epochs, len(data.train.y), params.beta_noisy if params.mining else math.inf,
-                        params.beta_faulty if params.mining else math.inf)
+    memory = PairMemory(
+        params.epochs,
+        len(data.train.y),
+        params.beta_noisy if params.mining else math.inf,
+        params.beta_faulty if params.mining else math.inf,
+    )
     model = DBPMModel(data.train.x.shape[1], params.width, memory).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -133,10 +136,11 @@ def train_dbpm(ctx: RunContext, params: DBPMParams) -> tuple[DBPMModel, BadPairS
         for begin in range(0, len(x) - 1, params.batch_size):
             if ctx.cancelled():
                 return None
-            index = order[begin:begin + params.batch_size]
+            index = order[begin : begin + params.batch_size]
             weak = weak_view(x[index], generator)
-            source = torch.where(faulty[index][:, None, None], torch.randn(x[index].shape, generator=generator),
-                                 x[index])  # a faulty pair's strong view has lost the motif
+            source = torch.where(
+                faulty[index][:, None, None], torch.randn(x[index].shape, generator=generator), x[index]
+            )  # a faulty pair's strong view has lost the motif
             strong = strong_view(source, generator)
             loss_i = pair_losses(model(weak.to(ctx.device)), model(strong.to(ctx.device)), params.temperature)
             memory.record(epoch, index, loss_i)
@@ -162,8 +166,12 @@ def flag_quality(noisy_flag: torch.Tensor, faulty_flag: torch.Tensor, kind: torc
     def precision(flag: torch.Tensor, truth: int) -> float:
         return float((kind[flag] == truth).float().mean()) if flag.any() else float("nan")
 
-    return {"flagged_noisy": float(noisy_flag.sum()), "flagged_faulty": float(faulty_flag.sum()),
-            "noisy_precision": precision(noisy_flag, NOISY), "faulty_precision": precision(faulty_flag, FAULTY)}
+    return {
+        "flagged_noisy": float(noisy_flag.sum()),
+        "flagged_faulty": float(faulty_flag.sum()),
+        "noisy_precision": precision(noisy_flag, NOISY),
+        "faulty_precision": precision(faulty_flag, FAULTY),
+    }
 
 
 class BadPairSeriesSplit:
@@ -173,7 +181,7 @@ class BadPairSeriesSplit:
         self.train, self.probe_train, self.probe_test = train, probe_train, probe_test
 
     @classmethod
-    def generate(cls, params: DBPMParams, seed: int) -> "BadPairSeriesSplit":
+    def generate(cls, params: DBPMParams, seed: int) -> BadPairSeriesSplit:
         train = bad_pair_series(params.series, noisy=params.noisy_fraction, faulty=params.faulty_fraction, seed=seed)
         clean = bad_pair_series(1000, noisy=0.0, faulty=0.0, seed=seed + 10_000)
         return cls(train, (clean.x[:500], clean.y[:500]), (clean.x[500:], clean.y[500:]))
@@ -184,8 +192,14 @@ def probe(model: DBPMModel, data: BadPairSeriesSplit, seed: int):
     return evaluate_embeddings(embed(model.encoder, xa), ya.numpy(), embed(model.encoder, xb), yb.numpy(), seed)
 
 
-@method("dbpm", family="representation", task="train", datasets=(), params=DBPMParams,
-        paper="Towards Enhancing Time Series Contrastive Learning: A Dynamic Bad Pair Mining Approach")
+@method(
+    "dbpm",
+    family="representation",
+    task="train",
+    datasets=(),
+    params=DBPMParams,
+    paper="Towards Enhancing Time Series Contrastive Learning: A Dynamic Bad Pair Mining Approach",
+)
 def run(ctx: RunContext, params: DBPMParams) -> None:
     """SimCLR with or without DBPM on generated series with noisy and faulty positive pairs (no dataset needed)."""
     with cpu_threads(ctx.resources):
@@ -199,8 +213,9 @@ def run(ctx: RunContext, params: DBPMParams) -> None:
         panels = {"train_loss": {"loss": (epochs, [r["train_loss"] for r in history])}}
         mined = [(e, r) for e, r in zip(epochs, history) if "noisy_precision" in r]
         if mined:
-            panels["flag precision"] = {k: ([e for e, _ in mined], [r[k] for _, r in mined])
-                                        for k in ("noisy_precision", "faulty_precision")}
+            panels["flag precision"] = {
+                k: ([e for e, _ in mined], [r[k] for _, r in mined]) for k in ("noisy_precision", "faulty_precision")
+            }
         ctx.save_artifact("curves.png", curves_figure(panels, "epoch"), kind="plot")
         ctx.save_artifact("memory.png", _memory_figure(model.memory, data, params.epochs - 1), kind="plot")
         ctx.save_artifact("report.json", report, kind="json")
@@ -221,13 +236,22 @@ def _memory_figure(memory: PairMemory, data: BadPairSeriesSplit, epoch: int):
 
 # -- reproduction -------------------------------------------------------------------------------
 
-@reproduction("dbpm", claim="with 20% bad positive pairs DBPM raises SimCLR's linear-probe accuracy on clean "
-                            "series by ≥ 1 point and flags noisy pairs with precision > 50%",
-              metric="linear-probe accuracy on clean series", direction="higher", baseline="SimCLR (no mining)")
+
+@reproduction(
+    "dbpm",
+    claim="with 20% bad positive pairs DBPM raises SimCLR's linear-probe accuracy on clean "
+    "series by ≥ 1 point and flags noisy pairs with precision > 50%",
+    metric="linear-probe accuracy on clean series",
+    direction="higher",
+    baseline="SimCLR (no mining)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     seeds = [seed] if smoke else [seed, seed + 1]
-    budget = ({"epochs": 2, "warmup": 1, "series": 200, "checkpoint_every": 0} if smoke
-              else {"epochs": 16, "warmup": 8, "checkpoint_every": 0})
+    budget = (
+        {"epochs": 2, "warmup": 1, "series": 200, "checkpoint_every": 0}
+        if smoke
+        else {"epochs": 16, "warmup": 8, "checkpoint_every": 0}
+    )
     acc: dict[str, list[float]] = {"dbpm": [], "simclr": []}
     precision, faulty_flagged = [], []
     with cpu_threads(ctx.resources):
@@ -244,11 +268,21 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ours, base = float(np.mean(acc["dbpm"])), float(np.mean(acc["simclr"]))
     noisy_precision = float(np.nanmean(precision)) if not all(math.isnan(p) for p in precision) else 0.0
     holds = ours >= base + 0.01 and noisy_precision > 0.5
-    note = (f"probe DBPM {ours:.3f} vs SimCLR {base:.3f} over {len(seeds)} seed(s); noisy-flag precision "
-            f"{noisy_precision:.2f}; faulty pairs flagged per run {faulty_flagged}")
+    note = (
+        f"probe DBPM {ours:.3f} vs SimCLR {base:.3f} over {len(seeds)} seed(s); noisy-flag precision "
+        f"{noisy_precision:.2f}; faulty pairs flagged per run {faulty_flagged}"
+    )
     if ours < base + 0.01:
-        note += ("; the noisy pairs are found but down-weighting them leaves the clean-series probe unchanged: "
-                 "at this scale they likely act as extra (easy) negatives rather than pulling the features off, and "
-                 "the faulty pairs' loss stays within μ + 3σ, so few or none are re-weighted")
-    return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=bool(holds), note=note,
-                   details={"probe": acc, "noisy_precision": precision})
+        note += (
+            "; the noisy pairs are found but down-weighting them leaves the clean-series probe unchanged: "
+            "at this scale they likely act as extra (easy) negatives rather than pulling the features off, and "
+            "the faulty pairs' loss stays within μ + 3σ, so few or none are re-weighted"
+        )
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=len(seeds),
+        holds=bool(holds),
+        note=note,
+        details={"probe": acc, "noisy_precision": precision},
+    )

@@ -55,13 +55,13 @@ from models.methods.representation.ecaml import class_balanced_batch, zero_shot_
 from models.nn.backbones import small_cnn
 from models.plots import curves_figure
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
 from models.representation.contrastive import resume, training_state
 from models.representation.evaluation import embedding_figure, sklearn_kmeans, zero_shot_metrics
+from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
-
 # -- the model -------------------------------------------------------------------------------------
+
 
 class SpatialAttention(nn.Module):
     """σ(conv(ReLU(conv(ReLU(conv(F)))))): one gate in (0, 1) per position of the [B, C, h, w] maps."""
@@ -69,9 +69,14 @@ class SpatialAttention(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         mid, low = max(1, channels // 8), max(1, channels // 32)
-        self.layers = nn.Sequential(nn.Conv2d(channels, mid, 3, padding=1), nn.ReLU(),
-                                    nn.Conv2d(mid, low, 3, padding=1), nn.ReLU(),
-                                    nn.Conv2d(low, 1, 3, padding=1), nn.Sigmoid())
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, mid, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(mid, low, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(low, 1, 3, padding=1),
+            nn.Sigmoid(),
+        )
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.layers(f)
@@ -129,8 +134,9 @@ def taylor_scores(activation_times_gradient: torch.Tensor) -> torch.Tensor:
     return (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
 
 
-def split_last_learner(model: SubspaceEmbedder, scores: torch.Tensor, threshold: float = 0.5, min_kept: int = 5,
-                       min_size: int = 10) -> bool:
+def split_last_learner(
+    model: SubspaceEmbedder, scores: torch.Tensor, threshold: float = 0.5, min_kept: int = 5, min_size: int = 10
+) -> bool:
     """Grow a learner from the last one's low-scoring neurons; False when the rule declines.
 
     `scores` holds one Taylor score per neuron of the last learner (its order). Kept neurons'
@@ -144,7 +150,7 @@ def split_last_learner(model: SubspaceEmbedder, scores: torch.Tensor, threshold:
     kept = order[scores[order] > threshold]
     if len(kept) < min_kept or len(kept) == len(last):
         return False
-    stay, fresh = last[:len(kept)], last[len(kept):]
+    stay, fresh = last[: len(kept)], last[len(kept) :]
     with torch.no_grad():
         w, b = model.embedding.weight[last[kept]].clone(), model.embedding.bias[last[kept]].clone()
         model.embedding.weight[stay], model.embedding.bias[stay] = w, b
@@ -154,6 +160,7 @@ def split_last_learner(model: SubspaceEmbedder, scores: torch.Tensor, threshold:
 
 
 # -- divide and conquer ------------------------------------------------------------------------------
+
 
 def matched_clusters(z: torch.Tensor, k: int, previous: torch.Tensor | None, seed: int) -> torch.Tensor:
     """k-means of the embeddings into k groups, relabelled to overlap most with the previous grouping
@@ -174,14 +181,16 @@ def matched_clusters(z: torch.Tensor, k: int, previous: torch.Tensor | None, see
 def make_margin_loss():
     from pytorch_metric_learning import losses, miners
 
-    return (losses.MarginLoss(margin=0.2, nu=0.0, beta=1.2, learn_beta=False),
-            miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4))
+    return (
+        losses.MarginLoss(margin=0.2, nu=0.0, beta=1.2, learn_beta=False),
+        miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4),
+    )
 
 
 def learner_loss(z: torch.Tensor, y: torch.Tensor, loss_fn, miner, generator: torch.Generator) -> torch.Tensor:
     """Margin loss on distance-weighted triplets; PML samples with torch's global generator, so it runs
     under a forked one seeded from the run's generator (a resumed run draws the same triplets)."""
-    seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+    seed = int(torch.randint(2**62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return loss_fn(z, y, miner(z, y))
@@ -189,9 +198,11 @@ def learner_loss(z: torch.Tensor, y: torch.Tensor, loss_fn, miner, generator: to
 
 # -- params and training -----------------------------------------------------------------------------
 
+
 class DSLParams(MethodParams):
-    mode: Literal["dynamic", "fixed"] = Field("dynamic", description="grow learners on NMI plateaus, or keep "
-                                              "`learners` fixed (1: a single metric learner)")
+    mode: Literal["dynamic", "fixed"] = Field(
+        "dynamic", description="grow learners on NMI plateaus, or keep `learners` fixed (1: a single metric learner)"
+    )
     learners: int = Field(1, ge=1, le=32, description="learners at the start (dynamic) or throughout (fixed)")
     max_learners: int = Field(8, ge=1, le=32, description="dynamic mode never grows beyond this")
     patience: int = Field(3, ge=1, le=100, description="epochs without a new best validation NMI before a split")
@@ -203,8 +214,9 @@ class DSLParams(MethodParams):
     embedding_dim: int = Field(128, ge=4, le=2048, description="embedding size (shared by all learners)")
     width: int = Field(32, ge=8, le=512, description="CNN channels")
     epochs: int = Field(30, ge=1, le=1000, description="training epochs")
-    batches_per_epoch: int = Field(9, ge=1, le=10_000, description="class-balanced batches per epoch (round-robin "
-                                                                  "over learners)")
+    batches_per_epoch: int = Field(
+        9, ge=1, le=10_000, description="class-balanced batches per epoch (round-robin over learners)"
+    )
     classes_per_batch: int = Field(5, ge=2, le=256, description="classes in a batch")
     samples_per_class: int = Field(16, ge=2, le=256, description="images per class in a batch")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate")
@@ -231,15 +243,27 @@ class GrowthState:
     splits: list[int] = field(default_factory=list)
 
     def state(self, model: SubspaceEmbedder) -> dict:
-        return {"learners": [idx.clone() for idx in model.learners], "assignment": self.assignment,
-                "best_nmi": self.best_nmi, "best_epoch": self.best_epoch, "explore": self.explore,
-                "recluster_now": self.recluster_now, "splits": list(self.splits)}
+        return {
+            "learners": [idx.clone() for idx in model.learners],
+            "assignment": self.assignment,
+            "best_nmi": self.best_nmi,
+            "best_epoch": self.best_epoch,
+            "explore": self.explore,
+            "recluster_now": self.recluster_now,
+            "splits": list(self.splits),
+        }
 
     @classmethod
-    def restore(cls, state: dict, model: SubspaceEmbedder) -> "GrowthState":
+    def restore(cls, state: dict, model: SubspaceEmbedder) -> GrowthState:
         model.learners = [torch.as_tensor(idx).long() for idx in state["learners"]]
-        return cls(state["assignment"], state["best_nmi"], state["best_epoch"], state["explore"],
-                   state["recluster_now"], list(state["splits"]))
+        return cls(
+            state["assignment"],
+            state["best_nmi"],
+            state["best_epoch"],
+            state["explore"],
+            state["recluster_now"],
+            list(state["splits"]),
+        )
 
 
 @torch.no_grad()
@@ -247,7 +271,7 @@ def embed_all(model: SubspaceEmbedder, x: torch.Tensor, batch_size: int = 1024) 
     """The full embedding (every slice unit-norm), in eval mode."""
     was = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     model.train(was)
     return out
 
@@ -294,8 +318,9 @@ def train_dsl(ctx: RunContext, params: DSLParams) -> DSLResult | None:
             members = torch.nonzero(growth.assignment == learner).squeeze(1)
             if len(members) < 2:
                 continue
-            index = members[class_balanced_batch(y_tr[members], params.classes_per_batch, params.samples_per_class,
-                                                 generator)]
+            index = members[
+                class_balanced_batch(y_tr[members], params.classes_per_batch, params.samples_per_class, generator)
+            ]
             z = model(x_tr[index].to(ctx.device))
             z.retain_grad()
             part = F.normalize(z, dim=1) if finetune else z[:, model.learners[learner]]
@@ -310,14 +335,23 @@ def train_dsl(ctx: RunContext, params: DSLParams) -> DSLResult | None:
         val_nmi = clustering_nmi(embed_all(model, x_val), y_val, ctx.seed)
         if val_nmi > growth.best_nmi:
             growth.best_nmi, growth.best_epoch, growth.explore = val_nmi, epoch, True
-        if (params.mode == "dynamic" and not finetune and growth.explore and len(model.learners) < params.max_learners
-                and epoch >= growth.best_epoch + params.patience):
+        if (
+            params.mode == "dynamic"
+            and not finetune
+            and growth.explore
+            and len(model.learners) < params.max_learners
+            and epoch >= growth.best_epoch + params.patience
+        ):
             last = model.learners[-1]
             if split_last_learner(model, taylor_scores(taylor[last]), params.split_threshold):
                 growth.explore, growth.recluster_now = False, True
                 growth.splits.append(done)
-        row = {"epoch": done, "train_loss": float(np.mean(losses)) if losses else 0.0, "val_nmi": val_nmi,
-               "learners": float(len(model.learners))}
+        row = {
+            "epoch": done,
+            "train_loss": float(np.mean(losses)) if losses else 0.0,
+            "val_nmi": val_nmi,
+            "learners": float(len(model.learners)),
+        }
         if done % params.eval_every == 0 or done == params.epochs:
             scores = zero_shot_metrics(embed_all(model, data.x_unseen), data.y_unseen.numpy(), ctx.seed)
             row.update(unseen_recall_at_1=scores["recall_at_1"], unseen_nmi=scores["nmi"])
@@ -325,8 +359,9 @@ def train_dsl(ctx: RunContext, params: DSLParams) -> DSLResult | None:
         ctx.log(done, **{k_: v for k_, v in row.items() if k_ != "epoch"})
         ctx.progress(done, params.epochs, f"epoch {done}: {len(model.learners)} learner(s), val NMI {val_nmi:.3f}")
         if params.checkpoint_every and (done % params.checkpoint_every == 0 or done == params.epochs):
-            ctx.save_checkpoint({**training_state(model, optimizer, generator, done, history),
-                                 "growth": growth.state(model)}, done)
+            ctx.save_checkpoint(
+                {**training_state(model, optimizer, generator, done, history), "growth": growth.state(model)}, done
+            )
     return DSLResult(model, data.x_unseen, data.y_unseen, history, growth)
 
 
@@ -340,8 +375,14 @@ def attention_panel(model: SubspaceEmbedder, x: torch.Tensor) -> bytes:
     return image_grid(torch.cat([x / x.amax((1, 2, 3), keepdim=True).clamp_min(1e-8), maps]), nrow=len(x), scale=6)
 
 
-@method("dsl", family="representation", task="train", datasets=("image-class",), params=DSLParams,
-        paper="Attention-based Dynamic Subspace Learners for Medical Image Analysis")
+@method(
+    "dsl",
+    family="representation",
+    task="train",
+    datasets=("image-class",),
+    params=DSLParams,
+    paper="Attention-based Dynamic Subspace Learners for Medical Image Analysis",
+)
 def run(ctx: RunContext, params: DSLParams) -> None:
     """Divide-and-conquer metric learning with attention and learners added on NMI plateaus; unseen-class scores."""
     with cpu_threads(ctx.resources):
@@ -350,33 +391,61 @@ def run(ctx: RunContext, params: DSLParams) -> None:
             return
         z = embed_all(result.model, result.x_unseen)
         scores = zero_shot_metrics(z, result.y_unseen.numpy(), ctx.seed)
-        ctx.log(params.epochs, learners_final=float(len(result.model.learners)),
-                **{f"unseen_{k}": v for k, v in scores.items()})
+        ctx.log(
+            params.epochs,
+            learners_final=float(len(result.model.learners)),
+            **{f"unseen_{k}": v for k, v in scores.items()},
+        )
         history = result.history
-        panels = {"val_nmi": {params.mode: ([r["epoch"] for r in history], [r["val_nmi"] for r in history])},
-                  "learners": {params.mode: ([r["epoch"] for r in history], [r["learners"] for r in history])},
-                  "unseen_recall_at_1": {params.mode: ([r["epoch"] for r in history if "unseen_nmi" in r],
-                                                       [r["unseen_recall_at_1"] for r in history if "unseen_nmi" in r])}}
+        panels = {
+            "val_nmi": {params.mode: ([r["epoch"] for r in history], [r["val_nmi"] for r in history])},
+            "learners": {params.mode: ([r["epoch"] for r in history], [r["learners"] for r in history])},
+            "unseen_recall_at_1": {
+                params.mode: (
+                    [r["epoch"] for r in history if "unseen_nmi" in r],
+                    [r["unseen_recall_at_1"] for r in history if "unseen_nmi" in r],
+                )
+            },
+        }
         ctx.save_artifact("curves.png", curves_figure(panels, "epoch"), kind="plot")
         ctx.save_artifact("attention.png", attention_panel(result.model, result.x_unseen[:10]), kind="image")
-        ctx.save_artifact("unseen_embedding.png", embedding_figure(z.numpy(), result.y_unseen.numpy(),
-                          f"unseen classes, {len(result.model.learners)} learner(s): R@1 {scores['recall_at_1']:.3f}",
-                          params.plot, ctx.seed), kind="plot")
-        ctx.save_artifact("report.json", {**scores, "learner_sizes": [len(i) for i in result.model.learners],
-                                          "split_epochs": result.growth.splits}, kind="json")
+        ctx.save_artifact(
+            "unseen_embedding.png",
+            embedding_figure(
+                z.numpy(),
+                result.y_unseen.numpy(),
+                f"unseen classes, {len(result.model.learners)} learner(s): R@1 {scores['recall_at_1']:.3f}",
+                params.plot,
+                ctx.seed,
+            ),
+            kind="plot",
+        )
+        ctx.save_artifact(
+            "report.json",
+            {**scores, "learner_sizes": [len(i) for i in result.model.learners], "split_epochs": result.growth.splits},
+            kind="json",
+        )
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
-ARMS = {"single": {"mode": "fixed", "learners": 1}, "fixed-2": {"mode": "fixed", "learners": 2},
-        "fixed-4": {"mode": "fixed", "learners": 4}, "dynamic": {"mode": "dynamic", "learners": 1}}
+ARMS = {
+    "single": {"mode": "fixed", "learners": 1},
+    "fixed-2": {"mode": "fixed", "learners": 2},
+    "fixed-4": {"mode": "fixed", "learners": 4},
+    "dynamic": {"mode": "dynamic", "learners": 1},
+}
 
 
-@reproduction("dsl", claim="dynamic subspace learners reach ≥ 1 unseen-class NMI point above a single metric learner "
-                           "and within 1 point of the best fixed number of learners, without choosing K (digits 0–4 "
-                           "seen, 5–9 unseen)",
-              metric="unseen-class NMI (mean over seeds)", direction="higher",
-              baseline="a single metric learner (same attention body, margin loss, schedule)")
+@reproduction(
+    "dsl",
+    claim="dynamic subspace learners reach ≥ 1 unseen-class NMI point above a single metric learner "
+    "and within 1 point of the best fixed number of learners, without choosing K (digits 0–4 "
+    "seen, 5–9 unseen)",
+    metric="unseen-class NMI (mean over seeds)",
+    direction="higher",
+    baseline="a single metric learner (same attention body, margin loss, schedule)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
     seeds = [seed] if smoke else [seed, seed + 1]
@@ -407,18 +476,35 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     best_fixed = max(fixed.values()) if fixed else mean["single"]
     ours, base = mean["dynamic"], mean["single"]
     holds = ours >= base + 0.01 and ours >= best_fixed - 0.01
-    note = ("unseen NMI " + ", ".join(f"{a} {v:.3f}" for a, v in mean.items())
-            + "; R@1 " + ", ".join(f"{a} {np.mean(v):.3f}" for a, v in recall.items())
-            + f"; dynamic learner sizes {grown}, split at epochs {split_epochs}, over {len(seeds)} seed(s)")
+    note = (
+        "unseen NMI "
+        + ", ".join(f"{a} {v:.3f}" for a, v in mean.items())
+        + "; R@1 "
+        + ", ".join(f"{a} {np.mean(v):.3f}" for a, v in recall.items())
+        + f"; dynamic learner sizes {grown}, split at epochs {split_epochs}, over {len(seeds)} seed(s)"
+    )
     if not holds and not smoke:
         if ours < base + 0.01:
             note += "; growing learners did not lift unseen NMI by a point over the single learner here"
         if ours < best_fixed - 0.01:
             epochs = DSLParams().epochs - DSLParams().finetune_epochs
-            note += (f"; dynamic trails the best fixed K by {best_fixed - ours:.3f}: a split waits for the seen-class "
-                     f"validation NMI to stall (its best: {np.round(best_val_nmi, 3).tolist()}), so the grown "
-                     f"learners train for fewer of the {epochs} divide-and-conquer epochs than fixed K, and the Taylor "
-                     f"rule keeps few neurons, leaving unequal subspaces (sizes above)")
-    return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=holds, note=note,
-                   details={"nmi": nmi, "recall_at_1": recall, "dynamic_learner_sizes": grown,
-                            "split_epochs": split_epochs, "best_val_nmi": best_val_nmi})
+            note += (
+                f"; dynamic trails the best fixed K by {best_fixed - ours:.3f}: a split waits for the seen-class "
+                f"validation NMI to stall (its best: {np.round(best_val_nmi, 3).tolist()}), so the grown "
+                f"learners train for fewer of the {epochs} divide-and-conquer epochs than fixed K, and the Taylor "
+                f"rule keeps few neurons, leaving unequal subspaces (sizes above)"
+            )
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=len(seeds),
+        holds=holds,
+        note=note,
+        details={
+            "nmi": nmi,
+            "recall_at_1": recall,
+            "dynamic_learner_sizes": grown,
+            "split_epochs": split_epochs,
+            "best_val_nmi": best_val_nmi,
+        },
+    )

@@ -42,11 +42,11 @@ from models.context import InMemoryRunContext, RunContext
 from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
 from models.representation.augment import image_splits
 from models.representation.contrastive import resume, training_state
 from models.representation.encoders import cnn_body, embed
 from models.representation.evaluation import embedding_figure, zero_shot_metrics
+from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 MetricLossName = Literal["multi-similarity", "triplet", "contrastive"]
@@ -101,8 +101,9 @@ class ECAMLParams(MethodParams):
     classes_per_batch: int = Field(5, ge=2, le=256, description="classes in a batch")
     samples_per_class: int = Field(16, ge=2, le=256, description="images per class in a batch")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the backbone")
-    embedding_lr_mult: float = Field(10.0, gt=0.0, le=100.0, description="learning-rate multiplier of W "
-                                                                         "(the reference's ×10)")
+    embedding_lr_mult: float = Field(
+        10.0, gt=0.0, le=100.0, description="learning-rate multiplier of W (the reference's ×10)"
+    )
     weight_decay: float = Field(2e-4, ge=0.0, le=1.0, description="Adam weight decay")
     eval_every: int = Field(100, ge=1, le=100_000, description="iterations between unseen-class evaluations")
     checkpoint_every: int = Field(100, ge=0, le=100_000, description="iterations between checkpoints (0: never)")
@@ -146,10 +147,13 @@ def train_ecaml(ctx: RunContext, params: ECAMLParams) -> tuple[MetricEmbedder, Z
     torch.manual_seed(ctx.seed)
     model = MetricEmbedder(params.width, params.embedding_dim, params.image_size).to(ctx.device)
     metric_loss = make_metric_loss(params.loss)
-    optimizer = torch.optim.Adam([
-        {"params": model.body.parameters(), "lr": params.lr},
-        {"params": model.embedding.parameters(), "lr": params.lr * params.embedding_lr_mult}],
-        weight_decay=params.weight_decay)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": model.body.parameters(), "lr": params.lr},
+            {"params": model.embedding.parameters(), "lr": params.lr * params.embedding_lr_mult},
+        ],
+        weight_decay=params.weight_decay,
+    )
     generator = torch.Generator().manual_seed(ctx.seed)
     start, history = resume(ctx, model, optimizer, generator)
     model.train()
@@ -168,8 +172,13 @@ def train_ecaml(ctx: RunContext, params: ECAMLParams) -> tuple[MetricEmbedder, Z
         done = it + 1
         if done % params.eval_every == 0 or done == params.iterations:
             scores = zero_shot_metrics(embed_all(model, data.x_unseen), data.y_unseen.numpy(), ctx.seed)
-            row = {"iteration": done, "metric_loss": l_metric.item(), "energy_confusion": l_ec.item(),
-                   "unseen_recall_at_1": scores["recall_at_1"], "unseen_nmi": scores["nmi"]}
+            row = {
+                "iteration": done,
+                "metric_loss": l_metric.item(),
+                "energy_confusion": l_ec.item(),
+                "unseen_recall_at_1": scores["recall_at_1"],
+                "unseen_nmi": scores["nmi"],
+            }
             history.append(row)
             ctx.log(done, **{k: v for k, v in row.items() if k != "iteration"})
             ctx.progress(done, params.iterations, f"iteration {done}: unseen R@1 {scores['recall_at_1']:.3f}")
@@ -182,8 +191,14 @@ def embed_all(model: MetricEmbedder, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.embedding(embed(model.body, x)), dim=1).detach()
 
 
-@method("ecaml", family="representation", task="train", datasets=("image-class",), params=ECAMLParams,
-        paper="Energy Confused Adversarial Metric Learning for Zero-Shot Image Retrieval and Clustering")
+@method(
+    "ecaml",
+    family="representation",
+    task="train",
+    datasets=("image-class",),
+    params=ECAMLParams,
+    paper="Energy Confused Adversarial Metric Learning for Zero-Shot Image Retrieval and Clustering",
+)
 def run(ctx: RunContext, params: ECAMLParams) -> None:
     """Metric learning on seen classes with the energy-confusion regulariser; Recall@k and NMI on unseen ones."""
     with cpu_threads(ctx.resources):
@@ -195,12 +210,22 @@ def run(ctx: RunContext, params: ECAMLParams) -> None:
         scores = zero_shot_metrics(z, data.y_unseen.numpy(), ctx.seed)
         ctx.log(params.iterations, **{f"unseen_{k}": v for k, v in scores.items()})
         steps = [r["iteration"] for r in history]
-        panels = {k: {params.loss: (steps, [r[k] for r in history])}
-                  for k in ("unseen_recall_at_1", "unseen_nmi", "energy_confusion")}
+        panels = {
+            k: {params.loss: (steps, [r[k] for r in history])}
+            for k in ("unseen_recall_at_1", "unseen_nmi", "energy_confusion")
+        }
         ctx.save_artifact("curves.png", curves_figure(panels, "iteration"), kind="plot")
-        ctx.save_artifact("unseen_embedding.png", embedding_figure(z.numpy(), data.y_unseen.numpy(),
-                          f"unseen classes, λ={params.ec_weight}: R@1 {scores['recall_at_1']:.3f}",
-                          params.plot, ctx.seed), kind="plot")
+        ctx.save_artifact(
+            "unseen_embedding.png",
+            embedding_figure(
+                z.numpy(),
+                data.y_unseen.numpy(),
+                f"unseen classes, λ={params.ec_weight}: R@1 {scores['recall_at_1']:.3f}",
+                params.plot,
+                ctx.seed,
+            ),
+            kind="plot",
+        )
         ctx.save_artifact("report.json", scores, kind="json")
 
 
@@ -209,10 +234,14 @@ def run(ctx: RunContext, params: ECAMLParams) -> None:
 LOSSES: tuple[MetricLossName, ...] = ("multi-similarity", "triplet", "contrastive")
 
 
-@reproduction("ecaml", claim="the energy-confusion term raises unseen-class Recall@1 by ≥ 1 point for at least 2 "
-                             "of 3 base metric losses (digits 0–4 seen, 5–9 unseen)",
-              metric="unseen-class Recall@1 (mean over losses and seeds)", direction="higher",
-              baseline="the same metric loss without energy confusion (λ = 0)")
+@reproduction(
+    "ecaml",
+    claim="the energy-confusion term raises unseen-class Recall@1 by ≥ 1 point for at least 2 "
+    "of 3 base metric losses (digits 0–4 seen, 5–9 unseen)",
+    metric="unseen-class Recall@1 (mean over losses and seeds)",
+    direction="higher",
+    baseline="the same metric loss without energy confusion (λ = 0)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
     losses = LOSSES[:1] if smoke else LOSSES
@@ -236,7 +265,16 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     need = 2 if len(losses) == 3 else 1
     ours = float(np.mean([r["ecaml"] for r in recall.values()]))
     base = float(np.mean([r["base"] for r in recall.values()]))
-    note = (f"R@1 gain ≥ 1 pt for {wins}/{len(losses)} losses (needs {need}); gains "
-            + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()) + f"; {len(seeds)} seed(s)")
-    return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=wins >= need, note=note,
-                   details={"recall_at_1": recall, "gains": gains})
+    note = (
+        f"R@1 gain ≥ 1 pt for {wins}/{len(losses)} losses (needs {need}); gains "
+        + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items())
+        + f"; {len(seeds)} seed(s)"
+    )
+    return Outcome(
+        ours=ours,
+        baseline=base,
+        seeds=len(seeds),
+        holds=wins >= need,
+        note=note,
+        details={"recall_at_1": recall, "gains": gains},
+    )

@@ -23,7 +23,8 @@ reconstructor. Deviations, all for a few CPU minutes on digits: 16×16 digits cu
 (16 patches, 12 masked; the notes suggested 32×32 / 64 patches, 3× the CPU time), a 3-block,
 48-wide ViT with 1-block, 32-wide decoders built from torch's `TransformerEncoderLayer` (pre-norm,
 GELU) with learnt position embeddings (the reference uses ViT-B, timm blocks, fixed sin-cos ones);
-the probe reads the mean of the patch tokens (MAE's probe reads the class token); the decoder sees tokens in patch order (the reference puts
+the probe reads the mean of the patch tokens (MAE's probe reads the class token); the decoder sees
+tokens in patch order (the reference puts
 visible tokens first — attention is permutation-equivariant and each token carries its position, so
 this changes nothing but the bookkeeping); the predictor's last layer outputs one value per patch
 (the reference averages a p²C-wide output); the pair BCE is the logits form (the reference adds 1e-6
@@ -48,16 +49,17 @@ from models.datasets import load_builtin
 from models.diffusion.grids import image_grid
 from models.plots import curves_figure
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
 from models.representation.augment import ViewRecipe, image_splits, random_view
 from models.representation.contrastive import resume, training_state
 from models.representation.evaluation import embedding_figure, evaluate_embeddings, linear_probe_accuracy
+from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 PredictorLoss = Literal["relative", "absolute"]
 
 
 # -- patches and masks ---------------------------------------------------------------------------
+
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, C, H, W] → [B, L, p·p·C], patches in row-major order."""
@@ -78,8 +80,9 @@ def masked_count(num_patches: int, mask_ratio: float) -> int:
     return num_patches - int(num_patches * (1.0 - mask_ratio))
 
 
-def hard_patch_mask(predicted_loss: torch.Tensor, mask_ratio: float, hard_fraction: float,
-                    generator: torch.Generator) -> torch.Tensor:
+def hard_patch_mask(
+    predicted_loss: torch.Tensor, mask_ratio: float, hard_fraction: float, generator: torch.Generator
+) -> torch.Tensor:
     """Boolean [B, L] mask (True = masked) with exactly N_m masked patches per image.
 
     The ⌊hard_fraction·N_m⌋ patches of highest predicted loss are always masked; the rest of the
@@ -104,8 +107,10 @@ def hard_fraction_at(epoch: int, epochs: int, hard_max: float) -> float:
 
 # -- losses ----------------------------------------------------------------------------------------
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def reconstruction_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean of ℓ_i over masked patches, ℓ for every patch [B, L]), ℓ_i the per-patch pixel MSE."""
     per_patch = (pred - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum().clamp_min(1), per_patch
@@ -114,7 +119,7 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
 def relative_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over ordered masked pairs (i, j) with ℓ_i ≠ ℓ_j of BCE(σ(ℓ̂_j − ℓ̂_i), 1[ℓ_j > ℓ_i])."""
     target = target.detach()
-    logits = predicted[:, None, :] - predicted[:, :, None]            # [B, i, j] = ℓ̂_j − ℓ̂_i
+    logits = predicted[:, None, :] - predicted[:, :, None]  # [B, i, j] = ℓ̂_j − ℓ̂_i
     label = (target[:, None, :] > target[:, :, None]).to(predicted.dtype)
     valid = mask[:, None, :] & mask[:, :, None] & (target[:, None, :] != target[:, :, None])
     bce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
@@ -134,17 +139,28 @@ def absolute_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, mask
 
 # -- the model -------------------------------------------------------------------------------------
 
+
 def transformer(dim: int, depth: int, heads: int) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=True)
+    layer = nn.TransformerEncoderLayer(
+        dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
     return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
 
 class MaskedAutoencoderViT(nn.Module):
     """ViT encoder on the visible patches; a reconstruction decoder and a loss-predictor decoder on all."""
 
-    def __init__(self, image_size: int = 32, patch_size: int = 4, channels: int = 1, dim: int = 64, depth: int = 4,
-                 heads: int = 4, decoder_dim: int = 48, decoder_depth: int = 2):
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        channels: int = 1,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        decoder_dim: int = 48,
+        decoder_depth: int = 2,
+    ):
         super().__init__()
         self.patch_size, self.channels = patch_size, channels
         self.num_patches = (image_size // patch_size) ** 2
@@ -195,7 +211,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Mean of the patch tokens of the unmasked image: the representation the probe reads."""
         was = self.training
         self.eval()
-        out = torch.cat([self.encode(x[i:i + batch_size])[:, 1:].mean(1) for i in range(0, len(x), batch_size)])
+        out = torch.cat([self.encode(x[i : i + batch_size])[:, 1:].mean(1) for i in range(0, len(x), batch_size)])
         self.train(was)
         return out
 
@@ -216,15 +232,19 @@ class StudentTeacher(nn.Module):
 
 # -- params and training ---------------------------------------------------------------------------
 
+
 class HPMParams(MethodParams):
-    masking: Literal["hard-patches", "random"] = Field("hard-patches", description="HPM's easy-to-hard masking, "
-                                                       "or MAE's uniform random masking (the baseline)")
-    loss_predictor: bool = Field(True, description="train the loss predictor (L_pred); 'random' masking without it "
-                                                   "is plain MAE")
+    masking: Literal["hard-patches", "random"] = Field(
+        "hard-patches", description="HPM's easy-to-hard masking, or MAE's uniform random masking (the baseline)"
+    )
+    loss_predictor: bool = Field(
+        True, description="train the loss predictor (L_pred); 'random' masking without it is plain MAE"
+    )
     predictor_loss: PredictorLoss = Field("relative", description="relative (pair ranking) or absolute objective")
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches masked")
-    hard_max: float = Field(0.5, ge=0.0, le=1.0, description="α_max: share of the mask chosen by predicted loss "
-                                                             "at the last epoch")
+    hard_max: float = Field(
+        0.5, ge=0.0, le=1.0, description="α_max: share of the mask chosen by predicted loss at the last epoch"
+    )
     ema_decay: float = Field(0.95, ge=0.0, lt=1.0, description="EMA decay of the teacher that picks hard patches")
     image_size: int = Field(16, ge=8, le=128, description="input side (digits are upsampled)")
     patch_size: int = Field(4, ge=1, le=32, description="patch side")
@@ -257,12 +277,23 @@ def build_model(params: HPMParams) -> StudentTeacher:
         raise ValueError(f"image_size {params.image_size} is not a multiple of patch_size {params.patch_size}")
     if params.dim % params.heads or params.decoder_dim % params.heads:
         raise ValueError("dim and decoder_dim must be multiples of heads")
-    return StudentTeacher(MaskedAutoencoderViT(params.image_size, params.patch_size, 1, params.dim, params.depth,
-                                               params.heads, params.decoder_dim, params.decoder_depth))
+    return StudentTeacher(
+        MaskedAutoencoderViT(
+            params.image_size,
+            params.patch_size,
+            1,
+            params.dim,
+            params.depth,
+            params.heads,
+            params.decoder_dim,
+            params.decoder_depth,
+        )
+    )
 
 
-def masked_modelling_step(model: StudentTeacher, x: torch.Tensor, params: HPMParams, hard_fraction: float,
-                          generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+def masked_modelling_step(
+    model: StudentTeacher, x: torch.Tensor, params: HPMParams, hard_fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """(total loss, its parts, the mask) for one batch: the teacher picks the mask, the student learns."""
     length = model.student.num_patches
     if params.masking == "hard-patches":
@@ -291,8 +322,9 @@ def train_hpm(ctx: RunContext, params: HPMParams) -> tuple[StudentTeacher, dict,
     splits = image_splits(ctx.dataset, params.image_size)
     torch.manual_seed(ctx.seed)
     model = build_model(params).to(ctx.device)
-    optimizer = torch.optim.AdamW(model.student.parameters(), lr=params.lr, betas=(0.9, 0.95),
-                                  weight_decay=params.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.student.parameters(), lr=params.lr, betas=(0.9, 0.95), weight_decay=params.weight_decay
+    )
     generator = torch.Generator().manual_seed(ctx.seed)
     start, history = resume(ctx, model, optimizer, generator)
     x_all = splits["train"][0]
@@ -308,7 +340,7 @@ def train_hpm(ctx: RunContext, params: HPMParams) -> tuple[StudentTeacher, dict,
                 return None
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(params, epoch * steps_per_epoch + b, steps_per_epoch)
-            x = random_view(x_all[order[begin:begin + params.batch_size]], recipe, generator).to(ctx.device)
+            x = random_view(x_all[order[begin : begin + params.batch_size]], recipe, generator).to(ctx.device)
             loss, parts, _ = masked_modelling_step(model, x, params, alpha, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -340,12 +372,19 @@ def mask_panel(model: StudentTeacher, x: torch.Tensor, params: HPMParams, hard_f
 
 def probe_report(model: StudentTeacher, splits: dict, seed: int) -> dict[str, float]:
     (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
-    return evaluate_embeddings(model.student.features(x_tr), y_tr.numpy(), model.student.features(x_te),
-                               y_te.numpy(), seed).metrics()
+    return evaluate_embeddings(
+        model.student.features(x_tr), y_tr.numpy(), model.student.features(x_te), y_te.numpy(), seed
+    ).metrics()
 
 
-@method("hpm", family="representation", task="train", datasets=("image-class",), params=HPMParams,
-        paper="Hard Patches Mining for Masked Image Modeling")
+@method(
+    "hpm",
+    family="representation",
+    task="train",
+    datasets=("image-class",),
+    params=HPMParams,
+    paper="Hard Patches Mining for Masked Image Modeling",
+)
 def run(ctx: RunContext, params: HPMParams) -> None:
     """Masked-image pre-training of a small ViT (HPM or MAE masking); the shared evaluation on its features."""
     with cpu_threads(ctx.resources):
@@ -356,29 +395,48 @@ def run(ctx: RunContext, params: HPMParams) -> None:
         report = probe_report(model, splits, ctx.seed)
         ctx.log(params.epochs, **report)
         epochs = list(range(1, len(history) + 1))
-        panels = {k: {params.masking: (epochs, [r[k] for r in history])}
-                  for k in ("reconstruction_loss", "prediction_loss", "hard_fraction") if k in history[0]}
+        panels = {
+            k: {params.masking: (epochs, [r[k] for r in history])}
+            for k in ("reconstruction_loss", "prediction_loss", "hard_fraction")
+            if k in history[0]
+        }
         ctx.save_artifact("curves.png", curves_figure(panels, "epoch"), kind="plot")
         last_alpha = history[-1]["hard_fraction"]
-        ctx.save_artifact("masks.png", mask_panel(model, splits["test"][0][:8], params, last_alpha, ctx.seed),
-                          kind="image")
+        ctx.save_artifact(
+            "masks.png", mask_panel(model, splits["test"][0][:8], params, last_alpha, ctx.seed), kind="image"
+        )
         x_te, y_te = splits["test"]
-        ctx.save_artifact("embedding.png", embedding_figure(model.student.features(x_te).numpy(), y_te.numpy(),
-                          f"probe {report['linear_probe_acc']:.3f}", params.plot, ctx.seed), kind="plot")
+        ctx.save_artifact(
+            "embedding.png",
+            embedding_figure(
+                model.student.features(x_te).numpy(),
+                y_te.numpy(),
+                f"probe {report['linear_probe_acc']:.3f}",
+                params.plot,
+                ctx.seed,
+            ),
+            kind="plot",
+        )
         ctx.save_artifact("report.json", report, kind="json")
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
-ARMS = {"hpm": {"masking": "hard-patches", "loss_predictor": True},
-        "mae": {"masking": "random", "loss_predictor": False},
-        "mae+pred": {"masking": "random", "loss_predictor": True}}
+ARMS = {
+    "hpm": {"masking": "hard-patches", "loss_predictor": True},
+    "mae": {"masking": "random", "loss_predictor": False},
+    "mae+pred": {"masking": "random", "loss_predictor": True},
+}
 
 
-@reproduction("hpm", claim="after the same pre-training budget, HPM's encoder beats MAE's by ≥ 1 linear-probe point "
-                           "on digits, and the loss predictor alone (random masking) does not hurt MAE",
-              metric="linear-probe accuracy (test, mean over seeds)", direction="higher",
-              baseline="MAE: uniform random masking, no loss predictor")
+@reproduction(
+    "hpm",
+    claim="after the same pre-training budget, HPM's encoder beats MAE's by ≥ 1 linear-probe point "
+    "on digits, and the loss predictor alone (random masking) does not hurt MAE",
+    metric="linear-probe accuracy (test, mean over seeds)",
+    direction="higher",
+    baseline="MAE: uniform random masking, no loss predictor",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
     seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
@@ -393,22 +451,35 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
                 params = HPMParams(**ARMS[arm], checkpoint_every=0, **budget)
                 model, splits, _ = train_hpm(InMemoryRunContext(dataset=ds, seed=s), params)
                 (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
-                acc[arm].append(linear_probe_accuracy(model.student.features(x_tr).numpy(), y_tr.numpy(),
-                                                      model.student.features(x_te).numpy(), y_te.numpy()))
+                acc[arm].append(
+                    linear_probe_accuracy(
+                        model.student.features(x_tr).numpy(),
+                        y_tr.numpy(),
+                        model.student.features(x_te).numpy(),
+                        y_te.numpy(),
+                    )
+                )
             ctx.progress(i + 1, len(seeds), f"seed {s}")
     mean = {a: float(np.mean(v)) for a, v in acc.items()}
     ours, base = mean["hpm"], mean["mae"]
     holds = ours >= base + 0.01 and mean.get("mae+pred", base) >= base
-    note = (f"probe HPM {ours:.3f}, MAE {base:.3f}"
-            + (f", MAE + loss predictor {mean['mae+pred']:.3f}" if "mae+pred" in mean else "")
-            + f" over {len(seeds)} seed(s); per seed " + "; ".join(f"{a} {np.round(v, 3).tolist()}" for a, v in acc.items()))
+    note = (
+        f"probe HPM {ours:.3f}, MAE {base:.3f}"
+        + (f", MAE + loss predictor {mean['mae+pred']:.3f}" if "mae+pred" in mean else "")
+        + f" over {len(seeds)} seed(s); per seed "
+        + "; ".join(f"{a} {np.round(v, 3).tolist()}" for a, v in acc.items())
+    )
     if not holds and not smoke:
         gap, spread = ours - base, float(np.std(np.array(acc["hpm"]) - np.array(acc["mae"])))
         if spread >= abs(gap):
-            note += (f"; the HPM − MAE gap {gap:+.3f} is within its seed-to-seed spread ±{spread:.3f}: with 16 "
-                     "patches per 16×16 digit and ~130 AdamW steps, which patches are masked moves the probe less "
-                     "than the seed does")
+            note += (
+                f"; the HPM − MAE gap {gap:+.3f} is within its seed-to-seed spread ±{spread:.3f}: with 16 "
+                "patches per 16×16 digit and ~130 AdamW steps, which patches are masked moves the probe less "
+                "than the seed does"
+            )
         else:
-            note += f"; the HPM − MAE gap {gap:+.3f} (spread ±{spread:.3f}) falls short of the 1-point bar at this scale"
+            note += (
+                f"; the HPM − MAE gap {gap:+.3f} (spread ±{spread:.3f}) falls short of the 1-point bar at this scale"
+            )
         note += " (the paper measures after 200–1,600 ImageNet epochs with 196 patches per image)"
     return Outcome(ours=ours, baseline=base, seeds=len(seeds), holds=holds, note=note, details={"probe": acc})

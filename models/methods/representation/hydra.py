@@ -43,12 +43,12 @@ from models.context import InMemoryRunContext, RunContext
 from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
 from models.representation.augment import ViewRecipe, image_splits
 from models.representation.contrastive import ContrastiveSchedule, fit_contrastive, simclr_objective
 from models.representation.encoders import ContrastiveEncoder, embed, save_encoder
 from models.representation.evaluation import embedding_figure, evaluate_embeddings
 from models.representation.losses import multi_positive_info_nce
+from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 PairMode = Literal["arbitrary", "distinct", "identical"]
@@ -61,8 +61,14 @@ class ClassPairGate(nn.Module):
     def __init__(self, num_classes: int, dim: int, embed_dim: int = 64, hidden: int = 128):
         super().__init__()
         self.classes = nn.Embedding(num_classes, embed_dim)
-        self.mlp = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(embed_dim), nn.Linear(embed_dim, hidden), nn.ReLU(),
-                                 nn.BatchNorm1d(hidden), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(
+            nn.ReLU(),
+            nn.BatchNorm1d(embed_dim),
+            nn.Linear(embed_dim, hidden),
+            nn.ReLU(),
+            nn.BatchNorm1d(hidden),
+            nn.Linear(hidden, dim),
+        )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.mlp((self.classes(a) + self.classes(b)) / 2))
@@ -85,13 +91,14 @@ def partner_labels(y: torch.Tensor, mode: PairMode, num_classes: int, generator:
     return (y + shift) % num_classes
 
 
-def hydra_loss(z1: torch.Tensor, z2: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor, gate: torch.Tensor,
-               scale: torch.Tensor) -> torch.Tensor:
+def hydra_loss(
+    z1: torch.Tensor, z2: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """Gated, row-centred logits; positives: view-2 items of class y²_i; negatives: classes ∉ {y¹_i, y²_i}."""
     cos_gated = (gate * gate * nn.functional.normalize(z1, dim=1)) @ nn.functional.normalize(z2, dim=1).T
     logits = scale * cos_gated
     logits = logits - logits.mean(dim=1, keepdim=True).detach()
-    positives = y1[None, :] == y2[:, None]           # [i, j]: y_j (view 2 has the anchors' labels) = y²_i
+    positives = y1[None, :] == y2[:, None]  # [i, j]: y_j (view 2 has the anchors' labels) = y²_i
     negatives = (y1[None, :] != y1[:, None]) & ~positives
     return multi_positive_info_nce(logits, positives, negatives)
 
@@ -101,6 +108,7 @@ def hydra_objective(mode: PairMode, num_classes: int):
         y2 = partner_labels(y, mode, num_classes, generator)
         z1, z2 = model(v1)[0], model(v2)[0]
         return hydra_loss(z1, z2, y, y2, model.gate(y, y2), model.log_scale.exp())
+
     return objective
 
 
@@ -113,10 +121,12 @@ def supcon_objective(temperature: float):
 
 class HydraParams(MethodParams):
     variant: Variant = Field("hydra", description="Hydra, or a baseline: SimCLR (no labels) or SupCon")
-    pairs: PairMode = Field("arbitrary", description="Hydra's partner classes: another image's class, any other "
-                                                     "class, or the anchor's own")
-    temperature: float = Field(0.1, gt=0.0, le=10.0, description="τ of SimCLR / SupCon; Hydra's scale starts "
-                                                                 "at 1/τ and is learnt")
+    pairs: PairMode = Field(
+        "arbitrary", description="Hydra's partner classes: another image's class, any other class, or the anchor's own"
+    )
+    temperature: float = Field(
+        0.1, gt=0.0, le=10.0, description="τ of SimCLR / SupCon; Hydra's scale starts at 1/τ and is learnt"
+    )
     width: int = Field(32, ge=4, le=512, description="CNN channels (= representation size)")
     proj_dim: int = Field(64, ge=2, le=2048, description="projection (and gate) size")
     epochs: int = Field(10, ge=1, le=1000, description="training epochs")
@@ -134,13 +144,24 @@ def train_hydra(ctx: RunContext, params: HydraParams) -> tuple[HydraModel, dict,
     (x, y), num_classes = splits["train"], int(ctx.dataset.meta.get("num_classes") or splits["train"][1].max() + 1)
     torch.manual_seed(ctx.seed)
     model = HydraModel(num_classes, params.width, params.proj_dim, 1.0 / params.temperature).to(ctx.device)
-    objective = {"hydra": lambda: hydra_objective(params.pairs, num_classes),
-                 "supcon": lambda: supcon_objective(params.temperature),
-                 "simclr": lambda: simclr_objective(params.temperature)}
-    schedule = ContrastiveSchedule(params.epochs, params.batch_size, params.lr,
-                                   checkpoint_every=params.checkpoint_every)
-    history = fit_contrastive(ctx, model, objective[params.variant](), x, ViewRecipe(), schedule,
-                              epoch_metrics=lambda: {"scale": model.log_scale.exp().item()}, labels=y)
+    objective = {
+        "hydra": lambda: hydra_objective(params.pairs, num_classes),
+        "supcon": lambda: supcon_objective(params.temperature),
+        "simclr": lambda: simclr_objective(params.temperature),
+    }
+    schedule = ContrastiveSchedule(
+        params.epochs, params.batch_size, params.lr, checkpoint_every=params.checkpoint_every
+    )
+    history = fit_contrastive(
+        ctx,
+        model,
+        objective[params.variant](),
+        x,
+        ViewRecipe(),
+        schedule,
+        epoch_metrics=lambda: {"scale": model.log_scale.exp().item()},
+        labels=y,
+    )
     if history is None:
         return None
     return model, splits, history
@@ -154,8 +175,14 @@ def relation_map(model: HydraModel, num_classes: int) -> np.ndarray:
     return model.gate(a.reshape(-1), b.reshape(-1)).mean(1).reshape(num_classes, num_classes).numpy()
 
 
-@method("hydra", family="representation", task="train", datasets=("image-class",), params=HydraParams,
-        paper="Rethinking Positive Pairs in Contrastive Learning")
+@method(
+    "hydra",
+    family="representation",
+    task="train",
+    datasets=("image-class",),
+    params=HydraParams,
+    paper="Rethinking Positive Pairs in Contrastive Learning",
+)
 def run(ctx: RunContext, params: HydraParams) -> None:
     """Contrastive pretraining with arbitrary class pairs as positives, gated per pair; evaluated and registered."""
     with cpu_threads(ctx.resources):
@@ -168,15 +195,30 @@ def run(ctx: RunContext, params: HydraParams) -> None:
         report = evaluate_embeddings(z_tr, y_tr.numpy(), z_te, y_te.numpy(), ctx.seed).metrics()
         ctx.log(params.epochs, **report)
         epochs = list(range(1, len(history) + 1))
-        ctx.save_artifact("curves.png", curves_figure(
-            {k: {params.variant: (epochs, [r[k] for r in history])} for k in ("train_loss", "scale")}, "epoch"),
-            kind="plot")
-        ctx.save_artifact("embedding.png", embedding_figure(
-            z_te.numpy(), y_te.numpy(), f"{params.variant} ({params.pairs}): probe {report['linear_probe_acc']:.3f}",
-            params.plot, ctx.seed), kind="plot")
+        ctx.save_artifact(
+            "curves.png",
+            curves_figure(
+                {k: {params.variant: (epochs, [r[k] for r in history])} for k in ("train_loss", "scale")}, "epoch"
+            ),
+            kind="plot",
+        )
+        ctx.save_artifact(
+            "embedding.png",
+            embedding_figure(
+                z_te.numpy(),
+                y_te.numpy(),
+                f"{params.variant} ({params.pairs}): probe {report['linear_probe_acc']:.3f}",
+                params.plot,
+                ctx.seed,
+            ),
+            kind="plot",
+        )
         if params.variant == "hydra":
-            ctx.save_artifact("relation_map.png", _relation_figure(relation_map(model, model.gate.classes.num_embeddings)),
-                              kind="plot")
+            ctx.save_artifact(
+                "relation_map.png",
+                _relation_figure(relation_map(model, model.gate.classes.num_embeddings)),
+                kind="plot",
+            )
         ctx.save_artifact("report.json", report, kind="json")
         folder = save_encoder(ctx.workdir / "encoder", model, {"method": "hydra", **params.model_dump()})
         ctx.register_model(f"hydra-{ctx.job_id}", folder, {"method": "hydra", **report})
@@ -187,16 +229,27 @@ def _relation_figure(rel: np.ndarray) -> Figure:
     ax = fig.subplots()
     image = ax.imshow(rel, cmap="viridis")
     fig.colorbar(image, ax=ax, label="mean gate opening")
-    ax.set(xlabel="class b", ylabel="class a", title="class-pair relationship map",
-           xticks=range(len(rel)), yticks=range(len(rel)))
+    ax.set(
+        xlabel="class b",
+        ylabel="class a",
+        title="class-pair relationship map",
+        xticks=range(len(rel)),
+        yticks=range(len(rel)),
+    )
     return fig
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
-@reproduction("hydra", claim="Hydra with distinct-class positive pairs reaches ≥ 90% of SupCon's linear-probe "
-                             "accuracy and a higher RankMe than SupCon (less dimensional collapse) on digits",
-              metric="linear-probe accuracy (test)", direction="higher", baseline="SupCon")
+
+@reproduction(
+    "hydra",
+    claim="Hydra with distinct-class positive pairs reaches ≥ 90% of SupCon's linear-probe "
+    "accuracy and a higher RankMe than SupCon (less dimensional collapse) on digits",
+    metric="linear-probe accuracy (test)",
+    direction="higher",
+    baseline="SupCon",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
     variants = {"supcon": {"variant": "supcon"}, "hydra-distinct": {"variant": "hydra", "pairs": "distinct"}}
@@ -208,7 +261,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         for i, (name, overrides) in enumerate(variants.items()):
             if ctx.cancelled():
                 raise InterruptedError("reproduction cancelled")
-            model, splits, _ = train_hydra(InMemoryRunContext(dataset=ds, seed=seed), HydraParams(**overrides, **budget))
+            model, splits, _ = train_hydra(
+                InMemoryRunContext(dataset=ds, seed=seed), HydraParams(**overrides, **budget)
+            )
             (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
             report = evaluate_embeddings(embed(model.body, x_tr), y_tr.numpy(), embed(model.body, x_te), y_te.numpy())
             scores[name] = {"probe": report.linear_probe_acc, "knn": report.knn_acc, "rankme": report.rankme}
@@ -217,9 +272,12 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     holds = ours["probe"] >= 0.9 * base["probe"] and ours["rankme"] > base["rankme"]
     note = "; ".join(f"{k}: probe {v['probe']:.3f}, RankMe {v['rankme']:.1f}" for k, v in scores.items())
     if ours["rankme"] <= base["rankme"]:
-        note += (f"; at {budget['epochs']} epochs on 1,078 digits SupCon's features are no more collapsed than "
-                 f"Hydra's (RankMe {base['rankme']:.1f} vs {ours['rankme']:.1f} of {HydraParams().width} dims); "
-                 "the dimensional collapse of SupCon that Hydra is meant to avoid does not show at this scale")
+        note += (
+            f"; at {budget['epochs']} epochs on 1,078 digits SupCon's features are no more collapsed than "
+            f"Hydra's (RankMe {base['rankme']:.1f} vs {ours['rankme']:.1f} of {HydraParams().width} dims); "
+            "the dimensional collapse of SupCon that Hydra is meant to avoid does not show at this scale"
+        )
     note += "; the gate-overlap vs confusion correlation of the notes is not measured"
-    return Outcome(ours=ours["probe"], baseline=base["probe"], seeds=1, holds=bool(holds), note=note,
-                   details={"scores": scores})
+    return Outcome(
+        ours=ours["probe"], baseline=base["probe"], seeds=1, holds=bool(holds), note=note, details={"scores": scores}
+    )

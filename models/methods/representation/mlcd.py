@@ -38,16 +38,17 @@ from models.context import InMemoryRunContext, RunContext
 from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
 from models.representation.contrastive import resume, training_state
 from models.representation.encoders import cnn_body, embed
+from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
 LossName = Literal["mlcd", "softmax"]
 
 
-def separated_multilabel_loss(cos: torch.Tensor, positives: torch.Tensor, scale: float,
-                              keep: torch.Tensor | None = None) -> torch.Tensor:
+def separated_multilabel_loss(
+    cos: torch.Tensor, positives: torch.Tensor, scale: float, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over the batch of log(1 + Σ_neg e^{s cos}) + log(1 + Σ_pos e^{−s cos}); `keep` masks sampled classes."""
     keep = torch.ones_like(positives) if keep is None else keep | positives
     neg = (scale * cos).masked_fill(~(keep & ~positives), float("-inf"))
@@ -150,7 +151,7 @@ def train_mlcd(ctx: RunContext, params: MLCDParams):
         for begin in range(0, len(images), params.batch_size):
             if ctx.cancelled():
                 return None
-            index = order[begin:begin + params.batch_size]
+            index = order[begin : begin + params.batch_size]
             cos, pos = model(images[index].to(ctx.device)), labels[index].to(ctx.device)
             if params.loss == "mlcd":
                 keep = sample_classes(pos, params.negative_ratio, generator).to(ctx.device)
@@ -169,8 +170,14 @@ def train_mlcd(ctx: RunContext, params: MLCDParams):
     return model, (images, present), test, history
 
 
-@method("mlcd", family="representation", task="train", datasets=("image-class",), params=MLCDParams,
-        paper="Multi-label Cluster Discrimination for Visual Representation Learning")
+@method(
+    "mlcd",
+    family="representation",
+    task="train",
+    datasets=("image-class",),
+    params=MLCDParams,
+    paper="Multi-label Cluster Discrimination for Visual Representation Learning",
+)
 def run(ctx: RunContext, params: MLCDParams) -> None:
     """Cluster-discrimination pretraining with the l nearest centres as labels; digit-presence mAP probe."""
     with cpu_threads(ctx.resources):
@@ -181,22 +188,37 @@ def run(ctx: RunContext, params: MLCDParams) -> None:
         score = digit_presence_map(model, train, test)
         ctx.log(params.epochs, digit_presence_map=score)
         epochs = list(range(1, len(history) + 1))
-        ctx.save_artifact("curves.png", curves_figure({"train_loss": {params.loss: (epochs, [r["train_loss"]
-                                                                                           for r in history])}},
-                                                      "epoch", title=f"digit-presence mAP {score:.3f}"), kind="plot")
+        ctx.save_artifact(
+            "curves.png",
+            curves_figure(
+                {"train_loss": {params.loss: (epochs, [r["train_loss"] for r in history])}},
+                "epoch",
+                title=f"digit-presence mAP {score:.3f}",
+            ),
+            kind="plot",
+        )
         ctx.save_artifact("report.json", {"digit_presence_map": score}, kind="json")
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
-@reproduction("mlcd", claim="on two-digit mosaics, l = 3 nearest centres as labels beat single-label cluster "
-                            "discrimination (l = 1) by ≥ 2 mAP points and the softmax multi-positive loss",
-              metric="digit-presence mAP (linear probe)", direction="higher", baseline="single-label (l = 1)")
+
+@reproduction(
+    "mlcd",
+    claim="on two-digit mosaics, l = 3 nearest centres as labels beat single-label cluster "
+    "discrimination (l = 1) by ≥ 2 mAP points and the softmax multi-positive loss",
+    metric="digit-presence mAP (linear probe)",
+    direction="higher",
+    baseline="single-label (l = 1)",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
     budget = {"epochs": 1, "mosaics": 300, "clusters": 20, "checkpoint_every": 0} if smoke else {"checkpoint_every": 0}
-    variants = {"mlcd l=3": {"nearest": 3}, "single-label l=1": {"nearest": 1},
-                "softmax l=3": {"nearest": 3, "loss": "softmax"}}
+    variants = {
+        "mlcd l=3": {"nearest": 3},
+        "single-label l=1": {"nearest": 1},
+        "softmax l=3": {"nearest": 3, "loss": "softmax"},
+    }
     seeds = [seed] if smoke else [seed, seed + 1]
     scores = {}
     with cpu_threads(ctx.resources):
@@ -205,8 +227,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             for s in seeds:
                 if ctx.cancelled():
                     raise InterruptedError("reproduction cancelled")
-                model, train, test, _ = train_mlcd(InMemoryRunContext(dataset=ds, seed=s),
-                                                   MLCDParams(**overrides, **budget))
+                model, train, test, _ = train_mlcd(
+                    InMemoryRunContext(dataset=ds, seed=s), MLCDParams(**overrides, **budget)
+                )
                 values.append(digit_presence_map(model, train, test))
             scores[name] = float(np.mean(values))
             ctx.progress(i + 1, len(variants), f"{name}: mAP {scores[name]:.3f}")
@@ -214,7 +237,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     holds = ours >= single + 0.02 and ours >= softmax
     note = "; ".join(f"{k}: mAP {v:.3f}" for k, v in scores.items()) + f"; {len(seeds)} seed(s)"
     if ours < single + 0.02:
-        note += (f"; l = 3 leads l = 1 by {100 * (ours - single):.1f} pts, short of the 2-pt bar, likely "
-                 "because a mosaic holds exactly two digits and PCA-64 pixel clusters mix layout with identity, "
-                 "so extra nearest centres add labels that are partly about position rather than digit")
+        note += (
+            f"; l = 3 leads l = 1 by {100 * (ours - single):.1f} pts, short of the 2-pt bar, likely "
+            "because a mosaic holds exactly two digits and PCA-64 pixel clusters mix layout with identity, "
+            "so extra nearest centres add labels that are partly about position rather than digit"
+        )
     return Outcome(ours=ours, baseline=single, seeds=len(seeds), holds=bool(holds), note=note, details={"map": scores})

@@ -24,7 +24,6 @@ adding ε, which changes the score by O(ε·min(N, D)) only.)
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import numpy as np
@@ -36,22 +35,23 @@ from scipy.stats import spearmanr
 from models.context import InMemoryRunContext, RunContext
 from models.datasets import load_builtin
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
 from models.representation.augment import ViewRecipe, image_splits
 from models.representation.contrastive import ContrastiveSchedule, fit_contrastive, simclr_objective
 from models.representation.encoders import ContrastiveEncoder, embed, load_encoder
 from models.representation.evaluation import embedding_figure, evaluate_embeddings, linear_probe_accuracy, rankme
+from models.reproduction import Outcome, reproduction
 from models.training import cpu_threads
 
+
 class RankMeParams(MethodParams):
-    model: str | None = Field(None, description="registered encoder to score ('name@version'); "
-                                                "none: the raw pixels")
+    model: str | None = Field(None, description="registered encoder to score ('name@version'); none: the raw pixels")
     split: Literal["train", "val", "test"] = Field("test", description="split whose embeddings are scored")
-    max_samples: int = Field(25600, ge=2, le=1_000_000, description="embeddings used for RankMe "
-                                                                     "(the paper's 25,600)")
+    max_samples: int = Field(25600, ge=2, le=1_000_000, description="embeddings used for RankMe (the paper's 25,600)")
     eps: float = Field(1e-7, gt=0.0, le=1e-2, description="ε added to the normalised singular values")
-    full_evaluation: bool = Field(True, description="also run linear probe, k-NN, NMI/ARI and Recall@k "
-                                                    "(needs labels; probes fit on the train split)")
+    full_evaluation: bool = Field(
+        True,
+        description="also run linear probe, k-NN, NMI/ARI and Recall@k (needs labels; probes fit on the train split)",
+    )
     plot: Literal["tsne", "pca", "none"] = Field("tsne", description="2-D embedding plot saved as a PNG")
     image_size: int = Field(16, ge=4, le=256, description="input side for raw pixels (an encoder uses its own)")
 
@@ -75,9 +75,14 @@ def _features(ctx: RunContext, params: RankMeParams) -> dict[str, tuple[torch.Te
     return out
 
 
-@method("rankme", family="representation", task="evaluate", datasets=("image-class",), params=RankMeParams,
-        paper="RankMe: Assessing the downstream performance of pretrained self-supervised representations "
-              "by their rank")
+@method(
+    "rankme",
+    family="representation",
+    task="evaluate",
+    datasets=("image-class",),
+    params=RankMeParams,
+    paper="RankMe: Assessing the downstream performance of pretrained self-supervised representations by their rank",
+)
 def run(ctx: RunContext, params: RankMeParams) -> None:
     """Score an encoder's embeddings by their effective rank (no labels), plus the evaluation suite."""
     with cpu_threads(ctx.resources):
@@ -110,8 +115,9 @@ def run(ctx: RunContext, params: RankMeParams) -> None:
         ctx.save_artifact("spectrum.png", _spectrum_figure(s, score), kind="plot")
         if params.plot != "none":
             title = f"{report['model']} on {params.split}: RankMe {score:.1f}"
-            ctx.save_artifact("embedding.png", embedding_figure(z.numpy(), y, title, params.plot, ctx.seed),
-                              kind="plot")
+            ctx.save_artifact(
+                "embedding.png", embedding_figure(z.numpy(), y, title, params.plot, ctx.seed), kind="plot"
+            )
         ctx.save_artifact("report.json", report, kind="json")
         ctx.progress(3, 3, f"RankMe {score:.2f}")
 
@@ -129,11 +135,16 @@ def _spectrum_figure(s: torch.Tensor, score: float) -> Figure:
 
 # -- reproduction -------------------------------------------------------------------------------
 
-@reproduction("rankme", claim="across a SimCLR hyper-parameter sweep on digits RankMe rank-correlates with "
-                              "linear-probe accuracy (Spearman ≥ 0.6) and the run it selects is within 2 points "
-                              "of the label-selected best",
-              metric="Spearman correlation with linear-probe accuracy", direction="higher",
-              baseline="−(final contrastive loss) as the label-free score")
+
+@reproduction(
+    "rankme",
+    claim="across a SimCLR hyper-parameter sweep on digits RankMe rank-correlates with "
+    "linear-probe accuracy (Spearman ≥ 0.6) and the run it selects is within 2 points "
+    "of the label-selected best",
+    metric="Spearman correlation with linear-probe accuracy",
+    direction="higher",
+    baseline="−(final contrastive loss) as the label-free score",
+)
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """The notes' protocol, shrunk: SimCLR runs over projector dimension × temperature (Conv-4 body,
     width 32, 16×16 digits); RankMe of the body's features on the held-out val split (labels
@@ -151,12 +162,21 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
                 raise InterruptedError("reproduction cancelled")
             torch.manual_seed(seed)
             model = ContrastiveEncoder(width=32, proj_hidden=64, proj_dim=proj_dim)
-            history = fit_contrastive(InMemoryRunContext(seed=seed), model, simclr_objective(tau), x_train,
-                                      ViewRecipe(), schedule)
-            probe = linear_probe_accuracy(embed(model.body, x_train).numpy(), y_train.numpy(),
-                                          embed(model.body, x_test).numpy(), y_test.numpy())
-            runs.append({"proj_dim": proj_dim, "temperature": tau, "probe_acc": probe,
-                         "rankme": rankme(embed(model.body, x_val)), "final_loss": history[-1]["train_loss"]})
+            history = fit_contrastive(
+                InMemoryRunContext(seed=seed), model, simclr_objective(tau), x_train, ViewRecipe(), schedule
+            )
+            probe = linear_probe_accuracy(
+                embed(model.body, x_train).numpy(), y_train.numpy(), embed(model.body, x_test).numpy(), y_test.numpy()
+            )
+            runs.append(
+                {
+                    "proj_dim": proj_dim,
+                    "temperature": tau,
+                    "probe_acc": probe,
+                    "rankme": rankme(embed(model.body, x_val)),
+                    "final_loss": history[-1]["train_loss"],
+                }
+            )
             ctx.progress(i + 1, len(grid), f"proj {proj_dim}, τ {tau}: probe {probe:.3f}")
     probe = np.array([r["probe_acc"] for r in runs])
     rho = float(spearmanr([r["rankme"] for r in runs], probe).statistic)
@@ -164,14 +184,24 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     picked = runs[int(np.argmax([r["rankme"] for r in runs]))]
     gap = float(probe.max() - picked["probe_acc"])
     ctx.save_artifact("rankme_vs_probe.png", _sweep_figure(runs, rho), kind="plot")
-    note = (f"{len(runs)} runs; RankMe picks proj {picked['proj_dim']}, τ {picked['temperature']} with probe "
-            f"{picked['probe_acc']:.3f} vs best {probe.max():.3f} (gap {gap:.3f}); probe spread "
-            f"{probe.min():.3f}–{probe.max():.3f}")
+    note = (
+        f"{len(runs)} runs; RankMe picks proj {picked['proj_dim']}, τ {picked['temperature']} with probe "
+        f"{picked['probe_acc']:.3f} vs best {probe.max():.3f} (gap {gap:.3f}); probe spread "
+        f"{probe.min():.3f}–{probe.max():.3f}"
+    )
     if rho_loss > rho:
-        note += (f"; here −loss tracks the probe better (ρ {rho_loss:.2f}): the sweep is narrow (all runs within "
-                 f"{100 * (probe.max() - probe.min()):.1f} pts) and the final losses happen to order the runs")
-    return Outcome(ours=np.nan_to_num(rho), baseline=np.nan_to_num(rho_loss), seeds=1,
-                   holds=bool(rho >= 0.6 and gap <= 0.02), note=note, details={"runs": runs, "selection_gap": gap})
+        note += (
+            f"; here −loss tracks the probe better (ρ {rho_loss:.2f}): the sweep is narrow (all runs within "
+            f"{100 * (probe.max() - probe.min()):.1f} pts) and the final losses happen to order the runs"
+        )
+    return Outcome(
+        ours=np.nan_to_num(rho),
+        baseline=np.nan_to_num(rho_loss),
+        seeds=1,
+        holds=bool(rho >= 0.6 and gap <= 0.02),
+        note=note,
+        details={"runs": runs, "selection_gap": gap},
+    )
 
 
 def _sweep_figure(runs: list[dict], rho: float) -> Figure:
@@ -180,7 +210,10 @@ def _sweep_figure(runs: list[dict], rho: float) -> Figure:
     for r in runs:
         ax.scatter(r["rankme"], r["probe_acc"], s=18)
         ax.annotate(f"d{r['proj_dim']} τ{r['temperature']}", (r["rankme"], r["probe_acc"]), fontsize=6)
-    ax.set(xlabel="RankMe (val, no labels)", ylabel="linear-probe accuracy (test)",
-           title=f"SimCLR sweep on digits: Spearman ρ = {rho:.2f}")
+    ax.set(
+        xlabel="RankMe (val, no labels)",
+        ylabel="linear-probe accuracy (test)",
+        title=f"SimCLR sweep on digits: Spearman ρ = {rho:.2f}",
+    )
     ax.grid(alpha=0.3)
     return fig

@@ -1,0 +1,153 @@
+"""HyperAttention invariants: lse merging is exact over disjoint key sets; one block (b ≥ T) is exact causal
+attention; rows are convex combinations of V; the registered AttentionInterface function at full budget gives
+the tiny Llama's SDPA logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.llm.attention.hyperattention import HyperConfig, gray_rank, hyper_attention, register_hyperattention
+from models.llm.attention.kit import attention_with_lse, merge_lse
+from models.llm.model import build_model, llama_config
+
+torch.set_num_threads(1)
+
+
+def qkv(t: int, d: int = 16, heads: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, heads, t, d, generator=g, dtype=torch.float64) for _ in range(3))  # type: ignore
+
+
+def test_lse_merge_over_disjoint_key_sets_equals_attention_over_union() -> None:
+    q, k, v = qkv(40)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(1))
+    a, b = perm[:13], perm[13:]
+    o1, l1 = attention_with_lse(q, k[..., a, :], v[..., a, :], 0.25)
+    o2, l2 = attention_with_lse(q, k[..., b, :], v[..., b, :], 0.25)
+    merged, lse = merge_lse(o1, l1, o2, l2)
+    exact, exact_lse = attention_with_lse(q, k, v, 0.25)
+    torch.testing.assert_close(merged, exact)
+    torch.testing.assert_close(lse, exact_lse)
+    torch.testing.assert_close(exact, F.scaled_dot_product_attention(q, k, v, scale=0.25))
+
+
+def test_merge_with_an_empty_set_is_the_identity() -> None:
+    q, k, v = qkv(8)
+    o, lse = attention_with_lse(q, k, v, 0.3)
+    empty_o, empty_lse = attention_with_lse(q, k, v, 0.3, bias=torch.full((8, 8), float("-inf"), dtype=q.dtype))
+    assert torch.all(empty_o == 0) and torch.all(torch.isneginf(empty_lse))
+    merged, merged_lse = merge_lse(o, lse, empty_o, empty_lse)
+    torch.testing.assert_close(merged, o)
+    torch.testing.assert_close(merged_lse, lse)
+
+
+def test_gray_rank_orders_buckets_so_neighbours_differ_in_one_bit() -> None:
+    codes = torch.arange(128)
+    ranks = gray_rank(codes, 7)
+    assert sorted(ranks.tolist()) == list(range(128))
+    by_rank = codes[torch.argsort(ranks)]
+    flips = (by_rank[1:] ^ by_rank[:-1]).tolist()
+    assert all(bin(x).count("1") == 1 for x in flips)
+
+
+@pytest.mark.parametrize("t", [64, 100])
+def test_one_block_is_exact_causal_attention(t: int) -> None:
+    q, k, v = qkv(t)
+    config = HyperConfig(block_size=t, sample_size=32, min_seq_len=8)  # recursion runs, every block is whole
+    out = hyper_attention(q, k, v, 0.25, config)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25, is_causal=True))
+
+
+def test_small_blocks_approximate_and_rows_are_convex_combinations_of_v() -> None:
+    q, k, v = qkv(256, seed=3)
+    config = HyperConfig(block_size=16, sample_size=16, lsh_bits=4, min_seq_len=32)
+    out = hyper_attention(q, k, v, 0.25, config)
+    exact = F.scaled_dot_product_attention(q, k, v, scale=0.25, is_causal=True)
+    assert not torch.allclose(out, exact)  # the approximation is really in use
+    # convexity: with V = one-hot columns, rows are probability vectors
+    eye = torch.eye(256, dtype=q.dtype).expand(1, 2, 256, 256)
+    weights = hyper_attention(q, k, eye, 0.25, config)
+    assert weights.min() >= -1e-12
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 256, dtype=q.dtype))
+    # causal: no weight on future keys
+    assert weights.triu(1).abs().max() < 1e-12
+    torch.testing.assert_close(out, weights @ v)
+
+
+def test_lsh_sorting_finds_the_large_entries_on_clustered_data() -> None:
+    """Queries and keys in 8 tight clusters (peaked attention): sortLSH blocks + samples approximate exact
+    attention better than uniform attention and than the same blocks taken in the unsorted order (0 hyperplanes)."""
+    g = torch.Generator().manual_seed(3)
+    t = 256
+    centres = F.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1) * 3
+    label = torch.randint(0, 8, (1, 2, t), generator=g)
+    q = centres[label] + 0.1 * torch.randn(1, 2, t, 16, generator=g, dtype=torch.float64)
+    k = centres[label] + 0.1 * torch.randn(1, 2, t, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, t, 16, generator=g, dtype=torch.float64)
+    exact = F.scaled_dot_product_attention(q, k, v, scale=1.0, is_causal=True)
+    lsh = hyper_attention(q, k, v, 1.0, HyperConfig(block_size=32, sample_size=32, lsh_bits=4, min_seq_len=32))
+    unsorted = hyper_attention(q, k, v, 1.0, HyperConfig(block_size=32, sample_size=32, lsh_bits=0, min_seq_len=32))
+    uniform = v.cumsum(-2) / torch.arange(1, t + 1, dtype=q.dtype).view(1, 1, -1, 1)
+    error = (lsh - exact).norm()
+    assert error < 0.7 * (unsorted - exact).norm() and error < 0.5 * (uniform - exact).norm()
+
+
+def test_noncausal_one_block_is_exact() -> None:
+    q, k, v = qkv(48)
+    out = hyper_attention(q, k, v, 0.25, HyperConfig(block_size=64, sample_size=8), causal=False)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25))
+
+
+def test_registered_function_at_full_budget_matches_sdpa_logits() -> None:
+    config = llama_config("micro", vocab_size=128)
+    model = build_model(config, seed=0).eval()
+    ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(0))
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    model.set_attn_implementation(
+        register_hyperattention(
+            HyperConfig(block_size=128, sample_size=16, min_seq_len=16), name="hyperattention-test-full"
+        )
+    )
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+    torch.testing.assert_close(full, reference, atol=2e-5, rtol=1e-4)
+    model.set_attn_implementation(
+        register_hyperattention(
+            HyperConfig(block_size=16, sample_size=16, min_seq_len=16), name="hyperattention-test-sparse"
+        )
+    )
+    with torch.no_grad():
+        sparse = model(input_ids=ids).logits
+        generated = model.generate(ids[:1, :40], max_new_tokens=4, do_sample=False)
+    assert not torch.allclose(sparse, reference, atol=1e-4)
+    assert math.isfinite(sparse.abs().max().item()) and generated.shape == (1, 44)
+
+
+def test_job_reports_perplexity_against_exact_and_timing() -> None:
+    from models.context import InMemoryRunContext
+    from models.llm.base import base_model
+    from models.methods.llm_inference.hyperattention import HyperAttentionParams, run
+
+    ctx = InMemoryRunContext()
+    folder = base_model(ctx, smoke=True)
+    run(
+        ctx,
+        HyperAttentionParams(
+            model=str(folder),
+            block_size=16,
+            sample_size=16,
+            min_seq_len=16,
+            seq_len=64,
+            eval_windows=2,
+            timing_length=256,
+        ),
+    )
+    names = {p.name for p in ctx.metrics}
+    assert {"val_ppl", "val_ppl_exact", "delta_ppl", "speedup"} <= names
+    assert all(math.isfinite(p.value) for p in ctx.metrics)
