@@ -495,8 +495,7 @@ def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: boo
         record = (final.get("result") or {}).get("reproduction")
     else:
         from models.context import InMemoryRunContext
-        from models.registry import get_reproduction
-        from models.reproduction import run_reproduction
+        from models.reproduction import get_reproduction, run_reproduction
 
         spec = get_reproduction(method_id)
         with Progress(

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 from api.problems import Problem, field_problem, validation_problem
 from api.schemas import JobCreate
 from models.datasets import UnknownDatasetError
-from models.registry import UnknownMethodError, get_method, get_reproduction
+from models.registry import UnknownMethodError, get_method
+from models.reproduction import get_reproduction
 from workers import lifecycle
 from workers.datasets import find_info
 from workers.settings import Settings

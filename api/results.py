@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from models.registry import list_reproductions
+from models.reproduction import list_reproductions
 
 
 def run_one(method_id: str, smoke: bool, seed: int = 0) -> dict[str, Any]:

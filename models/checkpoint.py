@@ -20,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from models.provenance import file_digest, note_input
+
 SKELETON_KEY = "crucible.state"
 FORMAT_KEY = "crucible.format"
 FORMAT = "crucible-checkpoint/1"
@@ -112,10 +114,12 @@ def trained_once(path: Path, model: torch.nn.Module, train: Callable[[], torch.n
 
     if path.exists():
         model.load_state_dict(load_file(str(path)))
+        note_input(path.name, file_digest(path))
         return model.eval()
     model = train()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.rename(path)
+    note_input(path.name, file_digest(path))
     return model

@@ -16,10 +16,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
+
+import torch
+from threadpoolctl import threadpool_limits
 
 from models.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
 from models.datasets import Dataset
@@ -101,6 +105,36 @@ class RunContext(Protocol):
     def load_model(self, ref: str) -> Path: ...
 
     def cancelled(self) -> bool: ...
+
+
+class Cancelled(InterruptedError):
+    """A loop saw `ctx.cancelled()` and stopped. `MethodSpec.invoke` turns it into a clean return, so a
+    method never checks for a half-finished result: the loop that notices raises, the registry catches."""
+
+
+def stop_if_cancelled(ctx: RunContext) -> None:
+    """Raise `Cancelled` when the run has been asked to stop (call it once per step or batch)."""
+    if ctx.cancelled():
+        raise Cancelled(f"run {ctx.job_id} cancelled")
+
+
+@contextmanager
+def cpu_threads(resources: Mapping[str, float]) -> Iterator[int]:
+    """Run torch and BLAS on the job's CPUs only (`resources["cpus"]`, default 1), then restore.
+
+    Small models gain nothing from more threads, and on a shared machine a thread per core makes
+    every job slower (several-fold for sklearn's lbfgs and for batch-64 MLPs). The thread count is
+    also part of a run's identity: float reductions, and so a resumed run's bit-exactness, depend on
+    it. `MethodSpec.invoke` and `run_reproduction` apply it around every run.
+    """
+    n = max(1, int(resources.get("cpus", 1)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def shared_cache_dir(ctx: Any) -> Path:

@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.context import RunContext
+from models.context import RunContext, stop_if_cancelled
 from models.datasets import Dataset, load_builtin
 from models.llm.data import fixed_windows, random_windows, token_stream
 from models.llm.evaluation import mean_nll
@@ -36,24 +36,22 @@ from models.llm.model import SizeName, build_model, llama_config
 from models.llm.pretraining import lr_at
 from models.llm.tokenizer import train_tokenizer
 from models.optim import optimizer_state_bytes
+from models.params import StepTrainingParams
 from models.plots import curves_figure
-from models.registry import MethodParams
 
 DIVERGENCE_NATS = 2.0  # a loss this far above the initial loss (or non-finite) ends the run as diverged
 
 
-class LMTrainingParams(MethodParams):
+class LMTrainingParams(StepTrainingParams):
     """What every pre-training comparison in the family shares (a method subclasses it)."""
 
     size: SizeName = Field("micro", description="tiny Llama size (models/llm/model.py)")
     vocab_size: int = Field(512, ge=300, le=65536, description="BPE vocabulary trained on the corpus")
     max_documents: int = Field(60, ge=1, description="corpus files used for the tokenizer and the train stream")
-    steps: int = Field(300, ge=1, le=1_000_000, description="optimizer steps")
     batch_size: int = Field(16, ge=1, le=1024, description="windows per step")
     seq_len: int = Field(64, ge=8, le=4096, description="tokens per window")
     lr: float = Field(2e-3, gt=0.0, le=1.0, description="peak learning rate")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up, then cosine decay to 10%")
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="decoupled weight decay")
     grad_clip: float = Field(0.0, ge=0.0, description="global gradient-norm clip (0: none)")
     eval_windows: int = Field(16, ge=1, le=4096, description="held-out windows for the final perplexity")
 
@@ -148,8 +146,8 @@ def train_lm(
     seed: int,
     ctx: RunContext | None = None,
     after_step: Callable[[int], None] | None = None,
-) -> LMRun | None:
-    """Pre-train `model` with `optimizer` (its groups' `lr` is the peak rate); None when `ctx` is cancelled.
+) -> LMRun:
+    """Pre-train `model` with `optimizer` (its groups' `lr` is the peak rate); `Cancelled` when `ctx` is.
 
     `after_step(step)` runs after each optimizer step (SST's periodic re-SVD hooks in there).
     """
@@ -158,8 +156,8 @@ def train_lm(
     run = LMRun()
     model.train()
     for step in range(params.steps):
-        if ctx is not None and ctx.cancelled():
-            return None
+        if ctx is not None:
+            stop_if_cancelled(ctx)
         for group, lr in zip(optimizer.param_groups, peak):
             group["lr"] = lr * lr_factor(step, params)
         ids = random_windows(corpus.train_stream, params.batch_size, params.seq_len, generator)

@@ -1,7 +1,7 @@
 """The method registry: a plain decorator over flat dictionaries, as timm's `register_model`.
 
-A method id is declared once, in the module that implements it (`@method("ldr", ...)`); ids come
-from `shared/methods/INDEX.md`. The registry never imports method modules by name: `discover()`
+A method id is declared once, in the module that implements it (`@method("ldr", ...)`), one id per
+paper. The registry never imports method modules by name: `discover()`
 walks the `models.methods` package, so adding a method touches one new file and there is no
 import cycle.
 """
@@ -18,13 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-if TYPE_CHECKING:
-    from models.context import RunContext
-    from models.reproduction import ReproductionSpec
+from models.context import RunContext, cpu_threads
 
 Task = Literal["train", "compress", "evaluate", "sample", "select", "analyze"]
 TASKS: tuple[str, ...] = ("train", "compress", "evaluate", "sample", "select", "analyze")
@@ -62,6 +60,30 @@ class MethodSpec:
     summary: str = ""
     resources: dict[str, float] = field(default_factory=dict)
 
+    def validate(self, raw_params: Any = None) -> MethodParams:
+        """The params model from a mapping (a job's JSON), or the params object itself."""
+        if isinstance(raw_params, self.params):
+            return raw_params
+        return self.params.model_validate(raw_params or {})
+
+    def invoke(self, ctx: RunContext, raw_params: Any = None) -> bool:
+        """Run the method the one way every caller does (runner, reproductions, tests, notebooks).
+
+        Validates the params, pins torch and BLAS to `ctx.resources["cpus"]` threads for the run, and
+        turns a cancellation (a loop raising `InterruptedError`, e.g. `models.context.Cancelled`, after
+        `ctx.cancelled()` turned true) into a clean return. True when the method ran to the end, False
+        when it stopped because it was cancelled. Any other exception propagates.
+        """
+        params = self.validate(raw_params)
+        with cpu_threads(ctx.resources):
+            try:
+                self.run(ctx, params)
+            except InterruptedError:
+                if not ctx.cancelled():
+                    raise
+                return False
+        return True
+
     def params_schema(self) -> dict[str, Any]:
         return self.params.model_json_schema()
 
@@ -76,13 +98,13 @@ class MethodSpec:
             "params": self.params_schema(),
             "datasets": list(self.datasets),
             "resources": dict(self.resources),
-            "reproduction": self.id in _REPRODUCTIONS,
+            "reproduction": self.id in _WITH_REPRODUCTION,
         }
 
 
 _METHODS: dict[str, MethodSpec] = {}
 _ALIASES: dict[str, str] = {}
-_REPRODUCTIONS: dict[str, ReproductionSpec] = {}
+_WITH_REPRODUCTION: set[str] = set()  # ids whose module declares a reproduction (models.reproduction keeps them)
 _discovered = False
 
 
@@ -122,8 +144,10 @@ def method(
     return register
 
 
-def register_reproduction(spec: ReproductionSpec) -> None:
-    _REPRODUCTIONS[spec.method_id] = spec
+def note_reproduction(method_id: str) -> None:
+    """Called by `models.reproduction` when a module declares a reproduction, so `describe()` can say so
+    without the registry importing the reproduction machinery (which imports the registry)."""
+    _WITH_REPRODUCTION.add(method_id)
 
 
 def deprecated_alias(old: str, new: str) -> None:
@@ -152,14 +176,24 @@ def _declared_ids(path: str) -> list[str]:
     return ids
 
 
+METHODS_PACKAGE = "models.methods"
+
+
+def _method_modules() -> list[pkgutil.ModuleInfo]:
+    """Every module under `models.methods`, found on disk: the registry names the package by string, so
+    the import graph runs from methods to the registry only (plugins register themselves, timm-style)."""
+    spec = importlib.util.find_spec(METHODS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return list(pkgutil.walk_packages(list(spec.submodule_search_locations), prefix=METHODS_PACKAGE + "."))
+
+
 @lru_cache(maxsize=1)
 def _module_index() -> dict[str, str]:
     """id → module name for every method module, so running one job imports one method module
     (and its heavy libraries), not all of them."""
-    import models.methods as pkg
-
     index: dict[str, str] = {}
-    for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
+    for info in _method_modules():
         spec = importlib.util.find_spec(info.name)
         if spec is not None and spec.origin and spec.origin.endswith(".py"):
             for mid in _declared_ids(spec.origin):
@@ -177,9 +211,7 @@ def discover(method_id: str | None = None) -> None:
         if module is not None:
             importlib.import_module(module)
             return
-    import models.methods as pkg
-
-    for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
+    for info in _method_modules():
         importlib.import_module(info.name)
     _discovered = True
 
@@ -200,6 +232,14 @@ def get_method(method_id: str) -> MethodSpec:
         raise UnknownMethodError(method_id, sorted(_METHODS)) from None
 
 
+def registered_spec(fn: Callable[..., Any]) -> MethodSpec:
+    """The spec a `run` function was registered under (its module is imported, so it is registered)."""
+    for spec in _METHODS.values():
+        if spec.run is fn:
+            return spec
+    raise UnknownMethodError(getattr(fn, "__qualname__", repr(fn)), sorted(_METHODS))
+
+
 def list_methods(pattern: str = "*", family: str | None = None) -> list[MethodSpec]:
     """Registered methods whose id matches a shell-style wildcard, sorted by id."""
     discover()
@@ -208,16 +248,3 @@ def list_methods(pattern: str = "*", family: str | None = None) -> list[MethodSp
         for mid, spec in sorted(_METHODS.items())
         if fnmatch.fnmatchcase(mid, pattern) and (family is None or spec.family == family)
     ]
-
-
-def get_reproduction(method_id: str) -> ReproductionSpec:
-    spec = get_method(method_id)  # imports the module that declares both
-    try:
-        return _REPRODUCTIONS[spec.id]
-    except KeyError:
-        raise UnknownMethodError(f"{method_id} (reproduction)", sorted(_REPRODUCTIONS)) from None
-
-
-def list_reproductions(pattern: str = "*") -> list[ReproductionSpec]:
-    discover()
-    return [r for mid, r in sorted(_REPRODUCTIONS.items()) if fnmatch.fnmatchcase(mid, pattern)]

@@ -2,37 +2,74 @@
 
 A method module declares one with `@reproduction(...)` over `fn(ctx, seed, smoke) -> Outcome`.
 The full configuration fits in a few CPU minutes (`make results`); `smoke=True` runs the same code
-path in seconds for CI. The record printed by `crucible reproduce ID --json` is the DESIGN.md
-shape: method, claim, metric, ours, baseline, direction, holds, seconds, seed (+ seeds, note).
+path in seconds for CI. The record printed by `crucible reproduce ID --json` has the fields
+method, claim, metric, ours, baseline, direction, holds, seconds, seed, seeds, note and details,
+and, added here rather than by each reproduction:
+
+- the spread: when a reproduction reports one value per seed for ours and for the baseline, the
+  record carries both lists, their means (`ours`, `baseline`) and standard deviations, and the
+  standard error of the paired improvement (ours − baseline, signed so that better is positive);
+- the verdict, by one rule for every method: the claim's direction **holds** when the mean paired
+  improvement exceeds its seed-to-seed standard error, is **reversed** when it falls below minus
+  that error, and is **within noise** otherwise (always so for a single seed). A reproduction whose
+  claim has further conditions ("within 1 point of the best in 4 of 6 settings") passes them as
+  `Outcome.holds`, and the record holds only when both do;
+- provenance (`models.provenance`): the commit, a hash of the code the reproduction ran (its
+  module and every `models` module it imports) and of the cached inputs it read, so that a page of
+  records can say which of them the current code no longer produced.
+
+Reproductions share their loop: `seeds_for(seed, smoke, n)` is the seed list (one in smoke mode),
+and `sweep(ctx, items, label)` iterates over arms or settings with the cancel check, progress and
+per-item timing every such loop needs.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import math
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from models.context import RunContext
-from models.registry import register_reproduction
+from models.context import RunContext, cpu_threads, stop_if_cancelled
+from models.provenance import code_fingerprint, current_commit, recording_inputs
+from models.registry import UnknownMethodError, get_method, list_methods, note_reproduction
 
 Direction = Literal["higher", "lower"]
+Verdict = Literal["holds", "within noise", "reversed"]
+T = TypeVar("T")
+
+FULL_SEEDS = 3  # the fewest seeds a full-configuration record may rest on
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What a reproduction measured: our method's and the baseline's value of the claim's metric.
 
-    `holds` is left to the reproduction when the claim is more than "ours beats baseline" (e.g.
-    "within 1 point of the best in 4 of 6 settings"); otherwise it is the direction's comparison.
+    `ours` and `baseline` are one value per seed (paired: the i-th of each ran with the same seed)
+    or a single number when the metric does not decompose by seed (say, a rank correlation over a
+    whole sweep); the record then carries no spread and the verdict is "within noise" unless
+    `seeds` > 1 runs went into that one number and the reproduction judges `holds` itself.
+    `holds` carries the claim's conditions beyond "ours beats the baseline" (None: there are none).
     """
 
-    ours: float
-    baseline: float
-    seeds: int = 1
+    ours: float | Sequence[float]
+    baseline: float | Sequence[float]
+    seeds: int | None = None
     holds: bool | None = None
     note: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+
+    def per_seed(self) -> tuple[list[float], list[float]] | None:
+        """The paired per-seed values, or None when the outcome gives single numbers."""
+        if isinstance(self.ours, (int, float)) or isinstance(self.baseline, (int, float)):
+            return None
+        ours, base = [float(v) for v in self.ours], [float(v) for v in self.baseline]
+        if len(ours) != len(base) or not ours:
+            raise ValueError(f"per-seed values must pair up: {len(ours)} ours vs {len(base)} baseline")
+        return ours, base
 
 
 @dataclass(frozen=True)
@@ -43,6 +80,10 @@ class ReproductionSpec:
     direction: Direction
     baseline: str
     run: Callable[[RunContext, int, bool], Outcome]
+    module: str = ""
+
+
+_REPRODUCTIONS: dict[str, ReproductionSpec] = {}
 
 
 def reproduction(
@@ -52,37 +93,155 @@ def reproduction(
         raise ValueError("direction must be 'higher' or 'lower'")
 
     def register(fn: Callable[[RunContext, int, bool], Outcome]) -> Callable[[RunContext, int, bool], Outcome]:
-        register_reproduction(ReproductionSpec(method_id, claim, metric, direction, baseline, fn))
+        _REPRODUCTIONS[method_id] = ReproductionSpec(
+            method_id, claim, metric, direction, baseline, fn, module=fn.__module__
+        )
+        note_reproduction(method_id)
         return fn
 
     return register
+
+
+def get_reproduction(method_id: str) -> ReproductionSpec:
+    spec = get_method(method_id)  # imports the module that declares both
+    try:
+        return _REPRODUCTIONS[spec.id]
+    except KeyError:
+        raise UnknownMethodError(f"{method_id} (reproduction)", sorted(_REPRODUCTIONS)) from None
+
+
+def list_reproductions(pattern: str = "*") -> list[ReproductionSpec]:
+    list_methods()  # discovers every method module, and so every reproduction
+    return [r for mid, r in sorted(_REPRODUCTIONS.items()) if fnmatch.fnmatchcase(mid, pattern)]
+
+
+# -- the loop every reproduction shares ---------------------------------------------------------
+
+
+def seeds_for(seed: int, smoke: bool, n: int = FULL_SEEDS) -> list[int]:
+    """The seeds a reproduction runs: `seed` alone in smoke mode, else `n` consecutive seeds from it."""
+    return [seed] if smoke else [seed + i for i in range(n)]
+
+
+class Sweep(Generic[T]):
+    """Iterate over a reproduction's arms, settings or seeds: before each item the cancel check and a
+    progress message (its label), after it the item's wall time, kept in `seconds` by label."""
+
+    def __init__(self, ctx: RunContext, items: Iterable[T], label: Callable[[T], str] = str):
+        self.ctx, self.items, self.label = ctx, list(items), label
+        self.seconds: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[T]:
+        total = len(self.items)
+        for i, item in enumerate(self.items):
+            stop_if_cancelled(self.ctx)
+            name = self.label(item)
+            self.ctx.progress(i, total, name)
+            start = time.perf_counter()
+            yield item
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+        self.ctx.progress(total, total, f"{total} done in {sum(self.seconds.values()):.0f} s")
+
+
+def sweep(ctx: RunContext, items: Iterable[T], label: Callable[[T], str] = str) -> Sweep[T]:
+    """`for item in sweep(ctx, items, label): ...`: see `Sweep`."""
+    return Sweep(ctx, items, label)
+
+
+# -- the verdict --------------------------------------------------------------------------------
 
 
 def compare(ours: float, baseline: float, direction: Direction) -> bool:
     return ours > baseline if direction == "higher" else ours < baseline
 
 
+def improvement(ours: float, baseline: float, direction: Direction) -> float:
+    """ours − baseline, signed so that positive means ours is better in the claim's direction."""
+    return ours - baseline if direction == "higher" else baseline - ours
+
+
+@dataclass(frozen=True)
+class SeedStatistics:
+    ours_mean: float
+    baseline_mean: float
+    ours_std: float
+    baseline_std: float
+    improvement_mean: float
+    improvement_se: float
+    verdict: Verdict
+
+
+def seed_statistics(ours: Sequence[float], baseline: Sequence[float], direction: Direction) -> SeedStatistics:
+    """Means, spreads and the one verdict rule over paired per-seed values (see the module docstring)."""
+    n = len(ours)
+    gains = [improvement(o, b, direction) for o, b in zip(ours, baseline)]
+    mean_gain = statistics.fmean(gains)
+    se = statistics.stdev(gains) / math.sqrt(n) if n > 1 else math.inf
+    verdict: Verdict = "holds" if mean_gain > se else "reversed" if mean_gain < -se else "within noise"
+    return SeedStatistics(
+        statistics.fmean(ours),
+        statistics.fmean(baseline),
+        statistics.stdev(ours) if n > 1 else 0.0,
+        statistics.stdev(baseline) if n > 1 else 0.0,
+        mean_gain,
+        se,
+        verdict,
+    )
+
+
 def run_reproduction(spec: ReproductionSpec, ctx: RunContext, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
-    """Run one reproduction and return its record."""
+    """Run one reproduction on `ctx.resources["cpus"]` threads and return its record."""
     start = time.perf_counter()
-    outcome = spec.run(ctx, seed, smoke)
-    holds = outcome.holds if outcome.holds is not None else compare(outcome.ours, outcome.baseline, spec.direction)
-    return {
+    with cpu_threads(ctx.resources), recording_inputs() as inputs:
+        outcome = spec.run(ctx, seed, smoke)
+    record: dict[str, Any] = {
         "method": spec.method_id,
         "claim": spec.claim,
         "metric": spec.metric,
         "baseline_name": spec.baseline,
-        "ours": round(float(outcome.ours), 6),
-        "baseline": round(float(outcome.baseline), 6),
         "direction": spec.direction,
+    }
+    paired = outcome.per_seed()
+    if paired is not None:
+        stats = seed_statistics(*paired, spec.direction)
+        seeds = len(paired[0])
+        record |= {
+            "ours": round(stats.ours_mean, 6),
+            "baseline": round(stats.baseline_mean, 6),
+            "ours_std": round(stats.ours_std, 6),
+            "baseline_std": round(stats.baseline_std, 6),
+            "improvement": round(stats.improvement_mean, 6),
+            "improvement_se": round(stats.improvement_se, 6) if math.isfinite(stats.improvement_se) else None,
+            "per_seed": {"ours": [round(v, 6) for v in paired[0]], "baseline": [round(v, 6) for v in paired[1]]},
+        }
+        verdict = stats.verdict
+    else:
+        ours, base = float(outcome.ours), float(outcome.baseline)  # type: ignore[arg-type]
+        seeds = outcome.seeds or 1
+        record |= {"ours": round(ours, 6), "baseline": round(base, 6)}
+        # one number: no spread to judge by, so only a reproduction that judged it over its seeds can hold
+        better = compare(ours, base, spec.direction)
+        verdict = "holds" if better and outcome.holds is not None and seeds > 1 else "within noise"
+    holds = verdict == "holds" and outcome.holds is not False
+    module = spec.module or get_method(spec.method_id).module
+    record |= {
+        "verdict": verdict,
+        "conditions": outcome.holds,
         "holds": bool(holds),
         "seconds": round(time.perf_counter() - start, 2),
         "seed": seed,
-        "seeds": outcome.seeds,
+        "seeds": seeds,
         "smoke": smoke,
         "note": outcome.note,
         "details": outcome.details,
+        "commit": current_commit(),
+        "code_hash": code_fingerprint(module).digest,
+        "inputs": dict(sorted(inputs.items())),
     }
+    return record
 
 
 def outcome_dict(outcome: Outcome) -> dict[str, Any]:

@@ -11,53 +11,35 @@ progress once per epoch, cancellation checked every batch, a checkpoint every `c
 epochs holding everything that decides the rest of the run (weights, optimizer moments, loss
 state, the batch-order generator, the epoch history), and resumption from the last checkpoint, so
 that a resumed run ends bit-identical to an uninterrupted one with the same seed (and the same
-thread count, which `cpu_threads` pins to the job's CPUs: float reductions depend on it).
+thread count, which `models.context.cpu_threads` pins to the job's CPUs: float reductions depend on
+it). A cancelled run raises `Cancelled` from the batch loop; the registry's `invoke` returns cleanly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
-from threadpoolctl import threadpool_limits
 from torch import nn
 
-from models.context import RunContext
+from models.context import Cancelled, RunContext
 from models.datasets import Dataset
 from models.metrics import classification_metrics, reliability_bins
 from models.nn.backbones import Classifier, build_backbone
 from models.nn.losses import BatchLoss
 from models.optim import OptimizerName, build_optimizer
+from models.params import EpochTrainingParams, ResumableParams
 from models.plots import curves_figure, reliability_figure
-from models.registry import MethodParams
 
 EpochMetrics = Callable[[], dict[str, float]]
 # An epoch's mini-batches as index tensors into the train split, drawn with the loop's generator (so a resumed
 # run draws the same ones): `shuffled_batches` by default, or e.g. `models.episodes.EpisodeSampler`, whose
 # batches are N-way K-shot episodes for a loss that needs them.
 BatchOrder = Callable[[torch.Tensor, int, torch.Generator], Iterable[torch.Tensor]]
-
-
-@contextmanager
-def cpu_threads(resources: Mapping[str, float]) -> Iterator[int]:
-    """Run torch and BLAS on the job's CPUs only (`resources["cpus"]`, default 1), then restore.
-
-    Small models gain nothing from more threads, and on a shared machine a thread per core makes
-    every job slower (several-fold for sklearn's lbfgs and for batch-64 MLPs).
-    """
-    n = max(1, int(resources.get("cpus", 1)))
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n):
-            yield n
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -143,7 +125,7 @@ class SGDSchedule:
         return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
-class ClassifierTrainingParams(MethodParams):
+class ClassifierTrainingParams(EpochTrainingParams, ResumableParams):
     """The backbone and SGD schedule fields every classification method shares (a method subclasses it,
     overriding a default where its paper differs, e.g. LDR's weight decay)."""
 
@@ -151,7 +133,6 @@ class ClassifierTrainingParams(MethodParams):
     hidden: int = Field(128, ge=8, le=4096, description="MLP width, or CNN channels")
     depth: int = Field(2, ge=1, le=8, description="number of hidden layers of the MLP")
     epochs: int = Field(30, ge=1, le=1000, description="training epochs; the learning rate drops ÷10 at 50% and 75%")
-    batch_size: int = Field(64, ge=1, le=8192, description="mini-batch size")
     lr: float = Field(0.05, gt=0.0, le=10.0, description="initial SGD learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="SGD weight decay")
@@ -193,15 +174,15 @@ def train_epoch(
     generator: torch.Generator,
     should_stop: Callable[[], bool] = lambda: False,
     batches: BatchOrder = shuffled_batches,
-) -> float | None:
+) -> float:
     """One epoch of the batches `batches` draws (default: one shuffled pass); the mean training loss per
-    example seen, or None if stopped."""
+    example seen. Raises `Cancelled` when `should_stop()` turns true between batches."""
     model.train()
     loss_fn.train()
     total, seen = 0.0, 0
     for index in batches(y, batch_size, generator):
         if should_stop():
-            return None
+            raise Cancelled("training cancelled")
         if isinstance(loss_fn, BatchLoss):  # it runs the model itself (mixup, adversarial examples, ...)
             loss = loss_fn(model, x[index], y[index], index)
         else:
@@ -257,8 +238,8 @@ def fit_classifier(
     epoch_metrics: EpochMetrics | None = None,
     batches: BatchOrder = shuffled_batches,
     val_accuracy: Callable[[], float] | None = None,
-) -> list[dict[str, float]] | None:
-    """Train `model` on `data.train` with `loss_fn`; the per-epoch history, or None when cancelled.
+) -> list[dict[str, float]]:
+    """Train `model` on `data.train` with `loss_fn`; the per-epoch history (`Cancelled` when stopped).
 
     Resumes from `ctx.load_checkpoint()` when there is one. Logs `train_loss`, `val_acc`, `lr`
     (and whatever `epoch_metrics` returns) at step = epoch number. `batches` chooses each epoch's
@@ -285,8 +266,6 @@ def fit_classifier(
             ctx.cancelled,
             batches,
         )
-        if train_loss is None:
-            return None
         val_acc = val_accuracy() if val_accuracy else accuracy(model, data.x_val, data.y_val)
         row = {"train_loss": train_loss, "val_acc": val_acc, "lr": lr, **(epoch_metrics() if epoch_metrics else {})}
         history.append(row)
@@ -313,10 +292,9 @@ def fit_calibrated(
     make_loss: Callable[[ClassificationData], nn.Module],
     method_id: str,
     make_model: Callable[[ClassificationData], nn.Module] | None = None,
-) -> TrainedClassifier | None:
+) -> TrainedClassifier:
     """The family's usual run: tensors from `ctx.dataset`, the params' backbone (or `make_model(data)`) seeded
-    by `ctx.seed`, the loss `make_loss(data)`, `fit_classifier` logging validation ECE and NLL each epoch
-    (None if cancelled)."""
+    by `ctx.seed`, the loss `make_loss(data)`, `fit_classifier` logging validation ECE and NLL each epoch."""
     ds = ctx.dataset
     if ds is None or ds.kind not in ("image-class", "tabular"):
         raise ValueError(f"{method_id} needs an 'image-class' or 'tabular' classification dataset")
@@ -330,7 +308,7 @@ def fit_calibrated(
         return {"val_ece": m["ece"], "val_nll": m["nll"]}
 
     history = fit_classifier(ctx, model, loss_fn, data, params.schedule(), val_calibration)
-    return None if history is None else TrainedClassifier(model, data, history)
+    return TrainedClassifier(model, data, history)
 
 
 def save_training_plots(ctx: RunContext, name: str, trained: TrainedClassifier) -> None:

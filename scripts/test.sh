@@ -9,7 +9,8 @@ for step in scripts/setup/*.sh; do
   echo "== setup: $step"
   bash "$step"
 done
-echo "== lint: ruff (style and formatting)"
+echo "== lint: ruff (style and formatting), import-linter (layers, no kit imports a method, no cycles)"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

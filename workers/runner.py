@@ -17,8 +17,8 @@ from typing import Any, TextIO
 
 from sqlalchemy.orm import Session
 
-from models.registry import get_method, get_reproduction
-from models.reproduction import run_reproduction
+from models.registry import get_method
+from models.reproduction import get_reproduction, run_reproduction
 from workers import lifecycle
 from workers.context import JobRunContext
 from workers.datasets import load_dataset
@@ -132,12 +132,18 @@ def run_job(
             record = run_reproduction(spec, ctx, seed=job.seed, smoke=bool(job.params.get("smoke", False)))
             ctx.save_artifact("reproduction.json", record, kind="json")
         else:
-            spec_m = get_method(job.method)
-            spec_m.run(ctx, spec_m.params.model_validate(job.params))
+            get_method(job.method).invoke(ctx, job.params)
         if ctx.cancel_observed:
             status, code = "cancelled", "cancelled"
     except lifecycle.StaleAttempt:
         status = "lost"
+    except InterruptedError as exc:  # a reproduction (or a method run outside invoke) stopped on cancel
+        if ctx.cancel_observed or ctx.cancelled():
+            status, code = "cancelled", "cancelled"
+        else:
+            status, code = "failed", "exception"
+            error = "".join(traceback.format_exception(exc))[-8000:]
+            print(error, file=sys.stderr)
     except BaseException as exc:  # noqa: BLE001 - the job's failure is recorded, never raised further
         status, code = "failed", "exception"
         error = "".join(traceback.format_exception(exc))[-8000:]

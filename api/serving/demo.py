@@ -17,15 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from models.llm.pipeline import EORA_RANK, eora_params, squarehead_params
+
 Call = Callable[..., Any]
 
-# The compression jobs' calibration/evaluation windows; the same for every stage so perplexities compare.
-WINDOWS = {
-    True: {"calibration_windows": 4, "seq_len": 32, "eval_windows": 4},
-    False: {"calibration_windows": 32, "seq_len": 128, "eval_windows": 32},
-}
-SQUAREHEAD = {True: {"steps": 3, "batch_size": 2, "train_tokens": 2000}, False: {"steps": 100, "batch_size": 4}}
-EORA_RANK = {True: 4, False: 8}
 DEPLOYMENT = "demo-chat"
 
 
@@ -77,29 +72,11 @@ def llm_demo(
         params = {**RECIPES[smoke].model_dump(), "model_name": base_name}
         job = _run(call, follow, "lm-pretrain", params)
         base, base_ppl = _model_of(call, job["id"]), _metrics(job).get("final_val_ppl")
-    windows = WINDOWS[smoke]
     say("pruning 50% with SparseGPT and fine-tuning with SquareHead (squarehead)")
-    sq = _run(
-        call,
-        follow,
-        "squarehead",
-        {
-            "model": base,
-            "sparsity": "0.5",
-            "objective": "squarehead",
-            "checkpoint_every": 0,
-            **windows,
-            **SQUAREHEAD[smoke],
-        },
-    )
+    sq = _run(call, follow, "squarehead", squarehead_params(base, smoke))
     sparse, m_sq = _model_of(call, sq["id"]), _metrics(sq)
     say("compensating the sparse model with EoRA against the base (eora)")
-    eo = _run(
-        call,
-        follow,
-        "eora",
-        {"model": base, "compressed_model": sparse, "rank": EORA_RANK[smoke], "compensation": "eora", **windows},
-    )
+    eo = _run(call, follow, "eora", eora_params(base, sparse, smoke))
     final, m_eo = _model_of(call, eo["id"]), _metrics(eo)
     stages = [
         ("base (dense)", base, m_sq.get("val_ppl_parent", base_ppl)),

@@ -19,7 +19,8 @@ import torch
 
 from api.problems import Problem, field_problem
 from api.serving.engines import kv_cache_config, model_context, request_engine
-from api.serving.manager import Loaded
+from api.serving.loaded import Loaded
+from api.serving.ppd import ppd_engine
 from models.llm.generation import Completion, SamplingParams, stop_token_ids, stream_text
 
 MAX_STOPS = 4
@@ -123,42 +124,6 @@ def kv_config(loaded: Loaded, engine: dict[str, Any] | None = None) -> Any:
     if "kv_config" not in loaded.derived:
         loaded.derived["kv_config"] = kv_cache_config(loaded.engine, folder, model_context(folder))
     return loaded.derived["kv_config"]
-
-
-@dataclass
-class PPDEngine:
-    """A deployment's parallel prompt decoding: its trained prompt tokens and the candidate tree it verifies, sized
-    for this machine (`tree_nodes`; a model whose ppd job measured no acceptance rates uses the chain)."""
-
-    prompts: Any
-    tree: Any
-    tree_nodes: int
-    choice: Any = None  # the hardware-aware TreeChoice (latencies per size), when rates were available
-
-
-def ppd_engine(loaded: Loaded) -> PPDEngine:
-    """Read once per warm model: the prompt tokens from the folder and, from the acceptance rates the ppd job
-    measured, the sparse tree of the size that maximises expected tokens/s given the verification latency
-    measured here, at load (PPD's hardware-aware tree size)."""
-    from models.llm.parallel_prompt import PROMPTS_FILE, load_prompts
-    from models.llm.prompt_tree import chain_tree, hardware_aware_tree
-
-    assert loaded.llm is not None
-    if "ppd" not in loaded.derived:
-        prompts, rates = load_prompts(loaded.llm.path / PROMPTS_FILE)
-        if rates is None or prompts.count == 0:
-            loaded.derived["ppd"] = PPDEngine(prompts, chain_tree(prompts.count), prompts.count)
-        else:
-            choice = hardware_aware_tree(
-                loaded.llm.model, rates[: prompts.count], context=min(128, max(1, loaded.context_length // 2))
-            )
-            loaded.derived["ppd"] = PPDEngine(prompts, choice.tree, choice.nodes, choice)
-    return loaded.derived["ppd"]
-
-
-def ppd_prompts(loaded: Loaded) -> Any:
-    """The deployment's trained PPD prompt tokens."""
-    return ppd_engine(loaded).prompts
 
 
 def _ppd_tokens(loaded: Loaded, p: Plan, ids: list[int]) -> list[int]:

@@ -12,36 +12,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from api.serving.engines import attention_config, resolve_device
-
-if TYPE_CHECKING:  # the ML stacks load with the first deployment, not with the API
-    from models.diffusion.model import DiffusionParts
-    from models.llm.folder import CausalLM
-
-
-@dataclass
-class Loaded:
-    """A model held warm for one deployment."""
-
-    deployment_id: str
-    kind: str
-    engine: dict[str, Any]
-    llm: CausalLM | None = None
-    diffusion: DiffusionParts | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    derived: dict[str, Any] = field(
-        default_factory=dict
-    )  # what engines compute once per warm model (PPD tree, KV config)
-
-    @property
-    def context_length(self) -> int:
-        assert self.llm is not None
-        config = self.llm.model.config
-        return int(getattr(config, "max_position_embeddings", 0) or self.llm.tokenizer.model_max_length)
+from api.serving.loaded import Loaded
+from api.serving.ppd import ppd_engine
 
 
 def use_sparse_attention(model: Any, engine: dict[str, Any], deployment_id: str) -> None:
@@ -68,8 +44,6 @@ def load(kind: str, folder: Path, engine: dict[str, Any], deployment_id: str = "
         use_sparse_attention(lm.model, engine, deployment_id)
         loaded = Loaded(deployment_id, kind, engine, llm=lm)
         if engine.get("decoding") == "ppd":
-            from api.serving.llm import ppd_engine
-
             ppd_engine(loaded)  # PPD's hardware-aware tree size is measured here, at load, not in a request
         return loaded
     parts = load_parts(folder)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from functools import lru_cache
+
+import numpy as np
 
 from models.datasets.base import (
     SPLITS,
@@ -20,6 +23,7 @@ from models.datasets.base import (
 from models.datasets.builtins import build_digits, build_stdlib_code, build_synthetic_tabular
 from models.datasets.kinds import KINDS, parse_upload
 from models.datasets.stdlib_docstrings import build_stdlib_docstrings
+from models.provenance import note_input
 
 _BUILTINS: dict[str, tuple[DatasetInfo, Callable[[], Dataset]]] = {}
 
@@ -36,15 +40,38 @@ def is_builtin(name: str) -> bool:
     return name in _BUILTINS
 
 
-@lru_cache(maxsize=8)
 def load_builtin(name: str) -> Dataset:
-    """Build a built-in dataset once per process and validate it against its kind."""
+    """A built-in dataset, built once per process and validated against its kind. A reproduction that
+    loads it records its content hash (`models.provenance`): some built-ins come from the machine (the
+    standard library's sources differ between Python releases)."""
     if name not in _BUILTINS:
         raise UnknownDatasetError(name, sorted(_BUILTINS))
+    ds, digest = _build_builtin(name)
+    note_input(f"dataset:{name}", digest)
+    return ds
+
+
+@lru_cache(maxsize=8)
+def _build_builtin(name: str) -> tuple[Dataset, str]:
     info, build = _BUILTINS[name]
     ds = build()
     KINDS[info.kind].validate(ds)
-    return ds
+    return ds, dataset_digest(ds)
+
+
+def dataset_digest(ds: Dataset) -> str:
+    """16 hex digits of SHA-256 over every split's columns (arrays by their bytes, lists by their items)."""
+    h = hashlib.sha256()
+    for split_name in sorted(ds.splits):
+        for column, values in sorted(ds.splits[split_name].columns.items()):
+            h.update(f"{split_name}/{column}\0".encode())
+            if isinstance(values, np.ndarray):
+                h.update(str(values.dtype).encode() + str(values.shape).encode())
+                h.update(np.ascontiguousarray(values).tobytes())
+            else:
+                for item in values:
+                    h.update(repr(item).encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 register_builtin(

@@ -39,6 +39,7 @@ from diffusers import (
 from models.diffusion.data import COLOURS, THICKNESS
 from models.diffusion.guidance import GUIDANCE_RULES, GuidanceSpec
 from models.diffusion.model import DiffusionParts
+from models.diffusion.one_step import OneStep
 
 SAMPLERS: dict[str, type] = {
     "ddim": DDIMScheduler,
@@ -292,8 +293,6 @@ def _one_step_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[i
     """A one-step student (snoopi's PG-SB / SwiftBrush, `info["one_step"]`): x̂₀ = (z − σ_T ε(z, T, c)) / α_T in
     one U-Net call; CFG/APG combine the conditional and negative/null one-step outputs (the paper's baseline for
     one-step negative prompts), NASA acts in the attention layers; `steps` and `sampler` do not apply."""
-    from models.diffusion.vsd import OneStep
-
     one = OneStep(**{k: parts.info["one_step"][k] for k in ("timestep", "alpha", "sigma")})
     size, g = parts.unet.config.sample_size, request.guidance
     noise = initial_noise(seeds, (parts.unet.config.in_channels, size, size), parts.device)

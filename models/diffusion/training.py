@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.context import RunContext, shared_cache_dir
+from models.context import RunContext, shared_cache_dir, stop_if_cancelled
 from models.diffusion.data import ColouredDigits, coloured_digits, drop_tokens
 from models.diffusion.model import DiffusionParts, load_parts, new_parts, save_parts, training_scheduler
 
@@ -95,8 +95,7 @@ def train_denoiser(
     parts.unet.train()
     ema_params = _params(ema)
     for step in range(start, config.steps):
-        if ctx.cancelled():
-            raise InterruptedError("training cancelled")
+        stop_if_cancelled(ctx)
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         idx = torch.randint(0, len(data), (config.batch_size,), generator=g)
         x0, tokens = data.images[idx], drop_tokens(data.tokens[idx], config.null_prob, config.attr_drop_prob, g)

@@ -30,7 +30,6 @@ a LoRA on `to_q, to_v` alone could not follow the student at full resolution.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,39 +38,15 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
-from models.context import RunContext
+from models.context import RunContext, stop_if_cancelled
 from models.diffusion.data import coloured_digits, drop_tokens
 from models.diffusion.guidance import cfg
 from models.diffusion.model import DiffusionParts, training_scheduler
+from models.diffusion.one_step import OneStep
+from models.diffusion.sampling import SampleRequest, attention_processor
 
-REFERENCE_ALPHA_BAR_T = 0.0047  # SwiftBrush's α_T² (SD's ᾱ at t = 999)
 STUDENT_ALPHA_BAR_T = 0.05  # ours: see the module docstring
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-
-
-def student_timestep(alphas_cumprod: torch.Tensor, alpha_bar: float = REFERENCE_ALPHA_BAR_T) -> int:
-    """The timestep whose ᾱ is nearest the reference's ᾱ_T."""
-    return int((alphas_cumprod - alpha_bar).abs().argmin())
-
-
-@dataclass(frozen=True)
-class OneStep:
-    """The one-step generator's fixed input timestep T and its α_T, σ_T."""
-
-    timestep: int
-    alpha: float
-    sigma: float
-
-    @classmethod
-    def for_schedule(cls, alphas_cumprod: torch.Tensor, alpha_bar: float = REFERENCE_ALPHA_BAR_T) -> OneStep:
-        t = student_timestep(alphas_cumprod, alpha_bar)
-        a = float(alphas_cumprod[t])
-        return cls(t, math.sqrt(a), math.sqrt(1 - a))
-
-    def generate(self, unet: UNet2DConditionModel, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x̂₀ = (z − σ_T ε(z, T, c)) / α_T."""
-        t = torch.full((len(noise),), self.timestep, dtype=torch.long, device=noise.device)
-        return (noise - self.sigma * unet(noise, t, encoder_hidden_states=cond).sample) / self.alpha
 
 
 def lora_teacher(
@@ -196,8 +171,7 @@ def train_vsd(
     teachers.train()
     trace = VSDTrace()
     for step in range(config.steps):
-        if ctx.cancelled():
-            raise InterruptedError("training cancelled")
+        stop_if_cancelled(ctx)
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         g_kappa = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 500_000_000)
         b = config.batch_size
@@ -257,8 +231,6 @@ def one_step_sample(
     (SNOOPI Eq. 10, `models.diffusion.nasa`), or, with `cfg_scale`, through negative-prompt CFG on
     the one-step outputs x̂₀(neg) + s·(x̂₀(c) − x̂₀(neg)) — the paper's baseline for one-step models.
     """
-    from models.diffusion.sampling import SampleRequest, attention_processor
-
     one_step = OneStep(**{k: student.info["one_step"][k] for k in ("timestep", "alpha", "sigma")})
     noise = torch.randn(len(tokens), 3, 16, 16, generator=torch.Generator().manual_seed(seed))
     cond = student.encode(tokens)

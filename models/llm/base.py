@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.llm.folder import save_folder
 from models.llm.pretraining import PretrainParams, pretrain
-from models.training import cpu_threads
+from models.provenance import note_input, weights_digest
 
 RECIPE_VERSION = 1
 BASE_DATASET = "stdlib-code"
@@ -131,7 +131,6 @@ def _train_into(folder: Path, params: PretrainParams, ctx: RunContext) -> dict[s
     )
     with cpu_threads(ctx.resources):
         result = pretrain(inner, params)
-    assert result is not None  # the private context is never cancelled
     checkpoint_file.unlink(missing_ok=True)
     lineage = {
         "method": "lm-pretrain",
@@ -155,7 +154,9 @@ def base_model(ctx: RunContext, smoke: bool = False) -> Path:
     """A trained base-model folder: from the registry, else the local cache, else trained now (then registered)."""
     name = base_model_name(smoke)
     try:
-        return Path(ctx.load_model(name))
+        registered = Path(ctx.load_model(name))
+        note_input(name, weights_digest(registered))
+        return registered
     except (KeyError, PermissionError, FileNotFoundError):
         pass
     params = RECIPES[smoke]
@@ -165,4 +166,5 @@ def base_model(ctx: RunContext, smoke: bool = False) -> Path:
             _train_into(folder, params, ctx)
     lineage = json.loads((folder / "crucible-lineage.json").read_text())
     ctx.register_model(name, folder, lineage)
+    note_input(name, weights_digest(folder))
     return folder

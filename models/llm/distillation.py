@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.context import RunContext
+from models.context import RunContext, stop_if_cancelled
 from models.llm.compression.oneshot import apply_masks
 from models.llm.data import random_windows
 
@@ -109,9 +109,10 @@ def finetune(
     masks: dict[str, torch.Tensor],
     schedule: FinetuneSchedule,
     before_step: Callable[[int], None] | None = None,
-) -> list[dict[str, float]] | None:
-    """Fine-tune `student` (masks kept) against frozen `teacher` (None: CE only); the per-step log, or None when
-    cancelled. `before_step(step)` runs before each step's forward (e.g. to move a sparsity schedule)."""
+) -> list[dict[str, float]]:
+    """Fine-tune `student` (masks kept) against frozen `teacher` (None: CE only); the per-step log
+    (`Cancelled` when cancelled). `before_step(step)` runs before each step's forward (e.g. to move a
+    sparsity schedule)."""
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
@@ -129,8 +130,7 @@ def finetune(
         start, history = int(checkpoint.state["step"]), list(checkpoint.state["history"])
     student.train()
     for step in range(start, schedule.steps):
-        if ctx.cancelled():
-            return None
+        stop_if_cancelled(ctx)
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step)
         if before_step is not None:

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from tokenizers import Tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.context import RunContext
+from models.context import RunContext, stop_if_cancelled
 from models.datasets import Dataset
 from models.llm.data import fixed_windows, random_windows, token_stream
 from models.llm.evaluation import mean_nll
@@ -102,8 +102,8 @@ def _texts(dataset: Dataset, split: str, params: PretrainParams) -> list[str]:
     return texts[: params.max_documents] if params.max_documents else texts
 
 
-def pretrain(ctx: RunContext, params: PretrainParams, optimizer_name: str = "adamw") -> Pretrained | None:
-    """Train (or resume) a tiny Llama on `ctx.dataset`; None when cancelled. `optimizer_name` is not a
+def pretrain(ctx: RunContext, params: PretrainParams, optimizer_name: str = "adamw") -> Pretrained:
+    """Train (or resume) a tiny Llama on `ctx.dataset` (`Cancelled` when cancelled). `optimizer_name` is not a
     PretrainParams field because the cached base model is keyed by those fields (models/llm/base.py)."""
     ds = ctx.dataset
     if ds is None or ds.kind != "text-corpus":
@@ -136,8 +136,7 @@ def pretrain(ctx: RunContext, params: PretrainParams, optimizer_name: str = "ada
     val_loss = history[-1]["val_loss"] if history else float("nan")
     model.train()
     for step in range(start, params.steps):
-        if ctx.cancelled():
-            return None
+        stop_if_cancelled(ctx)
         lr = lr_at(step, params)
         for group in optimizer.param_groups:
             group["lr"] = lr

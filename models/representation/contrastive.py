@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.context import RunContext
+from models.context import RunContext, stop_if_cancelled
 from models.representation.augment import ViewRecipe, random_view
 from models.representation.losses import nt_xent
 
@@ -80,8 +80,8 @@ def fit_contrastive(
     schedule: ContrastiveSchedule,
     epoch_metrics: Callable[[], dict[str, float]] | None = None,
     labels: torch.Tensor | None = None,
-) -> list[dict[str, float]] | None:
-    """Train on the images `x` ([N, C, H, W]); the per-epoch history, or None when cancelled."""
+) -> list[dict[str, float]]:
+    """Train on the images `x` ([N, C, H, W]); the per-epoch history (`Cancelled` when cancelled)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     generator = torch.Generator().manual_seed(ctx.seed)
     start, history = resume(ctx, model, optimizer, generator)
@@ -92,8 +92,7 @@ def fit_contrastive(
         order = torch.randperm(len(x), generator=generator)
         total, seen = 0.0, 0
         for begin in range(0, len(x) - 1, schedule.batch_size):  # a batch of 1 has no negatives
-            if ctx.cancelled():
-                return None
+            stop_if_cancelled(ctx)
             index = order[begin : begin + schedule.batch_size]
             if len(index) < 2:
                 continue

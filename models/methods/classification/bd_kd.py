@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.metrics import classification_metrics
 from models.nn.backbones import build_backbone
@@ -44,7 +44,6 @@ from models.training import (
     ClassificationData,
     ClassifierTrainingParams,
     TrainedClassifier,
-    cpu_threads,
     fit_calibrated,
     predict_logits,
     save_training_plots,

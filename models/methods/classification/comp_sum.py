@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from models.adversarial import pgd_cross_entropy, pgd_linf, robust_accuracy
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.metrics import classification_metrics
 from models.nn.losses import BatchLoss
@@ -50,7 +50,6 @@ from models.reproduction import Outcome, reproduction
 from models.training import (
     ClassifierTrainingParams,
     TrainedClassifier,
-    cpu_threads,
     fit_calibrated,
     predict_logits,
     save_training_plots,

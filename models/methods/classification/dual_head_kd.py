@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.metrics import classification_metrics
 from models.nn.backbones import Classifier, mlp
@@ -50,7 +50,6 @@ from models.training import (
     SGDSchedule,
     TrainedClassifier,
     classification_data,
-    cpu_threads,
     fit_calibrated,
     fit_classifier,
     predict_logits,

@@ -35,13 +35,13 @@ from pydantic import Field
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.nn.backbones import small_cnn
 from models.nn.losses import CrossEntropy
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import ClassificationData, SGDSchedule, classification_data, cpu_threads, train_epoch
+from models.training import ClassificationData, SGDSchedule, classification_data, train_epoch
 
 
 class SharedVarianceGaussianNB:

@@ -49,14 +49,14 @@ from matplotlib.figure import Figure
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.label_noise import inject_label_noise
 from models.nn.losses import CrossEntropy, GeneralizedCrossEntropy, MeanAbsoluteError
 from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import ClassifierTrainingParams, accuracy, classification_data, cpu_threads, fit_classifier
+from models.training import ClassifierTrainingParams, accuracy, classification_data, fit_classifier
 
 LogitNorm = Literal["none", "softplus-mean", "l1"]
 LossName = Literal["aldr-kl", "ldr-kl", "ce", "gce", "mae"]

@@ -41,7 +41,7 @@ from models.conformal import (
     binary_relevance_p_values,
     binary_relevance_sets,
 )
-from models.context import InMemoryRunContext, RunContext, shared_cache_dir
+from models.context import InMemoryRunContext, RunContext, cpu_threads, shared_cache_dir
 from models.datasets import Dataset, load_builtin
 from models.datasets.stdlib_docstrings import build_stdlib_docstrings
 from models.nn.backbones import mlp
@@ -50,7 +50,7 @@ from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
 from models.text_embedding import Embedder, minilm_embeddings, tfidf_features
-from models.training import ClassificationData, ClassifierTrainingParams, cpu_threads, fit_classifier, predict_logits
+from models.training import ClassificationData, ClassifierTrainingParams, fit_classifier, predict_logits
 
 SPLITS = ("train", "val", "test")
 CLAIM_EPSILONS = (0.05, 0.1, 0.2)

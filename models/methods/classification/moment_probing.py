@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import Dataset, load_builtin
 from models.metrics import classification_metrics, reliability_bins
 from models.nn.losses import CrossEntropy
@@ -54,7 +54,6 @@ from models.training import (
     ClassificationData,
     SGDSchedule,
     TrainedClassifier,
-    cpu_threads,
     fit_classifier,
     predict_logits,
     save_training_plots,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.metrics import classification_metrics, reliability_bins
 from models.nn.losses import BatchLoss, CrossEntropy
@@ -46,7 +46,6 @@ from models.reproduction import Outcome, reproduction
 from models.training import (
     ClassifierTrainingParams,
     TrainedClassifier,
-    cpu_threads,
     fit_calibrated,
     predict_logits,
     save_training_plots,

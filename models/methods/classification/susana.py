@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import Dataset, load_builtin
 from models.episodes import (
     EpisodeEvaluation,
@@ -66,7 +66,7 @@ from models.optim import OptimizerName
 from models.plots import curves_figure, reliability_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import ClassificationData, SGDSchedule, cpu_threads, fit_classifier, predict_logits
+from models.training import ClassificationData, SGDSchedule, fit_classifier, predict_logits
 
 Term = Literal["ce", "proto-triplet", "icnn"]
 LossName = Literal["protonet", "proto-triplet", "icnn", "proto-triplet+icnn"]

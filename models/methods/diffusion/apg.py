@@ -20,7 +20,7 @@ import statistics
 
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.diffusion.evaluation import EvaluationKit
 from models.diffusion.grids import labelled_grids
 from models.diffusion.guidance import GuidanceSpec
@@ -29,7 +29,6 @@ from models.diffusion.training import base_model
 from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class APGParams(SamplingParams):

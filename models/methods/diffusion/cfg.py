@@ -6,11 +6,10 @@ D_g = D_u + w·(D_c − D_u). The baseline of the guidance papers (APG); the rul
 
 from __future__ import annotations
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.diffusion.guidance import GuidanceSpec
 from models.diffusion.jobs import SamplingParams, run_sampling_job
 from models.registry import method
-from models.training import cpu_threads
 
 
 @method(

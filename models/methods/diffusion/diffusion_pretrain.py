@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.diffusion.grids import image_grid
 from models.diffusion.guidance import GuidanceSpec
 from models.diffusion.jobs import sample_classes
 from models.diffusion.model import DiffusionParts, save_parts
 from models.diffusion.training import FULL_CONFIG, PretrainConfig, train_denoiser
 from models.registry import MethodParams, method
-from models.training import cpu_threads
 
 
 class PretrainParams(MethodParams):

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.diffusion.data import coloured_digits, drop_tokens
 from models.diffusion.evaluation import EvaluationKit
 from models.diffusion.grids import image_grid, labelled_grids
@@ -38,7 +38,6 @@ from models.diffusion.model import DiffusionParts, new_parts, save_parts
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 P_MEAN, P_STD = -1.1, 2.0

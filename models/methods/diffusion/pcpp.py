@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.diffusion.data import to_unit
 from models.diffusion.dit import dit_model
 from models.diffusion.evaluation import EvaluationKit, accuracy, psnr
@@ -31,7 +31,6 @@ from models.diffusion.patch_parallel import ParallelSpec, expected_kv_bytes, key
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 PSNR_MARGIN_DB = 2.0
 PORTIONS = (0.0, 0.3, 0.5, 1.0)

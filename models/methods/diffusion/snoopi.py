@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.diffusion.attributes import colour_shares, dominant_colour
 from models.diffusion.data import COLOURS, NULL, prompt_tokens, to_unit
 from models.diffusion.evaluation import EvaluationKit
@@ -37,7 +37,6 @@ from models.diffusion.vsd import VSDConfig, one_step_sample, train_vsd
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 PG_SB_RANGE = (0.5, 4.0)
 SB_SCALE = 4.5

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.llm.folder import save_folder
 from models.llm.model import parameter_count
 from models.llm.pretraining import PretrainParams, pretrain
 from models.optim import OptimizerName
 from models.plots import curves_figure
 from models.registry import method
-from models.training import cpu_threads
 
 
 class LMPretrainParams(PretrainParams):

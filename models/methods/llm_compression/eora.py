@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.llm.compression.calibration import InputStats, compress_sequentially
 from models.llm.compression.job import (
     CompressionParams,
@@ -50,7 +50,6 @@ from models.llm.folder import CausalLM, load_folder
 from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 Compensation = Literal["eora", "svd"]
 Compression = Literal["rtn", "wanda", "sparsegpt", "magnitude"]

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.llm.base import base_model
 from models.llm.compression.calibration import block_linears
@@ -50,7 +50,6 @@ from models.llm.model import SIZES, SizeName, build_model, llama_config
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 Recipe = Literal["mdgf-exp", "mdgf-linear", "srste", "dense"]
 NM_PATTERN = r"^\d+:\d+$"

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.llm.compression.job import CompressionParams, load_parent, model_stem, register_compressed, token_sets
 from models.llm.compression.oneshot import prune_model
@@ -48,7 +48,6 @@ from models.llm.folder import CausalLM, load_folder
 from models.llm.instructions import IGNORE_INDEX, Instruction, encode_instructions, instructions_from
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 Embedder = Literal["minilm", "tfidf"]
 LN2 = math.log(2.0)

@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.llm.compression.job import CompressionParams, load_parent, model_stem, register_compressed, token_sets
 from models.llm.data import random_windows, sampled_stream
@@ -49,7 +49,6 @@ from models.llm.evaluation import perplexity
 from models.llm.folder import CausalLM, decoder_layers
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

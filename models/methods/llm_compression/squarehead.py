@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.llm.compression.job import CompressionParams, load_parent, model_stem, register_compressed, token_sets
 from models.llm.compression.oneshot import prune_model
@@ -33,7 +33,6 @@ from models.llm.folder import CausalLM
 from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 Objective = Literal["squarehead", "ce", "kl"]
 OBJECTIVES: dict[str, LossWeights] = {

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.datasets import Dataset, load_builtin
 from models.llm.base import base_model
 from models.llm.data import split_windows, token_stream
@@ -34,7 +34,6 @@ from models.llm.retrieval_tuning import retrieval_model
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class EMSParams(MethodParams):

@@ -13,7 +13,7 @@ import time
 
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.llm.attention.hip import HiPConfig, register_hip
 from models.llm.attention.measure import (
@@ -29,7 +29,6 @@ from models.llm.passkey import passkey_accuracy, passkey_samples
 from models.llm.retrieval_tuning import retrieval_model
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class HiPParams(AttentionEvalParams):

@@ -14,7 +14,7 @@ import time
 import torch.nn.functional as F
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.llm.attention.hyperattention import HyperConfig, hyper_attention, register_hyperattention
 from models.llm.attention.measure import AttentionEvalParams, best_time, held_out_windows, perplexity_with, random_qkv
 from models.llm.base import RECIPES, base_model
@@ -22,7 +22,6 @@ from models.llm.folder import load_folder
 from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class HyperAttentionParams(AttentionEvalParams):

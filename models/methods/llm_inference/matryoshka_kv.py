@@ -17,7 +17,7 @@ import time
 import torch
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.llm.base import base_model
 from models.llm.data import random_windows, sampled_stream, split_windows
@@ -28,7 +28,6 @@ from models.llm.kv_cache.matryoshka_training import calibrate, greedy_ranks, tra
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class MatryoshkaKVParams(MethodParams):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.llm.base import base_model
 from models.llm.data import sampled_stream, split_windows
@@ -40,7 +40,6 @@ from models.llm.prompt_tree import SparseTree, expected_accepted, hardware_aware
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class PPDParams(MethodParams):

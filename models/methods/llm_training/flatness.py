@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 from scipy.stats import spearmanr
 from transformers import LlamaForCausalLM
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.hessian import TraceEstimate, hutchinson_trace
 from models.llm.attention.measure import attention_implementation
 from models.llm.model import SizeName, build_model, llama_config, parameter_count
@@ -42,7 +42,6 @@ from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.representation.evaluation import linear_probe_accuracy
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 EOS, PAD, FIRST_TERMINAL = 0, 1, 2  # token ids: <eos> (also the sentence start), <pad>, then the terminals
 TASKS = ("parent", "grandparent", "depth")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.lm_training import (
     LMRun,
     LMTrainingParams,
@@ -26,7 +26,6 @@ from models.optim import build_optimizer
 from models.optim.frugal import BlockOrder, Projection, StateFreeRule
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class FrugalParams(LMTrainingParams):

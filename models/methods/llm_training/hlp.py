@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.llm.base import base_model
 from models.llm.data import split_windows, token_stream
 from models.llm.evaluation import perplexity
@@ -43,7 +43,6 @@ from models.llm.tokenizer import encode_documents
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 

@@ -26,14 +26,13 @@ from pydantic import Field
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.eigenscore import efficient_eigenscore, eigenscore
 from models.llm.folder import decoder_layers
 from models.llm.model import build_model, llama_config
 from models.llm.tokenizer import encode_documents, train_tokenizer
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 ATTRIBUTES = ("capital", "founder", "river", "color", "language", "mascot")
 SYLLABLES = ("ka", "lo", "mi", "zu", "ter", "van", "dor", "el", "qui", "ra", "sen", "tho", "bra", "ny", "ox", "pel")

@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from pydantic import Field
 from torch import nn
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.lm_training import (
     CodeCorpus,
     LMRun,
@@ -37,7 +37,6 @@ from models.lm_training import (
 from models.optim.sst import SSTAdam, to_dense, to_sst
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, cpu_threads
 from models.lm_training import (
     LMRun,
     LMTrainingParams,
@@ -26,7 +26,6 @@ from models.nn.fake_quant import quantize_linears
 from models.optim import build_optimizer
 from models.registry import method
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class StableSpamParams(LMTrainingParams):

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import MethodParams, method
@@ -37,7 +37,6 @@ from models.representation.encoders import ContrastiveEncoder, embed, save_encod
 from models.representation.evaluation import embedding_figure, evaluate_embeddings
 from models.representation.losses import nt_xent
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class PairTemperature(nn.Module):

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.representation.contrastive import resume, training_state
@@ -40,7 +40,6 @@ from models.representation.evaluation import evaluate_embeddings
 from models.representation.losses import nt_xent
 from models.representation.series import CLEAN, FAULTY, NOISY, SeriesEncoder, bad_pair_series, strong_view, weak_view
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class PairMemory(nn.Module):

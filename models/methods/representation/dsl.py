@@ -48,7 +48,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.diffusion.grids import image_grid
 from models.methods.representation.ecaml import class_balanced_batch, zero_shot_split
@@ -58,7 +58,6 @@ from models.registry import MethodParams, method
 from models.representation.contrastive import resume, training_state
 from models.representation.evaluation import embedding_figure, sklearn_kmeans, zero_shot_metrics
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 # -- the model -------------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import MethodParams, method
@@ -47,7 +47,6 @@ from models.representation.contrastive import resume, training_state
 from models.representation.encoders import cnn_body, embed
 from models.representation.evaluation import embedding_figure, zero_shot_metrics
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 MetricLossName = Literal["multi-similarity", "triplet", "contrastive"]
 

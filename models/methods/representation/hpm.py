@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.diffusion.grids import image_grid
 from models.plots import curves_figure
@@ -53,7 +53,6 @@ from models.representation.augment import ViewRecipe, image_splits, random_view
 from models.representation.contrastive import resume, training_state
 from models.representation.evaluation import embedding_figure, evaluate_embeddings, linear_probe_accuracy
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 PredictorLoss = Literal["relative", "absolute"]
 

@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import MethodParams, method
@@ -49,7 +49,6 @@ from models.representation.encoders import ContrastiveEncoder, embed, save_encod
 from models.representation.evaluation import embedding_figure, evaluate_embeddings
 from models.representation.losses import multi_positive_info_nce
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 PairMode = Literal["arbitrary", "distinct", "identical"]
 Variant = Literal["hydra", "simclr", "supcon"]

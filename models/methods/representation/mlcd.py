@@ -34,14 +34,13 @@ from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.representation.contrastive import resume, training_state
 from models.representation.encoders import cnn_body, embed
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 LossName = Literal["mlcd", "softmax"]
 

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from pydantic import Field
 from scipy.stats import spearmanr
 
-from models.context import InMemoryRunContext, RunContext
+from models.context import InMemoryRunContext, RunContext, cpu_threads
 from models.datasets import load_builtin
 from models.registry import MethodParams, method
 from models.representation.augment import ViewRecipe, image_splits
@@ -40,7 +40,6 @@ from models.representation.contrastive import ContrastiveSchedule, fit_contrasti
 from models.representation.encoders import ContrastiveEncoder, embed, load_encoder
 from models.representation.evaluation import embedding_figure, evaluate_embeddings, linear_probe_accuracy, rankme
 from models.reproduction import Outcome, reproduction
-from models.training import cpu_threads
 
 
 class RankMeParams(MethodParams):

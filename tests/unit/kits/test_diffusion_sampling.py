@@ -143,8 +143,8 @@ def test_a_one_step_student_samples_in_one_unet_call_through_the_core(parts):
     """A model whose info names a one-step timestep (what snoopi registers) is served by the same `sample`:
     x̂₀ = (z − σ_T ε(z, T, c)) / α_T per seed, and CFG combines the one-step outputs of the two prompts."""
     from models.diffusion.model import DiffusionParts
+    from models.diffusion.one_step import OneStep
     from models.diffusion.sampling import initial_noise
-    from models.diffusion.vsd import OneStep
 
     one = OneStep.for_schedule(DDPMScheduler.from_config(parts.scheduler_config).alphas_cumprod, 0.05)
     student = DiffusionParts(

@@ -11,7 +11,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.utils.inference import CustomKNN
 
-from models.context import InMemoryRunContext
+from models.context import Cancelled, InMemoryRunContext
 from models.representation.augment import ViewRecipe, random_view
 from models.representation.contrastive import ContrastiveSchedule, fit_contrastive, simclr_objective
 from models.representation.encoders import ContrastiveEncoder, embed, load_encoder, save_encoder
@@ -109,7 +109,7 @@ def test_contrastive_training_resumes_identically_and_stops_when_cancelled():
     x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     schedule = ContrastiveSchedule(epochs=4, batch_size=32, checkpoint_every=1)
 
-    def train(ctx: InMemoryRunContext) -> tuple[ContrastiveEncoder, list | None]:
+    def train(ctx: InMemoryRunContext) -> tuple[ContrastiveEncoder, list]:
         torch.manual_seed(0)
         model = ContrastiveEncoder(width=8, proj_hidden=16, proj_dim=8)
         return model, fit_contrastive(ctx, model, simclr_objective(0.5), x, ViewRecipe(), schedule)
@@ -118,7 +118,9 @@ def test_contrastive_training_resumes_identically_and_stops_when_cancelled():
     whole, history = train(whole_ctx)
     crashed = InMemoryRunContext(seed=2)
     crashed.on_progress = lambda done, total, msg: crashed.cancel() if done == 2 else None
-    assert train(crashed)[1] is None and crashed.load_checkpoint().step == 2
+    with pytest.raises(Cancelled):
+        train(crashed)
+    assert crashed.load_checkpoint().step == 2
     resumed = InMemoryRunContext(seed=2)
     resumed.checkpoints = list(crashed.checkpoints)
     model, resumed_history = train(resumed)

@@ -12,6 +12,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 from models.context import InMemoryRunContext
 from models.datasets import load_builtin
 from models.methods.representation.amcl import AMCLParams, PairTemperature, amcl_loss, omega, run
+from models.registry import registered_spec
 
 torch.set_num_threads(1)
 
@@ -63,7 +64,7 @@ def test_run_logs_temperatures_registers_an_encoder_and_stops_when_cancelled():
     assert ctx.artifacts["curves.png"][1].startswith(b"\x89PNG") and ctx.load_checkpoint().step == 2
     cancelled = InMemoryRunContext(dataset=ds, seed=0)
     cancelled.cancel()
-    run(cancelled, AMCLParams(epochs=2, width=8, proj_dim=8))
+    assert not registered_spec(run).invoke(cancelled, AMCLParams(epochs=2, width=8, proj_dim=8))
     assert not cancelled.artifacts and cancelled.latest("linear_probe_acc") is None
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from models.context import InMemoryRunContext
-from models.registry import list_reproductions
-from models.reproduction import run_reproduction
+from models.reproduction import list_reproductions, run_reproduction
 
 torch.set_num_threads(1)
 

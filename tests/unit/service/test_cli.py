@@ -23,7 +23,16 @@ def test_reproduce_prints_the_record_shape():
     out = CliRunner().invoke(main, ["reproduce", "test-counter", "--smoke", "--json"])
     record = json.loads(out.stdout)
     assert {"method", "claim", "metric", "ours", "baseline", "direction", "holds", "seconds", "seed"} <= set(record)
-    assert record["holds"] is True and record["ours"] == 15.0
+    assert record["ours"] == 15.0 and record["seeds"] == 1
+    # one seed measures no noise, so nothing holds beyond it
+    assert record["verdict"] == "within noise" and record["holds"] is False
+    assert record["code_hash"] and record["commit"]
+
+
+def test_full_reproduction_holds_only_beyond_the_seed_noise():
+    record = json.loads(CliRunner().invoke(main, ["reproduce", "test-counter", "--json", "--seed", "1"]).stdout)
+    assert record["seeds"] == 3 and record["per_seed"]["ours"] == [1276.0, 1277.0, 1275.0]
+    assert record["improvement_se"] > 0 and record["verdict"] == "holds" and record["holds"] is True
 
 
 def test_unreachable_api_is_a_clear_error(monkeypatch):
