@@ -59,6 +59,10 @@ class MethodSpec:
     module: str
     summary: str = ""
     resources: dict[str, float] = field(default_factory=dict)
+    # params for a seconds-long run on the first built-in dataset of the method's kind (the contract suite's
+    # run, cancel and resume checks use them; a notebook can too)
+    tiny: dict[str, Any] = field(default_factory=dict)
+    tiny_dataset: str | None = None  # a built-in dataset for that run when the kind's first one does not fit
 
     def validate(self, raw_params: Any = None) -> MethodParams:
         """The params model from a mapping (a job's JSON), or the params object itself."""
@@ -117,8 +121,10 @@ def method(
     datasets: tuple[str, ...],
     params: type[MethodParams],
     resources: dict[str, float] | None = None,
+    tiny: dict[str, Any] | None = None,
+    tiny_dataset: str | None = None,
 ) -> Callable[[Callable[[RunContext, Any], None]], Callable[[RunContext, Any], None]]:
-    """Register `fn(ctx, params)` as method `id`."""
+    """Register `fn(ctx, params)` as method `id`; `tiny` are params for a seconds-long run (see `MethodSpec`)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
@@ -138,6 +144,8 @@ def method(
             module=fn.__module__,
             summary=doc[0] if doc else "",
             resources=dict(resources or {"cpus": 1}),
+            tiny=dict(tiny or {}),
+            tiny_dataset=tiny_dataset,
         )
         return fn
 
