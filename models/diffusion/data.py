@@ -2,7 +2,7 @@
 
 Each 8×8 digit is upsampled to 16×16, thinned or thickened, shifted by up to ±1 px and painted in
 one of six named hues (jittered ±10°) with HSV saturation drawn from U(0.4, 0.7) on a black
-background — the notes' shared data. Saturation in [0.4, 0.7] leaves room above it, so a guidance
+background: the data every method of the family shares. Saturation in [0.4, 0.7] leaves room above it, so a guidance
 rule that oversaturates (CFG at high scales, the APG paper's complaint) shows up in the mean
 foreground saturation and in the clipped-pixel fraction.
 

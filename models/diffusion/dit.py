@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoint import trained_once
-from models.context import RunContext, shared_cache_dir
+from models.context import RunContext, shared_cache_dir, stop_if_cancelled
 from models.diffusion.data import IMAGE_SIZE, coloured_digits
 from models.diffusion.model import training_scheduler
 
@@ -143,8 +143,9 @@ class MiniDiT(nn.Module):
         return self.forward_rows(x, t, y, 0)
 
 
-def train_dit(config: DiTConfig) -> MiniDiT:
-    """DDPM ε-prediction (Ho et al. 2020, Eq. 14) with 10% null labels; AdamW, cosine decay."""
+def train_dit(config: DiTConfig, ctx: RunContext | None = None) -> MiniDiT:
+    """DDPM ε-prediction (Ho et al. 2020, Eq. 14) with 10% null labels; AdamW, cosine decay. With a run
+    context, reports progress every step and raises `Cancelled` when the run is cancelled."""
     data = coloured_digits("train", 2, seed=config.seed)
     torch.manual_seed(config.seed)
     model = MiniDiT(config)
@@ -152,6 +153,8 @@ def train_dit(config: DiTConfig) -> MiniDiT:
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
     for step in range(config.steps):
+        if ctx is not None:
+            stop_if_cancelled(ctx)
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         idx = torch.randint(0, len(data), (config.batch_size,), generator=g)
         x0, y = data.images[idx], data.labels[idx].clone()
@@ -165,6 +168,8 @@ def train_dit(config: DiTConfig) -> MiniDiT:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if ctx is not None:
+            ctx.progress(step + 1, config.steps, f"mini-DiT: loss {loss.item():.4f}")
     return model.eval()
 
 
@@ -173,7 +178,8 @@ FULL_DIT = DiTConfig()
 
 
 def dit_model(ctx: RunContext, smoke: bool = False, config: DiTConfig | None = None) -> MiniDiT:
-    """The cached trained mini-DiT for `config` (trained at most once per cache folder)."""
+    """The cached trained mini-DiT for `config` (trained at most once per cache folder; a cancelled run stops
+    the training and caches nothing)."""
     config = config or (SMOKE_DIT if smoke else FULL_DIT)
     path = shared_cache_dir(ctx) / "diffusion" / f"mini-dit-{config.key()}.safetensors"
-    return trained_once(path, MiniDiT(config), lambda: train_dit(config))
+    return trained_once(path, MiniDiT(config), lambda: train_dit(config, ctx))

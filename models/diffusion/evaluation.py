@@ -1,6 +1,6 @@
 """The family's evaluation kit: a digit classifier (accuracy + 64-d features), Fréchet distance on
 those features (torchmetrics' `FrechetInceptionDistance` with our network as its `feature`
-extractor — FD_cls in the notes), k-NN precision/recall (Kynkäänniemi et al. 2019, k = 3),
+extractor; "FD" in the records), k-NN precision/recall (Kynkäänniemi et al. 2019, k = 3),
 HSV saturation of the foreground, the clipped-pixel fraction and PSNR.
 
 The classifier is trained once per configuration and cached in the same cache folder as the base
@@ -20,7 +20,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from models.checkpoint import trained_once
-from models.context import RunContext
+from models.context import RunContext, stop_if_cancelled
 from models.diffusion.data import coloured_digits, to_unit
 from models.diffusion.training import cache_root
 
@@ -68,7 +68,8 @@ class ClassifierConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_classifier(config: ClassifierConfig) -> DigitClassifier:
+def train_classifier(config: ClassifierConfig, ctx: RunContext | None = None) -> DigitClassifier:
+    """Adam on cross-entropy; with a run context, raises `Cancelled` between epochs once it is cancelled."""
     data = coloured_digits("train", config.variants, seed=config.seed + 1)
     x, y = to_unit(data.images), data.labels
     torch.manual_seed(config.seed)
@@ -76,6 +77,8 @@ def train_classifier(config: ClassifierConfig) -> DigitClassifier:
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     g = torch.Generator().manual_seed(config.seed)
     for _ in range(config.epochs):
+        if ctx is not None:
+            stop_if_cancelled(ctx)
         for idx in torch.randperm(len(x), generator=g).split(config.batch_size):
             loss = F.cross_entropy(net.logits(x[idx]), y[idx])
             opt.zero_grad()
@@ -88,7 +91,7 @@ def digit_classifier(ctx: RunContext, smoke: bool = False) -> DigitClassifier:
     """The cached evaluation classifier (smoke: one epoch)."""
     config = ClassifierConfig(epochs=1, variants=1) if smoke else ClassifierConfig()
     path = cache_root(ctx) / "diffusion" / f"digit-classifier-{config.key()}.safetensors"
-    return trained_once(path, DigitClassifier(), lambda: train_classifier(config))
+    return trained_once(path, DigitClassifier(), lambda: train_classifier(config, ctx))
 
 
 @torch.no_grad()

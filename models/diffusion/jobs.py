@@ -1,8 +1,12 @@
 """What the family's sampling jobs share: params, model loading, class-balanced sampling and scoring.
 
 A sampling job (`cfg`, `apg`) draws `per_class` images of every digit with class-only prompts
-(the notes' APG protocol), scores them with the evaluation kit and saves a grid; the arms of a
-reproduction go through the same `sample_classes` + `EvaluationKit.score`.
+(the APG paper's class-conditional protocol at digit scale), scores them with the evaluation kit and
+saves a grid; the arms of a reproduction go through the same `sample_classes` + `EvaluationKit.score`.
+A job reports progress and checks for cancellation once per digit. With `smoke` it uses the
+seconds-long base model and one-epoch evaluation classifier of the reproductions' smoke mode (for
+tests and demos: their images are noise) instead of the full ones, which train for minutes the
+first time a cache folder needs them.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 import torch
 from pydantic import Field
 
-from models.context import RunContext
+from models.context import RunContext, stop_if_cancelled
 from models.diffusion.evaluation import EvaluationKit
 from models.diffusion.grids import image_grid
 from models.diffusion.guidance import GuidanceSpec
@@ -33,6 +37,11 @@ class SamplingParams(MethodParams):
     steps: int = Field(25, ge=1, le=1000)
     per_class: int = Field(20, ge=1, le=500, description="images per digit")
     seed: int = 0
+    smoke: bool = Field(
+        False,
+        description="use the seconds-long smoke base model and evaluation classifier (tests, demos; the images "
+        "are noise) instead of the full ones; ignored for the model when `model` names one",
+    )
 
 
 def load_for_job(ctx: RunContext, ref: str, smoke: bool = False) -> DiffusionParts:
@@ -53,10 +62,15 @@ def sample_classes(
     sampler: str = "ddim",
     steps: int = 25,
     seed: int = 0,
+    ctx: RunContext | None = None,
 ) -> tuple[SampleResult, torch.Tensor]:
-    """`per_class` images per digit with class-only prompts; seeds differ per image and per digit."""
+    """`per_class` images per digit with class-only prompts; seeds differ per image and per digit. With a
+    run context, reports progress and checks for cancellation (raising `Cancelled`) before each digit."""
     results = []
     for digit in range(10):
+        if ctx is not None:
+            stop_if_cancelled(ctx)
+            ctx.progress(digit, 10, f"digit {digit}")
         req = SampleRequest(
             prompt=[digit, None, None],
             guidance=guidance,
@@ -78,11 +92,11 @@ def sample_classes(
 
 def run_sampling_job(ctx: RunContext, params: SamplingParams, guidance: GuidanceSpec, name: str) -> dict[str, float]:
     """Sample, score, log and save a grid; returns the scores."""
-    parts = load_for_job(ctx, params.model)
+    parts = load_for_job(ctx, params.model, params.smoke)
     result, labels = sample_classes(
-        parts, guidance, params.per_class, sampler=params.sampler, steps=params.steps, seed=params.seed
+        parts, guidance, params.per_class, sampler=params.sampler, steps=params.steps, seed=params.seed, ctx=ctx
     )
-    kit = EvaluationKit.build(ctx)
+    kit = EvaluationKit.build(ctx, params.smoke)
     scores = kit.score(result.images, result.raw, labels)
     ctx.log(0, **scores, real_saturation=kit.real_saturation)
     for i, (norm, frac) in enumerate(zip(result.diff_norm, result.parallel_fraction)):

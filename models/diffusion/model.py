@@ -2,7 +2,7 @@
 
 A model is a diffusers `UNet2DConditionModel` (cross-attention at 8×8 and 4×4) fed by a tiny
 prompt encoder (one learned 32-d embedding per token slot plus a slot position, LayerNorm'd), the
-text-encoder stand-in the notes describe. A model folder is diffusers-style:
+stand-in for a text encoder. A model folder is diffusers-style:
 
     unet/                 `UNet2DConditionModel.save_pretrained` (config.json + safetensors)
     scheduler/            the training `DDPMScheduler`'s scheduler_config.json
@@ -58,7 +58,7 @@ class PromptEncoder(nn.Module):
 def unet_config(
     widths: tuple[int, ...] = (16, 32, 64), cross_attention_dim: int = 32, head_dim: int = 8, dropout: float = 0.0
 ) -> dict[str, Any]:
-    """The notes' base U-Net, narrowed to fit CPU training: one resnet per block, 16→8→4 px,
+    """The family's base U-Net, narrowed to fit CPU training: one resnet per block, 16→8→4 px,
     cross-attention at 8×8 and 4×4 and in the middle block."""
     n = len(widths)
     return dict(
@@ -77,7 +77,7 @@ def unet_config(
 
 
 def training_scheduler() -> DDPMScheduler:
-    """ε-prediction, 1000 steps, cosine ᾱ schedule (the notes' `squaredcos_cap_v2`)."""
+    """ε-prediction, 1000 steps, cosine ᾱ schedule (diffusers' `squaredcos_cap_v2`)."""
     return DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=False
     )

@@ -2,13 +2,15 @@
 
 `train_denoiser` is the one loop: AdamW, linear warm-up then cosine decay, an EMA of the weights
 (the EMA is what gets saved and sampled), null-prompt and attribute dropout from `data.drop_tokens`.
-It checkpoints through the run context and resumes from the last checkpoint, so a re-queued job
-continues where it stopped. Batches are drawn from a generator seeded by (seed, step), so a
+It reports progress every step, checkpoints through the run context and resumes from the last
+checkpoint, so a re-queued job continues where it stopped; a cancelled run raises
+`models.context.Cancelled` at the next step. Batches are drawn from a generator seeded by (seed, step), so a
 resumed run sees the same batches an uninterrupted one would.
 
 `base_model(ctx, smoke)` gives every diffusion method the same trained model without retraining:
 a model registered under the config's hash (`diffusion-base-<hash>`) when the context has one,
-else a local cache folder keyed by the same hash, else it trains once and fills both.
+else a local cache folder keyed by the same hash, else it trains once and fills both (a cancelled
+caller stops that training, and nothing is cached).
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def train_denoiser(
         done = step + 1
         if done % 10 == 0 or done == config.steps:
             ctx.log(done, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-            ctx.progress(done, config.steps, f"loss {loss.item():.4f}")
+        ctx.progress(done, config.steps, f"loss {loss.item():.4f}")
         if done % config.checkpoint_every == 0 or done == config.steps:
             ctx.save_checkpoint(
                 {
@@ -157,13 +159,18 @@ def base_model(ctx: RunContext, smoke: bool = False, config: PretrainConfig | No
     if not (folder / ".complete").exists():
         from models.context import InMemoryRunContext
 
-        # a private context: the base model's checkpoints must not mix with the calling job's
-        parts = train_denoiser(
-            InMemoryRunContext(
-                seed=config.seed, device=ctx.device, on_progress=lambda d, t, m: ctx.progress(d, t, f"base model: {m}")
-            ),
-            config,
-        )
+        # a private context: the base model's checkpoints must not mix with the calling job's; its progress
+        # goes to the caller, and the caller's cancellation stops it (train_denoiser raises Cancelled)
+        private = InMemoryRunContext(seed=config.seed, device=ctx.device)
+
+        def forward(done: int, total: int, message: str) -> None:
+            ctx.progress(done, total, f"base model: {message}")
+            if ctx.cancelled():
+                private.cancel()
+
+        private.on_progress = forward
+        stop_if_cancelled(ctx)
+        parts = train_denoiser(private, config)
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         save_parts(parts, tmp)

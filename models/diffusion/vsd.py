@@ -116,6 +116,7 @@ class VSDConfig:
     steps: int = 200
     batch_size: int = 16
     lr: float = 1e-5
+    weight_decay: float = 0.0  # the student's AdamW weight decay
     lora_lr: float = 1e-3
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -163,7 +164,7 @@ def train_vsd(
     encoder = teacher.prompt_encoder.eval()
     encoder.requires_grad_(False)
     lora_params = [p for p in teachers.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(student.unet.parameters(), lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(student.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     opt_lora = torch.optim.AdamW(lora_params, lr=config.lora_lr, weight_decay=0.0)
     prompts = coloured_digits("train", 1, seed=config.seed).tokens
     null = torch.tensor(encoder.null_tokens)
@@ -209,7 +210,7 @@ def train_vsd(
         done = step + 1
         if done % 10 == 0 or done == config.steps:
             ctx.log(done, vsd_loss=loss.item(), lora_loss=loss_lora.item())
-            ctx.progress(done, config.steps, f"vsd {loss.item():.3g} lora {loss_lora.item():.3g}")
+        ctx.progress(done, config.steps, f"vsd {loss.item():.3g} lora {loss_lora.item():.3g}")
         if on_eval is not None and eval_every and (done % eval_every == 0 or done == config.steps):
             on_eval(done, student.eval())
             student.unet.train()

@@ -103,7 +103,7 @@ def test_apg_agrees_with_the_diffusers_guider_class_when_its_buffer_is_set():
 
 
 def test_diffusers_default_formulation_differs_from_the_paper_when_eta_is_not_one():
-    """The pitfall the notes describe: D_u + w(Δ⊥ + ηΔ∥) is not D_c + (w−1)(Δ⊥ + ηΔ∥) for η ≠ 1."""
+    """diffusers' default formulation is not the paper's: D_u + w(Δ⊥ + ηΔ∥) is not D_c + (w−1)(Δ⊥ + ηΔ∥) for η ≠ 1."""
     d_c, d_u = preds(30)
     default = normalized_guidance(d_c, d_u, 5.0, None, 0.0, 0.0, use_original_formulation=False)
     assert not torch.allclose(default, apg(d_c, d_u, 5.0, eta=0.0), atol=1e-3)

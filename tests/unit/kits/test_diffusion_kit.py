@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from models.context import InMemoryRunContext
+from models.context import Cancelled, InMemoryRunContext
 from models.diffusion.data import NULL, SATURATION_RANGE, coloured_digits, drop_tokens, to_unit
 from models.diffusion.evaluation import (
     DigitClassifier,
@@ -20,7 +20,7 @@ from models.diffusion.evaluation import (
     saturation,
 )
 from models.diffusion.grids import image_grid
-from models.diffusion.training import PretrainConfig, train_denoiser
+from models.diffusion.training import PretrainConfig, base_model, base_model_name, train_denoiser
 
 torch.set_num_threads(1)
 
@@ -83,7 +83,7 @@ def test_interrupted_training_resumes_to_the_same_weights():
     data = coloured_digits("test", variants=1)
     straight = train_denoiser(InMemoryRunContext(), config, data)
     first = StopAfterFirstCheckpoint()
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         train_denoiser(first, config, data)
     assert first.load_checkpoint().step == 2
     second = InMemoryRunContext()
@@ -91,3 +91,21 @@ def test_interrupted_training_resumes_to_the_same_weights():
     resumed = train_denoiser(second, config, data)
     for a, b in zip(straight.unet.parameters(), resumed.unet.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_a_cancelled_caller_stops_the_base_model_training_and_caches_nothing(tmp_path):
+    """base_model trains in a private context: the caller's progress sees it, and the caller's cancel stops it."""
+    config = PretrainConfig(widths=(8, 16), steps=6, batch_size=4, warmup=1, variants=1, checkpoint_every=100)
+    ctx = InMemoryRunContext()
+    ctx.cache_dir = tmp_path
+    reports: list[tuple[int, int]] = []
+
+    def cancel_at_first_report(done: int, total: int, message: str) -> None:
+        reports.append((done, total))
+        ctx.cancel()
+
+    ctx.on_progress = cancel_at_first_report
+    with pytest.raises(Cancelled):
+        base_model(ctx, config=config)
+    assert reports == [(1, 6)]  # stopped at the next step
+    assert not (tmp_path / "diffusion" / base_model_name(config) / ".complete").exists()

@@ -79,10 +79,11 @@ def test_bytes_match_the_closed_form_and_pcpp_sends_to_neighbours_only(model):
 def test_pcpp_job_logs_bytes_and_fidelity():
     from models.context import InMemoryRunContext
     from models.methods.diffusion.pcpp import PCPPParams, run
+    from models.registry import registered_spec
 
-    ctx = InMemoryRunContext()
-    run(ctx, PCPPParams(world=2, steps=2, per_class=1))
+    spec, ctx = registered_spec(run), InMemoryRunContext()
+    assert spec.invoke(ctx, PCPPParams(world=2, steps=2, per_class=1, smoke=True))
     assert ctx.latest("kv_bytes") > 0 and ctx.latest("psnr_vs_single") > 0
     assert "pcpp_samples.png" in ctx.artifacts
     with pytest.raises(ValueError):
-        run(ctx, PCPPParams(world=3))
+        spec.invoke(ctx, PCPPParams(world=3, smoke=True))

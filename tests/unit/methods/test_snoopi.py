@@ -141,19 +141,20 @@ def test_colour_reader_names_each_painted_hue_and_ignores_background():
     assert dominant_colour(torch.zeros(1, 3, 16, 16)).item() == -1
 
 
-def test_snoopi_job_registers_a_one_step_student_and_saves_nasa_grid(monkeypatch):
-    """The job's contract on the seconds-long smoke base and smoke evaluation kit (the full ones train for
-    minutes on a fresh machine)."""
+def test_snoopi_job_registers_a_one_step_student_and_saves_nasa_grid():
+    """The job's contract on the seconds-long smoke base and smoke evaluation kit (`smoke`: the full ones train
+    for minutes on a fresh machine), with the teacher given as a registered model."""
     from models.diffusion.model import save_parts
     from models.diffusion.training import base_model
-    from models.methods.diffusion import snoopi
     from models.methods.diffusion.snoopi import SnoopiParams, run
+    from models.registry import registered_spec
 
     ctx = InMemoryRunContext()
     ctx.register_model("teacher", save_parts(base_model(ctx, smoke=True), ctx.workdir / "teacher"), {})
-    build = snoopi.EvaluationKit.build
-    monkeypatch.setattr(snoopi.EvaluationKit, "build", staticmethod(lambda c, smoke=False: build(c, True)))
-    run(ctx, SnoopiParams(model="teacher", steps=1, batch_size=2, lora_rank=2, per_class=1, negative_prompt="red"))
+    params = SnoopiParams(
+        model="teacher", steps=1, batch_size=2, lora_rank=2, per_class=1, negative_prompt="red", smoke=True
+    )
+    assert registered_spec(run).invoke(ctx, params)
     assert {"one_step_samples.png", "one_step_nasa.png"} <= set(ctx.artifacts)
     assert any(name.startswith("snoopi-") for name in ctx.models)
     with pytest.raises(ValueError):
