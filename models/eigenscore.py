@@ -12,8 +12,9 @@ kernel polynomial method: log det A = tr log A, with
 4. tr T_m(B) ≈ (1/N_z) Σ_z zᵀ T_m(B) z over Rademacher probes z (Hutchinson), T_m(B) z by the three-term
    recurrence T_{m+1} = 2B T_m − T_{m−1}, i.e. M matrix–vector products per probe and never A itself.
 
-We follow the textbook form T_m(x) = cos(m·arccos x) (the SeND script uses cos(m·x) and adds an exact
-SVD term; the notes record that difference). A is never formed: B v = (Zᶜᵀ(Zᶜ v) + (α − c) v)/h with
+We follow the textbook form T_m(x) = cos(m·arccos x) (the SeND reference script,
+https://github.com/notarobot-hub/SEND `sensitivity/efficient_eigenscore/efficient.py`, uses cos(m·x)
+and adds an exact SVD term). A is never formed: B v = (Zᶜᵀ(Zᶜ v) + (α − c) v)/h with
 Zᶜ = JZ, so a product costs O(Kd).
 
 Accuracy needs a well-conditioned A: the Chebyshev series of log converges at a rate set by

@@ -152,6 +152,7 @@ def train_lm(
     `after_step(step)` runs after each optimizer step (SST's periodic re-SVD hooks in there).
     """
     peak = [g["lr"] for g in optimizer.param_groups]
+    report_every = max(1, min(25, params.steps // 10))  # a short run reports before its end too
     generator = torch.Generator().manual_seed(seed)
     run = LMRun()
     model.train()
@@ -179,7 +180,7 @@ def train_lm(
             break
         if ctx is not None:
             ctx.log(step + 1, train_loss=run.losses[-1], grad_norm=norm)
-            if (step + 1) % 25 == 0 or step + 1 == params.steps:
+            if (step + 1) % report_every == 0 or step + 1 == params.steps:
                 ctx.progress(step + 1, params.steps, f"step {step + 1}: loss {run.losses[-1]:.3f}")
     run.state_bytes = optimizer_state_bytes(optimizer)
     run.val_loss = mean_nll(model, corpus.val_windows) if not run.diverged else float("inf")

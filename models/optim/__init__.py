@@ -30,6 +30,7 @@ OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 __all__ = [
     "FRUGAL",
+    "GALORE_SCALE",
     "OPTIMIZERS",
     "OptimizerName",
     "StableSPAM",
@@ -61,23 +62,34 @@ def _proj_groups(target: nn.Module | Iterable[Any]) -> list[dict[str, Any]]:
     ]
 
 
+GALORE_SCALE = 0.25  # α of GaLore's update, as in the GaLore paper's LLaMA pre-training runs
+
+
 def _galore(
     target: nn.Module | Iterable[Any],
     lr: float,
     weight_decay: float,
     density: float = 0.25,
     update_gap: int = 200,
-    scale: float = 1.0,
+    scale: float = GALORE_SCALE,
+    rank: int | None = None,
     **kw: Any,
 ) -> torch.optim.Optimizer:
-    """GaLore-AdamW at rank round(ρ·min(m, n)) of the smallest projectable matrix (equal memory to FRUGAL ρ)."""
+    """GaLore-AdamW at rank round(ρ·min(m, n)) of the smallest projectable matrix (equal memory to FRUGAL ρ),
+    or at `rank` when given.
+
+    GaLore (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024,
+    arXiv 2403.03507; https://github.com/jiaweizzhao/GaLore) projects each matrix gradient onto r directions
+    refreshed from its SVD every `update_gap` steps, runs Adam there and applies α·Pᵀ·Adam(P G): `scale` is
+    α, 0.25 by default as in the paper's LLaMA pre-training (whose scripts pair it with lr 0.01); 1 makes
+    the projected step as large as Adam's."""
     from galore_torch import GaLoreAdamW
 
     groups = _proj_groups(target)
     for g in groups:
         if g.pop("is_proj_params"):
-            rank = max(1, round(density * min(min(p.shape) for p in g["params"])))
-            g.update(rank=rank, update_proj_gap=update_gap, scale=scale, proj_type="std")
+            r = rank if rank is not None else max(1, round(density * min(min(p.shape) for p in g["params"])))
+            g.update(rank=r, update_proj_gap=update_gap, scale=scale, proj_type="std")
     return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, **kw)
 
 
@@ -121,7 +133,8 @@ def build_optimizer(
     name: str, target: nn.Module | Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, **kw: Any
 ) -> torch.optim.Optimizer:
     """The optimizer `name` over `target` (a model, or parameters/param groups); `kw` are its own options
-    (e.g. FRUGAL's `density`, `projection`, `update_gap`; Stable-SPAM's `gamma1`, `reset_interval`)."""
+    (e.g. FRUGAL's `density`, `projection`, `update_gap`; Stable-SPAM's `gamma1`, `reset_interval`; GaLore's
+    `density`, `update_gap` and `scale`)."""
     if name == "adamw":
         return torch.optim.AdamW(_params(target), lr=lr, weight_decay=weight_decay, **kw)
     if name == "sgd":

@@ -1,6 +1,6 @@
 """Sparse Spectral Training (SST): train every linear layer in its SVD basis, a few singular vectors at a time.
 
-Zhang et al., "Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks"
+Zhao et al., "Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks"
 (arXiv 2405.15481v2), Section 4. Each weight W ∈ R^{m×n} is re-parametrised as U diag(Σ) Vᵀ from the
 SVD of W₀ (k = min(m, n), so the model is unchanged at initialisation). With G = ∂L/∂W:
 

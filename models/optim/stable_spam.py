@@ -11,14 +11,22 @@ Huang et al., "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam" 
 3. Adam on the rescaled g with bias correction and decoupled weight decay.
 4. Every `reset_interval` steps (ΔT) the Adam moments are zeroed and Adam's step counter restarts at 1
    (SPAM's momentum reset); the clip and norm statistics keep running.
-5. Optionally β₁ and γ₁ are scaled by a cosine factor from 1 down to `eta_min` over `total_T` steps.
+5. Optionally (`total_T` = T) β₁ and γ₁ are scaled by a factor s_t that decays from 1 to `eta_min` = η
+   over T steps. The reference steps torch's `CosineAnnealingLR` (T_max = T + 1, base value 1) once per
+   optimizer step, setting its epoch to the global step t first, so the factor follows the scheduler's
+   recursive form rather than its closed form:
 
-Checked against `TianjinYellow/StableSPAM` (`galore_torch/stablespam.py`) through
-`pytorch_optimizer.StableSPAM` 4.1.0, against which a test checks step-by-step agreement (without the
-cosine factor: the library steps a `CosineAnnealingLR` recursively; ours is the closed form
-η_min + (1−η_min)(1+cos(πt/T))/2, a reconstruction). Unlike the library we never write into
-`p.grad`, and all counters live in the param groups, so the state dict round-trips through the
-safetensors checkpoint.
+       s_0 = 1,   s_t = η + (s_{t−1} − η)·(1 + cos(π(t+1)/(T+1)))/(1 + cos(πt/(T+1)))   for t < T,   s_t = η for t ≥ T.
+
+   The product telescopes to η + (1−η)(1 + cos(π(t+1)/(T+1)))/(1 + cos(π/(T+1))), already below 1 at the
+   first step; we compute the recursion with the scheduler's own float operations (`cosine_decay`), so
+   the factor is the reference's to the last bit, and keep s_t in the param group.
+
+Checked against `TianjinYellow/StableSPAM` (https://github.com/TianjinYellow/StableSPAM,
+`galore_torch/stablespam.py`) through `pytorch_optimizer.StableSPAM` 4.1.0, against which tests check
+step-by-step agreement with and without the cosine decay. Unlike the library we never write into
+`p.grad`, and all counters (and s_t) live in the param groups, so the state dict round-trips through
+the safetensors checkpoint.
 """
 
 from __future__ import annotations
@@ -58,13 +66,18 @@ def ada_gn(
     return grad / norm * (m_hat / (v_hat.sqrt() + eps))
 
 
-def cosine_factor(step: int, total_steps: int | None, eta_min: float) -> float:
-    """The optional decay of β₁ and γ₁: 1 at step 0, `eta_min` from `total_steps` on."""
+def cosine_decay(previous: float, step: int, total_steps: int | None, eta_min: float) -> float:
+    """The factor s_t of β₁ and γ₁ at global step `step` (≥ 1) from s_{t−1} = `previous` (1 before the first
+    step): one step of `CosineAnnealingLR(T_max=total_steps + 1, eta_min)` from epoch `step` to `step` + 1,
+    written as torch writes it, and `eta_min` from `total_steps` on. 1 when there is no decay."""
     if total_steps is None:
         return 1.0
     if step >= total_steps:
         return eta_min
-    return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
+    t_max, epoch = total_steps + 1, step + 1
+    return (1 + math.cos(math.pi * epoch / t_max)) / (1 + math.cos(math.pi * (epoch - 1) / t_max)) * (
+        previous - eta_min
+    ) + eta_min
 
 
 class StableSPAM(torch.optim.Optimizer):
@@ -102,6 +115,7 @@ class StableSPAM(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("step", 0)  # Adam's step, restarted at each reset
             group.setdefault("total_step", 0)  # never restarted: bias correction of the clip and norm averages
+            group.setdefault("decay", 1.0)  # s_t, the cosine factor of β₁ and γ₁ (1: no decay yet)
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
@@ -124,7 +138,7 @@ class StableSPAM(torch.optim.Optimizer):
             total = group["total_step"]
             reset = total % group["reset_interval"] == 0
             group["step"] = 1 if reset else group["step"] + 1
-            scale = cosine_factor(total, group["total_T"], group["eta_min"])
+            scale = group["decay"] = cosine_decay(group["decay"], total, group["total_T"], group["eta_min"])
             betas = (group["betas"][0] * scale, group["betas"][1])
             for p in group["params"]:
                 if p.grad is None:

@@ -1,18 +1,31 @@
-"""`send`: Sensitive Neuron Dropout with the Efficient EigenScore (Mohammadzadeh et al., "Hallucination Detox:
-Sensitive Neuron Dropout (SeND) for Large Language Model Training", 2024).
+"""`send`: Sensitive Neuron Dropout, scored with the Efficient EigenScore.
+
+Paper: Shahrad Mohammadzadeh, Juan David Guerra, Marco Bonizzato, Reihaneh Rabbany and Golnoosh Farnadi,
+"Hallucination Detox: Sensitive Neuron Dropout (SeND) for Large Language Model Training" (arXiv
+2410.15460, 2024; the ACL 2025 version is titled "Hallucination Detox: Sensitivity Dropout (SenD) for
+Large Language Model Training"). Reference code: https://github.com/notarobot-hub/SEND
+(`send/send_pythia.py`, `sensitivity/efficient_eigenscore/efficient.py`).
 
 SeND watches the MLP units of every decoder layer on a tracking set between training epochs and drops
 (deterministically, not at random) those whose activations swing most: over the last ≤3 checkpoints t,
 
     S_j = Σ_t |a_{t+1,j} − a_{t,j}| · Var_t(a_{t,j})        (Section 4, "sensitive neurons"),
 
-averaged over tracking examples; the top `drop_fraction` (30%) of units of each layer are zeroed for the
-next epochs and re-identified every `reidentify_every` epochs (2). The mask sits on the input of
-`down_proj` (the unit activations act(gate)·up), so a dropped unit outputs 0 and its gate/up rows and
-down_proj column receive zero gradient. The hallucination signal is EigenScore over K sampled answers
-per query (penultimate-layer state of the second-to-last token), estimated by EES
-(`models/eigenscore.py`). Pythia and its data are replaced by a micro Llama trained from scratch on
-templated fictional facts; the SeND script's inconsistent axis handling is replaced by the paper's formula.
+averaged over tracking examples; the top `drop_fraction` of units of each layer are zeroed for the next
+epochs and re-identified every `reidentify_every` epochs (30% and 2 epochs, the reference script's).
+The mask sits on the input of `down_proj` (the unit activations act(gate)·up), so a dropped unit outputs
+0 and its gate/up rows and down_proj column receive zero gradient.
+
+The hallucination signal is EigenScore over K sampled answers per query: the answers' penultimate-layer
+states at their second-to-last token form Z ∈ R^{K×d}, and ES = (1/K) log det(ZᵀJZ + αI) with J the
+centring matrix; EES estimates the same log-determinant with Chebyshev moments and Hutchinson probes
+(`models/eigenscore.py`, in the textbook form cos(m·arccos x) where the reference code has cos(m·x)).
+
+Deviations: Pythia and its data are replaced by a micro Llama trained from scratch on templated fictional
+facts (nothing a model could know beforehand), AdamW at lr 5e-3 for 30 epochs instead of the script's
+1e-4 on a pre-trained model, and embeddings are standardised before EigenScore (α = 1 on that scale);
+the reference script's inconsistent axis handling in the sensitivity score is replaced by the paper's
+formula above.
 """
 
 from __future__ import annotations
@@ -26,23 +39,24 @@ from pydantic import Field
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.context import RunContext, cpu_threads
+from models.context import RunContext, stop_if_cancelled
 from models.eigenscore import efficient_eigenscore, eigenscore
 from models.llm.folder import decoder_layers
 from models.llm.model import build_model, llama_config
 from models.llm.tokenizer import encode_documents, train_tokenizer
-from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction
+from models.params import EpochTrainingParams
+from models.registry import method
+from models.reproduction import Outcome, reproduction, seeds_for, sweep
 
 ATTRIBUTES = ("capital", "founder", "river", "color", "language", "mascot")
 SYLLABLES = ("ka", "lo", "mi", "zu", "ter", "van", "dor", "el", "qui", "ra", "sen", "tho", "bra", "ny", "ox", "pel")
 
 
-class SeNDParams(MethodParams):
-    facts: int = Field(100, ge=10, le=100_000, description="templated fictional facts to learn")
-    epochs: int = Field(30, ge=1, le=1000, description="passes over the facts")
-    batch_size: int = Field(8, ge=1, le=512)
+class SeNDParams(EpochTrainingParams):
     lr: float = Field(5e-3, gt=0.0, le=1.0, description="AdamW learning rate")
+    batch_size: int = Field(8, ge=1, le=512, description="facts per step")
+    epochs: int = Field(30, ge=1, le=1000, description="passes over the facts")
+    facts: int = Field(100, ge=10, le=100_000, description="templated fictional facts to learn")
     drop_fraction: float = Field(0.3, ge=0.0, lt=1.0, description="fraction of MLP units dropped per layer (0: off)")
     reidentify_every: int = Field(2, ge=1, description="epochs between re-identifications of sensitive units")
     samples: int = Field(10, ge=2, le=100, description="K sampled answers per query for EigenScore")
@@ -164,35 +178,38 @@ def train_facts(
     params: SeNDParams,
     seed: int,
     ctx: RunContext | None = None,
-) -> list[float] | None:
-    """Train on the facts with SeND (drop_fraction > 0) or plainly; the per-epoch mean loss, None if cancelled."""
-    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0)
+) -> list[float]:
+    """Train on the facts with SeND (drop_fraction > 0) or plainly; the per-epoch mean loss (`Cancelled`
+    when `ctx` is)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     mask = UnitMask(model)
     rng = random.Random(seed)
     checkpoints: list[torch.Tensor] = []
     losses = []
-    for epoch in range(params.epochs):
-        if params.drop_fraction and len(checkpoints) >= 2 and epoch % params.reidentify_every == 0:
-            history = torch.stack(checkpoints[-3:])  # [T, layers, examples, units]
-            mask.drop([most_sensitive(history[:, i], params.drop_fraction) for i in range(history.shape[1])])
-        model.train()
-        total, count = 0.0, 0
-        for tokens, labels in fact_batches(tokenizer, facts, params.batch_size, rng):
-            if ctx is not None and ctx.cancelled():
-                mask.remove()
-                return None
-            loss = model(input_ids=tokens, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item(), count + 1
-        losses.append(total / count)
-        if params.drop_fraction:
-            model.eval()
-            checkpoints.append(tracking_activations(model, mask, tokenizer, tracking))
-        if ctx is not None:
-            ctx.log(epoch + 1, train_loss=losses[-1], dropped_fraction=float(1 - torch.stack(mask.keep).mean()))
-    mask.remove()  # inference uses every unit
+    try:
+        for epoch in range(params.epochs):
+            if params.drop_fraction and len(checkpoints) >= 2 and epoch % params.reidentify_every == 0:
+                history = torch.stack(checkpoints[-3:])  # [T, layers, examples, units]
+                mask.drop([most_sensitive(history[:, i], params.drop_fraction) for i in range(history.shape[1])])
+            model.train()
+            total, count = 0.0, 0
+            for tokens, labels in fact_batches(tokenizer, facts, params.batch_size, rng):
+                if ctx is not None:
+                    stop_if_cancelled(ctx)
+                loss = model(input_ids=tokens, labels=labels).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count = total + loss.item(), count + 1
+            losses.append(total / count)
+            if params.drop_fraction:
+                model.eval()
+                checkpoints.append(tracking_activations(model, mask, tokenizer, tracking))
+            if ctx is not None:
+                ctx.log(epoch + 1, train_loss=losses[-1], dropped_fraction=float(1 - torch.stack(mask.keep).mean()))
+                ctx.progress(epoch + 1, params.epochs, f"epoch {epoch + 1}: loss {losses[-1]:.3f}")
+    finally:
+        mask.remove()  # inference uses every unit
     model.eval()
     return losses
 
@@ -257,7 +274,7 @@ class SeNDRun:
     scores: FactScores
 
 
-def train_and_score(params: SeNDParams, seed: int, ctx: RunContext | None = None) -> SeNDRun | None:
+def train_and_score(params: SeNDParams, seed: int, ctx: RunContext | None = None) -> SeNDRun:
     facts = fictional_facts(params.facts, seed=0)
     n_query = max(2, int(params.query_fraction * len(facts)))
     queries, tracking = facts[:n_query], facts[n_query : 2 * n_query]
@@ -267,8 +284,6 @@ def train_and_score(params: SeNDParams, seed: int, ctx: RunContext | None = None
         seed,
     )
     losses = train_facts(model, tokenizer, facts, tracking, params, seed, ctx)
-    if losses is None:
-        return None
     return SeNDRun(model, losses, score_queries(model, tokenizer, queries, params, seed))
 
 
@@ -279,18 +294,17 @@ def train_and_score(params: SeNDParams, seed: int, ctx: RunContext | None = None
     datasets=(),
     params=SeNDParams,
     paper="Hallucination Detox: Sensitive Neuron Dropout (SeND) for Large Language Model Training",
+    tiny=dict(facts=24, epochs=3, samples=3),
 )
 def run(ctx: RunContext, params: SeNDParams) -> None:
     """Train a micro Llama on fictional facts with sensitive-neuron dropout; log accuracy and mean EES."""
-    with cpu_threads(ctx.resources):
-        result = train_and_score(params, ctx.seed, ctx)
-    if result is not None:
-        ctx.log(
-            params.epochs,
-            accuracy=result.scores.accuracy,
-            ees=float(np.mean(result.scores.ees)),
-            eigenscore=float(np.mean(result.scores.exact)),
-        )
+    result = train_and_score(params, ctx.seed, ctx)
+    ctx.log(
+        params.epochs,
+        accuracy=result.scores.accuracy,
+        ees=float(np.mean(result.scores.ees)),
+        eigenscore=float(np.mean(result.scores.exact)),
+    )
 
 
 @reproduction(
@@ -303,28 +317,35 @@ def run(ctx: RunContext, params: SeNDParams) -> None:
     baseline="normal training (drop_fraction 0)",
 )
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
-    """100 fictional facts, a micro Llama from scratch, 30 epochs with and without SeND (the notes' 300 facts
-    and 6 epochs left recall at 0% for both arms), same seed and batches; 10 queries × K=10 sampled answers."""
+    """100 fictional facts, a micro Llama from scratch, 30 epochs with and without SeND (a first protocol of
+    300 facts and 6 epochs left recall at 0% in both arms), same seed and batches; 10 queries × K=10 sampled answers;
+    three seeds. The claim's further conditions: mean accuracy over seeds no lower with SeND, and Pearson
+    correlation ≥ 0.9 between EES and exact EigenScore over every query of every arm and seed."""
     params = SeNDParams(facts=24, epochs=3, samples=3) if smoke else SeNDParams()
-    with cpu_threads(ctx.resources):
-        runs = {
-            name: train_and_score(params.model_copy(update={"drop_fraction": frac}), seed)
-            for name, frac in (("normal", 0.0), ("send", params.drop_fraction))
-        }
-    ours, base = runs["send"].scores, runs["normal"].scores
-    both_ees = ours.ees + base.ees
-    both_exact = ours.exact + base.exact
-    pearson = float(np.corrcoef(both_ees, both_exact)[0, 1]) if len(set(both_exact)) > 1 else float("nan")
-    ees_ours, ees_base = float(np.mean(ours.ees)), float(np.mean(base.ees))
-    holds = bool(ees_ours < ees_base and ours.accuracy >= base.accuracy and pearson >= 0.9)
+    seeds = seeds_for(seed, smoke)
+    arms = (("normal", 0.0), ("send", params.drop_fraction))
+    runs: dict[str, list[SeNDRun]] = {name: [] for name, _ in arms}
+    for name, frac, s in sweep(
+        ctx, [(name, frac, s) for name, frac in arms for s in seeds], label=lambda x: f"{x[0]} seed {x[2]}"
+    ):
+        runs[name].append(train_and_score(params.model_copy(update={"drop_fraction": frac}), s))
+    ees = {name: [float(np.mean(r.scores.ees)) for r in rs] for name, rs in runs.items()}
+    exact = {name: float(np.mean([np.mean(r.scores.exact) for r in rs])) for name, rs in runs.items()}
+    accuracy = {name: float(np.mean([r.scores.accuracy for r in rs])) for name, rs in runs.items()}
+    final_loss = {name: float(np.mean([r.losses[-1] for r in rs])) for name, rs in runs.items()}
+    all_ees = [v for rs in runs.values() for r in rs for v in r.scores.ees]
+    all_exact = [v for rs in runs.values() for r in rs for v in r.scores.exact]
+    pearson = float(np.corrcoef(all_ees, all_exact)[0, 1]) if len(set(all_exact)) > 1 else float("nan")
+    ees_ours, ees_base = float(np.mean(ees["send"])), float(np.mean(ees["normal"]))
+    holds = bool(accuracy["send"] >= accuracy["normal"] and pearson >= 0.9)
     note = (
-        f"SeND vs normal: EES {ees_ours:.3f} vs {ees_base:.3f}, exact ES {np.mean(ours.exact):.3f} vs "
-        f"{np.mean(base.exact):.3f}, accuracy {ours.accuracy:.3f} vs {base.accuracy:.3f}; Pearson(EES, exact ES) "
-        f"{pearson:.3f} over {len(both_ees)} queries; final train loss {runs['send'].losses[-1]:.3f} vs "
-        f"{runs['normal'].losses[-1]:.3f}; one seed."
+        f"SeND vs normal, means over {len(seeds)} seed(s): EES {ees_ours:.3f} vs {ees_base:.3f}, exact ES "
+        f"{exact['send']:.3f} vs {exact['normal']:.3f}, accuracy {accuracy['send']:.3f} vs {accuracy['normal']:.3f}; "
+        f"Pearson(EES, exact ES) {pearson:.3f} over {len(all_ees)} queries; final train loss "
+        f"{final_loss['send']:.3f} vs {final_loss['normal']:.3f}."
         + (
             ""
-            if holds
+            if holds and ees_ours < ees_base
             else f" A 0.13M-parameter model trained from scratch recalls few of the facts (unlike the "
             f"paper's pre-trained Pythia), so most sampled answers are hallucinated in both arms; and with K="
             f"{params.samples} answers in d=64 the log-determinant has rank {params.samples - 1}, estimated from 20 "
@@ -332,10 +353,9 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         )
     )
     return Outcome(
-        ours=ees_ours,
-        baseline=ees_base,
-        seeds=1,
+        ours=ees["send"],
+        baseline=ees["normal"],
         holds=holds,
         note=note,
-        details={"pearson": pearson, "accuracy": {"send": ours.accuracy, "normal": base.accuracy}},
+        details={"pearson": pearson, "accuracy": accuracy, "exact_eigenscore": exact},
     )

@@ -9,9 +9,9 @@ from torch import nn
 
 from models.checkpoint import decode_checkpoint, encode_checkpoint
 from models.nn.fake_quant import QLinear, fake_quantize, quantize_linears
-from models.optim import FRUGAL, OPTIMIZERS, StableSPAM, build_optimizer, optimizer_state_bytes
+from models.optim import FRUGAL, GALORE_SCALE, OPTIMIZERS, StableSPAM, build_optimizer, optimizer_state_bytes
 from models.optim.frugal import choose_projector, split_gradient
-from models.optim.stable_spam import ada_clip
+from models.optim.stable_spam import ada_clip, cosine_decay
 
 torch.set_num_threads(1)
 
@@ -179,6 +179,29 @@ def test_frugal_svd_without_state_free_part_agrees_with_galore():
     torch.testing.assert_close(w_ours, w_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_galore_baseline_takes_the_papers_scale_by_default_and_scales_its_projected_step():
+    """`galore-adamw` runs at α = 0.25 (the GaLore paper's pre-training scale) unless told otherwise, and α
+    scales the step of the projected weights (the others get plain AdamW)."""
+    deltas = {}
+    for scale in (None, 1.0):
+        model, before = twin_models(seed=5)
+        kw = {} if scale is None else {"scale": scale}
+        opt = build_optimizer("galore-adamw", model, lr=1e-2, density=0.5, **kw)
+        projected = [g for g in opt.param_groups if "rank" in g]
+        assert projected and all(g["scale"] == (GALORE_SCALE if scale is None else scale) for g in projected)
+        train(model, opt, batches(1))
+        deltas[scale] = {n: p - q for (n, p), q in zip(model.named_parameters(), before.parameters())}
+    assert GALORE_SCALE == 0.25
+    for name, delta in deltas[1.0].items():
+        expected = GALORE_SCALE * delta if name.startswith("layers.") and delta.ndim == 2 else delta
+        torch.testing.assert_close(deltas[None][name], expected, atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_galore_takes_an_explicit_rank():
+    opt = build_optimizer("galore-adamw", Stack(width=16), rank=3, scale=1.0)
+    assert {(g["rank"], g["scale"]) for g in opt.param_groups if "rank" in g} == {(3, 1.0)}
+
+
 # -- Stable-SPAM ----------------------------------------------------------------------------------------
 
 
@@ -204,6 +227,48 @@ def test_stable_spam_agrees_with_pytorch_optimizer():
         ours.step()
         ref.step()
         torch.testing.assert_close(w_ours, w_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_stable_spam_cosine_decay_of_beta1_and_gamma1_agrees_with_pytorch_optimizer():
+    """With `total_T` the library scales β₁ and γ₁ by a factor it steps through torch's `CosineAnnealingLR`
+    (recursively, over T + 1 epochs): the closed form η_min + (1 − η_min)(1 + cos(πt/T))/2 drifts from it by
+    ~1e-2 within a few steps. Past T and across a reset too."""
+    from pytorch_optimizer import StableSPAM as LibraryStableSPAM
+
+    torch.manual_seed(0)
+    w_ours = nn.Parameter(torch.randn(5, 7))
+    w_ref = nn.Parameter(w_ours.detach().clone())
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), gamma1=0.85, gamma2=0.9, theta=0.999, eta_min=0.5)
+    ours = StableSPAM([w_ours], reset_interval=12, total_T=16, **kw)
+    ref = LibraryStableSPAM([w_ref], update_proj_gap=12, t_max=16, **kw)
+    for grad in spiky_grads(24, (5, 7), seed=1):
+        w_ours.grad, w_ref.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(w_ours, w_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours.state[w_ours]["norm_avg"], ref.state[w_ref]["m_norm_t"], atol=1e-6, rtol=1e-5)
+
+
+def test_stable_spam_cosine_decay_factor_is_torchs_cosine_annealing_stepped_once_per_step():
+    from torch.optim.lr_scheduler import CosineAnnealingLR
+
+    total, eta_min = 10, 0.5
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = CosineAnnealingLR(probe, total + 1, eta_min)
+    factor = 1.0
+    for step in range(1, total + 4):
+        factor = cosine_decay(factor, step, total, eta_min)
+        if step < total:
+            schedule.last_epoch = step
+            probe.step()
+            schedule.step()
+            assert factor == probe.param_groups[0]["lr"]
+        else:
+            assert factor == eta_min
+
+
+def test_stable_spam_with_cosine_decay_round_trips_through_the_checkpoint():
+    checkpoint_round_trip(lambda m: build_optimizer("stable-spam", m, lr=1e-2, reset_interval=4, total_T=5))
 
 
 @pytest.mark.parametrize("c", [1e-3, 1e3])

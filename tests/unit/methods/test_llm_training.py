@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from models.context import InMemoryRunContext
+from models.context import Cancelled, InMemoryRunContext
 from models.datasets import load_builtin
 from models.lm_training import LMTrainingParams, builtin_code_corpus, fresh_llama, train_lm
 from models.methods.llm_training.sst import lora_llama, relora_restarts, trainable
@@ -196,3 +197,50 @@ def test_send_with_no_dropout_trains_exactly_like_normal_training():
             plain.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+# -- cancellation --------------------------------------------------------------------------------------
+
+
+def _cancel_at_first_report(ctx: InMemoryRunContext) -> list[int]:
+    reports: list[int] = []
+
+    def cancel(done: int, total: int, message: str) -> None:
+        reports.append(done)
+        if done < total:
+            ctx.cancel()
+
+    ctx.on_progress = cancel
+    return reports
+
+
+def test_train_lm_raises_cancelled_one_step_after_the_cancel():
+    params = LMTrainingParams(**{**TINY, "steps": 6})
+    corpus = builtin_code_corpus(params)
+    model = fresh_llama(corpus, params, seed=0)
+    ctx = InMemoryRunContext(seed=0)
+    reports = _cancel_at_first_report(ctx)
+    with pytest.raises(Cancelled):
+        train_lm(model, torch.optim.AdamW(model.parameters()), corpus, params, seed=0, ctx=ctx)
+    assert reports == [1] and [s for s, _ in ctx.history("train_loss")] == [1]
+    assert ctx.latest("val_loss") is None  # no final evaluation of a cancelled run
+
+
+def test_a_cancelled_send_run_removes_its_unit_mask():
+    from models.methods.llm_training.send import SeNDParams, train_facts
+
+    model, tokenizer, facts = _fact_model()
+    ctx = InMemoryRunContext(seed=0)
+    reports = _cancel_at_first_report(ctx)
+    with pytest.raises(Cancelled):
+        train_facts(model, tokenizer, facts, facts[:4], SeNDParams(epochs=3), seed=0, ctx=ctx)
+    assert reports == [1] and len(ctx.history("train_loss")) == 1
+    assert not any(layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
+
+
+def test_a_cancelled_job_registers_nothing():
+    spec = get_method("frugal")
+    ctx = InMemoryRunContext(dataset=load_builtin("stdlib-code"), seed=0)
+    _cancel_at_first_report(ctx)
+    assert not spec.invoke(ctx, {**TINY, "update_gap": 2})
+    assert not ctx.models and not ctx.artifacts and len(ctx.history("train_loss")) == 1
