@@ -63,7 +63,7 @@ class PromptTokens(nn.Module):
     @classmethod
     def initialised(cls, model: PreTrainedModel, count: int, seed: int = 0) -> PromptTokens:
         """The vocabulary's mean embedding plus Gaussian noise of the embeddings' spread: a start inside the region
-        the base model has seen, distinct per prompt token (reconstructed: the notes do not state the paper's init)."""
+        the base model has seen, distinct per prompt token (our choice, not the paper's initialisation)."""
         table = model.get_input_embeddings().weight.detach().float()
         g = torch.Generator().manual_seed(seed)
         prompts = cls(count, table.shape[1])
@@ -169,15 +169,18 @@ def train_prompts(
     seq_len: int,
     cuts_per_window: int,
     lr: float = 1e-2,
+    weight_decay: float = 0.0,
     seed: int = 0,
-    on_step: Callable[[int, float], bool] = lambda s, loss: True,
+    on_step: Callable[[int, float], None] = lambda s, loss: None,
 ) -> list[float]:
-    """Adam on the prompt embeddings only (lr 1e-2 as in the paper); the base model is frozen for the call.
-    `on_step(step, loss)` returning False stops early (cancellation)."""
+    """Adam on the prompt embeddings only (lr 1e-2 as in the paper; `weight_decay` is Adam's L2 term, 0 in the
+    paper); the base model is frozen for the call. `on_step(step, loss)` runs after every step; it stops the
+    training by raising (`models.context.Cancelled` from `stop_if_cancelled`), which leaves the base's
+    `requires_grad` flags restored."""
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    optimizer = torch.optim.Adam(prompts.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(prompts.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     try:
@@ -188,8 +191,7 @@ def train_prompts(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            if not on_step(step + 1, losses[-1]):
-                break
+            on_step(step + 1, losses[-1])
     finally:
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)

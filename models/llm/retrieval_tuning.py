@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.context import RunContext
+from models.context import RunContext, stop_if_cancelled
 from models.datasets import Dataset, load_builtin
 from models.llm.base import BASE_DATASET, RECIPES, base_model, base_model_name, cache_root, recipe_key
 from models.llm.data import sampled_stream
@@ -152,6 +152,12 @@ def retrieval_key(smoke: bool = False) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def tuning_step(ctx: RunContext, step: int, steps: int, key_loss: float) -> None:
+    """Report a tuning step, and stop (`Cancelled`) when the run was cancelled: nothing is cached then."""
+    ctx.progress(step + 1, steps, f"retrieval tuning: key loss {key_loss:.3f}")
+    stop_if_cancelled(ctx)
+
+
 def retrieval_model(ctx: RunContext, smoke: bool = False) -> CausalLM:
     """The retrieval-tuned base: its folder from the cache, else tuned now from the cached base and written there
     (as a `.partial` folder renamed when complete, so a crash never leaves a half folder the next run would load)."""
@@ -165,7 +171,7 @@ def retrieval_model(ctx: RunContext, smoke: bool = False) -> CausalLM:
             lm.tokenizer,
             stream,
             recipe,
-            lambda step, loss: ctx.progress(step + 1, recipe.steps, f"retrieval tuning: key loss {loss:.3f}"),
+            lambda step, loss: tuning_step(ctx, step, recipe.steps, loss),
         )
         tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

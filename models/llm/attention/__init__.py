@@ -1,2 +1,3 @@
 """Sparse and approximate attention for the tiny Llama kit, each registered as a transformers
-`AttentionInterface` function (notes: shared/methods/llm-compression-and-inference.md, "Attention kit")."""
+`AttentionInterface` function; `kit.py` holds what they share (exact attention with its log-sum-exp, the lse merge,
+the registration glue) and `measure.py` what every evaluation of them measures."""

@@ -15,8 +15,8 @@ Per head and per block of b_q queries, keys are grouped in blocks of b_k and K_b
 
 With k ≥ T every causal block is selected and the result is exact causal attention (a unit test); with k = 0
 only sink and window remain — StreamingLLM's key set (Xiao et al. 2023), which the reproduction uses as the
-baseline at the same number of keys. Decoding steps stay exact (the notes' mask reuse across decoding steps
-is not implemented): the `AttentionInterface` function approximates prefill only.
+baseline at the same number of keys. Decoding steps stay exact (the paper's reuse of one mask across several decoding
+steps is not implemented): the `AttentionInterface` function approximates prefill only.
 """
 
 from __future__ import annotations

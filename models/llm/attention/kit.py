@@ -77,7 +77,7 @@ def interface_function(
     """An `AttentionInterface` function: `prefill(q, k, v, scale, module)` (causal, q [B, H, n, d], n = m) for the
     layers `use_for_layer(module)` accepts; every other call — decoding steps (n < m), other layers, and batches
     with a padding mask (the mask interface is SDPA's, which gives None for a plain causal batch) — is exact SDPA,
-    so the cache and generation loop are unchanged (the notes: "prefill only; decoding stays exact")."""
+    so the cache and generation loop are unchanged (prefill is approximated, decoding stays exact)."""
 
     def attention(
         module: torch.nn.Module,

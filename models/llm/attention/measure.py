@@ -1,6 +1,7 @@
-"""Measurements every attention method reports: held-out perplexity of a model under a registered attention
-implementation, and the wall time of one attention call at a sequence length (one layer, the current thread
-count), so reproductions and `bench/long_context.py` time things the same way."""
+"""Measurements every attention and KV-cache evaluation reports: held-out perplexity of a model under a registered
+attention implementation on a block of held-out windows, and the wall time of one attention call at a sequence
+length (one layer, the current thread count), so reproductions and `bench/long_context.py` time things the same
+way."""
 
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ from models.llm.data import split_windows
 from models.llm.evaluation import perplexity
 from models.registry import MethodParams
 
+# the `model` field of every job in the family; `models.llm.base.model_folder` resolves it
+MODEL_FIELD_DESCRIPTION = (
+    "a registered name[@version] or imported folder (empty: the cached tiny base; the cached base models' "
+    "registry names, the smoke base's llm-base-micro-<hash> among them, also work unregistered)"
+)
+
 
 class AttentionEvalParams(MethodParams):
     """Fields every attention-evaluation job has: the model and the held-out windows; a method subclasses it."""
 
-    model: str = Field("", description="a registered name[@version] or imported folder (empty: the cached tiny base)")
+    model: str = Field("", description=MODEL_FIELD_DESCRIPTION)
     seq_len: int = Field(512, ge=16, le=1 << 20, description="tokens per held-out window (capped at the context)")
     eval_windows: int = Field(16, ge=1, le=4096, description="held-out windows for perplexity")
 
@@ -62,7 +69,22 @@ def best_time(fn: Callable[[], object], repeats: int = 2) -> float:
     return min(times)
 
 
-def held_out_windows(ctx: RunContext, tokenizer: Any, context: int, seq_len: int, n: int) -> torch.Tensor:
-    """`n` windows of min(seq_len, context) tokens from the val split of the job's text corpus (else stdlib-code)."""
+def held_out_windows(
+    ctx: RunContext, tokenizer: Any, context: int, seq_len: int, n: int, block: int = 0
+) -> torch.Tensor:
+    """`n` windows of min(seq_len, context) tokens from the val split of the job's text corpus (else stdlib-code):
+    the `block`-th run of `n` consecutive windows from its start (block 0: the first `n`), so a reproduction's
+    seeds can each evaluate a disjoint held-out set."""
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
-    return split_windows(tokenizer, ds.val["text"], min(seq_len, context), n)
+    return held_out_block(tokenizer, ds.val["text"], min(seq_len, context), n, block)
+
+
+def held_out_block(tokenizer: Any, texts: Any, seq_len: int, n: int, block: int = 0) -> torch.Tensor:
+    """Windows block·n … (block+1)·n − 1 of `split_windows(tokenizer, texts, seq_len, ·)`; block 0 is exactly
+    `split_windows(tokenizer, texts, seq_len, n)` (the stream is a prefix-stable join of the documents in order)."""
+    if block == 0:
+        return split_windows(tokenizer, texts, seq_len, n)
+    windows = split_windows(tokenizer, texts, seq_len, n * (block + 1))
+    if len(windows) < n * (block + 1):
+        raise ValueError(f"the split holds {len(windows)} windows of {seq_len} tokens, fewer than block {block} needs")
+    return windows[n * block :]

@@ -1,9 +1,10 @@
 """EMS-style head-wise evict-then-merge KV compression with a global-local importance score.
 
-Paper: Li et al., "EMS: Adaptive Evict-then-Merge Strategy for Head-wise KV Cache Compression Based on
-Global-Local Importance" (arXiv 2412.08521). Only its abstract and third-party descriptions could be read (see
-`shared/methods/ems-notes.md`); everything marked [R] below is our reconstruction, not the paper's equations, and
-the method is called "EMS-style" wherever results are reported.
+Paper: Li, Li, Meng, Ma, Geng, Xia and Wang, "EMS: Adaptive Evict-then-Merge Strategy for Head-wise KV Cache
+Compression Based on Global-Local Importance" (arXiv 2412.08521); no reference code is public. Only its abstract
+and third-party descriptions of it (the ICLR 2025 reviews of the submission, and the EMS column of a related-work
+table in a kvpress pull request) could be read; everything marked [R] below is our reconstruction, not the paper's
+equations, and the method is called "EMS-style" wherever results are reported.
 
 Per layer and KV head, with A the causal softmax attention of the T prompt tokens (`press.prefill_attention`):
 

@@ -76,13 +76,16 @@ def train_projection(
     lr: float,
     rank_step: int,
     seed: int,
-    on_step: Callable[[int, float], bool] = lambda step, loss: True,
+    weight_decay: float = 0.0,
+    on_step: Callable[[int, float], None] = lambda step, loss: None,
 ) -> list[float]:
-    """Train U (through X) and μ with Matryoshka rank sampling; the model's own weights stay frozen.
-    `on_step` returns False to stop (cancellation). Ranks are left at full afterwards."""
+    """Train U (through X) and μ with Matryoshka rank sampling; the model's own weights stay frozen. AdamW
+    (decoupled `weight_decay`, 0 by default) under a cosine schedule.
+    `on_step(step, loss)` runs after every step and stops the training by raising (`models.context.Cancelled`
+    from `stop_if_cancelled`). Ranks are left at full afterwards."""
     for p in model.parameters():
         p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -94,8 +97,7 @@ def train_projection(
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if not on_step(step, losses[-1]):
-            break
+        on_step(step, losses[-1])
     projection.set_ranks(projection.shape[2], projection.shape[2])
     return losses
 

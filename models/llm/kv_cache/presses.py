@@ -2,7 +2,7 @@
 
 kvpress (NVIDIA, `kvpress/presses/*.py`) is the field's reference for these baselines, but its 0.5 release pins
 transformers < 5.3 and its hook cannot run on 5.24 (see `press.py`), so the reproduction runs these; each score
-and each selection is checked against kvpress's own `score` / `compress` in `tests/unit/test_kv_cache.py` when
+and each selection is checked against kvpress's own `score` / `compress` in `tests/unit/kits/test_kv_cache.py` when
 kvpress is importable. kvpress states budgets as a compression ratio; `budget` tokens per head of T is the ratio
 1 − budget/T.
 

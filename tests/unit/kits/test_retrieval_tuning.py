@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import pytest
 import torch
 
+from models.context import Cancelled, InMemoryRunContext
 from models.datasets import Dataset, Split
 from models.llm.data import token_stream
 from models.llm.passkey import NeedleTokens, passkey_samples
@@ -16,6 +18,7 @@ from models.llm.retrieval_tuning import (
     needle_batch,
     retrieval_loss,
     tune_for_retrieval,
+    tuning_step,
     tuning_stream,
 )
 from tests.unit.llm_fixtures import small_corpus
@@ -101,3 +104,12 @@ def test_compressed_passkey_prefills_only_the_context(smoke_base):
     seen.clear()  # query-aware mode: the question but its last token is compressed with the context
     assert passkey_hits(smoke_base.model, samples, Recording(), question_in_context=True) == plain
     assert set(seen) == {79}
+
+
+def test_a_tuning_step_reports_progress_and_stops_a_cancelled_run():
+    ctx = InMemoryRunContext()
+    tuning_step(ctx, 0, 10, 2.5)
+    assert ctx.progress_state[:2] == (1, 10)
+    ctx.cancel()
+    with pytest.raises(Cancelled):
+        tuning_step(ctx, 1, 10, 2.0)

@@ -1,4 +1,4 @@
-"""EMS-style evict-then-merge invariants (ems-notes.md): budget ≥ T leaves the cache unchanged, every head keeps
+"""EMS-style evict-then-merge invariants: budget ≥ T leaves the cache unchanged, every head keeps
 exactly B slots, merges are convex combinations, tau = ∞ is top-B eviction by the global-local score, and the
 scores are the kvpress H2O / SnapKV statistics mean-aligned."""
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from models.context import InMemoryRunContext
 from models.llm.kv_cache.ems import EMS, evict_then_merge, global_local_scores
 from models.llm.kv_cache.presses import keep_top, observed_attention_scores, window_scores
+from models.registry import get_method
 
 torch.set_num_threads(1)
 B, H, T, D = 2, 3, 40, 8
@@ -94,17 +95,20 @@ def test_global_local_score_is_mean_aligned_h2o_plus_snapkv(inputs):
 def test_ems_job_reports_every_press_at_every_budget_on_the_smoke_base():
     import math
 
-    from models.llm.base import base_model
-    from models.methods.llm_inference.ems import EMSParams, run
+    from models.llm.base import base_model_name
+    from models.methods.llm_inference.ems import EMSParams
 
     ctx = InMemoryRunContext()
-    folder = base_model(ctx, smoke=True)
-    run(
-        ctx,
-        EMSParams(
-            model=str(folder), seq_len=48, context=32, eval_windows=2, budgets=[8], window=4, passkey_per_depth=0
-        ),
+    params = EMSParams(
+        model=base_model_name(smoke=True),
+        seq_len=48,
+        context=32,
+        eval_windows=2,
+        budgets=[8],
+        window=4,
+        passkey_per_depth=0,
     )
+    assert get_method("ems").invoke(ctx, params)
     values = {p.name: p.value for p in ctx.metrics}
     assert {f"ppl_{n}_b8" for n in ("ems_style", "snapkv", "adakv", "h2o", "streaming_llm")} <= set(values)
     assert values["kv_bytes_ems_style_b8"] == pytest.approx(values["kv_bytes_dense_b0"] * 8 / 32)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from models.llm.attention.hip import HiPConfig, causal_block_counts, hip_attention, key_sets, register_hip, tree_search
 from models.llm.model import build_model, llama_config
+from models.registry import get_method
 
 torch.set_num_threads(1)
 
@@ -86,17 +87,21 @@ def test_job_reports_dense_hip_and_streaming() -> None:
     import math
 
     from models.context import InMemoryRunContext
-    from models.llm.base import base_model
-    from models.methods.llm_inference.hip_attention import HiPParams, run
+    from models.llm.base import base_model_name
+    from models.methods.llm_inference.hip_attention import HiPParams
 
     ctx = InMemoryRunContext()
-    folder = base_model(ctx, smoke=True)
-    run(
-        ctx,
-        HiPParams(
-            model=str(folder), top_k=8, block_q=8, window=8, sink=2, seq_len=64, eval_windows=2, passkey_per_depth=1
-        ),
+    params = HiPParams(
+        model=base_model_name(smoke=True),
+        top_k=8,
+        block_q=8,
+        window=8,
+        sink=2,
+        seq_len=64,
+        eval_windows=2,
+        passkey_per_depth=1,
     )
+    assert get_method("hip-attention").invoke(ctx, params)
     values = {p.name: p.value for p in ctx.metrics}
     assert {"ppl_dense", "ppl_hip", "ppl_streaming_llm", "passkey_hip"} <= set(values)
     assert all(math.isfinite(v) for v in values.values())

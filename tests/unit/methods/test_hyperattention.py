@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from models.llm.attention.hyperattention import HyperConfig, gray_rank, hyper_attention, register_hyperattention
 from models.llm.attention.kit import attention_with_lse, merge_lse
 from models.llm.model import build_model, llama_config
+from models.registry import get_method
 
 torch.set_num_threads(1)
 
@@ -131,23 +132,39 @@ def test_registered_function_at_full_budget_matches_sdpa_logits() -> None:
 
 def test_job_reports_perplexity_against_exact_and_timing() -> None:
     from models.context import InMemoryRunContext
-    from models.llm.base import base_model
-    from models.methods.llm_inference.hyperattention import HyperAttentionParams, run
+    from models.llm.base import base_model_name
+    from models.methods.llm_inference.hyperattention import HyperAttentionParams
 
     ctx = InMemoryRunContext()
-    folder = base_model(ctx, smoke=True)
-    run(
-        ctx,
-        HyperAttentionParams(
-            model=str(folder),
-            block_size=16,
-            sample_size=16,
-            min_seq_len=16,
-            seq_len=64,
-            eval_windows=2,
-            timing_length=256,
-        ),
+    params = HyperAttentionParams(
+        model=base_model_name(smoke=True),
+        block_size=16,
+        sample_size=16,
+        min_seq_len=16,
+        seq_len=64,
+        eval_windows=2,
+        timing_length=256,
     )
+    assert get_method("hyperattention").invoke(ctx, params)
+    assert list(ctx.models) == [base_model_name(smoke=True)]  # the name resolved to the smoke base itself
     names = {p.name for p in ctx.metrics}
     assert {"val_ppl", "val_ppl_exact", "delta_ppl", "speedup"} <= names
     assert all(math.isfinite(p.value) for p in ctx.metrics)
+
+
+def test_held_out_blocks_are_consecutive_disjoint_windows() -> None:
+    """Block 0 is the windows every job evaluates; block b the next `n` windows, so seeds see disjoint sets."""
+    from models.context import InMemoryRunContext
+    from models.datasets import load_builtin
+    from models.llm.attention.measure import held_out_block
+    from models.llm.base import base_model
+    from models.llm.data import split_windows
+    from models.llm.folder import load_folder
+
+    tokenizer = load_folder(base_model(InMemoryRunContext(), smoke=True)).tokenizer
+    texts = load_builtin("stdlib-code").val["text"]
+    first, second = (held_out_block(tokenizer, texts, 32, 3, block) for block in (0, 1))
+    assert torch.equal(first, split_windows(tokenizer, texts, 32, 3))
+    assert torch.equal(torch.cat([first, second]), split_windows(tokenizer, texts, 32, 6))
+    with pytest.raises(ValueError, match="fewer than block"):
+        held_out_block(tokenizer, ["def f():\n    return 1\n"], 8, 2, 5)

@@ -1,4 +1,4 @@
-"""MatryoshkaKV invariants (notes): Cayley maps are orthogonal; at full rank the model is unchanged for any
+"""MatryoshkaKV invariants: Cayley maps are orthogonal; at full rank the model is unchanged for any
 orthogonal U and any μ; the PCA init is the top principal directions; nested ranks are prefixes; UᵀU = I after
 training steps; the projected cache decodes exactly what the uncached forward computes and holds Σ r bytes."""
 
@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from models.context import Cancelled, InMemoryRunContext, stop_if_cancelled
 from models.llm.kv_cache.matryoshka import (
     KVProjection,
     ProjectedCache,
@@ -136,3 +137,40 @@ def test_projection_round_trips_through_a_model_folder(tmp_path):
     loaded, loaded_tables = load_projection(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(proj.state_dict().values(), loaded.state_dict().values()))
     assert torch.equal(loaded_tables["0.5"][0], tables["0.5"][0])
+
+
+def test_a_cancel_stops_training_after_the_step_that_saw_it(model):
+    proj = KVProjection(2, 2, 32)
+    stream = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(0))
+    ctx, steps = InMemoryRunContext(), []
+
+    def on_step(step: int, loss: float) -> None:
+        steps.append(step)
+        ctx.cancel()
+        stop_if_cancelled(ctx)
+
+    with pytest.raises(Cancelled):
+        train_projection(
+            model, proj, stream, steps=5, batch_size=2, seq_len=32, lr=1e-2, rank_step=8, seed=0, on_step=on_step
+        )
+    assert steps == [0]
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def test_job_cancelled_during_training_registers_nothing():
+    """Cancelled after its first training step, the job stops there: one logged loss and no registered model."""
+    from models.llm.base import base_model_name
+    from models.registry import get_method
+
+    class CancelOnFirstLoss(InMemoryRunContext):
+        def log(self, step: int, **metrics: float) -> None:
+            super().log(step, **metrics)
+            if "train_loss" in metrics:
+                self.cancel()
+
+    spec = get_method("matryoshka-kv")
+    ctx = CancelOnFirstLoss()
+    assert not spec.invoke(ctx, {**spec.tiny, "model": base_model_name(smoke=True), "steps": 5})
+    assert len(ctx.history("train_loss")) == 1
+    assert "matryoshka-kv" not in ctx.models and not ctx.artifacts

@@ -1,4 +1,4 @@
-"""PPD invariants (notes): decoding with any prompt embeddings reproduces greedy decoding token for token; with no
+"""PPD invariants: decoding with any prompt embeddings reproduces greedy decoding token for token; with no
 prompt tokens it is greedy at one token per step; the accepted length is ≥ 1; the KD loss is zero iff the student's
 distributions equal the teacher's and weighs offset i by 0.8^i; only the prompt embeddings train; the packed
 training forward (K truncation points, 4-D mask) and the decoding step's chain mask give exactly the logits of
@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.context import Cancelled, InMemoryRunContext, stop_if_cancelled
 from models.llm.distillation import kl_loss
 from models.llm.generation import SamplingParams, generate_tokens
 from models.llm.model import build_model, llama_config
@@ -204,3 +205,37 @@ def test_output_equals_transformers_greedy_generate(model):
     hf = model.generate(torch.tensor([prefix]), max_new_tokens=20, do_sample=False, pad_token_id=1)[0, len(prefix) :]
     ours = ppd_generate(model, random_prompts(model, 3, 17), prefix, 20).tokens
     assert ours[: len(hf)] == hf.tolist()
+
+
+def test_a_cancel_stops_training_and_restores_the_base(model):
+    prompts = random_prompts(model, 2, 12)
+    flags = [p.requires_grad for p in model.parameters()]
+    stream = torch.randint(0, VOCAB, (1000,), generator=torch.Generator().manual_seed(14))
+    ctx, steps = InMemoryRunContext(), []
+
+    def on_step(step: int, loss: float) -> None:
+        steps.append(step)
+        ctx.cancel()
+        stop_if_cancelled(ctx)
+
+    with pytest.raises(Cancelled):
+        train_prompts(model, prompts, stream, steps=5, batch_size=2, seq_len=16, cuts_per_window=2, on_step=on_step)
+    assert steps == [1]
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_job_cancelled_during_training_registers_nothing():
+    """Cancelled after its first training step, the job stops there: one logged loss and no registered model."""
+    from models.registry import get_method
+
+    class CancelOnFirstLoss(InMemoryRunContext):
+        def log(self, step: int, **metrics: float) -> None:
+            super().log(step, **metrics)
+            if "train_kd_loss" in metrics:
+                self.cancel()
+
+    spec = get_method("ppd")
+    ctx = CancelOnFirstLoss()
+    assert not spec.invoke(ctx, {**spec.tiny, "steps": 5})
+    assert len(ctx.history("train_kd_loss")) == 1
+    assert "ppd" not in ctx.models and not ctx.artifacts
