@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.context import Cancelled, RunContext
+from models.context import Cancelled, InMemoryRunContext, RunContext
 from models.datasets import Dataset
 from models.metrics import classification_metrics, reliability_bins
 from models.nn.backbones import Classifier, build_backbone
@@ -277,6 +277,19 @@ def fit_classifier(
         if every and ((epoch + 1) % every == 0 or epoch + 1 == schedule.epochs):
             ctx.save_checkpoint(_training_state(model, loss_fn, optimizer, generator, epoch + 1, history), epoch + 1)
     return history
+
+
+class HelperRunContext(InMemoryRunContext):
+    """A private in-memory context for a helper run inside a method or a reproduction (a teacher, a pre-trained
+    backbone, one arm of a comparison): its metrics and checkpoints stay in this object, but a loop running
+    under it stops, raising `Cancelled`, as soon as `parent` (the job) is cancelled."""
+
+    def __init__(self, parent: RunContext | None, seed: int, dataset: Dataset | None = None):
+        super().__init__(dataset=dataset, seed=seed)
+        self.parent = parent
+
+    def cancelled(self) -> bool:
+        return super().cancelled() or (self.parent is not None and self.parent.cancelled())
 
 
 @dataclass

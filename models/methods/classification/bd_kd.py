@@ -1,25 +1,39 @@
-"""BD-KD: balancing forward and reverse KL in online distillation (Amara, Sepahvand, Meyer, Gross & Clark,
-"BD-KD: Balancing the Divergences for Online Knowledge Distillation", arXiv 2212.12965).
+"""BD-KD: balancing forward and reverse KL in online distillation.
 
-Online KD trains a large teacher and a compact student together. Deep mutual learning (DML, Zhang
-et al. 2018) gives each network CE plus the forward KL to its (detached) partner:
+Paper: Amara, Sepahvand, Meyer, Gross & Clark, "BD-KD: Balancing the Divergences for Online Knowledge
+Distillation", arXiv 2212.12965. No public reference code was found; deep mutual learning (the
+baseline) is written here too.
+
+Online KD trains a large teacher and a compact student together. Deep mutual learning (DML, Zhang,
+Xiang, Hospedales & Lu, CVPR 2018) gives each network cross-entropy plus the forward KL to its
+(detached) partner:
 
     L_S = CE(p_s, y) + KL(p_t ‖ p_s),      L_T = CE(p_t, y) + KL(p_s ‖ p_t).
 
-BD-KD makes training student-centred: the student's distillation term mixes forward KL (mass-covering,
-it spreads the student's probability) and reverse KL (mode-seeking, it sharpens it) with per-sample
-weights driven by the teacher–student entropy gap, and the teacher's term becomes a reverse-KL
-regulariser:
+BD-KD (the abstract: "adaptively balancing between the reverse and forward divergences shifts the
+focus of the training strategy to the compact student network") makes training student-centred: the
+student's distillation term mixes forward KL (mass-covering, it spreads the student's probability)
+and reverse KL (mode-seeking, it sharpens it) with per-sample weights, and the teacher's term
+becomes a reverse-KL regulariser:
 
     L_S = CE(p_s, y) + (1/B) Σ_i [w_f,i·KL(p_t,i ‖ p_s,i) + w_r,i·KL(p_s,i ‖ p_t,i)],
     L_T = CE(p_t, y) + KL(p_t ‖ p_s)        (gradient to the teacher only).
 
-**Unverified**: only the abstract and third-party summaries of the paper were retrievable (no public
-code), so the weighting rule is this module's reading and is configurable. `balance="entropy"`: a
-student more uncertain than the teacher on sample i (H(p_s,i) > H(p_t,i)) gets reverse KL (sharpen),
-one more confident than the teacher gets forward KL (soften) — w_r,i = ω·𝟙[H_s > H_t],
-w_f,i = 𝟙[H_s ≤ H_t]; `balance="fixed"` uses constant weights (w_f, w_r) = (1, ω). With ω = 0 under
-"fixed" and `teacher_term="forward"` the loss is exactly DML (the unit test pins this).
+Both losses are summed and one optimiser steps both networks (each network's partner is detached).
+
+What is the paper's and what is our reading: only the abstract and third-party summaries of the
+paper could be read, which say the per-sample weights follow the teacher–student entropy gap; the
+exact rule and its constants are this module's reading and stay configurable. `balance="entropy"`
+(default): a student more uncertain than the teacher on sample i (H(p_s,i) > H(p_t,i)) gets reverse
+KL (sharpen), one more confident than the teacher gets forward KL (soften) — w_r,i = ω·𝟙[H_s > H_t],
+w_f,i = 𝟙[H_s ≤ H_t]; `balance="fixed"` uses constant weights (w_f, w_r) = (1, ω). With ω = 0
+under "fixed" and the forward teacher term the loss is exactly DML (a unit test pins this), which is
+how `variant="dml"` runs.
+
+Defaults: ω = 1; the student is the family's 64-wide, 2-layer MLP (or the Conv-4 CNN on images), the
+teacher a 512-wide, 2-layer MLP, both trained 30 epochs by SGD (lr 0.05, momentum 0.9, weight decay
+5e-4, ÷10 at 50% and 75%): a small-scale stand-in for the paper's CIFAR ResNet/MobileNet pairs, not
+the paper's schedule.
 """
 
 from __future__ import annotations
@@ -33,16 +47,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext, cpu_threads
+from models.context import RunContext
 from models.datasets import load_builtin
 from models.metrics import classification_metrics
 from models.nn.backbones import build_backbone
 from models.nn.losses import BatchLoss
 from models.registry import method
-from models.reproduction import Outcome, reproduction
+from models.reproduction import Outcome, reproduction, seeds_for, sweep
 from models.training import (
     ClassificationData,
     ClassifierTrainingParams,
+    HelperRunContext,
     TrainedClassifier,
     fit_calibrated,
     predict_logits,
@@ -127,7 +142,7 @@ class BDKDResult:
     trained: TrainedClassifier
 
 
-def train_bd_kd(ctx: RunContext, params: BDKDParams) -> BDKDResult | None:
+def train_bd_kd(ctx: RunContext, params: BDKDParams) -> BDKDResult:
     def pair(data: ClassificationData) -> nn.Module:
         teacher = build_backbone("mlp", data.input_shape, data.num_classes, params.teacher_hidden, 2)
         return OnlinePair(teacher, params.backbone_for(data))
@@ -138,8 +153,6 @@ def train_bd_kd(ctx: RunContext, params: BDKDParams) -> BDKDResult | None:
         return BalancedDivergence(params.balance, params.omega, "reverse")
 
     trained = fit_calibrated(ctx, params, loss, "bd-kd", make_model=pair)
-    if trained is None:
-        return None
     data = trained.data
     test = classification_metrics(predict_logits(trained.model, data.x_test), data.y_test)
     teacher_test = classification_metrics(predict_logits(trained.model.teacher, data.x_test), data.y_test)
@@ -158,14 +171,13 @@ def train_bd_kd(ctx: RunContext, params: BDKDParams) -> BDKDResult | None:
     datasets=("image-class", "tabular"),
     params=BDKDParams,
     paper="BD-KD: Balancing the Divergences for Online Knowledge Distillation",
+    tiny={"epochs": 3, "hidden": 16, "teacher_hidden": 32, "batch_size": 128},
 )
 def run(ctx: RunContext, params: BDKDParams) -> None:
     """Train a teacher and a compact student together (BD-KD or DML); report the student's accuracy, ECE
     and NLL (and the teacher's), learning curves and the student's reliability diagram."""
-    with cpu_threads(ctx.resources):
-        result = train_bd_kd(ctx, params)
-    if result is not None:
-        save_training_plots(ctx, params.variant, result.trained)
+    result = train_bd_kd(ctx, params)
+    save_training_plots(ctx, params.variant, result.trained)
 
 
 # -- reproduction -------------------------------------------------------------------------------
@@ -174,33 +186,34 @@ def run(ctx: RunContext, params: BDKDParams) -> None:
 @reproduction(
     "bd-kd",
     claim="the BD-KD student's test ECE is at least 30% lower than the DML student's at no lower "
-    "accuracy (digits, MLP 512×2 teacher and 64×2 student trained together; weighting rule "
-    "unverified)",
+    "accuracy (digits, MLP 512×2 teacher and 64×2 student trained together; the entropy-gap "
+    "weighting is our reading of the paper)",
     metric="student test ECE (15 bins)",
     direction="lower",
     baseline="DML",
 )
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
+    """Per seed, a BD-KD pair and a DML pair with the same initialisation and schedule; the students' test
+    ECE paired by seed. The claim's further conditions are judged on the means over seeds."""
     ds = load_builtin("digits")
-    seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
+    seeds = seeds_for(seed, smoke)
     budget = {"epochs": 2} if smoke else {}
     scores: dict[str, list[dict[str, float]]] = {"bd-kd": [], "dml": []}
-    with cpu_threads(ctx.resources):
-        for i, s in enumerate(seeds):
-            for variant in scores:
-                if ctx.cancelled():
-                    raise InterruptedError("reproduction cancelled")
-                params = BDKDParams(variant=variant, checkpoint_every=0, **budget)
-                scores[variant].append(train_bd_kd(InMemoryRunContext(dataset=ds, seed=s), params).test)
-            ctx.progress(i + 1, len(seeds), f"seed {s}")
+    for s in sweep(ctx, seeds, label=lambda s: f"seed {s}"):
+        for variant in scores:
+            params = BDKDParams(variant=variant, checkpoint_every=0, **budget)
+            scores[variant].append(train_bd_kd(HelperRunContext(ctx, s, ds), params).test)
     mean = {v: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for v, rows in scores.items()}
     ours, base = mean["bd-kd"], mean["dml"]
-    holds = ours["ece"] <= 0.7 * base["ece"] and ours["acc"] >= base["acc"]
     note = (
         f"BD-KD student: ECE {ours['ece']:.4f}, acc {ours['acc']:.4f}, NLL {ours['nll']:.3f}; DML student: ECE "
-        f"{base['ece']:.4f}, acc {base['acc']:.4f}, NLL {base['nll']:.3f}; {len(seeds)} seed(s); the entropy-gap "
-        "weighting is this module's reading of the paper (its exact rule could not be retrieved)"
+        f"{base['ece']:.4f}, acc {base['acc']:.4f}, NLL {base['nll']:.3f} (means over {len(seeds)} seed(s)); the "
+        "entropy-gap weighting is this module's reading of the paper (its exact rule could not be retrieved)"
     )
     return Outcome(
-        ours=ours["ece"], baseline=base["ece"], seeds=len(seeds), holds=holds, note=note, details={"test": mean}
+        ours=[r["ece"] for r in scores["bd-kd"]],
+        baseline=[r["ece"] for r in scores["dml"]],
+        holds=ours["ece"] <= 0.7 * base["ece"] and ours["acc"] >= base["acc"],
+        note=note,
+        details={"test": mean, "per_seed": scores},
     )

@@ -1,5 +1,8 @@
-"""Comp-sum losses and smooth adversarial comp-sum losses (Mao, Mohri & Zhong, "Cross-Entropy Loss
-Functions: Theoretical Analysis and Applications", ICML 2023).
+"""Comp-sum losses and smooth adversarial comp-sum losses.
+
+Paper: Anqi Mao, Mehryar Mohri & Yutao Zhong, "Cross-Entropy Loss Functions: Theoretical Analysis and
+Applications", ICML 2023 (arXiv 2304.07288). No public reference code was found; PGD, TRADES and
+PGD adversarial training are written here (`models.adversarial`).
 
 A comp-sum loss composes a function Φ with the sum of exponentiated logit gaps,
 
@@ -10,9 +13,13 @@ A comp-sum loss composes a function Φ with the sum of exponentiated logit gaps,
 
 so that L_τ = (1 − p_y^{τ−1})/(τ − 1): τ = 0 is the sum-exponential loss (1 − p_y)/p_y, τ ∈ (1, 2)
 generalised cross-entropy with q = τ − 1, τ = 2 the mean absolute error 1 − p_y (half of
-‖e_y − p‖₁). The paper proves H-consistency bounds for the whole family, tighter (smaller Γ_τ)
-for larger τ but with minimizability gaps that grow with τ, which is why τ near 1 does best in
-practice and τ = 2 underfits as the number of classes grows.
+‖e_y − p‖₁). The paper proves H-consistency bounds for the whole family,
+
+    E_{0-1}(h) − E*_{0-1}(H) + M_{0-1}(H) ≤ Γ_τ(E_{L_τ}(h) − E*_{L_τ}(H) + M_{L_τ}(H)),
+
+with minimizability gaps M; Γ_τ is tighter for larger τ but the gaps grow with τ, which is why τ
+near 1 does best in practice and τ = 2 underfits as the number of classes grows (the exact Γ_τ
+could not be checked and plays no part in the code).
 
 Smooth adversarial comp-sum losses add a smooth, label-free term measuring how far the score
 vector moves inside the ℓ∞ ball of radius γ:
@@ -20,12 +27,19 @@ vector moves inside the ℓ∞ ball of radius γ:
     L̃_τ(h, x, y) = L_τ(h(x), y) + ν · sup_{‖x'−x‖_∞ ≤ γ} ‖h(x') − h(x)‖₂,
 
 minimised with weight decay (the "regularized smooth adversarial comp-sum loss" of the abstract),
-the inner sup taken by PGD. The exact form of the smooth term and the values of ν used in the
-paper could not be checked (only the abstract was retrievable; no public code): this module
-implements the reading above, which is the TRADES template (Zhang et al., ICML 2019: CE +
-β·KL(p(x) ‖ p(x'))) with the KL between probabilities replaced by the ℓ2 distance between score
-vectors, and it is the form whose ν = 0 case is plainly L_τ. The baselines are PGD adversarial
-training (Madry et al.: CE at the PGD point) and TRADES, both from `models.adversarial`.
+the inner sup taken by PGD from x + 0.001·N(0, 1). What is the paper's and what is our reading:
+the abstract names the loss family and the algorithm; the exact form of the smooth term and the ν
+the paper used could not be checked (only the abstract could be read). This module implements the
+reading above: the TRADES template (Zhang et al., ICML 2019: CE + β·KL(p(x) ‖ p(x'))) with the KL
+between probabilities replaced by the ℓ2 distance between score vectors, the form whose ν = 0 case
+is plainly L_τ. The baselines are PGD adversarial training (Madry et al., ICLR 2018: CE at the PGD
+point) and TRADES.
+
+Defaults: τ = 1 (cross-entropy); ν = 0.3, our choice (with the unsquared logit distance, ν ≥ 3
+collapses a digits MLP to constant logits); TRADES β = 6 (its paper); γ = 0.1 on [0, 1] images,
+PGD-10 with step 2.5γ/10 inside training and PGD-20 for robust accuracy (the usual Madry/TRADES
+settings scaled to digits); the family's SGD schedule (lr 0.05, momentum 0.9, weight decay 5e-4,
+30 epochs, ÷10 at 50% and 75%).
 """
 
 from __future__ import annotations
@@ -40,15 +54,16 @@ from pydantic import Field
 from torch import nn
 
 from models.adversarial import pgd_cross_entropy, pgd_linf, robust_accuracy
-from models.context import InMemoryRunContext, RunContext, cpu_threads
+from models.context import RunContext, stop_if_cancelled
 from models.datasets import load_builtin
 from models.metrics import classification_metrics
 from models.nn.losses import BatchLoss
 from models.plots import curves_figure
 from models.registry import method
-from models.reproduction import Outcome, reproduction
+from models.reproduction import Outcome, reproduction, seeds_for, sweep
 from models.training import (
     ClassifierTrainingParams,
+    HelperRunContext,
     TrainedClassifier,
     fit_calibrated,
     predict_logits,
@@ -204,15 +219,14 @@ class CompSumResult:
     trained: TrainedClassifier
 
 
-def train_comp_sum(ctx: RunContext, params: CompSumParams) -> CompSumResult | None:
+def train_comp_sum(ctx: RunContext, params: CompSumParams) -> CompSumResult:
     """Train with the chosen loss; clean metrics (accuracy, ECE, NLL) and PGD robust accuracy on val and test."""
     clip = (0.0, 1.0) if ctx.dataset is not None and ctx.dataset.kind == "image-class" else None  # images in [0, 1]
     trained = fit_calibrated(ctx, params, lambda data: make_loss(params, clip), "comp-sum")
-    if trained is None:
-        return None
     model, data = trained.model, trained.data
     splits = {}
     for split, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
+        stop_if_cancelled(ctx)
         scores = classification_metrics(predict_logits(model, x), y)
         if params.eps > 0:
             scores["robust_acc"] = robust_accuracy(model, x, y, params.eps, params.eval_steps, clip=clip)
@@ -228,22 +242,21 @@ def train_comp_sum(ctx: RunContext, params: CompSumParams) -> CompSumResult | No
     datasets=("image-class", "tabular"),
     params=CompSumParams,
     paper="Cross-Entropy Loss Functions: Theoretical Analysis and Applications",
+    tiny={"epochs": 3, "hidden": 16, "batch_size": 128, "attack_steps": 2, "eval_steps": 2},
 )
 def run(ctx: RunContext, params: CompSumParams) -> None:
     """Train with a comp-sum loss L_τ, its smooth adversarial version, TRADES or PGD-AT; report clean
     accuracy, calibration and PGD robust accuracy, with learning curves and a reliability diagram."""
-    with cpu_threads(ctx.resources):
-        result = train_comp_sum(ctx, params)
-    if result is not None:
-        name = params.loss if params.loss in ("trades", "pgd-at") else f"{params.loss} τ={params.tau:g}"
-        save_training_plots(ctx, name, result.trained)
+    result = train_comp_sum(ctx, params)
+    name = params.loss if params.loss in ("trades", "pgd-at") else f"{params.loss} τ={params.tau:g}"
+    save_training_plots(ctx, name, result.trained)
 
 
 # -- reproduction -------------------------------------------------------------------------------
 
 TAUS = (0.0, 0.5, 1.0, 1.5, 2.0)
-# The notes' ν ∈ {1, 3, 6} was a guess: with the unsquared logit distance, ν = 3 already collapses the digits MLP to
-# constant logits (10% accuracy), so the grid is shifted down; TRADES keeps the β = 6 of its paper.
+# A grid like TRADES' β ∈ {1, 3, 6} does not fit this term: with the unsquared logit distance, ν = 3 already collapses
+# the digits MLP to constant logits (10% accuracy), so the grid is shifted down; TRADES keeps the β = 6 of its paper.
 NUS = (0.3, 1.0)
 BETA = 6.0
 # The gradient of L_τ in the logits scales like p_y^{τ−1}: at a shared learning rate τ < 1 diverges (τ = 0 at
@@ -254,19 +267,21 @@ TAU_LRS = (0.05, 0.01, 0.002)
 
 @reproduction(
     "comp-sum",
-    claim="the smooth adversarial comp-sum algorithm (τ = 1) matches TRADES' PGD-20 robust "
-    "accuracy (within 1 point) with higher clean accuracy on digits, ℓ∞ γ = 0.1",
-    metric="PGD-20 robust test accuracy",
+    claim="the smooth adversarial comp-sum algorithm (τ = 1) has higher clean accuracy than "
+    "TRADES while matching its PGD-20 robust accuracy (within 1 point) on digits, ℓ∞ γ = 0.1",
+    metric="clean test accuracy",
     direction="higher",
     baseline="TRADES",
 )
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
-    """Digits MLP, PGD-10 inside training, PGD-20 at test, test scores averaged over seeds. ν is chosen on
-    the validation split by the claim's own rule (the best clean accuracy among the ν whose robust accuracy
-    is within 1 point of TRADES', else the most robust ν); PGD-AT and the clean comp-sum sweep over τ
-    (standard training, learning rate per τ chosen on validation) are reported alongside."""
+    """Digits MLP, PGD-10 inside training, PGD-20 at test, per seed. ν is chosen on the validation split by the
+    claim's own rule (the best clean accuracy among the ν whose mean robust accuracy is within 1 point of
+    TRADES', else the most robust ν); the clean test accuracy of that ν and of TRADES is paired by seed, and
+    the robust accuracy within 1 point of TRADES' (means over seeds) is the claim's further condition.
+    PGD-AT and the clean comp-sum sweep over τ (standard training, learning rate per τ chosen on the first
+    seed's validation split) are reported alongside."""
     ds = load_builtin("digits")
-    seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
+    seeds = seeds_for(seed, smoke)
     budget = {"epochs": 2, "attack_steps": 2, "eval_steps": 3} if smoke else {}
     variants: dict[str, dict] = {
         f"τ={t:g}": {"loss": "comp-sum", "tau": t, "eps": 0.0} for t in ((1.0, 2.0) if smoke else TAUS)
@@ -274,28 +289,24 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     variants |= {f"smooth-adv ν={n:g}": {"loss": "smooth-adv-comp-sum", "nu": n} for n in (NUS[:1] if smoke else NUS)}
     variants |= {"TRADES": {"loss": "trades", "beta": BETA}, "PGD-AT": {"loss": "pgd-at"}}
     val: dict[str, list[dict[str, float]]] = {}
-    test: dict[str, list[dict[str, float]]] = {}
+    test: dict[str, list[dict[str, float]]] = {}  # per variant, one row per seed in seed order
     chosen_lr: dict[str, float] = {}
-    with cpu_threads(ctx.resources):
-        for i, (name, overrides) in enumerate(variants.items()):
-            if ctx.cancelled():
-                raise InterruptedError("reproduction cancelled")
-            params = CompSumParams(checkpoint_every=0, **overrides, **budget)
-            todo = seeds
-            if name.startswith("τ") and not smoke:  # learning rate per τ, on the first seed's validation split
-                tried = {
-                    lr: train_comp_sum(InMemoryRunContext(dataset=ds, seed=seed), params.model_copy(update={"lr": lr}))
-                    for lr in TAU_LRS
-                }
-                lr = max(tried, key=lambda lr: tried[lr].val["acc"])
-                params, todo = params.model_copy(update={"lr": lr}), seeds[1:]
-                chosen_lr[name] = lr
-                val[name], test[name] = [tried[lr].val], [tried[lr].test]
-            for s in todo:
-                result = train_comp_sum(InMemoryRunContext(dataset=ds, seed=s), params)
-                val.setdefault(name, []).append(result.val)
-                test.setdefault(name, []).append(result.test)
-            ctx.progress(i + 1, len(variants), name)
+    for name in sweep(ctx, variants):
+        params = CompSumParams(checkpoint_every=0, **variants[name], **budget)
+        todo = seeds
+        if name.startswith("τ") and not smoke:  # learning rate per τ, on the first seed's validation split
+            tried = {
+                lr: train_comp_sum(HelperRunContext(ctx, seed, ds), params.model_copy(update={"lr": lr}))
+                for lr in TAU_LRS
+            }
+            lr = max(tried, key=lambda lr: tried[lr].val["acc"])
+            params, todo = params.model_copy(update={"lr": lr}), seeds[1:]
+            chosen_lr[name] = lr
+            val[name], test[name] = [tried[lr].val], [tried[lr].test]
+        for s in todo:
+            result = train_comp_sum(HelperRunContext(ctx, s, ds), params)
+            val.setdefault(name, []).append(result.val)
+            test.setdefault(name, []).append(result.test)
     mean = {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for name, rows in test.items()}
     val_mean = {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for name, rows in val.items()}
     base = "TRADES"
@@ -308,31 +319,29 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     )
     ctx.save_artifact("comp_sum_accuracy.png", _summary_figure(mean), kind="plot")
     robust_ok = mean[ours]["robust_acc"] >= mean[base]["robust_acc"] - 0.01
-    clean_ok = mean[ours]["acc"] > mean[base]["acc"]
     best_tau = max((n for n in mean if n.startswith("τ")), key=lambda n: mean[n]["acc"])
     note = (
-        f"{ours} (chosen on val) vs {base}: robust {mean[ours]['robust_acc']:.3f} vs {mean[base]['robust_acc']:.3f}, "
-        f"clean {mean[ours]['acc']:.3f} vs {mean[base]['acc']:.3f}; PGD-AT robust "
-        f"{mean['PGD-AT']['robust_acc']:.3f}, clean {mean['PGD-AT']['acc']:.3f}; best clean comp-sum {best_tau} "
-        f"({mean[best_tau]['acc']:.3f}); {len(seeds)} seed(s)"
+        f"{ours} (chosen on val) vs {base}: clean {mean[ours]['acc']:.3f} vs {mean[base]['acc']:.3f}, robust "
+        f"{mean[ours]['robust_acc']:.3f} vs {mean[base]['robust_acc']:.3f}; PGD-AT clean "
+        f"{mean['PGD-AT']['acc']:.3f}, robust {mean['PGD-AT']['robust_acc']:.3f}; best clean comp-sum {best_tau} "
+        f"({mean[best_tau]['acc']:.3f}); means over {len(seeds)} seed(s)"
     )
     taus = ", ".join(
         f"{n}: {mean[n]['acc']:.3f} (lr {chosen_lr.get(n, CompSumParams().lr):g})" for n in mean if n.startswith("τ")
     )
     note += f"; clean comp-sum accuracy {taus}"
-    if not (robust_ok and clean_ok):
+    if not (robust_ok and mean[ours]["acc"] > mean[base]["acc"]):
         note += (
             ". Not reproduced at this scale: on a 128×2 MLP the unsquared logit-distance penalty (our reading of "
-            "the unverified smooth term) buys robustness only by flattening the logits, so no ν on the grid gains "
+            "the smooth term) buys robustness only by flattening the logits, so no ν on the grid gains "
             "TRADES' robustness while keeping more clean accuracy"
         )
     return Outcome(
-        ours=mean[ours]["robust_acc"],
-        baseline=mean[base]["robust_acc"],
-        seeds=len(seeds),
-        holds=robust_ok and clean_ok,
+        ours=[r["acc"] for r in test[ours]],
+        baseline=[r["acc"] for r in test[base]],
+        holds=robust_ok,
         note=note,
-        details={"test": mean, "val": val_mean, "chosen_nu": ours, "tau_lr": chosen_lr},
+        details={"test": mean, "val": val_mean, "chosen_nu": ours, "tau_lr": chosen_lr, "per_seed": test},
     )
 
 

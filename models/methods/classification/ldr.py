@@ -1,5 +1,8 @@
-"""LDR: label-distributionally robust losses (Zhu, Ying & Yang, "Label Distributionally Robust Losses
-for Multi-class Classification: Consistency, Robustness and Adaptivity", ICML 2023).
+"""LDR: label-distributionally robust losses.
+
+Paper: Dixian Zhu, Yiming Ying & Tianbao Yang, "Label Distributionally Robust Losses for Multi-class
+Classification: Consistency, Robustness and Adaptivity", ICML 2023. Reference code:
+https://github.com/Optimization-AI/ICML2023_LDR.
 
 The LDR family takes the worst case over a distribution p on the K labels of the margin-shifted
 logit gaps δ_k = z_k − z_y + c·𝟙[k ≠ y], regularised by a divergence to the uniform u = 1/K. With
@@ -27,13 +30,20 @@ the reference defaults (λ₀ = 10, logits normalised to mean |ẑ_k| = 1) δ/λ
 tenths, p stays near uniform and λ_i moves by only a few per cent on digits, so ALDR-KL acts much
 like LDR-KL on ‖z‖₁-normalised logits; the reproduction's fixed-λ ablation measures the difference.
 
-Checked against the reference code (Optimization-AI/ICML2023_LDR, `loss.py`): the λ update and
+Checked against the reference code (`loss.py`: `LDRLoss_V1`, `ALDRLoss_V1`): the λ update and
 the penalty coefficient are the same, as are the logit normalisations (LDR-KL: softplus(z) divided
 by its mean; ALDR-KL: z divided by ‖z‖₁/K). One deliberate difference: the reference computes p as
 softmax(ẑ/λ_i), leaving out the margin c, whereas the maximiser of the objective above is
 softmax(δ/λ_i) with the margin; this module uses the latter (with c = 0.1 and normalised logits
 the two differ little). The reference also smooths p by 1e-5 before taking the KL; here the KL
 comes from `log_softmax`, which needs no smoothing.
+
+Defaults: c = 0.1, λ = λ₀ = 10, α = 2 and SGD with momentum 0.9, weight decay 5e-3, batch 64, the
+learning rate ÷10 at 50% and 75% of the run (the paper's); the family's MLP, lr 0.05 and 30 epochs
+instead of the paper's networks, lr 1e-3 and 100 epochs, to fit a CPU budget. Label noise
+(`models.label_noise`): uniform (a random class with probability ρ) or class-dependent
+(y → y + 1 mod K with probability ρ), on the train split only. Baselines: cross-entropy,
+generalised cross-entropy (q = 0.7) and MAE.
 """
 
 from __future__ import annotations
@@ -49,14 +59,20 @@ from matplotlib.figure import Figure
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext, cpu_threads
+from models.context import RunContext
 from models.datasets import load_builtin
 from models.label_noise import inject_label_noise
 from models.nn.losses import CrossEntropy, GeneralizedCrossEntropy, MeanAbsoluteError
 from models.plots import curves_figure
 from models.registry import method
-from models.reproduction import Outcome, reproduction
-from models.training import ClassifierTrainingParams, accuracy, classification_data, fit_classifier
+from models.reproduction import Outcome, reproduction, seeds_for, sweep
+from models.training import (
+    ClassifierTrainingParams,
+    HelperRunContext,
+    accuracy,
+    classification_data,
+    fit_classifier,
+)
 
 LogitNorm = Literal["none", "softplus-mean", "l1"]
 LossName = Literal["aldr-kl", "ldr-kl", "ce", "gce", "mae"]
@@ -173,8 +189,8 @@ class LDRResult:
     history: list[dict[str, float]]
 
 
-def train_ldr(ctx: RunContext, params: LDRParams) -> LDRResult | None:
-    """Corrupt the train labels, train with the chosen loss, score clean test accuracy (None if cancelled)."""
+def train_ldr(ctx: RunContext, params: LDRParams) -> LDRResult:
+    """Corrupt the train labels, train with the chosen loss, score clean test accuracy."""
     ds = ctx.dataset
     if ds is None or ds.kind not in ("image-class", "tabular"):
         raise ValueError("ldr needs an 'image-class' or 'tabular' classification dataset")
@@ -197,8 +213,6 @@ def train_ldr(ctx: RunContext, params: LDRParams) -> LDRResult | None:
         return out
 
     history = fit_classifier(ctx, model, loss_fn, data, params.schedule(), lambda_metrics)
-    if history is None:
-        return None
     test_acc = accuracy(model, data.x_test, data.y_test)
     ctx.log(params.epochs, test_acc=test_acc, flipped_fraction=flipped.float().mean().item())
     return LDRResult(test_acc, history)
@@ -211,13 +225,11 @@ def train_ldr(ctx: RunContext, params: LDRParams) -> LDRResult | None:
     datasets=("image-class", "tabular"),
     params=LDRParams,
     paper="Label Distributionally Robust Losses for Multi-class Classification: Consistency, Robustness and Adaptivity",
+    tiny={"epochs": 3, "hidden": 16, "batch_size": 128, "noise_rate": 0.2},
 )
 def run(ctx: RunContext, params: LDRParams) -> None:
     """Train a classifier under injected label noise with LDR-KL / ALDR-KL or a baseline loss."""
-    with cpu_threads(ctx.resources):
-        result = train_ldr(ctx, params)
-    if result is None:
-        return
+    result = train_ldr(ctx, params)
     epochs = list(range(1, len(result.history) + 1))
     panels = {
         name: {params.loss: (epochs, [row[name] for row in result.history])} for name in ("train_loss", "val_acc")
@@ -257,47 +269,48 @@ FIXED_LAMBDA = "aldr-kl, λ fixed"
     baseline="cross-entropy",
 )
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
-    """The notes' protocol on digits: the default MLP and schedule per (loss, noise setting, seed), clean
-    test accuracy averaged over seeds. Every loss gets the same optimiser and budget (30 epochs)."""
+    """Digits, the default MLP and schedule per (loss, noise setting, seed), clean test accuracy. Every loss gets
+    the same optimiser and budget (30 epochs). ALDR-KL's and CE's accuracy, averaged over the noisy settings,
+    are paired by seed; the claim's further condition (ALDR-KL within 1 point of the best loss in 4 of 6
+    settings) is judged on the means over seeds."""
     ds = load_builtin("digits")
     settings = (("uniform", 0.4), ("class-dependent", 0.3)) if smoke else SETTINGS_FULL
     losses = ("aldr-kl", "ldr-kl", "ce") if smoke else LOSSES_FULL
     variants: dict[str, dict] = {loss: {"loss": loss} for loss in losses}
     if not smoke:
         variants[FIXED_LAMBDA] = {"loss": "aldr-kl", "alpha": 1000.0}
-    seeds = [seed] if smoke else [seed, seed + 1, seed + 2]
+    seeds = seeds_for(seed, smoke)
     budget = {"epochs": 3} if smoke else {}
     jobs = [(noise_type, rate, name) for noise_type, rate in settings for name in variants]
-    acc: dict[str, dict[str, float]] = {}
-    with cpu_threads(ctx.resources):
-        for i, (noise_type, rate, name) in enumerate(jobs):
-            if ctx.cancelled():
-                raise InterruptedError("reproduction cancelled")
-            params = LDRParams(noise_rate=rate, noise_type=noise_type, checkpoint_every=0, **variants[name], **budget)
-            runs = [train_ldr(InMemoryRunContext(dataset=ds, seed=s), params).test_acc for s in seeds]
-            acc.setdefault(f"{noise_type} {rate}", {})[name] = float(np.mean(runs))
-            ctx.progress(i + 1, len(jobs), f"{noise_type} ρ={rate}: {name}")
+    per_seed: dict[str, dict[str, list[float]]] = {}  # setting → loss → test accuracy per seed
+    for noise_type, rate, name in sweep(ctx, jobs, label=lambda job: f"{job[0]} ρ={job[1]}: {job[2]}"):
+        params = LDRParams(noise_rate=rate, noise_type=noise_type, checkpoint_every=0, **variants[name], **budget)
+        runs = [train_ldr(HelperRunContext(ctx, s, ds), params).test_acc for s in seeds]
+        per_seed.setdefault(f"{noise_type} {rate}", {})[name] = runs
+    acc = {k: {name: float(np.mean(runs)) for name, runs in row.items()} for k, row in per_seed.items()}
     ctx.save_artifact("ldr_noise_accuracy.png", _accuracy_figure(acc), kind="plot")
     noisy = [k for k in acc if not k.endswith(" 0.0")]
     best = {k: max(v for name, v in row.items() if name != FIXED_LAMBDA) for k, row in acc.items()}
     near_best = {k: acc[k]["aldr-kl"] >= best[k] - 0.01 for k in acc}
-    ours = float(np.mean([acc[k]["aldr-kl"] for k in noisy]))
-    base = float(np.mean([acc[k]["ce"] for k in noisy]))
+
+    def over_noisy(loss: str) -> list[float]:  # per seed, the accuracy averaged over the noisy settings
+        return [float(np.mean([per_seed[k][loss][i] for k in noisy])) for i in range(len(seeds))]
+
+    ours, base = over_noisy("aldr-kl"), over_noisy("ce")
     need = math.ceil(2 * len(acc) / 3)
     note = (
         f"ALDR-KL within 1 pt of the best loss in {sum(near_best.values())}/{len(acc)} settings (needs {need}); "
-        f"mean over noisy settings {ours:.3f} vs CE {base:.3f}; {len(seeds)} seed(s)"
+        f"mean over noisy settings {np.mean(ours):.3f} vs CE {np.mean(base):.3f}; {len(seeds)} seed(s)"
     )
     if not smoke:
-        pinned = float(np.mean([acc[k][FIXED_LAMBDA] for k in noisy]))
-        note += f"; with λ_i pinned to λ₀ ALDR-KL scores {pinned:.3f} (adapting λ_i adds {ours - pinned:+.3f})"
+        pinned = float(np.mean(over_noisy(FIXED_LAMBDA)))
+        note += f"; with λ_i pinned to λ₀ ALDR-KL scores {pinned:.3f} (adapting λ_i adds {np.mean(ours) - pinned:+.3f})"
     return Outcome(
         ours=ours,
         baseline=base,
-        seeds=len(seeds),
-        holds=ours > base and sum(near_best.values()) >= need,
+        holds=sum(near_best.values()) >= need,
         note=note,
-        details={"accuracy": acc, "aldr_near_best": near_best},
+        details={"accuracy": acc, "accuracy_per_seed": per_seed, "aldr_near_best": near_best},
     )
 
 

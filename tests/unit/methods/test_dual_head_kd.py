@@ -17,6 +17,7 @@ from models.methods.classification.dual_head_kd import (
     softmax_kd,
 )
 from models.nn.backbones import mlp
+from models.registry import registered_spec
 from tests.unit.resumption import interrupted_and_resumed
 
 torch.set_num_threads(1)
@@ -103,3 +104,17 @@ def test_resumed_distillation_ends_identical_without_retraining_the_teacher():
     assert resumed.history("train_loss") == whole.history("train_loss")[2:]
     assert resumed.latest("test_acc") == whole.latest("test_acc")
     assert resumed.latest("teacher_test_acc") is None  # the teacher's logits came from the checkpoint
+
+
+def test_cancel_while_the_teacher_trains_stops_before_any_student_epoch():
+    ctx = InMemoryRunContext(dataset=load_builtin("digits"), seed=0)
+    reports = []
+
+    def cancel_at_first_report(done: int, total: int, message: str) -> None:
+        reports.append(message)
+        ctx.cancel()
+
+    ctx.on_progress = cancel_at_first_report
+    assert not registered_spec(run).invoke(ctx, fast(teacher_epochs=500))
+    assert reports == ["training the teacher"]
+    assert not ctx.metrics and not ctx.artifacts and not ctx.checkpoints

@@ -21,6 +21,7 @@ from models.methods.classification.gen_vs_disc import (
     per_class_grid,
     run,
 )
+from models.registry import registered_spec
 
 torch.set_num_threads(1)
 
@@ -110,5 +111,5 @@ def test_cnn_features_come_from_a_held_out_half_and_need_images():
 def test_cancelled_analysis_stops_without_artifacts():
     ctx = InMemoryRunContext(dataset=load_builtin("synthetic-tabular"), seed=0)
     ctx.on_progress = lambda done, total, message: ctx.cancel()
-    run(ctx, GenVsDiscParams(shots=[1, 2, 3], repeats=2))
+    assert not registered_spec(run).invoke(ctx, GenVsDiscParams(shots=[1, 2, 3], repeats=2))
     assert len(ctx.history("nb_error")) == 1 and not ctx.artifacts

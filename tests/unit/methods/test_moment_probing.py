@@ -19,6 +19,7 @@ from models.methods.classification.moment_probing import (
     sample_shots,
 )
 from models.nn.vit import TinyViT
+from models.registry import registered_spec
 
 torch.set_num_threads(1)
 B, L, D, C = 3, 16, 24, 5
@@ -162,3 +163,18 @@ def test_cross_covariance_is_the_off_diagonal_block_of_torch_cov():
     )
     joint = torch.cov(torch.cat([a[0], b[0]], dim=1).T, correction=0)  # variables × observations
     torch.testing.assert_close(cross_covariance(a, b)[0], joint[:4, 4:])
+
+
+def test_cancel_during_pretraining_stops_before_any_probe_epoch():
+    ctx = InMemoryRunContext(dataset=load_builtin("digits"), seed=0)
+    reports = []
+
+    def cancel_at_first_report(done: int, total: int, message: str) -> None:
+        reports.append(message)
+        ctx.cancel()
+
+    ctx.on_progress = cancel_at_first_report
+    params = MomentProbingParams(vit_depth=1, vit_dim=16, pretrain_epochs=50, hidden=32, shots=4, epochs=3)
+    assert not registered_spec(run).invoke(ctx, params)
+    assert reports == ["pre-training the backbone on the base classes"]
+    assert not ctx.history("val_acc") and not ctx.artifacts and not ctx.checkpoints
