@@ -150,6 +150,19 @@ def _train_into(folder: Path, params: PretrainParams, ctx: RunContext) -> dict[s
     return lineage
 
 
+def model_folder(ctx: RunContext, ref: str = "", smoke: bool = False) -> Path:
+    """The folder a job's `model` param names: empty → the cached base model (`smoke` picks the recipe); the
+    registry name of either recipe's base model (`base_model_name`) → that base model, from the registry, the
+    cache or trained now, so a job (or a method's tiny params) can name the seconds-long micro base before
+    anything registered it; anything else → `ctx.load_model(ref)` (a registered name[@version] or a folder)."""
+    if not ref:
+        return base_model(ctx, smoke)
+    for recipe in (True, False):
+        if ref == base_model_name(recipe):
+            return base_model(ctx, recipe)
+    return Path(ctx.load_model(ref))
+
+
 def base_model(ctx: RunContext, smoke: bool = False) -> Path:
     """A trained base-model folder: from the registry, else the local cache, else trained now (then registered)."""
     name = base_model_name(smoke)

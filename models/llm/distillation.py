@@ -3,14 +3,16 @@
 - CE: next-token cross-entropy on the data.
 - KL: KL(p_teacher ‖ p_student) of the next-token distributions, averaged over tokens.
 - SquareHead (Kurtic et al., "Sparse Finetuning for Inference Acceleration of Large Language
-  Models", 2023, Eq. 1): Σ_l mean((h_s^l − h_t^l)²) / mean((h_t^l)²) over the outputs of every
-  decoder block (HF `hidden_states[1:]`), each layer's MSE normalised by the teacher's feature energy
-  so layers of very different scale weigh alike. It is zero iff every block output matches and is
-  invariant to scaling student and teacher jointly.
+  Models", 2023, Eq. 1): Σ_l mean((h_s^l − h_t^l)²) / mean((h_t^l)²) over the hidden states HF returns
+  after the embeddings (`hidden_states[1:]`, as the reference takes them): for a Llama of L blocks in
+  transformers 5, the outputs of blocks 1 … L−1 and, last, the final-RMSNorm'd output of block L (HF
+  returns that in place of block L's raw output). Each layer's MSE is normalised by the teacher's
+  feature energy so layers of very different scale weigh alike. It is zero iff all these hidden states
+  match and is invariant to scaling student and teacher jointly.
 
 `finetune` trains a student against a frozen teacher with any weighted mix of the three, keeping
-pruned weights at zero by re-applying the masks after every optimizer step (the notes' "masks fixed,
-re-applied"), and checkpoints through the run context so a re-queued job resumes exactly.
+pruned weights at zero by re-applying the masks after every optimizer step (masks fixed, as SquareHead
+fine-tunes), and checkpoints through the run context so a re-queued job resumes exactly.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def distillation_loss(
             kl = kl_loss(out.logits[:, :-1], t_out.logits[:, :-1])
             total = total + weights.kl * kl
             parts["kl"] = kl.item()
-        if weights.sq > 0:
+        if weights.sq > 0:  # blocks 1 … L−1, then the final-normed last hidden state (see the module docstring)
             sq = squarehead_loss(out.hidden_states[1:], t_out.hidden_states[1:])
             total = total + weights.sq * sq
             parts["sq"] = sq.item()
@@ -92,6 +94,7 @@ class FinetuneSchedule:
     lr: float
     warmup_steps: int = 10
     checkpoint_every: int = 0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then linear decay to zero."""
@@ -119,7 +122,9 @@ def finetune(
             p.requires_grad_(False)
     for p in student.parameters():  # a student deep-copied from a frozen teacher inherits requires_grad=False
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=schedule.weight_decay
+    )
     generator = torch.Generator().manual_seed(ctx.seed)
     start, history = 0, []
     checkpoint = ctx.load_checkpoint() if schedule.checkpoint_every else None

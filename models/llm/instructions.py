@@ -1,8 +1,8 @@
 """A synthetic instruction pool from the `stdlib-code` corpus, labelled by capability.
 
-The notes' protocols (PASER, PAT) tune on "instr: a synthetic instruction pool labelled by capability";
-with no downloads allowed, the pool is made from the corpus itself with `ast`, one instruction per
-function or module and four capabilities a code model can lose under pruning:
+PASER recovers a pruned model on instruction data (Alpaca-style in the paper); here, with no downloads
+allowed, the pool is made from the corpus itself with `ast`, one instruction per function or module and
+four capabilities a code model can lose under pruning:
 
 - `docstring`: write the docstring of a given signature;
 - `body`: continue a function from its signature and docstring;
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +52,22 @@ def _functions(tree: ast.Module, source: str) -> list[tuple[str, str, str]]:
     return out
 
 
+# lines with their endings, split at \r\n, \r or \n only (as `ast` counts lines, unlike str.splitlines)
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def _segment(lines: list[str], node: ast.stmt) -> str:
+    """`ast.get_source_segment(source, node)` from the source's lines split once (the stdlib splits the whole
+    source again, character by character, for every node it is asked about)."""
+    first, last = node.lineno - 1, (node.end_lineno or node.lineno) - 1
+    start, end = node.col_offset, node.end_col_offset
+    if first == last:
+        return lines[first].encode()[start:end].decode()
+    head = lines[first].encode()[start:].decode()
+    tail = lines[last].encode()[:end].decode()
+    return "".join([head, *lines[first + 1 : last], tail])
+
+
 def instructions_from(texts: Sequence[str], limit_per_capability: int, seed: int = 0) -> list[Instruction]:
     """Up to `limit_per_capability` examples of each capability from `texts`, sampled reproducibly. Documents are
     read in a seeded order until every capability has twice the limit (parsing the whole corpus takes long)."""
@@ -65,7 +82,8 @@ def instructions_from(texts: Sequence[str], limit_per_capability: int, seed: int
             tree = ast.parse(source)
         except (SyntaxError, ValueError):
             continue
-        imports = [ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        lines = _LINE.findall(source)
+        imports = [_segment(lines, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         if 2 <= len(imports) <= 12:
             first = (ast.get_docstring(tree) or "this module").splitlines()[0][:100]
             pools["imports"].append(

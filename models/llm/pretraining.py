@@ -29,10 +29,13 @@ from models.llm.evaluation import mean_nll
 from models.llm.model import SIZES, SizeName, build_model, llama_config, parameter_count
 from models.llm.tokenizer import train_tokenizer, wrap
 from models.optim import build_optimizer, optimizer_state_bytes
-from models.registry import MethodParams
+from models.params import ResumableParams, StepTrainingParams
 
 
-class PretrainParams(MethodParams):
+class PretrainParams(StepTrainingParams, ResumableParams):
+    """The pre-training recipe. Its fields (names and values) are hashed into the cached base model's key
+    (`models.llm.base.recipe_key`): adding, renaming or re-defaulting one changes every cached base model."""
+
     size: SizeName = Field("tiny", description="model size: micro (≈0.36M), tiny (≈1.3M) or small (≈4.2M, TL-S)")
     vocab_size: int = Field(4096, ge=300, le=65536, description="BPE vocabulary size, special tokens included")
     steps: int = Field(400, ge=1, le=1_000_000, description="optimizer steps")

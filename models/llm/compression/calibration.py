@@ -4,8 +4,10 @@ Post-training compression (SparseGPT, Frantar & Alistarh 2023, §3; Wanda, Sun e
 EoRA, Liu et al. 2024, Eq. 4) needs, per linear layer, the Gram matrix of its inputs
 G = Σ_t x_t x_tᵀ over calibration tokens: SparseGPT's Hessian is 2G, Wanda's feature norms are
 ‖X_j‖₂ = √G_jj and EoRA's covariance is C = G / T. As in the reference implementations, blocks are
-compressed in order and the statistics of block l are taken with blocks < l already compressed, so
-each block corrects for the error its predecessors introduced ("sequential" calibration).
+compressed in order and the statistics of block l are taken with blocks < l already compressed (and
+block l itself still dense), so each block corrects for the error its predecessors introduced
+("sequential" calibration). `compress_sequentially` runs that loop for pruning; EoRA, whose input is
+an already-compressed model, restores block l's dense weights before calling `block_input_stats`.
 
 Statistics come from forward pre-hooks on a full model forward that is cut short (by an exception
 raised after block l) — slower than caching each block's inputs, but independent of the signature of

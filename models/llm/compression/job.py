@@ -19,9 +19,10 @@ from pydantic import Field
 
 from models.context import RunContext
 from models.datasets import load_builtin
-from models.llm.base import base_model, base_model_name
+from models.llm.base import base_model_name, model_folder
 from models.llm.data import split_windows
 from models.llm.folder import CausalLM, decoder_layers, load_folder, save_folder
+from models.params import StepTrainingParams
 from models.registry import MethodParams
 
 
@@ -31,7 +32,7 @@ class CompressionParams(MethodParams):
     model: str = Field(
         "",
         description="parent model: a registered name[@version] or an imported folder "
-        "(empty: the cached tiny base model)",
+        "(empty: the cached tiny base model; the cached base models' registry names also work unregistered)",
     )
     calibration_windows: int = Field(32, ge=1, le=4096, description="calibration windows from the train split")
     seq_len: int = Field(256, ge=8, le=8192, description="tokens per calibration and evaluation window")
@@ -41,6 +42,11 @@ class CompressionParams(MethodParams):
         pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})?$",
         description="name to register the result under (empty: <parent>-<method>)",
     )
+
+
+class CompressionTuningParams(CompressionParams, StepTrainingParams):
+    """A compression job that also fine-tunes (SquareHead, PAT): the parent and windows of `CompressionParams` and
+    the step schedule of `StepTrainingParams` (lr, batch_size in windows, weight_decay, steps)."""
 
 
 @dataclass
@@ -56,22 +62,23 @@ class TokenSets:
 
 
 def load_parent(ctx: RunContext, ref: str, smoke: bool = False) -> Parent:
-    """The model to compress, checked to have a decoder stack (UnsupportedArchitectureError otherwise)."""
-    if ref:
-        lm = load_folder(ctx.load_model(ref))
-    else:
-        lm, ref = load_folder(base_model(ctx, smoke)), base_model_name(smoke)
+    """The model to compress (`models.llm.base.model_folder` resolves `ref`), checked to have a decoder stack
+    (UnsupportedArchitectureError otherwise)."""
+    lm = load_folder(model_folder(ctx, ref, smoke))
     decoder_layers(lm.model)
-    return Parent(lm, ref)
+    return Parent(lm, ref or base_model_name(smoke))
 
 
-def token_sets(ctx: RunContext, lm: CausalLM, params: CompressionParams) -> TokenSets:
-    """Calibration windows (train split) and evaluation windows (val split) of `ctx.dataset`, or of stdlib-code."""
+def token_sets(ctx: RunContext, lm: CausalLM, params: CompressionParams, calibration_block: int = 0) -> TokenSets:
+    """Calibration windows (train split) and evaluation windows (val split) of `ctx.dataset`, or of stdlib-code.
+    Calibration takes the `calibration_block`-th disjoint block of `calibration_windows` windows from the start of
+    the train split (0: the first windows, what a job uses; a reproduction's seeds may each take their own)."""
     ds = ctx.dataset if ctx.dataset is not None and ctx.dataset.kind == "text-corpus" else load_builtin("stdlib-code")
     limit = getattr(lm.model.config, "max_position_embeddings", params.seq_len)
     seq_len = min(params.seq_len, limit)
+    n = params.calibration_windows
     return TokenSets(
-        split_windows(lm.tokenizer, ds.train["text"], seq_len, params.calibration_windows),
+        split_windows(lm.tokenizer, ds.train["text"], seq_len, n * (calibration_block + 1))[n * calibration_block :],
         split_windows(lm.tokenizer, ds.val["text"], seq_len, params.eval_windows),
     )
 

@@ -1,2 +1,2 @@
-"""LLM-compression family (notes: shared/methods/llm-compression-and-inference.md); shared toolkit in
-`models/llm/compression/`."""
+"""LLM-compression family: EoRA, SquareHead, PAT, PASER and N:M progressive gradient flow; their shared
+toolkit (calibration, pruning, quantization, storage, the compression job's shape) is `models/llm/compression/`."""

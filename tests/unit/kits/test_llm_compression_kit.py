@@ -10,7 +10,7 @@ import torch
 
 from models.context import InMemoryRunContext
 from models.llm.compression.calibration import block_input_stats
-from models.llm.compression.job import CompressionParams, register_compressed
+from models.llm.compression.job import CompressionParams, register_compressed, token_sets
 from models.llm.compression.oneshot import apply_masks, prune_model, quantize_model
 from models.llm.compression.pruning import (
     SparsityPattern,
@@ -167,3 +167,13 @@ def test_registered_compressed_model_records_its_parent_and_job(micro):
     meta = json.loads((ctx.load_model(ref) / "crucible-model.json").read_text())
     assert meta["parent"] == "base@2" and meta["job_id"] == "job-7" and meta["metrics"] == {"val_ppl": 12.5}
     assert load_folder(ctx.load_model(ref)).lineage["method"] == "wanda"
+
+
+def test_calibration_blocks_are_consecutive_disjoint_slices_of_the_train_split(micro):
+    ctx = InMemoryRunContext()
+    params = CompressionParams(calibration_windows=3, seq_len=16, eval_windows=2)
+    first, second = (token_sets(ctx, micro, params, calibration_block=b) for b in (0, 1))
+    both = token_sets(ctx, micro, params.model_copy(update={"calibration_windows": 6}))
+    assert first.calibration.shape == second.calibration.shape == (3, 16)
+    assert torch.equal(torch.cat([first.calibration, second.calibration]), both.calibration)
+    assert torch.equal(first.evaluation, second.evaluation)  # evaluation never moves

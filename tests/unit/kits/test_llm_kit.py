@@ -194,3 +194,36 @@ def test_base_model_is_trained_once_then_served_from_the_cache(tmp_path, monkeyp
     # a context where it is registered answers from the registry
     assert base.base_model(first, smoke=True) == first.load_model(base.base_model_name(True))
     assert load_folder(folder).lineage["recipe_key"] == base.recipe_key(base.RECIPES[True])
+
+
+def test_model_folder_resolves_an_empty_ref_and_the_base_models_names_through_base_model(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(base, "base_model", lambda ctx, smoke=False: calls.append(smoke) or tmp_path)
+    ctx = InMemoryRunContext()
+    assert base.model_folder(ctx, base.base_model_name(smoke=True)) == tmp_path
+    assert base.model_folder(ctx, base.base_model_name(smoke=False)) == tmp_path
+    assert base.model_folder(ctx, "", smoke=True) == tmp_path and calls == [True, False, True]
+    assert base.model_folder(ctx, str(tmp_path)) == tmp_path and len(calls) == 3  # a folder is read as it is
+    with pytest.raises(KeyError):
+        base.model_folder(ctx, "no-such-model")
+
+
+def test_pretrain_params_fields_are_the_cached_base_models_recipe():
+    """The recipe's fields and values are hashed into the base model's cache key (with the Python version): a
+    field added to PretrainParams, or a mixin default that leaks into it, would retrain every cached base."""
+    assert base.RECIPES[True].model_dump() == {
+        "size": "micro",
+        "vocab_size": 512,
+        "steps": 30,
+        "batch_size": 4,
+        "seq_len": 64,
+        "lr": 3e-3,
+        "warmup_steps": 3,
+        "weight_decay": 0.1,
+        "grad_clip": 1.0,
+        "eval_every": 30,
+        "eval_windows": 4,
+        "checkpoint_every": 0,
+        "max_documents": 20,
+        "model_name": "llm-base-micro",
+    }

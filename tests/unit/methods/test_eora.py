@@ -1,5 +1,6 @@
 """EoRA (Liu et al. 2024): full-rank exactness, optimality of the eigenspace solution against plain SVD,
-reduction to SVD for isotropic inputs, the peft adapter, and the job's registration."""
+reduction to SVD for isotropic inputs, the reference's block order (statistics through the dense block, fed by
+compensated predecessors), the peft adapter, and the job's registration."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from models.context import InMemoryRunContext
+from models.llm.compression.calibration import block_input_stats, block_linears
+from models.llm.compression.oneshot import linear_name, quantize_model
 from models.llm.folder import load_folder
 from models.methods.llm_compression.eora import (
     EoRAParams,
@@ -96,6 +99,53 @@ def test_compensated_model_at_full_rank_equals_the_dense_model_and_peft_adapter_
     assert result.extra_parameters == sum(
         4 * (m.in_features + m.out_features) for m in dense.model.layers.modules() if isinstance(m, torch.nn.Linear)
     )
+
+
+def with_block_weights(model: torch.nn.Module, layer: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of `model` whose block `layer` linears carry `weights` (by full module name)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, linear in block_linears(out.model.layers[layer]).items():
+            linear.weight.copy_(weights[linear_name(layer, name)])
+    return out
+
+
+def test_block_statistics_are_the_dense_block_fed_by_its_compensated_predecessors(smoke_base):
+    """As in the reference `llama_sequential_eigen`: block 1's covariances come from running block 1 with its
+    DENSE weights on block 0's COMPENSATED outputs. Gathering them with block 1 already compressed (the order
+    this replaced) gives other statistics for every linear after q/k/v, and so other factors."""
+    dense = smoke_base.model
+    assert len(dense.model.layers) == 2
+    compressed = copy.deepcopy(dense)
+    quantize_model(compressed, bits=2)
+    lowered = {n: m.weight.detach().clone() for n, m in compressed.named_modules() if isinstance(m, torch.nn.Linear)}
+    dense_w = {n: m.weight.detach().clone() for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear)}
+    ids = torch.randint(0, dense.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = compensate(compressed, dense, ids, rank=4, kind="eora")
+    for layer in (0, 1):
+        # blocks < layer as compensated (their final weights), block `layer` dense
+        stats = block_input_stats(with_block_weights(compressed, layer, dense_w), ids, layer)
+        stale = block_input_stats(with_block_weights(compressed, layer, lowered), ids, layer)
+        for name, linear in block_linears(compressed.model.layers[layer]).items():
+            full = linear_name(layer, name)
+            delta = dense_w[full].double() - lowered[full].double()
+            b, a = eora_factors(delta, stats[name].covariance, 4)
+            got_b, got_a = result.factors[full]
+            torch.testing.assert_close(got_b @ got_a, (b @ a).float(), rtol=1e-3, atol=1e-5, msg=full)
+            torch.testing.assert_close(linear.weight, lowered[full] + (b @ a).float(), rtol=1e-5, atol=1e-6, msg=full)
+            if name in ("self_attn.o_proj", "mlp.down_proj"):  # downstream of the block's own compressed linears
+                old_b, old_a = eora_factors(delta, stale[name].covariance, 4)
+                assert not torch.allclose(old_b @ old_a, b @ a, rtol=1e-2, atol=1e-4), full
+
+
+def test_svd_compensation_needs_no_calibration_statistics(smoke_base):
+    dense = smoke_base.model
+    compressed = copy.deepcopy(dense)
+    quantize_model(compressed, bits=3)
+    ids = torch.randint(0, dense.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    other = torch.randint(0, dense.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
+    a, b = (compensate(copy.deepcopy(compressed), dense, x, rank=3, kind="svd") for x in (ids, other))
+    assert all(torch.equal(a.factors[k][0] @ a.factors[k][1], b.factors[k][0] @ b.factors[k][1]) for k in a.factors)
 
 
 def test_run_registers_the_compensated_model_with_its_adapter_and_lineage(smoke_base, tmp_path, monkeypatch):

@@ -81,6 +81,29 @@ def test_squarehead_from_identical_teacher_has_zero_feature_loss(smoke_base):
     assert squarehead_loss(out.hidden_states[1:], [h.detach() for h in out.hidden_states[1:]]).item() == 0.0
 
 
+def test_squarehead_layers_are_the_block_outputs_then_the_final_normed_state(smoke_base):
+    """The hidden states the loss compares (`hidden_states[1:]`, as the reference): blocks 1 … L−1's outputs and,
+    last, the final RMSNorm of block L's output (transformers 5 returns it in place of the raw block output)."""
+    model = smoke_base.model
+    layers = model.model.layers
+    outputs: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+        for layer in layers
+    ]
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+    for hook in hooks:
+        hook.remove()
+    assert len(hidden) == len(layers) == len(outputs)
+    for h, out in zip(hidden[:-1], outputs[:-1]):
+        torch.testing.assert_close(h, out)
+    with torch.no_grad():
+        torch.testing.assert_close(hidden[-1], model.model.norm(outputs[-1]))
+    assert not torch.allclose(hidden[-1], outputs[-1])
+
+
 def fast_params(**overrides) -> SquareHeadParams:
     return SquareHeadParams(
         **{
