@@ -5,7 +5,8 @@ learns — heads, temperature networks, gates — lives in `model`; `labels` are
 when the method is given any, for supervised variants; `generator` is the run's one seeded
 generator, for any sampling the objective does); the loop draws two views per image with it, steps
 Adam, and does the RunContext chores: metrics and progress per epoch,
-cancellation checked every batch, checkpoints every `checkpoint_every` epochs holding all that
+cancellation checked every batch, checkpoints every `checkpoint_every` epochs (saved before the
+epoch's progress report, so a run stopped at that report resumes from that epoch) holding all that
 decides the rest of the run (weights, optimizer moments, the generator, the history), and
 resumption from the last one, so a resumed run ends identical to an uninterrupted one.
 """
@@ -33,6 +34,11 @@ class ContrastiveSchedule:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     checkpoint_every: int = 0
+
+    @classmethod
+    def of(cls, params: Any) -> ContrastiveSchedule:
+        """The schedule a job's params give (`models.representation.job.RepresentationParams`' fields)."""
+        return cls(params.epochs, params.batch_size, params.lr, params.weight_decay, params.checkpoint_every)
 
 
 def simclr_objective(temperature: float) -> Objective:
@@ -106,8 +112,8 @@ def fit_contrastive(
         row = {"train_loss": total / max(seen, 1), **(epoch_metrics() if epoch_metrics else {})}
         history.append(row)
         ctx.log(epoch + 1, **row)
-        ctx.progress(epoch + 1, schedule.epochs, f"epoch {epoch + 1}: loss {row['train_loss']:.4f}")
         every = schedule.checkpoint_every
         if every and ((epoch + 1) % every == 0 or epoch + 1 == schedule.epochs):
             ctx.save_checkpoint(training_state(model, optimizer, generator, epoch + 1, history), epoch + 1)
+        ctx.progress(epoch + 1, schedule.epochs, f"epoch {epoch + 1}: loss {row['train_loss']:.4f}")
     return history

@@ -68,9 +68,11 @@ def embed(body: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Ten
 
 
 def save_encoder(folder: Path, encoder: ContrastiveEncoder, extra: dict | None = None) -> Path:
+    """Write the body's weights and config; `extra` (a job's params, say) is kept in the config too, but
+    never overrides how the body was built (a params `width` or `image_size` that disagrees with it)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in encoder.body.state_dict().items()}, str(folder / WEIGHTS))
-    (folder / CONFIG).write_text(json.dumps({"kind": "cnn", **encoder.config, **(extra or {})}, default=str))
+    (folder / CONFIG).write_text(json.dumps({**(extra or {}), "kind": "cnn", **encoder.config}, default=str))
     return folder
 
 

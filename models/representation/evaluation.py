@@ -1,7 +1,7 @@
 """The one evaluation routine of the representation family, and the embedding plot.
 
-`evaluate_embeddings(train, test)` scores frozen features the way the notes' SSL evaluation job
-does, with one report schema for every method:
+`evaluate_embeddings(train, test)` scores frozen features the way self-supervised learning papers
+evaluate them, with one report schema for every method:
 
 - linear probe: standardise, then multinomial logistic regression on train, accuracy on test;
 - weighted k-NN (Wu et al. 2018, as in DINO/solo-learn): cosine similarity, k = 20 neighbours,

@@ -1,7 +1,7 @@
 """Multivariate time series for contrastive learning: a generator with labelled bad positive pairs,
 TS-TCC's weak and strong views, and a small 1-D CNN encoder.
 
-`bad_pair_series` makes the DBPM notes' offline set: each series carries a class motif (a windowed
+`bad_pair_series` makes DBPM's offline set: each series carries a class motif (a windowed
 sinusoid with a class-specific frequency and channel mix) at a random position over background
 noise. A fraction of the training series are *noisy* pairs (the signal is replaced by an artefact —
 a large per-channel offset plus noise — so both views carry nothing of the class, yet are easy to

@@ -1,1 +1,1 @@
-"""Representation-family methods (notes: shared/methods/representation-and-structured.md)."""
+"""Representation-family methods: self-supervised, contrastive and metric learning of encoders, and RankMe."""

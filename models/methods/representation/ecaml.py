@@ -1,5 +1,7 @@
-"""ECAML: energy-confusion adversarial metric learning (Chen & Deng, "Energy Confused Adversarial
-Metric Learning for Zero-Shot Image Retrieval and Clustering", AAAI 2019).
+"""ECAML: energy-confusion adversarial metric learning.
+
+Paper: Binghui Chen and Weihong Deng, "Energy Confused Adversarial Metric Learning for Zero-Shot
+Image Retrieval and Clustering", AAAI 2019. Public code (Caffe): https://github.com/chenbinghui1/ECAML.
 
 A metric loss on seen classes makes the embedding discriminative, and over-fits to the features
 that separate exactly those classes. ECAML adds an adversarial "energy confusion" term that pulls
@@ -18,18 +20,23 @@ reads a detached backbone output, so W gets L_metric + λ·L_EC and the backbone
 (λ = 0.13 in the shipped config). The metric losses are pytorch-metric-learning's
 (multi-similarity in place of the shipped binomial deviance, triplet, contrastive).
 
-Checked against the notes on `chenbinghui1/ECAML` (`energy_confusion.cpp`, `train_confusion.prototxt`):
-partner count, the per-kind weighting, the log and the blocked backbone gradient. Not verified:
-whether the reference feeds the EC layer normalised or raw embeddings; here it reads the
-L2-normalised ones the metric loss uses (on raw ones, shrinking W alone would drive log E to −∞).
-Even so log E is unbounded below: on digits λ = 0.13 pulls the embeddings into a small cap of the
-sphere (L_EC reaches about −10) while the ranking the metric loss learnt survives, which is what
-retrieval and clustering read.
+Read against the reference code (`src/energy_confusion.cpp`, `examples/car/train_confusion.prototxt`,
+`solver.prototxt`): partner count, the per-kind weighting, the log and the blocked backbone
+gradient are as there. Not established from it, and so our choice: whether the EC layer reads
+normalised or raw embeddings; here it reads the L2-normalised ones the metric loss uses (on raw
+ones, shrinking W alone would drive log E to −∞). Even so log E is unbounded below: on digits
+λ = 0.13 pulls the embeddings into a small cap of the sphere (L_EC reaches about −10) while the
+ranking the metric loss learnt survives, which is what retrieval and clustering read.
+
+Scale. The reference trains a 512-d embedding on CUB/Cars/SOP/In-Shop with batches of 65 classes ×
+2 images, Adam 1e-5 (W at ×10), weight decay 2e-4, 10,000 iterations. Here (the zero-shot protocol of
+`models.representation.zero_shot`): digits 0–4 seen, 5–9 unseen, 8×8 inputs to the kit's Conv-4 body
+of width 32, a 128-d embedding, batches of 5 classes × 16 images, Adam 1e-3 (W at ×10), weight
+decay 2e-4, 300 iterations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -38,15 +45,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext, cpu_threads
+from models.context import InMemoryRunContext, RunContext, stop_if_cancelled
 from models.datasets import load_builtin
-from models.plots import curves_figure
-from models.registry import MethodParams, method
-from models.representation.augment import image_splits
+from models.params import ResumableParams
+from models.registry import method
 from models.representation.contrastive import resume, training_state
 from models.representation.encoders import cnn_body, embed
-from models.representation.evaluation import embedding_figure, zero_shot_metrics
-from models.reproduction import Outcome, reproduction
+from models.representation.evaluation import zero_shot_metrics
+from models.representation.job import EmbeddingPlotParams, finish_representation_job
+from models.representation.zero_shot import ZeroShotData, class_balanced_batch, zero_shot_split
+from models.reproduction import Outcome, reproduction, seeds_for, sweep
 
 MetricLossName = Literal["multi-similarity", "triplet", "contrastive"]
 
@@ -88,7 +96,11 @@ def make_metric_loss(name: MetricLossName) -> nn.Module:
     return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5)
 
 
-class ECAMLParams(MethodParams):
+class ECAMLParams(EmbeddingPlotParams, ResumableParams):
+    """The representation family's shared fields where they apply (a schedule of class-balanced iterations,
+    not epochs of mini-batches) and ECAML's own."""
+
+    checkpoint_every: int = Field(100, ge=0, le=100_000, description="iterations between checkpoints (0: never)")
     loss: MetricLossName = Field("multi-similarity", description="base metric loss (pytorch-metric-learning)")
     ec_weight: float = Field(0.13, ge=0.0, le=10.0, description="λ of the energy-confusion term (0: the base loss)")
     partners: int = Field(10, ge=1, le=256, description="random partners per anchor in the confusion energy")
@@ -105,44 +117,11 @@ class ECAMLParams(MethodParams):
     )
     weight_decay: float = Field(2e-4, ge=0.0, le=1.0, description="Adam weight decay")
     eval_every: int = Field(100, ge=1, le=100_000, description="iterations between unseen-class evaluations")
-    checkpoint_every: int = Field(100, ge=0, le=100_000, description="iterations between checkpoints (0: never)")
-    plot: Literal["tsne", "pca"] = Field("tsne", description="2-D map of the unseen-class embeddings")
 
 
-@dataclass
-class ZeroShotData:
-    x_seen: torch.Tensor
-    y_seen: torch.Tensor
-    x_unseen: torch.Tensor
-    y_unseen: torch.Tensor
-
-
-def zero_shot_split(ctx: RunContext, params: ECAMLParams) -> ZeroShotData:
-    """All images of classes < S train, all images of the others test (the CUB/Cars protocol)."""
-    if ctx.dataset is None:
-        raise ValueError("ecaml needs an 'image-class' dataset")
-    splits = image_splits(ctx.dataset, params.image_size)
-    x = torch.cat([splits[s][0] for s in ("train", "val", "test")])
-    y = torch.cat([splits[s][1] for s in ("train", "val", "test")])
-    seen = y < params.seen_classes
-    if seen.all() or not seen.any():
-        raise ValueError(f"seen_classes={params.seen_classes} leaves no seen or no unseen class")
-    return ZeroShotData(x[seen], y[seen], x[~seen], y[~seen])
-
-
-def class_balanced_batch(y: torch.Tensor, classes: int, per_class: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of `classes` random classes × `per_class` random images each (with replacement if short)."""
-    labels = torch.unique(y)
-    picked = labels[torch.randperm(len(labels), generator=generator)[:classes]]
-    rows = []
-    for c in picked:
-        members = torch.nonzero(y == c).squeeze(1)
-        rows.append(members[torch.randint(len(members), (per_class,), generator=generator)])
-    return torch.cat(rows)
-
-
-def train_ecaml(ctx: RunContext, params: ECAMLParams) -> tuple[MetricEmbedder, ZeroShotData, list[dict]] | None:
-    data = zero_shot_split(ctx, params)
+def train_ecaml(ctx: RunContext, params: ECAMLParams) -> tuple[MetricEmbedder, ZeroShotData, list[dict]]:
+    """Train on the seen classes; (model, the zero-shot split, one history row per unseen-class evaluation)."""
+    data = zero_shot_split(ctx.dataset, params.seen_classes, params.image_size)
     torch.manual_seed(ctx.seed)
     model = MetricEmbedder(params.width, params.embedding_dim, params.image_size).to(ctx.device)
     metric_loss = make_metric_loss(params.loss)
@@ -157,8 +136,7 @@ def train_ecaml(ctx: RunContext, params: ECAMLParams) -> tuple[MetricEmbedder, Z
     start, history = resume(ctx, model, optimizer, generator)
     model.train()
     for it in range(start, params.iterations):
-        if ctx.cancelled():
-            return None
+        stop_if_cancelled(ctx)
         index = class_balanced_batch(data.y_seen, params.classes_per_batch, params.samples_per_class, generator)
         x, y = data.x_seen[index].to(ctx.device), data.y_seen[index].to(ctx.device)
         f, f_ec = model(x)
@@ -169,7 +147,8 @@ def train_ecaml(ctx: RunContext, params: ECAMLParams) -> tuple[MetricEmbedder, Z
         loss.backward()
         optimizer.step()
         done = it + 1
-        if done % params.eval_every == 0 or done == params.iterations:
+        evaluate = done % params.eval_every == 0 or done == params.iterations
+        if evaluate:
             scores = zero_shot_metrics(embed_all(model, data.x_unseen), data.y_unseen.numpy(), ctx.seed)
             row = {
                 "iteration": done,
@@ -180,9 +159,11 @@ def train_ecaml(ctx: RunContext, params: ECAMLParams) -> tuple[MetricEmbedder, Z
             }
             history.append(row)
             ctx.log(done, **{k: v for k, v in row.items() if k != "iteration"})
-            ctx.progress(done, params.iterations, f"iteration {done}: unseen R@1 {scores['recall_at_1']:.3f}")
         if params.checkpoint_every and (done % params.checkpoint_every == 0 or done == params.iterations):
             ctx.save_checkpoint(training_state(model, optimizer, generator, done, history), done)
+        if evaluate:
+            recall_at_1 = history[-1]["unseen_recall_at_1"]
+            ctx.progress(done, params.iterations, f"iteration {done}: unseen R@1 {recall_at_1:.3f}")
     return model, data, history
 
 
@@ -197,35 +178,33 @@ def embed_all(model: MetricEmbedder, x: torch.Tensor) -> torch.Tensor:
     datasets=("image-class",),
     params=ECAMLParams,
     paper="Energy Confused Adversarial Metric Learning for Zero-Shot Image Retrieval and Clustering",
+    tiny={
+        "iterations": 2,
+        "eval_every": 1,
+        "width": 8,
+        "embedding_dim": 16,
+        "samples_per_class": 4,
+        "plot": "none",
+    },
 )
 def run(ctx: RunContext, params: ECAMLParams) -> None:
     """Metric learning on seen classes with the energy-confusion regulariser; Recall@k and NMI on unseen ones."""
-    with cpu_threads(ctx.resources):
-        result = train_ecaml(ctx, params)
-        if result is None:
-            return
-        model, data, history = result
-        z = embed_all(model, data.x_unseen)
-        scores = zero_shot_metrics(z, data.y_unseen.numpy(), ctx.seed)
-        ctx.log(params.iterations, **{f"unseen_{k}": v for k, v in scores.items()})
-        steps = [r["iteration"] for r in history]
-        panels = {
-            k: {params.loss: (steps, [r[k] for r in history])}
-            for k in ("unseen_recall_at_1", "unseen_nmi", "energy_confusion")
-        }
-        ctx.save_artifact("curves.png", curves_figure(panels, "iteration"), kind="plot")
-        ctx.save_artifact(
-            "unseen_embedding.png",
-            embedding_figure(
-                z.numpy(),
-                data.y_unseen.numpy(),
-                f"unseen classes, λ={params.ec_weight}: R@1 {scores['recall_at_1']:.3f}",
-                params.plot,
-                ctx.seed,
-            ),
-            kind="plot",
-        )
-        ctx.save_artifact("report.json", scores, kind="json")
+    model, data, history = train_ecaml(ctx, params)
+    finish_representation_job(
+        ctx,
+        params,
+        method="ecaml",
+        step=params.iterations,
+        test=(embed_all(model, data.x_unseen), data.y_unseen.numpy()),
+        evaluation="zero-shot",
+        prefix="unseen_",
+        history=history,
+        curves=("unseen_recall_at_1", "unseen_nmi", "energy_confusion"),
+        label=params.loss,
+        x="iteration",
+        title=f"unseen classes, λ={params.ec_weight}",
+        plot_name="unseen_embedding.png",
+    )
 
 
 # -- reproduction -------------------------------------------------------------------------------
@@ -244,26 +223,20 @@ LOSSES: tuple[MetricLossName, ...] = ("multi-similarity", "triplet", "contrastiv
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     ds = load_builtin("digits")
     losses = LOSSES[:1] if smoke else LOSSES
-    seeds = [seed] if smoke else [seed, seed + 1]
+    seeds = seeds_for(seed, smoke)
     budget = {"iterations": 20 if smoke else 250, "checkpoint_every": 0}
-    recall: dict[str, dict[str, float]] = {}
-    jobs = [(loss, w) for loss in losses for w in (0.0, 0.13)]
-    with cpu_threads(ctx.resources):
-        for i, (loss, weight) in enumerate(jobs):
-            if ctx.cancelled():
-                raise InterruptedError("reproduction cancelled")
-            values = []
-            for s in seeds:
-                params = ECAMLParams(loss=loss, ec_weight=weight, eval_every=budget["iterations"], **budget)
-                _, _, history = train_ecaml(InMemoryRunContext(dataset=ds, seed=s), params)
-                values.append(history[-1]["unseen_recall_at_1"])
-            recall.setdefault(loss, {})["ecaml" if weight else "base"] = float(np.mean(values))
-            ctx.progress(i + 1, len(jobs), f"{loss}, λ={weight}")
-    gains = {loss: r["ecaml"] - r["base"] for loss, r in recall.items()}
+    recall: dict[str, dict[str, list[float]]] = {loss: {"base": [], "ecaml": []} for loss in losses}
+    runs = [(loss, weight, s) for loss in losses for weight in (0.0, 0.13) for s in seeds]
+    for loss, weight, s in sweep(ctx, runs, label=lambda run: f"{run[0]}, λ={run[1]}, seed {run[2]}"):
+        params = ECAMLParams(loss=loss, ec_weight=weight, eval_every=budget["iterations"], **budget)
+        _, _, history = train_ecaml(InMemoryRunContext(dataset=ds, seed=s), params)
+        recall[loss]["ecaml" if weight else "base"].append(history[-1]["unseen_recall_at_1"])
+    # per seed, the claim's metric: Recall@1 averaged over the base losses
+    ours = [float(np.mean([recall[loss]["ecaml"][i] for loss in losses])) for i in range(len(seeds))]
+    base = [float(np.mean([recall[loss]["base"][i] for loss in losses])) for i in range(len(seeds))]
+    gains = {loss: float(np.mean(r["ecaml"]) - np.mean(r["base"])) for loss, r in recall.items()}
     wins = sum(g >= 0.01 for g in gains.values())
     need = 2 if len(losses) == 3 else 1
-    ours = float(np.mean([r["ecaml"] for r in recall.values()]))
-    base = float(np.mean([r["base"] for r in recall.values()]))
     note = (
         f"R@1 gain ≥ 1 pt for {wins}/{len(losses)} losses (needs {need}); gains "
         + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items())
@@ -272,8 +245,7 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     return Outcome(
         ours=ours,
         baseline=base,
-        seeds=len(seeds),
-        holds=wins >= need,
+        holds=wins >= need,  # the claim's other condition: a gain of a point for 2 of the 3 losses
         note=note,
         details={"recall_at_1": recall, "gains": gains},
     )

@@ -1,5 +1,9 @@
-"""MLCD: multi-label cluster discrimination (An et al., "Multi-label Cluster Discrimination for Visual
-Representation Learning", ECCV 2024).
+"""MLCD: multi-label cluster discrimination.
+
+Paper: Xiang An, Kaicheng Yang, Xiangzi Dai, Ziyong Feng and Jiankang Deng, "Multi-label Cluster
+Discrimination for Visual Representation Learning", ECCV 2024 (arXiv 2407.17331). Public code
+and models: https://github.com/deepglint/unicom (the released MLCD models; the training loss is
+not in it).
 
 Cluster discrimination trains an encoder to classify each image into the cluster its off-the-shelf
 embedding falls in. An image often shows several things, so MLCD gives it the l nearest of K
@@ -10,13 +14,17 @@ would under a softmax (eq. 6):
     L = log(1 + Σ_{j∈Ω_n} e^{s·cos θ_j}) + log(1 + Σ_{i∈Ω_p} e^{−s·cos θ_i}),
 
 with cos θ the cosine between the normalised embedding and the normalised class prototypes, s a
-scale. Negatives are sub-sampled PartialFC-style (a random fraction of Ω_n, all of Ω_p kept).
+scale. Negatives are sub-sampled PartialFC-style (a random fraction of Ω_n, all of Ω_p kept). The
+baseline arms: l = 1 (single-label cluster discrimination) and a softmax cross-entropy averaged
+over the same l positives (positives then compete).
 
-Offline set (the notes' protocol): two-digit mosaics (two 8×8 digits side by side, naturally
-multi-object), clustered by k-means on PCA-64 pixel features (K = 100). Probe: digit-presence mAP
-of a one-vs-rest linear probe on frozen features. Not verified against the paper (its training
-code is not public): l, the sampling ratio and the scale s; defaults here are l = 3, ratio 1.0
-(every negative kept at K = 100), s = 16.
+The paper clusters LAION-400M into one million centres and trains ViTs. Here (our protocol, at
+CPU scale): two-digit mosaics (two 8×8 digits side by side, 8×16, naturally multi-object; 3,000
+for training), clustered by k-means on PCA-64 pixel features into K = 100 centres; the kit's
+Conv-4 body of width 32 with a linear embedding of 64, Adam 2e-3, batch 128, 15 epochs. Probe:
+digit-presence mAP of one-vs-rest logistic probes on the frozen body features of 1,000 test
+mosaics. Not checked against the paper's text: l, the sampling ratio and the scale s. Ours: l = 3,
+ratio 1.0 (every negative kept at K = 100), s = 16.
 """
 
 from __future__ import annotations
@@ -34,13 +42,13 @@ from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from models.context import InMemoryRunContext, RunContext, cpu_threads
+from models.context import InMemoryRunContext, RunContext, stop_if_cancelled
 from models.datasets import load_builtin
-from models.plots import curves_figure
-from models.registry import MethodParams, method
+from models.registry import method
 from models.representation.contrastive import resume, training_state
 from models.representation.encoders import cnn_body, embed
-from models.reproduction import Outcome, reproduction
+from models.representation.job import RepresentationParams, finish_representation_job
+from models.reproduction import Outcome, reproduction, seeds_for, sweep
 
 LossName = Literal["mlcd", "softmax"]
 
@@ -83,7 +91,7 @@ def two_digit_mosaics(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[
 def cluster_labels(images: torch.Tensor, clusters: int, nearest: int, seed: int) -> torch.Tensor:
     """k-means on PCA-64 pixel features; the `nearest` closest centres of each image, as a [n, K] mask."""
     flat = images.flatten(1).numpy()
-    feats = PCA(min(64, flat.shape[1]), random_state=seed).fit_transform(flat)
+    feats = PCA(min(64, *flat.shape), random_state=seed).fit_transform(flat)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12
     centres = KMeans(clusters, n_init=1, random_state=seed).fit(feats).cluster_centers_
     centres /= np.linalg.norm(centres, axis=1, keepdims=True) + 1e-12
@@ -103,26 +111,30 @@ class ClusterClassifier(nn.Module):
         return F.normalize(self.embedding(self.body(x)), dim=1) @ F.normalize(self.prototypes, dim=1).T
 
 
-class MLCDParams(MethodParams):
+class MLCDParams(RepresentationParams):
     loss: LossName = Field("mlcd", description="separated multi-label loss, or a softmax over the same positives")
     nearest: int = Field(3, ge=1, le=64, description="l: closest centres used as positive labels (1: single-label)")
     clusters: int = Field(100, ge=2, le=100_000, description="K: k-means centres")
     scale: float = Field(16.0, gt=0.0, le=128.0, description="s: logit scale")
     negative_ratio: float = Field(1.0, gt=0.0, le=1.0, description="PartialFC fraction of negatives sampled")
     mosaics: int = Field(3000, ge=50, le=1_000_000, description="training mosaics")
-    width: int = Field(32, ge=4, le=512, description="CNN channels (= representation size)")
     embedding_dim: int = Field(64, ge=2, le=2048, description="embedding matched to the prototypes")
     epochs: int = Field(15, ge=1, le=1000, description="training epochs")
     batch_size: int = Field(128, ge=2, le=8192, description="mini-batch size")
-    lr: float = Field(2e-3, gt=0.0, le=1.0, description="Adam learning rate")
-    checkpoint_every: int = Field(5, ge=0, le=1000, description="checkpoint every N epochs (0: never)")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Adam weight decay")
+
+
+def mosaic_features(model: ClusterClassifier, images: torch.Tensor) -> torch.Tensor:
+    """Frozen body features of mosaics (what the probes read)."""
+    return embed(model.body, images)
 
 
 def digit_presence_map(model: ClusterClassifier, train: tuple, test: tuple) -> float:
     """mAP over digits of one-vs-rest logistic probes on frozen body features."""
     (xa, ya), (xb, yb) = train, test
-    scaler = StandardScaler().fit(embed(model.body, xa).numpy())
-    fa, fb = scaler.transform(embed(model.body, xa).numpy()), scaler.transform(embed(model.body, xb).numpy())
+    scaler = StandardScaler().fit(mosaic_features(model, xa).numpy())
+    fa = scaler.transform(mosaic_features(model, xa).numpy())
+    fb = scaler.transform(mosaic_features(model, xb).numpy())
     aps = []
     for d in range(ya.shape[1]):
         clf = LogisticRegression(max_iter=1000).fit(fa, ya[:, d].numpy())
@@ -131,6 +143,8 @@ def digit_presence_map(model: ClusterClassifier, train: tuple, test: tuple) -> f
 
 
 def train_mlcd(ctx: RunContext, params: MLCDParams):
+    """Build the mosaics and their cluster labels (seeded by the run) and train; (model, train mosaics and
+    digit-presence targets, 1,000 test mosaics and targets, per-epoch history)."""
     ds = ctx.dataset
     if ds is None or ds.kind != "image-class":
         raise ValueError("mlcd needs an 'image-class' dataset of 8×8 digits")
@@ -141,15 +155,14 @@ def train_mlcd(ctx: RunContext, params: MLCDParams):
     labels = cluster_labels(images, params.clusters, params.nearest, ctx.seed)
     torch.manual_seed(ctx.seed)
     model = ClusterClassifier(params.width, params.embedding_dim, params.clusters).to(ctx.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     generator = torch.Generator().manual_seed(ctx.seed)
     start, history = resume(ctx, model, optimizer, generator)
     for epoch in range(start, params.epochs):
         model.train()
         order, total = torch.randperm(len(images), generator=generator), 0.0
         for begin in range(0, len(images), params.batch_size):
-            if ctx.cancelled():
-                return None
+            stop_if_cancelled(ctx)
             index = order[begin : begin + params.batch_size]
             cos, pos = model(images[index].to(ctx.device)), labels[index].to(ctx.device)
             if params.loss == "mlcd":
@@ -163,9 +176,9 @@ def train_mlcd(ctx: RunContext, params: MLCDParams):
             total += loss.item() * len(index)
         history.append({"train_loss": total / len(images)})
         ctx.log(epoch + 1, **history[-1])
-        ctx.progress(epoch + 1, params.epochs, f"epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f}")
         if params.checkpoint_every and ((epoch + 1) % params.checkpoint_every == 0 or epoch + 1 == params.epochs):
             ctx.save_checkpoint(training_state(model, optimizer, generator, epoch + 1, history), epoch + 1)
+        ctx.progress(epoch + 1, params.epochs, f"epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f}")
     return model, (images, present), test, history
 
 
@@ -176,27 +189,25 @@ def train_mlcd(ctx: RunContext, params: MLCDParams):
     datasets=("image-class",),
     params=MLCDParams,
     paper="Multi-label Cluster Discrimination for Visual Representation Learning",
+    tiny={"mosaics": 60, "clusters": 6, "epochs": 2, "width": 8, "embedding_dim": 8, "batch_size": 32, "plot": "none"},
 )
 def run(ctx: RunContext, params: MLCDParams) -> None:
     """Cluster-discrimination pretraining with the l nearest centres as labels; digit-presence mAP probe."""
-    with cpu_threads(ctx.resources):
-        result = train_mlcd(ctx, params)
-        if result is None:
-            return
-        model, train, test, history = result
-        score = digit_presence_map(model, train, test)
-        ctx.log(params.epochs, digit_presence_map=score)
-        epochs = list(range(1, len(history) + 1))
-        ctx.save_artifact(
-            "curves.png",
-            curves_figure(
-                {"train_loss": {params.loss: (epochs, [r["train_loss"] for r in history])}},
-                "epoch",
-                title=f"digit-presence mAP {score:.3f}",
-            ),
-            kind="plot",
-        )
-        ctx.save_artifact("report.json", {"digit_presence_map": score}, kind="json")
+    model, train, test, history = train_mlcd(ctx, params)
+    x_test, present = test
+    finish_representation_job(
+        ctx,
+        params,
+        method="mlcd",
+        step=params.epochs,
+        test=(mosaic_features(model, x_test), present.argmax(1).numpy()),
+        evaluation="none",
+        metrics={"digit_presence_map": digit_presence_map(model, train, test)},
+        history=history,
+        curves=("train_loss",),
+        label=params.loss,
+        title=lambda report: f"test mosaics by their lower digit: mAP {report['digit_presence_map']:.3f}",
+    )
 
 
 # -- reproduction -------------------------------------------------------------------------------
@@ -218,27 +229,27 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         "single-label l=1": {"nearest": 1},
         "softmax l=3": {"nearest": 3, "loss": "softmax"},
     }
-    seeds = [seed] if smoke else [seed, seed + 1]
-    scores = {}
-    with cpu_threads(ctx.resources):
-        for i, (name, overrides) in enumerate(variants.items()):
-            values = []
-            for s in seeds:
-                if ctx.cancelled():
-                    raise InterruptedError("reproduction cancelled")
-                model, train, test, _ = train_mlcd(
-                    InMemoryRunContext(dataset=ds, seed=s), MLCDParams(**overrides, **budget)
-                )
-                values.append(digit_presence_map(model, train, test))
-            scores[name] = float(np.mean(values))
-            ctx.progress(i + 1, len(variants), f"{name}: mAP {scores[name]:.3f}")
-    ours, single, softmax = scores["mlcd l=3"], scores["single-label l=1"], scores["softmax l=3"]
-    holds = ours >= single + 0.02 and ours >= softmax
-    note = "; ".join(f"{k}: mAP {v:.3f}" for k, v in scores.items()) + f"; {len(seeds)} seed(s)"
+    seeds = seeds_for(seed, smoke)
+    scores: dict[str, list[float]] = {name: [] for name in variants}
+    runs = [(name, s) for name in variants for s in seeds]
+    for name, s in sweep(ctx, runs, label=lambda run: f"{run[0]}, seed {run[1]}"):
+        params = MLCDParams(**variants[name], **budget)
+        model, train, test, _ = train_mlcd(InMemoryRunContext(dataset=ds, seed=s), params)
+        scores[name].append(digit_presence_map(model, train, test))
+    mean = {name: float(np.mean(v)) for name, v in scores.items()}
+    ours, single, softmax = mean["mlcd l=3"], mean["single-label l=1"], mean["softmax l=3"]
+    note = "; ".join(f"{k}: mAP {v:.3f}" for k, v in mean.items()) + f"; {len(seeds)} seed(s)"
     if ours < single + 0.02:
         note += (
             f"; l = 3 leads l = 1 by {100 * (ours - single):.1f} pts, short of the 2-pt bar, likely "
             "because a mosaic holds exactly two digits and PCA-64 pixel clusters mix layout with identity, "
             "so extra nearest centres add labels that are partly about position rather than digit"
         )
-    return Outcome(ours=ours, baseline=single, seeds=len(seeds), holds=bool(holds), note=note, details={"map": scores})
+    return Outcome(
+        ours=scores["mlcd l=3"],
+        baseline=scores["single-label l=1"],
+        # the claim's other conditions: a mean lead of at least 2 points, and no worse than the softmax loss
+        holds=bool(ours >= single + 0.02 and ours >= softmax),
+        note=note,
+        details={"map": scores, "mean_map": mean},
+    )

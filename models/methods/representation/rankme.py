@@ -19,7 +19,14 @@ model is named, and reports RankMe together with the family's full evaluation su
 split has labels. Checked against a public implementation that quotes the paper's eqs. 1–2
 (`decalmlutils.metrics.rankme.calc_rankme`): same ε = 1e-7 added after normalising, no centring,
 25,600 samples by default. (Implementations built on `scipy.stats.entropy` renormalise p after
-adding ε, which changes the score by O(ε·min(N, D)) only.)
+adding ε, which changes the score by O(ε·min(N, D)) only.) No official code was found.
+
+The reproduction follows the paper's use of the score, shrunk to CPU minutes: for each of 3 seeds a
+sweep of 9 SimCLR runs (projector size 2, 8, 64 × temperature 0.05, 0.2, 1.0; Conv-4 body of width
+32, 16×16 digits, 8 epochs), RankMe of each body's features on the validation split (no labels),
+and the Spearman correlation of RankMe with the linear probe over the sweep, against the same
+correlation for minus the final contrastive loss (the label-free score one would use otherwise).
+The paper sweeps hundreds of ImageNet runs of several joint-embedding methods.
 """
 
 from __future__ import annotations
@@ -32,17 +39,18 @@ from matplotlib.figure import Figure
 from pydantic import Field
 from scipy.stats import spearmanr
 
-from models.context import InMemoryRunContext, RunContext, cpu_threads
+from models.context import InMemoryRunContext, RunContext, stop_if_cancelled
 from models.datasets import load_builtin
-from models.registry import MethodParams, method
+from models.registry import method
 from models.representation.augment import ViewRecipe, image_splits
 from models.representation.contrastive import ContrastiveSchedule, fit_contrastive, simclr_objective
 from models.representation.encoders import ContrastiveEncoder, embed, load_encoder
-from models.representation.evaluation import embedding_figure, evaluate_embeddings, linear_probe_accuracy, rankme
-from models.reproduction import Outcome, reproduction
+from models.representation.evaluation import linear_probe_accuracy, rankme
+from models.representation.job import EmbeddingPlotParams, finish_representation_job
+from models.reproduction import Outcome, reproduction, seeds_for, sweep
 
 
-class RankMeParams(MethodParams):
+class RankMeParams(EmbeddingPlotParams):
     model: str | None = Field(None, description="registered encoder to score ('name@version'); none: the raw pixels")
     split: Literal["train", "val", "test"] = Field("test", description="split whose embeddings are scored")
     max_samples: int = Field(25600, ge=2, le=1_000_000, description="embeddings used for RankMe (the paper's 25,600)")
@@ -51,7 +59,6 @@ class RankMeParams(MethodParams):
         True,
         description="also run linear probe, k-NN, NMI/ARI and Recall@k (needs labels; probes fit on the train split)",
     )
-    plot: Literal["tsne", "pca", "none"] = Field("tsne", description="2-D embedding plot saved as a PNG")
     image_size: int = Field(16, ge=4, le=256, description="input side for raw pixels (an encoder uses its own)")
 
 
@@ -81,44 +88,41 @@ def _features(ctx: RunContext, params: RankMeParams) -> dict[str, tuple[torch.Te
     datasets=("image-class",),
     params=RankMeParams,
     paper="RankMe: Assessing the downstream performance of pretrained self-supervised representations by their rank",
+    tiny={"image_size": 8, "max_samples": 300, "plot": "none"},
 )
 def run(ctx: RunContext, params: RankMeParams) -> None:
     """Score an encoder's embeddings by their effective rank (no labels), plus the evaluation suite."""
-    with cpu_threads(ctx.resources):
-        checkpoint = ctx.load_checkpoint()
-        if checkpoint is not None:  # embeddings already computed by an earlier attempt
-            feats = {k: (v["z"], v["y"]) for k, v in checkpoint.state["features"].items()}
-        else:
-            ctx.progress(0, 3, "embedding")
-            feats = _features(ctx, params)
-            ctx.save_checkpoint({"features": {k: {"z": z, "y": y} for k, (z, y) in feats.items()}}, 1)
-        if ctx.cancelled():
-            return
-        z, y = feats[params.split]
-        score = rankme(z, params.eps)
-        s = torch.linalg.svdvals(z.double())
-        ctx.log(0, rankme=score, dim=z.shape[1], samples=len(z), top_singular_value=float(s[0]))
-        ctx.progress(1, 3, f"RankMe {score:.2f} of at most {min(z.shape)}")
-        report = {"rankme": score, "samples": len(z), "dim": z.shape[1], "model": params.model or "pixels"}
-        if params.full_evaluation and len(np.unique(y)) > 1:
-            if ctx.cancelled():
-                return
-            train_z, train_y = feats["train"]
-            metrics = evaluate_embeddings(train_z, train_y, z, y, seed=ctx.seed).metrics()
-            metrics["rankme"] = score
-            ctx.log(0, **metrics)
-            report |= metrics
-        ctx.progress(2, 3, "plots")
-        if ctx.cancelled():
-            return
-        ctx.save_artifact("spectrum.png", _spectrum_figure(s, score), kind="plot")
-        if params.plot != "none":
-            title = f"{report['model']} on {params.split}: RankMe {score:.1f}"
-            ctx.save_artifact(
-                "embedding.png", embedding_figure(z.numpy(), y, title, params.plot, ctx.seed), kind="plot"
-            )
-        ctx.save_artifact("report.json", report, kind="json")
-        ctx.progress(3, 3, f"RankMe {score:.2f}")
+    stop_if_cancelled(ctx)
+    checkpoint = ctx.load_checkpoint()
+    if checkpoint is not None:  # embeddings already computed by an earlier attempt
+        feats = {k: (v["z"], v["y"]) for k, v in checkpoint.state["features"].items()}
+    else:
+        ctx.progress(0, 3, "embedding")
+        feats = _features(ctx, params)
+        ctx.save_checkpoint({"features": {k: {"z": z, "y": y} for k, (z, y) in feats.items()}}, 1)
+    stop_if_cancelled(ctx)
+    z, y = feats[params.split]
+    score = rankme(z, params.eps)
+    s = torch.linalg.svdvals(z.double())
+    ctx.log(0, rankme=score, dim=z.shape[1], samples=len(z), top_singular_value=float(s[0]))
+    ctx.progress(1, 3, f"RankMe {score:.2f} of at most {min(z.shape)}")
+    full = params.full_evaluation and len(np.unique(y)) > 1
+    name = params.model or "pixels"
+    finish_representation_job(
+        ctx,
+        params,
+        method="rankme",
+        step=0,
+        test=(z, y),
+        train=feats["train"] if full else None,
+        evaluation="probes" if full else "none",
+        metrics={"rankme": score},  # at the requested ε (the suite's own RankMe uses the default)
+        title=lambda report: f"{name} on {params.split}: RankMe {score:.1f}",
+        report={"samples": len(z), "dim": z.shape[1], "model": name},
+    )
+    ctx.progress(2, 3, "spectrum")
+    ctx.save_artifact("spectrum.png", _spectrum_figure(s, score), kind="plot")
+    ctx.progress(3, 3, f"RankMe {score:.2f}")
 
 
 def _spectrum_figure(s: torch.Tensor, score: float) -> Figure:
@@ -145,61 +149,68 @@ def _spectrum_figure(s: torch.Tensor, score: float) -> Figure:
     baseline="−(final contrastive loss) as the label-free score",
 )
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
-    """The notes' protocol, shrunk: SimCLR runs over projector dimension × temperature (Conv-4 body,
-    width 32, 16×16 digits); RankMe of the body's features on the held-out val split (labels
-    unused), linear probe fit on train and scored on test."""
+    """The paper's model-selection protocol, shrunk: per seed, SimCLR runs over projector dimension ×
+    temperature (Conv-4 body, width 32, 16×16 digits); RankMe of the body's features on the held-out val
+    split (labels unused), linear probe fit on train and scored on test; the Spearman correlation of
+    RankMe (and of −final loss, the baseline score) with the probe over that seed's sweep."""
     splits = image_splits(load_builtin("digits"), 16)
     (x_train, y_train), (x_val, _), (x_test, y_test) = splits["train"], splits["val"], splits["test"]
     grid = [(d, t) for d in ((4, 64) if smoke else (2, 8, 64)) for t in ((0.1, 1.0) if smoke else (0.05, 0.2, 1.0))]
     schedule = ContrastiveSchedule(epochs=1 if smoke else 8, batch_size=256, lr=2e-3)
     if smoke:
         x_train, y_train = x_train[:512], y_train[:512]
-    runs = []
-    with cpu_threads(ctx.resources):
-        for i, (proj_dim, tau) in enumerate(grid):
-            if ctx.cancelled():
-                raise InterruptedError("reproduction cancelled")
-            torch.manual_seed(seed)
-            model = ContrastiveEncoder(width=32, proj_hidden=64, proj_dim=proj_dim)
-            history = fit_contrastive(
-                InMemoryRunContext(seed=seed), model, simclr_objective(tau), x_train, ViewRecipe(), schedule
-            )
-            probe = linear_probe_accuracy(
-                embed(model.body, x_train).numpy(), y_train.numpy(), embed(model.body, x_test).numpy(), y_test.numpy()
-            )
-            runs.append(
-                {
-                    "proj_dim": proj_dim,
-                    "temperature": tau,
-                    "probe_acc": probe,
-                    "rankme": rankme(embed(model.body, x_val)),
-                    "final_loss": history[-1]["train_loss"],
-                }
-            )
-            ctx.progress(i + 1, len(grid), f"proj {proj_dim}, τ {tau}: probe {probe:.3f}")
+    seeds = seeds_for(seed, smoke)
+    runs: list[dict] = []
+    items = [(s, proj_dim, tau) for s in seeds for proj_dim, tau in grid]
+    for s, proj_dim, tau in sweep(ctx, items, label=lambda item: f"seed {item[0]}, proj {item[1]}, τ {item[2]}"):
+        torch.manual_seed(s)
+        model = ContrastiveEncoder(width=32, proj_hidden=64, proj_dim=proj_dim)
+        history = fit_contrastive(
+            InMemoryRunContext(seed=s), model, simclr_objective(tau), x_train, ViewRecipe(), schedule
+        )
+        probe = linear_probe_accuracy(
+            embed(model.body, x_train).numpy(), y_train.numpy(), embed(model.body, x_test).numpy(), y_test.numpy()
+        )
+        runs.append(
+            {
+                "seed": s,
+                "proj_dim": proj_dim,
+                "temperature": tau,
+                "probe_acc": probe,
+                "rankme": rankme(embed(model.body, x_val)),
+                "final_loss": history[-1]["train_loss"],
+            }
+        )
+    rho, rho_loss, gap, picked = [], [], [], []
+    for s in seeds:
+        mine = [r for r in runs if r["seed"] == s]
+        probe = np.array([r["probe_acc"] for r in mine])
+        rho.append(float(np.nan_to_num(spearmanr([r["rankme"] for r in mine], probe).statistic)))
+        rho_loss.append(float(np.nan_to_num(spearmanr([-r["final_loss"] for r in mine], probe).statistic)))
+        choice = mine[int(np.argmax([r["rankme"] for r in mine]))]
+        picked.append(f"proj {choice['proj_dim']}, τ {choice['temperature']}")
+        gap.append(float(probe.max() - choice["probe_acc"]))
+    mean_rho, mean_rho_loss, mean_gap = float(np.mean(rho)), float(np.mean(rho_loss)), float(np.mean(gap))
+    ctx.save_artifact("rankme_vs_probe.png", _sweep_figure(runs, mean_rho), kind="plot")
     probe = np.array([r["probe_acc"] for r in runs])
-    rho = float(spearmanr([r["rankme"] for r in runs], probe).statistic)
-    rho_loss = float(spearmanr([-r["final_loss"] for r in runs], probe).statistic)
-    picked = runs[int(np.argmax([r["rankme"] for r in runs]))]
-    gap = float(probe.max() - picked["probe_acc"])
-    ctx.save_artifact("rankme_vs_probe.png", _sweep_figure(runs, rho), kind="plot")
     note = (
-        f"{len(runs)} runs; RankMe picks proj {picked['proj_dim']}, τ {picked['temperature']} with probe "
-        f"{picked['probe_acc']:.3f} vs best {probe.max():.3f} (gap {gap:.3f}); probe spread "
+        f"{len(grid)} runs per seed over {len(seeds)} seed(s); RankMe picks {'; '.join(picked)}, "
+        f"{100 * mean_gap:.1f} pts below the label-selected best on average; probe spread "
         f"{probe.min():.3f}–{probe.max():.3f}"
     )
-    if rho_loss > rho:
+    if mean_rho_loss > mean_rho:
         note += (
-            f"; here −loss tracks the probe better (ρ {rho_loss:.2f}): the sweep is narrow (all runs within "
-            f"{100 * (probe.max() - probe.min()):.1f} pts) and the final losses happen to order the runs"
+            f"; here −loss tracks the probe better (ρ {mean_rho_loss:.2f} vs {mean_rho:.2f}): the sweep is narrow "
+            f"(all runs within {100 * (probe.max() - probe.min()):.1f} pts) and the final losses happen to order "
+            "the runs"
         )
     return Outcome(
-        ours=np.nan_to_num(rho),
-        baseline=np.nan_to_num(rho_loss),
-        seeds=1,
-        holds=bool(rho >= 0.6 and gap <= 0.02),
+        ours=rho,
+        baseline=rho_loss,
+        # the claim's other conditions: ρ ≥ 0.6, and RankMe's pick within 2 points of the best (means over seeds)
+        holds=bool(mean_rho >= 0.6 and mean_gap <= 0.02),
         note=note,
-        details={"runs": runs, "selection_gap": gap},
+        details={"runs": runs, "spearman": rho, "spearman_loss": rho_loss, "selection_gap": gap},
     )
 
 
@@ -212,7 +223,7 @@ def _sweep_figure(runs: list[dict], rho: float) -> Figure:
     ax.set(
         xlabel="RankMe (val, no labels)",
         ylabel="linear-probe accuracy (test)",
-        title=f"SimCLR sweep on digits: Spearman ρ = {rho:.2f}",
+        title=f"SimCLR sweeps on digits: mean Spearman ρ = {rho:.2f}",
     )
     ax.grid(alpha=0.3)
     return fig

@@ -1,12 +1,15 @@
-"""The representation kit: InfoNCE family against pytorch-metric-learning, views, evaluation, the trainer."""
+"""The representation kit: InfoNCE family against pytorch-metric-learning, views, evaluation, the trainer, the
+shared params and ending of every job, the zero-shot split."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.utils.inference import CustomKNN
@@ -15,8 +18,16 @@ from models.context import Cancelled, InMemoryRunContext
 from models.representation.augment import ViewRecipe, random_view
 from models.representation.contrastive import ContrastiveSchedule, fit_contrastive, simclr_objective
 from models.representation.encoders import ContrastiveEncoder, embed, load_encoder, save_encoder
-from models.representation.evaluation import evaluate_embeddings, knn_accuracy, retrieval_metrics, sklearn_knn
+from models.representation.evaluation import (
+    evaluate_embeddings,
+    knn_accuracy,
+    retrieval_metrics,
+    sklearn_knn,
+    zero_shot_metrics,
+)
+from models.representation.job import RepresentationParams, finish_representation_job, headline, history_panels
 from models.representation.losses import multi_positive_info_nce, nt_xent
+from models.representation.zero_shot import class_balanced_batch, zero_shot_split
 
 torch.set_num_threads(1)
 
@@ -127,3 +138,118 @@ def test_contrastive_training_resumes_identically_and_stops_when_cancelled():
     assert resumed_history == history
     for a, b in zip(model.state_dict().values(), whole.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- the shared params and ending of every representation job -------------------------------------------
+
+
+class TinyJobParams(RepresentationParams):
+    pass
+
+
+def test_representation_params_carry_the_shared_fields_and_give_the_contrastive_schedule():
+    params = TinyJobParams(epochs=3, batch_size=64, lr=1e-3, checkpoint_every=1)
+    assert {"lr", "batch_size", "weight_decay", "epochs", "checkpoint_every", "width", "plot"} <= set(
+        TinyJobParams.model_fields
+    )
+    assert ContrastiveSchedule.of(params) == ContrastiveSchedule(3, 64, 1e-3, 1e-6, 1)
+    assert TinyJobParams().plot == "tsne" and TinyJobParams(plot="none").plot == "none"
+    with pytest.raises(ValidationError):
+        TinyJobParams(batch_size=1)  # a contrastive batch needs a negative
+    with pytest.raises(ValidationError):
+        TinyJobParams(plot="umap")
+
+
+def test_history_panels_group_keys_skip_missing_rows_and_read_x_from_the_rows():
+    history = [{"epoch": 2, "loss": 1.0}, {"epoch": 4, "loss": 0.5, "nmi": 0.3, "other": 0.1}]
+    panels = history_panels(history, ("loss", "nmi", "absent"), "run", "epoch")
+    assert panels == {"loss": {"run": ([2.0, 4.0], [1.0, 0.5])}, "nmi": {"run": ([4.0], [0.3])}}
+    grouped = history_panels(history, {"both": ["nmi", "other"]}, "run", "iteration")
+    assert grouped == {"both": {"nmi": ([2.0], [0.3]), "other": ([2.0], [0.1])}}  # no "iteration": positions
+
+
+def test_headline_quotes_the_probe_then_recall_then_rankme():
+    assert headline({"linear_probe_acc": 0.91234, "recall_at_1": 0.5}) == "probe 0.912"
+    assert headline({"unseen_recall_at_1": 0.75}, prefix="unseen_") == "R@1 0.750"
+    assert headline({"rankme": 12.34}) == "RankMe 12.3" and headline({}) == ""
+
+
+def embeddings(seed: int, n: int = 60) -> tuple[torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), n // 3)
+    return torch.from_numpy((rng.normal(size=(3, 8)) * 5)[y] + rng.normal(size=(n, 8))).float(), y
+
+
+def test_finish_evaluates_logs_plots_reports_and_registers_a_loadable_encoder():
+    ctx = InMemoryRunContext(seed=0)
+    encoder = ContrastiveEncoder(width=8, proj_hidden=8, proj_dim=4)
+    history = [{"train_loss": 2.0}, {"train_loss": 1.5}]
+    scores = finish_representation_job(
+        ctx,
+        TinyJobParams(plot="pca"),
+        method="tiny",
+        step=2,
+        train=embeddings(0),
+        test=embeddings(1),
+        metrics={"extra": 7.0},
+        history=history,
+        curves=("train_loss",),
+        title="tiny",
+        encoder=encoder,
+        report={"note": "text"},
+    )
+    expected = evaluate_embeddings(*embeddings(0), *embeddings(1), seed=0).metrics()
+    assert scores == {**expected, "extra": 7.0}
+    assert {p.name: (p.step, p.value) for p in ctx.metrics} == {k: (2, v) for k, v in scores.items()}
+    assert {"curves.png", "embedding.png", "report.json"} == set(ctx.artifacts)
+    assert json.loads(ctx.artifacts["report.json"][1]) == {**scores, "note": "text"}
+    (name,) = ctx.models
+    assert name == "tiny-in-memory"
+    body, config = load_encoder(ctx.load_model(f"{name}@1"))
+    assert config["method"] == "tiny" and config["width"] == 8
+    x = torch.rand(4, 1, 16, 16)
+    torch.testing.assert_close(embed(body, x), embed(encoder.body, x))
+
+
+def test_finish_zero_shot_prefixes_its_scores_and_none_logs_only_the_methods_own():
+    ctx = InMemoryRunContext(seed=0)
+    z, y = embeddings(2)
+    scores = finish_representation_job(
+        ctx, TinyJobParams(plot="none"), method="tiny", step=5, test=(z, y), evaluation="zero-shot", prefix="unseen_"
+    )
+    assert scores == {f"unseen_{k}": v for k, v in zero_shot_metrics(z.numpy(), y, seed=0).items()}
+    assert set(ctx.artifacts) == {"report.json"} and not ctx.models  # no history, no map, no encoder
+    only = InMemoryRunContext(seed=0)
+    logged = finish_representation_job(only, TinyJobParams(), method="t", step=1, evaluation="none", metrics={"m": 1})
+    assert logged == {"m": 1.0}
+    with pytest.raises(ValueError, match="train and test"):
+        finish_representation_job(only, TinyJobParams(), method="t", step=1, test=(z, y))
+
+
+def test_finish_publishes_nothing_when_the_job_was_cancelled():
+    ctx = InMemoryRunContext(seed=0)
+    ctx.cancel()
+    train, test, encoder = embeddings(0), embeddings(1), ContrastiveEncoder()
+    with pytest.raises(Cancelled):
+        finish_representation_job(ctx, TinyJobParams(), method="t", step=1, train=train, test=test, encoder=encoder)
+    assert not ctx.metrics and not ctx.artifacts and not ctx.models
+
+
+def test_zero_shot_split_holds_out_the_unseen_classes_and_batches_are_class_balanced():
+    from models.datasets import load_builtin
+
+    data = zero_shot_split(load_builtin("digits"), seen_classes=5, image_size=8)
+    assert set(data.y_seen.tolist()) == {0, 1, 2, 3, 4} and set(data.y_unseen.tolist()) == {5, 6, 7, 8, 9}
+    assert data.x_seen.shape[1:] == (1, 8, 8) and len(data.x_seen) + len(data.x_unseen) == 1797
+    index = class_balanced_batch(data.y_seen, 3, 4, torch.Generator().manual_seed(0))
+    assert sorted(torch.bincount(data.y_seen[index], minlength=5).tolist()) == [0, 0, 4, 4, 4]
+    with pytest.raises(ValueError, match="unseen"):
+        zero_shot_split(load_builtin("digits"), seen_classes=10, image_size=8)
+
+
+def test_a_saved_encoders_config_is_how_its_body_was_built_whatever_the_extra_says(tmp_path):
+    model = ContrastiveEncoder(width=8, image_size=32)
+    body, config = load_encoder(save_encoder(tmp_path / "enc", model, {"width": 64, "image_size": 16, "lr": 0.1}))
+    assert (config["width"], config["image_size"], config["lr"]) == (8, 32, 0.1)
+    x = torch.rand(3, 1, 32, 32)
+    torch.testing.assert_close(embed(body, x), embed(model.body, x))

@@ -8,10 +8,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.context import InMemoryRunContext
 from models.methods.representation.dbpm import DBPMParams, PairMemory, pair_losses, run
 from models.representation.losses import nt_xent
 from models.representation.series import CLEAN, FAULTY, NOISY, bad_pair_series, strong_view
+from tests.unit.resumption import interrupted_and_resumed
 
 torch.set_num_threads(1)
 
@@ -67,21 +67,14 @@ def test_series_hold_the_requested_bad_pairs_and_strong_views_permute_segments()
     torch.testing.assert_close(view.sort(-1).values, data.x[:4].sort(-1).values)
 
 
-def test_run_flags_pairs_checkpoints_resumes_identically():
-    params = DBPMParams(series=120, epochs=4, warmup=2, batch_size=40, width=16, checkpoint_every=1)
-    whole = InMemoryRunContext(seed=0)
-    run(whole, params)
+def test_run_flags_pairs_evaluates_and_resumes_its_history_identically():
+    params = DBPMParams(series=120, epochs=4, warmup=2, batch_size=40, width=16, checkpoint_every=1, plot="pca")
+    whole, crashed, resumed = interrupted_and_resumed(run, None, params, seed=0, stop_after=3)
     assert {"noisy_precision", "faulty_precision", "flagged_noisy"} <= {p.name for p in whole.metrics}
-    assert 0.0 <= whole.latest("linear_probe_acc") <= 1.0
-    for name in ("curves.png", "memory.png"):
+    assert 0.0 <= whole.latest("linear_probe_acc") <= 1.0 and whole.latest("rankme") >= 1.0
+    for name in ("curves.png", "memory.png", "embedding.png"):
         assert whole.artifacts[name][1].startswith(b"\x89PNG")
-    crashed = InMemoryRunContext(seed=0)
-    crashed.on_progress = lambda done, total, msg: crashed.cancel() if done == 3 else None
-    run(crashed, params)
     assert crashed.load_checkpoint().step == 3 and "report.json" not in crashed.artifacts
-    resumed = InMemoryRunContext(seed=0)
-    resumed.checkpoints = list(crashed.checkpoints)
-    run(resumed, params)
     assert resumed.history("train_loss") == whole.history("train_loss")[3:]
     assert resumed.latest("linear_probe_acc") == whole.latest("linear_probe_acc")
 

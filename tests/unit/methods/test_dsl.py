@@ -3,6 +3,8 @@ matching, parity with pytorch-metric-learning, and the run's contract."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from models.methods.representation.dsl import (
     split_last_learner,
     taylor_scores,
 )
+from tests.unit.resumption import interrupted_and_resumed
 
 torch.set_num_threads(1)
 
@@ -155,21 +158,15 @@ def test_run_grows_learners_and_scores_unseen_classes():
     assert ctx.latest("learners_final") == 2 and ctx.load_checkpoint().step == 6
     for name in ("curves.png", "attention.png", "unseen_embedding.png"):
         assert ctx.artifacts[name][1].startswith(b"\x89PNG")
+    report = json.loads(ctx.artifacts["report.json"][1])
+    assert report["learners_final"] == 2 and sum(report["learner_sizes"]) == 32 and report["split_epochs"] == [4]
 
 
-def test_resumed_run_ends_identical_and_cancel_returns_promptly():
-    ds = load_builtin("digits")
-    whole = InMemoryRunContext(dataset=ds, seed=0)
-    run(whole, fast())
-    crashed = InMemoryRunContext(dataset=ds, seed=0)
-    crashed.on_progress = lambda done, total, msg: crashed.cancel() if done == 4 else None
-    run(crashed, fast())
+def test_resumed_run_ends_identical_with_its_grown_learners():
+    whole, crashed, resumed = interrupted_and_resumed(run, load_builtin("digits"), fast(), seed=0, stop_after=4)
     assert crashed.load_checkpoint().step == 4 and "report.json" not in crashed.artifacts
     assert len(crashed.load_checkpoint().state["growth"]["learners"]) == 2  # the split of epoch 4 is in it
-    resumed = InMemoryRunContext(dataset=ds, seed=0)
-    resumed.checkpoints = list(crashed.checkpoints)
-    run(resumed, fast())
-    assert resumed.history("val_nmi")[-1] == whole.history("val_nmi")[-1]
+    assert resumed.history("val_nmi") == whole.history("val_nmi")[4:]
     assert resumed.latest("unseen_recall_at_1") == whole.latest("unseen_recall_at_1")
     assert resumed.latest("learners_final") == whole.latest("learners_final")
 

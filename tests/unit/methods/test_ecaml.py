@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,9 @@ from pydantic import ValidationError
 
 from models.context import InMemoryRunContext
 from models.datasets import load_builtin
-from models.methods.representation.ecaml import ECAMLParams, MetricEmbedder, class_balanced_batch, energy_confusion, run
+from models.methods.representation.ecaml import ECAMLParams, MetricEmbedder, energy_confusion, run
+from models.representation.zero_shot import class_balanced_batch
+from tests.unit.resumption import interrupted_and_resumed
 
 torch.set_num_threads(1)
 
@@ -76,26 +79,21 @@ def fast(**overrides: object) -> ECAMLParams:
 def test_run_trains_on_seen_classes_scores_unseen_ones_and_saves_plots():
     ctx = InMemoryRunContext(dataset=load_builtin("digits"), seed=0)
     run(ctx, fast())
-    assert [s for s, _ in ctx.history("unseen_recall_at_1")][:3] == [2, 4, 6]
+    assert [s for s, _ in ctx.history("unseen_recall_at_1")] == [2, 4, 6, 6]  # the last: the final evaluation
     assert 0.2 < ctx.latest("unseen_recall_at_1") <= 1.0 and 0.0 <= ctx.latest("unseen_nmi") <= 1.0
     assert ctx.latest("energy_confusion") is not None and ctx.load_checkpoint().step == 6
     for name in ("curves.png", "unseen_embedding.png"):
         assert ctx.artifacts[name][1].startswith(b"\x89PNG")
     assert ctx.progress_state[:2] == (6, 6)
+    report = json.loads(ctx.artifacts["report.json"][1])
+    assert report["unseen_recall_at_1"] == ctx.latest("unseen_recall_at_1") and "unseen_map_at_r" in report
 
 
-def test_resumed_run_ends_identical_and_cancel_returns_promptly():
-    ds = load_builtin("digits")
-    whole = InMemoryRunContext(dataset=ds, seed=3)
-    run(whole, fast())
-    crashed = InMemoryRunContext(dataset=ds, seed=3)
-    crashed.on_progress = lambda done, total, msg: crashed.cancel() if done == 4 else None
-    run(crashed, fast())
+def test_resumed_run_ends_identical_and_a_cancelled_run_publishes_nothing():
+    whole, crashed, resumed = interrupted_and_resumed(run, load_builtin("digits"), fast(), seed=3, stop_after=4)
     assert crashed.load_checkpoint().step == 4 and "report.json" not in crashed.artifacts
-    resumed = InMemoryRunContext(dataset=ds, seed=3)
-    resumed.checkpoints = list(crashed.checkpoints)
-    run(resumed, fast())
-    assert resumed.history("unseen_recall_at_1")[-1] == whole.history("unseen_recall_at_1")[2]
+    assert [s for s, _ in crashed.history("unseen_recall_at_1")] == [2, 4]  # stopped before the next evaluation
+    assert resumed.history("unseen_recall_at_1") == whole.history("unseen_recall_at_1")[2:]
     assert resumed.latest("energy_confusion") == whole.latest("energy_confusion")
 
 

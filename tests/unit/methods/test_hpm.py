@@ -24,6 +24,7 @@ from models.methods.representation.hpm import (
     run,
     unpatchify,
 )
+from tests.unit.resumption import interrupted_and_resumed
 
 torch.set_num_threads(1)
 
@@ -203,18 +204,11 @@ def test_run_pretrains_logs_the_shared_evaluation_and_saves_mask_images():
     assert ctx.load_checkpoint().step == 4
 
 
-def test_resumed_run_ends_identical_and_cancel_returns_promptly():
-    ds = load_builtin("digits")
-    whole = InMemoryRunContext(dataset=ds, seed=3)
-    run(whole, fast())
-    crashed = InMemoryRunContext(dataset=ds, seed=3)
-    crashed.on_progress = lambda done, total, msg: crashed.cancel() if done == 2 else None
-    run(crashed, fast())
+def test_resumed_run_ends_identical_and_a_cancelled_run_publishes_nothing():
+    whole, crashed, resumed = interrupted_and_resumed(run, load_builtin("digits"), fast(), seed=3, stop_after=2)
     assert crashed.load_checkpoint().step == 2 and "report.json" not in crashed.artifacts
-    resumed = InMemoryRunContext(dataset=ds, seed=3)
-    resumed.checkpoints = list(crashed.checkpoints)
-    run(resumed, fast())
-    assert resumed.latest("reconstruction_loss") == whole.latest("reconstruction_loss")
+    assert [s for s, _ in crashed.history("reconstruction_loss")] == [1, 2]  # stopped within the next epoch
+    assert resumed.history("reconstruction_loss") == whole.history("reconstruction_loss")[2:]
     assert resumed.latest("linear_probe_acc") == whole.latest("linear_probe_acc")
 
 

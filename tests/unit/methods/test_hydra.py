@@ -95,3 +95,14 @@ def test_params_are_bounded():
         HydraParams(pairs="random")
     with pytest.raises(ValidationError):
         HydraParams(temperature=0.0)
+
+
+def test_an_encoder_trained_at_another_image_size_is_registered_as_built():
+    ds = load_builtin("digits")
+    ctx = InMemoryRunContext(dataset=ds, seed=0)
+    run(ctx, HydraParams(epochs=1, width=8, proj_dim=8, image_size=8, checkpoint_every=0, plot="none"))
+    (name,) = ctx.models
+    scored = InMemoryRunContext(dataset=ds, seed=0)
+    scored.models = ctx.models
+    rankme.run(scored, rankme.RankMeParams(model=f"{name}@1", full_evaluation=False, plot="none"))
+    assert scored.latest("rankme") == pytest.approx(ctx.latest("rankme"), rel=1e-6)

@@ -8,15 +8,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.context import InMemoryRunContext
 from models.datasets import load_builtin
 from models.methods.representation.mlcd import (
     MLCDParams,
+    cluster_labels,
     run,
     sample_classes,
     separated_multilabel_loss,
     softmax_multipositive_loss,
 )
+from tests.unit.resumption import interrupted_and_resumed
 
 torch.set_num_threads(1)
 
@@ -78,20 +79,22 @@ def test_negative_sampling_keeps_every_positive(batch):
 
 
 def test_run_logs_map_checkpoints_and_resumes_identically():
-    ds = load_builtin("digits")
-    params = MLCDParams(mosaics=200, clusters=10, epochs=3, width=8, embedding_dim=8, batch_size=64, checkpoint_every=1)
-    whole = InMemoryRunContext(dataset=ds, seed=0)
-    run(whole, params)
+    params = MLCDParams(
+        mosaics=200, clusters=10, epochs=3, width=8, embedding_dim=8, batch_size=64, checkpoint_every=1, plot="pca"
+    )
+    whole, crashed, resumed = interrupted_and_resumed(run, load_builtin("digits"), params, seed=0, stop_after=2)
     assert 0.0 < whole.latest("digit_presence_map") <= 1.0
     assert whole.artifacts["curves.png"][1].startswith(b"\x89PNG")
-    crashed = InMemoryRunContext(dataset=ds, seed=0)
-    crashed.on_progress = lambda done, total, msg: crashed.cancel() if done == 2 else None
-    run(crashed, params)
+    assert whole.artifacts["embedding.png"][1].startswith(b"\x89PNG")
     assert crashed.load_checkpoint().step == 2 and "report.json" not in crashed.artifacts
-    resumed = InMemoryRunContext(dataset=ds, seed=0)
-    resumed.checkpoints = list(crashed.checkpoints)
-    run(resumed, params)
+    assert resumed.history("train_loss") == whole.history("train_loss")[2:]
     assert resumed.latest("digit_presence_map") == whole.latest("digit_presence_map")
+
+
+def test_cluster_labels_work_with_fewer_mosaics_than_pca_components():
+    images = torch.rand(50, 1, 8, 16, generator=torch.Generator().manual_seed(0))
+    labels = cluster_labels(images, clusters=5, nearest=2, seed=0)
+    assert labels.shape == (50, 5) and labels.sum(1).tolist() == [2] * 50
 
 
 def test_params_are_bounded():

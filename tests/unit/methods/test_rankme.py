@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from models.context import InMemoryRunContext
 from models.datasets import load_builtin
 from models.methods.representation.rankme import RankMeParams, run
+from models.registry import registered_spec
 from models.representation.encoders import ContrastiveEncoder, save_encoder
 from models.representation.evaluation import rankme
 
@@ -78,8 +79,13 @@ def test_rankme_job_scores_a_registered_encoder_and_resumes_from_its_embeddings(
 def test_cancelled_rankme_job_saves_no_results_and_params_are_bounded():
     ctx = InMemoryRunContext(dataset=load_builtin("digits"), seed=0)
     ctx.cancel()
-    run(ctx, RankMeParams(plot="none"))
-    assert ctx.latest("rankme") is None and not ctx.artifacts
+    assert not registered_spec(run).invoke(ctx, RankMeParams(plot="none"))
+    assert ctx.latest("rankme") is None and not ctx.artifacts and not ctx.checkpoints
+    stopped = InMemoryRunContext(dataset=load_builtin("digits"), seed=0)
+    stopped.on_progress = lambda done, total, msg: stopped.cancel() if done == 1 else None
+    assert not registered_spec(run).invoke(stopped, RankMeParams(plot="none", image_size=8))
+    assert stopped.latest("rankme") is not None and stopped.latest("linear_probe_acc") is None
+    assert not stopped.artifacts  # the score was logged, nothing was published
     with pytest.raises(ValidationError):
         RankMeParams(max_samples=1)
     with pytest.raises(ValidationError):
