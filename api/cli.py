@@ -98,7 +98,10 @@ def up(host: str | None, port: int | None, demo: bool | None) -> None:
         _queue_demo(settings)
     base = f"http://{settings.host}:{settings.port}"
     console.print(f"[bold]Crucible[/] on {base}  (state in {settings.home})")
-    console.print(f"  log the browser in once with [link={base}/?token={key}]{base}/?token={key}[/]")
+    if sys.stdout.isatty():  # the login link holds the key: a terminal may show it, a log file may not
+        console.print(f"  log the browser in once with [link={base}/?token={key}]{base}/?token={key}[/]")
+    else:
+        console.print(f"  log the browser in with {base}/?token=<the key in {settings.admin_key_file}>")
     console.print(f"  the CLI uses the admin key in {settings.admin_key_file} (or CRUCIBLE_API_KEY)")
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False
@@ -533,10 +536,17 @@ def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: boo
 @click.option("--only", default="*", help="shell-style pattern of method ids")
 @click.option("--smoke", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/results.md"))
-def results(only: str, smoke: bool, out: Path) -> None:
-    """Re-run every reproduction (each in its own process) and regenerate docs/results.md."""
-    from api.results import regenerate
+@click.option(
+    "--render", "render_only", is_flag=True, help="rewrite the pages from the stored records without running anything"
+)
+def results(only: str, smoke: bool, out: Path, render_only: bool) -> None:
+    """Re-run every reproduction (each in its own process) and regenerate docs/results.md and docs/methods/."""
+    from api.results import regenerate, render_stored
 
+    if render_only:
+        render_stored(out)
+        console.print(f"rewrote {out} and {out.parent / 'methods'} from {out.with_suffix('.json')}")
+        return
     regenerate(out, pattern=only, smoke=smoke, console=console)
 
 

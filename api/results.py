@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from api.method_pages import record_status, write_pages
 from models.reproduction import list_reproductions
 
 
@@ -36,9 +37,17 @@ def run_one(method_id: str, smoke: bool, seed: int = 0) -> dict[str, Any]:
     return record
 
 
+def _cell(value: Any, spread: Any = None) -> str:
+    text = f"{value:.4g}" if isinstance(value, (int, float)) else "—"
+    return text + (f" ± {spread:.2g}" if isinstance(spread, (int, float)) and spread else "")
+
+
 def render(records: list[dict[str, Any]], smoke: bool) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     held = sum(1 for r in records if r.get("holds"))
+    status = {r["method"]: record_status(r) for r in records}
+    stale = sorted(m for m, s in status.items() if s == "stale")
+    unknown = sorted(m for m, s in status.items() if s == "unknown")
     lines = [
         "# Reproduction results",
         "",
@@ -51,21 +60,46 @@ def render(records: list[dict[str, Any]], smoke: bool) -> str:
             else ""
         ),
         "",
-        f"**{held} of {len(records)} claims hold at this scale.**",
+        "**How a verdict is reached.** A reproduction runs its comparison over seeds (three in the full",
+        "configuration) and reports ours and the baseline per seed. The claim **holds** when the mean paired",
+        "improvement (ours − baseline, signed so that better is positive) exceeds its standard error over",
+        "seeds, is **reversed** when it falls below minus that error, and is **within noise** otherwise; a",
+        "claim with further conditions (named in its note) holds only when they hold too. Values are",
+        "mean ± standard deviation over seeds. Each record keeps the commit and a hash of the code it ran",
+        "(the method module and every kit module it imports); a record whose code has changed since is",
+        "marked *stale*.",
         "",
-        "| method | claim | metric | ours | baseline | better | holds | seeds | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"**{held} of {len(records)} claims hold at this scale.**"
+        + (f" Stale (code changed since): {', '.join(f'`{m}`' for m in stale)}." if stale else "")
+        + (f" Recorded before records carried a code hash: {len(unknown)}." if unknown else ""),
+        "",
+        "| method | claim | metric | ours | baseline | better | verdict | holds | seeds | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "error" in r:
-            lines.append(f"| `{r['method']}` | — | — | — | — | — | error | — | {r['seconds']} |")
+            lines.append(f"| `{r['method']}` | — | — | — | — | — | error | — | — | {r['seconds']} |")
             continue
+        verdict = r.get("verdict", "—") + (" (*stale*)" if status[r["method"]] == "stale" else "")
         lines.append(
-            f"| `{r['method']}` | {r['claim']} | {r['metric']} | {r['ours']:.4g} | "
-            f"{r['baseline']:.4g} ({r['baseline_name']}) | {r['direction']} | "
+            f"| [`{r['method']}`](methods/{r['method']}.md) | {r['claim']} | {r['metric']} | "
+            f"{_cell(r['ours'], r.get('ours_std'))} | {_cell(r['baseline'], r.get('baseline_std'))} "
+            f"({r['baseline_name']}) | {r['direction']} | {verdict} | "
             f"{'yes' if r['holds'] else '**no**'}{' (*smoke*)' if r.get('smoke') else ''} | "
             f"{r['seeds']} | {r['seconds']:.0f} |"
         )
+    rerun = [r for r in records if (r.get("previous") or {}).get("one_run_rule")]
+    changed = changed_verdicts(records)
+    if rerun:
+        lines += [
+            "",
+            "## Verdicts the per-seed rule changed",
+            "",
+            f"{len(rerun)} of {len(records)} record(s) have been re-run under the per-seed rule (three seeds, "
+            f"holds only beyond the seed noise); {len(changed)} of them changed verdict" + (":" if changed else "."),
+            "",
+            *changed,
+        ]
     notes = [r for r in records if r.get("note") or "error" in r]
     if notes:
         lines += ["", "## Notes", ""]
@@ -79,24 +113,65 @@ def render(records: list[dict[str, Any]], smoke: bool) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def previous_of(record: dict[str, Any]) -> dict[str, Any]:
+    """What a re-run replaces: the replaced record's summary, and, carried forward, the last record made under
+    the one-run rule (before verdicts were judged over seeds), so the page can say which verdicts the rule
+    changed and why."""
+    keep = ("holds", "verdict", "ours", "baseline", "seeds", "commit", "code_hash", "measured_at")
+    summary = {"error": True} if "error" in record else {k: record[k] for k in keep if k in record}
+    one_run = record.get("previous", {}).get("one_run_rule") or (summary if "verdict" not in record else None)
+    return summary | ({"one_run_rule": one_run} if one_run else {})
+
+
+def changed_verdicts(records: list[dict[str, Any]]) -> list[str]:
+    """One line per record whose re-run reached a different verdict than the record it replaced."""
+    lines = []
+    for r in records:
+        before = (r.get("previous") or {}).get("one_run_rule")
+        if not before or "error" in before or "error" in r or bool(before.get("holds")) == bool(r.get("holds")):
+            continue
+        was = "held" if before.get("holds") else "did not hold"
+        now = "holds" if r.get("holds") else f"does not hold ({r.get('verdict', '—')})"
+        lines.append(
+            f"- `{r['method']}` {was} ({_cell(before.get('ours'))} vs {_cell(before.get('baseline'))}, "
+            f"{before.get('seeds', '?')} seed(s)); now {now}: {_cell(r['ours'], r.get('ours_std'))} vs "
+            f"{_cell(r['baseline'], r.get('baseline_std'))} over {r['seeds']} seeds. {r.get('note', '')}"
+        )
+    return lines
+
+
+def render_stored(out: Path) -> None:
+    """Rewrite the results page and the method pages from the stored records, running nothing."""
+    records = (
+        json.loads(out.with_suffix(".json").read_text(encoding="utf-8")) if out.with_suffix(".json").exists() else []
+    )
+    out.write_text(render(records, smoke=False), encoding="utf-8")
+    write_pages(out.parent / "methods", {r["method"]: r for r in records})
+
+
 def regenerate(
     out: Path, pattern: str = "*", smoke: bool = False, console: Console | None = None
 ) -> list[dict[str, Any]]:
     console = console or Console()
+    stored = out.with_suffix(".json")
+    old = {r["method"]: r for r in json.loads(stored.read_text())} if stored.exists() else {}
     records = []
     for spec in list_reproductions(pattern):
         console.print(f"reproducing [cyan]{spec.method_id}[/]{' (smoke)' if smoke else ''} …")
         record = run_one(spec.method_id, smoke)
-        verdict = "error" if "error" in record else ("holds" if record["holds"] else "does not hold")
+        verdict = "error" if "error" in record else record.get("verdict", "holds" if record["holds"] else "no")
         console.print(f"  {verdict} in {record['seconds']}s")
+        if spec.method_id in old and "error" not in record and not smoke:
+            record["previous"] = previous_of(old[spec.method_id])
         records.append(record)
-    if pattern != "*" and out.with_suffix(".json").exists():
+    if pattern != "*" and old:
         # a partial run updates its methods' rows and keeps the others' last records
         fresh = {r["method"] for r in records}
-        kept = [r for r in json.loads(out.with_suffix(".json").read_text()) if r["method"] not in fresh]
+        kept = [r for m, r in old.items() if m not in fresh]
         records = sorted(kept + records, key=lambda r: r["method"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(records, smoke), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(records, indent=1), encoding="utf-8")
-    console.print(f"wrote {out}")
+    write_pages(out.parent / "methods", {r["method"]: r for r in records})
+    console.print(f"wrote {out} and the method pages in {out.parent / 'methods'}")
     return records

@@ -1,8 +1,8 @@
 """One causal attention layer's time against sequence length on CPU, one thread: exact SDPA (torch's fused
-kernel) and HyperAttention (`models/llm/attention/hyperattention.py`, the notes' b = m = 128, min_seq_len 512,
-7 hyperplanes) and HiP (`models/llm/attention/hip.py`, the notes' v1.1 defaults k = 512, b_q = 64,
-b_k = 2, window 256, 16 sinks), with the log-log slope of time vs T fitted per method (2 = quadratic,
-≈1 = near-linear) and each time printed as a ratio against SDPA
+kernel), HyperAttention (`models/llm/attention/hyperattention.py`, the paper's code defaults b = m = 128,
+min_seq_len 512, 7 hyperplanes) and HiP (`models/llm/attention/hip.py`, the reference code's v1.1
+defaults k = 512, b_q = 64, b_k = 2, window 256, 16 sinks), with the log-log slope of time vs T fitted
+per method (2 = quadratic, ≈1 = near-linear) and each time printed as a ratio against SDPA
 (`hip-mask` is HiP's tree search alone), measured in the same run at the same length.
 
 One head of width 64, Gaussian q/k/v (content does not change the cost); the fastest of `--repeats` calls.
@@ -255,7 +255,7 @@ def main() -> None:
     top = 2048 if args.quick else args.max_length
     lengths = [1 << e for e in range(9 if args.quick else 10, int(math.log2(top)) + 1)]
     config = HyperConfig(block_size=128, sample_size=128, min_seq_len=512)
-    hip_config = HiPConfig(top_k=512, block_q=64, block_k=2, window=256, sink=16)  # the notes' v1.1 defaults
+    hip_config = HiPConfig(top_k=512, block_q=64, block_k=2, window=256, sink=16)  # the reference code's v1.1 defaults
     methods = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "hyperattention": lambda q, k, v: hyper_attention(q, k, v, 64**-0.5, config),

@@ -6,6 +6,7 @@ import * as jobs from "./jobs.js";
 import * as jobPage from "./job.js";
 import * as submit from "./submit.js";
 import * as catalog from "./catalog.js";
+import * as methodPage from "./method.js";
 import * as compare from "./compare.js";
 import * as models from "./models.js";
 import * as playground from "./playground.js";
@@ -16,6 +17,7 @@ const ROUTES = [
   [/^(jobs)?$/, jobs, "jobs"],
   [/^submit$/, submit, "submit"],
   [/^catalog$/, catalog, "catalog"],
+  [/^catalog\/([^/]+)$/, methodPage, "catalog"],
   [/^compare$/, compare, "compare"],
   [/^models$/, models, "models"],
   [/^deployments\/([^/]+)$/, playground, "models"],

@@ -49,7 +49,7 @@ function card(m, j) {
   const rec = j && j.result && j.result.reproduction;
   const text = `${m.id} ${m.paper} ${m.task} ${m.family}`.toLowerCase();
   return html`<article class="card" id="m-${m.id}" data-text="${text}" aria-labelledby="t-${m.id}">
-    <h3 id="t-${m.id}" class="mono">${m.id}</h3>
+    <h3 id="t-${m.id}" class="mono"><a href="#/catalog/${encodeURIComponent(m.id)}" title="How ${m.id} works, its parameters and its latest record">${m.id}</a></h3>
     <div class="paper">${m.paper}</div>
     <div class="chips"><span class="chip">${m.task}</span>${(m.datasets || []).map((k) => html`<span class="chip">${k}</span>`)}
       ${m.reproduction ? html`<span class="chip repro">reproduction</span>` : html`<span class="chip">no reproduction</span>`}</div>
@@ -60,6 +60,7 @@ function card(m, j) {
         · <a href="#/jobs/${j.id}">job ${shortId(j.id)}</a> ${timeTag(j.finished_at || j.created_at)}</div>`
       : m.reproduction ? html`<div class="verdict small muted">Not reproduced on this server yet.</div>` : ""}
     <div class="actions"><a class="button primary" href="#/submit?method=${encodeURIComponent(m.id)}">Run…</a>
+      <a class="button" href="#/catalog/${encodeURIComponent(m.id)}">How it works</a>
       ${m.reproduction ? html`<button data-reproduce="${m.id}">Reproduce claim</button>` : ""}
       <a class="small" href="#/jobs?method=${encodeURIComponent(m.id)}">its jobs</a></div>
   </article>`;

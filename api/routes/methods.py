@@ -21,3 +21,12 @@ def methods(
 @router.get("/{method_id}")
 def method_detail(method_id: str) -> dict[str, Any]:
     return get_method(method_id).describe()
+
+
+@router.get("/{method_id}/page")
+def method_page(method_id: str) -> dict[str, str]:
+    """The method's generated documentation page (paper, mechanism, parameters, latest reproduction record)
+    as Markdown and as HTML, for the dashboard's catalog."""
+    from api.method_pages import rendered_page
+
+    return rendered_page(method_id)

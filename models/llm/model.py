@@ -2,13 +2,14 @@
 
 Building on the stock HF class (not a home-grown GPT) is what lets everything downstream treat the
 tiny model as a real one: peft LoRA, torchao, `AttentionInterface`, `generate`, and loading any
-local Llama folder through the same path. Sizes (the notes' TL-µ and TL-S, plus one between):
+local Llama folder through the same path. Sizes (µ for unit tests, tiny for CPU reproductions, small
+where a method needs more capacity):
 
 | size  | d   | layers | heads × dim | FFN | context | params (vocab 4096, tied) |
 |-------|-----|--------|-------------|-----|---------|---------------------------|
-| micro | 64  | 2      | 2 × 32      | 172 | 256     | ≈0.36M — unit tests (TL-µ) |
+| micro | 64  | 2      | 2 × 32      | 172 | 256     | ≈0.36M — unit tests       |
 | tiny  | 128 | 4      | 4 × 32      | 344 | 512     | ≈1.3M — reproductions on CPU |
-| small | 256 | 4      | 4 × 64      | 688 | 1024    | ≈4.2M — the notes' TL-S   |
+| small | 256 | 4      | 4 × 64      | 688 | 1024    | ≈4.2M                     |
 
 Input and output embeddings are tied: at this width the vocabulary would otherwise hold most of the
 parameters. FFN widths are ≈ 8/3·d rounded to a multiple of 4 as in Llama.
