@@ -224,7 +224,7 @@ def keys_revoke(key_id: str) -> None:
 @click.argument("name")
 @click.option("--description", default="")
 def project_create(name: str, description: str) -> None:
-    """A new project (admins); prints its first admin key once."""
+    """A new project (the server's operator only); prints its first admin key once."""
     p = _api()("POST", "/api/v1/projects", json={"name": name, "description": description})
     console.print(f"project [cyan]{p['name']}[/] created; its admin key (store it now):")
     click.echo(p["admin_key"]["key"])
@@ -497,6 +497,9 @@ def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: boo
         final = _follow(api, job["id"], quiet=as_json)
         record = (final.get("result") or {}).get("reproduction")
     else:
+        from api.numerics import pin_numerics
+
+        pin_numerics()  # before torch loads: the record's numbers must not depend on this CPU's SIMD kernels
         from models.context import InMemoryRunContext
         from models.reproduction import get_reproduction, run_reproduction
 
@@ -533,13 +536,14 @@ def reproduce(method_id: str, seed: int, smoke: bool, as_job: bool, as_json: boo
 
 
 @main.command()
-@click.option("--only", default="*", help="shell-style pattern of method ids")
+@click.option("--only", default="*", help="shell-style patterns of method ids, comma-separated")
 @click.option("--smoke", is_flag=True)
+@click.option("--jobs", default=1, show_default=True, help="reproductions run at once, each on one thread")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/results.md"))
 @click.option(
     "--render", "render_only", is_flag=True, help="rewrite the pages from the stored records without running anything"
 )
-def results(only: str, smoke: bool, out: Path, render_only: bool) -> None:
+def results(only: str, smoke: bool, jobs: int, out: Path, render_only: bool) -> None:
     """Re-run every reproduction (each in its own process) and regenerate docs/results.md and docs/methods/."""
     from api.results import regenerate, render_stored
 
@@ -547,7 +551,7 @@ def results(only: str, smoke: bool, out: Path, render_only: bool) -> None:
         render_stored(out)
         console.print(f"rewrote {out} and {out.parent / 'methods'} from {out.with_suffix('.json')}")
         return
-    regenerate(out, pattern=only, smoke=smoke, console=console)
+    regenerate(out, pattern=only, smoke=smoke, console=console, jobs=jobs)
 
 
 # -- deployments and demos ------------------------------------------------------------

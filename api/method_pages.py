@@ -22,7 +22,7 @@ from typing import Any
 from markdown_it import MarkdownIt
 
 from models.provenance import code_fingerprint
-from models.registry import MethodSpec, get_method, list_methods
+from models.registry import MethodSpec, UnknownMethodError, get_method, list_methods
 from models.reproduction import ReproductionSpec, list_reproductions
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -55,7 +55,10 @@ def record_status(record: dict[str, Any]) -> str:
     recorded = record.get("code_hash")
     if not recorded:
         return "unknown"
-    module = get_method(record["method"]).module
+    try:
+        module = get_method(record["method"]).module
+    except UnknownMethodError:  # a record of a method no longer registered
+        return "stale"
     return "current" if code_fingerprint(module).digest == recorded else "stale"
 
 

@@ -5,11 +5,13 @@ The page is generated, never edited by hand; docs/results.json beside it keeps t
 
 from __future__ import annotations
 
+import fcntl
 import json
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from api.method_pages import record_status, write_pages
+from api.numerics import reproducible_environment
 from models.reproduction import list_reproductions
 
 
@@ -25,7 +28,7 @@ def run_one(method_id: str, smoke: bool, seed: int = 0) -> dict[str, Any]:
     if smoke:
         cmd.append("--smoke")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=reproducible_environment())
     if proc.returncode != 0:
         return {
             "method": method_id,
@@ -150,28 +153,41 @@ def render_stored(out: Path) -> None:
 
 
 def regenerate(
-    out: Path, pattern: str = "*", smoke: bool = False, console: Console | None = None
+    out: Path, pattern: str = "*", smoke: bool = False, console: Console | None = None, jobs: int = 1
 ) -> list[dict[str, Any]]:
+    """Re-run the reproductions whose ids match `pattern` (shell patterns, comma-separated), `jobs` at a time
+    (each in its own process on one thread), storing each record as soon as it finishes: an interrupted
+    run keeps what it measured, and two runs on one checkout never lose each other's records."""
     console = console or Console()
-    stored = out.with_suffix(".json")
-    old = {r["method"]: r for r in json.loads(stored.read_text())} if stored.exists() else {}
-    records = []
-    for spec in list_reproductions(pattern):
-        console.print(f"reproducing [cyan]{spec.method_id}[/]{' (smoke)' if smoke else ''} …")
-        record = run_one(spec.method_id, smoke)
+    specs = {s.method_id: s for part in pattern.split(",") for s in list_reproductions(part.strip() or "*")}
+
+    def one(method_id: str) -> dict[str, Any]:
+        console.print(f"reproducing [cyan]{method_id}[/]{' (smoke)' if smoke else ''} …")
+        record = run_one(method_id, smoke)
         verdict = "error" if "error" in record else record.get("verdict", "holds" if record["holds"] else "no")
-        console.print(f"  {verdict} in {record['seconds']}s")
-        if spec.method_id in old and "error" not in record and not smoke:
-            record["previous"] = previous_of(old[spec.method_id])
-        records.append(record)
-    if pattern != "*" and old:
-        # a partial run updates its methods' rows and keeps the others' last records
-        fresh = {r["method"] for r in records}
-        kept = [r for m, r in old.items() if m not in fresh]
-        records = sorted(kept + records, key=lambda r: r["method"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(records, smoke), encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps(records, indent=1), encoding="utf-8")
-    write_pages(out.parent / "methods", {r["method"]: r for r in records})
+        console.print(f"  {method_id}: {verdict} in {record['seconds']}s")
+        store(out, record, smoke)
+        return record
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        records = list(pool.map(one, sorted(specs)))
     console.print(f"wrote {out} and the method pages in {out.parent / 'methods'}")
     return records
+
+
+def store(out: Path, record: dict[str, Any], smoke: bool = False) -> None:
+    """Put one record into `out`'s JSON (replacing the method's previous record, which it remembers), then
+    rewrite the results page and the method pages; under a file lock, so parallel runs serialise here."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stored = out.with_suffix(".json")
+        records = {r["method"]: r for r in json.loads(stored.read_text())} if stored.exists() else {}
+        old = records.get(record["method"])
+        if old is not None and "error" not in record and not smoke:
+            record["previous"] = previous_of(old)
+        records[record["method"]] = record
+        ordered = [records[m] for m in sorted(records)]
+        stored.write_text(json.dumps(ordered, indent=1), encoding="utf-8")
+        out.write_text(render(ordered, smoke), encoding="utf-8")
+        write_pages(out.parent / "methods", records)

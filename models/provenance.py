@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import platform
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -112,6 +115,38 @@ def current_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def library_versions(names: tuple[str, ...] = ("torch", "numpy", "transformers", "tokenizers", "diffusers")) -> dict:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def numerics() -> dict[str, str]:
+    """Which CPU kernels this process's float results come from (torch's SIMD level): training on other
+    kernels gives a different model, so keys and records name them."""
+    import torch
+
+    return {"machine": platform.machine(), "cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
+
+
+def trained_key(recipe: dict, module: str) -> str:
+    """12 hex digits naming a trained-once artifact: its recipe, the fingerprint of the code that trains it
+    (`module` and what it imports), the numerical libraries' versions and the CPU kernels (`numerics`). A
+    recipe alone does not pin a model: other SIMD kernels, a new torch or an edit to the training code
+    train a different one under the same recipe."""
+    body = {
+        "recipe": recipe,
+        "code": code_fingerprint(module).digest,
+        "libraries": library_versions(),
+        "numerics": numerics(),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # -- cached inputs ------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 from models.context import RunContext, cpu_threads, stop_if_cancelled
-from models.provenance import code_fingerprint, current_commit, recording_inputs
+from models.provenance import code_fingerprint, current_commit, numerics, recording_inputs
 from models.registry import UnknownMethodError, get_method, list_methods, note_reproduction
 
 Direction = Literal["higher", "lower"]
@@ -239,6 +239,7 @@ def run_reproduction(spec: ReproductionSpec, ctx: RunContext, seed: int = 0, smo
         "details": outcome.details,
         "commit": current_commit(),
         "code_hash": code_fingerprint(module).digest,
+        "numerics": numerics(),
         "inputs": dict(sorted(inputs.items())),
     }
     return record

@@ -14,8 +14,6 @@ the shared cache folder under the config's hash.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +26,7 @@ from models.checkpoint import trained_once
 from models.context import RunContext, shared_cache_dir, stop_if_cancelled
 from models.diffusion.data import IMAGE_SIZE, coloured_digits
 from models.diffusion.model import training_scheduler
+from models.provenance import trained_key
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -91,7 +90,7 @@ class DiTConfig:
     seed: int = 0
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return trained_key(asdict(self), "models.diffusion.dit")  # the recipe, the training code, the libraries
 
     @property
     def grid(self) -> int:

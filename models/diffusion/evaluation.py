@@ -9,8 +9,6 @@ model (keyed by a hash of its settings), so every reproduction scores with the s
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,6 +21,7 @@ from models.checkpoint import trained_once
 from models.context import RunContext, stop_if_cancelled
 from models.diffusion.data import coloured_digits, to_unit
 from models.diffusion.training import cache_root
+from models.provenance import trained_key
 
 
 class DigitClassifier(nn.Module):
@@ -65,7 +64,7 @@ class ClassifierConfig:
     seed: int = 0
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return trained_key(asdict(self), "models.diffusion.evaluation")  # the recipe, the training code, the libraries
 
 
 def train_classifier(config: ClassifierConfig, ctx: RunContext | None = None) -> DigitClassifier:

@@ -16,8 +16,6 @@ caller stops that training, and nothing is cached).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from models.context import RunContext, shared_cache_dir, stop_if_cancelled
 from models.diffusion.data import ColouredDigits, coloured_digits, drop_tokens
 from models.diffusion.model import DiffusionParts, load_parts, new_parts, save_parts, training_scheduler
+from models.provenance import trained_key
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,9 @@ class PretrainConfig:
     checkpoint_every: int = 200
 
     def key(self) -> str:
-        """Hash of everything that changes the weights (not the checkpoint cadence)."""
+        """Hash of everything that changes the weights (not the checkpoint cadence), the code included."""
         body = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+        return trained_key(body, "models.diffusion.training")  # and the training code and libraries
 
 
 SMOKE_CONFIG = PretrainConfig(widths=(8, 16), steps=4, batch_size=16, warmup=1, variants=1, checkpoint_every=2)

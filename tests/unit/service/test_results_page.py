@@ -47,3 +47,19 @@ def test_page_shows_spread_verdict_and_stale_records():
     page = render([record(), record(method="ldr", code_hash="0" * 16)], smoke=False)
     assert "0.95 ± 0.01" in page and "within noise" in page
     assert "(*stale*)" in page and "Stale (code changed since): `ldr`" in page
+
+
+def test_store_keeps_other_records_and_remembers_the_replaced_one(tmp_path, monkeypatch):
+    from api import results
+
+    monkeypatch.setattr(results, "write_pages", lambda out, records: None)
+    out = tmp_path / "results.md"
+    results.store(out, {**OLD, "baseline_name": "ce", "direction": "higher", "seconds": 1.0})
+    results.store(out, record(method="other"))
+    results.store(out, record(note="re-run"))
+    import json
+
+    stored = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert set(stored) == {"ldr", "other"}
+    assert stored["ldr"]["note"] == "re-run" and stored["ldr"]["previous"]["one_run_rule"]["holds"] is True
+    assert "Verdicts the per-seed rule changed" in out.read_text()
