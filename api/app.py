@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -14,9 +13,12 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 
 from api import problems
-from api.auth import SESSION_COOKIE, RateLimiter, authenticate, lookup_key
+from api.auth import SESSION_COOKIE, RateLimiter, auth_failed, authenticate, lookup_key
+from api.guard import RequestGuard, cross_site
+from api.offload import BlockingPool
 from api.routes import access, datasets, deployments, health, jobs, methods, models, openai_compat
 from api.serving.manager import DeploymentManager
+from workers.db import secure_state
 from workers.executors import make_executor
 from workers.executors.local import ExecutorLockedError
 from workers.settings import Settings, load_plugins
@@ -24,7 +26,6 @@ from workers.storage import open_store
 
 log = logging.getLogger("crucible.api")
 VERSION = "0.1.0"
-UPLOAD_PATHS = ("/api/v1/datasets", "/api/v1/models")
 
 
 def create_app(settings: Settings | None = None, *, run_executor: bool = True) -> FastAPI:
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
         finally:
             if app.state.executor is not None:
                 app.state.executor.stop()
+            app.state.blocking.shutdown()
 
     app = FastAPI(
         title="Crucible",
@@ -54,29 +56,13 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
         description="Submit ML research methods as jobs; track metrics, checkpoints and artifacts.",
     )
     app.state.settings = settings
+    secure_state(settings.home, settings.database_url)  # state and caches readable by this user only
     app.state.store = open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)
     app.state.rate_limiter = RateLimiter()
-    app.state.deployments = DeploymentManager()  # warm models of this serving process
+    app.state.deployments = DeploymentManager(settings.serving_memory_bytes)  # warm models of this process
+    app.state.blocking = BlockingPool(settings.blocking_workers, settings.blocking_queue)
     problems.install(app)
-
-    @app.middleware("http")
-    async def request_id_and_body_cap(request: Request, call_next):  # type: ignore[no-untyped-def]
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        cap = settings.max_upload_bytes if request.url.path.startswith(UPLOAD_PATHS) else settings.max_json_bytes
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > cap:
-            return problems.problem_response(
-                request,
-                problems.Problem(
-                    413,
-                    "body-too-large",
-                    "Request body too large",
-                    f"the body is {length} bytes; the limit for {request.url.path} is {cap} bytes",
-                ),
-            )
-        response: Response = await call_next(request)
-        response.headers["X-Request-ID"] = request.state.request_id
-        return response
+    app.add_middleware(RequestGuard, settings=settings)  # request ids; body caps counted as bytes arrive
 
     app.include_router(health.router)  # liveness stays open; /metrics authenticates itself
     for module in (methods, datasets, jobs, models, access, deployments, openai_compat):
@@ -95,16 +81,34 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
         return _login(request, key)
 
     @app.post("/logout", include_in_schema=False)
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        _same_site_only(request, "log out")
         response = RedirectResponse("/", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 
+    def _same_site_only(request: Request, what: str) -> None:
+        """Login CSRF: another site's form or link must not log a browser in (into the attacker's project)
+        or out; browsers say where a request came from (Sec-Fetch-Site, Origin), scripts send neither."""
+        if cross_site(request.headers, str(request.base_url)):
+            raise problems.Problem(
+                403,
+                "csrf",
+                "Cross-site request refused",
+                f"a request from another site may not {what}; open the login link yourself "
+                "(paste it into the address bar) or use the form on this server's own page",
+            )
+
     def _login(request: Request, key: str) -> Response:
         from workers.db import session_scope
 
+        _same_site_only(request, "log this browser in")
         with session_scope(settings.database_url) as s:
             valid = lookup_key(s, key.strip()) is not None
+        if not valid:
+            failure = auth_failed(request, settings)
+            if failure.status == 429:
+                raise failure
         response = RedirectResponse("/" if valid else "/?login=failed", status_code=303)
         if valid:
             response.set_cookie(

@@ -3,7 +3,9 @@
 A key is `cru_` + 32 random bytes (URL-safe base64). Only its sha256 is stored: keys carry 256 bits
 of entropy, so a fast hash is enough (no password-stretching needed) and lookups stay one indexed
 SELECT. A key belongs to one project and has one role; `viewer` may read, `member` may also write
-(submit, cancel, upload, deploy), `admin` may also manage keys, projects and read the audit log.
+(submit, cancel, upload, deploy), `admin` may also manage the project's keys and read its audit log, and
+`operator` (the key `crucible up` makes for the `default` project) also runs the server: it alone creates
+projects, sets their quotas and reads the server-wide metrics.
 
 Isolation rule: a key never learns that another project's thing exists — lookups filter by project
 first, so a foreign id answers 404 exactly like a missing one.
@@ -29,7 +31,7 @@ from api.deps import SessionDep, SettingsDep
 from api.problems import Problem, field_problem
 from workers.db import session_scope
 from workers.settings import Settings
-from workers.tables import DEFAULT_PROJECT, ROLES, ApiKey, AuditEvent, Project, utcnow
+from workers.tables import DEFAULT_PROJECT, OPERATOR, ROLES, ApiKey, AuditEvent, Project, utcnow
 
 KEY_PREFIX = "cru_"
 SESSION_COOKIE = "crucible_key"
@@ -106,10 +108,11 @@ def revoke_key(session: Session, project: str, key_id: str) -> ApiKey:
 
 
 def bootstrap_admin_key(settings: Settings) -> str:
-    """The embedded default's key: made on the first `up`, kept in home/admin-key (owner-only).
+    """The server operator's key: made on the first `up`, kept in home/admin-key (owner-only).
 
     If the file is there and its key is still valid, reuse it; otherwise (first start, or the key
-    was revoked or the database replaced) mint a new admin key of the default project.
+    was revoked or the database replaced) mint a new operator key of the default project: whoever
+    can read the server's state folder runs the server.
     """
     path = settings.admin_key_file
     existing = path.read_text().strip() if path.is_file() else ""
@@ -121,8 +124,8 @@ def bootstrap_admin_key(settings: Settings) -> str:
         if s.get(Project, DEFAULT_PROJECT) is None:
             s.add(Project(name=DEFAULT_PROJECT))
             s.flush()
-        _, secret = create_key(s, DEFAULT_PROJECT, "admin", name="admin (created by crucible up)")
-        s.add(AuditEvent(project=DEFAULT_PROJECT, action="key.create", target="admin", detail={"by": "crucible up"}))
+        _, secret = create_key(s, DEFAULT_PROJECT, OPERATOR, name="operator (created by crucible up)")
+        s.add(AuditEvent(project=DEFAULT_PROJECT, action="key.create", target=OPERATOR, detail={"by": "crucible up"}))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -157,16 +160,37 @@ def lookup_key(session: Session, key: str) -> ApiKey | None:
     return row if row is not None and row.revoked_at is None else None
 
 
-def authenticate(request: Request, session: SessionDep) -> Principal:
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def auth_failed(request: Request, settings: Settings) -> Problem:
+    """The answer to a failed authentication: 401, or 429 once the client's address failed more than
+    CRUCIBLE_AUTH_FAILURES_PER_MINUTE times this minute. Valid keys from that address still pass (an
+    address may be shared, and a neighbour's failures must not lock a user out); keys are 256-bit
+    random, so the limit bounds the work wrong keys cost, not a guessing attack."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    per_minute = settings.auth_failures_per_minute
+    wait = limiter.take([(f"addr:{client_address(request)}", "auth-failure", per_minute)])
+    if wait:
+        return _rate_problem(
+            f"{per_minute} failed authentications per minute from one address (CRUCIBLE_AUTH_FAILURES_PER_MINUTE)",
+            per_minute,
+            wait,
+        )
+    return _unauthorized("the key is unknown or revoked; ask a project admin for a new one")
+
+
+def authenticate(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
     key, from_cookie = presented_key(request)
     if not key:
         raise _unauthorized(
-            "this route needs an API key: `Authorization: Bearer <key>` (the admin key of a local "
+            "this route needs an API key: `Authorization: Bearer <key>` (the operator key of a local "
             "`crucible up` is in $CRUCIBLE_HOME/admin-key)"
         )
     row = lookup_key(session, key)
     if row is None:
-        raise _unauthorized("the key is unknown or revoked; ask a project admin for a new one")
+        raise auth_failed(request, settings)
     if from_cookie and request.method not in READ_METHODS and request.headers.get(DASHBOARD_HEADER) != "dashboard":
         raise Problem(
             403,
@@ -207,50 +231,121 @@ def require_admin(principal: PrincipalDep) -> Principal:
 AdminDep = Annotated[Principal, Depends(require_admin)]
 
 
+def require_operator(principal: PrincipalDep) -> Principal:
+    if not principal.can(OPERATOR):
+        raise Problem(
+            403,
+            "forbidden",
+            "Operator role required",
+            "creating projects and setting quotas belong to the server's operator (the key `crucible up` "
+            f"wrote to $CRUCIBLE_HOME/admin-key); yours is a {principal.role} of project {principal.project}",
+        )
+    return principal
+
+
+OperatorDep = Annotated[Principal, Depends(require_operator)]
+
+
 # -- rate limits and quotas -------------------------------------------------------
+Bucket = tuple[str, str, int]  # (who: a key id, `project:<name>` or `addr:<ip>`; bucket name; per minute)
+
+
 class RateLimiter:
-    """A token bucket per (key, bucket name): `per_minute` requests, refilled continuously."""
+    """Token buckets per (who, bucket name): `per_minute` tokens, refilled continuously.
+
+    A request takes from several buckets at once (its key's and its project's), all or none, so a fresh
+    key minted by an admin adds nothing to what its project may do."""
+
+    MAX_BUCKETS = 100_000  # forget idle buckets beyond this (a full bucket and a forgotten one are alike)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
 
-    def take(self, key_id: str, bucket: str, per_minute: int) -> float:
-        """0 if allowed, else the seconds until the next request would be."""
-        now = time.monotonic()
-        rate = per_minute / 60.0
+    def _level(self, who: str, bucket: str, per_minute: int, now: float) -> float:
+        tokens, last = self._buckets.get((who, bucket), (float(per_minute), now))
+        return min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
+
+    def _wait(self, buckets: list[Bucket], cost: float, now: float) -> float:
+        waits = [
+            (cost - level) / (per_minute / 60.0)
+            for who, name, per_minute in buckets
+            if (level := self._level(who, name, per_minute, now)) < cost
+        ]
+        return max(waits, default=0.0)
+
+    def wait(self, buckets: list[Bucket], cost: float = 1.0) -> float:
+        """Seconds until `cost` tokens could be taken from every bucket (0: now); takes nothing."""
         with self._lock:
-            tokens, last = self._buckets.get((key_id, bucket), (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - last) * rate)
-            if tokens >= 1.0:
-                self._buckets[(key_id, bucket)] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[(key_id, bucket)] = (tokens, now)
-            return (1.0 - tokens) / rate
+            return self._wait(buckets, cost, time.monotonic())
+
+    def take(self, buckets: list[Bucket], cost: float = 1.0) -> float:
+        """0 after taking `cost` tokens from every bucket, else the seconds to wait (nothing taken)."""
+        now = time.monotonic()
+        with self._lock:
+            wait = self._wait(buckets, cost, now)
+            if wait:
+                return wait
+            if len(self._buckets) > self.MAX_BUCKETS:
+                self._buckets.clear()
+            for who, name, per_minute in buckets:
+                self._buckets[(who, name)] = (self._level(who, name, per_minute, now) - cost, now)
+            return 0.0
 
 
-def _limited(bucket: str, setting: str):  # type: ignore[no-untyped-def]
+def _rate_problem(what: str, per_minute: int, wait: float) -> Problem:
+    return Problem(
+        429,
+        "rate-limited",
+        "Too many requests",
+        f"at most {what}; retry in {wait:.1f} s",
+        headers={"Retry-After": str(max(1, round(wait)))},
+        extra={"limit_per_minute": per_minute},
+    )
+
+
+LIMITS = {  # bucket → (per-key setting, per-project setting)
+    "submission": ("rate_limit_submit_per_minute", "rate_limit_submit_per_minute_per_project"),
+    "inference": ("rate_limit_inference_per_minute", "rate_limit_inference_per_minute_per_project"),
+}
+
+
+def charge(
+    request: Request, principal: Principal, settings: Settings, bucket: str, cost: int = 1, counts: int | None = None
+) -> None:
+    """Take `cost` requests from the key's and the project's buckets, or raise the 429 naming the limit
+    (`counts`: what the whole request counts, when part of it was taken already)."""
+    key_setting, project_setting = LIMITS[bucket]
+    per_key, per_project = getattr(settings, key_setting), getattr(settings, project_setting)
+    limiter: RateLimiter = request.app.state.rate_limiter
+    buckets = [(principal.key_id, bucket, per_key), (f"project:{principal.project}", bucket, per_project)]
+    wait = limiter.take(buckets, cost)
+    if not wait:
+        return
+    if cost > min(per_key, per_project):
+        wait = 60.0
+    key_short = limiter.wait(buckets[:1], cost) > 0
+    what = (
+        f"{per_key} {bucket} requests per minute per key (CRUCIBLE_{key_setting.upper()})"
+        if key_short
+        else f"{per_project} {bucket} requests per minute per project, all its keys together "
+        f"(CRUCIBLE_{project_setting.upper()})"
+    )
+    if (counts or cost) > 1:
+        what += f"; this request counts {counts or cost}"
+    raise _rate_problem(what, per_key if key_short else per_project, wait)
+
+
+def _limited(bucket: str):  # type: ignore[no-untyped-def]
     def check(request: Request, principal: PrincipalDep, settings: SettingsDep) -> Principal:
-        limiter: RateLimiter = request.app.state.rate_limiter
-        per_minute = getattr(settings, setting)
-        wait = limiter.take(principal.key_id, bucket, per_minute)
-        if wait:
-            raise Problem(
-                429,
-                "rate-limited",
-                "Too many requests",
-                f"this key may make {per_minute} {bucket} requests per minute "
-                f"(CRUCIBLE_{setting.upper()}); retry in {wait:.1f} s",
-                headers={"Retry-After": str(max(1, round(wait)))},
-                extra={"limit_per_minute": per_minute},
-            )
+        charge(request, principal, settings, bucket)
         return principal
 
     return check
 
 
-SubmitLimitDep = Annotated[Principal, Depends(_limited("submission", "rate_limit_submit_per_minute"))]
-InferenceLimitDep = Annotated[Principal, Depends(_limited("inference", "rate_limit_inference_per_minute"))]
+SubmitLimitDep = Annotated[Principal, Depends(_limited("submission"))]
+InferenceLimitDep = Annotated[Principal, Depends(_limited("inference"))]
 
 
 def project_limits(session: Session, settings: Settings, project: str) -> tuple[int, int]:
@@ -290,7 +385,7 @@ def check_storage_quota(session: Session, settings: Settings, project: str, inco
             "storage-quota",
             "Project storage quota exceeded",
             f"project {project} stores {used} bytes; adding {incoming} would pass its limit of {limit} "
-            "bytes; delete old jobs or datasets, or ask an admin to raise the quota",
+            "bytes; delete old jobs or datasets, or ask the operator to raise the quota",
             extra={"limit_bytes": limit, "used_bytes": used},
         )
 

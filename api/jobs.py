@@ -76,6 +76,31 @@ def validate_spec(session: Session, spec: JobCreate, project: str = DEFAULT_PROJ
     return params.model_dump(mode="json")
 
 
+def executor_capacity(settings: Settings) -> dict[str, float]:
+    """What one job can be given: CRUCIBLE_MAX_JOB_CPUS / _GPUS, by default this machine's cores and GPUs."""
+    import os
+
+    import torch
+
+    cpus = settings.max_job_cpus if settings.max_job_cpus is not None else float(os.cpu_count() or 1)
+    gpus = settings.max_job_gpus if settings.max_job_gpus is not None else float(torch.cuda.device_count())
+    return {"cpus": cpus, "gpus": gpus}
+
+
+def check_resources(settings: Settings, spec: JobCreate) -> None:
+    """A job must not ask for more than an executor can give (it would queue forever, or run on less)."""
+    capacity = executor_capacity(settings)
+    for name, most in capacity.items():
+        asked = getattr(spec.resources, name)
+        if asked > most:
+            raise field_problem(
+                f"/resources/{name}",
+                f"{asked:g} asked; an executor here gives a job at most {most:g} (CRUCIBLE_MAX_JOB_{name.upper()})",
+                slug="resources-unavailable",
+                title="More resources than an executor can give",
+            )
+
+
 def idempotency_token(project: str, key: str) -> str:
     """Keys are the client's names, unique per project: stored hashed with the project, so two projects
     may both use `run-1` and neither learns of the other's."""
@@ -100,6 +125,7 @@ def submit(
         parent = session.get(Job, spec.resume_from)
         if parent is None or parent.project != project:
             raise field_problem("/resume_from", f"no job {spec.resume_from} to resume from")
+    check_resources(settings, spec)
     check_job_quota(session, settings, project)
     job = Job(
         method=get_method(spec.method).id,

@@ -2,7 +2,12 @@
 
 The folder is extracted by `workers.archives.safe_extract` (zip-slip, links, bombs and pickles refused),
 must look like a Hugging Face (`config.json`) or diffusers (`model_index.json`) folder with
-safetensors weights, and is published the same way a job registers a model: objects first, then the row.
+safetensors weights whose headers and offsets are sound, and is published the same way a job registers
+a model: objects first, then the row. The project's storage quota is charged the *decompressed* bytes:
+the extraction's byte budget is what the project has left, so an archive that expands past it is
+refused before anything reaches the object store.
+
+This is blocking work (decompression, parsing): the route runs it on the app's blocking pool.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.auth import check_storage_quota, project_limits, stored_bytes
 from api.problems import Problem, field_problem
-from workers.archives import ArchiveLimits, UnsafeArchiveError, safe_extract
+from workers.archives import ArchiveLimits, ArchiveOverQuota, UnsafeArchiveError, safe_extract
 from workers.settings import Settings
 from workers.storage import ObjectStore
 from workers.tables import RegisteredModel
@@ -44,13 +50,44 @@ def model_kind(root: Path) -> str:
     )
 
 
+def check_safetensors(path: Path, rel: str) -> None:
+    """A safetensors file whose header parses and whose offsets lie inside the file (else a 422 now,
+    not a SafetensorError when the model is deployed)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            f.keys()
+    except Exception as exc:  # SafetensorError and friends: the file is not sound
+        raise field_problem(
+            "/file",
+            f"{rel} is not a valid safetensors file ({type(exc).__name__}: {exc}); save it again with safetensors",
+            slug="bad-model-file",
+            title="A model file is malformed",
+        ) from None
+
+
 def import_model(
     session: Session, store: ObjectStore, settings: Settings, project: str, name: str, blob: bytes
 ) -> RegisteredModel:
+    _, quota = project_limits(session, settings, project)
+    used = stored_bytes(session, project)
+    limits = ArchiveLimits(settings.max_archive_files, settings.max_upload_bytes * 4, quota_bytes=quota - used)
     with tempfile.TemporaryDirectory(dir=settings.home) as tmp:
         dest = Path(tmp) / "model"
         try:
-            names = safe_extract(blob, dest, ArchiveLimits(settings.max_archive_files, settings.max_upload_bytes * 4))
+            names = safe_extract(blob, dest, limits)
+        except ArchiveOverQuota:
+            raise Problem(
+                413,
+                "storage-quota",
+                "Project storage quota exceeded",
+                f"the archive decompresses to more than the {max(0, quota - used)} bytes project {project} has "
+                f"left ({used} stored of its limit of {quota} bytes; decompressed bytes count); nothing was "
+                "stored; delete old jobs, models or datasets, or ask the operator to raise the quota",
+                errors=[{"pointer": "/file", "message": "over the project's storage quota once decompressed"}],
+                extra={"limit_bytes": quota, "used_bytes": used},
+            ) from None
         except UnsafeArchiveError as exc:
             raise Problem(
                 exc.status,
@@ -71,6 +108,8 @@ def import_model(
                 title="No safetensors weights",
             )
         for p in files:
+            if p.suffix == ".safetensors":
+                check_safetensors(p, p.relative_to(root).as_posix())
             if p.suffix == ".json":
                 try:
                     json.loads(p.read_text(encoding="utf-8"))
@@ -89,6 +128,7 @@ def import_model(
             )
             or 0
         ) + 1
+        check_storage_quota(session, settings, project, sum(p.stat().st_size for p in files))
         prefix = f"models/{project}/{name}/{version}"
         manifest = {}
         try:

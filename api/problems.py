@@ -7,7 +7,11 @@ with a JSON pointer for each field at fault and a sentence saying how to fix it.
 from __future__ import annotations
 
 import logging
+import re
+import sys
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,6 +46,14 @@ class Problem(Exception):
         self.extra = extra or {}
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A request body passed its cap while it streamed in (raised from the guarded `receive`)."""
+
+    def __init__(self, limit: int, setting: str, path: str):
+        super().__init__(413, f"the body of {path} is over {limit} bytes ({setting}); send less")
+        self.limit, self.setting, self.path = limit, setting, path
+
+
 def field_problem(
     pointer: str,
     message: str,
@@ -59,19 +71,62 @@ def field_problem(
     )
 
 
+def _server_roots(request: Request) -> list[str]:
+    """Folders of this server whose paths an error body must never show (state, temp, the Python install)."""
+    roots = [tempfile.gettempdir(), sys.prefix, str(Path(__file__).resolve().parents[1])]
+    settings = getattr(request.app.state, "settings", None) if "app" in request.scope else None
+    if settings is not None:
+        roots.insert(0, str(settings.home))
+    return sorted({r.rstrip("/") for r in roots if r and r != "/"}, key=len, reverse=True)
+
+
+def scrub_paths(text: str, roots: list[str]) -> str:
+    """`/srv/home/cache/models/a/m/1/config.json` → `…/config.json`: a file's name says what is wrong
+    without telling a client where the server keeps its state."""
+    if not roots or not text:
+        return text
+    pattern = re.compile("(?:" + "|".join(re.escape(r) for r in roots) + r")(?:/[^\s'\"]*)?(?=$|[\s'\",;)])")
+    return pattern.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
 def problem_response(request: Request, problem: Problem) -> JSONResponse:
+    roots = _server_roots(request)
+    detail = scrub_paths(problem.detail or problem.title, roots)
+    errors = [{**e, "message": scrub_paths(str(e.get("message", "")), roots)} for e in problem.errors]
     body: dict[str, Any] = {
         "type": f"/problems/{problem.slug}",
         "title": problem.title,
         "status": problem.status,
-        "detail": problem.detail or problem.title,
+        "detail": detail,
         "instance": request.url.path,
         "request_id": getattr(request.state, "request_id", None) or uuid.uuid4().hex,
         **problem.extra,
     }
-    if problem.errors:
-        body["errors"] = problem.errors
+    if errors:
+        body["errors"] = errors
+    if request.url.path.startswith("/v1/"):  # what OpenAI's SDKs read: error.message, .type, .param, .code
+        body["error"] = {
+            "message": detail,
+            "type": OPENAI_TYPES.get(
+                problem.status, "server_error" if problem.status >= 500 else "invalid_request_error"
+            ),
+            "param": errors[0]["pointer"].lstrip("/") if errors else None,
+            "code": problem.slug,
+        }
     return JSONResponse(body, status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers)
+
+
+def body_too_large(limit: int, setting: str, path: str) -> Problem:
+    return Problem(
+        413,
+        "body-too-large",
+        "Request body too large",
+        f"the body is over {limit} bytes, the limit for {path} ({setting}); send a smaller body",
+        extra={"limit_bytes": limit},
+    )
 
 
 def _pointer(loc: tuple[Any, ...]) -> str:
@@ -118,6 +173,10 @@ def install(app: FastAPI) -> None:
                 ),
             )
         return problem_response(request, validation_problem(errors))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return problem_response(request, body_too_large(exc.limit, exc.setting, exc.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -234,13 +234,25 @@ class KeyOut(BaseModel):
         )
 
 
+MAX_QUOTA_BYTES = 2**62  # far beyond any disk, and inside the database's 64-bit integers
+
+
 class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., min_length=2, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{1,63}$")
     description: str = Field("", max_length=2000)
     max_active_jobs: int | None = Field(None, ge=1, le=100_000)
-    max_stored_bytes: int | None = Field(None, ge=1024)
+    max_stored_bytes: int | None = Field(None, ge=1024, le=MAX_QUOTA_BYTES)
+
+
+class ProjectQuotas(BaseModel):
+    """An operator's change to a project's quotas (null: the server-wide default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_active_jobs: int | None = Field(None, ge=1, le=100_000)
+    max_stored_bytes: int | None = Field(None, ge=1024, le=MAX_QUOTA_BYTES)
 
 
 class ProjectOut(BaseModel):

@@ -1,12 +1,22 @@
 """Datasets on the service side: built-ins from code, uploads from the object store (validated twice:
-when stored and when loaded, since the store is outside our process)."""
+when stored and when loaded, since the store is outside our process).
+
+An upload is sized before it is parsed: a `.npz` is a zip of `.npy` arrays whose headers state each
+array's shape and dtype, so the bytes it decodes to are known from a few hundred header bytes, and a
+265 KB `savez_compressed` of zeros that would decode to 512 MB is refused (`DatasetTooLarge`) without
+decoding it. A `.jsonl` is counted as its text plus the Python objects each line becomes.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import math
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -57,6 +67,78 @@ def load_dataset(session: Session, store: ObjectStore, name: str, project: str =
     return parse_upload(name, row.kind, row.format, blob)
 
 
+JSONL_LINE_OVERHEAD = 128  # bytes of Python objects (a dict, a str, a list slot) each line becomes
+NPZ_MAX_MEMBERS = 64  # arrays an .npz may hold (the layouts use at most six)
+
+
+class DatasetTooLarge(ValueError):
+    """An upload that decodes to more than the limit: `what` (an array or the file), its `size`, the `limit`."""
+
+    def __init__(self, what: str, size: int, limit: int):
+        super().__init__(f"{what} decodes to {size} bytes, over {limit}")
+        self.what, self.size, self.limit = what, size, limit
+
+
+def _npy_header(stream: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    return tuple(shape), dtype
+
+
+def npz_decoded_bytes(blob: bytes) -> dict[str, int]:
+    """Each array's decoded size, read from the `.npy` headers alone (nothing is decompressed past them)."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(blob))
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise DatasetSchemaError(
+            "file", f"not a readable .npz archive ({exc})", "save with numpy.savez of numeric arrays"
+        ) from exc
+    sizes: dict[str, int] = {}
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > NPZ_MAX_MEMBERS:
+            raise DatasetSchemaError(
+                "file", f"{len(infos)} arrays; at most {NPZ_MAX_MEMBERS}", "save only the dataset's arrays"
+            )
+        for info in infos:
+            name = info.filename.removesuffix(".npy")
+            try:
+                with zf.open(info) as stream:
+                    shape, dtype = _npy_header(stream)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as exc:
+                raise DatasetSchemaError(
+                    "file", f"{info.filename} is not a .npy array ({exc})", "save with numpy.savez of numeric arrays"
+                ) from exc
+            if dtype.hasobject:
+                raise DatasetSchemaError(
+                    name, "is an object array (a pickle)", "store numbers: object arrays are never loaded here"
+                )
+            sizes[name] = math.prod(shape) * dtype.itemsize
+    return sizes
+
+
+def check_decoded_size(fmt: str, blob: bytes, limit: int) -> int:
+    """The bytes `blob` decodes to in memory; DatasetTooLarge beyond `limit`, before anything is decoded."""
+    if fmt == "npz":
+        sizes = npz_decoded_bytes(blob)
+        for name, size in sizes.items():
+            if size > limit:
+                raise DatasetTooLarge(f"array {name}", size, limit)
+        total = sum(sizes.values())
+        if total > limit:
+            raise DatasetTooLarge("the arrays together", total, limit)
+        return total
+    total = len(blob) + JSONL_LINE_OVERHEAD * (blob.count(b"\n") + 1)
+    if total > limit:
+        raise DatasetTooLarge(f"the .jsonl ({len(blob)} bytes of text)", total, limit)
+    return total
+
+
 @dataclass(frozen=True)
 class Upload:
     name: str
@@ -66,8 +148,15 @@ class Upload:
     description: str = ""
 
 
-def store_upload(session: Session, store: ObjectStore, upload: Upload, project: str = DEFAULT_PROJECT) -> DatasetRow:
-    """Validate, then store the object, then publish the row; on any failure nothing stays behind."""
+def store_upload(
+    session: Session,
+    store: ObjectStore,
+    upload: Upload,
+    project: str = DEFAULT_PROJECT,
+    max_decoded_bytes: int | None = None,
+) -> DatasetRow:
+    """Size (from headers), validate, then store the object, then publish the row; on any failure nothing
+    stays behind."""
     if (
         is_builtin(upload.name)
         or session.scalars(
@@ -75,6 +164,8 @@ def store_upload(session: Session, store: ObjectStore, upload: Upload, project: 
         ).first()
     ):
         raise FileExistsError(upload.name)
+    if max_decoded_bytes is not None:
+        check_decoded_size(upload.format, upload.blob, max_decoded_bytes)
     ds = parse_upload(upload.name, upload.kind, upload.format, upload.blob)
     meta: dict[str, Any] = {k: v for k, v in ds.meta.items() if isinstance(v, (int, float, str, list))}
     meta["splits"] = {s: len(sp) for s, sp in ds}

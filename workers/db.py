@@ -34,7 +34,29 @@ def _sqlite_file(url: str) -> Path | None:
 def _ensure_sqlite_folder(url: str) -> None:
     path = _sqlite_file(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _private_sqlite_files(url: str) -> None:
+    """The database, its WAL and shared-memory files: owner read/write only (SQLite creates the WAL and
+    shm files with the database file's mode, so fixing the main file early covers them as well)."""
+    path = _sqlite_file(url)
+    if path is None:
+        return
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists():
+            os.chmod(p, 0o600)
+
+
+def secure_state(home: Path, url: str) -> None:
+    """The state folder (database, objects, logs, model caches) readable by this user only: 0700 folders,
+    0600 database files. Jobs, datasets and keys' audit trails of every project live there."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
+    for sub in ("cache", "logs"):
+        (home / sub).mkdir(exist_ok=True, mode=0o700)
+        os.chmod(home / sub, 0o700)
+    _private_sqlite_files(url)
 
 
 _engines: dict[str, Engine] = {}
@@ -143,6 +165,7 @@ def upgrade(url: str, revision: str = "head") -> None:
 
     _ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)
+    _private_sqlite_files(url)
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
 from workers.tables import ACTIVE, TERMINAL, Job, utcnow
@@ -34,6 +34,24 @@ class JobStateConflict(Exception):
 
 class StaleAttempt(Exception):
     """A write from an attempt that no longer owns the job (fencing)."""
+
+
+def fair_queue() -> Select[tuple[Job]]:
+    """Queued jobs in fair-share order: first the projects with the fewest jobs active now, then priority
+    (which orders a project's own jobs, never one project's against another's), then age. A project
+    that submits a thousand priority-9 jobs runs one at a time alongside everyone else's."""
+    active = (
+        select(Job.project.label("project"), func.count().label("n"))
+        .where(Job.status.in_(ACTIVE))
+        .group_by(Job.project)
+        .subquery()
+    )
+    return (
+        select(Job)
+        .outerjoin(active, active.c.project == Job.project)
+        .where(Job.status == "queued")
+        .order_by(func.coalesce(active.c.n, 0), Job.priority.desc(), Job.created_at, Job.id)
+    )
 
 
 def _cas(

@@ -37,7 +37,41 @@ class Settings(BaseSettings):
     rate_limit_inference_per_minute: int = Field(600, ge=1, description="inference requests per key per minute")
     max_active_jobs_per_project: int = Field(100, ge=1, description="queued + running jobs a project may have")
     max_stored_bytes_per_project: int = Field(50 * 1024**3, ge=1024, description="artifact + dataset bytes per project")
-    max_archive_files: int = Field(2000, ge=1, description="files an uploaded archive may hold")
+    max_archive_files: int = Field(
+        2000, ge=1, description="entries (files, folders, links) an uploaded archive may hold, counted as it is read"
+    )
+    max_dataset_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="decoded size of an uploaded dataset (arrays, or .jsonl text) in memory"
+    )
+    max_deployments_per_project: int = Field(8, ge=1, description="deployments a project may have")
+    serving_memory_bytes: int = Field(
+        8 * 1024**3,
+        ge=1024,
+        description="weights kept warm by the serving process; the least recently used are unloaded beyond it",
+    )
+    max_inflight_per_deployment: int = Field(
+        8, ge=1, description="requests one deployment may have running or waiting for its model at once"
+    )
+    rate_limit_submit_per_minute_per_project: int = Field(
+        240, ge=1, description="job submissions per project per minute (all its keys together)"
+    )
+    rate_limit_inference_per_minute_per_project: int = Field(
+        1200, ge=1, description="inference prompts per project per minute (all its keys together)"
+    )
+    auth_failures_per_minute: int = Field(
+        30, ge=1, description="failed authentications per client address per minute before it gets 429s"
+    )
+    blocking_workers: int = Field(
+        4, ge=1, le=64, description="threads for request work that would block the event loop (archives, parsing)"
+    )
+    blocking_queue: int = Field(16, ge=0, description="such work that may wait for a thread before a 503")
+    template_timeout_s: float = Field(2.0, gt=0, le=60, description="time a chat template may take to render")
+    max_job_cpus: float | None = Field(
+        None, gt=0, description="largest resources.cpus a job may ask; default: this machine's cores"
+    )
+    max_job_gpus: float | None = Field(
+        None, ge=0, description="largest resources.gpus a job may ask; default: this machine's GPUs"
+    )
 
     max_concurrent_jobs: int = Field(2, ge=1, le=64)
     heartbeat_s: float = Field(5.0, gt=0)

@@ -30,7 +30,10 @@ STATUSES = ("queued", "starting", "running", "cancelling", "succeeded", "failed"
 ACTIVE = ("starting", "running", "cancelling")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
-ROLES = ("viewer", "member", "admin")  # each role can do everything the ones before it can
+# Each role can do everything the ones before it can. `operator` runs the server: the key `crucible up`
+# makes for the `default` project; it alone creates projects and sets their quotas.
+ROLES = ("viewer", "member", "admin", "operator")
+OPERATOR = "operator"
 DEFAULT_PROJECT = "default"
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Query, Request, status
 from sqlalchemy import select
 
 from api import auth
-from api.auth import AdminDep, PrincipalDep, audit
+from api.auth import AdminDep, OperatorDep, PrincipalDep, audit
 from api.deps import SessionDep, SettingsDep
-from api.schemas import AuditOut, KeyCreate, KeyOut, ProjectCreate, ProjectOut
-from workers.tables import ApiKey, AuditEvent, Project
+from api.problems import Problem
+from api.schemas import AuditOut, KeyCreate, KeyOut, ProjectCreate, ProjectOut, ProjectQuotas
+from workers.tables import OPERATOR, ApiKey, AuditEvent, Project
 
 router = APIRouter(prefix="/api/v1", tags=["access"])
 
@@ -30,19 +31,31 @@ def whoami(who: PrincipalDep, session: SessionDep, settings: SettingsDep) -> dic
             "stored_bytes": auth.stored_bytes(session, who.project),
             "submissions_per_minute": settings.rate_limit_submit_per_minute,
             "inference_requests_per_minute": settings.rate_limit_inference_per_minute,
+            "project_submissions_per_minute": settings.rate_limit_submit_per_minute_per_project,
+            "project_inference_requests_per_minute": settings.rate_limit_inference_per_minute_per_project,
+            "max_deployments": settings.max_deployments_per_project,
         },
     }
 
 
 @router.post("/projects", status_code=status.HTTP_201_CREATED, response_model=ProjectOut)
-def create_project(body: ProjectCreate, session: SessionDep, who: AdminDep, request: Request) -> ProjectOut:
-    """A new project and its first admin key (shown once). Only admins may create projects."""
+def create_project(body: ProjectCreate, session: SessionDep, who: OperatorDep, request: Request) -> ProjectOut:
+    """A new project and its first admin key (shown once). Only the server's operator creates projects
+    and chooses their quotas; a project's admin manages its keys."""
     project = auth.create_project(session, body.name, body.description)
     project.max_active_jobs, project.max_stored_bytes = body.max_active_jobs, body.max_stored_bytes
     key, secret = auth.create_key(
         session, project.name, "admin", name=f"first admin of {project.name}", created_by=who.key_id
     )
-    audit(session, request, who, "project.create", project.name)
+    audit(
+        session,
+        request,
+        who,
+        "project.create",
+        project.name,
+        max_active_jobs=body.max_active_jobs,
+        max_stored_bytes=body.max_stored_bytes,
+    )
     return ProjectOut(
         name=project.name,
         description=project.description,
@@ -57,6 +70,24 @@ def create_project(body: ProjectCreate, session: SessionDep, who: AdminDep, requ
 def current_project(session: SessionDep, who: PrincipalDep) -> ProjectOut:
     p = session.get(Project, who.project)
     assert p is not None  # a key's project cannot be deleted while the key exists (foreign key)
+    return ProjectOut(
+        name=p.name,
+        description=p.description,
+        max_active_jobs=p.max_active_jobs,
+        max_stored_bytes=p.max_stored_bytes,
+        created_at=p.created_at,
+    )
+
+
+@router.patch("/projects/{name}", response_model=ProjectOut)
+def set_quotas(name: str, body: ProjectQuotas, session: SessionDep, who: OperatorDep, request: Request) -> ProjectOut:
+    """Set a project's quotas (operator only); a field left out keeps its value, null means the default."""
+    p = session.get(Project, name)
+    if p is None:
+        raise Problem(404, "project-not-found", "No such project", f"no project named {name!r}")
+    for field in body.model_fields_set:
+        setattr(p, field, getattr(body, field))
+    audit(session, request, who, "project.quotas", name, **body.model_dump(exclude_unset=True))
     return ProjectOut(
         name=p.name,
         description=p.description,
@@ -82,6 +113,15 @@ def create_key(body: KeyCreate, session: SessionDep, who: AdminDep, request: Req
 
 @router.delete("/keys/{key_id}", response_model=KeyOut)
 def revoke_key(key_id: str, session: SessionDep, who: AdminDep, request: Request) -> KeyOut:
+    target = session.get(ApiKey, key_id)
+    if target is not None and target.project == who.project and target.role == OPERATOR and not who.can(OPERATOR):
+        raise Problem(
+            403,
+            "forbidden",
+            "Operator role required",
+            "the operator's key can be revoked only by the operator (or replaced by `crucible up` after "
+            "deleting $CRUCIBLE_HOME/admin-key)",
+        )
     key = auth.revoke_key(session, who.project, key_id)
     audit(session, request, who, "key.revoke", key.id)
     return KeyOut.of(key)
@@ -92,7 +132,7 @@ def audit_log(
     session: SessionDep,
     who: AdminDep,
     limit: int = Query(100, ge=1, le=1000),
-    before: Annotated[int | None, Query(description="events older than this id (paging)")] = None,
+    before: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="events older than this id (paging)")] = None,
     action: str | None = None,
 ) -> dict[str, Any]:
     q = select(AuditEvent).where(AuditEvent.project == who.project).order_by(AuditEvent.id.desc()).limit(limit)

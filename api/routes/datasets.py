@@ -12,7 +12,7 @@ from api.deps import SessionDep, SettingsDep, StoreDep
 from api.problems import Problem, field_problem
 from api.uploads import read_capped
 from models.datasets import KINDS
-from workers.datasets import NAME_RULE, Upload, all_infos, find_info, store_upload
+from workers.datasets import NAME_RULE, DatasetTooLarge, Upload, all_infos, find_info, store_upload
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
@@ -58,17 +58,34 @@ async def upload(
             f"file {file.filename!r}: upload a .npz or .jsonl file",
             errors=[{"pointer": "/file", "message": "use .npz or .jsonl"}],
         )
-    blob = await read_capped(file, settings.max_upload_bytes, "split it or raise CRUCIBLE_MAX_UPLOAD_BYTES")
-    check_storage_quota(session, settings, who.project, len(blob))
-    try:
-        row = store_upload(session, store, Upload(name, kind, fmt, blob, description), who.project)
-    except FileExistsError:
-        raise field_problem(
-            "/name",
-            f"a dataset named {name!r} exists; choose another name",
-            status=409,
-            slug="dataset-exists",
-            title="Dataset exists",
-        ) from None
-    audit(session, request, who, "dataset.upload", name, kind=kind, size=len(blob))
-    return find_info(session, row.name, who.project).describe()
+
+    def work() -> dict[str, Any]:  # parsing is CPU work: on the blocking pool, never on the event loop
+        session.commit()  # the key's bookkeeping: no write lock held while the file is parsed
+        blob = read_capped(file.file, settings.max_upload_bytes, "split it or raise CRUCIBLE_MAX_UPLOAD_BYTES")
+        check_storage_quota(session, settings, who.project, len(blob))
+        try:
+            row = store_upload(
+                session, store, Upload(name, kind, fmt, blob, description), who.project, settings.max_dataset_bytes
+            )
+        except FileExistsError:
+            raise field_problem(
+                "/name",
+                f"a dataset named {name!r} exists; choose another name",
+                status=409,
+                slug="dataset-exists",
+                title="Dataset exists",
+            ) from None
+        except DatasetTooLarge as exc:
+            raise Problem(
+                413,
+                "dataset-too-large",
+                "The dataset is too large once decoded",
+                f"{exc.what} decodes to {exc.size} bytes; the limit is {exc.limit} bytes "
+                "(CRUCIBLE_MAX_DATASET_BYTES); upload a smaller dataset",
+                errors=[{"pointer": "/file", "message": f"{exc.size} bytes decoded > {exc.limit}"}],
+                extra={"limit_bytes": exc.limit},
+            ) from None
+        audit(session, request, who, "dataset.upload", name, kind=kind, size=len(blob))
+        return find_info(session, row.name, who.project).describe()
+
+    return await request.app.state.blocking.run(work)

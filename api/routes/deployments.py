@@ -8,10 +8,13 @@ cannot be served fails at creation with a 4xx naming the field, and the first re
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import secrets
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,7 +22,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response, status
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,7 +30,7 @@ from api.auth import InferenceLimitDep, PrincipalDep, audit
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.problems import Problem, field_problem
 from api.serving.engines import detect_kind, validate_engine
-from api.serving.manager import DeploymentManager, Loaded, load
+from api.serving.manager import DeploymentManager, Loaded, load, loaded_bytes
 from workers.context import resolve_model
 from workers.settings import Settings
 from workers.storage import ObjectStore
@@ -67,9 +70,11 @@ class DeploymentOut(BaseModel):
     error: str | None
     created_at: Any
     loaded: bool = False
+    warm: bool = Field(False, description="held in the server's memory now (else it loads on its next request)")
+    memory_bytes: int | None = Field(None, description="bytes its weights take while warm")
 
     @classmethod
-    def of(cls, d: Deployment, loaded: bool = False) -> DeploymentOut:
+    def of(cls, d: Deployment, loaded: bool = False, memory_bytes: int | None = None) -> DeploymentOut:
         return cls(
             id=d.id,
             name=d.name,
@@ -80,14 +85,59 @@ class DeploymentOut(BaseModel):
             error=d.error,
             created_at=d.created_at,
             loaded=loaded,
+            warm=loaded,
+            memory_bytes=memory_bytes,
         )
 
 
 def manager(request: Request) -> DeploymentManager:
     state = request.app.state
     if getattr(state, "deployments", None) is None:
-        state.deployments = DeploymentManager()
+        state.deployments = DeploymentManager(state.settings.serving_memory_bytes)
     return state.deployments
+
+
+# -- admission: how many requests one deployment may have in flight ------------------
+_admission_lock = threading.Lock()
+
+
+def _busy(loaded: Loaded, settings: Settings) -> Problem:
+    cap = settings.max_inflight_per_deployment
+    return Problem(
+        429,
+        "deployment-busy",
+        "The deployment is busy",
+        f"this deployment has {cap} requests running or waiting for its model "
+        "(CRUCIBLE_MAX_INFLIGHT_PER_DEPLOYMENT); retry shortly",
+        headers={"Retry-After": "1"},
+        extra={"limit": cap},
+    )
+
+
+def check_admission(loaded: Loaded, settings: Settings) -> None:
+    if loaded.inflight >= settings.max_inflight_per_deployment:
+        raise _busy(loaded, settings)
+
+
+def acquire(loaded: Loaded, settings: Settings) -> None:
+    with _admission_lock:
+        check_admission(loaded, settings)
+        loaded.inflight += 1
+
+
+def release(loaded: Loaded) -> None:
+    with _admission_lock:
+        loaded.inflight -= 1
+
+
+@contextlib.contextmanager
+def admission(loaded: Loaded, settings: Settings) -> Iterator[None]:
+    """A place among the deployment's requests in flight (429 when they are full) for the block's duration."""
+    acquire(loaded, settings)
+    try:
+        yield
+    finally:
+        release(loaded)
 
 
 def find_deployment(
@@ -128,33 +178,37 @@ def pin_model(session: Session, project: str, ref: str) -> RegisteredModel:
     return row
 
 
-def folder_problem(exc: Exception) -> Problem:
-    """The kits' load errors as 422s naming the model field at fault."""
+def folder_problem(exc: Exception, folder: Path | None = None) -> Problem:
+    """The kits' load errors as 422s naming the model field at fault (and not where the server caches it)."""
     from models.llm.folder import ModelFolderError
+
+    def text(value: object) -> str:
+        return str(value).replace(str(folder), "the model folder") if folder is not None else str(value)
 
     if isinstance(exc, ModelFolderError):
         return Problem(
             exc.status_code,
             "model-folder-unservable",
             "The model folder cannot be served",
-            str(exc),
-            errors=[{"pointer": "/model", "message": f"{exc.field}: {exc.fix}"}],
+            text(exc),
+            errors=[{"pointer": "/model", "message": text(f"{exc.field}: {exc.fix}")}],
         )
     return Problem(
         422,
         "model-folder-unservable",
         "The model folder cannot be served",
-        f"model: {exc}",
-        errors=[{"pointer": "/model", "message": str(exc)}],
+        f"model: {text(exc)}",
+        errors=[{"pointer": "/model", "message": text(exc)}],
     )
 
 
 def load_deployment(row: Deployment, settings: Settings, store: ObjectStore) -> Loaded:
+    folder = None
     try:
         folder = Path(resolve_model(row.model, settings, store, row.project))
         return load(row.kind, folder, row.engine or {}, row.id)
     except (OSError, ValueError, KeyError) as exc:  # ModelFolderError is a ValueError
-        raise folder_problem(exc) from None
+        raise folder_problem(exc, folder) from None
 
 
 def warm(request: Request, row: Deployment, settings: Settings, store: ObjectStore) -> Loaded:
@@ -171,6 +225,17 @@ def create(
     response: Response,
     who: PrincipalDep,
 ) -> DeploymentOut:
+    count = session.scalar(select(func.count()).select_from(Deployment).where(Deployment.project == who.project))
+    limit = settings.max_deployments_per_project
+    if (count or 0) >= limit:
+        raise Problem(
+            429,
+            "deployment-limit",
+            "Too many deployments",
+            f"project {who.project} has {count} deployments, its limit (CRUCIBLE_MAX_DEPLOYMENTS_PER_PROJECT is "
+            f"{limit}); delete one first",
+            extra={"limit": limit},
+        )
     model = pin_model(session, who.project, spec.model)
     ref = f"{model.name}@{model.version}"
     if session.scalars(
@@ -183,6 +248,7 @@ def create(
             slug="deployment-exists",
             title="Deployment exists",
         )
+    session.commit()  # loading takes a while: no write lock (the key's bookkeeping) is held meanwhile
     try:
         folder = Path(resolve_model(ref, settings, store, who.project))
     except (OSError, ValueError, KeyError) as exc:  # a missing or corrupt stored file
@@ -195,7 +261,17 @@ def create(
     try:
         loaded = load(kind, folder, engine)
     except (OSError, ValueError, KeyError) as exc:
-        raise folder_problem(exc) from None
+        raise folder_problem(exc, folder) from None
+    size = loaded_bytes(loaded)
+    if size > settings.serving_memory_bytes:
+        raise Problem(
+            422,
+            "model-too-large",
+            "The model does not fit the serving memory",
+            f"model: its weights take {size} bytes; this server keeps at most {settings.serving_memory_bytes} "
+            "bytes of models warm (CRUCIBLE_SERVING_MEMORY_BYTES)",
+            errors=[{"pointer": "/model", "message": f"{size} bytes > {settings.serving_memory_bytes}"}],
+        )
     session.add(row)
     try:
         session.flush()
@@ -212,20 +288,22 @@ def create(
     session.commit()
     manager(request).put(loaded)
     response.headers["Location"] = f"/api/v1/deployments/{spec.name}"
-    return DeploymentOut.of(row, loaded=True)
+    return DeploymentOut.of(row, loaded=True, memory_bytes=size)
 
 
 @router.get("")
 def list_deployments(session: SessionDep, who: PrincipalDep, request: Request) -> dict[str, list[DeploymentOut]]:
-    loaded = set(manager(request).loaded_ids())
+    """The project's deployments; `warm` says which are in memory now (the others load on their next request)."""
+    memory = manager(request).memory()
     rows = session.scalars(select(Deployment).where(Deployment.project == who.project).order_by(Deployment.name))
-    return {"items": [DeploymentOut.of(r, r.id in loaded) for r in rows]}
+    return {"items": [DeploymentOut.of(r, r.id in memory, memory.get(r.id)) for r in rows]}
 
 
 @router.get("/{name}", response_model=DeploymentOut)
 def get_deployment(name: str, session: SessionDep, who: PrincipalDep, request: Request) -> DeploymentOut:
     row = find_deployment(session, who.project, name)
-    return DeploymentOut.of(row, row.id in manager(request).loaded_ids())
+    memory = manager(request).memory()
+    return DeploymentOut.of(row, row.id in memory, memory.get(row.id))
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
@@ -315,7 +393,7 @@ def generate_images(
     assert loaded.diffusion is not None
     started = time.perf_counter()
     try:
-        with loaded.lock:
+        with admission(loaded, settings), loaded.lock:
             result = sample(loaded.diffusion, req)
     except SamplingRequestError as exc:
         raise field_problem(
@@ -347,4 +425,5 @@ def images(
 ) -> dict[str, Any]:
     """PNG images (base64) with the seed of each, from a diffusion deployment."""
     row = find_deployment(session, who.project, name, kind="diffusion")
+    session.commit()  # no transaction stays open while it samples
     return generate_images(row, body, request, settings, store)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select, text
 
-from api.auth import require_admin
+from api.auth import AdminDep
 from api.deps import SessionDep, SettingsDep
-from workers.tables import STATUSES, Job
+from workers.tables import OPERATOR, STATUSES, Job
 
 router = APIRouter()
 
@@ -26,9 +26,13 @@ def health(session: SessionDep, settings: SettingsDep, request: Request) -> dict
     }
 
 
-@router.get("/metrics", response_class=PlainTextResponse, tags=["ops"], dependencies=[Depends(require_admin)])
-def prometheus(session: SessionDep) -> str:
-    counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+@router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
+def prometheus(session: SessionDep, who: AdminDep) -> str:
+    """Jobs by status: the whole server's for the operator, the caller's project's for a project admin."""
+    q = select(Job.status, func.count()).group_by(Job.status)
+    if not who.can(OPERATOR):
+        q = q.where(Job.project == who.project)
+    counts = dict(session.execute(q).all())
     lines = ["# HELP crucible_jobs Jobs by status.", "# TYPE crucible_jobs gauge"]
     lines += [f'crucible_jobs{{status="{s}"}} {counts.get(s, 0)}' for s in STATUSES]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ from models.context import check_artifact_name
 from workers.tables import Artifact
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+MAX_INDEX = 2**62  # steps and log offsets: far beyond any job, and inside the database's 64-bit integers
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -122,7 +123,7 @@ def metrics(
     who: PrincipalDep,
     name: Annotated[list[str] | None, Query()] = None,
     max_points: int = Query(2000, ge=10, le=100_000),
-    since_step: Annotated[int | None, Query(ge=-1, description="only points at a later step")] = None,
+    since_step: Annotated[int | None, Query(ge=-1, le=MAX_INDEX, description="only points at a later step")] = None,
 ) -> MetricsOut:
     points, names, downsampled = service.metric_points(session, job_id, name, max_points, since_step, who.project)
     return MetricsOut(
@@ -137,7 +138,7 @@ def logs(
     job_id: str,
     session: SessionDep,
     who: PrincipalDep,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_INDEX),
     limit: int = Query(64 * 1024, ge=1, le=4 * 1024 * 1024),
 ) -> LogsOut:
     text, next_offset, eof = service.read_log(session, job_id, offset, limit, who.project)

@@ -7,7 +7,7 @@ import re
 from fastapi import APIRouter, File, Form, Request, UploadFile, status
 from sqlalchemy import select
 
-from api.auth import PrincipalDep, audit, check_storage_quota
+from api.auth import PrincipalDep, audit
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.model_imports import MODEL_NAME_RULE, import_model
 from api.problems import Problem, field_problem
@@ -56,15 +56,24 @@ async def import_folder(
         ..., description="a .zip or .tar.gz of a Hugging Face or diffusers folder with safetensors weights"
     ),
 ) -> ModelOut:
-    """Import a local model folder (e.g. a real Llama or Stable Diffusion) as a new version of `name`."""
+    """Import a local model folder (e.g. a real Llama or Stable Diffusion) as a new version of `name`.
+
+    Reading, extracting and checking the archive run on the blocking pool, never on the event loop;
+    the project's storage quota is charged the decompressed bytes."""
     if not re.match(MODEL_NAME_RULE, name):
         raise field_problem(
             "/name", "use 2-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
-    blob = await read_capped(
-        file, settings.max_upload_bytes, "raise CRUCIBLE_MAX_UPLOAD_BYTES or put the folder under an import root"
-    )
-    check_storage_quota(session, settings, who.project, len(blob))
-    row = import_model(session, store, settings, who.project, name, blob)
-    audit(session, request, who, "model.import", f"{name}@{row.version}", files=len(row.files))
-    return ModelOut.of(row)
+
+    def work() -> ModelOut:
+        session.commit()  # the key's bookkeeping: no write lock held while the archive is read
+        blob = read_capped(
+            file.file,
+            settings.max_upload_bytes,
+            "raise CRUCIBLE_MAX_UPLOAD_BYTES or put the folder under an import root",
+        )
+        row = import_model(session, store, settings, who.project, name, blob)
+        audit(session, request, who, "model.import", f"{name}@{row.version}", files=len(row.files))
+        return ModelOut.of(row)
+
+    return await request.app.state.blocking.run(work)

@@ -4,7 +4,12 @@
 `openai` client maps to its exceptions (401 AuthenticationError, 404 NotFoundError, 400
 BadRequestError, 422 UnprocessableEntityError, 429 RateLimitError). Streaming is server-sent events
 of `chat.completion.chunk` / `text_completion` objects ending with `data: [DONE]`; if the client
-goes away the response task is cancelled, which sets the generation's abort flag.
+goes away the generation's abort flag is set, streamed or not (the request guard is pure ASGI, so
+`request.is_disconnected()` sees the server's disconnect), and the model is free for the next request.
+
+Templating and tokenising run on the app's bounded blocking pool, never on the event loop; each prompt
+of a request counts against the inference rate limits, and prompts × n × max_tokens against the
+deployment's `max_request_tokens`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import InferenceLimitDep, PrincipalDep
+from api.auth import InferenceLimitDep, PrincipalDep, charge
 from api.deps import SessionDep, SettingsDep, StoreDep
-from api.problems import field_problem
-from api.routes.deployments import ImageRequest, find_deployment, generate_images, warm
+from api.problems import Problem, field_problem
+from api.routes.deployments import (
+    ImageRequest,
+    acquire,
+    admission,
+    check_admission,
+    find_deployment,
+    generate_images,
+    release,
+    warm,
+)
 from api.serving import llm
 from api.serving.manager import Loaded
 from models.llm.generation import Completion
@@ -90,7 +104,13 @@ def sse(obj: Any) -> str:
 
 
 def _stream_response(
-    loaded: Loaded, p: llm.Plan, body: Sampling, head: dict[str, Any], make_chunk: Any, last: dict[str, Any]
+    request: Request,
+    loaded: Loaded,
+    p: llm.Plan,
+    body: Sampling,
+    head: dict[str, Any],
+    make_chunk: Any,
+    last: dict[str, Any],
 ) -> StreamingResponse:
     """SSE of `make_chunk(index, delta)` chunks, a closing chunk per choice (`last` + finish_reason), the
     usage chunk when `stream_options.include_usage`, then `data: [DONE]`."""
@@ -103,17 +123,32 @@ def _stream_response(
 
     include = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(
-        _stream(loaded, p, make_chunk, final, usage_chunk if include else None),
+        _stream(request, loaded, p, make_chunk, final, usage_chunk if include else None),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
 
 
-async def _stream(loaded: Loaded, p: llm.Plan, make_chunk: Any, final: Any, usage_chunk: Any) -> AsyncIterator[str]:
-    """Run generation in a thread, forward its deltas as SSE; cancellation (a disconnect) aborts it."""
+async def _stream(
+    request: Request,
+    loaded: Loaded,
+    p: llm.Plan,
+    make_chunk: Any,
+    final: Any,
+    usage_chunk: Any,
+    poll_s: float = 0.25,
+) -> AsyncIterator[str]:
+    """Run generation in a thread, forward its deltas as SSE; a disconnect aborts it, whether noticed while
+    sending (the server raises) or while waiting for the next delta (polled, e.g. while the model is busy)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     abort = threading.Event()
+    try:
+        acquire(loaded, request.app.state.settings)
+    except Problem as exc:  # the deployment filled up between the route's check and now
+        yield sse({"error": {"message": exc.detail, "type": "rate_limit_error", "code": exc.slug}})
+        yield "data: [DONE]\n\n"
+        return
 
     def push(kind: str, payload: Any) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
@@ -137,7 +172,12 @@ async def _stream(loaded: Loaded, p: llm.Plan, make_chunk: Any, final: Any, usag
         for first in make_chunk(None, None):
             yield sse(first)
         while True:
-            kind, payload = await queue.get()
+            try:
+                kind, payload = await asyncio.wait_for(queue.get(), poll_s)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
             if kind == "delta":
                 for chunk in make_chunk(*payload):
                     yield sse(chunk)
@@ -153,12 +193,36 @@ async def _stream(loaded: Loaded, p: llm.Plan, make_chunk: Any, final: Any, usag
         yield "data: [DONE]\n\n"
     finally:
         abort.set()
+        release(loaded)
 
 
 async def _generate(request: Request, loaded: Loaded, p: llm.Plan, poll_s: float = 0.25) -> list[Completion]:
     """A non-streamed generation that stops when its client goes away (as the streamed one does), so an
-    abandoned request frees the model's lock instead of generating to max_tokens for nobody."""
+    abandoned request frees the model's lock instead of generating to max_tokens for nobody.
+
+    It runs on a thread of its own (admission per deployment bounds how many), not the shared threadpool:
+    requests waiting for a busy model must not hold the threads that health checks and reads need."""
     abort = threading.Event()
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[list[Completion]] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (llm.run(loaded, p, abort), None)
+        except BaseException as exc:
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (the server stopped): no one is waiting
+            pass
 
     async def watch() -> None:
         while not abort.is_set():
@@ -168,8 +232,9 @@ async def _generate(request: Request, loaded: Loaded, p: llm.Plan, poll_s: float
             await asyncio.sleep(poll_s)
 
     watcher = asyncio.create_task(watch())
+    threading.Thread(target=work, name="crucible-generate", daemon=True).start()
     try:
-        return await run_in_threadpool(llm.run, loaded, p, abort)
+        return await done
     finally:
         abort.set()
         watcher.cancel()
@@ -191,7 +256,21 @@ def _plan(loaded: Loaded, body: Sampling, texts: list[str], field: str) -> llm.P
 
 
 async def _prepare(request: Request, row: Deployment, settings: Any, store: Any) -> Loaded:
-    return await run_in_threadpool(warm, request, row, settings, store)
+    loaded = await run_in_threadpool(warm, request, row, settings, store)
+    check_admission(loaded, settings)
+    return loaded
+
+
+def _charge_prompts(request: Request, who: Any, settings: Any, loaded: Loaded, body: Sampling, prompts: int) -> None:
+    """Each prompt is a request to the rate limits (the route's dependency counted the first); the size
+    cap comes first, so a request that is too big is told so, not to wait."""
+    llm.check_request_size(loaded.engine, prompts, body.n, body.max_tokens or body.max_completion_tokens or 1, "prompt")
+    if prompts > 1:
+        charge(request, who, settings, "inference", prompts - 1, counts=prompts)
+
+
+async def _offload(request: Request, fn: Any, *args: Any) -> Any:
+    return await request.app.state.blocking.run(fn, *args)
 
 
 @router.get("/models")
@@ -227,10 +306,17 @@ async def chat_completions(
     who: InferenceLimitDep,
 ) -> Any:
     row = _llm(session, who, body.model)
+    session.commit()  # nothing of this request's transaction may stay open (SQLite: locked) while it generates
     loaded = await _prepare(request, row, settings, store)
     assert loaded.llm is not None
-    text = llm.chat_prompt(loaded.llm.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
-    p = _plan(loaded, body, [text], "messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+
+    def prepare() -> llm.Plan:
+        assert loaded.llm is not None
+        text = llm.chat_prompt(loaded.llm.tokenizer, messages, settings.template_timeout_s)
+        return _plan(loaded, body, [text], "messages")
+
+    p = await _offload(request, prepare)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": row.name}
 
@@ -247,9 +333,10 @@ async def chat_completions(
                 ]
             return [{**head, "choices": [{"index": index, "delta": {"content": delta}, "finish_reason": None}]}]
 
-        return _stream_response(loaded, p, body, head, chunks, {"delta": {}})
+        return _stream_response(request, loaded, p, body, head, chunks, {"delta": {}})
 
-    done = await _generate(request, loaded, p)
+    with admission(loaded, settings):
+        done = await _generate(request, loaded, p)
     return {
         "id": rid,
         "object": "chat.completion",
@@ -278,11 +365,13 @@ async def completions(
     who: InferenceLimitDep,
 ) -> Any:
     row = _llm(session, who, body.model)
+    session.commit()  # nothing of this request's transaction may stay open (SQLite: locked) while it generates
     loaded = await _prepare(request, row, settings, store)
     texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not texts:
         raise field_problem("/prompt", "give at least one prompt")
-    p = _plan(loaded, body, texts, "prompt")
+    _charge_prompts(request, who, settings, loaded, body, len(texts))
+    p = await _offload(request, _plan, loaded, body, texts, "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": row.name}
 
@@ -300,9 +389,10 @@ async def completions(
                 ]
             return [{**head, "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": None}]}]
 
-        return _stream_response(loaded, p, body, head, chunks, {"text": "", "logprobs": None})
+        return _stream_response(request, loaded, p, body, head, chunks, {"text": "", "logprobs": None})
 
-    done = await _generate(request, loaded, p)
+    with admission(loaded, settings):
+        done = await _generate(request, loaded, p)
     return {
         **head,
         "choices": [
@@ -331,5 +421,6 @@ def images_generations(
     who: InferenceLimitDep,
 ) -> dict[str, Any]:
     row = find_deployment(session, who.project, body.model, kind="diffusion", pointer="/model")
+    session.commit()  # no transaction stays open while it samples
     fields = body.model_dump(by_alias=True, exclude={"model", "response_format", "size"}, exclude_unset=True)
     return generate_images(row, ImageRequest.model_validate(fields), request, settings, store)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from api.problems import Problem, field_problem, validation_problem
 
 KINDS = ("llm", "diffusion")
+DEFAULT_REQUEST_TOKENS = 8192  # 4 prompts × n 4 × 512 tokens: the default caps, four prompts at a time
 
 
 class LLMEngine(BaseModel):
@@ -26,6 +27,13 @@ class LLMEngine(BaseModel):
     max_tokens_cap: int = Field(512, ge=1, le=32768, description="largest `max_tokens` a request may ask")
     default_max_tokens: int = Field(64, ge=1, le=32768, description="`max_tokens` when a request gives none")
     max_n: int = Field(4, ge=1, le=64, description="largest `n` (choices per request)")
+    max_request_tokens: int = Field(
+        DEFAULT_REQUEST_TOKENS,
+        ge=1,
+        le=1_048_576,
+        description="largest prompts × n × max_tokens of one request: the most tokens it may make the model "
+        "generate, however many prompts it lists",
+    )
     attention: Literal["sdpa", "hip", "hyperattention"] = Field(
         "sdpa", description="prefill attention: exact SDPA, HiP (hierarchical top-k) or HyperAttention (LSH + sampling)"
     )

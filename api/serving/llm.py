@@ -17,20 +17,64 @@ from typing import Any
 
 import torch
 
+from api.offload import TemplateTimeout, render_with_deadline
 from api.problems import Problem, field_problem
-from api.serving.engines import kv_cache_config, model_context, request_engine
+from api.serving.engines import DEFAULT_REQUEST_TOKENS, kv_cache_config, model_context, request_engine
 from api.serving.loaded import Loaded
 from api.serving.ppd import ppd_engine
 from models.llm.generation import Completion, SamplingParams, stop_token_ids, stream_text
 
 MAX_STOPS = 4
+CHARS_PER_TOKEN = 64  # no tokenizer's token is longer: a text past context × this cannot fit, untokenised
 
 
-def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """The tokenizer's chat template; a model without one gets plain `role: content` turns."""
-    if getattr(tokenizer, "chat_template", None):
+def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], timeout_s: float | None = None) -> str:
+    """The tokenizer's chat template; a model without one gets plain `role: content` turns.
+
+    The template came with an uploaded model, so it is rendered under a deadline (`timeout_s`) and its
+    failures (a sandbox violation, `raise_exception`, a syntax error) are a 422 naming `/messages`."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    import jinja2
+
+    def render() -> str:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    try:
+        return render() if timeout_s is None else render_with_deadline(render, timeout_s)
+    except TemplateTimeout:
+        raise field_problem(
+            "/messages",
+            f"the model's chat template did not finish within {timeout_s:g} s (CRUCIBLE_TEMPLATE_TIMEOUT_S); "
+            "fix the template in the model folder",
+            slug="chat-template-timeout",
+            title="The chat template took too long",
+        ) from None
+    except jinja2.TemplateError as exc:  # SecurityError, TemplateSyntaxError, the template's raise_exception
+        raise field_problem(
+            "/messages",
+            f"the model's chat template refused these messages ({type(exc).__name__}: {exc})",
+            slug="chat-template-error",
+            title="The chat template failed",
+        ) from None
+
+
+def request_tokens_cap(engine: dict[str, Any]) -> int:
+    return int(engine.get("max_request_tokens", DEFAULT_REQUEST_TOKENS))
+
+
+def check_request_size(engine: dict[str, Any], prompts: int, n: int, max_tokens: int, prompt_field: str) -> None:
+    """prompts × n × max_tokens within the deployment's `max_request_tokens`, else a 422 naming the field."""
+    cap = request_tokens_cap(engine)
+    if prompts * n * max_tokens > cap:
+        raise field_problem(
+            f"/{prompt_field}",
+            f"{prompts} prompt(s) × n {n} × max_tokens {max_tokens} = {prompts * n * max_tokens} tokens; this "
+            f"deployment generates at most {cap} per request (engine option max_request_tokens); "
+            "send fewer prompts, a smaller n or max_tokens",
+            slug="request-too-large",
+            title="The request asks for too many tokens",
+        )
 
 
 @dataclass
@@ -77,7 +121,18 @@ def plan(
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOPS:
         raise field_problem("/stop", f"at most {MAX_STOPS} stop sequences")
+    # before tokenising anything: every choice generates at least one token (or max_tokens when given)
+    check_request_size(engine, len(texts), n, max_tokens or 1, prompt_field)
     context = loaded.context_length
+    for t in texts:
+        if len(t) > context * CHARS_PER_TOKEN:
+            raise Problem(
+                400,
+                "prompt-too-long",
+                "The prompt does not fit the model's context",
+                f"{prompt_field}: {len(t)} characters cannot fit this model's {context}-token context; shorten it",
+                errors=[{"pointer": f"/{prompt_field}", "message": f"{len(t)} characters"}],
+            )
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     longest = max(len(p) for p in prompts)
     if longest >= context:
@@ -100,6 +155,7 @@ def plan(
             f"max_tokens: the prompt has {longest} tokens and the context is {context}; ask for at most {room} tokens",
             errors=[{"pointer": "/max_tokens", "message": f"at most {room} here"}],
         )
+    check_request_size(engine, len(texts), n, max_tokens, prompt_field)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,

@@ -21,6 +21,7 @@ class Loaded:
     llm: CausalLM | None = None
     diffusion: DiffusionParts | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    inflight: int = 0  # requests running on or waiting for this model (admission in api.routes.deployments)
     derived: dict[str, Any] = field(
         default_factory=dict
     )  # what engines compute once per warm model (PPD tree, KV config)

@@ -6,11 +6,17 @@ carries its own `lock`: one generation at a time per model (CPU-friendly, and a 
 a KV cache is not re-entrant state-wise), while different deployments run in parallel. Every
 request's mutable state (the sampling generator, the KV cache, APG's momentum) is created per
 request, so requests never see each other's state. `evict` drops a deleted deployment's weights.
+
+The warm models share a memory budget (`CRUCIBLE_SERVING_MEMORY_BYTES`, counted as the bytes of their
+parameters and buffers): loading one past it unloads the least recently used others, idle ones first,
+and an unloaded deployment loads again on its next request. A request holding a model keeps it alive
+until it ends, so eviction never pulls weights from under a generation.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,20 +58,59 @@ def load(kind: str, folder: Path, engine: dict[str, Any], deployment_id: str = "
     return Loaded(deployment_id, kind, engine, diffusion=parts.to(resolve_device(engine)))
 
 
+def loaded_bytes(loaded: Loaded) -> int:
+    """Bytes of a warm model's parameters and buffers (what keeping it warm costs)."""
+    modules: list[Any] = []
+    if loaded.llm is not None:
+        modules.append(loaded.llm.model)
+    if loaded.diffusion is not None:
+        modules += [v for v in vars(loaded.diffusion).values() if hasattr(v, "parameters") and hasattr(v, "buffers")]
+    total = 0
+    for module in modules:
+        seen: set[int] = set()
+        for t in [*module.parameters(), *module.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 class DeploymentManager:
-    def __init__(self) -> None:
+    def __init__(self, budget_bytes: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._loaded: dict[str, Loaded] = {}
+        self._loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
+        self._bytes: dict[str, int] = {}
         self._loading: dict[str, threading.Lock] = {}
+        self.budget = budget_bytes
+        self.evictions = 0
 
     def put(self, loaded: Loaded) -> None:
+        size = loaded_bytes(loaded)
         with self._lock:
             self._loaded[loaded.deployment_id] = loaded
+            self._loaded.move_to_end(loaded.deployment_id)
+            self._bytes[loaded.deployment_id] = size
+            self._fit(keep=loaded.deployment_id)
+
+    def _fit(self, keep: str) -> None:
+        """Unload least recently used models (idle before busy) until the warm ones fit the budget."""
+        if self.budget is None:
+            return
+        while sum(self._bytes.values()) > self.budget:
+            others = [d for d in self._loaded if d != keep]
+            idle = [d for d in others if not self._loaded[d].lock.locked()]
+            victim = (idle or others or [None])[0]
+            if victim is None:
+                return  # the one model alone is over the budget: it stays (creation checks the size)
+            self._loaded.pop(victim)
+            self._bytes.pop(victim, None)
+            self.evictions += 1
 
     def get(self, deployment_id: str, loader: Callable[[], Loaded]) -> Loaded:
         with self._lock:
             hit = self._loaded.get(deployment_id)
             if hit is not None:
+                self._loaded.move_to_end(deployment_id)
                 return hit
             gate = self._loading.setdefault(deployment_id, threading.Lock())
         with gate:  # one loader per deployment; the others wait and then find it loaded
@@ -80,8 +125,14 @@ class DeploymentManager:
     def evict(self, deployment_id: str) -> bool:
         with self._lock:
             self._loading.pop(deployment_id, None)
+            self._bytes.pop(deployment_id, None)
             return self._loaded.pop(deployment_id, None) is not None
 
     def loaded_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._loaded)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of each warm deployment's model."""
+        with self._lock:
+            return dict(self._bytes)

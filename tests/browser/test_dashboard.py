@@ -160,6 +160,14 @@ def test_catalog_compare_and_models_pages(page: Page, dash_server: Server, image
     expect(ldr).to_contain_text("reproduction")
     screenshot(page, shots, "catalog", full_page=True)
 
+    ldr.get_by_role("link", name="How it works").click()  # the method's page, rendered from its code
+    doc = page.locator("#method-page")
+    expect(doc.get_by_role("heading", name="Parameters", level=2)).to_be_visible()
+    expect(doc.locator("table").first).to_contain_text("noise_rate")
+    expect(doc).to_contain_text("ALDR-KL")
+    expect(doc).not_to_contain_text("## Mechanism")  # rendered, not raw Markdown
+    screenshot(page, shots, "method-page", full_page=True)
+
     baseline = dash_server.submit(method="test-counter", params={"steps": 8})
     other = dash_server.submit(method="test-counter", params={"steps": 10})
     for job_id in (baseline, other):

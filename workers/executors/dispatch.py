@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, update
 
 from workers import lifecycle
 from workers.db import session_scope
@@ -27,6 +27,20 @@ from workers.tables import Job, utcnow
 
 RESEND_AFTER_S = 600.0  # a queued job whose message went missing is sent again after this long
 BATCH = 64
+
+
+def round_robin(rows: list[Any]) -> list[Any]:
+    """Rows interleaved across projects (each project's in their given order), so one project's burst
+    does not fill the broker's queue ahead of everyone else's."""
+    by_project: dict[str, list[Any]] = {}
+    for row in rows:
+        by_project.setdefault(row.project, []).append(row)
+    queues = list(by_project.values())
+    out: list[Any] = []
+    while queues:
+        out += [q.pop(0) for q in queues]
+        queues = [q for q in queues if q]
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,14 +114,15 @@ class Dispatcher:
     def _send_batch(self) -> int:
         now = utcnow()
         with session_scope(self.settings.database_url) as s:
-            rows = s.execute(
-                select(Job.id, Job.attempt, Job.priority, Job.resources)
-                .where(Job.status == "queued", or_(Job.lease_owner.is_(None), Job.lease_expires_at < now))
-                .order_by(Job.priority.desc(), Job.created_at, Job.id)
-                .limit(BATCH)
-            ).all()
+            rows = list(
+                s.scalars(
+                    lifecycle.fair_queue()
+                    .where(or_(Job.lease_owner.is_(None), Job.lease_expires_at < now))
+                    .limit(BATCH)
+                )
+            )
         sent = 0
-        for row in rows:
+        for row in round_robin(rows):
             if not self._mark_sent(row.id, row.attempt, now):
                 continue  # another dispatcher took it, or it was claimed or cancelled meanwhile
             try:

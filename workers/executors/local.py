@@ -137,9 +137,7 @@ class LocalExecutor:
 
     def _dispatch_one(self) -> bool:
         with session_scope(self.settings.database_url) as s:
-            job = s.scalars(
-                select(Job).where(Job.status == "queued").order_by(Job.priority.desc(), Job.created_at, Job.id).limit(1)
-            ).first()
+            job = s.scalars(lifecycle.fair_queue().limit(1)).first()  # fair share across projects
             if job is None:
                 return False
             job_id, attempt = job.id, job.attempt

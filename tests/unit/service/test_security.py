@@ -1,19 +1,15 @@
-"""Keys, roles, project isolation, abuse limits, the audit log, and the attacks the issue names.
+"""Keys, roles (operator, admin, member, viewer), project isolation, login, rate limits, quotas, the audit log.
 
 Every route of the app is enumerated from the app itself, so a route added later without
-authentication or project scoping fails here rather than in an incident report.
+authentication or project scoping fails here rather than in an incident report. The attacks on uploads
+are in `test_security_uploads.py`, those on the server's availability in `test_security_availability.py`.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import re
 import stat
-import tarfile
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +19,7 @@ from sqlalchemy import select
 from api.app import create_app
 from api.auth import SESSION_COOKIE, bootstrap_admin_key, hash_key
 from tests.conftest import make_key, make_settings
+from tests.unit.service.attacks import as_key, model_folder_zip
 from tests.unit.service.test_api import npz, problem
 from workers.db import session_scope, upgrade
 from workers.tables import ApiKey, AuditEvent, Job, RegisteredModel
@@ -49,31 +46,13 @@ def fill(path: str, **values: str) -> str:
     return re.sub(r"\{(\w+)(:path)?\}", lambda m: values.get(m.group(1), "x"), path)
 
 
+OPERATOR_ONLY = ("/api/v1/projects/",)  # routes only the server's operator may call: 403 to everyone else
+
+
 @pytest.fixture
 def app(settings):
     with TestClient(create_app(settings, run_executor=False)) as client:
         yield client
-
-
-def as_key(client: TestClient, key: str) -> TestClient:
-    client.headers["Authorization"] = f"Bearer {key}"
-    return client
-
-
-def model_folder_zip(extra: dict[str, bytes] | None = None, top: str = "tiny") -> bytes:
-    import torch
-    from safetensors.torch import save
-
-    files = {
-        "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
-        "model.safetensors": save({"w": torch.zeros(2)}),
-        **(extra or {}),
-    }
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(f"{top}/{name}" if top else name, data)
-    return buf.getvalue()
 
 
 # -- authentication ------------------------------------------------------------
@@ -131,7 +110,8 @@ def test_roles_viewer_reads_member_writes_admin_manages(app, settings):
 
 # -- isolation -----------------------------------------------------------------
 def test_project_b_cannot_see_or_touch_anything_of_project_a(app, settings):
-    """Every route with an id in its path answers 404 to another project's key, as for a missing id."""
+    """Every route with an id in its path answers 404 to another project's key, as for a missing id
+    (the operator's routes answer 403 to any other key, whatever the id)."""
     key_a = make_key(settings, project="alpha")
     as_key(app, key_a)
     job = app.post("/api/v1/jobs", json={"method": "test-counter"}).json()
@@ -157,7 +137,8 @@ def test_project_b_cannot_see_or_touch_anything_of_project_a(app, settings):
         elif path.startswith("/api/v1/datasets"):
             values["name"] = "secret-set"
         r = app.request(method, fill(path, **values), json={} if method in ("POST", "PUT", "PATCH") else None)
-        assert r.status_code == 404, (method, path, r.status_code, r.text)
+        expected = 403 if path.startswith(OPERATOR_ONLY) else 404
+        assert r.status_code == expected, (method, path, r.status_code, r.text)
         probed += 1
     assert probed >= 10
     assert app.get("/api/v1/jobs").json()["items"] == []
@@ -277,109 +258,146 @@ def test_audit_log_records_who_did_what(app, settings):
         assert s.scalar(select(AuditEvent).where(AuditEvent.action == "job.submit")).project == "default"
 
 
-# -- attacks -------------------------------------------------------------------------
+# -- the operator: creating projects and setting quotas (issue 27, item 8) --------------------------
+def test_only_the_operator_creates_projects_and_sets_quotas(app, settings):
+    operator = bootstrap_admin_key(settings)  # the key `crucible up` writes: the server's operator
+    as_key(app, make_key(settings, project="alpha"))  # an admin of another project
+    body = problem(app.post("/api/v1/projects", json={"name": "mine", "max_stored_bytes": 10**18}), 403)
+    assert "operator" in body["detail"]
+    as_key(app, make_key(settings))  # an admin of `default` is not the operator either
+    problem(app.post("/api/v1/projects", json={"name": "mine"}), 403)
+    problem(app.patch("/api/v1/projects/alpha", json={"max_stored_bytes": 10**18}), 403)
+    operator_id = next(k["id"] for k in app.get("/api/v1/keys").json()["items"] if k["role"] == "operator")
+    problem(app.delete(f"/api/v1/keys/{operator_id}"), 403)  # nor can it revoke the operator's key
+
+    as_key(app, operator)
+    assert app.get("/api/v1/whoami").json()["role"] == "operator"
+    made = app.post("/api/v1/projects", json={"name": "mine", "max_stored_bytes": 1 << 30})
+    assert made.status_code == 201 and made.json()["admin_key"]["role"] == "admin"
+    problem(app.post("/api/v1/projects", json={"name": "mine"}), 409, "/name")  # only the operator can see this
+    quotas = app.patch("/api/v1/projects/mine", json={"max_active_jobs": 5})
+    assert quotas.status_code == 200 and quotas.json()["max_active_jobs"] == 5
+    assert quotas.json()["max_stored_bytes"] == 1 << 30  # left out: kept
+    problem(app.patch("/api/v1/projects/nope", json={}), 404)
+    problem(app.post("/api/v1/projects", json={"name": "huge", "max_stored_bytes": 10**26}), 422, "/max_stored_bytes")
+    # the new project's admin manages its keys, but cannot mint an operator or a project
+    as_key(app, made.json()["admin_key"]["key"])
+    problem(app.post("/api/v1/keys", json={"role": "operator"}), 422, "/role")
+    problem(app.post("/api/v1/projects", json={"name": "other"}), 403)
+
+
+def test_metrics_are_the_projects_own_for_an_admin_and_all_for_the_operator(app, settings):
+    as_key(app, make_key(settings, project="alpha"))
+    for _ in range(3):
+        app.post("/api/v1/jobs", json={"method": "test-counter"})
+    as_key(app, make_key(settings, project="beta"))
+    app.post("/api/v1/jobs", json={"method": "test-counter"})
+    assert 'crucible_jobs{status="queued"} 1\n' in app.get("/metrics").text
+    as_key(app, bootstrap_admin_key(settings))
+    assert 'crucible_jobs{status="queued"} 4\n' in app.get("/metrics").text
+
+
+# -- login CSRF (item 10) ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "name", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e/secret", "a/../../b", "/etc/passwd", "a\\..\\b"]
+    "headers", [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://evil.example"}]
 )
-def test_artifact_path_traversal_is_refused(app, settings, name):
-    as_key(app, make_key(settings))
-    job = app.post("/api/v1/jobs", json={"method": "test-counter"}).json()
-    r = app.get(f"/api/v1/jobs/{job['id']}/artifacts/{name}")
-    assert r.status_code in (400, 404), r.status_code
-    problem(r, r.status_code)
+def test_another_site_cannot_log_a_browser_in_or_out(app, settings, headers):
+    key = make_key(settings, role="member")
+    for r in (
+        app.get(f"/?token={key}", headers=headers, follow_redirects=False),
+        app.post("/login", data={"key": key}, headers=headers, follow_redirects=False),
+        app.post("/logout", headers=headers, follow_redirects=False),
+    ):
+        assert "set-cookie" not in r.headers
+        assert "csrf" in problem(r, 403)["type"]
+    # the same login from the server's own page, a pasted link, or a script works
+    for own in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {"Origin": "http://testserver"}, {}):
+        r = app.post("/login", data={"key": key}, headers=own, follow_redirects=False)
+        assert r.status_code == 303 and SESSION_COOKIE in r.headers["set-cookie"], own
 
 
-def test_dataset_routes_refuse_traversal_names(app, settings):
-    as_key(app, make_key(settings))
-    for name in ("..", "../secret", ".hidden", "UPPER", "a" * 80):
-        r = app.post(
-            "/api/v1/datasets",
-            data={"name": name, "kind": "tabular"},
-            files={"file": ("x.npz", npz(x_train=np.zeros((4, 2), np.float32), y_train=np.arange(4) % 2))},
-        )
-        problem(r, 422, "/name")
-    assert app.get("/api/v1/datasets/..%2F..%2Fetc").status_code == 404
-
-
-def zip_of(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
-def test_zip_slip_archive_is_refused_and_writes_nothing_outside(app, settings, tmp_path):
-    as_key(app, make_key(settings))
-    evil = zip_of({"config.json": b"{}", "../../escaped.json": b"{}", "model.safetensors": b""})
-    body = problem(app.post("/api/v1/models", data={"name": "evil"}, files={"file": ("m.zip", evil)}), 422, "/file")
-    assert "outside" in body["detail"]
-    assert not list(settings.home.parent.rglob("escaped.json"))
-    absolute = zip_of({"/tmp/abs-escape.json": b"{}"})
-    problem(app.post("/api/v1/models", data={"name": "evil"}, files={"file": ("m.zip", absolute)}), 422)
-    assert not Path("/tmp/abs-escape.json").exists()
-
-
-def test_symlink_in_a_tar_archive_is_refused(app, settings):
-    as_key(app, make_key(settings))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        link = tarfile.TarInfo("config.json")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tf.addfile(link)
-    body = problem(app.post("/api/v1/models", data={"name": "evil"}, files={"file": ("m.tar.gz", buf.getvalue())}), 422)
-    assert "link" in body["detail"]
-
-
-def test_zip_bomb_is_stopped_by_the_decompressed_size(tmp_path):
-    s = make_settings(tmp_path / "h", max_upload_bytes=64 * 1024)
+# -- rate limits per project, and failed authentication (item 9) --------------------------------------
+def test_a_fresh_key_does_not_reset_the_projects_rate_limit(tmp_path):
+    s = make_settings(tmp_path / "h", rate_limit_submit_per_minute=3, rate_limit_submit_per_minute_per_project=4)
     upgrade(s.database_url)
-    bomb = zip_of({"config.json": b"{}", "model.safetensors": b"\0" * (8 * 1024 * 1024)})  # 8 MiB → ~8 KiB
-    assert len(bomb) < 64 * 1024
     with TestClient(create_app(s, run_executor=False)) as client:
-        as_key(client, make_key(s))
-        body = problem(client.post("/api/v1/models", data={"name": "bomb"}, files={"file": ("b.zip", bomb)}), 413)
-        assert "bytes" in body["detail"]
+        admin = make_key(s)
+        as_key(client, admin)
+        assert [client.post("/api/v1/jobs", json={"method": "test-counter"}).status_code for _ in range(3)] == [201] * 3
+        fresh = client.post("/api/v1/keys", json={"role": "member"}).json()["key"]
+        as_key(client, fresh)
+        assert client.post("/api/v1/jobs", json={"method": "test-counter"}).status_code == 201
+        body = problem(client.post("/api/v1/jobs", json={"method": "test-counter"}), 429)
+        assert "PER_PROJECT" in body["detail"] and body["limit_per_minute"] == 4
+        as_key(client, make_key(s, project="other"))  # another project has its own budget
+        assert client.post("/api/v1/jobs", json={"method": "test-counter"}).status_code == 201
 
 
-class _Boom:
-    """Unpickling this would create a file: proof of code execution if it ever happened."""
+def test_failed_authentication_is_rate_limited_per_address(tmp_path):
+    s = make_settings(tmp_path / "h", auth_failures_per_minute=3)
+    upgrade(s.database_url)
+    with TestClient(create_app(s, run_executor=False)) as client:
+        bad = {"Authorization": "Bearer cru_" + "x" * 43}
+        assert [client.get("/api/v1/jobs", headers=bad).status_code for _ in range(3)] == [401] * 3
+        body = problem(client.get("/api/v1/jobs", headers=bad), 429)
+        assert "AUTH_FAILURES" in body["detail"] and int(client.get("/api/v1/jobs", headers=bad).headers["Retry-After"])
+        problem(client.post("/login", data={"key": "cru_nope"}, follow_redirects=False), 429)
+        # a valid key from the same address still works: a neighbour's failures lock no one out
+        good = {"Authorization": f"Bearer {make_key(s)}"}
+        assert client.get("/api/v1/jobs", headers=good).status_code == 200
 
-    marker: Path
 
-    def __reduce__(self):  # noqa: D105
-        return (Path.touch, (self.marker,))
-
-
-def test_a_pickle_bearing_checkpoint_is_refused_without_running_it(app, settings, tmp_path):
+# -- request ids (item 14) -----------------------------------------------------------------------------
+def test_a_client_request_id_is_bounded_or_replaced(app, settings):
     as_key(app, make_key(settings))
-    marker = tmp_path / "pwned"
-    boom = _Boom()
-    boom.marker = marker
-    payload = pickle.dumps(boom)
-    for name in ("pytorch_model.bin", "model.pt", "weights.pkl", "ckpt.ckpt"):
-        r = app.post(
-            "/api/v1/models",
-            data={"name": "pickled"},
-            files={"file": ("m.zip", zip_of({"config.json": b"{}", name: payload}))},
-        )
-        body = problem(r, 415)
-        assert "pickle" in body["detail"] and "safetensors" in body["detail"]
-    # the same bytes as a job checkpoint are refused by the checkpoint reader, which never unpickles
-    from models.checkpoint import CheckpointFormatError, decode_checkpoint
-
-    with pytest.raises(CheckpointFormatError):
-        decode_checkpoint(payload)
-    assert not marker.exists()
+    r = app.post("/api/v1/jobs", json={"method": "test-counter"}, headers={"X-Request-ID": "x" * 10_000})
+    ours = r.headers["X-Request-ID"]
+    assert r.status_code == 201 and re.fullmatch(r"[0-9a-f]{32}", ours)
+    r = app.post("/api/v1/jobs", json={"method": "test-counter"}, headers={"X-Request-ID": "<script>"})
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-ID"])
+    kept = app.post("/api/v1/jobs", json={"method": "test-counter"}, headers={"X-Request-ID": "ci-run.42"})
+    assert kept.headers["X-Request-ID"] == "ci-run.42"
+    ids = [e["request_id"] for e in app.get("/api/v1/audit", params={"action": "job.submit"}).json()["items"]]
+    assert ids == ["ci-run.42", r.headers["X-Request-ID"], ours]
 
 
-def test_a_clean_model_folder_imports_with_its_manifest(app, settings):
+# -- numbers past 64 bits are 422s, not 500s (item 12) ---------------------------------------------------
+def test_huge_numbers_are_422s_naming_the_parameter(app, settings):
     as_key(app, make_key(settings))
-    r = app.post("/api/v1/models", data={"name": "tiny"}, files={"file": ("m.zip", model_folder_zip())})
-    assert r.status_code == 201, r.text
-    out = r.json()
-    assert out["ref"] == "tiny@1" and set(out["files"]) == {"config.json", "model.safetensors"}
-    assert out["config"]["format"] == "transformers"
-    no_weights = zip_of({"config.json": b"{}", "README.md": b"hi"})
-    problem(app.post("/api/v1/models", data={"name": "tiny"}, files={"file": ("m.zip", no_weights)}), 422, "/file")
-    problem(app.post("/api/v1/models", data={"name": "tiny"}, files={"file": ("m.zip", b"not an archive")}), 415)
+    job = app.post("/api/v1/jobs", json={"method": "test-counter"}).json()["id"]
+    problem(app.get(f"/api/v1/jobs/{job}/logs", params={"offset": 2**63}), 422, "/offset")
+    problem(app.get(f"/api/v1/jobs/{job}/metrics", params={"since_step": 10**20}), 422, "/since_step")
+    problem(app.get("/api/v1/audit", params={"before": 10**23}), 422, "/before")
+
+
+# -- files of the state folder (item 13) -----------------------------------------------------------------
+def test_state_and_caches_are_readable_by_this_user_only(settings, store):
+    from workers.context import resolve_model
+
+    with TestClient(create_app(settings, run_executor=False)) as client:
+        as_key(client, make_key(settings))
+        r = client.post("/api/v1/models", data={"name": "mm"}, files={"file": ("m.zip", model_folder_zip())})
+        assert r.status_code == 201, r.text
+    resolve_model("mm", settings, store)  # fills the local model cache
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(settings.home) == 0o700 and mode(settings.cache_dir) == 0o700  # nothing below is reachable
+    databases = list(settings.home.glob("crucible.db*"))
+    assert databases and all(mode(p) == 0o600 for p in databases), {p.name: oct(mode(p)) for p in databases}
+    assert mode(settings.home / "objects") == 0o700
+
+
+def test_up_prints_the_login_link_only_to_a_terminal(tmp_path, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from api.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    home = tmp_path / "h"
+    result = CliRunner().invoke(
+        main, ["up", "--no-demo", "--port", "8765"], env={"CRUCIBLE_HOME": str(home), "CRUCIBLE_PLUGINS": ""}
+    )
+    assert result.exit_code == 0, result.output
+    key = (home / "admin-key").read_text().strip()
+    printed = "".join(result.output.split())  # the console wraps long lines
+    assert key not in printed and "admin-key" in printed  # output redirected: no secret in it
