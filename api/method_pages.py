@@ -144,12 +144,28 @@ def reproduction_section(repro: ReproductionSpec | None, record: dict[str, Any] 
         "",
     ]
     if record.get("per_seed"):
+        margin = record.get("margin")
+        beyond = (
+            f" beyond the claim's margin of {margin['value']:g}{' × the baseline' if margin['relative'] else ''}"
+            if margin
+            else ""
+        )
         lines += [
             f"Per seed: ours {record['per_seed']['ours']}, baseline {record['per_seed']['baseline']}; mean "
-            f"improvement {_number(record.get('improvement'))} (standard error "
+            f"improvement{beyond} {_number(record.get('improvement'))} (standard error "
             f"{_number(record.get('improvement_se'))}).",
             "",
         ]
+    if record.get("checks"):
+        lines += ["The claim's further comparisons, each judged over the same seeds:", ""]
+        lines += ["| comparison | ours | baseline | gain beyond margin | standard error | verdict |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for c in record["checks"]:
+            lines.append(
+                f"| {_cell(c['name'])} | {_number(c['ours'])} | {_number(c['baseline'])} | "
+                f"{_number(c['gain_beyond_margin'])} | {_number(c['se'])} | {c['verdict']} |"
+            )
+        lines.append("")
     provenance = {
         "current": "The method's code is unchanged since this record.",
         "stale": "**Stale:** the method's code (or a kit it imports) changed since this record; re-run it.",

@@ -11,9 +11,12 @@ and, added here rather than by each reproduction:
   standard error of the paired improvement (ours − baseline, signed so that better is positive);
 - the verdict, by one rule for every method: the claim's direction **holds** when the mean paired
   improvement exceeds its seed-to-seed standard error, is **reversed** when it falls below minus
-  that error, and is **within noise** otherwise (always so for a single seed). A reproduction whose
-  claim has further conditions ("within 1 point of the best in 4 of 6 settings") passes them as
-  `Outcome.holds`, and the record holds only when both do;
+  that error, and is **within noise** otherwise (always so for a single seed). A claim's margin
+  ("by at least one point", "at least 30% lower", "within one point of") is subtracted from every
+  seed's gain before the rule is applied, and its further paired comparisons (`Comparison`: against
+  other baselines, or on a second metric) are judged by the same rule, the record's verdict being the
+  weakest of them; conditions that are not paired comparisons ("in 4 of 6 settings", "the output is
+  exactly greedy decoding's") come as `Outcome.holds`, and the record holds only when they do too;
 - provenance (`models.provenance`): the commit, a hash of the code the reproduction ran (its
   module and every `models` module it imports) and of the cached inputs it read, so that a page of
   records can say which of them the current code no longer produced.
@@ -45,6 +48,24 @@ FULL_SEEDS = 3  # the fewest seeds a full-configuration record may rest on
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """One more comparison a claim makes, over the same paired seeds, judged by the same noise rule.
+
+    `margin` is what the claim asks beyond "better": the paired gain (ours − baseline, signed so that
+    better is positive) must exceed it by more than the seed-to-seed standard error. "Beats it by at
+    least one point" is margin 0.01; "within one point of it" is margin −0.01; "at least 30% lower" is
+    margin 0.3 with `relative` (a fraction of the baseline's value, per seed).
+    """
+
+    name: str
+    ours: Sequence[float]
+    baseline: Sequence[float]
+    direction: Direction
+    margin: float = 0.0
+    relative: bool = False
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What a reproduction measured: our method's and the baseline's value of the claim's metric.
 
@@ -52,7 +73,10 @@ class Outcome:
     or a single number when the metric does not decompose by seed (say, a rank correlation over a
     whole sweep); the record then carries no spread and the verdict is "within noise" unless
     `seeds` > 1 runs went into that one number and the reproduction judges `holds` itself.
-    `holds` carries the claim's conditions beyond "ours beats the baseline" (None: there are none).
+    `margin`/`relative` state how much better the claim says ours is (as in `Comparison`), and
+    `checks` the claim's other comparisons (against further baselines, or on a second metric); each is
+    judged over the seeds, and the verdict is the weakest of them. `holds` carries what is left: the
+    claim's conditions that are not paired comparisons (None: there are none).
     """
 
     ours: float | Sequence[float]
@@ -61,6 +85,9 @@ class Outcome:
     holds: bool | None = None
     note: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    margin: float = 0.0  # the claim's margin over the baseline (see `Comparison`)
+    relative: bool = False
+    checks: tuple[Comparison, ...] = ()  # the claim's further comparisons, judged by the same noise rule
 
     def per_seed(self) -> tuple[list[float], list[float]] | None:
         """The paired per-seed values, or None when the outcome gives single numbers."""
@@ -174,10 +201,19 @@ class SeedStatistics:
     verdict: Verdict
 
 
-def seed_statistics(ours: Sequence[float], baseline: Sequence[float], direction: Direction) -> SeedStatistics:
-    """Means, spreads and the one verdict rule over paired per-seed values (see the module docstring)."""
+def seed_statistics(
+    ours: Sequence[float],
+    baseline: Sequence[float],
+    direction: Direction,
+    margin: float = 0.0,
+    relative: bool = False,
+) -> SeedStatistics:
+    """Means, spreads and the one verdict rule over paired per-seed values (see the module docstring):
+    the gain over the baseline beyond the claim's margin, against its standard error over seeds."""
     n = len(ours)
-    gains = [improvement(o, b, direction) for o, b in zip(ours, baseline)]
+    if len(baseline) != n or not n:
+        raise ValueError(f"per-seed values must pair up: {n} ours vs {len(baseline)} baseline")
+    gains = [improvement(o, b, direction) - margin * (abs(b) if relative else 1.0) for o, b in zip(ours, baseline)]
     mean_gain = statistics.fmean(gains)
     se = statistics.stdev(gains) / math.sqrt(n) if n > 1 else math.inf
     verdict: Verdict = "holds" if mean_gain > se else "reversed" if mean_gain < -se else "within noise"
@@ -190,6 +226,23 @@ def seed_statistics(ours: Sequence[float], baseline: Sequence[float], direction:
         se,
         verdict,
     )
+
+
+VERDICT_ORDER: dict[str, int] = {"reversed": 0, "within noise": 1, "holds": 2}
+
+
+def judge_check(check: Comparison) -> dict[str, Any]:
+    stats = seed_statistics(check.ours, check.baseline, check.direction, check.margin, check.relative)
+    return {
+        "name": check.name,
+        "ours": round(stats.ours_mean, 6),
+        "baseline": round(stats.baseline_mean, 6),
+        "margin": check.margin,
+        "relative": check.relative,
+        "gain_beyond_margin": round(stats.improvement_mean, 6),
+        "se": round(stats.improvement_se, 6) if math.isfinite(stats.improvement_se) else None,
+        "verdict": stats.verdict,
+    }
 
 
 def run_reproduction(spec: ReproductionSpec, ctx: RunContext, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
@@ -206,7 +259,7 @@ def run_reproduction(spec: ReproductionSpec, ctx: RunContext, seed: int = 0, smo
     }
     paired = outcome.per_seed()
     if paired is not None:
-        stats = seed_statistics(*paired, spec.direction)
+        stats = seed_statistics(*paired, spec.direction, outcome.margin, outcome.relative)
         seeds = len(paired[0])
         record |= {
             "ours": round(stats.ours_mean, 6),
@@ -218,6 +271,11 @@ def run_reproduction(spec: ReproductionSpec, ctx: RunContext, seed: int = 0, smo
             "per_seed": {"ours": [round(v, 6) for v in paired[0]], "baseline": [round(v, 6) for v in paired[1]]},
         }
         verdict = stats.verdict
+        if outcome.margin:
+            record["margin"] = {"value": outcome.margin, "relative": outcome.relative}
+        if outcome.checks:
+            record["checks"] = [judge_check(c) for c in outcome.checks]
+            verdict = min([verdict, *(c["verdict"] for c in record["checks"])], key=VERDICT_ORDER.__getitem__)
     else:
         ours, base = float(outcome.ours), float(outcome.baseline)  # type: ignore[arg-type]
         seeds = outcome.seeds or 1

@@ -53,7 +53,7 @@ from models.metrics import classification_metrics
 from models.nn.backbones import build_backbone
 from models.nn.losses import BatchLoss
 from models.registry import method
-from models.reproduction import Outcome, reproduction, seeds_for, sweep
+from models.reproduction import Comparison, Outcome, reproduction, seeds_for, sweep
 from models.training import (
     ClassificationData,
     ClassifierTrainingParams,
@@ -186,7 +186,7 @@ def run(ctx: RunContext, params: BDKDParams) -> None:
 @reproduction(
     "bd-kd",
     claim="the BD-KD student's test ECE is at least 30% lower than the DML student's at no lower "
-    "accuracy (digits, MLP 512×2 teacher and 64×2 student trained together; the entropy-gap "
+    "accuracy (within half a point; digits, MLP 512×2 teacher and 64×2 student trained together; the entropy-gap "
     "weighting is our reading of the paper)",
     metric="student test ECE (15 bins)",
     direction="lower",
@@ -194,7 +194,8 @@ def run(ctx: RunContext, params: BDKDParams) -> None:
 )
 def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     """Per seed, a BD-KD pair and a DML pair with the same initialisation and schedule; the students' test
-    ECE paired by seed. The claim's further conditions are judged on the means over seeds."""
+    ECE paired by seed, judged against the claim's 30% margin, and their accuracy (BD-KD within half a
+    point of DML or better), both by the harness's noise rule over seeds."""
     ds = load_builtin("digits")
     seeds = seeds_for(seed, smoke)
     budget = {"epochs": 2} if smoke else {}
@@ -213,7 +214,17 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     return Outcome(
         ours=[r["ece"] for r in scores["bd-kd"]],
         baseline=[r["ece"] for r in scores["dml"]],
-        holds=ours["ece"] <= 0.7 * base["ece"] and ours["acc"] >= base["acc"],
+        margin=0.3,  # "at least 30% lower": each seed's ECE gain beyond 30% of DML's ECE
+        relative=True,
+        checks=(
+            Comparison(
+                "student accuracy no lower than DML's (within half a point)",
+                [r["acc"] for r in scores["bd-kd"]],
+                [r["acc"] for r in scores["dml"]],
+                "higher",
+                margin=-0.005,
+            ),
+        ),
         note=note,
         details={"test": mean, "per_seed": scores},
     )

@@ -56,7 +56,7 @@ from models.optim import OptimizerName
 from models.params import EpochTrainingParams, ResumableParams
 from models.plots import curves_figure, reliability_figure
 from models.registry import MethodParams, method
-from models.reproduction import Outcome, reproduction, seeds_for, sweep
+from models.reproduction import Comparison, Outcome, reproduction, seeds_for, sweep
 from models.training import (
     ClassificationData,
     HelperRunContext,
@@ -378,7 +378,16 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     return Outcome(
         ours=over_shots("mp"),
         baseline=over_shots("lp"),
-        holds=all(g >= 0.02 for g in gains.values()),
+        checks=tuple(  # "by at least 2 points at each K", each judged over seeds
+            Comparison(
+                f"{k}-shot accuracy, by at least 2 points",
+                [scores["mp"][k][i]["acc"] for i in range(len(seeds))],
+                [scores["lp"][k][i]["acc"] for i in range(len(seeds))],
+                "higher",
+                margin=0.02,
+            )
+            for k in shots
+        ),
         note=note,
         details={
             "mean": {p: {str(k): v for k, v in by_k.items()} for p, by_k in mean.items()},

@@ -211,7 +211,7 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     return Outcome(
         ours=acc["amcl"],
         baseline=acc["simclr"],
-        holds=ours >= base + 0.01,  # the claim's margin: a mean gain of at least one point
+        margin=0.01,  # the claim's margin: at least one point, judged over seeds
         note=note,
         details={"probe": acc, "tau_mean": tau_mean},
     )

@@ -283,8 +283,8 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     return Outcome(
         ours=acc["dbpm"],
         baseline=acc["simclr"],
-        # the claim's other conditions: a mean gain of at least one point, noisy pairs flagged with precision > 50%
-        holds=bool(ours >= base + 0.01 and noisy_precision > 0.5),
+        margin=0.01,  # the claim's margin: at least one point, judged over seeds
+        holds=bool(noisy_precision > 0.5),  # and noisy pairs flagged with precision > 50%
         note=note,
         details={"probe": acc, "noisy_precision": precision},
     )

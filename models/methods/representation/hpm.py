@@ -61,7 +61,7 @@ from models.representation.augment import ViewRecipe, image_splits, random_view
 from models.representation.contrastive import resume, training_state
 from models.representation.evaluation import linear_probe_accuracy
 from models.representation.job import EmbeddingPlotParams, finish_representation_job
-from models.reproduction import Outcome, reproduction, seeds_for, sweep
+from models.reproduction import Comparison, Outcome, reproduction, seeds_for, sweep
 
 PredictorLoss = Literal["relative", "absolute"]
 
@@ -457,7 +457,7 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
             )
     mean = {a: float(np.mean(v)) for a, v in acc.items()}
     ours, base = mean["hpm"], mean["mae"]
-    # the claim's other conditions: a mean gain of at least one point, and the loss predictor alone not hurting MAE
+    # the claim's margin is judged by the harness over seeds; this is the note's reading of the means
     holds = ours >= base + 0.01 and mean.get("mae+pred", base) >= base
     note = (
         f"probe HPM {ours:.3f}, MAE {base:.3f}"
@@ -478,4 +478,10 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
                 f"; the HPM − MAE gap {gap:+.3f} (spread ±{spread:.3f}) falls short of the 1-point bar at this scale"
             )
         note += " (the paper measures after 200–1,600 ImageNet epochs with 196 patches per image)"
-    return Outcome(ours=acc["hpm"], baseline=acc["mae"], holds=holds, note=note, details={"probe": acc})
+    checks = (
+        # "the loss predictor alone does not hurt MAE": no worse than MAE by more than the noise
+        (Comparison("MAE + loss predictor no worse than MAE", acc["mae+pred"], acc["mae"], "higher"),)
+        if "mae+pred" in acc
+        else ()
+    )
+    return Outcome(ours=acc["hpm"], baseline=acc["mae"], margin=0.01, checks=checks, note=note, details={"probe": acc})

@@ -48,7 +48,7 @@ from models.registry import method
 from models.representation.contrastive import resume, training_state
 from models.representation.encoders import cnn_body, embed
 from models.representation.job import RepresentationParams, finish_representation_job
-from models.reproduction import Outcome, reproduction, seeds_for, sweep
+from models.reproduction import Comparison, Outcome, reproduction, seeds_for, sweep
 
 LossName = Literal["mlcd", "softmax"]
 
@@ -237,7 +237,7 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
         model, train, test, _ = train_mlcd(InMemoryRunContext(dataset=ds, seed=s), params)
         scores[name].append(digit_presence_map(model, train, test))
     mean = {name: float(np.mean(v)) for name, v in scores.items()}
-    ours, single, softmax = mean["mlcd l=3"], mean["single-label l=1"], mean["softmax l=3"]
+    ours, single = mean["mlcd l=3"], mean["single-label l=1"]
     note = "; ".join(f"{k}: mAP {v:.3f}" for k, v in mean.items()) + f"; {len(seeds)} seed(s)"
     if ours < single + 0.02:
         note += (
@@ -248,8 +248,10 @@ def reproduce(ctx: RunContext, seed: int, smoke: bool) -> Outcome:
     return Outcome(
         ours=scores["mlcd l=3"],
         baseline=scores["single-label l=1"],
-        # the claim's other conditions: a mean lead of at least 2 points, and no worse than the softmax loss
-        holds=bool(ours >= single + 0.02 and ours >= softmax),
+        margin=0.02,  # the claim's margin: a lead of at least 2 points, judged over seeds
+        checks=(
+            Comparison("mAP vs the softmax multi-positive loss", scores["mlcd l=3"], scores["softmax l=3"], "higher"),
+        ),
         note=note,
         details={"map": scores, "mean_map": mean},
     )
