@@ -16,6 +16,7 @@ from api import problems
 from api.auth import SESSION_COOKIE, RateLimiter, auth_failed, authenticate, lookup_key
 from api.guard import RequestGuard, cross_site
 from api.offload import BlockingPool
+from api.openapi import build_openapi
 from api.routes import access, datasets, deployments, health, jobs, methods, models, openai_compat
 from api.serving.manager import DeploymentManager
 from workers.db import secure_state
@@ -54,7 +55,10 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
         version=VERSION,
         lifespan=lifespan,
         description="Submit ML research methods as jobs; track metrics, checkpoints and artifacts.",
+        docs_url=None,  # served below from a package's copy of Swagger UI and ReDoc: no CDN, works offline
+        redoc_url=None,
     )
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     app.state.settings = settings
     secure_state(settings.home, settings.database_url)  # state and caches readable by this user only
     app.state.store = open_store(settings.storage_url, settings.s3_endpoint, settings.s3_region)
@@ -128,8 +132,57 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
             plotly_bundle(), media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
         )
 
+    install_docs(app)
     app.mount("/dashboard", StaticFiles(directory=str(resources.files("api").joinpath("dashboard"))), name="dashboard")
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def docs_assets() -> Path:
+    """Swagger UI's and ReDoc's bundles as the `fastapi-offline` wheel ships them (as plotly.js comes from
+    the `plotly` wheel): /docs and /redoc load nothing from the internet."""
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).parent / "static"
+
+
+def install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc on local assets; like /openapi.json they need no key."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+
+    assert app.openapi_url is not None and app.swagger_ui_oauth2_redirect_url is not None
+    openapi_url, redirect_url = app.openapi_url, app.swagger_ui_oauth2_redirect_url
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(docs_assets())), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}{redirect_url}",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"persistAuthorization": True, "validatorUrl": None},  # no validator badge fetch
+        )
+
+    @app.get(redirect_url, include_in_schema=False)
+    def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def plotly_bundle() -> Path:

@@ -10,11 +10,13 @@ from typing import Any
 
 import click
 import httpx
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from workers.settings import Settings
+from workers.quiet import quiet_third_party
+from workers.settings import Settings, load_plugins
 
 console = Console()
 err = Console(stderr=True)
@@ -74,6 +76,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.group()
 def main() -> None:
     """Crucible: run recent ML research methods as tracked, resumable jobs."""
+    quiet_third_party()  # before any command imports torch's neighbours: their kernel warnings are noise here
 
 
 # -- serving -------------------------------------------------------------------
@@ -97,15 +100,23 @@ def up(host: str | None, port: int | None, demo: bool | None) -> None:
     if demo if demo is not None else settings.demo_job:
         _queue_demo(settings)
     base = f"http://{settings.host}:{settings.port}"
-    console.print(f"[bold]Crucible[/] on {base}  (state in {settings.home})")
-    if sys.stdout.isatty():  # the login link holds the key: a terminal may show it, a log file may not
-        console.print(f"  log the browser in once with [link={base}/?token={key}]{base}/?token={key}[/]")
-    else:
-        console.print(f"  log the browser in with {base}/?token=<the key in {settings.admin_key_file}>")
-    console.print(f"  the CLI uses the admin key in {settings.admin_key_file} (or CRUCIBLE_API_KEY)")
+    for line in banner(base, settings, key, sys.stdout.isatty()):
+        click.echo(line)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False
     )  # the dashboard polls every 2 s; access lines would drown the log
+
+
+def banner(base: str, settings: Settings, key: str, terminal: bool) -> list[str]:
+    """What `up` prints. Plain lines, never wrapped or marked up: a terminal's URL detection and a copy
+    and paste get the whole login link, however narrow the window."""
+    lines = [f"Crucible on {base}  (state in {settings.home})"]
+    if terminal:  # the login link holds the key: a terminal may show it, a log file may not
+        lines += ["  log the browser in once with this link:", f"  {base}/?token={key}"]
+    else:
+        lines.append(f"  log the browser in with {base}/?token=<the key in {settings.admin_key_file}>")
+    lines.append(f"  the CLI uses the admin key in {settings.admin_key_file} (or CRUCIBLE_API_KEY)")
+    return lines
 
 
 @main.command()
@@ -220,32 +231,133 @@ def keys_revoke(key_id: str) -> None:
     console.print(f"revoked {k['id']} ({k['prefix']}…)")
 
 
+def _bytes(value: str | None) -> int | None:
+    """`500M`, `10G`, `1T` or a plain number of bytes (binary units)."""
+    if value is None:
+        return None
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: write bytes as a number or with K, M, G or T", param_hint="--max-stored"
+        ) from None
+
+
 @main.command("project-create")
 @click.argument("name")
 @click.option("--description", default="")
-def project_create(name: str, description: str) -> None:
-    """A new project (the server's operator only); prints its first admin key once."""
-    p = _api()("POST", "/api/v1/projects", json={"name": name, "description": description})
-    console.print(f"project [cyan]{p['name']}[/] created; its admin key (store it now):")
+@click.option("--max-active-jobs", type=click.IntRange(1, 100_000), default=None, help="queued + running jobs at once")
+@click.option("--max-stored", "max_stored", default=None, help="stored bytes (artifacts, datasets, models), e.g. 20G")
+def project_create(name: str, description: str, max_active_jobs: int | None, max_stored: str | None) -> None:
+    """A new project (the server's operator only); prints its first admin key once.
+
+    Without the quota options the project gets the server's defaults (CRUCIBLE_MAX_ACTIVE_JOBS_PER_PROJECT,
+    CRUCIBLE_MAX_STORED_BYTES_PER_PROJECT); `crucible project-quotas` changes them later."""
+    body: dict[str, Any] = {"name": name, "description": description}
+    if max_active_jobs is not None:
+        body["max_active_jobs"] = max_active_jobs
+    if max_stored is not None:
+        body["max_stored_bytes"] = _bytes(max_stored)
+    p = _api()("POST", "/api/v1/projects", json=body)
+    console.print(f"project [cyan]{p['name']}[/] created{_quotas(p)}; its admin key (store it now):")
     click.echo(p["admin_key"]["key"])
 
 
+def _quotas(p: dict[str, Any]) -> str:
+    jobs, stored = p.get("max_active_jobs"), p.get("max_stored_bytes")
+    return (
+        f" (at most {jobs or 'the default number of'} active jobs, "
+        f"{f'{stored} bytes' if stored else 'the default storage'} stored)"
+    )
+
+
+@main.command("project-quotas")
+@click.argument("name")
+@click.option("--max-active-jobs", type=click.IntRange(1, 100_000), default=None, help="queued + running jobs at once")
+@click.option("--max-stored", "max_stored", default=None, help="stored bytes, e.g. 20G")
+@click.option(
+    "--default",
+    "to_default",
+    multiple=True,
+    type=click.Choice(["max-active-jobs", "max-stored"]),
+    help="set this quota back to the server's default",
+)
+def project_quotas(name: str, max_active_jobs: int | None, max_stored: str | None, to_default: tuple[str, ...]) -> None:
+    """Change a project's quotas (the server's operator only); options left out keep their value."""
+    body: dict[str, Any] = {}
+    if max_active_jobs is not None:
+        body["max_active_jobs"] = max_active_jobs
+    if max_stored is not None:
+        body["max_stored_bytes"] = _bytes(max_stored)
+    for field in to_default:
+        body["max_active_jobs" if field == "max-active-jobs" else "max_stored_bytes"] = None
+    if not body:
+        raise click.UsageError("give --max-active-jobs, --max-stored or --default")
+    p = _api()("PATCH", f"/api/v1/projects/{name}", json=body)
+    console.print(f"project [cyan]{p['name']}[/]{_quotas(p)}")
+
+
 # -- catalogue -----------------------------------------------------------------
+def method_catalog() -> list[dict[str, Any]]:
+    """Every registered method, described (`MethodSpec.describe()`), without importing torch when it can.
+
+    The method modules import torch and the ML libraries (seconds), so the CLI asks the running server,
+    which has them loaded, for `GET /api/v1/methods`. A process that has the registry loaded already
+    (a notebook, a test) reads it directly; with no server to ask, the CLI loads it itself and says so."""
+    if "models.registry" not in sys.modules:
+        settings = Settings()
+        key = settings.cli_key()
+        try:  # the server's first listing imports every method module: give it time
+            r = httpx.get(
+                f"{settings.api_url}/api/v1/methods",
+                headers={"Authorization": f"Bearer {key}"} if key else {},
+                timeout=300,
+            )
+            if r.status_code == 200:
+                return list(r.json()["items"])
+            reason = f"the server at {settings.api_url} answered {r.status_code}"
+        except httpx.TransportError:
+            reason = f"no Crucible server at {settings.api_url}"
+        err.print(f"[dim]{reason}; loading the method registry in this process (imports torch)[/]", soft_wrap=True)
+        load_plugins(settings)
+    from models.registry import list_methods
+
+    return [m.describe() for m in list_methods()]
+
+
 @main.command()
 @click.argument("pattern", default="*")
 @click.option("--json", "as_json", is_flag=True)
 def methods(pattern: str, as_json: bool) -> None:
-    """List registered methods (shell-style PATTERN, e.g. 'llm-*')."""
-    from models.registry import list_methods
+    """List registered methods whose id or family matches PATTERN (shell-style, e.g. 'llm-*' or 'ldr')."""
+    from api.catalog import describe_match, match_methods
 
-    items = [m.describe() for m in list_methods(pattern)]
+    catalog = method_catalog()
+    items, matched_by = match_methods(catalog, pattern)
     if as_json:
         return _emit(items)
-    table = Table("id", "family", "task", "datasets", "repro", "paper")
-    for m in items:
-        table.add_row(
-            m["id"], m["family"], m["task"], ", ".join(m["datasets"]), "✓" if m["reproduction"] else "", m["paper"][:70]
-        )
+    if not items:
+        families = ", ".join(sorted({m["family"] for m in catalog}))
+        err.print(f"no method matches {pattern!r} (by id or family); the families are {families}", soft_wrap=True)
+        sys.exit(1)
+    if pattern not in ("", "*"):
+        err.print(f"[dim]{describe_match(pattern, catalog, matched_by)}[/]", soft_wrap=True)
+    headers = ("id", "family", "task", "datasets", "repro", "paper")
+    rows = [
+        (m["id"], m["family"], m["task"], ", ".join(m["datasets"]), "✓" if m["reproduction"] else "", m["paper"])
+        for m in items
+    ]
+    if console.is_terminal:  # titles end at the terminal's edge, on one line (piped, they are kept whole)
+        fixed = sum(max(cell_len(h), *(cell_len(r[i]) for r in rows)) + 3 for i, h in enumerate(headers[:-1]))
+        room = max(20, console.width - fixed - 4)
+        rows = [(*r[:-1], r[-1] if cell_len(r[-1]) <= room else r[-1][: room - 1] + "…") for r in rows]
+    table = Table(*headers)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -280,6 +392,14 @@ def datasets_upload(name: str, file: Path, kind: str, description: str) -> None:
             files={"file": (file.name, f)},
         )
     console.print(f"stored dataset [cyan]{out['name']}[/] ({out['kind']}): {out['meta']}")
+
+
+@datasets.command("delete")
+@click.argument("name")
+def datasets_delete(name: str) -> None:
+    """Delete the uploaded dataset NAME (refused while a queued or running job uses it)."""
+    _api()("DELETE", f"/api/v1/datasets/{name}")
+    console.print(f"deleted dataset {name}")
 
 
 # -- jobs ----------------------------------------------------------------------
@@ -450,6 +570,32 @@ def cancel(job_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="show a live progress bar until the new job ends")
+@click.option("--json", "as_json", is_flag=True)
+def retry(job_id: str, follow: bool, as_json: bool) -> None:
+    """Run a finished job again as a new job that starts from its last checkpoint."""
+    api = _api()
+    job = api("POST", f"/api/v1/jobs/{job_id}/retry")
+    if not follow:
+        return _emit(job) if as_json else console.print(f"queued [cyan]{job['id']}[/] (a retry of {job_id})")
+    final = _follow(api, job["id"], quiet=as_json)
+    if as_json:
+        _emit(final)
+    sys.exit(0 if final["status"] == "succeeded" else 1)
+
+
+@main.command()
+@click.argument("job_ids", nargs=-1, required=True)
+def delete(job_ids: tuple[str, ...]) -> None:
+    """Delete finished jobs with their metrics, logs, checkpoints and artifacts (cancel a running one first)."""
+    api = _api()
+    for job_id in job_ids:
+        api("DELETE", f"/api/v1/jobs/{job_id}")
+        console.print(f"deleted job {job_id}")
+
+
+@main.command()
+@click.argument("job_id")
 @click.option(
     "--download",
     "dest",
@@ -589,6 +735,7 @@ def deploy_create(name: str, model: str, engine: tuple[str, ...], as_json: bool)
 @deploy.command("delete")
 @click.argument("name")
 def deploy_delete(name: str) -> None:
+    """Delete the deployment NAME (its model stays registered; the weights leave the server's memory)."""
     _api()("DELETE", f"/api/v1/deployments/{name}")
     console.print(f"deleted {name}")
 

@@ -7,10 +7,12 @@ with a JSON pointer for each field at fault and a sentence saying how to fix it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import tempfile
 import uuid
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,40 @@ def scrub_paths(text: str, roots: list[str]) -> str:
     return pattern.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
 
 
-OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+# our problem types under the codes OpenAI's API uses for the same errors (clients such as LangChain test them)
+OPENAI_CODES = {
+    "deployment-not-found": "model_not_found",
+    "context-exceeded": "context_length_exceeded",
+    "prompt-too-long": "context_length_exceeded",
+    "unauthorized": "invalid_api_key",
+}
+
+
+def openai_param(pointer: str) -> str | None:
+    """`/messages/0/content` → `messages[0].content`: the field as OpenAI's `error.param` names it."""
+    parts = [p for p in pointer.split("/") if p]
+    if not parts:
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+def openai_error(problem: Problem, detail: str, errors: list[dict[str, str]]) -> dict[str, Any]:
+    """OpenAI's error object (`error.message`, `.type`, `.param`, `.code`): what its SDKs put in the exception."""
+    kind = OPENAI_TYPES.get(problem.status, "server_error" if problem.status >= 500 else "invalid_request_error")
+    return {
+        "message": detail,
+        "type": kind,
+        "param": openai_param(errors[0]["pointer"]) if errors and errors[0].get("pointer") else None,
+        "code": OPENAI_CODES.get(problem.slug, problem.slug.replace("-", "_")),
+    }
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
 
 
 def problem_response(request: Request, problem: Problem) -> JSONResponse:
@@ -107,15 +142,8 @@ def problem_response(request: Request, problem: Problem) -> JSONResponse:
     }
     if errors:
         body["errors"] = errors
-    if request.url.path.startswith("/v1/"):  # what OpenAI's SDKs read: error.message, .type, .param, .code
-        body["error"] = {
-            "message": detail,
-            "type": OPENAI_TYPES.get(
-                problem.status, "server_error" if problem.status >= 500 else "invalid_request_error"
-            ),
-            "param": errors[0]["pointer"].lstrip("/") if errors else None,
-            "code": problem.slug,
-        }
+    if is_openai_path(request.url.path):  # what OpenAI's SDKs read: error.message, .type, .param, .code
+        body["error"] = openai_error(problem, detail, errors)
     return JSONResponse(body, status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers)
 
 
@@ -134,11 +162,25 @@ def _pointer(loc: tuple[Any, ...]) -> str:
     return "/" + "/".join(parts)
 
 
+# a pattern's meaning in words, for the 422 of a string that does not match it (a regex says little to a user)
+PATTERN_HINTS: dict[str, str] = {}
+
+
+def pattern_hint(pattern: str, words: str) -> str:
+    """Register what `pattern` asks for (e.g. "2-64 lowercase letters, …"); returns the pattern."""
+    PATTERN_HINTS[pattern] = words
+    return pattern
+
+
 def _validation_message(err: dict[str, Any]) -> str:
     msg = err.get("msg", "invalid")
     ctx = err.get("ctx") or {}
+    if err.get("type") == "string_pattern_mismatch" and ctx.get("pattern") in PATTERN_HINTS:
+        return PATTERN_HINTS[ctx["pattern"]]
     if err.get("type") == "extra_forbidden":
         return "unknown field; remove it (see the schema at /api/v1/methods)"
+    if err.get("type") in BOUND_ERRORS and not _finite(err.get("input")):
+        return f"must be a finite number, not {err.get('input')!r} ({msg[0].lower() + msg[1:]})"
     if err.get("type") == "missing":
         return "required field is missing"
     if ctx and not any(str(v) in msg for v in ctx.values()):
@@ -146,10 +188,67 @@ def _validation_message(err: dict[str, Any]) -> str:
     return msg
 
 
+BOUND_ERRORS = {"less_than", "less_than_equal", "greater_than", "greater_than_equal", "finite_number"}
+
+
+def _finite(value: Any) -> bool:
+    """Whether a value that failed a numeric bound is a real number (NaN and ±infinity fail every bound in a way
+    "must be ≤ 0.9" does not explain)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
+
+
+def dataset_problem(exc: DatasetSchemaError, sent: Collection[str] = ()) -> Problem:
+    """A dataset that does not fit its kind, naming the array the client sent: an upload of `x` and `y` is split
+    60/20/20 before it is checked, and the kit's checks name the split arrays (`y_train`), which the client
+    never sent."""
+    field = exc.field
+    message = str(exc).removeprefix(f"{field}: ")  # the pointer names the field; the message need not repeat it
+    if "x" in sent and "y" in sent and "x_train" not in sent:
+        split = re.fullmatch(r"([xy])_(train|val|test)", field)
+        message = re.sub(r"\b([xy])_(train|val|test)\b", r"\1", message)
+        if split:
+            field = split.group(1)
+            message += f" (found in the {split.group(2)} part of {field} after the 60/20/20 split)"
+    return field_problem(f"/{field}", message, slug="dataset-invalid", title="The dataset does not fit its kind")
+
+
 def validation_problem(errors: list[dict[str, Any]], prefix: str = "") -> Problem:
     items = [{"pointer": prefix + _pointer(tuple(e.get("loc", ()))), "message": _validation_message(e)} for e in errors]
     detail = "; ".join(f"{i['pointer']}: {i['message']}" for i in items)
     return Problem(422, "validation-error", "The request does not match its schema", detail, errors=items)
+
+
+def _leaf_routes(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(prefix, route) of every endpoint, through the routers `include_router` added."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            context = getattr(route, "include_context", None)
+            yield from _leaf_routes(inner.routes, prefix + (getattr(context, "prefix", "") or ""))
+        else:
+            yield prefix, route
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of the resource at this path: those of every route with the path template of the first
+    route matching it (`/api/v1/jobs/{job_id}`: GET and DELETE). Starlette's 405 names only the first route's
+    (GET). The template is the resource: `/projects/current` is not `/projects/{name}`, though both match."""
+    from starlette.routing import Match
+
+    path, template, methods = request.scope["path"], None, set()
+    for prefix, route in _leaf_routes(request.app.router.routes):
+        if not getattr(route, "methods", None) or not path.startswith(prefix):
+            continue
+        if template is None:
+            scope = {**request.scope, "path": path[len(prefix) :], "method": next(iter(route.methods))}
+            if route.matches(scope)[0] == Match.FULL:
+                template = (prefix, route.path)
+        if template == (prefix, route.path):
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:
@@ -184,11 +283,14 @@ def install(app: FastAPI) -> None:
             exc.status_code, "http-error"
         )
         detail = str(exc.detail) if exc.detail else ""
+        headers = dict(exc.headers or {})
         if exc.status_code == 404 and detail in ("", "Not Found"):
             detail = f"nothing at {request.url.path}; see /docs for the routes"
-        return problem_response(
-            request, Problem(exc.status_code, slug, detail or slug, detail, headers=dict(exc.headers or {}))
-        )
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not served at {request.url.path}; it takes {', '.join(allowed)}"
+        return problem_response(request, Problem(exc.status_code, slug, detail or slug, detail, headers=headers))
 
     @app.exception_handler(JobNotFound)
     async def _job_404(request: Request, exc: JobNotFound) -> JSONResponse:
@@ -231,12 +333,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DatasetSchemaError)
     async def _dataset_schema(request: Request, exc: DatasetSchemaError) -> JSONResponse:
-        return problem_response(
-            request,
-            field_problem(
-                f"/{exc.field}", f"{exc.args[0]}", slug="dataset-invalid", title="The dataset does not fit its kind"
-            ),
-        )
+        return problem_response(request, dataset_problem(exc))
 
     @app.exception_handler(ArtifactNameError)
     async def _artifact_name(request: Request, exc: ArtifactNameError) -> JSONResponse:

@@ -7,7 +7,35 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.problems import pattern_hint
 from workers.tables import ApiKey, Artifact, AuditEvent, Job, RegisteredModel
+
+
+def _json_number(value: Any) -> Any:
+    """A request's numbers are JSON numbers, as its schema says: "5" and true are not 5 (3868.0 is 3868).
+    In a list (token ids) each element is held to it."""
+    if isinstance(value, list):
+        for item in value:
+            _json_number(item)
+        return value
+    if isinstance(value, (str, bool)):
+        raise ValueError("must be a JSON number, not a string or boolean")
+    return value
+
+
+def _json_number_list(value: Any) -> Any:
+    return _json_number(value) if isinstance(value, list) else value
+
+
+def json_number_lists(*fields: str) -> Any:
+    """As `json_numbers`, for fields that hold either a string or a list of numbers (token ids)."""
+    return field_validator(*fields, mode="before")(_json_number_list)
+
+
+def json_numbers(*fields: str) -> Any:
+    """A model's validator holding `fields` to JSON numbers (pydantic's lax mode would parse "5"):
+    `_numbers = json_numbers("seed", "n")` in the class body."""
+    return field_validator(*fields, mode="before")(_json_number)
 
 
 class Resources(BaseModel):
@@ -15,6 +43,8 @@ class Resources(BaseModel):
     cpus: float = Field(1, gt=0, le=256, description="CPU cores the job needs")
     gpus: float = Field(0, ge=0, le=16, description="GPUs; the job runs on cuda when > 0 and one is present")
     memory_gb: float | None = Field(None, gt=0, le=4096)
+
+    _numbers = json_numbers("cpus", "gpus", "memory_gb")
 
 
 class JobCreate(BaseModel):
@@ -32,6 +62,7 @@ class JobCreate(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=0, le=9, description="higher runs first")
     max_attempts: int | None = Field(None, ge=1, le=20)
+    _numbers = json_numbers("seed", "priority", "max_attempts")
     resources: Resources = Field(default_factory=Resources)
     tags: dict[str, str] = Field(default_factory=dict)
     resume_from: str | None = Field(
@@ -234,16 +265,28 @@ class KeyOut(BaseModel):
         )
 
 
-MAX_QUOTA_BYTES = 2**62  # far beyond any disk, and inside the database's 64-bit integers
+# The largest integer a request may carry where the database stores it: 2**53 - 1 (9 PB, or 9e15 steps) is far
+# beyond any disk or job, inside the database's 64-bit integers, and exact in every JSON parser (a float64 one
+# too, so a client's schema validator and the server agree on the bound)
+MAX_STORED_INT = 2**53 - 1
+MAX_QUOTA_BYTES = MAX_STORED_INT
 
 
 class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., min_length=2, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{1,63}$")
+    name: str = Field(
+        ...,
+        min_length=2,
+        max_length=64,
+        pattern=pattern_hint(
+            r"^[a-z0-9][a-z0-9_-]{1,63}$", "use 2-64 lowercase letters, digits, '_' or '-', starting with one"
+        ),
+    )
     description: str = Field("", max_length=2000)
     max_active_jobs: int | None = Field(None, ge=1, le=100_000)
     max_stored_bytes: int | None = Field(None, ge=1024, le=MAX_QUOTA_BYTES)
+    _numbers = json_numbers("max_active_jobs", "max_stored_bytes")
 
 
 class ProjectQuotas(BaseModel):
@@ -253,6 +296,7 @@ class ProjectQuotas(BaseModel):
 
     max_active_jobs: int | None = Field(None, ge=1, le=100_000)
     max_stored_bytes: int | None = Field(None, ge=1024, le=MAX_QUOTA_BYTES)
+    _numbers = json_numbers("max_active_jobs", "max_stored_bytes")
 
 
 class ProjectOut(BaseModel):

@@ -116,6 +116,7 @@ class JobRunContext:
         self._stop = threading.Event()
         self._flush_now = threading.Event()  # wakes the reporter when a batch is full
         self._last_flush = time.monotonic()
+        self._last_line = -float("inf")  # when the log last got a metrics line (see _log_line)
         self._workdir = tempfile.TemporaryDirectory(prefix=f"crucible-{job.id}-")  # 0700, removed at close
         self.workdir = Path(self._workdir.name)
         self._reporter = threading.Thread(target=self._report_loop, name=f"reporter-{job.id}", daemon=True)
@@ -169,10 +170,27 @@ class JobRunContext:
         with self._lock:
             self._buf.metrics.extend(rows)
             pending = len(self._buf.metrics)
+        self._log_line(step, rows)
         if pending >= 20 * self.settings.metric_flush_points:
             self.flush()  # the reporter cannot keep up: apply back-pressure rather than grow without bound
         elif pending >= self.settings.metric_flush_points:
             self._flush_now.set()
+
+    def _log_line(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A readable line of the metrics just logged, at most every `log_line_every_s` seconds.
+
+        Methods log metrics, not prose; without this a job's log (`crucible logs -f`) says nothing for
+        the whole run. Throttled by time rather than by step so a fast loop cannot flood the log and a
+        slow one still shows each epoch.
+        """
+        every = self.settings.log_line_every_s
+        now = time.monotonic()
+        if not rows or every <= 0 or now - self._last_line < every:
+            return
+        self._last_line = now
+        shown = "  ".join(f"{r['name']} {r['value']:.4g}" for r in rows[:8])
+        more = f"  (+{len(rows) - 8} more)" if len(rows) > 8 else ""
+        self.write_log(f"[step {step}] {shown}{more}\n")
 
     def write_log(self, text: str) -> None:
         with self._lock:
@@ -387,7 +405,10 @@ def resolve_model(ref: str, settings: Settings, store: ObjectStore, project: str
         raise KeyError(f"no registered model {ref!r}")
     dest = settings.cache_dir / "models" / project / name / str(row.version)
     marker = dest / ".complete"
-    if not marker.exists():
+    # the marker holds the manifest's digest: a version number deleted and registered again (versions are
+    # max + 1) names other files, and a cache of the deleted model must not be served for it
+    manifest = hashlib.sha256(json.dumps(row.files, sort_keys=True).encode()).hexdigest()
+    if not marker.exists() or marker.read_text() != manifest:
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         for rel, info in row.files.items():
@@ -395,7 +416,7 @@ def resolve_model(ref: str, settings: Settings, store: ObjectStore, project: str
             store.download(f"{row.key}/{rel}", target)
             if hashlib.sha256(target.read_bytes()).hexdigest() != info["sha256"]:
                 raise ValueError(f"model file {rel} of {name}@{row.version} fails its sha256 check")
-        (tmp / ".complete").write_text("ok")
+        (tmp / ".complete").write_text(manifest)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     return dest

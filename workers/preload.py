@@ -19,9 +19,13 @@ import contextlib
 import os
 import sys
 
-import models.plots  # noqa: F401
-import models.training  # noqa: F401
-import workers.run_job  # noqa: F401  (workers.runner and the job's entry point)
+from workers.quiet import quiet_third_party
+
+quiet_third_party()  # before the kits import torch and its neighbours; every forked job inherits it
+
+import models.plots  # noqa: E402,F401
+import models.training  # noqa: E402,F401
+import workers.run_job  # noqa: E402,F401  (workers.runner and the job's entry point)
 
 with contextlib.suppress(ImportError):  # the embedded default runs without the production extras
     import psycopg  # noqa: F401

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workers.runner import run_job
-from workers.settings import Settings
+from workers.quiet import quiet_third_party
+
+quiet_third_party()  # before the runner imports torch and its neighbours (tqdm reads its settings on import)
+
+from workers.runner import run_job  # noqa: E402
+from workers.settings import Settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from workers import lifecycle
 from workers.context import JobRunContext
 from workers.datasets import load_dataset
 from workers.db import session_scope
+from workers.quiet import quiet_third_party
 from workers.settings import Settings, load_plugins
 from workers.storage import open_store
 from workers.tables import Job
@@ -87,6 +88,7 @@ def run_job(
     executor: str = "local",
 ) -> str:
     """Run one attempt of a job; returns the final status it published (or 'skipped')."""
+    quiet_third_party()  # before the method's module imports its libraries: their noise stays out of the log
     load_plugins(settings)
     owner = claimed_by or worker_identity(executor)
     with session_scope(settings.database_url) as s:  # one round of reads and (local executor) the claim

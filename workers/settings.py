@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(10.0, ge=0)
     metric_flush_s: float = Field(2.0, gt=0)
     metric_flush_points: int = Field(1000, ge=1)
+    log_line_every_s: float = Field(
+        10.0, ge=0, description="a job's log gets a readable line of its latest metrics at most this often (0: off)"
+    )
     max_attempts: int = Field(3, ge=1, le=20)
     keep_checkpoints: int = Field(2, ge=1)
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)

@@ -26,13 +26,23 @@ export async function lineChart(el, series, { title = "", xTitle = "step" } = {}
   }));
   const layout = {
     title: { text: title, font: { size: 13 }, x: 0.02, xanchor: "left" },
-    margin: { l: 52, r: 14, t: 34, b: series.length > 1 ? 64 : 40 }, height: 250, autosize: true,
+    margin: { l: 52, r: 14, t: 34, b: 40 }, height: 250, autosize: true,
     xaxis: { title: { text: xTitle, font: { size: 11 } }, gridcolor: "#eef0f3", zeroline: false },
     yaxis: { gridcolor: "#eef0f3", zeroline: false },
-    showlegend: series.length > 1, legend: { orientation: "h", y: -0.3, font: { size: 11 } },
+    showlegend: series.length > 1,
     paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
     font: { family: "system-ui, sans-serif", size: 11, color: "#39404c" },
   };
+  if (series.length > 1) {
+    // the legend sits at the bottom of the figure (container coordinates) and pushes the plot up as it grows,
+    // and the x axis makes room for its ticks and title above it, however many series the legend names
+    Object.assign(layout, {
+      height: 250 + 18 * (series.length - 1),
+      margin: { ...layout.margin, autoexpand: true },
+      legend: { orientation: "h", yref: "container", y: 0, yanchor: "bottom", x: 0, xanchor: "left", font: { size: 11 } },
+    });
+    Object.assign(layout.xaxis, { automargin: true, title: { ...layout.xaxis.title, standoff: 6 } });
+  }
   await Plotly.react(el, data, layout, { responsive: true, displaylogo: false,
     modeBarButtonsToRemove: ["lasso2d", "select2d", "autoScale2d"] });
   const last = series.map((s) => s.y.length ? `${s.name} ${Number(s.y[s.y.length - 1]).toPrecision(4)} at ${xTitle} ${s.x[s.x.length - 1]}` : "").filter(Boolean);

@@ -10,8 +10,9 @@ from sqlalchemy import select
 from api import auth
 from api.auth import AdminDep, OperatorDep, PrincipalDep, audit
 from api.deps import SessionDep, SettingsDep
+from api.openapi import errors
 from api.problems import Problem
-from api.schemas import AuditOut, KeyCreate, KeyOut, ProjectCreate, ProjectOut, ProjectQuotas
+from api.schemas import MAX_STORED_INT, AuditOut, KeyCreate, KeyOut, ProjectCreate, ProjectOut, ProjectQuotas
 from workers.tables import OPERATOR, ApiKey, AuditEvent, Project
 
 router = APIRouter(prefix="/api/v1", tags=["access"])
@@ -38,7 +39,7 @@ def whoami(who: PrincipalDep, session: SessionDep, settings: SettingsDep) -> dic
     }
 
 
-@router.post("/projects", status_code=status.HTTP_201_CREATED, response_model=ProjectOut)
+@router.post("/projects", status_code=status.HTTP_201_CREATED, response_model=ProjectOut, responses=errors(409))
 def create_project(body: ProjectCreate, session: SessionDep, who: OperatorDep, request: Request) -> ProjectOut:
     """A new project and its first admin key (shown once). Only the server's operator creates projects
     and chooses their quotas; a project's admin manages its keys."""
@@ -132,7 +133,9 @@ def audit_log(
     session: SessionDep,
     who: AdminDep,
     limit: int = Query(100, ge=1, le=1000),
-    before: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="events older than this id (paging)")] = None,
+    before: Annotated[
+        int | None, Query(ge=0, le=MAX_STORED_INT, description="events older than this id (paging)")
+    ] = None,
     action: str | None = None,
 ) -> dict[str, Any]:
     q = select(AuditEvent).where(AuditEvent.project == who.project).order_by(AuditEvent.id.desc()).limit(limit)

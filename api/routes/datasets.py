@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any
+import io
+import zipfile
+from typing import Any, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile, status
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.auth import PrincipalDep, audit, check_storage_quota
 from api.deps import SessionDep, SettingsDep, StoreDep
-from api.problems import Problem, field_problem
+from api.openapi import errors
+from api.problems import Problem, dataset_problem, field_problem, pattern_hint
 from api.uploads import read_capped
-from models.datasets import KINDS
+from models.datasets import KINDS, DatasetSchemaError, is_builtin
 from workers.datasets import NAME_RULE, DatasetTooLarge, Upload, all_infos, find_info, store_upload
+from workers.tables import ACTIVE, DatasetRow, Job
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+NAME_WORDS = "use 2-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+NAME_PATTERN = pattern_hint(NAME_RULE, NAME_WORDS)
+
+
+def npz_arrays(blob: bytes) -> list[str]:
+    """The array names an .npz holds (its members, less `.npy`), read from the zip's directory only."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            return [n.removesuffix(".npy") for n in zf.namelist()]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
 
 
 @router.get("")
-def datasets(session: SessionDep, who: PrincipalDep, kind: str | None = None) -> dict[str, Any]:
+def datasets(
+    session: SessionDep,
+    who: PrincipalDep,
+    kind: Literal[tuple(KINDS)] | None = None,  # type: ignore[valid-type]
+) -> dict[str, Any]:
     items = [i.describe() for i in all_infos(session, who.project) if kind is None or i.kind == kind]
     return {
         "items": items,
@@ -31,24 +51,53 @@ def dataset(session: SessionDep, who: PrincipalDep, name: str) -> dict[str, Any]
     return find_info(session, name, who.project).describe()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+def in_use_by(session: Session, project: str, **where: Any) -> Job | None:
+    """A queued or running job of the project whose columns match `where` (the oldest), or None."""
+    q = select(Job).where(Job.project == project, Job.status.in_(("queued", *ACTIVE)))
+    for column, value in where.items():
+        q = q.where(getattr(Job, column) == value)
+    return session.scalars(q.order_by(Job.id).limit(1)).first()
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(409))
+def delete_dataset(name: str, session: SessionDep, store: StoreDep, who: PrincipalDep, request: Request) -> Response:
+    """Delete an uploaded dataset (its stored file too); refused while a queued or running job uses it.
+    Finished jobs keep their record of it; a retry of one then fails at start, naming the dataset."""
+    if is_builtin(name):
+        raise Problem(
+            409, "dataset-builtin", "Built-in datasets cannot be deleted", f"{name} ships with the server's code"
+        )
+    row = session.scalars(select(DatasetRow).where(DatasetRow.project == who.project, DatasetRow.name == name)).first()
+    if row is None:
+        raise Problem(404, "dataset-not-found", "No such dataset", f"no dataset named {name!r}; see /api/v1/datasets")
+    job = in_use_by(session, who.project, dataset=name)
+    if job is not None:
+        raise Problem(
+            409,
+            "dataset-in-use",
+            "The dataset is in use",
+            f"job {job.id} ({job.status}) uses dataset {name}; cancel it or wait for it to finish",
+            extra={"job_id": job.id},
+        )
+    session.delete(row)
+    audit(session, request, who, "dataset.delete", name, kind=row.kind, size=row.size)
+    session.commit()  # the row first: a failure after this leaves an orphaned object, never a row without one
+    store.delete(row.key)
+    return Response(status_code=204)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(409, 415, 503))
 async def upload(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     who: PrincipalDep,
     request: Request,
-    name: str = Form(..., description="lowercase letters, digits, . _ -"),
-    kind: str = Form(..., description="a dataset kind, e.g. image-class"),
+    name: str = Form(..., pattern=NAME_PATTERN, description="2-64 lowercase letters, digits, . _ -"),
+    kind: Literal[tuple(KINDS)] = Form(..., description="a dataset kind, e.g. image-class"),  # type: ignore[valid-type]
     file: UploadFile = File(..., description=".npz (numeric kinds) or .jsonl (text kinds)"),
     description: str = Form(""),
 ) -> dict[str, Any]:
-    if not re.match(NAME_RULE, name):
-        raise field_problem(
-            "/name", "use 2-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    if kind not in KINDS:
-        raise field_problem("/kind", f"unknown kind {kind!r}; use one of {sorted(KINDS)}")
     fmt = (file.filename or "").rsplit(".", 1)[-1].lower()
     if fmt not in ("npz", "jsonl"):
         raise Problem(
@@ -75,6 +124,8 @@ async def upload(
                 slug="dataset-exists",
                 title="Dataset exists",
             ) from None
+        except DatasetSchemaError as exc:
+            raise dataset_problem(exc, npz_arrays(blob) if fmt == "npz" else ()) from None
         except DatasetTooLarge as exc:
             raise Problem(
                 413,

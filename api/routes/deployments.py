@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request, Response, status
@@ -28,7 +28,9 @@ from sqlalchemy.orm import Session
 
 from api.auth import InferenceLimitDep, PrincipalDep, audit
 from api.deps import SessionDep, SettingsDep, StoreDep
+from api.openapi import errors
 from api.problems import Problem, field_problem
+from api.schemas import json_number_lists, json_numbers
 from api.serving.engines import detect_kind, validate_engine
 from api.serving.manager import DeploymentManager, Loaded, load, loaded_bytes
 from workers.context import resolve_model
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"])
 DEPLOYMENT_NAME_RULE = r"^[a-z0-9][a-z0-9._-]{1,63}$"
+MAX_INT = 2**31 - 1  # counts and ids of a request: far beyond any cap, and inside every integer type on the way
 
 
 class DeploymentCreate(BaseModel):
@@ -163,6 +166,8 @@ def pin_model(session: Session, project: str, ref: str) -> RegisteredModel:
     if version in ("", "latest"):
         q = q.order_by(RegisteredModel.version.desc())
     elif version.isdigit():
+        if int(version) > MAX_INT:  # past the database's integers: no such version, said before the query
+            raise field_problem("/model", f"version {version} is past any version number (at most {MAX_INT})")
         q = q.where(RegisteredModel.version == int(version))
     else:
         raise field_problem("/model", "use `name`, `name@latest` or `name@<version number>`")
@@ -215,7 +220,7 @@ def warm(request: Request, row: Deployment, settings: Settings, store: ObjectSto
     return manager(request).get(row.id, lambda: load_deployment(row, settings, store))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DeploymentOut)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DeploymentOut, responses=errors(404, 409))
 def create(
     spec: DeploymentCreate,
     session: SessionDep,
@@ -306,9 +311,19 @@ def get_deployment(name: str, session: SessionDep, who: PrincipalDep, request: R
     return DeploymentOut.of(row, row.id in memory, memory.get(row.id))
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(409))
 def delete(name: str, session: SessionDep, who: PrincipalDep, request: Request) -> Response:
     row = find_deployment(session, who.project, name)
+    loaded = manager(request).peek(row.id)
+    if loaded is not None and loaded.inflight > 0:
+        raise Problem(
+            409,
+            "deployment-in-use",
+            "The deployment is serving requests",
+            f"deployment {name} has {loaded.inflight} request(s) running or waiting; delete it when they finish",
+            headers={"Retry-After": "1"},
+            extra={"inflight": loaded.inflight},
+        )
     manager(request).evict(row.id)
     session.delete(row)
     audit(session, request, who, "deployment.delete", name, model=row.model)
@@ -316,7 +331,8 @@ def delete(name: str, session: SessionDep, who: PrincipalDep, request: Request) 
 
 
 # -- images ------------------------------------------------------------------------
-Prompt = str | list[int | None] | None
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
+Prompt = str | list[TokenId | None] | None
 
 
 class ImageRequest(BaseModel):
@@ -339,10 +355,20 @@ class ImageRequest(BaseModel):
     norm_threshold: float | None = Field(None, gt=0, description="APG: rescale radius r (none = no rescale)")
     momentum: float = Field(0.0, gt=-1, lt=1, description="APG: momentum β (the paper uses negative values)")
     sampler: str | None = Field(None, max_length=32, description="ddim, ddpm, euler, euler-ancestral, dpm-solver, heun")
-    steps: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="image i uses seed + i; random when absent")
-    n: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_INT, description="the deployment's max_steps caps it")
+    seed: int | None = Field(None, ge=0, le=MAX_INT, description="image i uses seed + i; random when absent")
+    n: int = Field(1, ge=1, le=MAX_INT, description="images; the deployment's max_n caps it")
     attention: str = Field("standard", max_length=32)
+    _numbers = json_numbers("class_", "scale", "eta", "norm_threshold", "momentum", "steps", "seed", "n")
+    _token_ids = json_number_lists("prompt", "negative_prompt")
+
+
+def native_size(parts: Any) -> int:
+    """The side in pixels of the images a diffusion model draws (a latent U-Net's times its VAE's upsampling)."""
+    size = int(parts.unet.config.sample_size)
+    if parts.vae is not None:
+        size *= 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    return size
 
 
 def png_base64(image01: Any) -> str:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated
+import re
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api import jobs as service
 from api.auth import PrincipalDep, SubmitLimitDep, audit
 from api.deps import SessionDep, SettingsDep, StoreDep, notify_executor
-from api.problems import Problem
+from api.openapi import NOT_MODIFIED, errors
+from api.problems import Problem, field_problem
 from api.schemas import (
+    MAX_STORED_INT,
     ArtifactOut,
     ArtifactPage,
     CancelOut,
@@ -24,11 +27,16 @@ from api.schemas import (
     MetricPointOut,
     MetricsOut,
 )
-from models.context import check_artifact_name
-from workers.tables import Artifact
+from models.context import ARTIFACT_KINDS, check_artifact_name
+from workers.tables import STATUSES, Artifact
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
-MAX_INDEX = 2**62  # steps and log offsets: far beyond any job, and inside the database's 64-bit integers
+JOB_ID_RULE = r"^[0-9A-HJKMNP-TV-Z]{26}$"  # a ULID (workers.tables.new_id)
+# what models.context.check_artifact_name accepts: up to 8 segments, each starting with a letter or digit
+ARTIFACT_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._ @+=-]{0,127}"
+ARTIFACT_NAME_RULE = rf"^{ARTIFACT_SEGMENT}(/{ARTIFACT_SEGMENT}){{0,7}}$"
+STATUS_LIST_RULE = "^({0})(,({0}))*$".format("|".join(STATUSES))
+MAX_INDEX = MAX_STORED_INT  # steps and log offsets
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -57,14 +65,31 @@ def submit(
 def list_jobs(
     session: SessionDep,
     who: PrincipalDep,
-    status_: Annotated[str | None, Query(alias="status")] = None,
+    status_: Annotated[
+        str | None,
+        Query(
+            alias="status",
+            description=f"comma-separated statuses, of {', '.join(STATUSES)}",
+            json_schema_extra={"pattern": STATUS_LIST_RULE},
+        ),
+    ] = None,
     method: str | None = None,
     limit: int = Query(50, ge=1, le=500),
-    cursor: str | None = None,
+    cursor: Annotated[
+        str | None,
+        Query(description="`next_cursor` of the previous page (a job id)", json_schema_extra={"pattern": JOB_ID_RULE}),
+    ] = None,
     dataset: str | None = None,
     mode: Annotated[str | None, Query(pattern="^(run|reproduce)$")] = None,
     q: Annotated[str | None, Query(max_length=64, description="search in id, method and dataset")] = None,
 ) -> JobPage:
+    if status_ is not None and not re.fullmatch(STATUS_LIST_RULE, status_):
+        unknown = [x for x in status_.split(",") if x not in STATUSES]
+        raise field_problem(
+            "/status", f"unknown status {(unknown or [status_])[0]!r}; use one or more of {', '.join(STATUSES)}"
+        )
+    if cursor is not None and not re.fullmatch(JOB_ID_RULE, cursor):
+        raise field_problem("/cursor", "not a cursor: pass the `next_cursor` of the previous page as it came")
     rows, next_cursor = service.list_jobs(
         session,
         status=status_,
@@ -79,7 +104,7 @@ def list_jobs(
     return JobPage(items=[JobOut.of(j) for j in rows], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=NOT_MODIFIED)
 def get_job(
     job_id: str, session: SessionDep, who: PrincipalDep, request: Request, response: Response
 ) -> JobOut | Response:
@@ -91,7 +116,7 @@ def get_job(
     return out
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=CancelOut)
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=CancelOut, responses=errors(409))
 def cancel(job_id: str, session: SessionDep, request: Request, who: PrincipalDep) -> CancelOut:
     new_status = service.cancel(session, job_id, who.project)
     audit(session, request, who, "job.cancel", job_id, status=new_status)
@@ -100,7 +125,7 @@ def cancel(job_id: str, session: SessionDep, request: Request, who: PrincipalDep
     return CancelOut(id=job_id, status=new_status)
 
 
-@router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+@router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobOut, responses=errors(409))
 def retry(job_id: str, session: SessionDep, settings: SettingsDep, request: Request, who: SubmitLimitDep) -> JobOut:
     job = service.retry(session, settings, job_id, who.project)
     audit(session, request, who, "job.retry", job.id, of=job_id)
@@ -109,7 +134,7 @@ def retry(job_id: str, session: SessionDep, settings: SettingsDep, request: Requ
     return JobOut.of(job)
 
 
-@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(409))
 def delete(job_id: str, session: SessionDep, store: StoreDep, request: Request, who: PrincipalDep) -> Response:
     service.delete_job(session, store, job_id, who.project)
     audit(session, request, who, "job.delete", job_id)
@@ -147,7 +172,11 @@ def logs(
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactPage)
 def artifacts(
-    job_id: str, session: SessionDep, who: PrincipalDep, kind: str | None = None, prefix: str | None = None
+    job_id: str,
+    session: SessionDep,
+    who: PrincipalDep,
+    kind: Literal[ARTIFACT_KINDS] | None = None,  # type: ignore[valid-type]
+    prefix: str | None = None,
 ) -> ArtifactPage:
     service.get_job(session, job_id, who.project)
     q = select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)
@@ -158,9 +187,27 @@ def artifacts(
     return ArtifactPage(items=[ArtifactOut.of(a) for a in session.scalars(q)])
 
 
-@router.get("/{job_id}/artifacts/{name:path}")
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    response_class=Response,
+    responses={
+        200: {"description": "the artifact's bytes, of its content type", "content": {"*/*": {}}},
+        **NOT_MODIFIED,
+        **errors(400),
+    },
+)
 def download(
-    job_id: str, name: str, session: SessionDep, store: StoreDep, request: Request, who: PrincipalDep
+    job_id: str,
+    name: Annotated[
+        str,  # documented with its pattern, checked by check_artifact_name (a 400 naming the rule)
+        Path(
+            description="the artifact's name, e.g. plots/curve.png", json_schema_extra={"pattern": ARTIFACT_NAME_RULE}
+        ),
+    ],
+    session: SessionDep,
+    store: StoreDep,
+    request: Request,
+    who: PrincipalDep,
 ) -> Response:
     name = check_artifact_name(name)
     service.get_job(session, job_id, who.project)

@@ -24,23 +24,27 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import InferenceLimitDep, PrincipalDep, charge
 from api.deps import SessionDep, SettingsDep, StoreDep
+from api.openapi import errors
 from api.problems import Problem, field_problem
 from api.routes.deployments import (
+    MAX_INT,
     ImageRequest,
     acquire,
     admission,
     check_admission,
     find_deployment,
     generate_images,
+    native_size,
     release,
     warm,
 )
+from api.schemas import json_numbers
 from api.serving import llm
 from api.serving.manager import Loaded
 from models.llm.generation import Completion
@@ -50,7 +54,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class Sampling(BaseModel):
@@ -58,14 +62,15 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str = Field(..., min_length=1, max_length=64, description="a deployment name (see GET /v1/models)")
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="the deployment's max_tokens_cap caps it")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="max_tokens' newer name")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_INT, description="choices per prompt; the deployment's max_n caps it")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    stream: bool = False
+    stream: StrictBool = False
+    _numbers = json_numbers("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed")
     stream_options: StreamOptions | None = None
     engine: dict[str, Any] | None = Field(
         None,
@@ -92,7 +97,7 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] = Field(..., description="text, or a list of texts (each gets `n` choices)")
-    echo: bool = False
+    echo: StrictBool = False
 
 
 def _llm(session: Any, who: Any, name: str) -> Deployment:
@@ -146,7 +151,9 @@ async def _stream(
     try:
         acquire(loaded, request.app.state.settings)
     except Problem as exc:  # the deployment filled up between the route's check and now
-        yield sse({"error": {"message": exc.detail, "type": "rate_limit_error", "code": exc.slug}})
+        yield sse(
+            {"error": {"message": exc.detail, "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}}
+        )
         yield "data: [DONE]\n\n"
         return
 
@@ -184,7 +191,10 @@ async def _stream(
             elif kind == "finish":
                 yield sse(final(*payload))
             elif kind == "error":
-                yield sse({"error": {"message": f"{type(payload).__name__}: {payload}", "type": "server_error"}})
+                message = f"{type(payload).__name__}: {payload}"
+                yield sse(
+                    {"error": {"message": message, "type": "server_error", "param": None, "code": "server_error"}}
+                )
                 break
             else:
                 if usage_chunk is not None:
@@ -264,7 +274,9 @@ async def _prepare(request: Request, row: Deployment, settings: Any, store: Any)
 def _charge_prompts(request: Request, who: Any, settings: Any, loaded: Loaded, body: Sampling, prompts: int) -> None:
     """Each prompt is a request to the rate limits (the route's dependency counted the first); the size
     cap comes first, so a request that is too big is told so, not to wait."""
-    llm.check_request_size(loaded.engine, prompts, body.n, body.max_tokens or body.max_completion_tokens or 1, "prompt")
+    max_tokens = body.max_tokens or body.max_completion_tokens
+    llm.check_caps(loaded.engine, body.n, max_tokens)  # a cap the request passes is named before the total
+    llm.check_request_size(loaded.engine, prompts, body.n, max_tokens or 1, "prompt")
     if prompts > 1:
         charge(request, who, settings, "inference", prompts - 1, counts=prompts)
 
@@ -296,7 +308,17 @@ def _model_card(row: Deployment) -> dict[str, Any]:
     }
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses={
+        200: {
+            "description": "the completion; with `stream: true`, server-sent events ending in `data: [DONE]`",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        **errors(404, 503),
+    },
+)
 async def chat_completions(
     body: ChatRequest,
     request: Request,
@@ -355,7 +377,17 @@ async def chat_completions(
     }
 
 
-@router.post("/completions", response_model=None)
+@router.post(
+    "/completions",
+    response_model=None,
+    responses={
+        200: {
+            "description": "the completion; with `stream: true`, server-sent events ending in `data: [DONE]`",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        **errors(404, 503),
+    },
+)
 async def completions(
     body: CompletionRequest,
     request: Request,
@@ -408,10 +440,14 @@ class ImageGeneration(ImageRequest):
 
     model: str = Field(..., min_length=1, max_length=64, description="a diffusion deployment name")
     response_format: Literal["b64_json"] = "b64_json"
-    size: str | None = Field(None, max_length=16, description="ignored: the model's native size is returned")
+    size: str | None = Field(
+        None,
+        pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
+        description="WIDTHxHEIGHT; a model draws at its native size only (e.g. 16x16), so any other is a 422",
+    )
 
 
-@router.post("/images/generations")
+@router.post("/images/generations", responses=errors(404))
 def images_generations(
     body: ImageGeneration,
     request: Request,
@@ -422,5 +458,13 @@ def images_generations(
 ) -> dict[str, Any]:
     row = find_deployment(session, who.project, body.model, kind="diffusion", pointer="/model")
     session.commit()  # no transaction stays open while it samples
+    if body.size is not None:
+        loaded = warm(request, row, settings, store)
+        assert loaded.diffusion is not None
+        native = native_size(loaded.diffusion)
+        if body.size != f"{native}x{native}":
+            raise field_problem(
+                "/size", f"this model draws {native}x{native} images only; ask for {native}x{native} or leave size out"
+            )
     fields = body.model_dump(by_alias=True, exclude={"model", "response_format", "size"}, exclude_unset=True)
     return generate_images(row, ImageRequest.model_validate(fields), request, settings, store)

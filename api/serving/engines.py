@@ -227,9 +227,31 @@ def check_decoding(engine: dict[str, Any], folder: Path | None = None) -> None:
         )
 
 
-def validate_engine(kind: str, options: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
+def fit_context(engine: dict[str, Any], given: dict[str, Any], context: int | None, strict: bool = True) -> None:
+    """Token caps the model can meet: a prompt takes at least one token of the model's `context`, so
+    `max_tokens_cap` is at most context - 1. A cap asked above it is a 422 at creation (`strict`); a default
+    is clamped to it, and `default_max_tokens` to the cap."""
+    if context is not None and context > 1 and engine["max_tokens_cap"] > context - 1:
+        if strict and "max_tokens_cap" in given:
+            raise field_problem(
+                "/engine/max_tokens_cap",
+                f"this model's context is {context} tokens and a prompt takes at least one: at most {context - 1}",
+            )
+        engine["max_tokens_cap"] = context - 1
+    if engine["default_max_tokens"] > engine["max_tokens_cap"]:
+        if strict and "default_max_tokens" in given:
+            raise field_problem(
+                "/engine/default_max_tokens", f"at most max_tokens_cap ({engine['max_tokens_cap']} here)"
+            )
+        engine["default_max_tokens"] = engine["max_tokens_cap"]
+
+
+def validate_engine(
+    kind: str, options: dict[str, Any], folder: Path | None = None, *, strict: bool = True
+) -> dict[str, Any]:
     """The options with defaults filled in; unknown or invalid options → 422 naming `/engine/<field>`. With the
-    model's `folder`, also the checks only the model can answer (a KV budget vs its context, a trained projection)."""
+    model's `folder`, also the checks only the model can answer (caps and a KV budget vs its context, a trained
+    projection). `strict=False` (a request's engine, over a deployment's stored one) clamps caps instead."""
     try:
         engine = ENGINES[kind].model_validate(options).model_dump()
     except ValidationError as exc:
@@ -237,6 +259,7 @@ def validate_engine(kind: str, options: dict[str, Any], folder: Path | None = No
     if engine.get("device") == "cuda" and not torch.cuda.is_available():
         raise field_problem("/engine/device", "this server has no CUDA GPU; use cpu or auto")
     if kind == "llm":
+        fit_context(engine, options, model_context(folder) if folder is not None else None, strict)
         attention_config(engine)  # fails now, at creation, not in the middle of a generation
         kv_cache_config(engine, folder, model_context(folder) if folder is not None else None)
         check_decoding(engine, folder)
@@ -272,7 +295,7 @@ def request_engine(deployment: dict[str, Any], override: dict[str, Any] | None, 
         merged["kv_cache_options"] = {}  # another compression's options do not carry over
     if attention == "sdpa":
         merged["attention_options"] = {}
-    return validate_engine("llm", merged, folder)
+    return validate_engine("llm", merged, folder, strict=False)
 
 
 def model_context(folder: Path) -> int | None:

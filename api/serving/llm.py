@@ -77,6 +77,15 @@ def check_request_size(engine: dict[str, Any], prompts: int, n: int, max_tokens:
         )
 
 
+def check_caps(engine: dict[str, Any], n: int, max_tokens: int | None) -> None:
+    """`n` and `max_tokens` within the deployment's caps (which a request cannot override), else a 422 naming them."""
+    most_n, most_tokens = engine.get("max_n"), engine.get("max_tokens_cap")
+    if most_n is not None and n > most_n:
+        raise field_problem("/n", f"at most {most_n} choices per request on this deployment")
+    if max_tokens is not None and most_tokens is not None and max_tokens > most_tokens:
+        raise field_problem("/max_tokens", f"at most {most_tokens} tokens on this deployment")
+
+
 @dataclass
 class Plan:
     """A validated request: prompt ids per prompt, `n` choices each, and the sampling parameters."""
@@ -114,10 +123,7 @@ def plan(
     """Token ids, sampling parameters and the request's engine, or the 4xx naming the field at fault."""
     assert loaded.llm is not None
     engine, tok = request_engine(loaded.engine, engine_override, loaded.llm.path), loaded.llm.tokenizer
-    if n > engine["max_n"]:
-        raise field_problem("/n", f"at most {engine['max_n']} choices per request on this deployment")
-    if max_tokens is not None and max_tokens > engine["max_tokens_cap"]:
-        raise field_problem("/max_tokens", f"at most {engine['max_tokens_cap']} tokens on this deployment")
+    check_caps(engine, n, max_tokens)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOPS:
         raise field_problem("/stop", f"at most {MAX_STOPS} stop sequences")

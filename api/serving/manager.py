@@ -122,6 +122,11 @@ class DeploymentManager:
                 self.put(hit)
         return hit
 
+    def peek(self, deployment_id: str) -> Loaded | None:
+        """The warm model of a deployment, if it is in memory (without loading it or touching its LRU place)."""
+        with self._lock:
+            return self._loaded.get(deployment_id)
+
     def evict(self, deployment_id: str) -> bool:
         with self._lock:
             self._loading.pop(deployment_id, None)

@@ -129,7 +129,7 @@ def test_dataset_upload_validates_before_storing(api, settings, store):
             files={"file": ("bad.npz", npz(x=np.zeros((5, 3)), y=np.zeros(5, int)))},
         ),
         422,
-        "/x_train",
+        "/x",  # the array the client sent, not the split the server made of it (x_train)
     )
     problem(
         api.post("/api/v1/datasets", data={"name": "bad", "kind": "image-class"}, files={"file": ("bad.csv", b"a,b")}),

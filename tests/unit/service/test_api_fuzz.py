@@ -17,7 +17,10 @@ from tests.conftest import make_key, make_settings
 from workers.db import upgrade
 
 _home = Path(__import__("tempfile").mkdtemp(prefix="crucible-fuzz-"))
-SETTINGS = make_settings(_home, rate_limit_submit_per_minute=10**6, max_active_jobs_per_project=10**6)
+# the document declares bearer auth, so cases carry generated keys: failed authentications must not turn into 429s
+SETTINGS = make_settings(
+    _home, rate_limit_submit_per_minute=10**6, max_active_jobs_per_project=10**6, auth_failures_per_minute=10**6
+)
 upgrade(SETTINGS.database_url)
 APP = create_app(SETTINGS, run_executor=False)
 KEY = make_key(SETTINGS, role="admin")

@@ -127,7 +127,13 @@ def test_project_b_cannot_see_or_touch_anything_of_project_a(app, settings):
     key_a_row = app.post("/api/v1/keys", json={"role": "viewer"}).json()
 
     as_key(app, make_key(settings, project="beta"))
-    values = {"job_id": job["id"], "name": "secret-set", "key_id": key_a_row["id"], "method_id": "test-counter"}
+    values = {
+        "job_id": job["id"],
+        "name": "secret-set",
+        "key_id": key_a_row["id"],
+        "method_id": "test-counter",
+        "version": "1",
+    }
     probed = 0
     for method, path in app_routes(app.app):
         if "{" not in path or path.startswith("/api/v1/methods"):
