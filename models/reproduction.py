@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
+import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from models.context import RunContext, cpu_threads, stop_if_cancelled
+from models.context import RunContext, cpu_threads, shared_cache_dir, stop_if_cancelled
 from models.provenance import code_fingerprint, current_commit, numerics, recording_inputs
 from models.registry import UnknownMethodError, get_method, list_methods, note_reproduction
 
@@ -166,6 +170,7 @@ class Sweep(Generic[T]):
         for i, item in enumerate(self.items):
             stop_if_cancelled(self.ctx)
             name = self.label(item)
+            print(f"[reproduction] {name} ({i + 1}/{total})", file=sys.stderr, flush=True)
             self.ctx.progress(i, total, name)
             start = time.perf_counter()
             yield item
@@ -248,8 +253,14 @@ def judge_check(check: Comparison) -> dict[str, Any]:
 def run_reproduction(spec: ReproductionSpec, ctx: RunContext, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
     """Run one reproduction on `ctx.resources["cpus"]` threads and return its record."""
     start = time.perf_counter()
+    # the job's cache, and the home's (the LLM kit keeps its bases under $CRUCIBLE_HOME/cache)
+    caches = {shared_cache_dir(ctx), Path(os.environ.get("CRUCIBLE_HOME", ".crucible")) / "cache"}
+    cached_before = _cache_entries(caches)
     with cpu_threads(ctx.resources), recording_inputs() as inputs:
-        outcome = spec.run(ctx, seed, smoke)
+        outcome = spec.run(_AnnouncingContext(ctx), seed, smoke)
+    built = sorted(_cache_entries(caches) - cached_before)
+    if built:
+        print(f"[reproduction] built and cached {', '.join(built)}: a rerun skips this", file=sys.stderr, flush=True)
     record: dict[str, Any] = {
         "method": spec.method_id,
         "claim": spec.claim,
@@ -284,12 +295,17 @@ def run_reproduction(spec: ReproductionSpec, ctx: RunContext, seed: int = 0, smo
         better = compare(ours, base, spec.direction)
         verdict = "holds" if better and outcome.holds is not None and seeds > 1 else "within noise"
     holds = verdict == "holds" and outcome.holds is not False
+    _log_arms(ctx, spec, outcome)
     module = spec.module or get_method(spec.method_id).module
     record |= {
         "verdict": verdict,
         "conditions": outcome.holds,
         "holds": bool(holds),
         "seconds": round(time.perf_counter() - start, 2),
+        # a cold run built trained-once inputs into the cache (a base model, a classifier): its time is
+        # the first run's on a fresh machine, not what a rerun takes
+        "cold": bool(built),
+        "built": built,
         "seed": seed,
         "seeds": seeds,
         "smoke": smoke,
@@ -301,6 +317,57 @@ def run_reproduction(spec: ReproductionSpec, ctx: RunContext, seed: int = 0, smo
         "inputs": dict(sorted(inputs.items())),
     }
     return record
+
+
+def _cache_entries(caches: set[Path]) -> set[str]:
+    """The trained-once things in the caches (two levels: `llm-base/<recipe>`, `classifier-….safetensors`),
+    so a run can tell what it built; work in progress (`.partial`, `.lock`, checkpoints) is left out."""
+    found = set()
+    for cache in caches:
+        tops = list(cache.iterdir()) if cache.is_dir() else []
+        for top in tops:
+            for entry in [top, *(top.iterdir() if top.is_dir() else ())]:
+                if not any(part in entry.name for part in (".partial", ".lock", ".checkpoint")):
+                    found.add(entry.relative_to(cache).as_posix())
+    return {e for e in found if not any(other.startswith(e + "/") for other in found)}
+
+
+class _AnnouncingContext:
+    """The job's context, with each new phase of the run written to the log as it starts (a progress
+    message's part before its first ':', digits aside: "base model: step 120/3000" → "base model"), so a
+    reproduction's log and the CLI say when it begins training a cached base model, instead of a bar that
+    sits for minutes."""
+
+    def __init__(self, ctx: RunContext):
+        self._ctx, self._phase = ctx, ""
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        if ":" in message:
+            phase = message.split(":", 1)[0].strip()
+            if re.sub(r"\d+", "#", phase) != re.sub(r"\d+", "#", self._phase):
+                print(f"[reproduction] {phase} …", file=sys.stderr, flush=True)
+            self._phase = phase
+        self._ctx.progress(done, total, message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+
+def _log_arms(ctx: RunContext, spec: ReproductionSpec, outcome: Outcome) -> None:
+    """The arms' per-seed values as the job's metrics (step = seed index), so the job page charts what
+    the verdict rests on rather than saying the job logged nothing."""
+    paired = outcome.per_seed()
+    if paired is None:
+        ctx.log(
+            0,
+            **{f"ours: {spec.metric}": float(outcome.ours), f"{spec.baseline}: {spec.metric}": float(outcome.baseline)},
+        )  # type: ignore[arg-type]
+        return
+    for i, (ours, base) in enumerate(zip(*paired)):
+        ctx.log(i, **{f"ours: {spec.metric}": ours, f"{spec.baseline}: {spec.metric}": base})
+    for check in outcome.checks:
+        for i, (ours, base) in enumerate(zip(check.ours, check.baseline)):
+            ctx.log(i, **{f"ours: {check.name}": float(ours), f"baseline: {check.name}": float(base)})
 
 
 def outcome_dict(outcome: Outcome) -> dict[str, Any]:

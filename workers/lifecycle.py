@@ -136,12 +136,16 @@ def finish(
 ) -> bool:
     if status not in TERMINAL:
         raise ValueError(f"not a terminal status: {status}")
+    # a job that succeeded did all its work, whatever its last progress report said (a reproduction's
+    # inner loops report their own totals): its bar ends full
+    done: dict[str, Any] = {"progress_done": Job.progress_total} if status == "succeeded" else {}
     return _cas(
         session,
         job_id,
         from_status=ACTIVE,
         at_attempt=attempt,
         status=status,
+        **done,
         finished_at=utcnow(),
         error=error,
         failure_code=failure_code,

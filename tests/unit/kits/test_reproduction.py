@@ -68,3 +68,35 @@ def test_seeds_and_sweep():
             if item == "b":
                 ctx.cancel()
     assert set(loop.seconds) == {"a", "b"}
+
+
+def test_a_run_logs_its_arms_says_what_it_builds_and_tells_cold_from_warm(tmp_path, monkeypatch, capsys):
+    """A reproduction job's page charts the per-seed values its verdict rests on, its log names each phase
+    as it starts (a cached base model's training included), and its record tells a first (cold) run that
+    built cached inputs from a rerun that found them."""
+    monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path / "home"))
+    ctx = InMemoryRunContext()
+    ctx.cache_dir = tmp_path / "cache"  # type: ignore[attr-defined]
+
+    def run(ctx, seed, smoke):
+        base = ctx.cache_dir / "llm-base" / "recipe"
+        if not base.exists():
+            for step in range(3):
+                ctx.progress(step, 3, f"base model: step {step}/3")
+            base.mkdir(parents=True)
+        for _ in sweep(ctx, ["dense", "sparse"]):
+            pass
+        return Outcome(ours=[0.9, 0.8, 0.85], baseline=[0.5, 0.6, 0.55])
+
+    spec = ReproductionSpec("test-counter", "c", "acc", "higher", "dense", run)
+    cold = run_reproduction(spec, ctx)
+    said = capsys.readouterr().err
+    assert said.count("[reproduction] base model …") == 1 and "sparse (2/2)" in said
+    assert "built and cached llm-base/recipe" in said
+    assert cold["cold"] is True and cold["built"] == ["llm-base/recipe"]
+    assert ctx.history("ours: acc") == [(0, 0.9), (1, 0.8), (2, 0.85)]
+    assert [v for _, v in ctx.history("dense: acc")] == [0.5, 0.6, 0.55]
+
+    warm = run_reproduction(spec, ctx)
+    assert warm["cold"] is False and warm["built"] == []
+    assert "base model" not in capsys.readouterr().err

@@ -100,3 +100,16 @@ def test_lost_cancelling_job_ends_cancelled(settings):
     with session_scope(settings.database_url) as s:
         lifecycle.reap_expired(s, now=utcnow() + timedelta(seconds=60))
     assert status_of(settings, jid)[0] == "cancelled"
+
+
+@pytest.mark.parametrize(("status", "done"), [("succeeded", 3), ("failed", 2), ("cancelled", 2)])
+def test_a_succeeded_job_ends_with_a_full_bar_and_others_where_they_stopped(settings, status, done):
+    """A reproduction's inner loops report their own totals last (2 of 3); success means all of it ran."""
+    jid = queued_job(settings)
+    with session_scope(settings.database_url) as s:
+        assert lifecycle.claim(s, jid, 1, "w1", 30)
+        assert lifecycle.set_progress(s, jid, 1, 2, 3, "seed 2")
+        assert lifecycle.finish(s, jid, 1, status)
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, jid)
+        assert (job.progress_done, job.progress_total) == (done, 3)

@@ -63,3 +63,19 @@ def test_store_keeps_other_records_and_remembers_the_replaced_one(tmp_path, monk
     assert set(stored) == {"ldr", "other"}
     assert stored["ldr"]["note"] == "re-run" and stored["ldr"]["previous"]["one_run_rule"]["holds"] is True
     assert "Verdicts the per-seed rule changed" in out.read_text()
+
+
+def test_a_record_carries_its_cold_and_warm_times_across_runs(tmp_path, monkeypatch):
+    import json
+
+    from api import results
+    from api.results import seconds_cell
+
+    monkeypatch.setattr(results, "write_pages", lambda out, records: None)
+    out = tmp_path / "results.md"
+    results.store(out, record(seconds=600.0, cold=True, built=["llm-base/x"]))
+    results.store(out, record(seconds=12.0, cold=False, built=[]))
+    (stored,) = json.loads(out.with_suffix(".json").read_text())
+    assert stored["warm_seconds"] == 12.0 and stored["cold_seconds"] == 600.0
+    assert seconds_cell(stored) == "12; cold 600"
+    assert "| 12; cold 600 |" in out.read_text()
