@@ -207,6 +207,17 @@ def authenticate(request: Request, session: SessionDep, settings: SettingsDep) -
             "This key may only read",
             f"the key {row.prefix}… is a viewer of project {row.project}; writes need a member or admin key",
         )
+    if request.method not in READ_METHODS:
+        project = session.get(Project, row.project)
+        if project is not None and project.archived_at is not None:
+            raise Problem(
+                409,
+                "project-archived",
+                "The project is archived",
+                f"project {row.project} has been archived (read-only) since {project.archived_at:%Y-%m-%d %H:%M} "
+                f"UTC; its jobs, models and artifacts can still be read. The server's operator can restore it: "
+                f"POST /api/v1/projects/{row.project}/restore",
+            )
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > timedelta(minutes=1):
         row.last_used_at = now  # coarse, so polling does not turn every read into a write

@@ -113,7 +113,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         BEARER: {"type": "http", "scheme": "bearer", "description": "an API key, `cru_…` ($CRUCIBLE_HOME/admin-key)"}
     }
     for path, operations in doc["paths"].items():
-        for op in operations.values():
+        for verb, op in operations.items():
             for param in op.get("parameters", []):
                 if (path, param["name"]) in DYNAMIC_ENUMS:
                     schema = param["schema"]
@@ -124,6 +124,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             if path not in PUBLIC_PATHS:
                 op["security"] = [{BEARER: []}]
                 codes |= {401, 403, 429}
+                if verb not in ("get", "head", "options"):
+                    codes.add(409)  # every write of an archived project (api.auth)
             if op.get("parameters") or op.get("requestBody"):
                 codes.add(422)
             if op.get("requestBody"):

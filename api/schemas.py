@@ -305,6 +305,7 @@ class ProjectOut(BaseModel):
     max_active_jobs: int | None
     max_stored_bytes: int | None
     created_at: datetime
+    archived_at: datetime | None = Field(None, description="read-only since then (null: active)")
     admin_key: KeyOut | None = Field(None, description="the new project's first admin key (shown once)")
 
 

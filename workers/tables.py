@@ -80,6 +80,7 @@ class Project(Base):
     max_active_jobs: Mapped[int | None] = mapped_column(Integer)  # None = the service-wide default
     max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    archived_at: Mapped[datetime | None] = mapped_column()  # read-only since then; None = active
 
 
 class ApiKey(Base):

@@ -27,7 +27,8 @@ function row(m, j) {
   const size = files.reduce((s, f) => s + (f.size || 0), 0);
   return html`<tr><td class="mono">${m.ref}</td>
     <td><div class="lineage">
-      ${j ? html`<span class="node">${j.dataset ? html`dataset <strong>${j.dataset}</strong>` : "no dataset"}</span><span class="arrow" aria-hidden="true">→</span>
+      ${origin(m, j)}
+      ${j ? html`
         <span class="node">job <a href="#/jobs/${j.id}">${j.method} · ${shortId(j.id)}</a> ${statusBadge(j.status)}</span>
         ${j.parent_id ? html`<span class="muted small">(resumed from <a href="#/jobs/${j.parent_id}">${shortId(j.parent_id)}</a>)</span>` : ""}
         <span class="arrow" aria-hidden="true">→</span>`
@@ -35,8 +36,35 @@ function row(m, j) {
       : html`<span class="node">imported</span><span class="arrow" aria-hidden="true">→</span>`}
       <span class="node"><strong>${m.ref}</strong></span></div></td>
     <td class="wide-only">${files.length} file${files.length === 1 ? "" : "s"} · ${bytes(size)}</td>
-    <td class="wide-only mono small">${JSON.stringify(m.config).slice(0, 120)}</td>
+    <td class="wide-only small">${configCell(m.config)}</td>
     <td class="wide-only">${timeTag(m.created_at)}</td></tr>`;
+}
+
+// What a version came from: its parent model (compression, fine-tuning) and the data it was trained on. The
+// model's own lineage (its config) says it best: a base trained inside another job (a reproduction's cached
+// base) names its dataset there, while the job that registered it may have had none.
+function origin(m, j) {
+  const c = m.config || {};
+  const parent = c.parent || c.parent_model || c.base_model;
+  const dataset = c.dataset || j?.dataset;
+  const nodes = [];
+  if (parent) nodes.push(html`<span class="node">parent <strong class="mono">${String(parent).split("/").pop()}</strong></span>`);
+  if (dataset) nodes.push(html`<span class="node">dataset <strong>${dataset}</strong></span>`);
+  if (!nodes.length) return "";
+  return html`${nodes.map((n) => html`${n}<span class="arrow" aria-hidden="true">→</span>`)}`;
+}
+
+// The headline of a version's config (method, data, seed, its quality) with the whole of it one click away,
+// instead of raw JSON cut at a fixed width.
+const HEADLINE = ["method", "dataset", "seed", "val_ppl", "val_loss", "parameters", "sparsity", "rank", "steps"];
+function configCell(config) {
+  const c = config || {};
+  const shown = HEADLINE.filter((k) => c[k] !== undefined && c[k] !== null && typeof c[k] !== "object");
+  const fmt = (v) => (typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(4) : String(v));
+  const head = shown.map((k) => html`<span class="kv"><span class="muted">${k}</span> ${fmt(c[k])}</span>`);
+  if (!Object.keys(c).length) return html`<span class="muted">—</span>`;
+  return html`<details class="config"><summary>${head.length ? head : "config"}</summary>
+    <pre class="mono small">${JSON.stringify(c, null, 1)}</pre></details>`;
 }
 
 async function deployments(box) {

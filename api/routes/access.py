@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from api import auth
 from api.auth import AdminDep, OperatorDep, PrincipalDep, audit
@@ -13,7 +13,7 @@ from api.deps import SessionDep, SettingsDep
 from api.openapi import errors
 from api.problems import Problem
 from api.schemas import MAX_STORED_INT, AuditOut, KeyCreate, KeyOut, ProjectCreate, ProjectOut, ProjectQuotas
-from workers.tables import OPERATOR, ApiKey, AuditEvent, Project
+from workers.tables import OPERATOR, TERMINAL, ApiKey, AuditEvent, Deployment, Job, Project, utcnow
 
 router = APIRouter(prefix="/api/v1", tags=["access"])
 
@@ -57,45 +57,80 @@ def create_project(body: ProjectCreate, session: SessionDep, who: OperatorDep, r
         max_active_jobs=body.max_active_jobs,
         max_stored_bytes=body.max_stored_bytes,
     )
-    return ProjectOut(
-        name=project.name,
-        description=project.description,
-        max_active_jobs=project.max_active_jobs,
-        max_stored_bytes=project.max_stored_bytes,
-        created_at=project.created_at,
-        admin_key=KeyOut.of(key, secret),
-    )
+    session.flush()  # the row's defaults (created_at) filled in
+    return project_out(project).model_copy(update={"admin_key": KeyOut.of(key, secret)})
 
 
 @router.get("/projects/current", response_model=ProjectOut)
 def current_project(session: SessionDep, who: PrincipalDep) -> ProjectOut:
     p = session.get(Project, who.project)
     assert p is not None  # a key's project cannot be deleted while the key exists (foreign key)
-    return ProjectOut(
-        name=p.name,
-        description=p.description,
-        max_active_jobs=p.max_active_jobs,
-        max_stored_bytes=p.max_stored_bytes,
-        created_at=p.created_at,
-    )
+    return project_out(p)
 
 
 @router.patch("/projects/{name}", response_model=ProjectOut)
 def set_quotas(name: str, body: ProjectQuotas, session: SessionDep, who: OperatorDep, request: Request) -> ProjectOut:
     """Set a project's quotas (operator only); a field left out keeps its value, null means the default."""
-    p = session.get(Project, name)
-    if p is None:
-        raise Problem(404, "project-not-found", "No such project", f"no project named {name!r}")
+    p = _operated_project(session, name)
     for field in body.model_fields_set:
         setattr(p, field, getattr(body, field))
     audit(session, request, who, "project.quotas", name, **body.model_dump(exclude_unset=True))
+    return project_out(p)
+
+
+def project_out(p: Project) -> ProjectOut:
     return ProjectOut(
         name=p.name,
         description=p.description,
         max_active_jobs=p.max_active_jobs,
         max_stored_bytes=p.max_stored_bytes,
         created_at=p.created_at,
+        archived_at=p.archived_at,
     )
+
+
+def _operated_project(session: SessionDep, name: str) -> Project:
+    p = session.get(Project, name)
+    if p is None:
+        raise Problem(404, "project-not-found", "No such project", f"no project named {name!r}")
+    return p
+
+
+@router.post("/projects/{name}/archive", response_model=ProjectOut, responses=errors(409))
+def archive_project(name: str, session: SessionDep, who: OperatorDep, request: Request) -> ProjectOut:
+    """Make a project read-only (operator only): its keys still read its jobs, metrics, artifacts and models,
+    every write is a 409. Refused while it has queued or running jobs or deployments (cancel or delete them
+    first), and for the operator's own project."""
+    p = _operated_project(session, name)
+    if name == who.project:
+        raise Problem(409, "project-in-use", "Cannot archive this project", "the operator's own project stays open")
+    unfinished = Job.status.not_in(TERMINAL)
+    active = session.scalar(select(func.count()).select_from(Job).where(Job.project == name, unfinished))
+    served = session.scalars(select(Deployment.name).where(Deployment.project == name)).all()
+    if active or served:
+        held = [f"{active} queued or running job(s)"] * bool(active) + [f"deployment(s) {', '.join(served)}"] * bool(
+            served
+        )
+        raise Problem(
+            409,
+            "project-in-use",
+            "The project is in use",
+            f"project {name} has {' and '.join(held)}; cancel or delete them first",
+        )
+    if p.archived_at is None:
+        p.archived_at = utcnow()
+        audit(session, request, who, "project.archive", name)
+    return project_out(p)
+
+
+@router.post("/projects/{name}/restore", response_model=ProjectOut)
+def restore_project(name: str, session: SessionDep, who: OperatorDep, request: Request) -> ProjectOut:
+    """Open an archived project for writes again (operator only)."""
+    p = _operated_project(session, name)
+    if p.archived_at is not None:
+        p.archived_at = None
+        audit(session, request, who, "project.restore", name)
+    return project_out(p)
 
 
 @router.get("/keys")

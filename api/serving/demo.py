@@ -22,6 +22,7 @@ from models.llm.pipeline import EORA_RANK, eora_params, squarehead_params
 Call = Callable[..., Any]
 
 DEPLOYMENT = "demo-chat"
+IMAGE_DEPLOYMENT = "demo-digits"
 
 
 def _model_of(call: Call, job_id: str) -> str:
@@ -112,13 +113,33 @@ def llm_demo(
 def diffusion_demo(
     call: Call, follow: Callable[[str], dict[str, Any]], say: Callable[[str], None], smoke: bool = False
 ) -> dict[str, Any]:
-    """The `apg` reproduction as a job: trains the base if missing; CFG vs APG grid as an artifact."""
+    """The `apg` reproduction as a job (trains the base if missing; CFG vs APG grid as an artifact), then the
+    base model it used deployed and drawn from with APG guidance through the images API."""
+    from models.diffusion.training import FULL_CONFIG, SMOKE_CONFIG, base_model_name
+
     say("training the diffusion base model if missing, then rendering CFG vs APG across guidance scales (apg)")
     job = _run(call, follow, "apg", {"smoke": smoke}, mode="reproduce")
     arts = call("GET", f"/api/v1/jobs/{job['id']}/artifacts")["items"]
     record = (job.get("result") or {}).get("reproduction") or {}
+    base = base_model_name(SMOKE_CONFIG if smoke else FULL_CONFIG)
+    refs = [m["ref"] for m in call("GET", "/api/v1/models")["items"] if m["name"] == base]
+    if not refs:
+        raise RuntimeError(f"the apg job registered no {base!r} model to deploy")
+    if IMAGE_DEPLOYMENT in {d["name"] for d in call("GET", "/api/v1/deployments")["items"]}:
+        call("DELETE", f"/api/v1/deployments/{IMAGE_DEPLOYMENT}")
+    say(f"deploying {refs[0]} as {IMAGE_DEPLOYMENT!r} and drawing 'red bold 3' with APG guidance")
+    call("POST", "/api/v1/deployments", json={"name": IMAGE_DEPLOYMENT, "model": refs[0]}, timeout=600)
+    drawn = call(
+        "POST",
+        f"/api/v1/deployments/{IMAGE_DEPLOYMENT}/images",
+        json={"prompt": "red bold 3", "guidance": "apg", "scale": 4.0, "n": 4, "seed": 0, "steps": 4 if smoke else 20},
+        timeout=600,
+    )
     return {
         "job": job["id"],
         "artifacts": {a["name"]: a["url"] for a in arts if a["kind"] in ("image", "plot")},
         "record": {k: record.get(k) for k in ("ours", "baseline", "holds", "note")},
+        "model": refs[0],
+        "deployment": IMAGE_DEPLOYMENT,
+        "images": len(drawn["data"]),
     }

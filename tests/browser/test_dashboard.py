@@ -182,6 +182,10 @@ def test_catalog_compare_and_models_pages(page: Page, dash_server: Server, image
     page.goto("/#/models")
     row = page.locator("tr", has_text="counter@1")
     expect(row.get_by_role("link", name=re.compile("test-counter"))).to_be_visible()
+    config = row.locator("details.config")  # the headline of the config, the whole of it one click away
+    expect(config.locator("summary")).to_be_visible()
+    config.locator("summary").click()
+    expect(config.locator("pre")).to_be_visible()
     expect(page.locator("#deployments")).to_contain_text("No deployments")  # the API answers; none made yet
     screenshot(page, shots, "models")
 

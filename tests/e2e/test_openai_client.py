@@ -120,3 +120,4 @@ def test_demo_diffusion_smoke_renders_the_cfg_vs_apg_grid(tmp_path: Path):
         srv.stop()
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["record"]["ours"] is not None and out["record"]["baseline"] is not None
+    assert out["deployment"] == "demo-digits" and out["model"].startswith("diffusion-base-") and out["images"] == 4

@@ -55,6 +55,11 @@ class PretrainParams(StepTrainingParams, ResumableParams):
     )
     grid_per_class: int = Field(8, ge=1, le=32, description="images per digit in each sample grid")
     grid_steps: int = Field(20, ge=1, le=1000, description="DDIM steps of the sample grids")
+    model_name: str = Field(
+        "diffusion-digits",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="name to register the trained model under (each run adds a version)",
+    )
 
     def config(self, seed: int) -> PretrainConfig:
         return PretrainConfig(
@@ -97,9 +102,13 @@ def run(ctx: RunContext, params: PretrainParams) -> None:
     parts = train_denoiser(ctx, config, on_step=on_checkpoint)
     folder = save_parts(parts, ctx.workdir / "model")
     ctx.save_artifact("samples/final.png", _grid(parts, params, ctx.seed), kind="image")
-    ref = ctx.register_model(
-        f"diffusion-pretrain-{ctx.job_id}",
-        folder,
-        {"method": "diffusion-pretrain", **parts.info.get("training", {})},
-    )
+    lineage = {
+        "method": "diffusion-pretrain",
+        "job_id": ctx.job_id,
+        "parent": None,
+        "dataset": ctx.dataset.name if ctx.dataset else None,
+        "seed": ctx.seed,
+        **parts.info.get("training", {}),
+    }
+    ref = ctx.register_model(params.model_name, folder, lineage)
     ctx.progress(config.steps, config.steps, f"registered {ref}")

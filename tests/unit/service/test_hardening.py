@@ -309,3 +309,39 @@ def test_numbers_are_json_numbers_not_strings_or_booleans(api, body, pointer):
     accepted"), while 3.0 is the integer 3 as JSON Schema has it."""
     problem(api.post("/api/v1/jobs", json=body), 422, pointer)
     assert api.post("/api/v1/jobs", json={"method": "test-counter", "seed": 3.0}).json()["seed"] == 3
+
+
+def test_an_archived_project_reads_but_refuses_writes_until_restored(api, settings):
+    """Archiving (operator only) keeps a project's history readable and stops every write with a 409 that says
+    how to restore it; a project with running work or deployments is not archived under it."""
+    from tests.conftest import make_key
+    from tests.unit.service.attacks import as_key
+
+    operator = make_key(settings, role="operator")
+    member = make_key(settings, project="gamma", role="member")
+    as_key(api, member)
+    job = api.post("/api/v1/jobs", json={"method": "test-counter"}).json()
+    as_key(api, operator)
+    busy = api.post("/api/v1/projects/gamma/archive")
+    assert busy.status_code == 409 and "1 queued or running job" in busy.json()["detail"]
+    as_key(api, member)
+    assert api.post(f"/api/v1/jobs/{job['id']}/cancel").status_code in (200, 202)
+    as_key(api, operator)
+    assert api.post("/api/v1/projects/default/archive").status_code == 409  # the operator's own
+    archived = api.post("/api/v1/projects/gamma/archive")
+    assert archived.status_code == 200 and archived.json()["archived_at"]
+
+    as_key(api, member)
+    assert api.get(f"/api/v1/jobs/{job['id']}").status_code == 200
+    refused = api.post("/api/v1/jobs", json={"method": "test-counter"})
+    assert refused.status_code == 409 and refused.json()["type"].endswith("project-archived")
+    assert "/api/v1/projects/gamma/restore" in refused.json()["detail"]
+    assert (
+        api.post("/api/v1/projects/gamma/restore").status_code == 409
+    )  # a write like any other: the operator restores
+
+    as_key(api, operator)
+    assert api.post("/api/v1/projects/gamma/restore").json()["archived_at"] is None
+    assert [e["action"] for e in api.get("/api/v1/audit").json()["items"]][:2] == ["project.restore", "project.archive"]
+    as_key(api, member)
+    assert api.post("/api/v1/jobs", json={"method": "test-counter"}).status_code == 201
