@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.integration.conftest import SERVICES  # noqa: E402  (the servers' addresses)
+from tests.integration.stack import SERVICES  # noqa: E402  (the servers' addresses)
 
 WORK_S = 1.0
 CELERY_BARE_TASK = "bench.sleep"
@@ -165,34 +165,15 @@ def phases(settings: Any, job_ids: list[str]) -> dict[str, float]:
 def bench_celery(tmp: Path, n: int) -> dict[str, float]:
     import redis
 
+    from tests.integration.stack import CeleryWorker
     from workers.executors.celery import CeleryExecutor
     from workers.settings import load_plugins
 
     settings = make_settings(tmp, "celery")
     load_plugins(settings)
     redis.Redis.from_url(settings.redis_url).flushdb()
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
-    log = open(tmp / "celery-worker.log", "ab")
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "api.cli",
-            "worker",
-            "-Q",
-            "cpu",
-            "-c",
-            "1",
-            "-n",
-            "bench@crucible",
-            "--loglevel",
-            "WARNING",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    worker = CeleryWorker(settings, "bench", tmp)  # a real `crucible worker`, as the integration tests start it
+    log = open(tmp / "celery-bare-worker.log", "ab")
     bare_worker = subprocess.Popen(
         [
             sys.executable,
@@ -214,9 +195,9 @@ def bench_celery(tmp: Path, n: int) -> dict[str, float]:
         return measure(settings, executor, n, lambda: app.send_task(CELERY_BARE_TASK, args=[WORK_S]).get(timeout=120))
     finally:
         executor.stop()
-        for p in (worker, bare_worker):
-            p.terminate()
-            p.wait(timeout=60)
+        worker.stop(timeout=60)
+        bare_worker.terminate()
+        bare_worker.wait(timeout=60)
 
 
 def bench_ray(tmp: Path, n: int) -> dict[str, float]:

@@ -8,14 +8,17 @@ publish a row, so a resume never sees a partial file and never lacks the metrics
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mimetypes
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +94,13 @@ def through_db_outage(write: Callable[[], T]) -> T:
     return write()
 
 
+def _checkpoint_attempt(key: str) -> int:
+    """The attempt that wrote a checkpoint object (`…/step-000000010-a2.safetensors` → 2); unknown names
+    count as later than any attempt, so a sweep leaves them alone."""
+    match = re.search(r"-a(\d+)\.safetensors$", key)
+    return int(match.group(1)) if match else sys.maxsize
+
+
 class JobRunContext:
     """RunContext for one attempt of one job."""
 
@@ -112,6 +122,7 @@ class JobRunContext:
         self._buf = _Buffers([], [], None)
         self._cancel = threading.Event()
         self._lost = threading.Event()  # this attempt was fenced off
+        self._registered: Counter[str] = Counter()  # model registrations of this attempt, by name
         self.cancel_observed = False
         self._stop = threading.Event()
         self._flush_now = threading.Event()  # wakes the reporter when a batch is full
@@ -126,13 +137,15 @@ class JobRunContext:
         self._reporter.start()
 
     def close(self) -> None:
-        """Stop the reporter and flush everything (also on failure)."""
+        """Stop the reporter, flush everything and sweep stray checkpoint objects (also on failure)."""
         self._stop.set()
         self._flush_now.set()
         if self._reporter.is_alive():
             self._reporter.join(timeout=10)
         try:
             self.flush()
+            if not self._lost.is_set():
+                self.sweep_checkpoints()
         finally:
             self._workdir.cleanup()
 
@@ -236,7 +249,34 @@ class JobRunContext:
         stored = self.store.put_bytes(f"jobs/{self.job_id}/{name}", blob)
         stale_keys = through_db_outage(lambda: self._publish_checkpoint(name, stored, step))
         for key in stale_keys:  # rows are gone first, so no reader can pick a deleted object
-            self.store.delete(key)
+            try:
+                self.store.delete(key)
+            except Exception as exc:  # the store is away: the job goes on, and sweep_checkpoints retries
+                print(f"[crucible] could not delete {key} yet ({type(exc).__name__})", file=sys.stderr, flush=True)
+
+    def sweep_checkpoints(self) -> list[str]:
+        """Delete this job's checkpoint objects that no row names, from this attempt and earlier ones.
+
+        An object is written before its row and deleted after it, so a process killed in between (a worker
+        killed with -9, a fenced-off attempt whose row was refused, a delete while the store was down)
+        leaves an object nothing refers to: bench/chaos.py found such orphans. Once the method has
+        returned, this attempt writes no more checkpoints and earlier attempts are fenced off, so what
+        no row names is garbage. Later attempts' objects (a newer attempt took over meanwhile) are never
+        touched. Best effort: a store that is down leaves them for the next attempt or the job's deletion.
+        """
+        prefix = f"jobs/{self.job_id}/checkpoints/"
+        try:
+            with session_scope(self._db) as s:
+                named = set(
+                    s.scalars(select(Artifact.key).where(Artifact.job_id == self.job_id, Artifact.kind == "checkpoint"))
+                )
+            stray = [k for k in self.store.list(prefix) if k not in named and _checkpoint_attempt(k) <= self.attempt]
+            for key in stray:
+                self.store.delete(key)
+            return stray
+        except Exception as exc:
+            print(f"[crucible] checkpoint sweep skipped ({type(exc).__name__})", file=sys.stderr, flush=True)
+            return []
 
     def _publish_checkpoint(self, name: str, stored: Any, step: int) -> list[str]:
         with session_scope(self._db) as s:
@@ -326,9 +366,33 @@ class JobRunContext:
 
     # -- models ---------------------------------------------------------------
     def register_model(self, name: str, path: Path, config: Mapping[str, Any] | None = None) -> str:
+        """Register the folder (or file) as the next version of `name`, once per job: an attempt that
+        re-runs the end of a job whose earlier attempt registered the model and then was lost before its
+        final state (killed, its Ray driver gone) gets that version back instead of a second one, as
+        bench/chaos.py found (one job, two versions). The n-th registration of a name in an attempt
+        matches the job's n-th version of it, so a run that registers a name repeatedly stays in step."""
         check_artifact_name(name)
+        nth = self._registered[name]
+        self._registered[name] += 1
+        with session_scope(self._db) as s:
+            earlier = list(
+                s.scalars(
+                    select(RegisteredModel.version)
+                    .where(
+                        RegisteredModel.project == self.project,
+                        RegisteredModel.name == name,
+                        RegisteredModel.source_job_id == self.job_id,
+                    )
+                    .order_by(RegisteredModel.version)
+                )
+            )
+        if nth < len(earlier):
+            return f"{name}@{earlier[nth]}"
         path = Path(path)
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        # Each try uploads under a prefix of its own (the version, then this job and attempt): two jobs
+        # that pick the same next version must not write over, or on losing the race delete, each other's
+        # files, and what a refused registration uploaded is removed again (no object without its row).
         for _ in range(5):  # a concurrent registration may take our version number; then take the next
             with session_scope(self._db) as s:
                 version = (
@@ -339,13 +403,13 @@ class JobRunContext:
                     )
                     or 0
                 ) + 1
-            prefix = f"models/{self.project}/{name}/{version}"
+            prefix = f"models/{self.project}/{name}/{version}/{self.job_id}-a{self.attempt}"
             manifest = {}
-            for f in files:
-                rel = f.name if path.is_file() else f.relative_to(path).as_posix()
-                stored = self.store.put_file(f"{prefix}/{rel}", f)
-                manifest[rel] = {"size": stored.size, "sha256": stored.sha256}
             try:
+                for f in files:
+                    rel = f.name if path.is_file() else f.relative_to(path).as_posix()
+                    stored = self.store.put_file(f"{prefix}/{rel}", f)
+                    manifest[rel] = {"size": stored.size, "sha256": stored.sha256}
                 with session_scope(self._db) as s:
                     lifecycle.fence(s, self.job_id, self.attempt)
                     s.add(
@@ -362,6 +426,10 @@ class JobRunContext:
                 return f"{name}@{version}"
             except IntegrityError:
                 self.store.delete_prefix(prefix + "/")
+            except BaseException:  # fenced off (a newer attempt runs), or the store or database failed
+                with contextlib.suppress(Exception):
+                    self.store.delete_prefix(prefix + "/")
+                raise
         raise RuntimeError(f"could not allocate a version for model {name!r}")
 
     def load_model(self, ref: str) -> Path:
@@ -387,7 +455,7 @@ def resolve_model(ref: str, settings: Settings, store: ObjectStore, project: str
     or a local folder under one of the allowed import roots."""
     local = Path(ref)
     if local.is_absolute():
-        roots = [Path(r).resolve() for r in settings.import_roots.split(":") if r] or [settings.home / "imports"]
+        roots = settings.import_root_paths
         target = local.resolve()
         if not any(target.is_relative_to(r) for r in roots) or not target.is_dir():
             raise PermissionError(f"{ref} is not a folder under an allowed import root ({', '.join(map(str, roots))})")

@@ -176,8 +176,20 @@ def request_cancel(session: Session, job_id: str) -> str:
     return request_cancel(session, job_id)  # lost a race with a transition; try again on the new state
 
 
-def release_lost(session: Session, job: Job, reason: str) -> str:
-    """A job whose worker is gone: cancel it if cancelling, re-queue it while attempts remain, else fail it."""
+FREE_LOSSES_CEILING = 20  # past this many attempts a lost worker counts against the job's budget too
+
+
+def release_lost(session: Session, job: Job, reason: str, *, job_at_fault: bool = True) -> str:
+    """A job whose worker is gone: cancel it if cancelling, re-queue it while attempts remain, else fail it.
+
+    `job_at_fault=False` is for a loss the job did not cause (its whole worker vanished: killed, its
+    machine or its Ray driver gone, its lease expired): like a preemption it re-queues without spending
+    the retry budget, which is meant for jobs that crash (a 10-minute chaos soak, bench/chaos.py, failed
+    jobs whose workers were killed under them three times). A job whose own process died under a live
+    worker may have caused it (out of memory, a segfault), so that spends the budget; so does every loss
+    past FREE_LOSSES_CEILING attempts, which bounds a job that hangs its worker or stops its own
+    heartbeats (holding the GIL) from looping forever.
+    """
     if job.status == "cancelling":
         _cas(
             session,
@@ -191,13 +203,15 @@ def release_lost(session: Session, job: Job, reason: str) -> str:
             lease_owner=None,
         )
         return "cancelled"
-    if job.attempt < job.max_attempts and _cas(
+    free = not job_at_fault and job.attempt < FREE_LOSSES_CEILING
+    if (free or job.attempt < job.max_attempts) and _cas(
         session,
         job.id,
         from_status=("starting", "running"),
         at_attempt=job.attempt,
         status="queued",
         attempt=Job.attempt + 1,
+        max_attempts=Job.max_attempts + (1 if free else 0),
         lease_owner=None,
         lease_expires_at=None,
         error=reason,
@@ -219,7 +233,9 @@ def release_lost(session: Session, job: Job, reason: str) -> str:
 
 
 def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
-    """Release every active job whose lease expired (worker stopped heart-beating)."""
+    """Release every active job whose lease expired: its worker stopped heart-beating (a worker whose job
+    process died settles that itself, see workers.executors.job_process), so the job is not at fault."""
     now = now or utcnow()
     expired = session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)).all()
-    return [(job.id, release_lost(session, job, "worker stopped heart-beating (lease expired)")) for job in expired]
+    reason = "worker stopped heart-beating (lease expired)"
+    return [(job.id, release_lost(session, job, reason, job_at_fault=False)) for job in expired]

@@ -6,18 +6,23 @@
 # .crucible-test/services.env, which the integration suite reads; a part that cannot run is listed
 # there with the reason (CRUCIBLE_SERVICES_MISSING), and its tests skip with it, or fail when CI=true.
 # It never fails the test run itself.
+#
+# Every port and the folder can be moved (CRUCIBLE_TEST_*_PORT, CRUCIBLE_TEST_SERVICES_DIR), so a second,
+# private stack can run beside the shared one: bench/chaos.py restarts and kills its servers, which
+# must not be the ones another test run on this machine is using.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-ROOT="$PWD/.crucible-test/services"
-ENV_FILE="$PWD/.crucible-test/services.env"
+TEST_DIR="${CRUCIBLE_TEST_SERVICES_DIR:-$PWD/.crucible-test}"
+ROOT="$TEST_DIR/services"
+ENV_FILE="$TEST_DIR/services.env"
 PG_PORT="${CRUCIBLE_TEST_PG_PORT:-35432}"
 REDIS_PORT="${CRUCIBLE_TEST_REDIS_PORT:-36379}"
 S3_PORT="${CRUCIBLE_TEST_S3_PORT:-38333}"
 # SeaweedFS's gRPC ports default to port+10000, so every port stays below 55535.
-WEED_MASTER_PORT=39333
-WEED_VOLUME_PORT=38080
-WEED_FILER_PORT=38888
+WEED_MASTER_PORT="${CRUCIBLE_TEST_WEED_MASTER_PORT:-39333}"
+WEED_VOLUME_PORT="${CRUCIBLE_TEST_WEED_VOLUME_PORT:-38080}"
+WEED_FILER_PORT="${CRUCIBLE_TEST_WEED_FILER_PORT:-38888}"
 BUCKET=crucible-test
 PG_DATA="$ROOT/pg"
 mkdir -p "$ROOT"
@@ -62,7 +67,7 @@ start_postgres() {
       # the checkout is not reachable by the postgres user (e.g. a 0700 parent folder): keep the
       # cluster in a folder of its own, named after this checkout
       rmdir "$data" 2>/dev/null
-      data="/var/tmp/crucible-test-pg-$(echo "$PWD" | md5sum | cut -c1-8)"
+      data="/var/tmp/crucible-test-pg-$(echo "$PWD${CRUCIBLE_TEST_SERVICES_DIR:-}" | md5sum | cut -c1-8)"
       mkdir -p "$data" && chown postgres "$data" && chmod 700 "$data"
     fi
     PG_DATA="$data"

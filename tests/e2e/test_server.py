@@ -33,8 +33,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, env: dict[str, str] | None = None):
         self.home = home
+        self.env = env or {}  # on top of the test settings below: another stack's database, executor, …
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -50,6 +51,7 @@ class Server:
             "CRUCIBLE_CANCEL_GRACE_S": "2",
             "CRUCIBLE_METRIC_FLUSH_S": "0.3",
             "CRUCIBLE_DEMO_JOB": "false",
+            **self.env,
         }
         log = open(self.home.parent / f"server-{self.port}.log", "ab")
         self.proc = subprocess.Popen(

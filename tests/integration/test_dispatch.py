@@ -54,6 +54,45 @@ def test_a_failed_send_leaves_the_job_to_be_sent_again(settings):
     assert Dispatcher(settings, "celery", sent.append).tick() == 1
 
 
+def test_reopen_resends_what_was_sent_but_never_claimed_and_nothing_else(settings):
+    sent: list[Dispatch] = []
+    lost, claimed, other = add_job(settings), add_job(settings), add_job(settings)
+    ray = Dispatcher(settings, "ray", sent.append)
+    assert ray.tick() == 3
+    with session_scope(settings.database_url) as s:
+        assert lifecycle.claim(s, claimed, 1, "ray:host:1", 30)
+    assert ray.reopen(lost, 2) == 0  # another attempt's message
+    assert ray.reopen(lost, 1) == 1 and ray.tick() == 1 and sent[-1].job_id == lost
+    assert ray.reopen() == 2  # `lost` again, and `other`; never the claimed one
+    assert row(settings, claimed).status == "starting" and row(settings, other).lease_owner is None
+
+
+def test_a_new_ray_driver_resends_what_the_previous_one_sent_and_a_task_that_died_unclaimed(settings, monkeypatch):
+    """Ray tasks die with their driver (the API process): the chaos soak (bench/chaos.py) found jobs sent
+    just before an API restart waiting the whole RESEND_AFTER_S (10 min) to be sent again."""
+    ray = pytest.importorskip("ray")
+    from workers.executors import ray as ray_executor
+
+    orphan, dying = add_job(settings), add_job(settings)
+    Dispatcher(settings, "ray", lambda _: None).tick()  # the previous driver sent both, then died
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(Dispatcher, "start", lambda self: None)
+    executor = ray_executor.RayExecutor(settings.model_copy(update={"executor": "ray", "ray_address": "127.0.0.1:1"}))
+    executor.start()
+    assert row(settings, orphan).lease_owner is None and row(settings, dying).lease_owner is None
+
+    class Ref:
+        def hex(self) -> str:
+            return "ref"
+
+    Dispatcher(settings, "ray", lambda _: None).tick()  # this driver sent them again
+    executor.refs = {dying: (1, Ref(), None)}
+    monkeypatch.setattr(ray, "wait", lambda refs, **_: (refs, []))  # its task ended without claiming
+    executor._watch()
+    assert row(settings, dying).lease_owner is None and row(settings, orphan).lease_owner == "sent:ray"
+    assert not executor.refs
+
+
 def test_a_shutting_down_worker_requeues_its_jobs_without_spending_their_retry_budget(settings):
     mine, other, stopping = add_job(settings), add_job(settings), add_job(settings)
     with session_scope(settings.database_url) as s:

@@ -3,15 +3,11 @@ storm of idempotent submissions. Each test prints its figures (jobs, faults, los
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,8 +15,8 @@ import torch
 from sqlalchemy import func, select
 
 from tests.conftest import wait_for
-from tests.integration.conftest import SERVICES
-from tests.integration.test_celery import assert_complete_series, completions, server  # noqa: F401 (fixture)
+from tests.integration.stack import SERVICES, Weed, completions, restart_postgres
+from tests.integration.test_celery import assert_complete_series, server  # noqa: F401 (fixture)
 from workers import lifecycle
 from workers.context import JobRunContext
 from workers.db import session_scope
@@ -37,58 +33,11 @@ def figures(name: str, **values: object) -> None:
 
 
 # -- S3 ------------------------------------------------------------------------------------------
-class Weed:
-    """SeaweedFS's S3 gateway that scripts/setup/services.sh started: stopped and restarted in place."""
-
-    def __init__(self) -> None:
-        self.pid_file = Path(SERVICES["CRUCIBLE_TEST_S3_PID_FILE"])
-        self.argv = (self.pid_file.parent / "s3.argv").read_text().splitlines()
-        self.pid = int(self.pid_file.read_text())
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def stop(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait()
-        wait_for(lambda: not _alive(self.pid), timeout=10, every=0.05)
-
-    def start(self) -> None:
-        log = open(self.pid_file.parent / "s3.log", "ab")
-        proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        self.pid, self.proc = proc.pid, proc
-        self.pid_file.write_text(str(proc.pid))
-        store = S3Store(
-            SERVICES["CRUCIBLE_TEST_S3_BUCKET"],
-            "probe",
-            SERVICES["CRUCIBLE_TEST_S3_ENDPOINT"],
-            max_attempts=1,
-            retry_s=0,
-        )
-        wait_for(lambda: _answers(store), timeout=60, every=0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def _answers(store: S3Store) -> bool:
-    try:
-        store.put_bytes("up", b"ok")
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture
 def weed() -> Iterator[Weed]:
     w = Weed()
     yield w
-    if not _alive(w.pid):
+    if not w.up():
         w.start()
 
 
@@ -153,23 +102,6 @@ def test_a_failed_checkpoint_write_registers_nothing(stack_settings, s3_url, wee
 
 
 # -- Postgres ------------------------------------------------------------------------------------
-def restart_postgres() -> float:
-    pg_ctl = Path(SERVICES["CRUCIBLE_TEST_PG_BIN"]) / "pg_ctl"
-    as_user = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
-    started = time.monotonic()
-    data = SERVICES["CRUCIBLE_TEST_PG_DATA"]
-    # -l: the server must not inherit our pipes (we would wait for it to exit)
-    subprocess.run(
-        [*as_user, str(pg_ctl), "-D", data, "-l", f"{data}/server.log", "-m", "fast", "-w", "restart"],
-        check=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=120,
-    )
-    return time.monotonic() - started
-
-
 def test_jobs_survive_a_postgres_restart(server, workers, stack_settings):  # noqa: F811
     workers("a", concurrency=2)
     ids = [

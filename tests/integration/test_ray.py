@@ -10,7 +10,7 @@ import pytest
 from api.jobs import submit
 from api.schemas import JobCreate
 from tests.conftest import wait_for
-from tests.integration.conftest import job_processes
+from tests.integration.stack import job_processes
 from workers import lifecycle
 from workers.db import session_scope
 from workers.settings import Settings

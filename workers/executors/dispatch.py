@@ -128,7 +128,7 @@ class Dispatcher:
             try:
                 self.send(Dispatch(row.id, row.attempt, row.priority, dict(row.resources or {})))
             except Exception:
-                self._unmark(row.id, row.attempt)
+                self.reopen(row.id, row.attempt)
                 raise
             sent += 1
         return sent
@@ -150,11 +150,14 @@ class Dispatcher:
                 == 1
             )
 
-    def _unmark(self, job_id: str, attempt: int) -> None:
+    def reopen(self, job_id: str | None = None, attempt: int | None = None) -> int:
+        """Make a queued attempt that this engine was sent, but never claimed, sendable again at once (all of
+        them without arguments): for a message known not to arrive, rather than waiting RESEND_AFTER_S.
+        A claimed, re-queued or cancelled job does not match, so a message that did arrive is not repeated."""
+        stmt = update(Job).where(Job.status == "queued", Job.lease_owner == self.marker)
+        if job_id is not None:
+            stmt = stmt.where(Job.id == job_id, Job.attempt == attempt)
         with session_scope(self.settings.database_url) as s:
-            s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued", Job.lease_owner == self.marker)
-                .values(lease_owner=None, lease_expires_at=None)
-                .execution_options(synchronize_session=False)
-            )
+            return s.execute(
+                stmt.values(lease_owner=None, lease_expires_at=None).execution_options(synchronize_session=False)
+            ).rowcount

@@ -114,7 +114,8 @@ class LocalExecutor:
         released = []
         with session_scope(self.settings.database_url) as s:
             for job in s.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.lease_owner.like("local:%"))):
-                released.append((job.id, lifecycle.release_lost(s, job, "the local executor restarted")))
+                reason = "the local executor restarted"  # the server went down under the job: not its fault
+                released.append((job.id, lifecycle.release_lost(s, job, reason, job_at_fault=False)))
         return released
 
     # -- the loop -------------------------------------------------------------

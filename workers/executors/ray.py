@@ -62,6 +62,10 @@ class RayExecutor:
             self._started_ray = True
         address = self.settings.ray_address or ray.get_runtime_context().gcs_address
         self._task_settings = self.settings.model_copy(update={"ray_address": address}).model_dump(mode="json")
+        # Ray tasks share their driver's fate: what a previous API process sent and no task claimed died
+        # with it, so it is sent again now, not RESEND_AFTER_S later (a task of another live driver that
+        # is sent twice is harmless: one claim wins, the other task skips)
+        self.dispatcher.reopen()
         self.dispatcher.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -105,6 +109,8 @@ class RayExecutor:
             for job_id, (attempt, ref, seen) in items:
                 if ref.hex() in finished:
                     self.refs.pop(job_id, None)
+                    if states.get(job_id) == "queued":  # the task ended before it claimed (its worker died)
+                        self.dispatcher.reopen(job_id, attempt)
                 elif states.get(job_id) in ("cancelling", "cancelled"):
                     seen = seen or now
                     self.refs[job_id] = (attempt, ref, seen)

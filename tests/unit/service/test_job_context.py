@@ -154,3 +154,129 @@ def test_a_stale_attempt_is_not_retried_as_an_outage():
     with pytest.raises(lifecycle.StaleAttempt):
         through_db_outage(fenced)
     assert calls == [1]
+
+
+def test_an_attempt_sweeps_checkpoint_objects_no_row_names_but_never_a_later_attempts(settings, store):
+    """bench/chaos.py found checkpoint objects with no row after workers were killed between an upload and
+    its row (or between a pruned row and its object's delete). The attempt that ends sweeps them; the
+    objects of an attempt that took over meanwhile are left alone."""
+    with session_scope(settings.database_url) as s:
+        job = Job(method="test-counter", params={})
+        s.add(job)
+        s.flush()
+        assert lifecycle.claim(s, job.id, 1, "w1", 30)
+        assert lifecycle.release_lost(s, s.get(Job, job.id), "killed") == "queued"
+        assert lifecycle.claim(s, job.id, 2, "w2", 30)
+        s.refresh(job)
+        s.expunge(job)
+    prefix = f"jobs/{job.id}/checkpoints/"
+    killed_mid_write = store.put_bytes(f"{prefix}step-000000005-a1.safetensors", b"attempt 1 died here").key
+    later = store.put_bytes(f"{prefix}step-000000009-a3.safetensors", b"a newer attempt's upload").key
+    ctx = JobRunContext(job, None, settings, store, "cpu")
+    ctx.start()
+    ctx.save_checkpoint({"w": torch.ones(2)}, 8)
+    ctx.close()
+    assert killed_mid_write not in store.list(prefix)
+    with session_scope(settings.database_url) as s:
+        named = set(s.scalars(select(Artifact.key).where(Artifact.job_id == job.id)))
+    assert set(store.list(prefix)) == named | {later}
+
+
+def test_a_store_outage_while_pruning_does_not_fail_the_job(ctx, settings, store, monkeypatch):
+    """The old checkpoint's row is already gone: its object is swept later instead of failing the job."""
+    for step in (1, 2):
+        ctx.save_checkpoint({"w": torch.ones(2)}, step)
+
+    def down(key: str) -> None:
+        raise ConnectionError("S3 gateway down")
+
+    monkeypatch.setattr(store, "delete", down)
+    ctx.save_checkpoint({"w": torch.ones(2)}, 3)  # prunes step 1: its delete fails, the job goes on
+    monkeypatch.undo()
+    assert len(store.list(f"jobs/{ctx.job_id}/checkpoints/")) == 3
+    assert ctx.sweep_checkpoints() == [f"jobs/{ctx.job_id}/checkpoints/step-000000001-a1.safetensors"]
+    assert ctx.load_checkpoint().step == 3
+
+
+def running_context(settings, store) -> JobRunContext:
+    with session_scope(settings.database_url) as s:
+        job = Job(method="test-counter", params={})
+        s.add(job)
+        s.flush()
+        assert lifecycle.claim(s, job.id, 1, "w", 30)
+        s.expunge(job)
+    return JobRunContext(job, None, settings, store, "cpu")
+
+
+def model_files_intact(settings, store, ref: str) -> bool:
+    from workers.tables import RegisteredModel
+
+    name, _, version = ref.partition("@")
+    with session_scope(settings.database_url) as s:
+        row = s.scalars(
+            select(RegisteredModel).where(RegisteredModel.name == name, RegisteredModel.version == int(version))
+        ).one()
+    return all(
+        hashlib.sha256(store.get_bytes(f"{row.key}/{rel}")).hexdigest() == info["sha256"]
+        for rel, info in row.files.items()
+    )
+
+
+def test_two_jobs_registering_the_same_next_version_keep_each_others_files(settings, store, tmp_path, monkeypatch):
+    """Both read max(version) + 1 = 1; the first inserts its row while the second uploads. The second used to
+    write over the first's files at the same key, then, on losing the insert, delete that prefix: the first's
+    registered model lost its files (a registered-model check of bench/chaos.py)."""
+    first, second = running_context(settings, store), running_context(settings, store)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "weights.txt").write_text("first job's weights")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "weights.txt").write_text("second job's weights")
+    refs = []
+    real_put = store.put_file
+
+    def put_file(key, path):
+        if not refs and path.read_text() == "second job's weights":
+            refs.append(first.register_model("counter", tmp_path / "a"))  # the first wins version 1 meanwhile
+        return real_put(key, path)
+
+    monkeypatch.setattr(store, "put_file", put_file)
+    assert second.register_model("counter", tmp_path / "b") == "counter@2"
+    assert refs == ["counter@1"]
+    assert model_files_intact(settings, store, "counter@1") and model_files_intact(settings, store, "counter@2")
+    assert all(k.count("/") == 5 for k in store.list("models/default/counter/"))  # nothing left of the lost try
+
+
+def test_a_fenced_off_registration_leaves_no_files(ctx, settings, store, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "weights.txt").write_text("late")
+    with session_scope(settings.database_url) as s:
+        lifecycle.release_lost(s, s.get(Job, ctx.job_id), "worker lost")
+    with pytest.raises(lifecycle.StaleAttempt):
+        ctx.register_model("counter", tmp_path / "m")
+    assert store.list("models/") == []
+
+
+def test_an_attempt_that_reruns_the_end_of_a_job_gets_the_model_an_earlier_attempt_registered(
+    settings, store, tmp_path
+):
+    """bench/chaos.py: attempt 1 registered its model, then its Ray driver died before the job's final state;
+    attempt 2 resumed from the last checkpoint, ran to the end and registered a second version. A job's
+    registrations are once per job: the n-th registration of a name matches the job's n-th version."""
+    from workers.tables import RegisteredModel
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "weights.txt").write_text("trained")
+    first = running_context(settings, store)
+    assert first.register_model("counter", tmp_path / "m") == "counter@1"
+    with session_scope(settings.database_url) as s:
+        assert lifecycle.release_lost(s, s.get(Job, first.job_id), "driver gone", job_at_fault=False) == "queued"
+        assert lifecycle.claim(s, first.job_id, 2, "w2", 30)
+        job = s.get(Job, first.job_id)
+        s.refresh(job)
+        s.expunge(job)
+    second = JobRunContext(job, None, settings, store, "cpu")
+    assert second.register_model("counter", tmp_path / "m") == "counter@1"
+    assert second.register_model("counter", tmp_path / "m") == "counter@2"  # a second one of this run is new
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(RegisteredModel)) == 2
+    assert model_files_intact(settings, store, "counter@1")

@@ -72,16 +72,34 @@ def test_terminal_states_are_absorbing(settings):
     assert status_of(settings, jid)[0] == "succeeded"
 
 
-def test_reaper_requeues_expired_leases_then_fails_when_budget_is_spent(settings):
+def test_a_lost_worker_requeues_without_spending_the_budget_until_the_ceiling(settings):
+    """A worker killed under its job (lease expired) is not the job's fault: the chaos soak (bench/chaos.py)
+    failed a job with `worker_lost` after its workers were killed three times. Only past the ceiling does a
+    loss count, so a job that stops its own heartbeats still ends."""
+    jid = queued_job(settings, max_attempts=2)
+    for attempt in (1, 2, 3):
+        with session_scope(settings.database_url) as s:
+            assert lifecycle.claim(s, jid, attempt, "w", lease_s=30)
+        with session_scope(settings.database_url) as s:
+            assert lifecycle.reap_expired(s, now=utcnow() + timedelta(seconds=60)) == [(jid, "queued")]
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, jid)
+        assert (job.status, job.attempt, job.max_attempts, job.failure_code) == ("queued", 4, 5, "worker_lost")
+        job.attempt = job.max_attempts = lifecycle.FREE_LOSSES_CEILING
+    with session_scope(settings.database_url) as s:
+        assert lifecycle.claim(s, jid, lifecycle.FREE_LOSSES_CEILING, "w", lease_s=30)
+    with session_scope(settings.database_url) as s:
+        assert lifecycle.reap_expired(s, now=utcnow() + timedelta(seconds=60)) == [(jid, "failed")]
+
+
+def test_a_job_whose_own_process_died_spends_its_budget(settings):
+    """Its worker saw it die (out of memory, a segfault, os._exit): retried from its checkpoint, then failed."""
     jid = queued_job(settings, max_attempts=2)
     for attempt, expected in ((1, "queued"), (2, "failed")):
         with session_scope(settings.database_url) as s:
             assert lifecycle.claim(s, jid, attempt, "w", lease_s=30)
-        with session_scope(settings.database_url) as s:
-            released = lifecycle.reap_expired(s, now=utcnow() + timedelta(seconds=60))
-        assert released == [(jid, expected)]
-    status, attempt, code = status_of(settings, jid)
-    assert (status, attempt, code) == ("failed", 2, "worker_lost")
+            assert lifecycle.release_lost(s, s.get(Job, jid), "job process ended with signal 9") == expected
+    assert status_of(settings, jid) == ("failed", 2, "worker_lost")
 
 
 def test_reaper_leaves_live_leases_alone(settings):
