@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import httpx
@@ -40,15 +40,19 @@ class Api:
             )
             sys.exit(2)
         if r.status_code >= 400:
-            try:
-                body = r.json()
-                err.print(f"[red]{body.get('title', 'error')}[/] ({r.status_code}): {body.get('detail', '')}")
-            except ValueError:
-                err.print(f"[red]HTTP {r.status_code}[/]: {r.text[:500]}")
-            sys.exit(1)
+            self.fail(r)
         return (
             r.json() if r.headers.get("content-type", "").startswith(("application/json", "application/problem")) else r
         )
+
+    def fail(self, r: httpx.Response) -> NoReturn:
+        """Print the problem body's title and detail (or the raw text) and exit 1."""
+        try:
+            body = r.json()
+            err.print(f"[red]{body.get('title', 'error')}[/] ({r.status_code}): {body.get('detail', '')}")
+        except ValueError:
+            err.print(f"[red]HTTP {r.status_code}[/]: {r.text[:500]}")
+        sys.exit(1)
 
 
 def _api() -> Api:
@@ -60,16 +64,40 @@ def _emit(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}
+
+
+def _schema_types(schema: dict[str, Any], field: dict[str, Any] | None) -> set[str]:
+    """The JSON types a params field takes (its `type`, or those of its `anyOf`/`$ref` branches); empty: unknown."""
+    if not field:
+        return set()
+    if "$ref" in field:
+        return _schema_types(schema, schema.get("$defs", {}).get(field["$ref"].rsplit("/", 1)[-1]))
+    types = {field["type"]} if isinstance(field.get("type"), str) else set(field.get("type") or ())
+    for branch in field.get("anyOf", ()):
+        types |= _schema_types(schema, branch)
+    if "enum" in field:
+        types |= {JSON_TYPES.get(type(v), "null") for v in field["enum"]}
+    return types
+
+
+def _parse_params(pairs: tuple[str, ...], schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`key=value` pairs; a value is parsed as JSON when it can be, unless the field's schema (the method's params
+    schema, when given) says it is a string and JSON made it something else: `sparsity=0.5` stays "0.5"."""
     params: dict[str, Any] = {}
+    props = (schema or {}).get("properties", {})
     for pair in pairs:
         if "=" not in pair:
             raise click.BadParameter(f"{pair!r}: write params as key=value", param_hint="-p")
         key, raw = pair.split("=", 1)
         try:
-            params[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            params[key] = raw
+            value = raw
+        types = _schema_types(schema or {}, props.get(key))
+        kind = "null" if value is None else JSON_TYPES.get(type(value), "")
+        taken = kind in types or (kind == "integer" and "number" in types)
+        params[key] = raw if "string" in types and not taken else value
     return params
 
 
@@ -301,6 +329,19 @@ def project_quotas(name: str, max_active_jobs: int | None, max_stored: str | Non
     console.print(f"project [cyan]{p['name']}[/]{_quotas(p)}")
 
 
+@main.command("project-archive")
+@click.argument("name")
+@click.option("--restore", is_flag=True, help="open an archived project for writes again")
+def project_archive(name: str, restore: bool) -> None:
+    """Make a project read-only, or with --restore writable again (the server's operator only).
+
+    Its keys keep reading its jobs, metrics, artifacts and models; refused while it has queued or running jobs
+    or deployments."""
+    p = _api()("POST", f"/api/v1/projects/{name}/{'restore' if restore else 'archive'}")
+    state = f"archived (read-only) since {p['archived_at']}" if p.get("archived_at") else "open for writes"
+    console.print(f"project [cyan]{p['name']}[/] is {state}")
+
+
 # -- catalogue -----------------------------------------------------------------
 def method_catalog() -> list[dict[str, Any]]:
     """Every registered method, described (`MethodSpec.describe()`), without importing torch when it can.
@@ -402,11 +443,114 @@ def datasets_delete(name: str) -> None:
     console.print(f"deleted dataset {name}")
 
 
+# -- models ----------------------------------------------------------------------
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List the project's registered models (every version); see the subcommands to upload, download, delete."""
+    if ctx.invoked_subcommand:
+        return
+    items = _api()("GET", "/api/v1/models")["items"]
+    if as_json:
+        return _emit(items)
+    table = Table("ref", "format", "from job", "files", "size")
+    for m in items:
+        size = sum(int(f.get("size", 0)) for f in m["files"].values())
+        kind = m["config"].get("format") or ("job" if m["source_job_id"] else "")
+        table.add_row(m["ref"], kind, m["source_job_id"] or "", str(len(m["files"])), _size(size))
+    console.print(table)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _pack(folder: Path, spool: Any) -> None:
+    """A folder as a .tar.gz (relative names, regular files only) into the open file `spool`."""
+    import tarfile
+
+    with tarfile.open(fileobj=spool, mode="w:gz") as tf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                tf.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+    spool.seek(0)
+
+
+@models.command("upload")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def models_upload(name: str, path: Path, as_json: bool) -> None:
+    """Upload PATH (a model folder, packed here as a .tar.gz, or a .zip / .tar.gz of one) as a new version of NAME."""
+    import tempfile
+
+    with tempfile.TemporaryFile() if path.is_dir() else path.open("rb") as spool:  # streamed, never read whole
+        if path.is_dir():
+            _pack(path, spool)
+        filename = f"{path.name or name}.tar.gz" if path.is_dir() else path.name
+        out = _api()("POST", "/api/v1/models", data={"name": name}, files={"file": (filename, spool)}, timeout=600)
+    if as_json:
+        return _emit(out)
+    console.print(f"registered [cyan]{out['ref']}[/] ({out['config'].get('format')}, {len(out['files'])} files)")
+    for note in out.get("notes", []):
+        err.print(f"[dim]{note}[/]", soft_wrap=True)
+
+
+@models.command("download")
+@click.argument("ref")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="the .tar.gz to write")
+@click.option(
+    "--extract",
+    "extract_to",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="unpack into this folder instead (the model lands in <folder>/<name>-<version>)",
+)
+def models_download(ref: str, output: Path | None, extract_to: Path | None) -> None:
+    """Download REF (`name@version`, or `name` for the latest) as a .tar.gz of its folder, or unpack it."""
+    import tarfile
+    import tempfile
+
+    api = _api()
+    with api.http.stream("GET", f"/api/v1/models/{ref}/download", timeout=600) as r:
+        if r.status_code >= 400:
+            r.read()
+            api.fail(r)
+        filename = r.headers.get("content-disposition", "").partition('filename="')[2].rstrip('"') or "model.tar.gz"
+        target = output or (Path(tempfile.mkdtemp()) / filename if extract_to else Path(filename))
+        with open(target, "wb") as f:
+            for chunk in r.iter_bytes():
+                f.write(chunk)
+    if extract_to is None:
+        return console.print(f"wrote {target} ({_size(target.stat().st_size)})")
+    with tarfile.open(target, "r:gz") as tf:
+        tf.extractall(extract_to, filter="data")  # names the server wrote; the data filter refuses anything else
+    console.print(f"unpacked {ref} into {extract_to / filename.removesuffix('.tar.gz')}")
+
+
+@models.command("delete")
+@click.argument("ref")
+def models_delete(ref: str) -> None:
+    """Delete the version REF (`name@version`; refused while a deployment or a queued or running job uses it)."""
+    name, _, version = ref.partition("@")
+    if not version.isdigit():
+        raise click.BadParameter("name the version to delete, e.g. llama@2", param_hint="REF")
+    _api()("DELETE", f"/api/v1/models/{name}/{version}")
+    console.print(f"deleted {ref}")
+
+
 # -- jobs ----------------------------------------------------------------------
 @main.command()
 @click.argument("method")
 @click.option("-d", "--dataset", default=None, help="dataset name")
-@click.option("-p", "--param", "params", multiple=True, help="key=value (value parsed as JSON when it can be)")
+@click.option(
+    "-p", "--param", "params", multiple=True, help="key=value, read as the type the method's params schema gives key"
+)
 @click.option("--seed", default=0, type=int)
 @click.option("--priority", default=0, type=int)
 @click.option("--gpus", default=0.0, type=float)
@@ -426,12 +570,13 @@ def submit(
     follow: bool,
     as_json: bool,
 ) -> None:
-    """Queue METHOD on a dataset."""
+    """Queue METHOD on a dataset (each -p value is read as the type the method's params schema gives it)."""
     api = _api()
+    schema = api("GET", f"/api/v1/methods/{method}")["params"] if params and not reproduce else None
     body = {
         "method": method,
         "dataset": dataset,
-        "params": _parse_params(params),
+        "params": _parse_params(params, schema),
         "seed": seed,
         "priority": priority,
         "mode": "reproduce" if reproduce else "run",
@@ -752,6 +897,12 @@ def deploy_chat(name: str, message: str, max_tokens: int, seed: int | None) -> N
     console.print(out["choices"][0]["message"]["content"])
 
 
+SMOKE_BANNER = (
+    "[yellow]smoke run[/]: {what}, and its numbers are not evidence (they check the plumbing); "
+    "drop --smoke for the real demo (minutes)"
+)
+
+
 @main.group()
 def demo() -> None:
     """End-to-end demos through the API (a running `crucible up`)."""
@@ -773,6 +924,8 @@ def demo_llm(smoke: bool, as_json: bool) -> None:
     )
     if as_json:
         return _emit(out)
+    if smoke:
+        console.print(SMOKE_BANNER.format(what="a micro Llama trained for seconds: its reply is noise"))
     table = Table("stage", "model", "val ppl")
     for stage, ref, ppl in out["stages"]:
         table.add_row(stage, ref, "" if ppl is None else f"{ppl:.2f}")
@@ -786,7 +939,7 @@ def demo_llm(smoke: bool, as_json: bool) -> None:
 @click.option("--smoke", is_flag=True, help="seconds-sized jobs (CI)")
 @click.option("--json", "as_json", is_flag=True)
 def demo_diffusion(smoke: bool, as_json: bool) -> None:
-    """Train the diffusion base if missing and render a CFG-vs-APG grid as a job artifact."""
+    """Train the diffusion base if missing, render CFG-vs-APG grids as job artifacts, deploy the base, draw."""
     from api.serving.demo import diffusion_demo
 
     api = _api()
@@ -798,13 +951,19 @@ def demo_diffusion(smoke: bool, as_json: bool) -> None:
     )
     if as_json:
         return _emit(out)
+    if smoke:
+        console.print(SMOKE_BANNER.format(what="a micro U-Net trained for seconds: its images are noise"))
     rec = out["record"]
     console.print(
         f"job [cyan]{out['job']}[/]: APG FD {rec['ours']:.4g} vs CFG {rec['baseline']:.4g} "
         f"({'holds' if rec['holds'] else 'does not hold'}); {rec['note']}"
     )
-    for name, url in out["artifacts"].items():
-        console.print(f"  {name}: {api.url}{url}")
+    # the dashboard's pages, not the API's artifact URLs: a browser has the dashboard's session, not a key
+    console.print(f"  grids ({', '.join(out['artifacts'])}): {api.url}/#/jobs/{out['job']}")
+    console.print(
+        f"  deployed {out['model']} as [bold]{out['deployment']}[/] ({out['images']} APG images drawn): "
+        f"{api.url}/#/deployments/{out['deployment']}"
+    )
 
 
 if __name__ == "__main__":

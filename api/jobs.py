@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.model_refs import check_model_params
 from api.problems import Problem, field_problem, validation_problem
 from api.schemas import JobCreate
 from models.datasets import UnknownDatasetError
@@ -27,8 +28,15 @@ def request_hash(spec: JobCreate) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def validate_spec(session: Session, spec: JobCreate, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
-    """Check method, dataset kind and params; return the params with defaults filled in."""
+def validate_spec(
+    session: Session,
+    spec: JobCreate,
+    project: str = DEFAULT_PROJECT,
+    settings: Settings | None = None,
+    store: ObjectStore | None = None,
+) -> dict[str, Any]:
+    """Check method, dataset kind and params (and, given settings and store, the models the params name);
+    return the params with defaults filled in."""
     try:
         method = get_method(spec.method)
     except UnknownMethodError as exc:
@@ -73,7 +81,10 @@ def validate_spec(session: Session, spec: JobCreate, project: str = DEFAULT_PROJ
         params = method.params.model_validate(spec.params)
     except ValidationError as exc:
         raise validation_problem(exc.errors(), prefix="/params") from None
-    return params.model_dump(mode="json")
+    values = params.model_dump(mode="json")
+    if settings is not None and store is not None:
+        check_model_params(session, settings, store, method, values, project)
+    return values
 
 
 def executor_capacity(settings: Settings) -> dict[str, float]:
@@ -108,7 +119,12 @@ def idempotency_token(project: str, key: str) -> str:
 
 
 def submit(
-    session: Session, settings: Settings, spec: JobCreate, idempotency_key: str | None, project: str = DEFAULT_PROJECT
+    session: Session,
+    settings: Settings,
+    spec: JobCreate,
+    idempotency_key: str | None,
+    project: str = DEFAULT_PROJECT,
+    store: ObjectStore | None = None,
 ) -> tuple[Job, bool]:
     """Queue a job; with an Idempotency-Key, a repeat of the same request returns the first job."""
     digest = request_hash(spec)
@@ -120,7 +136,7 @@ def submit(
         existing = session.scalars(select(Job).where(Job.idempotency_key == token)).first()
         if existing is not None:
             return _replay(existing, digest), False
-    params = validate_spec(session, spec, project)
+    params = validate_spec(session, spec, project, settings, store)
     if spec.resume_from:
         parent = session.get(Job, spec.resume_from)
         if parent is None or parent.project != project:

@@ -1,9 +1,11 @@
 """Importing a model folder uploaded as an archive into a project's registry.
 
-The folder is extracted by `workers.archives.safe_extract` (zip-slip, links, bombs and pickles refused),
-must look like a Hugging Face (`config.json`) or diffusers (`model_index.json`) folder with
-safetensors weights whose headers and offsets are sound, and is published the same way a job registers
-a model: objects first, then the row. The project's storage quota is charged the *decompressed* bytes:
+The folder is extracted by `workers.archives.safe_extract` (zip-slip, links and bombs refused; pickles,
+which a Hugging Face snapshot carries beside its safetensors, and a hub's dot-files are left out unread and
+listed in the version's `config.skipped`), must look like a Hugging Face (`config.json`) or diffusers
+(`model_index.json`) folder with safetensors weights whose headers and offsets are sound, a Hugging Face
+folder must be what serving it needs (`check_causal_folder`), and it is published the same way a job
+registers a model: objects first, then the row. The project's storage quota is charged the *decompressed* bytes:
 the extraction's byte budget is what the project has left, so an archive that expands past it is
 refused before anything reaches the object store.
 
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from api.auth import check_storage_quota, project_limits, stored_bytes
 from api.problems import Problem, field_problem
-from workers.archives import ArchiveLimits, ArchiveOverQuota, UnsafeArchiveError, safe_extract
+from workers.archives import ArchiveLimits, ArchiveOverQuota, Source, UnsafeArchiveError, safe_extract
 from workers.settings import Settings
 from workers.storage import ObjectStore
 from workers.tables import RegisteredModel
@@ -67,16 +69,37 @@ def check_safetensors(path: Path, rel: str) -> None:
         ) from None
 
 
+def check_causal_folder(root: Path) -> None:
+    """What serving a Hugging Face folder will need, checked at the door (a 422 naming the file and the fix):
+    a causal LM transformers builds from its config, safetensors whose tensors are the ones that model has
+    (names and shapes, from the headers: nothing is loaded), and a tokenizer."""
+    from models.llm.folder import ModelFolderError, check_folder, check_weights
+
+    try:
+        check_weights(root, check_folder(root))
+    except ModelFolderError as exc:
+        raise Problem(
+            422,
+            "unusable-model-folder",
+            "The model folder cannot be used",
+            str(exc),
+            errors=[{"pointer": "/file", "message": f"{exc.field}: {exc.fix}"}],
+        ) from None
+
+
 def import_model(
-    session: Session, store: ObjectStore, settings: Settings, project: str, name: str, blob: bytes
+    session: Session, store: ObjectStore, settings: Settings, project: str, name: str, source: Source
 ) -> RegisteredModel:
+    """Extract, check and register the archive `source` (bytes, or the upload's file spooled to disk: never
+    read whole into memory) as the next version of `name`."""
     _, quota = project_limits(session, settings, project)
     used = stored_bytes(session, project)
     limits = ArchiveLimits(settings.max_archive_files, settings.max_upload_bytes * 4, quota_bytes=quota - used)
+    skipped: list[str] = []
     with tempfile.TemporaryDirectory(dir=settings.home) as tmp:
         dest = Path(tmp) / "model"
         try:
-            names = safe_extract(blob, dest, limits)
+            names = safe_extract(source, dest, limits, skipped)
         except ArchiveOverQuota:
             raise Problem(
                 413,
@@ -101,6 +124,16 @@ def import_model(
         kind = model_kind(root)
         files = sorted(p for p in root.rglob("*") if p.is_file())
         if not any(p.suffix == ".safetensors" for p in files):
+            pickles = [n for n in skipped if not n.rsplit("/", 1)[-1].startswith(".")]
+            if pickles:
+                raise field_problem(
+                    "/file",
+                    f"the folder's weights are pickles ({', '.join(pickles[:3])}), which are never loaded here; "
+                    "convert them to safetensors (save_pretrained(..., safe_serialization=True))",
+                    status=415,
+                    slug="no-safetensors",
+                    title="No safetensors weights",
+                )
             raise field_problem(
                 "/file",
                 "the folder has no .safetensors weights; save the model with safe_serialization=True",
@@ -120,6 +153,8 @@ def import_model(
                         slug="bad-model-file",
                         title="A model file is malformed",
                     ) from None
+        if kind == "transformers":
+            check_causal_folder(root)
         version = (
             session.scalar(
                 select(func.max(RegisteredModel.version)).where(
@@ -142,7 +177,7 @@ def import_model(
                 version=version,
                 source_job_id=None,
                 key=prefix,
-                config={"imported": True, "format": kind},
+                config={"imported": True, "format": kind} | ({"skipped": skipped} if skipped else {}),
                 files=manifest,
             )
             session.add(row)

@@ -9,11 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
-import tempfile
 import uuid
 from collections.abc import Collection, Iterator
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,6 +22,7 @@ from models.context import ArtifactNameError
 from models.datasets import DatasetSchemaError, UnknownDatasetError
 from models.registry import UnknownMethodError
 from workers.lifecycle import JobNotFound, JobStateConflict
+from workers.redact import scrub_paths, server_roots
 
 log = logging.getLogger("crucible.api")
 PROBLEM_JSON = "application/problem+json"
@@ -75,20 +73,8 @@ def field_problem(
 
 def _server_roots(request: Request) -> list[str]:
     """Folders of this server whose paths an error body must never show (state, temp, the Python install)."""
-    roots = [tempfile.gettempdir(), sys.prefix, str(Path(__file__).resolve().parents[1])]
     settings = getattr(request.app.state, "settings", None) if "app" in request.scope else None
-    if settings is not None:
-        roots.insert(0, str(settings.home))
-    return sorted({r.rstrip("/") for r in roots if r and r != "/"}, key=len, reverse=True)
-
-
-def scrub_paths(text: str, roots: list[str]) -> str:
-    """`/srv/home/cache/models/a/m/1/config.json` → `…/config.json`: a file's name says what is wrong
-    without telling a client where the server keeps its state."""
-    if not roots or not text:
-        return text
-    pattern = re.compile("(?:" + "|".join(re.escape(r) for r in roots) + r")(?:/[^\s'\"]*)?(?=$|[\s'\",;)])")
-    return pattern.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+    return server_roots(settings.home if settings is not None else None)
 
 
 OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}

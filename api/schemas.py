@@ -213,9 +213,19 @@ class ModelOut(BaseModel):
     config: dict[str, Any]
     files: dict[str, Any]
     created_at: datetime
+    notes: list[str] = Field(default_factory=list, description="what the import left out, and why")
 
     @classmethod
     def of(cls, m: RegisteredModel) -> ModelOut:
+        skipped = list((m.config or {}).get("skipped") or [])
+        notes = (
+            [
+                f"left out {len(skipped)} file(s) unread: pickled weights and a hub's bookkeeping "
+                f"({', '.join(skipped[:5])}{', …' if len(skipped) > 5 else ''}); the model loads from its safetensors"
+            ]
+            if skipped
+            else []
+        )
         return cls(
             name=m.name,
             version=m.version,
@@ -224,6 +234,7 @@ class ModelOut(BaseModel):
             config=m.config or {},
             files=m.files or {},
             created_at=m.created_at,
+            notes=notes,
         )
 
 

@@ -1,11 +1,21 @@
-"""One causal attention layer's time against sequence length on CPU, one thread: exact SDPA (torch's fused
-kernel), HyperAttention (`models/llm/attention/hyperattention.py`, the paper's code defaults b = m = 128,
-min_seq_len 512, 7 hyperplanes) and HiP (`models/llm/attention/hip.py`, the reference code's v1.1
-defaults k = 512, b_q = 64, b_k = 2, window 256, 16 sinks), with the log-log slope of time vs T fitted
-per method (2 = quadratic, ≈1 = near-linear) and each time printed as a ratio against SDPA
-(`hip-mask` is HiP's tree search alone), measured in the same run at the same length.
+"""One causal attention layer's time and peak memory against sequence length on CPU, one thread, 4 heads × 64:
+exact SDPA (torch's fused flash kernel) against HiP and HyperAttention on their new tiled path (the default;
+`models/llm/attention/flex.py`: HiP on FlexAttention, HyperAttention's dense tiles on SDPA's fused CPU kernel, and
+forced onto FlexAttention as `hyperattention-flex`) and on their old pure-torch path (`-old`), each time printed
+as a ratio of SDPA's time over the method's measured in the same run at the same length (> 1: faster than SDPA),
+with the log-log slope of time vs T per method (2 = quadratic, ≈1 = near-linear) and HiP's tree search's share
+of HiP's time.
 
-One head of width 64, Gaussian q/k/v (content does not change the cost); the fastest of `--repeats` calls.
+Configurations: HyperAttention at its reproduction's timing budget (b = m = 128, min_seq_len 512, 7 hyperplanes
+— the paper's code defaults); HiP at its reproduction's budget (`hip`: k = 32, b_q = 16, b_k = 2, window 16,
+4 sinks) and at the reference code's v1.1 defaults (`hip-k512`: k = 512, b_q = 64, b_k = 2, window 256, 16 sinks).
+Gaussian q/k/v (content does not change the cost). Each cell: one untimed call (it compiles FlexAttention's
+kernels), the fastest of `--repeats` timed calls, and the peak memory of one call measured in a fresh process
+(`--peak`: the same inputs and one untimed call first; the peak resident memory above what was resident before
+the call, read from the kernel: VmHWM after `clear_refs`, freed heap returned first) — a long-lived process's
+heap, fragmented by the cells before, would add to it. A method is
+skipped at a length where its memory, extrapolated from the previous length at the slope measured there (at
+least linear), would not fit in the available memory, and the old paths stop at `--old-max-length`.
 
 Then KV bytes against quality on the cached tiny base (`--no-kv` skips it): held-out 256-token windows whose first
 192 tokens are compressed at prefill to 16/32/64 slots per head by EMS-style evict-then-merge and our versions of
@@ -22,18 +32,25 @@ tokens is printed first for both models. MatryoshkaKV rows have no passkey (the 
 Then end-to-end decoding (`--no-ppd` skips it): PPD prompt tokens trained on the tiny base (`--ppd-train-steps`),
 held-out prefixes decoded by greedy decoding, PPD with the chain of top-1 guesses, PPD with the sparse tree whose
 size is chosen from verification latency measured in the same run, and transformers' prompt-lookup decoding;
-tokens/s and generated tokens per forward, printed as ratios against greedy decoding.
+tokens/s and generated tokens per forward, printed as ratios against greedy decoding. A section skipped with
+`--no-kv` / `--no-ppd` keeps the previous run's rows in the results file (marked `"kept_from_previous_run"`).
 
-    .venv/bin/python bench/long_context.py            # 1k..16k, ~1-2 min on a busy core, then the KV rows
+    .venv/bin/python bench/long_context.py --max-length 65536 --no-kv --no-ppd   # the attention rows, 1k..64k
+    .venv/bin/python bench/long_context.py            # 1k..16k, then the KV and PPD rows
     .venv/bin/python bench/long_context.py --quick    # 512..2k, seconds; fewer KV windows
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import platform
+import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,12 +61,145 @@ from models.llm.attention.hip import HiPConfig, hip_attention, tree_search
 from models.llm.attention.hyperattention import HyperConfig, hyper_attention
 from models.llm.attention.measure import best_time, random_qkv
 
+HEADS, HEAD_DIM = 4, 64
+HYPER = HyperConfig(block_size=128, sample_size=128, min_seq_len=512)  # the reproduction's timing budget
+HIP = HiPConfig(top_k=32, block_q=16, block_k=2, window=16, sink=4)  # the reproduction's budget
+HIP_K512 = HiPConfig(top_k=512, block_q=64, block_k=2, window=256, sink=16)  # the reference code's v1.1 defaults
+SCALE = HEAD_DIM**-0.5
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
+METHODS: dict[str, Attention] = {
+    "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    "hip": lambda q, k, v: hip_attention(q, k, v, SCALE, HIP, path="flex"),
+    "hip-old": lambda q, k, v: hip_attention(q, k, v, SCALE, HIP, path="gather"),
+    "hip-search": lambda q, k, v: tree_search(q, k, HIP),  # step 1 alone (its share of `hip`)
+    "hip-k512": lambda q, k, v: hip_attention(q, k, v, SCALE, HIP_K512, path="flex"),
+    "hip-k512-old": lambda q, k, v: hip_attention(q, k, v, SCALE, HIP_K512, path="gather"),
+    "hip-k512-search": lambda q, k, v: tree_search(q, k, HIP_K512),
+    "hyperattention": lambda q, k, v: hyper_attention(q, k, v, SCALE, HYPER),  # the default: SDPA's kernel on tiles
+    "hyperattention-flex": lambda q, k, v: hyper_attention(q, k, v, SCALE, HYPER, path="flex"),
+    "hyperattention-old": lambda q, k, v: hyper_attention(q, k, v, SCALE, HYPER, path="gather"),
+}
+
 
 def loglog_slope(lengths: list[int], seconds: list[float]) -> float:
     """Least-squares slope of log(time) on log(T)."""
     xs, ys = [math.log(t) for t in lengths], [math.log(s) for s in seconds]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError("MemAvailable")
+
+
+@torch.no_grad()
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak resident memory of one call above what was resident before it: garbage collected and glibc's freed
+    heap returned to the kernel first (else the call reuses it unseen), the peak mark reset (`clear_refs` 5)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    fn()
+    return max(0, _status("VmHWM") - before)
+
+
+def peak_in_fresh_process(name: str, length: int) -> int:
+    """`python bench/long_context.py --peak NAME LENGTH`: the peak bytes of one call of method NAME."""
+    command = [sys.executable, __file__, "--peak", name, str(length)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def fits(previous: dict) -> bool:
+    """Whether a method's next length (twice the previous) fits in 80% of the available memory, its peak
+    extrapolated at the growth measured at the previous length (at least linear)."""
+    if not previous.get("peak_bytes"):
+        return True
+    return previous["peak_bytes"] * 2 ** max(1.0, previous.get("mem_slope", 1.0)) < 0.8 * available_bytes()
+
+
+def measure(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int, previous: dict) -> dict:
+    """One untimed call (FlexAttention compiles its kernels for the shape), the fastest of `repeats` calls, and the
+    peak memory of one call in a fresh process (`peak_in_fresh_process`); the memory's log₂ growth since the
+    previous length."""
+
+    def call() -> object:
+        return METHODS[name](q, k, v)
+
+    with torch.no_grad():
+        call()
+    cell = {"seconds": best_time(call, repeats), "peak_bytes": peak_in_fresh_process(name, q.shape[-2])}
+    if previous.get("peak_bytes"):
+        cell["mem_slope"] = math.log2(max(cell["peak_bytes"], 1) / previous["peak_bytes"])
+    return cell
+
+
+def attention_rows(lengths: list[int], repeats: int, old_max_length: int) -> dict:
+    """Time and peak memory of every method at every length (module docstring), with the skips and why."""
+    rows: dict[str, dict[str, dict]] = {name: {} for name in METHODS}
+    for length in lengths:
+        q, k, v = random_qkv(length, heads=HEADS, head_dim=HEAD_DIM)
+        line = []
+        for name in METHODS:
+            cell: dict = {}
+            previous = rows[name].get(str(length // 2), {})
+            if "old" in name and length > old_max_length:
+                cell["skipped"] = f"old path above --old-max-length {old_max_length}"
+            elif not fits(previous):
+                cell["skipped"] = "would not fit in the available memory"
+            else:
+                cell = measure(name, q, k, v, repeats, previous)
+            rows[name][str(length)] = cell
+        sdpa = rows["sdpa"][str(length)].get("seconds")
+        for name in METHODS:
+            cell = rows[name][str(length)]
+            if sdpa and "seconds" in cell:
+                cell["speedup_vs_sdpa"] = sdpa / cell["seconds"]  # > 1: faster than SDPA
+            line.append(
+                f"{name} {cell['seconds'] * 1e3:.0f} ms ({cell.get('speedup_vs_sdpa', math.nan):.2f}×, "
+                f"{cell['peak_bytes'] / 2**20:.0f} MiB)"
+                if "seconds" in cell
+                else f"{name} skipped"
+            )
+        print(f"T={length:6d}  " + "  ".join(line), flush=True)
+    for base in ("hip", "hip-k512"):
+        for length, cell in rows[base].items():
+            search = rows[f"{base}-search"][length]
+            if "seconds" in cell and "seconds" in search:
+                cell["search_share"] = search["seconds"] / cell["seconds"]
+    slopes = {}
+    for name, cells in rows.items():
+        timed = [(int(t), c["seconds"]) for t, c in cells.items() if "seconds" in c]
+        if len(timed) >= 2:
+            slopes[name] = loglog_slope([t for t, _ in timed], [s for _, s in timed])
+    print("log-log slopes (time ∝ T^slope): " + ", ".join(f"{n} {s:.2f}" for n, s in slopes.items()))
+    return {
+        "lengths": lengths,
+        "rows": rows,
+        "slopes": slopes,
+        "config": {
+            "heads": HEADS,
+            "head_dim": HEAD_DIM,
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "old_max_length": old_max_length,
+            "hyperattention": asdict(HYPER),
+            "hip": asdict(HIP),
+            "hip-k512": asdict(HIP_K512),
+        },
+    }
 
 
 def kv_rows(quick: bool, train_steps: int) -> dict:
@@ -246,56 +396,39 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=16384)
+    ap.add_argument("--old-max-length", type=int, default=32768, help="longest length for the old pure-torch paths")
     ap.add_argument("--no-kv", action="store_true", help="skip the KV-bytes rows")
     ap.add_argument("--kv-train-steps", type=int, default=40, help="MatryoshkaKV distillation steps")
     ap.add_argument("--no-ppd", action="store_true", help="skip the PPD decoding rows")
     ap.add_argument("--ppd-train-steps", type=int, default=150, help="PPD prompt-token training steps")
+    ap.add_argument("--peak", nargs=2, metavar=("METHOD", "LENGTH"), help="print one call's peak bytes and exit")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.peak:
+        q, k, v = random_qkv(int(args.peak[1]), heads=HEADS, head_dim=HEAD_DIM)
+        fn = METHODS[args.peak[0]]
+        if args.peak[0] != "sdpa":  # no kernels to compile: spare the longest call
+            with torch.no_grad():
+                fn(q, k, v)
+        print(peak_bytes(lambda: fn(q, k, v)))
+        return
     top = 2048 if args.quick else args.max_length
     lengths = [1 << e for e in range(9 if args.quick else 10, int(math.log2(top)) + 1)]
-    config = HyperConfig(block_size=128, sample_size=128, min_seq_len=512)
-    hip_config = HiPConfig(top_k=512, block_q=64, block_k=2, window=256, sink=16)  # the reference code's v1.1 defaults
-    methods = {
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "hyperattention": lambda q, k, v: hyper_attention(q, k, v, 64**-0.5, config),
-        "hip": lambda q, k, v: hip_attention(q, k, v, 64**-0.5, hip_config),
-        "hip-mask": lambda q, k, v: tree_search(q, k, hip_config),  # the tree search alone (claimed O(T log T))
-    }
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for length in lengths:
-        q, k, v = random_qkv(length, heads=1, head_dim=64)
-        row = {name: best_time(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), args.repeats) for name, fn in methods.items()}
-        for name, seconds in row.items():
-            times[name].append(seconds)
-        print(
-            f"T={length:6d}  "
-            + "  ".join(f"{n} {s * 1e3:8.1f} ms ({s / row['sdpa']:.2f}× sdpa)" for n, s in row.items()),
-            flush=True,
-        )
-    slopes = {name: loglog_slope(lengths, seconds) for name, seconds in times.items()}
-    print("log-log slopes (time ∝ T^slope): " + ", ".join(f"{n} {s:.2f}" for n, s in slopes.items()))
+    out = Path(__file__).parent / "results" / ("long-context-quick.json" if args.quick else "long-context.json")
+    previous = json.loads(out.read_text()) if out.exists() else {}
     report = {
-        "lengths": lengths,
-        "seconds": times,
-        "ratio_vs_sdpa": {n: [s / b for s, b in zip(v, times["sdpa"])] for n, v in times.items()},
-        "slopes": slopes,
-        "config": {
-            "heads": 1,
-            "head_dim": 64,
-            "threads": 1,
-            "repeats": args.repeats,
-            "hyperattention": asdict(config),
-            "hip": asdict(hip_config),
-        },
+        "attention": attention_rows(lengths, args.repeats, args.old_max_length),
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
-    if not args.no_kv:
-        report["kv"] = kv_rows(args.quick, 5 if args.quick else args.kv_train_steps)
-    if not args.no_ppd:
-        report["ppd"] = ppd_rows(args.quick, 30 if args.quick else args.ppd_train_steps, args.repeats)
-    out = Path(__file__).parent / "results" / ("long-context-quick.json" if args.quick else "long-context.json")
+    for section, skip, run in (
+        ("kv", args.no_kv, lambda: kv_rows(args.quick, 5 if args.quick else args.kv_train_steps)),
+        ("ppd", args.no_ppd, lambda: ppd_rows(args.quick, 30 if args.quick else args.ppd_train_steps, args.repeats)),
+    ):
+        if not skip:
+            report[section] = run()
+        elif section in previous:
+            report[section] = previous[section] | {"kept_from_previous_run": True}
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
 

@@ -21,7 +21,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -31,6 +31,8 @@ from models.context import ArtifactNameError, check_artifact_name
 # What a Hugging Face / diffusers folder is made of once pickles are excluded.
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".jinja", ".model", ".tiktoken", ".py.txt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".h5", ".msgpack")
+# the shard index of pickled weights (pytorch_model.bin.index.json): it names only files that are left out
+PICKLE_INDEXES = (".bin.index.json", ".pt.index.json", ".pth.index.json")
 
 
 class UnsafeArchiveError(ValueError):
@@ -78,8 +80,12 @@ class _Member:
     open: object  # () -> BinaryIO
 
 
-def _check_member_name(raw: str) -> str:
+def _check_member_name(raw: str, folder: bool = False) -> str:
+    """The member's name normalised (`./config.json` → `config.json`); a folder member naming the archive's own
+    top (`.`, `./`: what `tar -C folder -czf m.tar.gz .` writes first) is "" (the caller skips it)."""
     stripped = raw.rstrip("/")
+    if folder and stripped in ("", ".") and raw:
+        return ""
     if any(ord(c) < 32 or ord(c) == 127 for c in stripped):
         raise UnsafeArchiveError(f"archive member {raw!r} has control characters in its name")
     try:
@@ -91,8 +97,32 @@ def _check_member_name(raw: str) -> str:
         ) from None
 
 
-def _zip_members(blob: bytes) -> Iterator[_Member]:
-    zf = zipfile.ZipFile(io.BytesIO(blob))
+Source = bytes | BinaryIO  # the archive in memory, or a seekable file (an upload spooled to disk)
+
+
+def _stream(source: Source) -> BinaryIO:
+    """A readable, seekable view of the archive, at its start."""
+    if isinstance(source, (bytes, bytearray)):
+        return io.BytesIO(source)
+    source.seek(0)
+    return source
+
+
+def _head(source: Source, size: int) -> bytes:
+    return bytes(source[:size]) if isinstance(source, (bytes, bytearray)) else _stream(source).read(size)
+
+
+def _tail(source: Source, size: int) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source[-size:])
+    stream = _stream(source)
+    stream.seek(0, io.SEEK_END)
+    stream.seek(max(0, stream.tell() - size))
+    return stream.read(size)
+
+
+def _zip_members(source: Source) -> Iterator[_Member]:
+    zf = zipfile.ZipFile(_stream(source))
     for info in zf.infolist():
         mode = (info.external_attr >> 16) & 0o170000
         if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -111,12 +141,32 @@ def _tar_members(tf: tarfile.TarFile) -> Iterator[_Member]:
         yield _Member(info.name, info.size, info.isreg(), info.isdir(), lambda info=info: tf.extractfile(info))
 
 
-def members(blob: bytes) -> Iterator[_Member]:
-    if zipfile.is_zipfile(io.BytesIO(blob)):
-        return _zip_members(blob)
+# how each archive format starts: a file that starts like one but does not open is that archive, damaged
+_MAGIC = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ", "xz"))
+
+
+def _damaged_format(source: Source) -> str | None:
+    """The archive format `source` starts as (by its magic bytes), if any: zip, gzip, … or tar."""
+    blob = _head(source, 262)
+    for magic, name in _MAGIC:
+        if blob.startswith(magic):
+            return name
+    return "tar" if blob[257:262] == b"ustar" else None
+
+
+def members(source: Source) -> Iterator[_Member]:
+    if zipfile.is_zipfile(_stream(source)):
+        return _zip_members(source)
     try:
-        tf = tarfile.open(fileobj=io.BytesIO(blob), mode="r:*")
-    except tarfile.TarError:
+        tf = tarfile.open(fileobj=_stream(source), mode="r:*")
+    except (tarfile.TarError, EOFError, zlib.error, OSError):
+        damaged = _damaged_format(source)
+        if damaged is not None:  # a zip without its central directory, a gzip cut short: truncated or corrupt
+            raise UnsafeArchiveError(
+                f"the {damaged} archive is corrupt or truncated (it starts as a {damaged} file but cannot be read "
+                "to its end); upload it again, or pack the folder again",
+                status=422,
+            ) from None
         raise UnsafeArchiveError(
             "the file is neither a zip nor a tar archive; upload a .zip or .tar.gz of the model folder", status=415
         ) from None
@@ -135,16 +185,27 @@ def _copy_capped(src: BinaryIO, dest: Path, budget: int, limits: ArchiveLimits) 
     return written
 
 
-def safe_extract(blob: bytes, dest: Path, limits: ArchiveLimits) -> list[str]:
+def safe_extract(source: Source, dest: Path, limits: ArchiveLimits, skipped: list[str] | None = None) -> list[str]:
     """Extract into `dest` (created, must not exist) and return the relative file names.
 
-    On any violation nothing is left behind.
+    Pickled files are refused (415), or, given a `skipped` list, left out unread and named there: a Hugging Face
+    snapshot carries its weights both as `.bin` pickles and as `.safetensors`, and the safetensors are all a
+    model needs (the caller refuses a folder that then has no safetensors). On any violation nothing is left
+    behind.
     """
     try:
-        return _extract(blob, dest, limits)
+        return _extract(source, dest, limits, skipped)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise UnsafeArchiveError(f"the archive is corrupt ({type(exc).__name__}: {exc}); pack it again") from None
+        raise UnsafeArchiveError(
+            f"the archive is corrupt or truncated ({type(exc).__name__}: {exc}); upload it again, or pack it again"
+        ) from None
+
+
+def _hidden(raw: str) -> bool:
+    """A member under a dot-name (`.gitattributes`, `.cache/…`), not `.`/`..` (those are checked as names are)."""
+    parts = [p for p in raw.rstrip("/").split("/") if p not in ("", ".")]
+    return any(p.startswith(".") and p != ".." for p in parts) and ".." not in parts
 
 
 def _too_many(limits: ArchiveLimits) -> UnsafeArchiveError:
@@ -155,9 +216,10 @@ def _too_many(limits: ArchiveLimits) -> UnsafeArchiveError:
     )
 
 
-def _zip_declared_entries(blob: bytes) -> int | None:
+def _zip_declared_entries(source: Source) -> int | None:
     """The entry count a zip's end-of-central-directory record declares (None: not a zip, or zip64),
     read before zipfile parses the whole central directory."""
+    blob = _tail(source, 65557 + 22)
     end = blob.rfind(b"PK\x05\x06", max(0, len(blob) - 65557))
     if end < 0 or end + 22 > len(blob):
         return None
@@ -165,22 +227,30 @@ def _zip_declared_entries(blob: bytes) -> int | None:
     return None if total == 0xFFFF else total
 
 
-def _extract(blob: bytes, dest: Path, limits: ArchiveLimits) -> list[str]:
-    declared_entries = _zip_declared_entries(blob)
+def _extract(source: Source, dest: Path, limits: ArchiveLimits, skipped: list[str] | None) -> list[str]:
+    declared_entries = _zip_declared_entries(source)
     if declared_entries is not None and declared_entries > limits.max_files:
         raise _too_many(limits)
     planned: list[_Member] = []
     seen: set[str] = set()
     folders: set[str] = set()
     declared = 0
-    for entries, m in enumerate(members(blob), 1):  # members are read lazily: the count stops the reading
+    for entries, m in enumerate(members(source), 1):  # members are read lazily: the count stops the reading
         if entries > limits.max_files:
             raise _too_many(limits)
+        if skipped is not None and _hidden(m.name):
+            if not m.is_dir:
+                skipped.append(m.name.removeprefix("./"))  # .gitattributes, .cache/huggingface/…: a hub's bookkeeping
+            continue
         if m.is_dir:
-            folders.add(_check_member_name(m.name))
+            if folder := _check_member_name(m.name, folder=True):
+                folders.add(folder)
             continue
         name = _check_member_name(m.name)
         suffix = "".join(PurePosixPath(name).suffixes[-1:]).lower()
+        if skipped is not None and (suffix in PICKLE_SUFFIXES or name.lower().endswith(PICKLE_INDEXES)):
+            skipped.append(name)  # never opened, never written: a snapshot's pickled copy of its weights
+            continue
         if suffix in PICKLE_SUFFIXES:
             raise UnsafeArchiveError(
                 f"{name}: {suffix} files are pickles and are never loaded here; convert the "
@@ -220,3 +290,27 @@ def _extract(blob: bytes, dest: Path, limits: ArchiveLimits) -> list[str]:
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+
+
+def tar_gz_stream(entries: Iterable[tuple[str, int, Iterable[bytes]]], mtime: float = 0) -> Iterator[bytes]:
+    """A .tar.gz of (name, size, chunks) entries, produced as the chunks arrive: each member's header, its bytes
+    and its padding go through one gzip stream, so a model of any size is served in constant memory (what
+    `tarfile` in stream mode writes, without its need to read a whole member before returning)."""
+    gz = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: a gzip container
+    for name, size, chunks in entries:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, int(mtime)
+        out = gz.compress(info.tobuf(format=tarfile.PAX_FORMAT))
+        written = 0
+        for chunk in chunks:
+            written += len(chunk)
+            out += gz.compress(chunk)
+            if out:
+                yield out
+                out = b""
+        if written != size:  # the stored object is not what its manifest says: stop rather than send a bad tar
+            raise ValueError(f"{name}: {written} bytes read, the manifest says {size}")
+        out += gz.compress(b"\0" * (-size % tarfile.BLOCKSIZE))
+        if out:
+            yield out
+    yield gz.compress(b"\0" * (2 * tarfile.BLOCKSIZE)) + gz.flush()

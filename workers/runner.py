@@ -24,6 +24,7 @@ from workers.context import JobRunContext
 from workers.datasets import load_dataset
 from workers.db import session_scope
 from workers.quiet import quiet_third_party
+from workers.redact import scrub_paths, server_roots
 from workers.settings import Settings, load_plugins
 from workers.storage import open_store
 from workers.tables import Job
@@ -112,7 +113,12 @@ def run_job(
     except Exception as exc:
         with session_scope(settings.database_url) as s:
             lifecycle.finish(
-                s, job_id, attempt, "failed", error=f"could not prepare the job: {exc}", failure_code="setup_error"
+                s,
+                job_id,
+                attempt,
+                "failed",
+                error=f"could not prepare the job: {failure_reason(exc, settings)}",
+                failure_code="setup_error",
             )
         return "failed"
 
@@ -144,12 +150,12 @@ def run_job(
             status, code = "cancelled", "cancelled"
         else:
             status, code = "failed", "exception"
-            error = "".join(traceback.format_exception(exc))[-8000:]
-            print(error, file=sys.stderr)
+            error = failure_reason(exc, settings)
+            print("".join(traceback.format_exception(exc))[-8000:], file=sys.stderr)
     except BaseException as exc:  # noqa: BLE001 - the job's failure is recorded, never raised further
         status, code = "failed", "exception"
-        error = "".join(traceback.format_exception(exc))[-8000:]
-        print(error, file=sys.stderr)
+        error = failure_reason(exc, settings)
+        print("".join(traceback.format_exception(exc))[-8000:], file=sys.stderr)
     finally:
         sys.stdout, sys.stderr = out, err
         if threading_main():
@@ -166,6 +172,13 @@ def run_job(
             result["reproduction"] = record
         lifecycle.finish(s, job_id, attempt, status, error=error, failure_code=code, result=result)
     return status
+
+
+def failure_reason(exc: BaseException, settings: Settings) -> str:
+    """A failed job's `error`: the exception's type and message, never its traceback (the job's log has that),
+    with this server's paths cut to their file names (`scrub_paths`)."""
+    message = str(exc).strip() or "(no message)"
+    return scrub_paths(f"{type(exc).__name__}: {message}", server_roots(settings.home))[:2000]
 
 
 def threading_main() -> bool:

@@ -90,7 +90,9 @@ class Settings(BaseSettings):
         "", description="comma-separated modules that register extra methods (imported by API and workers)"
     )
     import_roots: str = Field(
-        "", description="colon-separated folders jobs may load local models from; default home/imports"
+        "",
+        description="colon-separated folders whose model folders jobs and deployments may name by absolute path "
+        "(an operator's local models, never uploaded); default home/imports",
     )
     demo_job: bool = Field(True, description="`crucible up` queues one demo job on an empty database")
 
@@ -125,6 +127,12 @@ class Settings(BaseSettings):
             return self.admin_key_file.read_text().strip()
         except OSError:
             return ""
+
+    @property
+    def import_root_paths(self) -> list[Path]:
+        """CRUCIBLE_IMPORT_ROOTS (colon-separated), or home/imports: the folders a job's `model` param and a
+        deployment's `model` may name model folders under, by absolute path."""
+        return [Path(r).resolve() for r in self.import_roots.split(":") if r] or [self.home / "imports"]
 
     @property
     def cache_dir(self) -> Path:

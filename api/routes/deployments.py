@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from api.auth import InferenceLimitDep, PrincipalDep, audit
 from api.deps import SessionDep, SettingsDep, StoreDep
+from api.model_refs import model_not_found
 from api.openapi import errors
 from api.problems import Problem, field_problem
 from api.schemas import json_number_lists, json_numbers
@@ -56,7 +57,11 @@ class DeploymentCreate(BaseModel):
         ..., pattern=DEPLOYMENT_NAME_RULE, description="unique in the project; the `model` of OpenAI requests"
     )
     model: str = Field(
-        ..., min_length=1, max_length=160, description="a registered model: `name` (latest) or `name@version`"
+        ...,
+        min_length=1,
+        max_length=1024,
+        description="a registered model: `name` (latest) or `name@version`; or the absolute path of a model folder "
+        "under one of the server's import roots (CRUCIBLE_IMPORT_ROOTS), served from where it lies",
     )
     engine: dict[str, Any] = Field(
         default_factory=dict, description="engine options of the model's kind (caps, defaults)"
@@ -173,13 +178,7 @@ def pin_model(session: Session, project: str, ref: str) -> RegisteredModel:
         raise field_problem("/model", "use `name`, `name@latest` or `name@<version number>`")
     row = session.scalars(q.limit(1)).first()
     if row is None:
-        raise Problem(
-            404,
-            "model-not-found",
-            "No such model",
-            f"model: no registered model {ref!r} in this project; see /api/v1/models",
-            errors=[{"pointer": "/model", "message": f"no registered model {ref!r}"}],
-        )
+        raise model_not_found(ref, "/model")
     return row
 
 
@@ -241,8 +240,11 @@ def create(
             f"{limit}); delete one first",
             extra={"limit": limit},
         )
-    model = pin_model(session, who.project, spec.model)
-    ref = f"{model.name}@{model.version}"
+    if Path(spec.model).is_absolute():  # an operator's folder under an import root, served where it lies
+        ref = spec.model
+    else:
+        model = pin_model(session, who.project, spec.model)
+        ref = f"{model.name}@{model.version}"
     if session.scalars(
         select(Deployment.id).where(Deployment.project == who.project, Deployment.name == spec.name)
     ).first():
@@ -358,17 +360,26 @@ class ImageRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=MAX_INT, description="the deployment's max_steps caps it")
     seed: int | None = Field(None, ge=0, le=MAX_INT, description="image i uses seed + i; random when absent")
     n: int = Field(1, ge=1, le=MAX_INT, description="images; the deployment's max_n caps it")
+    width: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="pixels; a latent model (with a VAE) draws multiples of its size step, a "
+        "pixel-space model only its native size (422 otherwise); default: the native size",
+    )
+    height: int | None = Field(None, ge=1, le=4096, description="pixels, as width")
     attention: str = Field("standard", max_length=32)
-    _numbers = json_numbers("class_", "scale", "eta", "norm_threshold", "momentum", "steps", "seed", "n")
+    _numbers = json_numbers(
+        "class_", "scale", "eta", "norm_threshold", "momentum", "steps", "seed", "n", "width", "height"
+    )
     _token_ids = json_number_lists("prompt", "negative_prompt")
 
 
 def native_size(parts: Any) -> int:
-    """The side in pixels of the images a diffusion model draws (a latent U-Net's times its VAE's upsampling)."""
-    size = int(parts.unet.config.sample_size)
-    if parts.vae is not None:
-        size *= 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    return size
+    """The side in pixels of the images a diffusion model draws by default."""
+    from models.diffusion.sampling import native_size as side
+
+    return side(parts)
 
 
 def png_base64(image01: Any) -> str:
@@ -406,6 +417,8 @@ def sample_request(body: ImageRequest, loaded: Loaded) -> SampleRequest:
         seed=seed,
         n=body.n,
         attention=body.attention,
+        width=body.width,
+        height=body.height,
     )
 
 

@@ -44,12 +44,15 @@ def submit(
     spec: JobCreate,
     session: SessionDep,
     settings: SettingsDep,
+    store: StoreDep,
     request: Request,
     response: Response,
     who: SubmitLimitDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobOut:
-    job, created = service.submit(session, settings, spec, idempotency_key, who.project)
+    """Queue a job. Its params are checked against the method's schema, and every model they name is resolved
+    and checked against what the method needs (a 422 naming `/params/<field>`)."""
+    job, created = service.submit(session, settings, spec, idempotency_key, who.project, store)
     if created:
         audit(session, request, who, "job.submit", job.id, method=job.method, dataset=job.dataset, mode=job.mode)
     session.commit()

@@ -7,20 +7,34 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Path, Request, Response, UploadFile, status
+from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from api.auth import PrincipalDep, audit
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.model_imports import MODEL_NAME_RULE, import_model
+from api.model_refs import find_registered, model_not_found
 from api.openapi import errors
 from api.problems import Problem, pattern_hint
 from api.routes.datasets import NAME_WORDS
 from api.routes.deployments import MAX_INT
 from api.schemas import ModelOut
-from api.uploads import read_capped
+from api.uploads import check_size
+from workers.archives import tar_gz_stream
 from workers.tables import ACTIVE, Deployment, Job, RegisteredModel
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
+
+
+class _NotDownload(StringConvertor):
+    """A path segment other than `download`: `DELETE /models/x/download` is then no version's DELETE (a 422 about
+    the version) but the download resource's, which answers 405 with its Allow header."""
+
+    regex = "(?!download(?:/|$))[^/]+"
+
+
+register_url_convertor("notdownload", _NotDownload())
 
 
 @router.get("")
@@ -49,6 +63,35 @@ def model_versions(session: SessionDep, who: PrincipalDep, name: str) -> dict[st
     return {"items": [ModelOut.of(r) for r in rows]}
 
 
+@router.get(
+    "/{ref}/download",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "a .tar.gz of the model folder, streamed", "content": {"application/gzip": {}}},
+        **errors(404),
+    },
+)
+def download_version(
+    ref: Annotated[str, Path(description="`name@version`, or `name` / `name@latest` for the latest version")],
+    session: SessionDep,
+    store: StoreDep,
+    who: PrincipalDep,
+) -> StreamingResponse:
+    """The model folder as a .tar.gz (every file under `<name>-<version>/`, as `save_pretrained` wrote it, so
+    `tar -xzf` and `from_pretrained` take it as is), streamed from the object store in constant memory."""
+    row = find_registered(session, who.project, ref)
+    if row is None:
+        raise model_not_found(ref, "/ref")
+    top = f"{row.name}-{row.version}"
+    files = sorted((row.files or {}).items())
+    entries = ((f"{top}/{rel}", int(info["size"]), store.iter_chunks(f"{row.key}/{rel}")) for rel, info in files)
+    return StreamingResponse(
+        tar_gz_stream(entries, mtime=row.created_at.timestamp() if row.created_at else 0),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{top}.tar.gz"', "X-Content-Type-Options": "nosniff"},
+    )
+
+
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
@@ -60,7 +103,7 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
-@router.delete("/{name}/{version}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(409))
+@router.delete("/{name}/{version:notdownload}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(409))
 def delete_version(
     name: str,
     version: Annotated[int, Path(ge=1, le=MAX_INT, description="the version number (see GET /api/v1/models/{name})")],
@@ -119,7 +162,7 @@ def delete_version(
     return Response(status_code=204)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(409, 415, 503))
+@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(409, 413, 415, 503))
 async def import_folder(
     session: SessionDep,
     store: StoreDep,
@@ -135,17 +178,22 @@ async def import_folder(
 ) -> ModelOut:
     """Import a local model folder (e.g. a real Llama or Stable Diffusion) as a new version of `name`.
 
-    Reading, extracting and checking the archive run on the blocking pool, never on the event loop;
-    the project's storage quota is charged the decompressed bytes."""
+    The archive streams to a spooled file on disk as it arrives (up to CRUCIBLE_MAX_UPLOAD_BYTES) and is
+    extracted from there, file by file into the object store: it is never held in memory whole. A Hugging Face
+    folder is checked for what serving it needs (a causal LM config, weights that match it, a tokenizer);
+    pickled weights beside the safetensors are left out unread (`config.skipped` lists them). Reading,
+    extracting and checking run on the blocking pool, never on the event loop; the project's storage quota is
+    charged the decompressed bytes."""
 
     def work() -> ModelOut:
         session.commit()  # the key's bookkeeping: no write lock held while the archive is read
-        blob = read_capped(
+        check_size(
             file.file,
             settings.max_upload_bytes,
-            "raise CRUCIBLE_MAX_UPLOAD_BYTES or put the folder under an import root",
+            "raise CRUCIBLE_MAX_UPLOAD_BYTES, or put the folder under an import root (CRUCIBLE_IMPORT_ROOTS) "
+            "and name its path as a job's model",
         )
-        row = import_model(session, store, settings, who.project, name, blob)
+        row = import_model(session, store, settings, who.project, name, file.file)
         audit(session, request, who, "model.import", f"{name}@{row.version}", files=len(row.files))
         return ModelOut.of(row)
 

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy import select
@@ -322,6 +322,7 @@ def _model_card(row: Deployment) -> dict[str, Any]:
 async def chat_completions(
     body: ChatRequest,
     request: Request,
+    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -336,9 +337,13 @@ async def chat_completions(
     def prepare() -> llm.Plan:
         assert loaded.llm is not None
         text = llm.chat_prompt(loaded.llm.tokenizer, messages, settings.template_timeout_s)
-        return _plan(loaded, body, [text], "messages")
+        plan = _plan(loaded, body, [text], "messages")
+        plan.chat_template = "model" if llm.has_chat_template(loaded.llm.tokenizer) else "plain-fallback"
+        return plan
 
     p = await _offload(request, prepare)
+    # a model without a chat template was prompted with plain `role: content` turns: say so, streamed or not
+    response.headers["X-Chat-Template"] = p.chat_template or "model"
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": row.name}
 
@@ -355,7 +360,9 @@ async def chat_completions(
                 ]
             return [{**head, "choices": [{"index": index, "delta": {"content": delta}, "finish_reason": None}]}]
 
-        return _stream_response(request, loaded, p, body, head, chunks, {"delta": {}})
+        streamed = _stream_response(request, loaded, p, body, head, chunks, {"delta": {}})
+        streamed.headers["X-Chat-Template"] = response.headers["X-Chat-Template"]
+        return streamed
 
     with admission(loaded, settings):
         done = await _generate(request, loaded, p)
@@ -443,7 +450,8 @@ class ImageGeneration(ImageRequest):
     size: str | None = Field(
         None,
         pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
-        description="WIDTHxHEIGHT; a model draws at its native size only (e.g. 16x16), so any other is a 422",
+        description="WIDTHxHEIGHT; a latent model (with a VAE) draws multiples of its size step, a pixel-space model "
+        "its native size only (e.g. 16x16): any other is a 422",
     )
 
 
@@ -458,13 +466,19 @@ def images_generations(
 ) -> dict[str, Any]:
     row = find_deployment(session, who.project, body.model, kind="diffusion", pointer="/model")
     session.commit()  # no transaction stays open while it samples
+    fields = body.model_dump(by_alias=True, exclude={"model", "response_format", "size"}, exclude_unset=True)
     if body.size is not None:
         loaded = warm(request, row, settings, store)
         assert loaded.diffusion is not None
         native = native_size(loaded.diffusion)
-        if body.size != f"{native}x{native}":
+        width, _, height = body.size.partition("x")
+        if loaded.diffusion.vae is None and body.size != f"{native}x{native}":
             raise field_problem(
-                "/size", f"this model draws {native}x{native} images only; ask for {native}x{native} or leave size out"
+                "/size",
+                f"this model samples in pixel space at {native}x{native} only; ask for {native}x{native} or leave "
+                "size out",
             )
-    fields = body.model_dump(by_alias=True, exclude={"model", "response_format", "size"}, exclude_unset=True)
+        if not (0 < int(width) <= 4096 and 0 < int(height) <= 4096):
+            raise field_problem("/size", "width and height are 1 to 4096 pixels")
+        fields |= {"width": int(width), "height": int(height)}
     return generate_images(row, ImageRequest.model_validate(fields), request, settings, store)

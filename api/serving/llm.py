@@ -28,12 +28,17 @@ MAX_STOPS = 4
 CHARS_PER_TOKEN = 64  # no tokenizer's token is longer: a text past context × this cannot fit, untokenised
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], timeout_s: float | None = None) -> str:
-    """The tokenizer's chat template; a model without one gets plain `role: content` turns.
+    """The tokenizer's chat template; a model without one gets plain `role: content` turns (the response says
+    so: `usage.chat_template` and the `X-Chat-Template` header).
 
     The template came with an uploaded model, so it is rendered under a deadline (`timeout_s`) and its
     failures (a sandbox violation, `raise_exception`, a syntax error) are a 422 naming `/messages`."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     import jinja2
 
@@ -101,6 +106,8 @@ class Plan:
     decoding: str = "standard"  # "ppd" when the deployment decodes with prompt tokens and the request is greedy
     accepted: list[int] = field(default_factory=list)  # PPD: tokens produced by each decoding forward
     tree_nodes: int | None = None  # PPD: guessed nodes verified per forward (the deployment's hardware-aware size)
+    attention_path: str | None = None  # the prefill's path: "flex", "sdpa-tiles", "gather", "sdpa" (`usage.attention`)
+    chat_template: str | None = None  # chat: "model" (the tokenizer's template) or "plain-fallback" (`role: content`)
 
     @property
     def prompt_tokens(self) -> int:
@@ -208,6 +215,9 @@ def _account(loaded: Loaded, p: Plan, caches: list[Any], tokens: int) -> None:
     model = loaded.llm.model
     if caches:
         p.kv_bytes = max(p.kv_bytes, kv_bytes(caches[-1]))
+        # the tokens the cache has seen: the last token generated is never fed back, so counting the prompt and
+        # every generated token would make a dense cache look smaller than a dense cache (a ratio below 1)
+        tokens = int(caches[-1].get_seq_length()) or tokens
     p.kv_bytes_dense = max(p.kv_bytes_dense, dense_kv_bytes(model.config, tokens, dtype=model.dtype))
 
 
@@ -219,6 +229,8 @@ def run(
     on_finish: Callable[[int, Completion], None] | None = None,
 ) -> list[Completion]:
     """Generate every choice (index = prompt × n + i) under the model's lock; stops early on `abort`."""
+    from models.llm.attention.kit import prefill_path
+
     assert loaded.llm is not None
     while not loaded.lock.acquire(timeout=0.05):
         if abort.is_set():
@@ -227,7 +239,13 @@ def run(
         with contextlib.ExitStack() as stack:
             if p.engine.get("attention", "sdpa") != loaded.engine.get("attention", "sdpa"):
                 stack.enter_context(exact_attention(loaded.llm.model))
-            return _generate_all(loaded, p, abort, on_delta, on_finish)
+            name = loaded.llm.model.config._attn_implementation
+            prefill_path(name, clear=True)  # what this request's prefills do, not an earlier request's
+            try:
+                return _generate_all(loaded, p, abort, on_delta, on_finish)
+            finally:  # a sparse deployment's prefills record their path; exact attention is "sdpa"
+                exact = p.engine.get("attention", "sdpa") == "sdpa"
+                p.attention_path = prefill_path(name) or ("sdpa" if exact else None)
     finally:
         loaded.lock.release()
 
@@ -286,7 +304,10 @@ def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, Any]:
     """OpenAI's token counts plus a `kv_cache` extension (the engine's KV compression, the largest cache a choice
     held in bytes, what a dense cache of the same tokens holds, their ratio) and a `decoding` one (standard or
     ppd, with PPD's decoding forwards after the prefills, tokens accepted per forward and the candidate tree's
-    guessed nodes per forward)."""
+    guessed nodes per forward), the `attention` (its type, and the path its prefills took: "flex" for
+    FlexAttention tiles, "sdpa-tiles" for the same tiles through SDPA's fused CPU kernel, "gather" for the
+    pure-torch fallback, "sdpa" for exact attention); for chat, `chat_template` says whether the model's template
+    or the plain `role: content` fallback (a model without a template) made the prompt."""
     done = sum(len(c.token_ids) for c in completions)
     kv = {
         "type": p.kv_cache,
@@ -306,5 +327,6 @@ def usage(p: Plan, completions: Sequence[Completion]) -> dict[str, Any]:
         "total_tokens": p.prompt_tokens + done,
         "kv_cache": kv,
         "decoding": decoding,
-        "attention": p.engine.get("attention", "sdpa"),
+        "attention": {"type": p.engine.get("attention", "sdpa"), "path": p.attention_path},
+        **({"chat_template": p.chat_template} if p.chat_template else {}),
     }

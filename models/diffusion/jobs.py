@@ -23,14 +23,15 @@ from models.diffusion.guidance import GuidanceSpec
 from models.diffusion.model import DiffusionParts, load_parts
 from models.diffusion.sampling import SampleRequest, SampleResult, mean_rows, sample
 from models.diffusion.training import base_model
+from models.model_params import model_field
 from models.registry import MethodParams
 
 
 class SamplingParams(MethodParams):
-    model: str = Field(
-        "",
-        description="registered model (name@version) or local diffusers folder; "
-        "empty = the shared base model (trained once if missing)",
+    model: str = model_field(
+        "registered model (name@version) or local diffusers folder; empty = the shared base model (trained once "
+        "if missing)",
+        "diffusers",
     )
     guidance_scale: float = Field(4.0, ge=0.0, le=50.0, description="w; 1 = conditional prediction alone")
     sampler: str = Field("ddim", description="ddim | ddpm | euler | euler-ancestral | dpm-solver | heun")

@@ -115,6 +115,8 @@ class SampleRequest:
     attention: str = "standard"
     attention_params: dict[str, float] = field(default_factory=dict)
     max_batch: int = 256
+    height: int | None = None  # pixels; None: the model's native size (a latent model draws others too)
+    width: int | None = None
 
 
 @dataclass
@@ -220,6 +222,49 @@ def validate(parts: DiffusionParts, request: SampleRequest) -> None:
         )
     if request.steps < 1 or request.n < 1:
         raise SamplingRequestError("steps" if request.steps < 1 else "n", "must be at least 1")
+    check_size(parts, request)
+
+
+def vae_scale(parts: DiffusionParts) -> int:
+    """Pixels per latent pixel along a side: the VAE's upsampling (1 for a model that samples in pixel space)."""
+    return 2 ** (len(parts.vae.config.block_out_channels) - 1) if parts.vae is not None else 1
+
+
+def native_size(parts: DiffusionParts) -> int:
+    """The side in pixels of the images a model draws by default (its U-Net's sample size times the VAE's scale)."""
+    return int(parts.unet.config.sample_size) * vae_scale(parts)
+
+
+def size_step(parts: DiffusionParts) -> int:
+    """What a latent model's width and height must be multiples of: the VAE's scale times the U-Net's
+    downsampling (each level halves the latent; an odd size would not come back up to its own shape)."""
+    return vae_scale(parts) * 2 ** (len(parts.unet.config.block_out_channels) - 1)
+
+
+def check_size(parts: DiffusionParts, request: SampleRequest) -> None:
+    """Width and height: any multiple of `size_step` for a latent model (as the diffusers pipelines take
+    `height`/`width`); only the native size for a pixel-space model, whose U-Net was trained at that size alone
+    (and a one-step student, which is one)."""
+    native = native_size(parts)
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value is None or value == native:
+            continue
+        if parts.vae is None or "one_step" in parts.info:
+            raise SamplingRequestError(
+                name, f"this model samples in pixel space at {native}x{native} only; leave width and height out"
+            )
+        step = size_step(parts)
+        if value < step or value % step:
+            raise SamplingRequestError(name, f"{value} is not a positive multiple of {step} (this model's size step)")
+
+
+def latent_shape(parts: DiffusionParts, request: SampleRequest) -> tuple[int, int, int]:
+    """(channels, height, width) of the noise the U-Net starts from."""
+    size, scale = int(parts.unet.config.sample_size), vae_scale(parts)
+    height = request.height // scale if request.height else size
+    width = request.width // scale if request.width else size
+    return int(parts.unet.config.in_channels), height, width
 
 
 def make_scheduler(parts: DiffusionParts, name: str) -> Any:
@@ -272,10 +317,20 @@ def attention_processor(parts: DiffusionParts, request: SampleRequest) -> Iterat
         parts.unet.set_attn_processor(before)
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device: str | torch.device = "cpu") -> torch.Tensor:
-    """One generator per image, so image i depends only on its own seed (not on n or batching); drawn on CPU
-    and moved to `device`, so a seed gives the same noise on any device."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its own seed: the initial noise and then every step's noise
+    (DDPM, Euler ancestral) of image i come from generator i, as the diffusers pipelines draw them when given a
+    list of generators, so image i depends only on seed + i (not on n or batching) and equals the pipeline's."""
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def initial_noise(
+    seeds: Sequence[int] | Sequence[torch.Generator], shape: tuple[int, ...], device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """The starting noise [n, *shape], image i's drawn first from its own generator (`image_generators`; seeds
+    are made into generators); drawn on CPU and moved to `device`, so a seed gives the same noise on any device."""
+    generators = [g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(g) for g in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 def _conditioning(parts: DiffusionParts, request: SampleRequest, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -294,8 +349,8 @@ def _one_step_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[i
     one U-Net call; CFG/APG combine the conditional and negative/null one-step outputs (the paper's baseline for
     one-step negative prompts), NASA acts in the attention layers; `steps` and `sampler` do not apply."""
     one = OneStep(**{k: parts.info["one_step"][k] for k in ("timestep", "alpha", "sigma")})
-    size, g = parts.unet.config.sample_size, request.guidance
-    noise = initial_noise(seeds, (parts.unet.config.in_channels, size, size), parts.device)
+    g = request.guidance
+    noise = initial_noise(seeds, latent_shape(parts, request), parts.device)
     cond, uncond = _conditioning(parts, request, len(seeds))
     state = g.new_state()
     d_c = one.generate(parts.unet, noise, cond)
@@ -311,16 +366,12 @@ def _sample_chunk(parts: DiffusionParts, request: SampleRequest, seeds: list[int
     prediction_type = parts.info.get("prediction_type", "epsilon")
     scheduler = make_scheduler(parts, request.sampler)
     scheduler.set_timesteps(request.steps, device=parts.device)
-    size = unet.config.sample_size
-    x = initial_noise(seeds, (unet.config.in_channels, size, size), parts.device) * scheduler.init_noise_sigma
+    generators = image_generators(seeds)
+    x = initial_noise(generators, latent_shape(parts, request), parts.device) * scheduler.init_noise_sigma
     cond, uncond = _conditioning(parts, request, n)
     state = g.new_state()
-    # stochastic samplers' per-step noise; deterministic ones take no generator
-    extra = (
-        {"generator": torch.Generator().manual_seed(request.seed)}
-        if "generator" in inspect.signature(scheduler.step).parameters
-        else {}
-    )
+    # stochastic samplers' per-step noise continues each image's own generator; deterministic ones take none
+    extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, t)
         if g.needs_uncond:

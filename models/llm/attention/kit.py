@@ -58,9 +58,18 @@ def merge_lse(
     lse = torch.logaddexp(lse1, lse2)
     safe = torch.where(torch.isfinite(lse), lse, 0.0)
     dtype = torch.promote_types(o1.dtype, torch.float32)
-    w1 = torch.exp(lse1 - safe).nan_to_num(0.0).unsqueeze(-1)
-    w2 = torch.exp(lse2 - safe).nan_to_num(0.0).unsqueeze(-1)
-    return (w1 * o1.to(dtype) + w2 * o2.to(dtype)).to(o1.dtype), lse
+    w2 = torch.exp(lse2 - safe).nan_to_num(0.0).unsqueeze(-1).to(dtype)  # e^{lse₂−lse} = 1 − e^{lse₁−lse}
+    return torch.lerp(o1.to(dtype), o2.to(dtype), w2).to(o1.dtype), lse  # one pass: o₁ + w₂·(o₂ − o₁)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [..., n, d], index [..., m] (the same leading dims, entries in [0, n)) → [..., m, d]: rows picked by one
+    `index_select` over the flattened rows (`torch.gather` with an index expanded over d is several times
+    slower on CPU)."""
+    lead, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
+    offsets = torch.arange(index[..., 0].numel(), device=x.device).view(*lead, 1) * n
+    rows = x.reshape(-1, d).index_select(0, (index + offsets).reshape(-1))
+    return rows.view(*index.shape, d)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -119,6 +128,20 @@ def last_layers_filter(last_layers: int | None) -> Callable[[Any], bool]:
         return getattr(module, "layer_idx", 0) >= total - last_layers
 
     return use_for_layer
+
+
+_PREFILL_PATHS: dict[str, str] = {}
+
+
+def record_prefill_path(name: str, path: str) -> None:
+    """Note which path (e.g. "flex" or "gather") the attention registered as `name` took in its last prefill."""
+    _PREFILL_PATHS[name] = path
+
+
+def prefill_path(name: str, clear: bool = False) -> str | None:
+    """The path of the last prefill through the attention registered as `name` (None: none since it was cleared);
+    `clear` forgets it, so that a caller can tell what its own prefills did."""
+    return _PREFILL_PATHS.pop(name, None) if clear else _PREFILL_PATHS.get(name)
 
 
 def register_attention(name: str, fn: Callable[..., tuple[torch.Tensor, None]]) -> str:

@@ -69,6 +69,25 @@ def best_time(fn: Callable[[], object], repeats: int = 2) -> float:
     return min(times)
 
 
+def versus_sdpa(
+    length: int,
+    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object],
+    heads: int = 1,
+    head_dim: int = 64,
+    repeats: int = 2,
+) -> dict[str, float]:
+    """Seconds of one causal attention call at `length`, {"sdpa", "method"}: SDPA and `attention(q, k, v)` on the
+    same Gaussian inputs in the same thread, after one untimed call of `attention` (which compiles its kernels
+    where it has any)."""
+    q, k, v = random_qkv(length, heads, head_dim)
+    with torch.no_grad():
+        attention(q, k, v)
+    return {
+        "sdpa": best_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), repeats),
+        "method": best_time(lambda: attention(q, k, v), repeats),
+    }
+
+
 def held_out_windows(
     ctx: RunContext, tokenizer: Any, context: int, seq_len: int, n: int, block: int = 0
 ) -> torch.Tensor:

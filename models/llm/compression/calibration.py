@@ -11,7 +11,7 @@ an already-compressed model, restores block l's dense weights before calling `bl
 
 Statistics come from forward pre-hooks on a full model forward that is cut short (by an exception
 raised after block l) — slower than caching each block's inputs, but independent of the signature of
-a given architecture's decoder-layer forward, so it works for any Llama-layout model.
+a given architecture's decoder-layer forward, so it works for any decoder stack `decoder_stack` finds.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from models.llm.folder import decoder_layers
 
@@ -48,9 +49,22 @@ class InputStats:
         return self.gram.diagonal().clamp_min(0).sqrt()
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every `nn.Linear` inside one decoder block, by its name in the block (`self_attn.q_proj`, `mlp.down_proj`, …)."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Every linear map inside one decoder block, by its name in the block (`self_attn.q_proj`, `mlp.down_proj`,
+    GPT-2's `attn.c_attn`, …): `nn.Linear`s and GPT-2's `Conv1D`s, which are linears stored transposed. Read and
+    write their weights through `weight_matrix`, which gives both as [out, in]."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def weight_matrix(linear: nn.Module) -> torch.Tensor:
+    """The weight of a linear as [out, in] (a view: writing into it writes the layer). A `Conv1D` computes
+    x W + b with W [in, out], the transpose of `nn.Linear`'s x Wᵀ + b, so every rule stated on [out, in] rows
+    (a pruning pattern along the input, a group of quantization, EoRA's ΔW) applies to both alike."""
+    return linear.weight.T if isinstance(linear, Conv1D) else linear.weight
+
+
+def in_features(linear: nn.Module) -> int:
+    return weight_matrix(linear).shape[1]
 
 
 class _StopForward(Exception):
@@ -66,7 +80,7 @@ def block_input_stats(
     linears = block_linears(block)
     device = next(model.parameters()).device
     stats = {
-        name: InputStats(torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device))
+        name: InputStats(torch.zeros(in_features(lin), in_features(lin), dtype=torch.float64, device=device))
         for name, lin in linears.items()
     }
     handles = [
@@ -92,7 +106,7 @@ def block_input_stats(
     return stats
 
 
-LinearEdit = Callable[[int, str, nn.Linear, InputStats], None]
+LinearEdit = Callable[[int, str, nn.Module, InputStats], None]
 
 
 def compress_sequentially(

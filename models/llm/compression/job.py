@@ -1,10 +1,11 @@
 """The shape every compression job shares: load a parent, compress, evaluate, register with lineage.
 
 `load_parent` takes the `model` param (a registered `name@version` or an imported folder; empty means
-the cached base model) and refuses architectures without a Llama-layout decoder stack with a
-specific error. `register_compressed` saves the HF folder and registers it with its lineage —
-parent ref, producing method and job, params — and its metrics (perplexity, packed bytes), so a
-deployment or a later job (SquareHead after pruning, EoRA after SquareHead) can follow the chain.
+the cached base model) and refuses architectures without a decoder stack with a specific error (the
+service refuses, at submission, a model the method's `model` field says it cannot take).
+`register_compressed` saves the HF folder and registers it with its lineage — parent ref, producing
+method and job, params — and its metrics (perplexity, packed bytes), so a deployment or a later job
+(SquareHead after pruning, EoRA after SquareHead) can follow the chain.
 """
 
 from __future__ import annotations
@@ -22,18 +23,31 @@ from models.datasets import load_builtin
 from models.llm.base import base_model_name, model_folder
 from models.llm.data import split_windows
 from models.llm.folder import CausalLM, decoder_layers, load_folder, save_folder
+from models.model_params import ModelLayout, model_field
 from models.params import StepTrainingParams
 from models.registry import MethodParams
 
+# the cached base models, which `model_folder` trains or fetches by these names without their being registered
+BASE_NAMES = (base_model_name(smoke=True), base_model_name(smoke=False))
+
+
+def parent_model_field(layout: ModelLayout) -> Any:
+    """The `model` field of a compression method whose walk needs `layout` (see `models.params.model_field`)."""
+    return model_field(
+        "parent model: a registered name[@version] or an imported folder "
+        "(empty: the cached tiny base model; the cached base models' registry names also work unregistered)",
+        "causal-lm",
+        layout,
+        builtin=BASE_NAMES,
+    )
+
 
 class CompressionParams(MethodParams):
-    """Fields every compression job has; a method subclasses it."""
+    """Fields every compression job has; a method subclasses it. The parent must have the Llama layout unless
+    the method redeclares `model` as `parent_model_field("decoder-stack")` (its walk is `decoder_stack`'s, which
+    every decoder-only model transformers exposes has)."""
 
-    model: str = Field(
-        "",
-        description="parent model: a registered name[@version] or an imported folder "
-        "(empty: the cached tiny base model; the cached base models' registry names also work unregistered)",
-    )
+    model: str = parent_model_field("llama")
     calibration_windows: int = Field(32, ge=1, le=4096, description="calibration windows from the train split")
     seq_len: int = Field(256, ge=8, le=8192, description="tokens per calibration and evaluation window")
     eval_windows: int = Field(32, ge=1, le=4096, description="held-out windows from the val split for perplexity")

@@ -12,16 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.llm.compression.calibration import InputStats, block_linears, compress_sequentially
+from models.llm.compression.calibration import InputStats, block_linears, compress_sequentially, weight_matrix
 from models.llm.compression.pruning import PruneMethod, SparsityPattern, prune_weight
 from models.llm.compression.quantization import rtn_quantize
 from models.llm.compression.storage import LinearFormat
-from models.llm.folder import decoder_layers
+from models.llm.folder import decoder_layers, decoder_stack
 
 
-def linear_name(layer: int, name: str) -> str:
-    """The full module name of a block's linear in a Llama-layout model."""
-    return f"model.layers.{layer}.{name}"
+def linear_name(layer: int, name: str, stack: str = "model.layers") -> str:
+    """The full module name of a block's linear (`stack`: the decoder stack's path, `decoder_stack`'s first item)."""
+    return f"{stack}.{layer}.{name}"
 
 
 @torch.no_grad()
@@ -30,11 +30,13 @@ def prune_model(
 ) -> dict[str, torch.Tensor]:
     """Prune every block linear in place; {full module name: keep mask}."""
     masks: dict[str, torch.Tensor] = {}
+    stack = decoder_stack(model)[0]
 
-    def edit(layer: int, name: str, linear: nn.Linear, stats: InputStats | None) -> None:
-        pruned, keep = prune_weight(linear.weight.data, pattern, method, None if stats is None else stats.gram)
-        linear.weight.data.copy_(pruned)
-        masks[linear_name(layer, name)] = keep
+    def edit(layer: int, name: str, linear: nn.Module, stats: InputStats | None) -> None:
+        weight = weight_matrix(linear).data
+        pruned, keep = prune_weight(weight, pattern, method, None if stats is None else stats.gram)
+        weight.copy_(pruned)
+        masks[linear_name(layer, name, stack)] = keep
 
     if method == "magnitude":
         for layer, block in enumerate(decoder_layers(model)):
@@ -52,11 +54,13 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 0) -> dict[str
     """RTN-quantize every block linear in place (de-quantized storage); {full module name: format}.
     A layer whose width `group_size` does not divide is quantized per row."""
     formats = {}
-    for layer, block in enumerate(decoder_layers(model)):
+    stack, layers = decoder_stack(model)
+    for layer, block in enumerate(layers):
         for name, linear in block_linears(block).items():
-            group = group_size if group_size and linear.in_features % group_size == 0 else 0
-            linear.weight.data.copy_(rtn_quantize(linear.weight.data, bits, group))
-            formats[linear_name(layer, name)] = LinearFormat(value_bits=bits, group_size=group)
+            weight = weight_matrix(linear).data
+            group = group_size if group_size and weight.shape[1] % group_size == 0 else 0
+            weight.copy_(rtn_quantize(weight, bits, group))
+            formats[linear_name(layer, name, stack)] = LinearFormat(value_bits=bits, group_size=group)
     return formats
 
 
@@ -65,4 +69,5 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, keep in masks.items():
-            modules[name].weight.mul_(keep.to(modules[name].weight.dtype))
+            weight = weight_matrix(modules[name])
+            weight.mul_(keep.to(weight.dtype))

@@ -63,6 +63,7 @@ from models.diffusion.model import DiffusionParts, save_parts
 from models.diffusion.nasa import DEFAULT_ALPHA
 from models.diffusion.training import base_model
 from models.diffusion.vsd import VSDConfig, one_step_sample, train_vsd
+from models.model_params import model_field
 from models.params import StepTrainingParams
 from models.plots import curves_figure
 from models.registry import method
@@ -74,7 +75,9 @@ NEGATIVE_CFG_SCALE = 1.5
 
 
 class SnoopiParams(StepTrainingParams):
-    model: str = Field("", description="teacher: registered model or local diffusers folder; empty = the shared base")
+    model: str = model_field(
+        "teacher: registered model or local diffusers folder; empty = the shared base", "diffusers"
+    )
     kappa_min: float = Field(PG_SB_RANGE[0], ge=0.0, le=50.0, description="PG-SB guidance range, lower end")
     kappa_max: float = Field(PG_SB_RANGE[1], ge=0.0, le=50.0, description="upper end (= kappa_min: SwiftBrush)")
     steps: int = Field(200, ge=1, le=100_000, description="distillation iterations")

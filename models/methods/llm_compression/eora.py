@@ -30,7 +30,12 @@ the earlier blocks leave after compensation is carried forward (a test checks th
 model). The result is merged into a standard HF folder (Ŵ + BA, what the deployment serves) and the factors
 are also saved as a peft LoRA adapter over the compressed model (`lora_A` = A, `lora_B` = B, scaling 1) in
 `eora-adapter/`, the key names the reference saves, so a sparse or quantized base can keep its format and
-add the adapter; a test checks peft's adapter gives the merged model's logits.
+add the adapter. The adapter's base is the compressed model Ŵ, never the merged one (which has BA already): a
+job that compresses here registers Ŵ too (`<parent>-rtn3`, `<parent>-wanda-2of4`, …) and the adapter names
+that registered version as `base_model_name_or_path`; with `compressed_model` it names that one. A test
+applies the adapter with peft to that registered base and gets the merged model's logits. The block walk is
+the one every decoder stack transformers exposes has (`decoder_stack`): Llama, Qwen2, GPT-NeoX, and GPT-2,
+whose `Conv1D` linears are read as [out, in] (`weight_matrix`); nothing in Eq. 4–6 depends on the layout.
 
 Defaults: rank 16 and 32 calibration windows of 256 tokens, sized for the 1.3M-parameter base model (the
 paper uses r = 128 and 256 calibration samples for LLaMA3-8B); compression, when no compressed model is
@@ -47,6 +52,7 @@ import copy
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -55,18 +61,20 @@ from torch import nn
 
 from models.context import RunContext, stop_if_cancelled
 from models.llm.base import base_model_name
-from models.llm.compression.calibration import block_input_stats, block_linears
+from models.llm.compression.calibration import block_input_stats, block_linears, weight_matrix
 from models.llm.compression.job import (
     CompressionParams,
     load_parent,
     model_stem,
+    parent_model_field,
     register_compressed,
     token_sets,
 )
 from models.llm.compression.oneshot import linear_name, prune_model, quantize_model
 from models.llm.compression.pruning import SPARSITY_PATTERN, SparsityPattern
 from models.llm.evaluation import perplexity
-from models.llm.folder import CausalLM, decoder_layers, load_folder
+from models.llm.folder import CausalLM, decoder_stack, load_folder
+from models.model_params import model_field
 from models.plots import curves_figure
 from models.registry import method
 from models.reproduction import Outcome, reproduction, seeds_for, sweep
@@ -128,23 +136,24 @@ def compensate(
     l with its dense weights W, fed by the outputs of blocks < l already compensated; then its weights become
     Ŵ + BA, so its compensated outputs feed block l + 1. SVD needs no statistics. `on_block(done, total)` after
     each block."""
-    dense_weights = {n: m.weight for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
+    modules = dict(dense.named_modules())
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    layers = decoder_layers(compressed)
+    stack, layers = decoder_stack(compressed)
     for layer, block in enumerate(layers):
         linears = block_linears(block)
-        lowered = {name: linear.weight.detach().clone() for name, linear in linears.items()}  # Ŵ
+        lowered = {name: weight_matrix(linear).detach().clone() for name, linear in linears.items()}  # Ŵ
+        dense_weights = {name: weight_matrix(modules[linear_name(layer, name, stack)]) for name in linears}  # W
         stats = None
         if kind == "eora":
             for name, linear in linears.items():
-                linear.weight.copy_(dense_weights[linear_name(layer, name)])
+                weight_matrix(linear).copy_(dense_weights[name])
             stats = block_input_stats(compressed, windows, layer, batch_size)
         for name, linear in linears.items():
-            full = linear_name(layer, name)
-            delta = dense_weights[full].to(torch.float64) - lowered[name].to(torch.float64)
+            full = linear_name(layer, name, stack)
+            delta = dense_weights[name].to(torch.float64) - lowered[name].to(torch.float64)
             r = min(rank, *delta.shape)
             b, a = eora_factors(delta, stats[name].covariance, r) if stats is not None else svd_factors(delta, r)
-            linear.weight.copy_(lowered[name] + (b @ a).to(lowered[name].dtype))
+            weight_matrix(linear).copy_(lowered[name] + (b @ a).to(lowered[name].dtype))
             factors[full] = (b.float(), a.float())
         if on_block:
             on_block(layer + 1, len(layers))
@@ -152,10 +161,18 @@ def compensate(
     return Compensated(factors, extra)
 
 
-def peft_adapter(compressed: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> nn.Module:
-    """A peft LoRA model over a copy of the compressed model with lora_A = A, lora_B = B and scaling 1."""
-    from peft import LoraConfig, get_peft_model
+def peft_adapter(
+    compressed: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, base: str = ""
+) -> nn.Module:
+    """A peft LoRA model over a copy of the compressed model with lora_A = A, lora_B = B and scaling 1.
 
+    `base` is what its `adapter_config.json` names as `base_model_name_or_path`: the compressed model (a registered
+    ref), since the adapter adds BA to Ŵ; peft would otherwise write the path the copied model was loaded from,
+    the dense parent's, and the adapter applied there (or to the merged weights) would be wrong."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    modules = dict(compressed.named_modules())
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -164,8 +181,11 @@ def peft_adapter(compressed: nn.Module, factors: dict[str, tuple[torch.Tensor, t
         init_lora_weights=False,
         bias="none",
         task_type="CAUSAL_LM",
+        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in factors),  # GPT-2 stores W as [in, out]
     )
     model = get_peft_model(copy.deepcopy(compressed), config)
+    if base:
+        model.peft_config["default"].base_model_name_or_path = base
     modules = dict(model.base_model.model.named_modules())
     with torch.no_grad():
         for name, (b, a) in factors.items():
@@ -177,10 +197,12 @@ def peft_adapter(compressed: nn.Module, factors: dict[str, tuple[torch.Tensor, t
 
 
 class EoRAParams(CompressionParams):
-    compressed_model: str = Field(
-        "",
-        description="a compressed version of `model` to compensate (registered ref "
-        "or folder); empty: compress `model` here with `compression`",
+    model: str = parent_model_field("decoder-stack")
+    compressed_model: str = model_field(
+        "a compressed version of `model` to compensate (registered ref or folder); empty: compress `model` here "
+        "with `compression`",
+        "causal-lm",
+        "decoder-stack",
     )
     compression: Compression = Field("rtn", description="how to compress when no compressed_model is given")
     bits: int = Field(3, ge=2, le=8, description="RTN bits (compression='rtn')")
@@ -198,6 +220,21 @@ def compress_copy(dense: nn.Module, params: EoRAParams, calibration: torch.Tenso
     else:
         prune_model(model, calibration, SparsityPattern.parse(params.sparsity), params.compression)
     return model
+
+
+def compression_slug(params: EoRAParams) -> str:
+    """The compression as a registry-name part: `rtn3`, `rtn4-g128`, `wanda-2of4`, `magnitude-0.5`."""
+    if params.compression == "rtn":
+        return f"rtn{params.bits}" + (f"-g{params.group_size}" if params.group_size else "")
+    return f"{params.compression}-{params.sparsity.replace(':', 'of')}"
+
+
+def pinned_ref(ref: str, folder: Path) -> str:
+    """`ref` with the version it resolved to (`name` → `name@3`), so the adapter's base stays that version when
+    a later one is registered; a folder's path (an import root) is kept as given."""
+    if Path(ref).is_absolute() or "@" in ref and ref.rpartition("@")[2].isdigit():
+        return ref
+    return f"{ref.partition('@')[0]}@{folder.name}" if folder.name.isdigit() else ref
 
 
 def compression_label(params: EoRAParams) -> str:
@@ -219,12 +256,27 @@ def run(ctx: RunContext, params: EoRAParams) -> None:
     sets = token_sets(ctx, parent.lm, params)
     ctx.progress(0, 3, "compressing")
     if params.compressed_model:
-        compressed = load_folder(ctx.load_model(params.compressed_model)).model
+        compressed_folder = ctx.load_model(params.compressed_model)
+        compressed = load_folder(compressed_folder).model
     else:
         compressed = compress_copy(parent.lm.model, params, sets.calibration)
     stop_if_cancelled(ctx)
     ppl_dense = perplexity(parent.lm.model, sets.evaluation)
     ppl_compressed = perplexity(compressed, sets.evaluation)
+    stem = model_stem(parent.ref)
+    if params.compressed_model:
+        adapter_base = pinned_ref(params.compressed_model, compressed_folder)
+    else:  # the adapter's base is the compressed model: registered too, so the adapter has a base to name
+        adapter_base = register_compressed(
+            ctx,
+            CausalLM(compressed, parent.lm.tokenizer, parent.lm.path),
+            parent.ref,
+            "eora",
+            params,
+            {"val_ppl": ppl_compressed, "val_ppl_parent": ppl_dense},
+            f"{stem}-{compression_slug(params)}",
+            {"compressed_from": compression_label(params), "stage": "compressed: the base of the EoRA adapter"},
+        )
     ctx.progress(1, 3, f"compensating at rank {params.rank}")
     base_for_adapter = copy.deepcopy(compressed)
     result = compensate(
@@ -244,8 +296,8 @@ def run(ctx: RunContext, params: EoRAParams) -> None:
     }
     ctx.log(0, **metrics)
     lm = CausalLM(compressed, parent.lm.tokenizer, parent.lm.path)
-    extra = {"compressed_from": params.compressed_model or compression_label(params)}
-    name = params.output_name or f"{model_stem(parent.ref)}-{params.compensation}-r{params.rank}"
+    extra = {"compressed_from": params.compressed_model or compression_label(params), "adapter_base": adapter_base}
+    name = params.output_name or f"{stem}-{params.compensation}-r{params.rank}"
     ref = register_compressed(
         ctx,
         lm,
@@ -256,9 +308,9 @@ def run(ctx: RunContext, params: EoRAParams) -> None:
         name,
         extra,
         subfolders={
-            "eora-adapter": lambda folder: peft_adapter(base_for_adapter, result.factors, params.rank).save_pretrained(
-                str(folder)
-            )
+            "eora-adapter": lambda folder: peft_adapter(
+                base_for_adapter, result.factors, params.rank, adapter_base
+            ).save_pretrained(str(folder))
         },
     )
     ctx.progress(3, 3, f"registered {ref}: val ppl {ppl_compressed:.2f} → {ppl:.2f} (parent {ppl_dense:.2f})")

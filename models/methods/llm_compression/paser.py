@@ -64,6 +64,7 @@ from models.llm.compression.oneshot import prune_model
 from models.llm.compression.pruning import SPARSITY_PATTERN, SparsityPattern
 from models.llm.folder import CausalLM, load_folder
 from models.llm.instructions import IGNORE_INDEX, Instruction, encode_instructions, instructions_from
+from models.model_params import model_field
 from models.params import EpochTrainingParams
 from models.registry import method
 from models.reproduction import Outcome, reproduction, seeds_for, sweep
@@ -262,7 +263,9 @@ def recover(
 
 
 class PASERParams(CompressionParams, EpochTrainingParams):
-    pruned_model: str = Field("", description="the pruned version of `model` to recover (empty: prune `model` here)")
+    pruned_model: str = model_field(
+        "the pruned version of `model` to recover (empty: prune `model` here)", "causal-lm", "llama"
+    )
     sparsity: str = Field("0.5", pattern=SPARSITY_PATTERN, description="Wanda sparsity when pruning here")
     budget: float = Field(0.1, gt=0.0, le=1.0, description="fraction B of the instruction pool to select")
     pool_per_capability: int = Field(150, ge=2, le=100_000, description="pool instructions per capability")

@@ -44,6 +44,7 @@ from models.llm.compression.job import (
     CompressionTuningParams,
     load_parent,
     model_stem,
+    parent_model_field,
     register_compressed,
     token_sets,
 )
@@ -68,6 +69,8 @@ OBJECTIVES: dict[str, LossWeights] = {
 
 
 class SquareHeadParams(CompressionTuningParams, ResumableParams):
+    # one-shot pruning and hidden-state distillation walk any decoder stack (GPT-NeoX, GPT-2 included)
+    model: str = parent_model_field("decoder-stack")
     sparsity: str = Field("0.5", pattern=SPARSITY_PATTERN, description="a fraction like 0.7, or N:M like 2:4")
     prune_method: PruneMethod = Field("sparsegpt", description="one-shot pruning that initialises the student")
     objective: Objective = Field(

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 
 from models.context import InMemoryRunContext
 from models.llm.compression.calibration import block_input_stats, block_linears
@@ -161,11 +162,26 @@ def test_run_registers_the_compensated_model_with_its_adapter_and_lineage(smoke_
         sparsity="2:4",
     )
     run(ctx, params)
-    (name,) = ctx.models
-    folder = ctx.load_model(name)
+    stem = smoke_base.path.name
+    assert set(ctx.models) == {f"{stem}-wanda-2of4", f"{stem}-eora-r4"}  # the adapter's base, and the merged model
+    folder = ctx.load_model(f"{stem}-eora-r4")
     meta = json.loads((folder / "crucible-model.json").read_text())
     assert meta["parent"] == str(smoke_base.path) and meta["method"] == "eora"
     assert meta["compressed_from"] == "wanda 2:4" and meta["metrics"]["extra_parameters"] > 0
-    assert (folder / "eora-adapter" / "adapter_config.json").exists()
+    assert meta["adapter_base"] == f"{stem}-wanda-2of4@1"
     assert all(ctx.latest(k) > 1 for k in ("val_ppl", "val_ppl_compressed", "val_ppl_parent"))
-    assert load_folder(folder).model.config.hidden_size == 64
+    merged = load_folder(folder).model
+    assert merged.config.hidden_size == 64
+
+    # the adapter names the compressed model as its base, and peft applied to that base gives the merged logits
+    adapter_config = json.loads((folder / "eora-adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == f"{stem}-wanda-2of4@1"
+    base = load_folder(ctx.load_model(adapter_config["base_model_name_or_path"])).model
+    assert json.loads((ctx.load_model(f"{stem}-wanda-2of4") / "crucible-model.json").read_text())["stage"].startswith(
+        "compressed"
+    )
+    ids = torch.randint(0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-3)
+        adapted = PeftModel.from_pretrained(base, str(folder / "eora-adapter")).eval()  # wraps `base` in place
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

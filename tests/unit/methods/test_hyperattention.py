@@ -1,17 +1,29 @@
 """HyperAttention invariants: lse merging is exact over disjoint key sets; one block (b ≥ T) is exact causal
 attention; rows are convex combinations of V; the registered AttentionInterface function at full budget gives
-the tiny Llama's SDPA logits."""
+the tiny Llama's SDPA logits. The tiles path (float32, the default; through SDPA's fused CPU kernel or
+FlexAttention) is exact with one block to 1e-5 and computes the pure-torch path's function (same draws, same key
+sets and weights); FlexAttention's anchor recovers the log-sum-exp exactly, falling back to exact attention on the
+rows it cannot resolve."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.llm.attention.hyperattention import HyperConfig, gray_rank, hyper_attention, register_hyperattention
-from models.llm.attention.kit import attention_with_lse, merge_lse
+from models.llm.attention import flex
+from models.llm.attention.hyperattention import (
+    HyperConfig,
+    gray_rank,
+    hyper_attention,
+    hyper_attention_path,
+    recursion_plan,
+    register_hyperattention,
+)
+from models.llm.attention.kit import attention_with_lse, merge_lse, prefill_path
 from models.llm.model import build_model, llama_config
 from models.registry import get_method
 
@@ -110,13 +122,14 @@ def test_registered_function_at_full_budget_matches_sdpa_logits() -> None:
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    model.set_attn_implementation(
-        register_hyperattention(
-            HyperConfig(block_size=128, sample_size=16, min_seq_len=16), name="hyperattention-test-full"
-        )
+    name = register_hyperattention(
+        HyperConfig(block_size=128, sample_size=16, min_seq_len=16), name="hyperattention-test-full"
     )
+    model.set_attn_implementation(name)
+    prefill_path(name, clear=True)
     with torch.no_grad():
         full = model(input_ids=ids).logits
+    assert prefill_path(name) == "sdpa-tiles"  # the default path on CPU, recorded for serving's usage
     torch.testing.assert_close(full, reference, atol=2e-5, rtol=1e-4)
     model.set_attn_implementation(
         register_hyperattention(
@@ -128,6 +141,80 @@ def test_registered_function_at_full_budget_matches_sdpa_logits() -> None:
         generated = model.generate(ids[:1, :40], max_new_tokens=4, do_sample=False)
     assert not torch.allclose(sparse, reference, atol=1e-4)
     assert math.isfinite(sparse.abs().max().item()) and generated.shape == (1, 44)
+
+
+def qkv32(t: int, heads: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, heads, t, 16, generator=g) for _ in range(3))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("kernel", ["sdpa-tiles", "flex"])
+@pytest.mark.parametrize("t", [64, 100])
+def test_tiles_path_with_one_block_is_exact(t: int, kernel: str) -> None:
+    """float32 through either tile kernel, to 1e-5: one block (b ≥ T) is exact causal and non-causal attention."""
+    q, k, v = qkv32(t)
+    out, path = hyper_attention_path(
+        q, k, v, 0.25, HyperConfig(block_size=t, sample_size=32, min_seq_len=8), path=kernel
+    )
+    assert path == kernel
+    exact = F.scaled_dot_product_attention(q, k, v, scale=0.25, is_causal=True)
+    torch.testing.assert_close(out, exact, atol=1e-5, rtol=1e-5)
+    out = hyper_attention(q, k, v, 0.25, HyperConfig(block_size=128, sample_size=8), causal=False, path=kernel)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa-tiles", "flex"])
+@pytest.mark.parametrize(
+    ("t", "config", "causal"),
+    [
+        (256, HyperConfig(16, 16, 4, min_seq_len=32), True),
+        (300, HyperConfig(32, 32, min_seq_len=40), True),  # uneven halves and leaves, a padded last block
+        (200, HyperConfig(32, 16), False),
+        (90, HyperConfig(8, 0, 3, min_seq_len=20), True),  # no samples
+    ],
+)
+def test_tiles_path_computes_the_pure_torch_paths_function(
+    t: int, config: HyperConfig, causal: bool, kernel: str
+) -> None:
+    q, k, v = qkv32(t, heads=3, seed=t)
+    tiled = hyper_attention(q, k, v, 0.25, config, causal=causal, path=kernel)
+    plain = hyper_attention(q, k, v, 0.25, config, causal=causal, path="gather")
+    torch.testing.assert_close(tiled, plain, atol=1e-5, rtol=1e-5)
+    assert hyper_attention_path(q, k, v, 0.25, config, causal)[1] == "sdpa-tiles"  # the CPU default
+    assert hyper_attention_path(q.double(), k.double(), v.double(), 0.25, config, causal)[1] == "gather"
+
+
+def test_recursion_plan_is_the_recursions_leaves_and_splits() -> None:
+    leaves, splits = recursion_plan(300, 40)
+    assert [s for s, _ in leaves] == list(itertools.accumulate([0] + [n for _, n in leaves][:-1]))
+    assert sum(n for _, n in leaves) == 300 and max(n for _, n in leaves) <= 40
+    assert splits[-1] == (0, 150, 300, 0) and splits[0] == (0, 37, 75, 2)  # post-order: the deepest first
+
+
+def test_anchor_lse_is_exact_and_unresolved_rows_fall_back() -> None:
+    """Tiles with a causal mask, a bias and a reserved anchor column: o and lse equal exact attention's; a row that
+    sees no key gets o = 0, lse = −inf; a row whose anchor sits ~200 nats below its lse (p underflows) and one
+    whose anchor is far above it are recomputed exactly."""
+    g = torch.Generator().manual_seed(0)
+    n, heads, l_q, l_k, d = 3, 2, 16, 32, 8
+    q_t, k_t, v_t = flex.lse_tiles(n, heads, l_q, l_k, d, d, torch.float32, torch.device("cpu"))
+    q_t[..., :d], k_t[..., :d], v_t[..., :d] = (torch.randn(x[..., :d].shape, generator=g) for x in (q_t, k_t, v_t))
+    key_pos = torch.arange(l_k, dtype=torch.int32).expand(n, heads, l_k).clone()
+    key_pos[..., 20:] = flex.NEVER
+    key_pos[..., 20] = flex.ALWAYS  # the anchor column
+    query_pos = torch.arange(l_q, dtype=torch.int32).expand(n, heads, l_q).clone()
+    query_pos[0, 0, 3] = -5  # sees nothing
+    bias = torch.randn(n, heads, l_k, generator=g)
+    allowed = (key_pos.unsqueeze(-2) <= query_pos.unsqueeze(-1)) & (torch.arange(l_k) != 20)
+    exact_o, exact_lse = attention_with_lse(
+        q_t[..., :d], k_t[..., :d], v_t[..., :d], 0.5, bias=bias.unsqueeze(-2).masked_fill(~allowed, -math.inf)
+    )
+    anchor = exact_lse.nan_to_num(0.0, neginf=0.0) - 1.0  # a lower bound, as the callers' Jensen bounds are
+    anchor[1, 1, 5], anchor[2, 0, 7] = exact_lse[1, 1, 5] - 200.0, exact_lse[2, 0, 7] + 30.0
+    o, lse = flex.tile_attention_lse(q_t, k_t, v_t, 0.5, key_pos, query_pos, anchor, 20, key_bias=bias)
+    torch.testing.assert_close(o, exact_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, exact_lse, atol=1e-5, rtol=1e-5)
+    assert torch.all(o[0, 0, 3] == 0) and lse[0, 0, 3] == -math.inf
 
 
 def test_job_reports_perplexity_against_exact_and_timing() -> None:

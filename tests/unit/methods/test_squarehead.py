@@ -130,3 +130,34 @@ def test_run_registers_the_sparse_student_with_lineage_and_resumes_exactly(smoke
     meta = json.loads((whole.load_model(name) / "crucible-model.json").read_text())
     assert meta["method"] == "squarehead" and meta["parent"] == str(smoke_base.path) and meta["sparsity"] == "0.7"
     assert meta["metrics"]["packed_bytes"] < meta["metrics"]["packed_bytes_parent"]
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])
+def test_squarehead_prunes_and_tunes_gpt_neox_and_gpt2_keeping_the_sparsity(arch, tmp_path, monkeypatch):
+    """One-shot pruning and hidden-state distillation walk any decoder stack: GPT-NeoX's fused attention and
+    GPT-2's Conv1D linears keep their 2:4 pattern through the fine-tuning steps."""
+    from models.llm.compression.calibration import block_linears, weight_matrix
+    from models.llm.folder import decoder_layers, load_folder
+    from tests.unit.causal_folders import tiny_causal_folder
+
+    monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path / "home"))
+    ctx = InMemoryRunContext(dataset=small_corpus())
+    folder = tiny_causal_folder(tmp_path / arch, arch)
+    params = SquareHeadParams(
+        model=str(folder),
+        sparsity="2:4",
+        calibration_windows=2,
+        seq_len=32,
+        eval_windows=2,
+        steps=2,
+        batch_size=2,
+        train_tokens=1000,
+        checkpoint_every=0,
+    )
+    run(ctx, params)
+    (name,) = ctx.models
+    pruned = load_folder(ctx.load_model(name)).model
+    for block in decoder_layers(pruned):
+        for linear in block_linears(block).values():
+            rows = weight_matrix(linear).reshape(weight_matrix(linear).shape[0], -1, 4)
+            assert torch.all((rows != 0).sum(-1) <= 2)

@@ -43,15 +43,20 @@ def client_for(settings: Settings, role: str = "admin", project: str = "default"
         yield client
 
 
-def model_folder_zip(extra: dict[str, bytes] | None = None, top: str = "tiny") -> bytes:
-    import torch
-    from safetensors.torch import save
+def model_folder_files() -> dict[str, bytes]:
+    """The files of a tiny random Llama folder (config, safetensors, tokenizer): what the import checks accept."""
+    import tempfile
+    from pathlib import Path
 
-    files = {
-        "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
-        "model.safetensors": save({"w": torch.zeros(2)}),
-        **(extra or {}),
-    }
+    from tests.unit.causal_folders import tiny_causal_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tiny_causal_folder(Path(tmp) / "m", "llama")
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def model_folder_zip(extra: dict[str, bytes] | None = None, top: str = "tiny") -> bytes:
+    files = {**model_folder_files(), **(extra or {})}
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in files.items():

@@ -148,10 +148,11 @@ def test_engine_options_are_validated_at_creation(api, model_zips):
     assert api.get("/api/v1/deployments").json()["items"] == []
 
 
-def test_unsupported_architecture_is_422_naming_the_model(api):
-    from tests.unit.service.test_security import model_folder_zip
-
-    import_zip(api, "not-causal", model_folder_zip())  # config.json without a causal-LM architecture
+def test_unsupported_architecture_is_422_naming_the_model(api, settings, tmp_path):
+    folder = tiny_llm_folder(tmp_path / "m")  # registered as a job would: the import route refuses it at the door
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    register_folder(settings, "not-causal", folder)
     r = api.post("/api/v1/deployments", json={"name": "bad", "model": "not-causal"})
     body = problem(r, 422)
     assert body["errors"][0]["pointer"] == "/model" and "architectures" in body["detail"]

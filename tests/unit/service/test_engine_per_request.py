@@ -1,5 +1,6 @@
 """Per-request engine options (the `engine` extension of the OpenAI routes): a request that asks for a KV cache
-or exact attention gets exactly what a deployment configured that way gives, its usage says what ran, and an
+or exact attention gets exactly what a deployment configured that way gives, its usage says what ran (the
+attention's type and the path its prefill took), a sparse deployment does not recompile per request, and an
 option the request cannot set or the model cannot take is a 422 naming `/engine/<field>` before anything runs."""
 
 from __future__ import annotations
@@ -71,9 +72,24 @@ def test_exact_attention_for_one_request_on_a_sparse_deployment(folder, monkeypa
     monkeypatch.setattr(llm, "exact_attention", lambda model: switched.append(model) or real(model))
     tokens, usage, loaded = generate(folder, HIP, {"attention": "sdpa"})
     assert switched == [loaded.llm.model]  # the request ran under exact attention
-    assert tokens == generate(folder, {})[0] and usage["attention"] == "sdpa"
+    assert tokens == generate(folder, {})[0] and usage["attention"] == {"type": "sdpa", "path": "sdpa"}
     assert loaded.llm.model.config._attn_implementation.startswith("hip")  # switched back after the request
-    assert generate(folder, HIP)[1]["attention"] == "hip"
+    assert generate(folder, HIP)[1]["attention"] == {"type": "hip", "path": "flex"}  # FlexAttention prefill
+
+
+def test_a_sparse_deployment_compiles_once_per_bucket_not_per_request(folder):
+    """Prompts of different lengths in one bucket reuse the compiled FlexAttention kernel (the tile shape is the
+    config's; the tile count is padded to the bucket's), and decoding stays exact."""
+    from models.llm.attention import flex
+
+    loaded = load("llm", folder, validate_engine("llm", HIP, folder))
+    compiled = []
+    for prompt in (PROMPT, PROMPT * 2, PROMPT[:40]):
+        p = llm.plan(loaded, [prompt], "prompt", max_tokens=3, temperature=0.0, top_p=1.0, n=1, stop=None, seed=0)
+        done = llm.run(loaded, p, threading.Event())
+        assert llm.usage(p, done)["attention"]["path"] == "flex"
+        compiled.append(flex.compilations())
+    assert compiled[1] == compiled[0] and compiled[2] == compiled[0]
 
 
 def pointer(folder, deployment: dict, override: dict) -> str:

@@ -123,7 +123,7 @@ def test_a_job_log_shows_its_metrics_as_readable_lines(settings):
     from api.jobs import read_log
 
     jid = submit(settings, steps=5)
-    assert run_job(jid, settings.model_copy(update={"log_line_every_s": 0.0001})) == "succeeded"
+    assert run_job(jid, settings.model_copy(update={"log_line_every_s": 1e-9})) == "succeeded"
     with session_scope(settings.database_url) as s:
         text, _, _ = read_log(s, jid, 0, 1 << 20)
     assert "[step 1] value 1\n" in text and "[step 5] value 15\n" in text, text
