@@ -151,11 +151,11 @@ def run_job(
         else:
             status, code = "failed", "exception"
             error = failure_reason(exc, settings)
-            print("".join(traceback.format_exception(exc))[-8000:], file=sys.stderr)
+            print(log_traceback(exc, settings), file=sys.stderr)
     except BaseException as exc:  # noqa: BLE001 - the job's failure is recorded, never raised further
         status, code = "failed", "exception"
         error = failure_reason(exc, settings)
-        print("".join(traceback.format_exception(exc))[-8000:], file=sys.stderr)
+        print(log_traceback(exc, settings), file=sys.stderr)
     finally:
         sys.stdout, sys.stderr = out, err
         if threading_main():
@@ -179,6 +179,14 @@ def failure_reason(exc: BaseException, settings: Settings) -> str:
     with this server's paths cut to their file names (`scrub_paths`)."""
     message = str(exc).strip() or "(no message)"
     return scrub_paths(f"{type(exc).__name__}: {message}", server_roots(settings.home))[:2000]
+
+
+def log_traceback(exc: BaseException, settings: Settings) -> str:
+    """The traceback a failed job's log shows its owner (the last 8,000 characters): file names, lines and code
+    kept, the folders above them cut as in `failure_reason`, so the log does not tell where the server keeps its
+    state or its code."""
+    text = "".join(traceback.format_exception(exc))[-8000:]
+    return scrub_paths(text, server_roots(settings.home))
 
 
 def threading_main() -> bool:

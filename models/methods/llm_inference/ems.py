@@ -54,6 +54,7 @@ from models.llm.kv_cache.press import Press
 from models.llm.kv_cache.presses import H2O, AdaKV, SnapKV, StreamingLLM
 from models.llm.passkey import PasskeySample, passkey_samples
 from models.llm.retrieval_tuning import retrieval_model
+from models.model_params import model_field
 from models.plots import curves_figure
 from models.registry import MethodParams, method
 from models.reproduction import Outcome, reproduction, seeds_for, sweep
@@ -62,7 +63,12 @@ REPORTED = ("ppl", "passkey", "kv_bytes")
 
 
 class EMSParams(MethodParams):
-    model: str = Field("", description=MODEL_FIELD_DESCRIPTION)
+    model: str = model_field(
+        MODEL_FIELD_DESCRIPTION,
+        "causal-lm",
+        "llama",
+        builtin=(base_model_name(smoke=True), base_model_name(smoke=False)),
+    )
     seq_len: int = Field(256, ge=16, le=1 << 20, description="tokens per held-out window (context + continuation)")
     context: int = Field(192, ge=8, le=1 << 20, description="tokens compressed at prefill; the rest are scored")
     eval_windows: int = Field(32, ge=1, le=4096, description="held-out windows")

@@ -50,6 +50,7 @@ from models.llm.evaluation import perplexity
 from models.llm.folder import load_folder
 from models.llm.kv_cache.matryoshka import KVProjection, projected, save_projection
 from models.llm.kv_cache.matryoshka_training import calibrate, greedy_ranks, train_projection
+from models.model_params import model_field
 from models.params import StepTrainingParams
 from models.plots import curves_figure
 from models.registry import method
@@ -59,7 +60,12 @@ from models.reproduction import Outcome, reproduction, seeds_for, sweep
 class MatryoshkaKVParams(StepTrainingParams):
     batch_size: int = Field(8, ge=1, le=1024, description="windows per training step")
     steps: int = Field(150, ge=0, le=100_000, description="training steps (0: PCA only)")
-    model: str = Field("", description=MODEL_FIELD_DESCRIPTION)
+    model: str = model_field(
+        MODEL_FIELD_DESCRIPTION,
+        "causal-lm",
+        "llama",
+        builtin=(base_model_name(smoke=True), base_model_name(smoke=False)),
+    )
     seq_len: int = Field(256, ge=16, le=1 << 20, description="tokens per training / evaluation window")
     rank_step: int = Field(4, ge=1, le=1024, description="ranks are sampled from {step, 2·step, …, head_dim}")
     cut: int = Field(8, ge=1, le=1024, description="rank removed per greedy step (the paper's 32 of 128)")

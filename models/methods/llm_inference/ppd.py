@@ -63,6 +63,7 @@ from models.llm.parallel_prompt import (
     train_prompts,
 )
 from models.llm.prompt_tree import SparseTree, expected_accepted, hardware_aware_tree, sparse_tree
+from models.model_params import model_field
 from models.params import StepTrainingParams
 from models.plots import curves_figure
 from models.registry import method
@@ -73,7 +74,12 @@ class PPDParams(StepTrainingParams):
     lr: float = Field(1e-2, gt=0, le=10.0, description="Adam learning rate (the paper's 1e-2)")
     batch_size: int = Field(8, ge=1, le=1024, description="windows per training step")
     steps: int = Field(300, ge=0, le=100_000, description="training steps")
-    model: str = Field("", description=MODEL_FIELD_DESCRIPTION)
+    model: str = model_field(
+        MODEL_FIELD_DESCRIPTION,
+        "causal-lm",
+        "decoder-stack",
+        builtin=(base_model_name(smoke=True), base_model_name(smoke=False)),
+    )
     prompt_tokens: int = Field(3, ge=0, le=64, description="m: prompt tokens, guessing offsets +2 … +m+1")
     seq_len: int = Field(256, ge=16, le=1 << 20, description="tokens per training window")
     cuts_per_window: int = Field(16, ge=1, le=4096, description="truncation points (prompt groups) per window")

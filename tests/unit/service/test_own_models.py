@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertFo
 from api.app import create_app
 from api.auth import bootstrap_admin_key
 from api.cli import _parse_params, main
+from api.jobs import read_log
 from models.llm.generation import stop_token_ids
 from models.registry import get_method
 from tests.unit.causal_folders import ARCHITECTURES, tiny_causal_folder
@@ -30,6 +31,7 @@ from tests.unit.service.attacks import live_server
 from tests.unit.service.test_api import problem
 from tests.unit.service.test_deployments import deploy, import_zip, zip_folder
 from workers.db import session_scope
+from workers.redact import CODE_ROOT
 from workers.runner import run_job
 from workers.tables import Job
 
@@ -137,6 +139,13 @@ def test_a_jobs_model_is_resolved_and_checked_at_submission(api, folders, model_
     assert "Llama layout" in body["detail"] and "pat needs Llama-layout decoders only" in body["detail"]
     assert "Llama-layout decoders only" in get_method("pat").describe()["params"]["properties"]["model"]["description"]
     assert submit("eora", "neox@1").status_code == 201  # EoRA walks any decoder stack
+
+    def bare(method: str, dataset: str):
+        return api.post("/api/v1/jobs", json={"method": method, "dataset": dataset, "params": {"model": "neox@1"}})
+
+    for llama_only in ("ems", "matryoshka-kv"):  # their caches patch Llama's self_attn
+        problem(bare(llama_only, "stdlib-code"), 422, "/params/model")
+    assert bare("ppd", "stdlib-code").status_code == 201  # PPD's prompts and tree attention take any decoder stack
     problem(submit("eora", "/etc"), 422, "/params/model")  # not under an import root
 
 
@@ -152,6 +161,10 @@ def test_a_failed_job_says_why_without_a_traceback_or_server_paths(settings):
         error = s.get(Job, job_id).error
     assert error.startswith("PermissionError: ") and "…/nowhere" in error
     assert "Traceback" not in error and str(settings.home) not in error and "File " not in error
+    with session_scope(settings.database_url) as s:
+        log, _, _ = read_log(s, job_id, 0, 1 << 20)
+    assert "Traceback" in log and "eora.py" in log  # the owner's log keeps the traceback, without server folders
+    assert str(settings.home) not in log and CODE_ROOT not in log
 
 
 # -- defect 3, defect 6 (archives), gaps: checks at the door, pickles beside safetensors --------------------------
