@@ -17,7 +17,7 @@ from api.auth import SESSION_COOKIE, RateLimiter, auth_failed, authenticate, loo
 from api.guard import RequestGuard, cross_site
 from api.offload import BlockingPool
 from api.openapi import build_openapi
-from api.routes import access, datasets, deployments, health, jobs, methods, models, openai_compat
+from api.routes import access, datasets, deployments, health, jobs, methods, models, openai_compat, uploads
 from api.serving.manager import DeploymentManager
 from workers.db import secure_state
 from workers.executors import make_executor
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, *, run_executor: bool = True) -
     app.add_middleware(RequestGuard, settings=settings)  # request ids; body caps counted as bytes arrive
 
     app.include_router(health.router)  # liveness stays open; /metrics authenticates itself
-    for module in (methods, datasets, jobs, models, access, deployments, openai_compat):
+    for module in (methods, datasets, jobs, models, uploads, access, deployments, openai_compat):
         app.include_router(module.router, dependencies=[Depends(authenticate)])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -481,6 +483,64 @@ def _pack(folder: Path, spool: Any) -> None:
     spool.seek(0)
 
 
+@contextmanager
+def console_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A bytes progress bar on stderr (hidden when stderr is not a terminal); yields `advance(n)`."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    columns = [TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def send_resumable(api: Api, spool: Any, filename: str, retries: int = 5) -> str:
+    """Send the open file `spool` as a resumable upload (`POST /api/v1/uploads`, then parts at the server's
+    offset) and return its id. A broken connection or a 5xx is retried from the offset the server reports, with
+    backoff, so a large model survives a flaky network; the file is hashed first so the server checks what it
+    assembled. Progress goes to stderr."""
+    import hashlib
+
+    digest, size = hashlib.sha256(), 0
+    spool.seek(0)
+    while chunk := spool.read(1 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    up = api("POST", "/api/v1/uploads", json={"filename": filename, "size": size, "sha256": digest.hexdigest()})
+    part_bytes, offset, failures = min(int(up["part_bytes"]), 16 << 20), int(up["offset"]), 0
+    with console_progress(size, f"uploading {filename}") as advance:
+        while offset < size:
+            spool.seek(offset)
+            part = spool.read(part_bytes)
+            try:
+                r = api.http.patch(
+                    f"/api/v1/uploads/{up['id']}",
+                    content=part,
+                    headers={"Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"},
+                    timeout=600,
+                )
+            except httpx.TransportError as exc:
+                r, reason = None, f"{type(exc).__name__}: {exc}"
+            if r is not None and r.status_code < 400:
+                new = int(r.json()["offset"])
+            elif r is not None and r.status_code == 409 and "offset" in r.json():
+                new = int(r.json()["offset"])  # the server has more (or less) than we thought: carry on from there
+            elif r is not None and r.status_code < 500:
+                api.fail(r)
+            else:
+                failures += 1
+                if failures > retries:
+                    err.print(f"[red]the upload failed {failures} times[/]; resume it later with the same command")
+                    sys.exit(1)
+                reason = reason if r is None else f"HTTP {r.status_code}"
+                err.print(f"[yellow]part at byte {offset} failed ({reason}); resuming[/]")
+                time.sleep(min(30.0, 0.5 * 2**failures))
+                new = int(api("GET", f"/api/v1/uploads/{up['id']}")["offset"])
+            advance(new - offset)
+            offset = new
+    return str(up["id"])
+
+
 @models.command("upload")
 @click.argument("name")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
@@ -493,7 +553,9 @@ def models_upload(name: str, path: Path, as_json: bool) -> None:
         if path.is_dir():
             _pack(path, spool)
         filename = f"{path.name or name}.tar.gz" if path.is_dir() else path.name
-        out = _api()("POST", "/api/v1/models", data={"name": name}, files={"file": (filename, spool)}, timeout=600)
+        api = _api()
+        upload_id = send_resumable(api, spool, filename)
+        out = api("POST", "/api/v1/models", data={"name": name, "upload": upload_id}, timeout=600)
     if as_json:
         return _emit(out)
     console.print(f"registered [cyan]{out['ref']}[/] ({out['config'].get('format')}, {len(out['files'])} files)")

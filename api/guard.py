@@ -25,6 +25,7 @@ from workers.settings import Settings
 
 REQUEST_ID_RULE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 UPLOAD_ROUTES = {("POST", "/api/v1/datasets"), ("POST", "/api/v1/models")}
+UPLOAD_PARTS = "/api/v1/uploads/"  # a resumable upload's parts: PATCH /api/v1/uploads/{id}
 FORM_SLACK = 1024 * 1024  # multipart framing and the small form fields around an upload's file
 
 
@@ -36,6 +37,8 @@ def body_cap(settings: Settings, method: str, path: str) -> tuple[int, str]:
     """(bytes, setting) a request's body may hold."""
     if (method, path.rstrip("/")) in UPLOAD_ROUTES:
         return settings.max_upload_bytes + FORM_SLACK, "CRUCIBLE_MAX_UPLOAD_BYTES"
+    if method == "PATCH" and path.startswith(UPLOAD_PARTS):
+        return settings.upload_part_bytes, "CRUCIBLE_UPLOAD_PART_BYTES"
     return settings.max_json_bytes, "CRUCIBLE_MAX_JSON_BYTES"
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.problems import pattern_hint
-from workers.tables import ApiKey, Artifact, AuditEvent, Job, RegisteredModel
+from workers.tables import ApiKey, Artifact, AuditEvent, Job, RegisteredModel, Upload
 
 
 def _json_number(value: Any) -> Any:
@@ -342,3 +342,39 @@ class AuditOut(BaseModel):
             request_id=e.request_id,
             client=e.client,
         )
+
+
+MAX_BYTES = 2**53 - 1  # a byte count or offset: 8 PiB, the largest integer every JSON reader (float64) holds exactly
+
+
+class UploadIn(BaseModel):
+    """A file to send in parts (`PATCH /api/v1/uploads/{id}`), declared before its first byte."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = Field(
+        ..., min_length=1, max_length=255, description="the file's name (its suffix says .zip or .tar.gz)"
+    )
+    size: int = Field(..., ge=1, le=MAX_BYTES, description="the file's size in bytes")
+    sha256: str | None = Field(
+        None,
+        pattern="^[0-9a-fA-F]{64}$",
+        description="the file's SHA-256 (hex); when given, the assembled file is checked against it before use",
+    )
+
+
+class UploadOut(BaseModel):
+    id: str
+    filename: str
+    size: int
+    offset: int = Field(description="bytes received: the next part starts here")
+    sha256: str | None
+    part_bytes: int = Field(description="the largest part (one PATCH body) the server takes")
+    created_at: datetime
+    expires_at: datetime = Field(description="an unfinished upload is deleted then")
+    complete: bool
+
+    @classmethod
+    def of(cls, row: Upload, part_bytes: int) -> UploadOut:
+        kept = ("id", "filename", "size", "offset", "sha256", "created_at", "expires_at")
+        return cls(**{f: getattr(row, f) for f in kept}, part_bytes=part_bytes, complete=row.offset == row.size)

@@ -84,7 +84,18 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(3, ge=1, le=20)
     keep_checkpoints: int = Field(2, ge=1)
-    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="largest uploaded file (a model archive or dataset), in one request or sent in resumable parts",
+    )
+    upload_part_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest part of a resumable upload (one PATCH body)"
+    )
+    upload_ttl_s: float = Field(
+        24 * 3600.0, gt=0, description="an unfinished resumable upload is deleted this long after it was created"
+    )
+    max_open_uploads_per_project: int = Field(16, ge=1, description="unfinished resumable uploads a project may hold")
     max_json_bytes: int = Field(1024 * 1024, ge=1024)
     plugins: str = Field(
         "", description="comma-separated modules that register extra methods (imported by API and workers)"

@@ -238,6 +238,29 @@ class DatasetRow(Base):
     __table_args__ = (UniqueConstraint("project", "name", name="uq_dataset_name"),)
 
 
+class Upload(Base):
+    """A resumable upload: a file sent in parts, each appended at the offset the server has reached.
+
+    The parts live in the object store (`uploads/<project>/<id>/<offset>-<token>`), so any API process can take
+    the next part and an interrupted client resumes from `offset`. `parts` lists the accepted ones in order;
+    `offset` advances only by a compare-and-set on the old value, so two clients racing at one offset cannot
+    both append. The file is used once complete (a model import names it) and then deleted with its parts.
+    """
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name"), default=DEFAULT_PROJECT, index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)  # declared when the upload is created
+    sha256: Mapped[str | None] = mapped_column(String(64))  # optional, checked when the file is used
+    offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    parts: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [[offset, size, key], ...]
+    created_by: Mapped[str | None] = mapped_column(String(26))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+
 class Deployment(Base):
     """A registered model served warm behind an inference endpoint (LLM chat/completions or images).
 

@@ -16,7 +16,8 @@ from api.deps import SessionDep, SettingsDep, StoreDep
 from api.model_imports import MODEL_NAME_RULE, import_model
 from api.model_refs import find_registered, model_not_found
 from api.openapi import errors
-from api.problems import Problem, pattern_hint
+from api.problems import Problem, field_problem, pattern_hint
+from api.resumable import assembled, discard, get_upload
 from api.routes.datasets import NAME_WORDS
 from api.routes.deployments import MAX_INT
 from api.schemas import ModelOut
@@ -162,7 +163,7 @@ def delete_version(
     return Response(status_code=204)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(409, 413, 415, 503))
+@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(404, 409, 413, 415, 503))
 async def import_folder(
     session: SessionDep,
     store: StoreDep,
@@ -172,8 +173,13 @@ async def import_folder(
     name: str = Form(
         ..., pattern=pattern_hint(MODEL_NAME_RULE, NAME_WORDS), description="2-64 lowercase letters, digits, . _ -"
     ),
-    file: UploadFile = File(
-        ..., description="a .zip or .tar.gz of a Hugging Face or diffusers folder with safetensors weights"
+    file: UploadFile | None = File(
+        None, description="a .zip or .tar.gz of a Hugging Face or diffusers folder with safetensors weights"
+    ),
+    upload: str | None = Form(
+        None,
+        description="instead of `file`: the id of a finished resumable upload of such an archive "
+        "(POST /api/v1/uploads), for files too large to send in one request",
     ),
 ) -> ModelOut:
     """Import a local model folder (e.g. a real Llama or Stable Diffusion) as a new version of `name`.
@@ -185,16 +191,35 @@ async def import_folder(
     extracting and checking run on the blocking pool, never on the event loop; the project's storage quota is
     charged the decompressed bytes."""
 
+    if (file is None) == (upload is None):
+        raise field_problem(
+            "/file",
+            "send the archive as `file`, or name a finished resumable upload as `upload` (one of the two)",
+        )
+
     def work() -> ModelOut:
         session.commit()  # the key's bookkeeping: no write lock held while the archive is read
+        if upload is not None:
+            return import_upload(upload)
+        assert file is not None
         check_size(
             file.file,
             settings.max_upload_bytes,
-            "raise CRUCIBLE_MAX_UPLOAD_BYTES, or put the folder under an import root (CRUCIBLE_IMPORT_ROOTS) "
-            "and name its path as a job's model",
+            "send it as a resumable upload (POST /api/v1/uploads), ask the operator to raise "
+            "CRUCIBLE_MAX_UPLOAD_BYTES, or put the folder under an import root (CRUCIBLE_IMPORT_ROOTS) and name "
+            "its path as a job's model",
         )
         row = import_model(session, store, settings, who.project, name, file.file)
         audit(session, request, who, "model.import", f"{name}@{row.version}", files=len(row.files))
         return ModelOut.of(row)
+
+    def import_upload(upload_id: str) -> ModelOut:
+        sent = get_upload(session, store, who.project, upload_id)
+        with assembled(store, sent, settings.home) as archive:
+            row = import_model(session, store, settings, who.project, name, archive)
+        audit(session, request, who, "model.import", f"{name}@{row.version}", files=len(row.files), upload=upload_id)
+        out = ModelOut.of(row)
+        discard(session, store, sent)  # commits the import's audit row with it
+        return out
 
     return await request.app.state.blocking.run(work)
