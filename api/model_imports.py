@@ -18,16 +18,19 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.auth import check_storage_quota, project_limits, stored_bytes
 from api.problems import Problem, field_problem
 from workers.archives import ArchiveLimits, ArchiveOverQuota, Source, UnsafeArchiveError, safe_extract
+from workers.db import session_scope
 from workers.settings import Settings
 from workers.storage import ObjectStore
-from workers.tables import RegisteredModel
+from workers.tables import RegisteredModel, new_id
 
 MODEL_NAME_RULE = r"^[a-z0-9][a-z0-9._-]{1,63}$"
 
@@ -155,6 +158,33 @@ def import_model(
                     ) from None
         if kind == "transformers":
             check_causal_folder(root)
+        check_storage_quota(session, settings, project, sum(p.stat().st_size for p in files))
+        config = {"imported": True, "format": kind} | ({"skipped": skipped} if skipped else {})
+        row_id = register_next_version(session, store, settings, project, name, root, files, config)
+        shutil.rmtree(dest, ignore_errors=True)
+    row = session.get(RegisteredModel, row_id)
+    assert row is not None
+    return row
+
+
+def register_next_version(
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+    project: str,
+    name: str,
+    root: Path,
+    files: list[Path],
+    config: dict[str, Any],
+) -> int:
+    """Upload `files` and register them as the next version of `name`; the row's id.
+
+    Two imports of one name at once both read the same next version: each try uploads under a prefix of its
+    own (the version, then a fresh id), so neither writes over, or on losing deletes, the other's files; the
+    row is committed in a short transaction of its own, and the loser of the unique (project, name, version)
+    takes the next number. What a refused try uploaded is removed again."""
+    session.commit()  # no lock held by the request's transaction while the files upload
+    for _ in range(5):
         version = (
             session.scalar(
                 select(func.max(RegisteredModel.version)).where(
@@ -163,27 +193,36 @@ def import_model(
             )
             or 0
         ) + 1
-        check_storage_quota(session, settings, project, sum(p.stat().st_size for p in files))
-        prefix = f"models/{project}/{name}/{version}"
+        session.commit()
+        prefix = f"models/{project}/{name}/{version}/import-{new_id()}"
         manifest = {}
         try:
             for p in files:
                 rel = p.relative_to(root).as_posix()
                 stored = store.put_file(f"{prefix}/{rel}", p)
                 manifest[rel] = {"size": stored.size, "sha256": stored.sha256}
-            row = RegisteredModel(
-                project=project,
-                name=name,
-                version=version,
-                source_job_id=None,
-                key=prefix,
-                config={"imported": True, "format": kind} | ({"skipped": skipped} if skipped else {}),
-                files=manifest,
-            )
-            session.add(row)
-            session.flush()
+            with session_scope(settings.database_url) as s:
+                row = RegisteredModel(
+                    project=project,
+                    name=name,
+                    version=version,
+                    source_job_id=None,
+                    key=prefix,
+                    config=config,
+                    files=manifest,
+                )
+                s.add(row)
+                s.flush()
+                row_id = row.id
+            return row_id
+        except IntegrityError:
+            store.delete_prefix(prefix + "/")  # another import took this version: try the next
         except BaseException:
             store.delete_prefix(prefix + "/")
             raise
-        shutil.rmtree(dest, ignore_errors=True)
-    return row
+    raise Problem(
+        409,
+        "model-version-race",
+        "Concurrent imports of one model",
+        f"five imports of {name} registered versions while this one was being stored; try again",
+    )

@@ -198,3 +198,51 @@ def test_the_cli_resumes_an_upload_whose_connection_broke(small_parts_server, tm
         assert (a == b).all(), name
     assert stored_parts(settings) == []
     assert Path(settings.home).exists()
+
+
+def test_two_imports_of_one_name_at_once_get_two_whole_versions(settings, archive):
+    """Both read the same next version; the loser takes the next one, and neither's files are overwritten or
+    deleted by the other."""
+    import threading
+
+    from api.model_imports import import_model
+    from workers.tables import RegisteredModel
+
+    store = open_store(settings.storage_url, None, "us-east-1")
+    both_picked = threading.Barrier(2, timeout=30)
+    real_put, first_put = store.put_file, set()
+
+    def put_after_both_picked(key, path):
+        if threading.get_ident() not in first_put:
+            first_put.add(threading.get_ident())
+            both_picked.wait()  # both imports have read max(version) before either registers
+        return real_put(key, path)
+
+    store.put_file = put_after_both_picked  # type: ignore[method-assign]
+    with session_scope(settings.database_url) as s:  # the project row exists before the imports race
+        from workers.tables import Project
+
+        if s.get(Project, "default") is None:
+            s.add(Project(name="default"))
+    versions, failures = [], []
+
+    def one_import() -> None:
+        try:
+            with session_scope(settings.database_url) as s:
+                versions.append(import_model(s, store, settings, "default", "raced", io.BytesIO(archive)).version)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one_import) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures
+    assert sorted(versions) == [1, 2]
+    with session_scope(settings.database_url) as s:
+        rows = s.query(RegisteredModel).filter_by(name="raced").all()
+        for row in rows:
+            for rel, meta in row.files.items():
+                blob = store.get_bytes(f"{row.key}/{rel}")
+                assert hashlib.sha256(blob).hexdigest() == meta["sha256"], (row.version, rel)
