@@ -14,6 +14,7 @@ from api.auth import PrincipalDep, audit, check_storage_quota
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.openapi import errors
 from api.problems import Problem, dataset_problem, field_problem, pattern_hint
+from api.resumable import assembled, discard, get_upload
 from api.uploads import read_capped
 from models.datasets import KINDS, DatasetSchemaError, is_builtin
 from workers.datasets import NAME_RULE, DatasetTooLarge, Upload, all_infos, find_info, store_upload
@@ -86,7 +87,21 @@ def delete_dataset(name: str, session: SessionDep, store: StoreDep, who: Princip
     return Response(status_code=204)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(409, 415, 503))
+def file_format(filename: str | None) -> str:
+    """`npz` or `jsonl` from the file's name; a 415 naming the field otherwise."""
+    fmt = (filename or "").rsplit(".", 1)[-1].lower()
+    if fmt not in ("npz", "jsonl"):
+        raise Problem(
+            415,
+            "unsupported-format",
+            "Unsupported file format",
+            f"file {filename!r}: upload a .npz or .jsonl file",
+            errors=[{"pointer": "/file", "message": "use .npz or .jsonl"}],
+        )
+    return fmt
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(404, 409, 415, 503))
 async def upload(
     session: SessionDep,
     store: StoreDep,
@@ -95,22 +110,30 @@ async def upload(
     request: Request,
     name: str = Form(..., pattern=NAME_PATTERN, description="2-64 lowercase letters, digits, . _ -"),
     kind: Literal[tuple(KINDS)] = Form(..., description="a dataset kind, e.g. image-class"),  # type: ignore[valid-type]
-    file: UploadFile = File(..., description=".npz (numeric kinds) or .jsonl (text kinds)"),
+    file: UploadFile | None = File(None, description=".npz (numeric kinds) or .jsonl (text kinds)"),
+    upload: str | None = Form(
+        None,
+        description="instead of `file`: the id of a finished resumable upload of such a file (POST /api/v1/uploads)",
+    ),
     description: str = Form(""),
 ) -> dict[str, Any]:
-    fmt = (file.filename or "").rsplit(".", 1)[-1].lower()
-    if fmt not in ("npz", "jsonl"):
-        raise Problem(
-            415,
-            "unsupported-format",
-            "Unsupported file format",
-            f"file {file.filename!r}: upload a .npz or .jsonl file",
-            errors=[{"pointer": "/file", "message": "use .npz or .jsonl"}],
-        )
+    if (file is None) == (upload is None):
+        raise field_problem("/file", "send the file as `file`, or name a finished resumable upload as `upload`")
+    if file is not None:
+        file_format(file.filename)
 
     def work() -> dict[str, Any]:  # parsing is CPU work: on the blocking pool, never on the event loop
         session.commit()  # the key's bookkeeping: no write lock held while the file is parsed
-        blob = read_capped(file.file, settings.max_upload_bytes, "split it or raise CRUCIBLE_MAX_UPLOAD_BYTES")
+        fix = "split it or raise CRUCIBLE_MAX_UPLOAD_BYTES"
+        if upload is None:
+            assert file is not None
+            fmt, sent = file_format(file.filename), None
+            blob = read_capped(file.file, settings.max_upload_bytes, fix)
+        else:
+            sent = get_upload(session, store, who.project, upload)
+            fmt = file_format(sent.filename)
+            with assembled(store, sent, settings.home) as stream:
+                blob = read_capped(stream, settings.max_upload_bytes, fix)
         check_storage_quota(session, settings, who.project, len(blob))
         try:
             row = store_upload(
@@ -137,6 +160,9 @@ async def upload(
                 extra={"limit_bytes": exc.limit},
             ) from None
         audit(session, request, who, "dataset.upload", name, kind=kind, size=len(blob))
-        return find_info(session, row.name, who.project).describe()
+        out = find_info(session, row.name, who.project).describe()
+        if sent is not None:
+            discard(session, store, sent)  # commits the audit row with it
+        return out
 
     return await request.app.state.blocking.run(work)

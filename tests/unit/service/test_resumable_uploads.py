@@ -246,3 +246,18 @@ def test_two_imports_of_one_name_at_once_get_two_whole_versions(settings, archiv
             for rel, meta in row.files.items():
                 blob = store.get_bytes(f"{row.key}/{rel}")
                 assert hashlib.sha256(blob).hexdigest() == meta["sha256"], (row.version, rel)
+
+
+def test_a_dataset_sent_in_parts_is_uploaded_by_id(api, settings):
+    lines = b"".join(b'{"text": "def f(x):\\n    return x + %d\\n"}\n' % i for i in range(50))
+    up = start(api, lines, filename="code.jsonl")
+    half = len(lines) // 2
+    assert send(api, up["id"], 0, lines[:half]).status_code == 200
+    assert send(api, up["id"], half, lines[half:]).json()["complete"]
+    r = api.post("/api/v1/datasets", data={"name": "parted", "kind": "text-corpus", "upload": up["id"]})
+    assert r.status_code == 201, r.text
+    problem(api.get(f"/api/v1/uploads/{up['id']}"), 404)
+    wrong = start(api, lines, filename="code.csv")
+    assert send(api, wrong["id"], 0, lines).json()["complete"]
+    problem(api.post("/api/v1/datasets", data={"name": "csv", "kind": "text-corpus", "upload": wrong["id"]}), 415)
+    problem(api.post("/api/v1/datasets", data={"name": "none", "kind": "text-corpus"}), 422, "/file")
