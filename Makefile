@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test,prod]"
 	# kvpress pins transformers < 5.3 in its metadata; its scoring code runs on ours (parity tests only)
 	$(BIN)/python -m pip install -q --no-deps "kvpress==0.5.5"
+	# open-clip-torch imports torchvision, which fails beside the CPU torch; the TinyCLIP loss test loads its
+	# torch-only open_clip/loss.py by path (parity with ClipLoss), so nothing else of it is needed
+	$(BIN)/python -m pip install -q --no-deps "open-clip-torch==3.3.0"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,7 +18,7 @@ from api.guard import RequestGuard, cross_site
 from api.offload import BlockingPool
 from api.openapi import build_openapi
 from api.routes import access, datasets, deployments, health, jobs, methods, models, openai_compat, uploads
-from api.serving.manager import DeploymentManager
+from serving.manager import DeploymentManager
 from workers.db import secure_state
 from workers.executors import make_executor
 from workers.executors.local import ExecutorLockedError

@@ -563,6 +563,23 @@ def models_upload(name: str, path: Path, as_json: bool) -> None:
         err.print(f"[dim]{note}[/]", soft_wrap=True)
 
 
+def _save_stream(
+    api: Api, url: str, params: dict[str, str], place: Callable[[str], Path], fallback: str, timeout: float
+) -> tuple[Path, str, httpx.Headers]:
+    """GET `url` streamed into the file `place(filename)` names (the filename from Content-Disposition, else
+    `fallback`); the written path, the filename and the response headers. A problem body is reported and exits."""
+    with api.http.stream("GET", url, params=params, timeout=timeout) as r:
+        if r.status_code >= 400:
+            r.read()
+            api.fail(r)
+        filename = r.headers.get("content-disposition", "").partition('filename="')[2].rstrip('"') or fallback
+        target = place(filename)
+        with open(target, "wb") as f:
+            for chunk in r.iter_bytes():
+                f.write(chunk)
+        return target, filename, r.headers
+
+
 @models.command("download")
 @click.argument("ref")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="the .tar.gz to write")
@@ -578,21 +595,43 @@ def models_download(ref: str, output: Path | None, extract_to: Path | None) -> N
     import tarfile
     import tempfile
 
-    api = _api()
-    with api.http.stream("GET", f"/api/v1/models/{ref}/download", timeout=600) as r:
-        if r.status_code >= 400:
-            r.read()
-            api.fail(r)
-        filename = r.headers.get("content-disposition", "").partition('filename="')[2].rstrip('"') or "model.tar.gz"
-        target = output or (Path(tempfile.mkdtemp()) / filename if extract_to else Path(filename))
-        with open(target, "wb") as f:
-            for chunk in r.iter_bytes():
-                f.write(chunk)
+    def place(filename: str) -> Path:
+        return output or (Path(tempfile.mkdtemp()) / filename if extract_to else Path(filename))
+
+    target, filename, _ = _save_stream(_api(), f"/api/v1/models/{ref}/download", {}, place, "model.tar.gz", timeout=600)
     if extract_to is None:
         return console.print(f"wrote {target} ({_size(target.stat().st_size)})")
     with tarfile.open(target, "r:gz") as tf:
         tf.extractall(extract_to, filter="data")  # names the server wrote; the data filter refuses anything else
     console.print(f"unpacked {ref} into {extract_to / filename.removesuffix('.tar.gz')}")
+
+
+@models.command("export")
+@click.argument("ref")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["compressed-tensors", "gguf"]),
+    required=True,
+    help="compressed-tensors (vLLM, llm-compressor) or gguf (llama.cpp, Ollama; Llama, Mistral, Qwen2 only)",
+)
+@click.option(
+    "--quantization",
+    type=click.Choice(["dense", "int8", "int4"]),
+    default="dense",
+    show_default=True,
+    help="weights as stored, int8 (per channel / Q8_0) or int4 (groups of 128 / Q4_0)",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="the file to write")
+def models_export(ref: str, fmt: str, quantization: str, output: Path | None) -> None:
+    """Export REF (`name@version`, or `name` for the latest) for another engine: a compressed-tensors folder as a
+    .tar.gz, or a .gguf file."""
+    params = {"format": fmt, "quantization": quantization}
+    url = f"/api/v1/models/{ref}/export"
+    target, _, headers = _save_stream(_api(), url, params, lambda name: output or Path(name), "export", timeout=3600)
+    if notes := headers.get("x-export-notes"):
+        err.print(f"[dim]{notes}[/]", soft_wrap=True)
+    console.print(f"wrote {target} ({_size(target.stat().st_size)})")
 
 
 @models.command("delete")
@@ -975,7 +1014,7 @@ def demo() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def demo_llm(smoke: bool, as_json: bool) -> None:
     """Pretrain if missing → prune 50% → SquareHead → EoRA → deploy → one chat completion."""
-    from api.serving.demo import llm_demo
+    from api.demo import llm_demo
 
     api = _api()
     out = llm_demo(
@@ -1002,7 +1041,7 @@ def demo_llm(smoke: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def demo_diffusion(smoke: bool, as_json: bool) -> None:
     """Train the diffusion base if missing, render CFG-vs-APG grids as job artifacts, deploy the base, draw."""
-    from api.serving.demo import diffusion_demo
+    from api.demo import diffusion_demo
 
     api = _api()
     out = diffusion_demo(

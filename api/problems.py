@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.context import ArtifactNameError
 from models.datasets import DatasetSchemaError, UnknownDatasetError
 from models.registry import UnknownMethodError
+from serving.errors import EngineOptionsInvalid, ServingError
 from workers.lifecycle import JobNotFound, JobStateConflict
 from workers.redact import scrub_paths, server_roots
 
@@ -201,6 +202,13 @@ def dataset_problem(exc: DatasetSchemaError, sent: Collection[str] = ()) -> Prob
     return field_problem(f"/{field}", message, slug="dataset-invalid", title="The dataset does not fit its kind")
 
 
+def serving_problem(exc: ServingError) -> Problem:
+    """The serving engine's refusal as a problem body: its status, slug, pointers and headers carry over."""
+    if isinstance(exc, EngineOptionsInvalid):
+        return validation_problem(exc.validation_errors, prefix=exc.prefix)
+    return Problem(exc.status, exc.slug, exc.title, exc.detail, errors=exc.errors, headers=exc.headers, extra=exc.extra)
+
+
 def validation_problem(errors: list[dict[str, Any]], prefix: str = "") -> Problem:
     items = [{"pointer": prefix + _pointer(tuple(e.get("loc", ()))), "message": _validation_message(e)} for e in errors]
     detail = "; ".join(f"{i['pointer']}: {i['message']}" for i in items)
@@ -241,6 +249,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(request, exc)
+
+    @app.exception_handler(ServingError)
+    async def _serving(request: Request, exc: ServingError) -> JSONResponse:
+        return problem_response(request, serving_problem(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -32,8 +32,8 @@ from api.model_refs import model_not_found
 from api.openapi import errors
 from api.problems import Problem, field_problem
 from api.schemas import json_number_lists, json_numbers
-from api.serving.engines import detect_kind, validate_engine
-from api.serving.manager import DeploymentManager, Loaded, load, loaded_bytes
+from serving.engines import detect_kind, validate_engine
+from serving.manager import DeploymentManager, Loaded, load, loaded_bytes
 from workers.context import resolve_model
 from workers.settings import Settings
 from workers.storage import ObjectStore

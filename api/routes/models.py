@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path as LocalPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Path, Request, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Path, Query, Request, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
+from starlette.background import BackgroundTask
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from api.auth import PrincipalDep, audit
@@ -22,17 +25,19 @@ from api.routes.datasets import NAME_WORDS
 from api.routes.deployments import MAX_INT
 from api.schemas import ModelOut
 from api.uploads import check_size
+from models.llm.export.base import ExportFormat, Quantization
 from workers.archives import tar_gz_stream
+from workers.context import resolve_model
 from workers.tables import ACTIVE, Deployment, Job, RegisteredModel
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
 
 class _NotDownload(StringConvertor):
-    """A path segment other than `download`: `DELETE /models/x/download` is then no version's DELETE (a 422 about
-    the version) but the download resource's, which answers 405 with its Allow header."""
+    """A path segment other than `download` or `export`: `DELETE /models/x/download` is then no version's DELETE
+    (a 422 about the version) but the download resource's, which answers 405 with its Allow header."""
 
-    regex = "(?!download(?:/|$))[^/]+"
+    regex = "(?!(?:download|export)(?:/|$))[^/]+"
 
 
 register_url_convertor("notdownload", _NotDownload())
@@ -91,6 +96,101 @@ def download_version(
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{top}.tar.gz"', "X-Content-Type-Options": "nosniff"},
     )
+
+
+EXPORT_TYPES = {"compressed-tensors": "application/gzip", "gguf": "application/octet-stream"}
+
+
+@router.get(
+    "/{ref}/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "compressed-tensors: a .tar.gz of the model folder (config.json with its "
+            "`quantization_config`, safetensors, tokenizer); gguf: the .gguf file. `X-Export-Notes` says what the "
+            "export left out or changed, when anything",
+            "content": {media: {} for media in EXPORT_TYPES.values()},
+        },
+        **errors(404, 503),
+    },
+)
+async def export_version(
+    ref: Annotated[str, Path(description="`name@version`, or `name` / `name@latest` for the latest version")],
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    who: PrincipalDep,
+    request: Request,
+    fmt: Annotated[
+        ExportFormat,
+        Query(
+            alias="format",
+            description="compressed-tensors (vLLM, llm-compressor: any causal LM) or gguf (llama.cpp, Ollama: "
+            "Llama, Mistral and Qwen2 folders)",
+        ),
+    ] = "compressed-tensors",
+    quantization: Annotated[
+        Quantization,
+        Query(description="dense (as stored), int8 (per-channel / Q8_0) or int4 (groups of 128 / Q4_0) weights"),
+    ] = "dense",
+) -> StreamingResponse:
+    """A registered language model in a format other engines deploy: a compressed-tensors folder (its
+    `quantization_config`, and the sparsity its weights show) as a .tar.gz, or a GGUF file. Built on the
+    blocking pool into a scratch folder, streamed, then deleted. A format the model cannot have is a 422 naming
+    `/format` (or `/quantization`) and what would work."""
+    from models.llm.export import ExportError, export_model
+    from models.llm.folder import ModelFolderError
+
+    def work() -> tuple[str, LocalPath, list[str], LocalPath]:
+        row = find_registered(session, who.project, ref)
+        if row is None:
+            raise model_not_found(ref, "/ref")
+        if "config.json" not in (row.files or {}):
+            raise field_problem("/ref", f"{row.name}@{row.version} is not a language model; exports take causal LMs")
+        session.commit()  # no read transaction held while the export runs
+        folder = resolve_model(f"{row.name}@{row.version}", settings, store, who.project)
+        (settings.cache_dir / "exports").mkdir(parents=True, exist_ok=True)
+        scratch = LocalPath(tempfile.mkdtemp(dir=settings.cache_dir / "exports"))
+        try:
+            out = export_model(
+                folder,
+                scratch,
+                fmt,
+                quantization,
+                f"{row.name}-{row.version}",
+                row.config if row.source_job_id else None,
+            )
+        except BaseException as exc:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if isinstance(exc, ExportError):
+                raise field_problem(f"/{exc.field}", f"{exc.message}; {exc.fix}", slug="unsupported-export") from None
+            if isinstance(exc, ModelFolderError):
+                raise field_problem("/ref", str(exc), slug="unsupported-export") from None
+            raise
+        return out.path.name, out.path, out.notes, scratch
+
+    name, path, notes, scratch = await request.app.state.blocking.run(work)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        entries = ((f"{name}/{p.relative_to(path).as_posix()}", p.stat().st_size, _chunks(p)) for p in files)
+        body, filename = tar_gz_stream(entries), f"{name}.tar.gz"
+    else:
+        body, filename = _chunks(path), name
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"', "X-Content-Type-Options": "nosniff"}
+    if notes:
+        headers["X-Export-Notes"] = "; ".join(notes).encode("ascii", "replace").decode()
+    return StreamingResponse(
+        body,
+        media_type=EXPORT_TYPES[fmt],
+        headers=headers,
+        background=BackgroundTask(shutil.rmtree, scratch, ignore_errors=True),
+    )
+
+
+def _chunks(path: LocalPath, size: int = 1 << 20) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def _strings(value: Any) -> Iterator[str]:

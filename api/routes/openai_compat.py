@@ -9,13 +9,17 @@ goes away the generation's abort flag is set, streamed or not (the request guard
 
 Templating and tokenising run on the app's bounded blocking pool, never on the event loop; each prompt
 of a request counts against the inference rate limits, and prompts × n × max_tokens against the
-deployment's `max_request_tokens`.
+deployment's `max_request_tokens`. Generation joins the deployment's continuous batch (or its
+per-request path, which `usage.serving` names); a full batch queue is a 429 with Retry-After, said before
+a stream starts. `logprobs` / `top_logprobs` come back in OpenAI's shapes, and every served request is
+logged under its `X-Request-ID`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -30,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import InferenceLimitDep, PrincipalDep, charge
 from api.deps import SessionDep, SettingsDep, StoreDep
+from api.logprobs import Logprobs
 from api.openapi import errors
 from api.problems import Problem, field_problem
 from api.routes.deployments import (
@@ -45,12 +50,14 @@ from api.routes.deployments import (
     warm,
 )
 from api.schemas import json_numbers
-from api.serving import llm
-from api.serving.manager import Loaded
 from models.llm.generation import Completion
+from serving import llm
+from serving.errors import QueueFull
+from serving.manager import Loaded
 from workers.tables import Deployment
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+log = logging.getLogger("crucible.api.serving")
 
 
 class StreamOptions(BaseModel):
@@ -93,11 +100,22 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1)
+    logprobs: StrictBool = Field(False, description="each generated token's log-probability in `choices[].logprobs`")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="the likeliest alternatives per token (logprobs)")
+
+    def logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise field_problem("/top_logprobs", "set logprobs to true to get top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] = Field(..., description="text, or a list of texts (each gets `n` choices)")
     echo: StrictBool = False
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of each token and of its k likeliest")
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 def _llm(session: Any, who: Any, name: str) -> Deployment:
@@ -162,7 +180,7 @@ async def _stream(
 
     def work() -> None:
         try:
-            done = llm.run(
+            done = llm.generate(
                 loaded,
                 p,
                 abort,
@@ -178,32 +196,55 @@ async def _stream(
     try:
         for first in make_chunk(None, None):
             yield sse(first)
-        while True:
+        ended = False
+        while not ended:
             try:
-                kind, payload = await asyncio.wait_for(queue.get(), poll_s)
+                events = [await asyncio.wait_for(queue.get(), poll_s)]
             except TimeoutError:
                 if await request.is_disconnected():
                     return
                 continue
-            if kind == "delta":
-                for chunk in make_chunk(*payload):
-                    yield sse(chunk)
-            elif kind == "finish":
-                yield sse(final(*payload))
-            elif kind == "error":
-                message = f"{type(payload).__name__}: {payload}"
-                yield sse(
-                    {"error": {"message": message, "type": "server_error", "param": None, "code": "server_error"}}
-                )
-                break
-            else:
-                if usage_chunk is not None:
-                    yield sse(usage_chunk(llm.usage(p, payload)))
-                break
+            while not queue.empty():  # what else arrived meanwhile goes out in the same write
+                events.append(queue.get_nowait())
+            out: list[str] = []
+            for kind, payload in events:
+                if kind == "delta":
+                    out += [sse(chunk) for chunk in make_chunk(*payload)]
+                elif kind == "finish":
+                    out.append(sse(final(*payload)))
+                elif kind == "error":
+                    out.append(sse({"error": _stream_error(payload)}))
+                    ended = True
+                    break
+                else:
+                    _log_served(request, p, payload)
+                    if usage_chunk is not None:
+                        out.append(sse(usage_chunk(llm.usage(p, payload))))
+                    ended = True
+                    break
+            yield "".join(out)
         yield "data: [DONE]\n\n"
     finally:
         abort.set()
         release(loaded)
+
+
+def _stream_error(exc: BaseException) -> dict[str, Any]:
+    """The last event of a stream that failed: a full queue as OpenAI's rate-limit error, anything else a server's."""
+    if isinstance(exc, QueueFull):
+        return {"message": exc.detail, "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    message = f"{type(exc).__name__}: {exc}"
+    return {"message": message, "type": "server_error", "param": None, "code": "server_error"}
+
+
+def _log_served(request: Request, p: llm.Plan, done: list[Completion]) -> None:
+    log.info(
+        "request %s: %d prompt + %d completion tokens on the %s path",
+        getattr(request.state, "request_id", "?"),
+        p.prompt_tokens,
+        sum(len(c.token_ids) for c in done),
+        p.path,
+    )
 
 
 async def _generate(request: Request, loaded: Loaded, p: llm.Plan, poll_s: float = 0.25) -> list[Completion]:
@@ -226,7 +267,7 @@ async def _generate(request: Request, loaded: Loaded, p: llm.Plan, poll_s: float
 
     def work() -> None:
         try:
-            outcome: tuple[Any, BaseException | None] = (llm.run(loaded, p, abort), None)
+            outcome: tuple[Any, BaseException | None] = (llm.generate(loaded, p, abort), None)
         except BaseException as exc:
             outcome = (None, exc)
         try:
@@ -250,8 +291,9 @@ async def _generate(request: Request, loaded: Loaded, p: llm.Plan, poll_s: float
         watcher.cancel()
 
 
-def _plan(loaded: Loaded, body: Sampling, texts: list[str], field: str) -> llm.Plan:
-    return llm.plan(
+def _plan(loaded: Loaded, body: ChatRequest | CompletionRequest, texts: list[str], field: str) -> llm.Plan:
+    """The engine's plan of the request; a batch queue with no room for its choices is a 429 now."""
+    p = llm.plan(
         loaded,
         texts,
         field,
@@ -262,7 +304,10 @@ def _plan(loaded: Loaded, body: Sampling, texts: list[str], field: str) -> llm.P
         stop=body.stop,
         seed=body.seed,
         engine_override=body.engine,
+        logprobs=body.logprobs_asked(),
     )
+    llm.check_room(loaded, p)
+    return p
 
 
 async def _prepare(request: Request, row: Deployment, settings: Any, store: Any) -> Loaded:
@@ -347,6 +392,7 @@ async def chat_completions(
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": row.name}
 
+    asked = Logprobs.of(p, loaded)
     if body.stream:
 
         def chunks(index: int | None, delta: str | None) -> list[dict[str, Any]]:
@@ -358,7 +404,10 @@ async def chat_completions(
                     }
                     for i in range(p.n)
                 ]
-            return [{**head, "choices": [{"index": index, "delta": {"content": delta}, "finish_reason": None}]}]
+            choice = {"index": index, "delta": {"content": delta}, "finish_reason": None}
+            if asked is not None:
+                choice["logprobs"] = asked.chat(asked.delta(index))
+            return [{**head, "choices": [choice]}]
 
         streamed = _stream_response(request, loaded, p, body, head, chunks, {"delta": {}})
         streamed.headers["X-Chat-Template"] = response.headers["X-Chat-Template"]
@@ -366,6 +415,7 @@ async def chat_completions(
 
     with admission(loaded, settings):
         done = await _generate(request, loaded, p)
+    _log_served(request, p, done)
     return {
         "id": rid,
         "object": "chat.completion",
@@ -376,7 +426,7 @@ async def chat_completions(
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
                 "finish_reason": c.finish_reason,
-                "logprobs": None,
+                "logprobs": asked.chat(asked.choice(i, c)) if asked is not None else None,
             }
             for i, c in enumerate(done)
         ],
@@ -417,6 +467,8 @@ async def completions(
     def prefix(index: int) -> str:
         return texts[index // p.n] if body.echo else ""
 
+    asked = Logprobs.of(p, loaded)
+
     if body.stream:
 
         def chunks(index: int | None, delta: str | None) -> list[dict[str, Any]]:
@@ -426,16 +478,24 @@ async def completions(
                     for i in range(len(texts) * p.n)
                     if prefix(i)
                 ]
-            return [{**head, "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": None}]}]
+            logprobs = asked.completion(asked.delta(index)) if asked is not None else None
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": None}
+            return [{**head, "choices": [choice]}]
 
         return _stream_response(request, loaded, p, body, head, chunks, {"text": "", "logprobs": None})
 
     with admission(loaded, settings):
         done = await _generate(request, loaded, p)
+    _log_served(request, p, done)
     return {
         **head,
         "choices": [
-            {"index": i, "text": prefix(i) + c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            {
+                "index": i,
+                "text": prefix(i) + c.text,
+                "logprobs": asked.completion(asked.choice(i, c), len(prefix(i))) if asked is not None else None,
+                "finish_reason": c.finish_reason,
+            }
             for i, c in enumerate(done)
         ],
         "usage": llm.usage(p, done),

@@ -88,8 +88,8 @@ def test_a_disconnected_stream_frees_the_model(served):
 
 def run_demo(home: Path, demo: str) -> tuple[dict, Server]:
     """Run `crucible demo <demo> --smoke`'s function against a fresh real server (left running)."""
+    from api import demo as demos
     from api.cli import Api, _follow
-    from api.serving import demo as demos
 
     srv = Server(home)
     srv.home.mkdir()

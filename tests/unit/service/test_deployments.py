@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from api.serving.manager import load
 from models.diffusion.model import new_parts, save_parts
 from models.llm.folder import MissingWeightsError, save_folder
 from models.llm.model import build_model, llama_config
 from models.llm.tokenizer import train_tokenizer
+from serving.manager import load
 from tests.conftest import make_key
 from tests.unit.service.test_api import problem
 from workers.db import session_scope

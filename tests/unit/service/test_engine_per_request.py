@@ -10,10 +10,10 @@ import threading
 import pytest
 import torch
 
-from api.problems import Problem
-from api.serving import llm
-from api.serving.engines import validate_engine
-from api.serving.manager import load
+from serving import llm
+from serving.engines import validate_engine
+from serving.errors import ServingError
+from serving.manager import load
 from tests.unit.service.test_deployments import deploy, import_zip, tiny_llm_folder
 
 torch.set_num_threads(1)
@@ -94,7 +94,7 @@ def test_a_sparse_deployment_compiles_once_per_bucket_not_per_request(folder):
 
 def pointer(folder, deployment: dict, override: dict) -> str:
     loaded = load("llm", folder, validate_engine("llm", deployment, folder))
-    with pytest.raises(Problem) as err:
+    with pytest.raises(ServingError) as err:
         llm.plan(
             loaded,
             [PROMPT],

@@ -9,12 +9,12 @@ import threading
 import pytest
 import torch
 
-from api.problems import Problem
-from api.serving import llm
-from api.serving.engines import validate_engine
-from api.serving.manager import load
 from models.llm.kv_cache.matryoshka import save_projection
 from models.llm.kv_cache.matryoshka_training import calibrate
+from serving import llm
+from serving.engines import validate_engine
+from serving.errors import ServingError
+from serving.manager import load
 from tests.unit.service.test_deployments import deploy, import_zip, tiny_llm_folder
 
 torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def projected_folder(folder, tmp_path_factory):
 
 
 def pointer(options: dict, folder=None) -> str:
-    with pytest.raises(Problem) as err:
+    with pytest.raises(ServingError) as err:
         validate_engine("llm", options, folder)
     assert err.value.status == 422
     return err.value.errors[0]["pointer"]

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from api.serving import llm
-from api.serving.engines import validate_engine
-from api.serving.manager import load
 from models.llm.generation import Completion, SamplingParams, generate_tokens, next_token, stop_token_ids, stream_text
+from serving import llm
+from serving.engines import validate_engine
+from serving.manager import load
 from tests.unit.service.test_api import problem
 from tests.unit.service.test_deployments import deploy, import_zip, tiny_llm_folder
 

@@ -35,7 +35,7 @@ def _blocking_run(seen: dict):
 
 def test_a_disconnected_client_aborts_a_non_streamed_generation(monkeypatch):
     seen: dict = {}
-    monkeypatch.setattr(openai_compat.llm, "run", _blocking_run(seen))
+    monkeypatch.setattr(openai_compat.llm, "generate", _blocking_run(seen))
     request = _Request(gone_after=2)
     out = _run(openai_compat._generate(request, loaded=None, p=None, poll_s=0.01))
     assert out == ["partial"] and seen["abort"].is_set() and request.polls == 3
@@ -48,6 +48,6 @@ def test_a_connected_client_gets_the_whole_generation(monkeypatch):
         calls.append(abort.is_set())
         return ["whole"]
 
-    monkeypatch.setattr(openai_compat.llm, "run", run)
+    monkeypatch.setattr(openai_compat.llm, "generate", run)
     assert _run(openai_compat._generate(_Request(gone_after=10**6), None, None, poll_s=0.01)) == ["whole"]
     assert calls == [False]

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from api.serving import llm
-from api.serving.engines import validate_engine
-from api.serving.manager import load
 from models.llm.parallel_prompt import PROMPTS_FILE, PromptTokens, save_prompts
 from models.llm.prompt_tree import TREE_SIZES
+from serving import llm
+from serving.engines import validate_engine
+from serving.manager import load
 from tests.unit.service.test_deployments import import_zip, tiny_llm_folder
 from tests.unit.service.test_kv_engine import PROMPT, pointer
 

@@ -25,7 +25,7 @@ import workers.archives
 import workers.datasets
 from api.app import create_app
 from api.routes import openai_compat
-from api.serving import llm
+from serving import llm
 from tests.conftest import make_key, make_settings
 from tests.unit.service.attacks import (
     HOLD_S,
@@ -151,7 +151,7 @@ def test_a_chunked_json_body_over_the_cap_is_413_in_process(api):
 @pytest.fixture
 def fake_generation(settings, monkeypatch):
     """A deployment `fake` whose generation runs until it is aborted (or released by the test)."""
-    from api.serving.loaded import Loaded
+    from serving.loaded import Loaded
 
     make_key(settings)  # the default project exists
     with session_scope(settings.database_url) as session:
@@ -173,8 +173,10 @@ def fake_generation(settings, monkeypatch):
         return []
 
     monkeypatch.setattr(openai_compat, "_prepare", prepare)
-    monkeypatch.setattr(openai_compat, "_plan", lambda *args: SimpleNamespace(n=1))
-    monkeypatch.setattr(openai_compat.llm, "run", run)
+    monkeypatch.setattr(
+        openai_compat, "_plan", lambda *args: SimpleNamespace(n=1, top_logprobs=None, prompt_tokens=0, path="batch")
+    )
+    monkeypatch.setattr(openai_compat.llm, "generate", run)
     monkeypatch.setattr(openai_compat.llm, "usage", lambda p, done: {})
     yield state
     state.release.set()
@@ -238,8 +240,8 @@ def test_each_prompt_counts_against_the_inference_rate_limit(tmp_path, model_zip
 
 # -- warm models share a memory budget; deployments per project are limited (item 7) -------------------------
 def test_warm_deployments_fit_a_memory_budget_least_recently_used_first(tmp_path, model_zips):
-    from api.serving.engines import validate_engine
-    from api.serving.manager import load, loaded_bytes
+    from serving.engines import validate_engine
+    from serving.manager import load, loaded_bytes
 
     folder = tmp_path / "tiny"
     zipfile.ZipFile(io.BytesIO(model_zips["llm"])).extractall(folder)

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from api.serving.engines import attention_config, resolve_device
-from api.serving.loaded import Loaded
-from api.serving.ppd import ppd_engine
+from serving.engines import attention_config, resolve_device
+from serving.loaded import Loaded
+from serving.ppd import ppd_engine
 
 
 def use_sparse_attention(model: Any, engine: dict[str, Any], deployment_id: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api.problems import Problem, field_problem, validation_problem
+from serving.errors import EngineOptionsInvalid, InvalidField, NotServable
 
 KINDS = ("llm", "diffusion")
 DEFAULT_REQUEST_TOKENS = 8192  # 4 prompts × n 4 × 512 tokens: the default caps, four prompts at a time
@@ -53,6 +53,19 @@ class LLMEngine(BaseModel):
         '"tau"}; matryoshka-kv: {"fraction": a searched KV budget of the '
         'model, e.g. 0.5} or {"rank": a uniform rank}',
     )
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="sequences in the continuous decode batch; every decode step runs this many rows (padding "
+        "included), so a sequence's output never depends on what else is in the batch",
+    )
+    prefill_chunk: int = Field(
+        128, ge=1, le=32768, description="prompt tokens prefilled per step: the most a joining prompt stalls the batch"
+    )
+    max_queue: int = Field(
+        64, ge=0, le=65536, description="sequences waiting to join the batch; a request past it gets a 429"
+    )
     decoding: Literal["standard", "ppd"] = Field(
         "standard",
         description="ppd: parallel prompt decoding with the model's trained prompt tokens (a model "
@@ -68,7 +81,7 @@ def attention_config(engine: dict[str, Any]) -> Any:
     name = engine.get("attention", "sdpa")
     if name == "sdpa":
         if engine.get("attention_options"):
-            raise field_problem(
+            raise InvalidField(
                 "/engine/attention_options",
                 "exact SDPA takes no options; pick attention hip or hyperattention, or drop the options",
             )
@@ -81,11 +94,11 @@ def attention_config(engine: dict[str, Any]) -> Any:
     options = dict(engine.get("attention_options") or {})
     for key, value in options.items():
         if key not in fields:
-            raise field_problem(
+            raise InvalidField(
                 f"/engine/attention_options/{key}", f"{name} has no option {key!r}; use {', '.join(sorted(fields))}"
             )
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise field_problem(f"/engine/attention_options/{key}", "use a non-negative integer")
+            raise InvalidField(f"/engine/attention_options/{key}", "use a non-negative integer")
     return Config(**options)
 
 
@@ -95,7 +108,7 @@ EMS_OPTIONS = {"budget": int, "window": int, "kernel": int, "tau": float}
 def _check_number(pointer: str, value: Any, kind: type) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
     if not ok or (kind is int and value < 1):
-        raise field_problem(pointer, "use a positive integer" if kind is int else "use a number")
+        raise InvalidField(pointer, "use a positive integer" if kind is int else "use a number")
 
 
 def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context: int | None = None) -> Any:
@@ -106,7 +119,7 @@ def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context:
     options = dict(engine.get("kv_cache_options") or {})
     if name == "none":
         if options:
-            raise field_problem(
+            raise InvalidField(
                 "/engine/kv_cache_options",
                 "kv_cache none takes no options; pick kv_cache ems or matryoshka-kv, or drop the options",
             )
@@ -114,16 +127,16 @@ def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context:
     if name == "ems":
         for key, value in options.items():
             if key not in EMS_OPTIONS:
-                raise field_problem(
+                raise InvalidField(
                     f"/engine/kv_cache_options/{key}", f"ems has no option {key!r}; use {', '.join(EMS_OPTIONS)}"
                 )
             _check_number(f"/engine/kv_cache_options/{key}", value, EMS_OPTIONS[key])
         if "budget" not in options:
-            raise field_problem(
+            raise InvalidField(
                 "/engine/kv_cache_options/budget", 'ems needs a budget: KV slots kept per head, e.g. {"budget": 64}'
             )
         if context is not None and options["budget"] >= context:
-            raise field_problem(
+            raise InvalidField(
                 "/engine/kv_cache_options/budget",
                 f"a budget of {options['budget']} slots keeps the model's whole {context}-token "
                 "context; use a smaller budget or kv_cache none",
@@ -132,7 +145,7 @@ def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context:
 
         return EMS(**options)
     if engine.get("attention", "sdpa") != "sdpa":
-        raise field_problem(
+        raise InvalidField(
             "/engine/kv_cache",
             "matryoshka-kv attends through its own projected attention and "
             f"cannot be combined with attention {engine['attention']!r}; use attention sdpa",
@@ -140,7 +153,7 @@ def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context:
     unknown = set(options) - {"fraction", "rank"}
     if unknown or len(options) > 1:
         key = sorted(unknown)[0] if unknown else "rank"
-        raise field_problem(
+        raise InvalidField(
             f"/engine/kv_cache_options/{key}",
             "matryoshka-kv takes one of fraction (a searched budget) or rank (uniform)",
         )
@@ -153,20 +166,20 @@ def kv_cache_config(engine: dict[str, Any], folder: Path | None = None, context:
     try:
         projection, tables = load_projection(folder)
     except (FileNotFoundError, OSError, KeyError, ValueError):
-        raise field_problem(
+        raise InvalidField(
             "/engine/kv_cache",
             "this model has no trained KV projection; run a matryoshka-kv job on it and deploy the model it registers",
         ) from None
     head_dim = projection.shape[2]
     if "rank" in options:
         if options["rank"] > head_dim:
-            raise field_problem("/engine/kv_cache_options/rank", f"at most the head dimension, {head_dim}")
+            raise InvalidField("/engine/kv_cache_options/rank", f"at most the head dimension, {head_dim}")
         return projection, options["rank"], options["rank"]
     if not options:
         return projection, head_dim, head_dim
     key = f"{options['fraction']:g}"
     if key not in tables:
-        raise field_problem(
+        raise InvalidField(
             "/engine/kv_cache_options/fraction",
             f"this model has ranks for fractions {', '.join(sorted(tables)) or 'none'}; use one "
             "of them or a uniform rank",
@@ -196,13 +209,10 @@ def detect_kind(folder: Path) -> str:
         return "diffusion"
     if (folder / "config.json").is_file():
         return "llm"
-    raise Problem(
-        422,
-        "not-servable",
-        "The model cannot be served",
+    raise NotServable(
         "model: the folder has neither config.json (a Hugging Face language model) nor model_index.json / "
         "unet/ (a diffusers model); register a model folder of one of those kinds",
-        errors=[{"pointer": "/model", "message": "not a language-model or diffusion folder"}],
+        [{"pointer": "/model", "message": "not a language-model or diffusion folder"}],
     )
 
 
@@ -213,7 +223,7 @@ def check_decoding(engine: dict[str, Any], folder: Path | None = None) -> None:
         return
     for option, plain in (("attention", "sdpa"), ("kv_cache", "none")):
         if engine.get(option, plain) != plain:
-            raise field_problem(
+            raise InvalidField(
                 "/engine/decoding",
                 f"ppd verifies candidates with exact attention over a full KV "
                 f"cache; it cannot be combined with {option} {engine[option]!r} (use {plain})",
@@ -221,7 +231,7 @@ def check_decoding(engine: dict[str, Any], folder: Path | None = None) -> None:
     from models.llm.parallel_prompt import PROMPTS_FILE
 
     if folder is not None and not (Path(folder) / PROMPTS_FILE).is_file():
-        raise field_problem(
+        raise InvalidField(
             "/engine/decoding",
             "this model has no trained PPD prompt tokens; run a ppd job on it and deploy the model it registers",
         )
@@ -233,14 +243,14 @@ def fit_context(engine: dict[str, Any], given: dict[str, Any], context: int | No
     is clamped to it, and `default_max_tokens` to the cap."""
     if context is not None and context > 1 and engine["max_tokens_cap"] > context - 1:
         if strict and "max_tokens_cap" in given:
-            raise field_problem(
+            raise InvalidField(
                 "/engine/max_tokens_cap",
                 f"this model's context is {context} tokens and a prompt takes at least one: at most {context - 1}",
             )
         engine["max_tokens_cap"] = context - 1
     if engine["default_max_tokens"] > engine["max_tokens_cap"]:
         if strict and "default_max_tokens" in given:
-            raise field_problem(
+            raise InvalidField(
                 "/engine/default_max_tokens", f"at most max_tokens_cap ({engine['max_tokens_cap']} here)"
             )
         engine["default_max_tokens"] = engine["max_tokens_cap"]
@@ -255,9 +265,9 @@ def validate_engine(
     try:
         engine = ENGINES[kind].model_validate(options).model_dump()
     except ValidationError as exc:
-        raise validation_problem(list(exc.errors()), prefix="/engine") from None
+        raise EngineOptionsInvalid(list(exc.errors()), prefix="/engine") from None
     if engine.get("device") == "cuda" and not torch.cuda.is_available():
-        raise field_problem("/engine/device", "this server has no CUDA GPU; use cpu or auto")
+        raise InvalidField("/engine/device", "this server has no CUDA GPU; use cpu or auto")
     if kind == "llm":
         fit_context(engine, options, model_context(folder) if folder is not None else None, strict)
         attention_config(engine)  # fails now, at creation, not in the middle of a generation
@@ -278,14 +288,14 @@ def request_engine(deployment: dict[str, Any], override: dict[str, Any] | None, 
         return deployment
     for key in override:
         if key not in PER_REQUEST:
-            raise field_problem(
+            raise InvalidField(
                 f"/engine/{key}",
                 f"a request can set {', '.join(PER_REQUEST)}; {key!r} belongs to "
                 "the deployment (create another deployment to change it)",
             )
     attention = override.get("attention", deployment.get("attention", "sdpa"))
     if attention not in ("sdpa", deployment.get("attention", "sdpa")):
-        raise field_problem(
+        raise InvalidField(
             "/engine/attention",
             f"this deployment runs {deployment.get('attention', 'sdpa')!r} "
             "attention; a request can keep it or ask for exact 'sdpa'",

@@ -22,6 +22,9 @@ class Loaded:
     diffusion: DiffusionParts | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     inflight: int = 0  # requests running on or waiting for this model (admission in api.routes.deployments)
+    # per-request generations waiting for `lock`: the batch scheduler lets them in before its next step (a lock
+    # released and re-taken at once by the same thread would starve them)
+    waiters: list[object] = field(default_factory=list)
     derived: dict[str, Any] = field(
         default_factory=dict
     )  # what engines compute once per warm model (PPD tree, KV config)

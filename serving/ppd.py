@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from api.serving.loaded import Loaded
+from serving.loaded import Loaded
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Serving: the warm models of deployments and their engine options."""
