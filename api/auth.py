@@ -387,7 +387,10 @@ def stored_bytes(session: Session, project: str) -> int:
     return int(artifacts) + int(datasets) + models
 
 
-def check_storage_quota(session: Session, settings: Settings, project: str, incoming: int) -> None:
+def check_storage_quota(
+    session: Session, settings: Settings, project: str, incoming: int, pointer: str | None = None
+) -> None:
+    """A 413 when `incoming` more bytes would pass the project's storage quota (naming `pointer`, when given)."""
     _, limit = project_limits(session, settings, project)
     used = stored_bytes(session, project)
     if used + incoming > limit:
@@ -397,6 +400,7 @@ def check_storage_quota(session: Session, settings: Settings, project: str, inco
             "Project storage quota exceeded",
             f"project {project} stores {used} bytes; adding {incoming} would pass its limit of {limit} "
             "bytes; delete old jobs or datasets, or ask the operator to raise the quota",
+            errors=[{"pointer": pointer, "message": "over the project's storage quota"}] if pointer else None,
             extra={"limit_bytes": limit, "used_bytes": used},
         )
 

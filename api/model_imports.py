@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,7 +29,7 @@ from workers.archives import ArchiveLimits, ArchiveOverQuota, Source, UnsafeArch
 from workers.db import session_scope
 from workers.settings import Settings
 from workers.storage import ObjectStore
-from workers.tables import RegisteredModel, new_id
+from workers.tables import RegisteredModel, latest_version, new_id
 
 MODEL_NAME_RULE = r"^[a-z0-9][a-z0-9._-]{1,63}$"
 
@@ -185,14 +184,7 @@ def register_next_version(
     takes the next number. What a refused try uploaded is removed again."""
     session.commit()  # no lock held by the request's transaction while the files upload
     for _ in range(5):
-        version = (
-            session.scalar(
-                select(func.max(RegisteredModel.version)).where(
-                    RegisteredModel.project == project, RegisteredModel.name == name
-                )
-            )
-            or 0
-        ) + 1
+        version = (latest_version(session, project, name) or 0) + 1
         session.commit()
         prefix = f"models/{project}/{name}/{version}/import-{new_id()}"
         manifest = {}

@@ -33,7 +33,7 @@ from typing import BinaryIO
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from api.auth import project_limits, stored_bytes
+from api.auth import check_storage_quota
 from api.problems import Problem, field_problem
 from api.uploads import too_large
 from workers.settings import Settings
@@ -88,18 +88,7 @@ def create_upload(
             "ask the operator to raise CRUCIBLE_MAX_UPLOAD_BYTES, or put the folder under "
             "an import root (CRUCIBLE_IMPORT_ROOTS) and name its path as a job's or deployment's model",
         )
-    _, quota = project_limits(session, settings, project)
-    left = quota - stored_bytes(session, project)
-    if size > left:
-        raise Problem(
-            413,
-            "storage-quota",
-            "Project storage quota exceeded",
-            f"the file is {size} bytes and project {project} has {max(0, left)} bytes of its {quota}-byte quota "
-            "left; delete old jobs, models or datasets, or ask the operator to raise the quota",
-            errors=[{"pointer": "/size", "message": "over the project's storage quota"}],
-            extra={"limit_bytes": quota},
-        )
+    check_storage_quota(session, settings, project, size, pointer="/size")
     open_count = session.scalar(select(func.count()).select_from(Upload).where(Upload.project == project)) or 0
     if open_count >= settings.max_open_uploads_per_project:
         raise Problem(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -36,7 +36,7 @@ from workers import lifecycle
 from workers.db import session_scope
 from workers.settings import Settings
 from workers.storage import ObjectStore
-from workers.tables import DEFAULT_PROJECT, Artifact, Job, LogChunk, Metric, RegisteredModel
+from workers.tables import DEFAULT_PROJECT, Artifact, Job, LogChunk, Metric, RegisteredModel, latest_version
 
 
 def upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -395,14 +395,7 @@ class JobRunContext:
         # files, and what a refused registration uploaded is removed again (no object without its row).
         for _ in range(5):  # a concurrent registration may take our version number; then take the next
             with session_scope(self._db) as s:
-                version = (
-                    s.scalar(
-                        select(func.max(RegisteredModel.version)).where(
-                            RegisteredModel.project == self.project, RegisteredModel.name == name
-                        )
-                    )
-                    or 0
-                ) + 1
+                version = (latest_version(s, self.project, name) or 0) + 1
             prefix = f"models/{self.project}/{name}/{version}/{self.job_id}-a{self.attempt}"
             manifest = {}
             try:

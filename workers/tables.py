@@ -23,8 +23,10 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    func,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 STATUSES = ("queued", "starting", "running", "cancelling", "succeeded", "failed", "cancelled")
 ACTIVE = ("starting", "running", "cancelling")
@@ -236,6 +238,15 @@ class DatasetRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("project", "name", name="uq_dataset_name"),)
+
+
+def latest_version(session: Session, project: str, name: str) -> int | None:
+    """The highest registered version of model `name` in `project`; None when it has none."""
+    return session.scalar(
+        select(func.max(RegisteredModel.version)).where(
+            RegisteredModel.project == project, RegisteredModel.name == name
+        )
+    )
 
 
 class Upload(Base):

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 from starlette.background import BackgroundTask
 from starlette.convertors import StringConvertor, register_url_convertor
 
@@ -28,7 +28,7 @@ from api.uploads import check_size
 from models.llm.export.base import ExportFormat, Quantization
 from workers.archives import tar_gz_stream
 from workers.context import resolve_model
-from workers.tables import ACTIVE, Deployment, Job, RegisteredModel
+from workers.tables import ACTIVE, Deployment, Job, RegisteredModel, latest_version
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
@@ -237,11 +237,7 @@ def delete_version(
             f"deployment {serving} serves {ref}; delete the deployment first",
             extra={"deployment": serving},
         )
-    latest = session.scalar(
-        select(func.max(RegisteredModel.version)).where(
-            RegisteredModel.project == who.project, RegisteredModel.name == name
-        )
-    )
+    latest = latest_version(session, who.project, name)
     names = {ref} | ({name, f"{name}@latest"} if version == latest else set())
     for job in session.scalars(
         select(Job).where(Job.project == who.project, Job.status.in_(("queued", *ACTIVE))).order_by(Job.id)
